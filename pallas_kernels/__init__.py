@@ -1,0 +1,1 @@
+"""Pallas attention kernels and their references. Depends only on jax."""

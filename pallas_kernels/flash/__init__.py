@@ -1,0 +1,1 @@
+"""Blockwise (flash) softmax attention kernels and their reference."""

@@ -23,7 +23,7 @@ IMPLEMENTATIONS: dict[str, str] = {
     "xla_chunked": "attnjax.softmax.xla_chunked:xla_chunked_attention",
     "cudnn": "attnjax.softmax.cudnn:cudnn_attention",
     "pallas_triton": "attnjax.softmax.pallas:triton_attention",
-    "pallas_mosaic_gpu": "attnjax.softmax.pallas:mosaic_gpu_attention",
+    "pallas_mosaic_gpu": "attnjax.softmax.pallas_mosaic:mosaic_gpu_attention",
 }
 _ALIASES = ("pallas",)
 

@@ -1,0 +1,1 @@
+"""``python -m attnjax.bench``: side-by-side timings and memory reports."""

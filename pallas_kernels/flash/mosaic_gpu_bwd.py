@@ -1,0 +1,508 @@
+"""Flash attention backward for Hopper (sm_90) with Pallas Mosaic GPU.
+
+Two warp-specialised kernels, deterministic (no atomics), after
+FlashAttention-2's backward (Dao, 2023, https://arxiv.org/abs/2307.08691,
+Algorithm 2) split the way Hopper's register file prefers:
+
+* ``dK/dV``: a CTA owns ``num_compute_wgs * block_kv`` keys (each consumer
+  warpgroup ``block_kv`` of them, K and V resident in SMEM) and streams the
+  query blocks that can see them (Q, dO, log-sum-exp and ``delta`` in a TMA
+  ring fed by a producer warpgroup), for every query head of its key/value
+  head (GQA sums in registers). Per block, in transposed form so the
+  accumulators stay ``[keys, head_dim]``::
+
+      S^T = K Q^T, P^T = exp2(S^T c - lse), dP^T = V dO^T,
+      dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q
+
+  ``dV`` is issued together with ``dP^T`` and overlaps the ``dS`` math.
+* ``dQ``: a CTA owns ``num_compute_wgs * block_q`` queries and streams the
+  key blocks they see: ``S = Q K^T``, ``dP = dO V^T`` (issued together),
+  ``dS = P (dP - delta)``, ``dQ += dS K``.
+
+Both visit only the blocks a static table marks non-empty (causal backward
+skips the upper triangle) and mask elementwise only outside its FULL run.
+``lse`` comes in base 2 with ``+inf`` for rows that see nothing, so their
+probabilities are exactly 0; ``delta`` already includes the log-sum-exp
+cotangent (``delta - dlse``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash import mosaic_gpu as fwd_lib
+
+__all__ = ["BwdConfig", "default_bwd_config", "flash_backward_dkv",
+           "flash_backward_dq", "SUPPORTED_HEAD_DIMS"]
+
+LOG2E = math.log2(math.e)
+SUPPORTED_HEAD_DIMS = (64, 128)
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)
+_COL = plgpu.Layout.WGMMA.reduce(0)
+_tiled_smem = fwd_lib._tiled_smem  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+  """Tiling of the two backward kernels.
+
+  Attributes:
+    block_q_dkv, block_kv_dkv: query block streamed / keys per consumer
+      warpgroup in the dK/dV kernel.
+    block_q_dq, block_kv_dq: queries per consumer warpgroup / key block
+      streamed in the dQ kernel.
+    num_stages: depth of the streamed rings.
+    num_compute_wgs: consumer warpgroups per CTA.
+    consumer_regs, producer_regs: ``setmaxnreg`` targets.
+  """
+  block_q_dkv: int = 64
+  block_kv_dkv: int = 64
+  block_q_dq: int = 64
+  block_kv_dq: int = 64
+  num_stages: int = 2
+  num_compute_wgs: int = 2
+  consumer_regs: int = 240
+  producer_regs: int = 24
+
+  def __post_init__(self):
+    for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
+      if getattr(self, name) % 64:
+        raise ValueError(f"{name}={getattr(self, name)} must be a multiple "
+                         "of 64")
+    if self.num_stages < 2:
+      raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+    regs = (self.num_compute_wgs * self.consumer_regs
+            + self.producer_regs) * 128
+    if regs > 65536:
+      raise ValueError(f"register budget {regs} > 65536")
+
+  @property
+  def tile_kv(self) -> int:
+    return self.block_kv_dkv * self.num_compute_wgs
+
+  @property
+  def tile_q(self) -> int:
+    return self.block_q_dq * self.num_compute_wgs
+
+
+def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
+  rnd = lambda x: -(-x // 1024) * 1024
+  total = sum(rnd(x * itemsize) for x in tiles)
+  total += stages * sum(rnd(x * itemsize) for x in stages_tiles) + extra
+  if total > fwd_lib.SMEM_BYTES:
+    raise NotImplementedError(f"backward tiling needs {total} bytes of SMEM")
+
+
+def default_bwd_config(head_dim: int) -> BwdConfig:
+  """The tiling used when the caller gives none."""
+  del head_dim
+  return BwdConfig()
+
+
+def flash_backward_dkv(
+    q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
+    predicate: Callable | None = None, kv_len_static: int | None = None,
+    soft_cap: float | None = None, q_segment_ids=None, kv_segment_ids=None,
+    kv_lengths=None, config: BwdConfig | None = None):
+  """dK and dV on whole tiles.
+
+  Args:
+    q, do: [B, Tp, N, H] / [B, Tp, N, Hv]; k, v: [B, Sp, K, H|Hv].
+    lse2: float32 [B, N, Tp], log-sum-exp in base 2 (``+inf`` for rows
+      with nothing visible).
+    delta: float32 [B, N, Tp], ``rowsum(dO * O) - dlse``.
+    scale: logit scale.
+    ranges: int32 [4, Sp / tile_kv]: per key tile the query blocks (of
+      ``block_q_dkv``) to visit, from ``kv_block_ranges`` of the transposed
+      tile kinds.
+    predicate, kv_len_static, soft_cap, q_segment_ids, kv_segment_ids,
+    kv_lengths: as in the forward.
+    config: tiling.
+
+  Returns:
+    ``(dk, dv)`` in k's dtype ([B, Sp, K, H], [B, Sp, K, Hv]).
+  """
+  b, tp, n, h = q.shape
+  _, sp, kh, hv = v.shape
+  dtype = q.dtype
+  if h not in SUPPORTED_HEAD_DIMS or hv != h:
+    raise NotImplementedError(f"backward head dims H={h}, Hv={hv}")
+  cfg = config or default_bwd_config(h)
+  bq, bk, stages, wgs = (cfg.block_q_dkv, cfg.block_kv_dkv, cfg.num_stages,
+                         cfg.num_compute_wgs)
+  tk = cfg.tile_kv
+  if tp % bq or sp % tk:
+    raise ValueError(f"Tp={tp}, Sp={sp} must be multiples of {bq}, {tk}")
+  nkt = sp // tk
+  _smem_check([wgs * bk * h, wgs * bk * hv], [bq * h, bq * hv], stages,
+              jnp.dtype(dtype).itemsize, extra=stages * 3 * 1024 + 1024)
+  ranges = np.asarray(ranges, np.int32)
+  if ranges.shape != (4, nkt):
+    raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
+  groups = n // kh
+  segments = q_segment_ids is not None
+  s_limit = sp if kv_len_static is None else int(kv_len_static)
+  work = ranges[3] - ranges[0]
+  order = np.argsort(-work, kind="stable").astype(np.int32)
+  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  mult = (soft_cap if soft_cap is not None else scale) * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
+             qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
+             q_smem, do_smem, lse_smem, delta_smem, qseg_smem, kv_bar,
+             q_ready, do_ready, q_free, do_free):
+    kt = tab_ref[4, lax.axis_index("kv")]
+    kvh = lax.axis_index("h")
+    bb = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
+    kv_limit = jnp.int32(s_limit)
+    if kvlen_ref is not None:
+      kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
+      # Key tiles wholly past the length contribute nothing.
+      hi = jnp.where(kt * tk >= kv_limit, lo, hi)
+    hi = jnp.maximum(hi, lo)
+    a = jnp.clip(a, lo, hi)
+    c = jnp.clip(c, a, hi)
+    nq = hi - lo
+    steps = nq * groups
+
+    def step_coords(i):
+      g = lax.div(i, jnp.maximum(nq, 1))
+      qb = lo + lax.rem(i, jnp.maximum(nq, 1))
+      return kvh * groups + g, qb
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+
+      @pl.loop(0, steps)
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        hh, qb = step_coords(i)
+        qs = pl.ds(qb * bq, bq)
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(q_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_smem.at[slot],
+                                q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bb, hh, qs], lse_smem.at[slot],
+                                q_ready.at[slot])
+        if segments:
+          plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
+                                  q_ready.at[slot])
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(do_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_smem.at[slot],
+                                do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
+                                delta_smem.at[slot], do_ready.at[slot])
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      k_base = kt * tk + wg * bk
+      ks = pl.ds(k_base, bk)
+      k_w, v_w = k_smem.at[wg], v_smem.at[wg]
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh], k_w, kv_bar.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh], v_w, kv_bar.at[wg])
+      if segments:
+        kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
+                           optimized=False)
+      plgpu.barrier_wait(kv_bar.at[wg])
+      col = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
+
+      def iota(dim):
+        return plgpu.broadcasted_iota(jnp.int32, (bk, bq), dim, layout=_WGMMA)
+
+      def body(i, masked, dk_acc, dv_acc):
+        slot = lax.rem(i, jnp.int32(stages))
+        _, qb = step_coords(i)
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def s_scope(acc):
+          plgpu.wgmma(acc, k_w, q_smem.at[slot].T)
+          return acc[...]
+
+        st = pl.run_scoped(s_scope, plgpu.ACC((bk, bq), jnp.float32))
+        lse = plgpu.load(lse_smem.at[slot], layout=_COL)
+        if soft_cap is not None:
+          st = jnp.tanh(st * (scale / soft_cap))
+        pt = jnp.exp2(st * mult - col(lse))
+        if masked:
+          ki = k_base + iota(0)
+          qi = qb * bq + iota(1)
+          vis = ki < kv_limit
+          if predicate is not None:
+            vis = vis & predicate(qi, ki)
+          if segments:
+            qseg = plgpu.load(qseg_smem.at[slot], layout=_COL)
+            vis = vis & (lax.broadcast_in_dim(kvseg, (bk, bq), [0])
+                         == col(qseg))
+          pt = jnp.where(vis, pt, 0.0)
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def dp_scope(acc):
+          plgpu.wgmma(acc, v_w, do_smem.at[slot].T)
+          plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem.at[slot])
+          return plgpu.wgmma_accumulator_load(acc, wait_n=1)
+
+        dpt = pl.run_scoped(dp_scope, plgpu.ACC((bk, bq), jnp.float32))
+        dlt = plgpu.load(delta_smem.at[slot], layout=_COL)
+        dst = pt * (dpt - col(dlt))
+        if soft_cap is not None:
+          dst = dst * (1.0 - st * st)
+        plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem.at[slot])
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(q_free.at[slot])
+        plgpu.barrier_arrive(do_free.at[slot])
+
+      def all_steps(dk_acc, dv_acc):
+        # Step i = g * nq + (qb - lo) visits query block qb of head g; it is
+        # masked unless qb lies in [a, c).
+        def head(g, _):
+          def run(qb, masked):
+            body(g * nq + qb - lo, masked, dk_acc, dv_acc)
+            return ()
+
+          lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
+          lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
+          lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
+          return ()
+
+        lax.fori_loop(0, groups, head, ())
+        return dk_acc[...], dv_acc[...]
+
+      dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, h), jnp.float32),
+                             plgpu.ACC((bk, hv), jnp.float32))
+      k_w[...] = (dk * scale).astype(dtype)
+      v_w[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_w, dk_ref.at[bb, ks, kvh], commit_group=False)
+      plgpu.copy_smem_to_gmem(v_w, dv_ref.at[bb, ks, kvh], commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  q_arrivals = 2 + (1 if segments else 0)
+  scratch = [
+      _tiled_smem((wgs, bk, h), dtype),
+      _tiled_smem((wgs, bk, hv), dtype),
+      _tiled_smem((stages, bq, h), dtype),
+      _tiled_smem((stages, bq, hv), dtype),
+      plgpu.SMEM((stages, bq), jnp.float32),
+      plgpu.SMEM((stages, bq), jnp.float32),
+      plgpu.SMEM((stages, bq), jnp.int32) if segments else None,
+      plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  ]
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
+                jax.ShapeDtypeStruct(v.shape, dtype)),
+      scratch_types=scratch,
+      grid=(nkt, kh, b),
+      grid_names=("kv", "h", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
+              kv_segment_ids, kv_lengths)
+
+
+def flash_backward_dq(
+    q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
+    predicate: Callable | None = None, kv_len_static: int | None = None,
+    soft_cap: float | None = None, q_segment_ids=None, kv_segment_ids=None,
+    kv_lengths=None, config: BwdConfig | None = None):
+  """dQ on whole tiles (arguments as :func:`flash_backward_dkv`).
+
+  ``ranges`` is int32 [4, Tp / tile_q]: per query tile (``num_compute_wgs *
+  block_q_dq`` rows) the key blocks of ``block_kv_dq`` to visit.
+
+  Returns:
+    dq [B, Tp, N, H] in q's dtype.
+  """
+  b, tp, n, h = q.shape
+  _, sp, kh, hv = v.shape
+  dtype = q.dtype
+  if h not in SUPPORTED_HEAD_DIMS or hv != h:
+    raise NotImplementedError(f"backward head dims H={h}, Hv={hv}")
+  cfg = config or default_bwd_config(h)
+  bq, bk, stages, wgs = (cfg.block_q_dq, cfg.block_kv_dq, cfg.num_stages,
+                         cfg.num_compute_wgs)
+  tq = cfg.tile_q
+  if tp % tq or sp % bk:
+    raise ValueError(f"Tp={tp}, Sp={sp} must be multiples of {tq}, {bk}")
+  nqt = tp // tq
+  _smem_check([wgs * bq * h, wgs * bq * hv], [bk * h, bk * hv], stages,
+              jnp.dtype(dtype).itemsize, extra=stages * 1024 + 1024)
+  ranges = np.asarray(ranges, np.int32)
+  if ranges.shape != (4, nqt):
+    raise ValueError(f"ranges must have shape (4, {nqt}), got {ranges.shape}")
+  groups = n // kh
+  segments = q_segment_ids is not None
+  s_limit = sp if kv_len_static is None else int(kv_len_static)
+  work = ranges[3] - ranges[0]
+  order = np.argsort(-work, kind="stable").astype(np.int32)
+  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  mult = (soft_cap if soft_cap is not None else scale) * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
+             qseg_ref, kvseg_ref, kvlen_ref, dq_ref, q_smem, do_smem,
+             k_smem, v_smem, seg_smem, q_bar, k_ready, v_ready, k_free,
+             v_free):
+    qt = tab_ref[4, lax.axis_index("q")]
+    hh = lax.axis_index("h")
+    bb = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    kvh = lax.div(hh, jnp.int32(groups))
+    lo, a, c, hi = (tab_ref[r, qt] for r in range(4))
+    kv_limit = jnp.int32(s_limit)
+    if kvlen_ref is not None:
+      kvl = kvlen_ref[bb]
+      kv_limit = jnp.minimum(kv_limit, kvl)
+      hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
+      c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
+    hi = jnp.maximum(hi, lo)
+    a = jnp.clip(a, lo, hi)
+    c = jnp.clip(c, a, hi)
+    num_kv = hi - lo
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+
+      @pl.loop(0, num_kv)
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        kslice = pl.ds((lo + i) * bk, bk)
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[bb, kslice, kvh], k_smem.at[slot],
+                                k_ready.at[slot])
+        if segments:
+          plgpu.copy_gmem_to_smem(kvseg_ref.at[bb, kslice], seg_smem.at[slot],
+                                  k_ready.at[slot])
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[bb, kslice, kvh], v_smem.at[slot],
+                                v_ready.at[slot])
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      q_base = qt * tq + wg * bq
+      qs = pl.ds(q_base, bq)
+      q_w, do_w = q_smem.at[wg], do_smem.at[wg]
+      plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_w, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_w, q_bar.at[wg])
+      lse = plgpu.load(lse_ref.at[bb, hh, qs], layout=_ROW, optimized=False)
+      dlt = plgpu.load(delta_ref.at[bb, hh, qs], layout=_ROW,
+                       optimized=False)
+      if segments:
+        qseg = plgpu.load(qseg_ref.at[bb, qs], layout=_ROW, optimized=False)
+      plgpu.barrier_wait(q_bar.at[wg])
+      row = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
+
+      def iota(dim):
+        return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=_WGMMA)
+
+      def body(j, masked, dq_acc):
+        slot = lax.rem(j - lo, jnp.int32(stages))
+        plgpu.barrier_wait(k_ready.at[slot])
+        plgpu.barrier_wait(v_ready.at[slot])
+
+        def scope(s_acc, dp_acc):
+          plgpu.wgmma(s_acc, q_w, k_smem.at[slot].T)
+          plgpu.wgmma(dp_acc, do_w, v_smem.at[slot].T)
+          s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+          if soft_cap is not None:
+            s = jnp.tanh(s * (scale / soft_cap))
+          p = jnp.exp2(s * mult - row(lse))
+          if masked:
+            qi = q_base + iota(0)
+            ki = j * bk + iota(1)
+            vis = ki < kv_limit
+            if predicate is not None:
+              vis = vis & predicate(qi, ki)
+            if segments:
+              kvseg = plgpu.load(seg_smem.at[slot], layout=_COL)
+              vis = vis & (row(qseg)
+                           == lax.broadcast_in_dim(kvseg, (bq, bk), [1]))
+            p = jnp.where(vis, p, 0.0)
+          dp = dp_acc[...]
+          plgpu.barrier_arrive(v_free.at[slot])
+          ds = p * (dp - row(dlt))
+          if soft_cap is not None:
+            ds = ds * (1.0 - s * s)
+          return ds.astype(dtype)
+
+        ds = pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32),
+                           plgpu.ACC((bq, bk), jnp.float32))
+        plgpu.wgmma(dq_acc, ds, k_smem.at[slot])
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(k_free.at[slot])
+
+      def all_blocks(dq_acc):
+        masked = lambda j, _: (body(j, True, dq_acc), ())[1]
+        full = lambda j, _: (body(j, False, dq_acc), ())[1]
+        lax.fori_loop(lo, a, masked, ())
+        lax.fori_loop(a, c, full, ())
+        lax.fori_loop(c, hi, masked, ())
+        return dq_acc[...]
+
+      dq = pl.run_scoped(all_blocks, plgpu.ACC((bq, h), jnp.float32))
+      q_w[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_w, dq_ref.at[bb, qs, hh])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  scratch = [
+      _tiled_smem((wgs, bq, h), dtype),
+      _tiled_smem((wgs, bq, hv), dtype),
+      _tiled_smem((stages, bk, h), dtype),
+      _tiled_smem((stages, bk, hv), dtype),
+      plgpu.SMEM((stages, bk), jnp.int32) if segments else None,
+      plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  ]
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=scratch,
+      grid=(nqt, n, b),
+      grid_names=("q", "h", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
+              kv_segment_ids, kv_lengths)

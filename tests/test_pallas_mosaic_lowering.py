@@ -1,0 +1,157 @@
+"""CPU checks of the Mosaic GPU kernels: they lower for an (abstract) H100.
+
+Mosaic GPU kernels cannot run without an sm_90 GPU, but Pallas lowers them to
+Mosaic GPU IR for an abstract H100 on any machine, which catches most layout,
+shape, shared-memory and API errors. These tests export the forward pass and
+its VJP (dK/dV and dQ kernels) at several configurations, and check that the
+backend refuses what it does not support.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.mesh import AbstractDevice
+
+from attnjax import masks
+from attnjax.softmax import pallas_mosaic
+from attnjax.softmax.problem import make_problem
+from pallas_kernels.flash import mosaic_gpu as fwd_lib
+from pallas_kernels.flash import mosaic_gpu_bwd as bwd_lib
+
+_H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                       platform="gpu")
+
+
+def _export(f, *args):
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=_H100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+            jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu"),
+        ])(*args)
+
+
+def _lower(*, b=2, t=300, s=None, n=4, kh=2, h=64, dtype=jnp.bfloat16,
+           grad=True, segs=False, lens=False, sinks=False, fwd_config=None,
+           bwd_config=None, **kw):
+  s = s or t
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, t, n, h), dtype), sds((b, s, kh, h), dtype),
+          sds((b, s, kh, h), dtype),
+          sds((b, t), jnp.int32) if segs else None,
+          sds((b, s), jnp.int32) if segs else None,
+          sds((b,), jnp.int32) if lens else None,
+          sds((b,), jnp.int32) if lens else None,
+          sds((n,), jnp.float32) if sinks else None)
+
+  def f(q, k, v, qs, ks, ql, kl, sk):
+    def g(q, k, v, sk):
+      p, _ = make_problem(
+          q, k, v, segment_ids=None if qs is None else (qs, ks),
+          query_seq_lengths=ql, key_value_seq_lengths=kl, sinks=sk, **kw)
+      return pallas_mosaic.mosaic_attention(p, fwd_config=fwd_config,
+                                            bwd_config=bwd_config)
+    if not grad:
+      return g(q, k, v, sk)
+    (o, l), vjp = jax.vjp(g, q, k, v, sk)
+    return vjp((o, l))
+
+  exported = _export(f, *args)
+  text = exported.mlir_module()
+  # Forward, dK/dV and dQ each become one Mosaic GPU custom call.
+  assert text.count("mosaic_gpu") >= (3 if grad else 1)
+  return exported
+
+
+@pytest.mark.parametrize("h,n,kh,causal", [
+    (64, 4, 4, True), (128, 4, 2, False), (128, 8, 1, True)],
+    ids=["h64-mha-causal", "h128-gqa-full", "h128-mqa-causal"])
+def test_lowers_common(h, n, kh, causal):
+  _lower(h=h, n=n, kh=kh, t=333, s=333, is_causal=causal)
+
+
+def test_lowers_forward_head_dim_256():
+  p, _ = make_problem(jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
+                      jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
+                      jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
+                      is_causal=True)
+  with pytest.raises(NotImplementedError):
+    pallas_mosaic.check_supported(p)
+  sds = jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)
+
+  def f(q, k, v):
+    p, _ = make_problem(q, k, v, is_causal=True)
+    return pallas_mosaic.mosaic_attention(p, need_backward=False)
+
+  _export(f, sds, sds, sds)
+
+
+def test_lowers_all_features():
+  _lower(h=128, t=200, s=260, is_causal=True, segs=True, lens=True,
+         sinks=True, logits_soft_cap=5.0, dtype=jnp.float16)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(local_window_size=(100, 20)),
+    dict(mask=masks.ChunkedCausal(64)),
+    dict(mask=(masks.LocalWindow(30, 0) | masks.Prefix(3)) & masks.Causal()),
+    dict(mask=masks.Causal(offset=50)),
+], ids=["window", "chunked", "window-prefix", "causal-offset"])
+def test_lowers_masks(kw):
+  _lower(t=190, s=250, **kw)
+
+
+def test_lowers_other_tilings():
+  _lower(h=128, t=512, is_causal=True,
+         fwd_config=fwd_lib.FwdConfig(block_kv=64, num_stages=3,
+                                      pingpong=False),
+         bwd_config=bwd_lib.BwdConfig(block_kv_dq=128, num_stages=2))
+
+
+@pytest.mark.parametrize("case", ["f32", "bias", "h80", "dense_mask",
+                                  "block_sparse", "per_head"])
+def test_refuses_unsupported(case):
+  dtype = jnp.float32 if case == "f32" else jnp.bfloat16
+  h = 80 if case == "h80" else 64
+  q = jnp.zeros((1, 64, 2, h), dtype)
+  kw = {}
+  if case == "bias":
+    kw["bias"] = jnp.zeros((64, 64), dtype)
+  if case == "dense_mask":
+    kw["mask"] = jnp.ones((64, 64), bool)
+  if case == "block_sparse":
+    kw["mask"] = masks.BlockSparse(np.ones((1, 1), bool), (64, 64))
+  if case == "per_head":
+    kw["mask"] = masks.BlockSparse(np.ones((2, 1, 1), bool), (64, 64))
+  p, _ = make_problem(q, q, q, **kw)
+  with pytest.raises(NotImplementedError):
+    pallas_mosaic.check_supported(p)
+
+
+def test_needs_hopper_here():
+  if pallas_mosaic._on_hopper():  # pylint: disable=protected-access
+    pytest.skip("running on a Hopper GPU")
+  q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  p, _ = make_problem(q, q, q)
+  with pytest.raises(NotImplementedError, match="sm_90"):
+    pallas_mosaic.mosaic_gpu_attention(p)
+
+
+def test_block_ranges():
+  kinds = np.array([[2, 1, 0, 0],
+                    [2, 2, 1, 0],
+                    [0, 0, 0, 0],
+                    [1, 2, 2, 1],
+                    [1, 0, 1, 0]])
+  got = fwd_lib.kv_block_ranges(kinds)
+  want = np.array([[0, 0, 1, 2],
+                   [0, 0, 2, 3],
+                   [0, 0, 0, 0],
+                   [0, 1, 3, 4],
+                   [0, 0, 0, 3]]).T
+  np.testing.assert_array_equal(got, want)

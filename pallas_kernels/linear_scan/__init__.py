@@ -1,0 +1,1 @@
+"""Linear-attention chunked-scan kernels and their token-by-token reference."""

@@ -1,0 +1,754 @@
+"""Pallas chunked-scan kernels for gated linear attention (Triton on GPUs).
+
+Computes, for scalar per-head log gates ``g`` (fixed decay, Mamba-2 / simple
+GLA gates, or none) and optional state resets,
+
+  S_t = exp(g_t) S_{t-1} + k_t^T v_t,     o_t = scale * q_t S_t,
+
+as Lightning Attention-2 does: the sequence is cut into chunks of C tokens;
+inside a chunk the output is a masked, decayed matmul ``(q k^T * D) v`` and
+the state entering the chunk adds ``exp(G_i) q_i S``; the state is carried
+from chunk to chunk in registers (float32) by one program per
+(batch, head, value block, split).
+
+Parallelism: B * N * (V / block) programs can be far fewer than the 132 SMs
+of an H100 at long T and small batch. The sequence is then also cut into
+``num_splits`` splits processed in parallel, in two phases: a matmul kernel
+(``_gram_kernel``) computes each split's own state contribution
+``sum_j w_j k_j^T v_j`` (one [F, V] matrix per split, with large row blocks,
+so it runs near matmul speed), a short scan over splits in jnp gives the
+state entering every split, and the chunked kernel then runs every split
+from its own starting state.
+
+Backward pass (custom_vjp): states are never stored per chunk; they are
+recomputed. ``_dq_kernel`` sweeps forward from the split starting states
+saved by the forward pass; ``_dkdv_kernel`` sweeps backward carrying the
+state gradient dS (split ends from a Gram kernel over ``q^T dO`` and a reverse
+scan). The gradient of the log gates comes from the identity
+``dg_t = sum_{i >= t} q_i.dq_i - sum_{j >= t} k_j.dk_j + <dS_T, S_T>``
+(every pair (i, j) with ``j < t <= i`` carries ``g_t``), whose row sums the
+kernels emit in float32.
+
+Numerics: decays enter only as chunk-relative (or split-relative) cumulative
+log gates, exponentiated after subtraction, so every factor is <= 1; the
+state and all accumulators are float32, matmul operands are in the input
+dtype.
+
+Runs through Triton on GPUs and in interpret mode elsewhere. Depends only on
+jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+__all__ = ["KernelConfig", "chunked_linear_attention", "default_config"]
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tiling of the chunked-scan kernels.
+
+  Attributes:
+    chunk: C, tokens per chunk (power of two, >= 16).
+    block_v: value columns per forward program.
+    block_f: key-feature rows of the state per dq program.
+    block_v_bwd: value columns per dk/dv program (the whole padded V when it
+      is at most this; otherwise dk is summed over value blocks).
+    block_rows: rows per step of the split-state (Gram) kernel.
+    num_warps, num_stages: Triton launch parameters (forward, Gram).
+    num_warps_bwd, num_stages_bwd: the same for the backward kernels.
+    num_splits: sequence splits (None: enough programs to fill the GPU).
+    target_programs: programs wanted when ``num_splits`` is None.
+  """
+  chunk: int = 64
+  block_v: int = 64
+  block_f: int = 64
+  block_v_bwd: int = 128
+  block_rows: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 8
+  num_stages_bwd: int = 2
+  num_splits: int | None = None
+  target_programs: int = 132
+
+
+def default_config(dtype=jnp.bfloat16, **overrides) -> KernelConfig:
+  """Defaults for ``dtype`` (float32 tiles hold twice the bytes)."""
+  base = KernelConfig()
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    base = dataclasses.replace(base, block_v=32, block_f=32, block_v_bwd=64)
+  return dataclasses.replace(base, **overrides)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+  return max(lo, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def _padded_dim(d: int) -> int:
+  """Feature/value dims: powers of two up to 128, then multiples of 64."""
+  return _pow2(d) if d <= 128 else -(-d // 64) * 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call (hashable: a custom_vjp nondiff arg)."""
+  scale: float
+  chunk: int
+  cps: int  # chunks per split
+  splits: int
+  bv: int
+  bf: int
+  bvb: int
+  rows: int
+  warps: int
+  stages: int
+  warps_bwd: int
+  stages_bwd: int
+  has_gate: bool
+  has_seg: bool
+  has_s0: bool
+  interpret: bool
+  rep: int  # query heads per key/value head
+
+  @property
+  def has_w(self):
+    return self.has_gate or self.has_seg
+
+  @property
+  def split_len(self):
+    return self.cps * self.chunk
+
+
+def _params(s: _Static, bwd: bool = False):
+  if s.interpret:
+    return None
+  if bwd:
+    return plgpu.CompilerParams(num_warps=s.warps_bwd,
+                                num_stages=s.stages_bwd)
+  return plgpu.CompilerParams(num_warps=s.warps, num_stages=s.stages)
+
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                         preferred_element_type=_F32)
+
+
+def _dot_tn(a, b):  # a^T b
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
+                         preferred_element_type=_F32)
+
+
+def _dot_nt(a, b):  # a b^T
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                         preferred_element_type=_F32)
+
+
+def _last(x):
+  """x[-1] of a 1-D block, as a reduction (no scalar indexing in Triton)."""
+  n = x.shape[0]
+  return jnp.sum(jnp.where(jnp.arange(n) == n - 1, x, 0.0))
+
+
+def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
+  """D [C, C]: causal mask * exp(G_i - G_j) * same-segment (or its T)."""
+  c = s.chunk
+  i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  mask = (j <= i) if not transpose else (i <= j)
+  if s.has_seg:
+    r = rc_ref[rows]
+    mask = jnp.logical_and(mask, r[:, None] == r[None, :])
+  if not s.has_gate:
+    return mask.astype(_F32)
+  g = gc_ref[rows]
+  diff = (g[:, None] - g[None, :]) if not transpose else (
+      g[None, :] - g[:, None])
+  return jnp.exp(jnp.where(mask, diff, -jnp.inf))
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Grid axes are (value or feature block, head, split, batch): the
+# first axis varies fastest in launch order, so programs that read the same
+# q/k tiles run side by side and share L2.
+
+
+def _fwd_kernel(*refs, s: _Static):
+  it = iter(refs)
+  q_ref, k_ref, v_ref = next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  s0_ref = next(it) if s.has_s0 else None
+  o_ref, st_ref = next(it), next(it)
+  c = s.chunk
+  base = pl.program_id(2) * s.split_len
+  state = (s0_ref[...].astype(_F32) if s.has_s0 else
+           jnp.zeros(st_ref.shape, _F32))
+
+  def body(i, state):
+    r0 = pl.multiple_of(base + i * c, c)
+    rows = pl.ds(r0, c)
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    a = _dot_nt(q, k) * _intra_weights(s, gc_ref, rc_ref, rows, False)
+    o = _dot((a * s.scale).astype(v.dtype), v)
+    qs = _dot(q, state.astype(q.dtype))
+    if s.has_w:
+      wq = wq_ref[rows]
+      qs = qs * wq[:, None]
+    o_ref[rows, :] = (o + s.scale * qs).astype(o_ref.dtype)
+    if s.has_w:
+      kw = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
+      return state * _last(wq) + _dot_tn(kw, v)
+    return state + _dot_tn(k, v)
+
+  st_ref[...] = lax.fori_loop(0, s.cps, body, state)
+
+
+def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static):
+  """o = sum over the split's rows of (w * a)^T b."""
+  r = s.rows
+  base = pl.program_id(2) * s.split_len
+
+  def body(i, acc):
+    rows = pl.ds(pl.multiple_of(base + i * r, r), r)
+    a = a_ref[rows, :]
+    aw = (a.astype(_F32) * w_ref[rows][:, None]).astype(a.dtype)
+    return acc + _dot_tn(aw, b_ref[rows, :])
+
+  o_ref[...] = lax.fori_loop(0, s.split_len // r, body,
+                             jnp.zeros(o_ref.shape, _F32))
+
+
+def _dq_kernel(*refs, s: _Static):
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  s0_ref = next(it) if s.has_s0 else None
+  dq_ref = next(it)
+  dgq_ref = next(it) if s.has_gate else None
+  c = s.chunk
+  base = pl.program_id(2) * s.split_len
+  shape = (k_ref.shape[-1], v_ref.shape[-1])
+  state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
+
+  def body(i, state):
+    r0 = pl.multiple_of(base + i * c, c)
+    rows = pl.ds(r0, c)
+    k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+    da = _dot_nt(do, v) * _intra_weights(s, gc_ref, rc_ref, rows, False)
+    dq = _dot((da * s.scale).astype(k.dtype), k)
+    dqs = _dot_nt(do, state.astype(do.dtype))
+    if s.has_w:
+      wq = wq_ref[rows]
+      dqs = dqs * wq[:, None]
+    dq = dq + s.scale * dqs
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    if s.has_gate:
+      dgq_ref[rows] = jnp.sum(q_ref[rows, :].astype(_F32) * dq, axis=1)
+    if s.has_w:
+      kw = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
+      return state * _last(wq) + _dot_tn(kw, v)
+    return state + _dot_tn(k, v)
+
+  lax.fori_loop(0, s.cps, body, state)
+
+
+def _dkdv_kernel(*refs, s: _Static):
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  ds_ref = next(it)
+  dk_ref, dv_ref, dsout_ref = next(it), next(it), next(it)
+  dgk_ref = next(it) if s.has_gate else None
+  c = s.chunk
+  base = pl.program_id(2) * s.split_len
+
+  def body(i, dstate):
+    r0 = pl.multiple_of(base + (s.cps - 1 - i) * c, c)
+    rows = pl.ds(r0, c)
+    q, k = q_ref[rows, :], k_ref[rows, :]
+    v, do = v_ref[rows, :], do_ref[rows, :]
+    # Transposed intra-chunk weights: row j (key), column i (query).
+    dt = _intra_weights(s, gc_ref, rc_ref, rows, True) * s.scale
+    at = _dot_nt(k, q) * dt
+    dv = _dot(at.astype(do.dtype), do)
+    dat = _dot_nt(v, do) * dt
+    dk = _dot(dat.astype(q.dtype), q)
+    ds_lo = dstate.astype(k.dtype)
+    if s.has_w:
+      wk = wk_ref[rows]
+      kw = (k.astype(_F32) * wk[:, None]).astype(k.dtype)
+      dv = dv + _dot(kw, ds_lo)
+      dk = dk + _dot_nt(v, ds_lo) * wk[:, None]
+      wq = wq_ref[rows]
+      qw = (q.astype(_F32) * (wq * s.scale)[:, None]).astype(q.dtype)
+      dstate = dstate * _last(wq) + _dot_tn(qw, do)
+    else:
+      dv = dv + _dot(k, ds_lo)
+      dk = dk + _dot_nt(v, ds_lo)
+      dstate = dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    if s.has_gate:
+      dgk_ref[rows] = jnp.sum(k.astype(_F32) * dk, axis=1)
+    return dstate
+
+  dsout_ref[...] = lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers. Layouts: q, dO [B, Tp, N, *], k, v [B, Tp, K, *],
+# per-token weights [B, N, Tp] (float32), reset counters [B, Tp] (int32),
+# per-split states [B, N, ns, F, V] (float32).
+
+
+def _seq_spec(width, head_map, col_map):
+  """BlockSpec over [B, Tp, heads, D]: all of T, one head, one column block."""
+  def index(j, n, sp, b):
+    return (b, 0, head_map(n), col_map(j))
+  return width, index
+
+
+def _specs_tokens(tp, s: _Static):
+  """Specs for gc, wq, wk, rc (in that order, those present)."""
+  w = pl.BlockSpec((None, None, tp), lambda j, n, sp, b: (b, n, 0))
+  specs = []
+  if s.has_gate:
+    specs.append(w)
+  if s.has_w:
+    specs += [w, w]
+  if s.has_seg:
+    specs.append(pl.BlockSpec((None, tp), lambda j, n, sp, b: (b, 0)))
+  return specs
+
+
+def _token_args(prep, s: _Static):
+  args = []
+  if s.has_gate:
+    args.append(prep["gc"])
+  if s.has_w:
+    args += [prep["wq"], prep["wk"]]
+  if s.has_seg:
+    args.append(prep["rc"])
+  return args
+
+
+def _state_spec(f, bv, col_block: bool = True):
+  if col_block:
+    return pl.BlockSpec((None, None, None, f, bv),
+                        lambda j, n, sp, b: (b, n, sp, 0, j))
+  return pl.BlockSpec((None, None, None, f, bv),
+                      lambda j, n, sp, b: (b, n, sp, j, 0))
+
+
+def _blk(shape_t, bd, head_fn, col_fn):
+  return pl.BlockSpec((None, shape_t, None, bd),
+                      lambda j, n, sp, b: (b, 0, head_fn(n), col_fn(j)))
+
+
+def _fwd_call(q, k, v, prep, starts, s: _Static):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bv = min(s.bv, vp)
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
+              _blk(tp, bv, kv, col)] + _specs_tokens(tp, s)
+  args = [q, k, v] + _token_args(prep, s)
+  if s.has_s0:
+    in_specs.append(_state_spec(f, bv))
+    args.append(starts)
+  grid = (vp // bv, n, s.splits, b)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, s=s),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=[_blk(tp, bv, same, col), _state_spec(f, bv)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, s.splits, f, vp), _F32)],
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_fwd",
+  )(*args)
+
+
+def _gram_call(a, bmat, w, s: _Static, a_rep: int):
+  """Per-split sum of (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w [B,N,Tp]."""
+  bsz, tp, _, f = a.shape
+  vp = bmat.shape[-1]
+  n = w.shape[1]
+  bv = min(s.bv, vp)
+  b_rep = n // bmat.shape[2]
+  in_specs = [
+      _blk(tp, f, lambda x: x // a_rep, lambda j: 0),
+      _blk(tp, bv, lambda x: x // b_rep, lambda j: j),
+      pl.BlockSpec((None, None, tp), lambda j, n_, sp, b: (b, n_, 0)),
+  ]
+  return pl.pallas_call(
+      functools.partial(_gram_kernel, s=s),
+      grid=(vp // bv, n, s.splits, bsz),
+      in_specs=in_specs,
+      out_specs=_state_spec(f, bv),
+      out_shape=jax.ShapeDtypeStruct((bsz, n, s.splits, f, vp), _F32),
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_split_state",
+  )(a, bmat, w)
+
+
+def _dq_call(q, k, v, do, prep, starts, s: _Static):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bf = min(s.bf, f)
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, bf, same, col), _blk(tp, bf, kv, col),
+              _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero)]
+  in_specs += _specs_tokens(tp, s)
+  args = [q, k, v, do] + _token_args(prep, s)
+  if s.has_s0:
+    in_specs.append(_state_spec(bf, vp, col_block=False))
+    args.append(starts)
+  out_specs = [_blk(tp, bf, same, col)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), q.dtype)]
+  if s.has_gate:
+    out_specs.append(pl.BlockSpec((None, None, None, tp),
+                                  lambda j, n_, sp, b_: (j, b_, n_, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32))
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, s=s),
+      grid=(f // bf, n, s.splits, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_dq",
+  )(*args)
+
+
+def _dkdv_call(q, k, v, do, prep, ds_end, s: _Static):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bv = vp if vp <= s.bvb else min(s.bvb, vp)
+  nvb = vp // bv
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
+              _blk(tp, bv, kv, col), _blk(tp, bv, same, col)]
+  in_specs += _specs_tokens(tp, s)
+  in_specs.append(_state_spec(f, bv))
+  args = [q, k, v, do] + _token_args(prep, s) + [ds_end]
+  dk_dtype = q.dtype if nvb == 1 else _F32
+  out_specs = [
+      pl.BlockSpec((None, None, tp, None, f),
+                   lambda j, n_, sp, b_: (j, b_, 0, n_, 0)),
+      _blk(tp, bv, same, col),
+      _state_spec(f, bv),
+  ]
+  out_shape = [jax.ShapeDtypeStruct((nvb, b, tp, n, f), dk_dtype),
+               jax.ShapeDtypeStruct((b, tp, n, vp), v.dtype),
+               jax.ShapeDtypeStruct((b, n, s.splits, f, vp), _F32)]
+  if s.has_gate:
+    out_specs.append(pl.BlockSpec((None, None, None, tp),
+                                  lambda j, n_, sp, b_: (j, b_, n_, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((nvb, b, n, tp), _F32))
+  return pl.pallas_call(
+      functools.partial(_dkdv_kernel, s=s),
+      grid=(nvb, n, s.splits, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_dkdv",
+  )(*args)
+
+
+# ----------------------------------------------------------------------------
+# Per-token weights (jnp, float32, cheap: [B, N, Tp]).
+
+
+def _rev_excl_cumsum(x, axis):
+  """sum_{u > t} x_u along axis, without subtracting large sums."""
+  x = jnp.moveaxis(x, axis, -1)
+  shifted = jnp.concatenate([x[..., 1:], jnp.zeros_like(x[..., :1])], -1)
+  out = jnp.flip(jnp.cumsum(jnp.flip(shifted, -1), -1), -1)
+  return jnp.moveaxis(out, -1, axis)
+
+
+def _block_weights(g, resets, block):
+  """Weights relative to blocks of ``block`` tokens along the last axis.
+
+  g [B, N, Tp] float32 (or None), resets [B, Tp] bool (or None). Returns
+  (gc, wq, wk, dec): gc the block-local inclusive cumulative log gate, wq
+  ``exp(gc) * [no reset in [block start, i]]``, wk ``exp(sum_{u in (j, block
+  end]} g_u) * [no reset in (j, block end]]``, dec [B, N, nblocks] the whole
+  block's decay.
+  """
+  if g is None:
+    b, tp = resets.shape
+    n = 1
+    g = jnp.zeros((b, 1, tp), _F32)
+  b, n, tp = g.shape
+  nb = tp // block
+  gb = g.reshape(b, n, nb, block)
+  gc = jnp.cumsum(gb, -1)
+  wq = jnp.exp(gc)
+  wk = jnp.exp(_rev_excl_cumsum(gb, -1))
+  dec = jnp.exp(gc[..., -1])
+  if resets is not None:
+    rb = resets.reshape(b, 1, nb, block).astype(jnp.int32)
+    cnt = jnp.cumsum(rb, -1)
+    wq = wq * (cnt == 0)
+    wk = wk * (cnt == cnt[..., -1:])
+    dec = dec * (cnt[..., -1] == 0)
+  return (gc.reshape(b, n, tp), wq.reshape(b, n, tp), wk.reshape(b, n, tp),
+          dec)
+
+
+def _prep(g, resets, s: _Static, num_heads: int, batch: int):
+  """Chunk-level (and split-level) weights for the kernels."""
+  prep = {}
+  if s.has_w:
+    gc, wq, wk, _ = _block_weights(g, resets, s.chunk)
+    if not s.has_gate:  # resets only: the weights are shared by all heads
+      wq = jnp.broadcast_to(wq, (batch, num_heads, wq.shape[-1]))
+      wk = jnp.broadcast_to(wk, (batch, num_heads, wk.shape[-1]))
+    prep.update(gc=gc, wq=wq, wk=wk)
+    if s.has_seg:
+      prep["rc"] = jnp.cumsum(resets.astype(jnp.int32), axis=-1)
+  if s.splits > 1:
+    if s.has_w:
+      _, sq, sk, sdec = _block_weights(g, resets, s.split_len)
+      shape = (batch, num_heads)
+      sq = jnp.broadcast_to(sq, shape + sq.shape[2:])
+      sk = jnp.broadcast_to(sk, shape + sk.shape[2:])
+      sdec = jnp.broadcast_to(sdec, shape + sdec.shape[2:])
+    else:
+      tp = s.splits * s.split_len
+      sq = sk = jnp.ones((batch, num_heads, tp), _F32)
+      sdec = jnp.ones((batch, num_heads, s.splits), _F32)
+    prep.update(sq=sq, sk=sk, sdec=sdec)
+  return prep
+
+
+def _scan_splits(local, sdec, s0, reverse: bool):
+  """Chains per-split states: out[s] = state entering (or leaving) split s.
+
+  Forward: out[0] = s0, out[s] = sdec[s-1] * out[s-1] + local[s-1].
+  Reverse (state gradients at split ends): out[-1] = s0 and
+  out[s-1] = sdec[s] * out[s] + local[s].
+  """
+  loc = jnp.moveaxis(local, 2, 0)
+  dec = jnp.moveaxis(sdec, 2, 0)[..., None, None]
+  if reverse:
+    loc, dec = loc[::-1], dec[::-1]
+
+  def step(carry, x):
+    l, d = x
+    new = d * carry + l
+    return new, new
+
+  _, outs = lax.scan(step, s0, (loc[:-1], dec[:-1]))
+  outs = jnp.concatenate([s0[None], outs], axis=0)
+  if reverse:
+    outs = outs[::-1]
+  return jnp.moveaxis(outs, 0, 2)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp core on padded arrays.
+
+
+def _forward(q, k, v, g, resets, s0, s: _Static):
+  b, _, n, f = q.shape
+  vp = v.shape[-1]
+  prep = _prep(g, resets, s, n, b)
+  if s.splits > 1:
+    local = _gram_call(k, v, prep["sk"], s, a_rep=s.rep)
+    init = (jnp.zeros((b, n, f, vp), _F32) if s0 is None else s0)
+    starts = _scan_splits(local, prep["sdec"], init, reverse=False)
+  else:
+    starts = None if s0 is None else s0[:, :, None]
+  o, st = _fwd_call(q, k, v, prep, starts, s)
+  return o, st[:, :, -1], starts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core(q, k, v, g, resets, s0, s: _Static):
+  o, final, _ = _forward(q, k, v, g, resets, s0, s)
+  return o, final
+
+
+def _core_fwd(q, k, v, g, resets, s0, s: _Static):
+  o, final, starts = _forward(q, k, v, g, resets, s0, s)
+  return (o, final), (q, k, v, g, resets, starts, final)
+
+
+def _core_bwd(s: _Static, res, cts):
+  q, k, v, g, resets, starts, final = res
+  do, dfinal = cts
+  b, tp, n, f = q.shape
+  kh = k.shape[2]
+  vp = v.shape[-1]
+  prep = _prep(g, resets, s, n, b)
+  do = do.astype(q.dtype)
+  dfinal = dfinal.astype(_F32)
+  outs = _dq_call(q, k, v, do, prep, starts, s)
+  dq = outs[0]
+  if s.splits > 1:
+    dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1)
+    ds_end = _scan_splits(dlocal, prep["sdec"], dfinal, reverse=True)
+  else:
+    ds_end = dfinal[:, :, None]
+  outs2 = _dkdv_call(q, k, v, do, prep, ds_end, s)
+  dk_parts, dv, ds_start = outs2[:3]
+  dk = jnp.sum(dk_parts.astype(_F32), axis=0)
+  # Sum per-query-head gradients over each key/value head's group.
+  dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
+  dv = dv.astype(_F32).reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)
+  dg = None
+  if s.has_gate:
+    rows = jnp.sum(outs[1], 0) - jnp.sum(outs2[3], 0)  # [B, N, Tp]
+    tail = jnp.sum(dfinal * final, axis=(-2, -1))  # [B, N]
+    dg = jnp.flip(jnp.cumsum(jnp.flip(rows, -1), -1), -1) + tail[..., None]
+  ds0 = ds_start[:, :, 0] if s.has_s0 else None
+  return dq, dk, dv, dg, None, ds0
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+
+
+def _pad_axis(x, axis, size):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or 0)
+  except (RuntimeError, ValueError):
+    return 0
+
+
+def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
+                             scale: float, initial_state=None,
+                             config: KernelConfig | None = None,
+                             interpret: bool | None = None):
+  """Gated linear attention through the chunked-scan Pallas kernels.
+
+  Args:
+    q: [B, T, N, F] feature-mapped queries (float32, bfloat16 or float16).
+    k: [B, T, K, F] (N % K == 0), same dtype.
+    v: [B, T, K, V], same dtype.
+    log_gate: None or float [B, T, N]: log of the scalar per-step decay of
+      each head (fold a fixed per-head decay in before calling). Per-channel
+      gates are not supported here (NotImplementedError).
+    resets: None or bool [B, T]: the state is zeroed before token t.
+    scale: output scale.
+    initial_state: None or float32 [B, N, F, V].
+    config: tiling (default: ``default_config(q.dtype)``).
+    interpret: run in Pallas interpret mode (default: unless on a GPU).
+
+  Returns:
+    ``(out [B, T, N, V] in q.dtype, final_state float32 [B, N, F, V])``;
+    differentiable in q, k, v, log_gate and initial_state.
+
+  Raises:
+    NotImplementedError: per-channel gates, feature dims above 256, a chunk
+      that is not a power of two >= 16.
+
+  >>> import jax, jax.numpy as jnp
+  >>> x = jnp.ones((1, 32, 1, 16))
+  >>> o, s = chunked_linear_attention(x, x, x, scale=1.0, interpret=True)
+  >>> float(o[0, 0, 0, 0]), float(o[0, 31, 0, 0])
+  (16.0, 512.0)
+  """
+  if log_gate is not None and log_gate.ndim != 3:
+    raise NotImplementedError("the Pallas linear-scan kernels take scalar "
+                              "gates [B, T, N] only")
+  b, t, n, f = q.shape
+  kh, vd = k.shape[2], v.shape[-1]
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  cfg = config or default_config(q.dtype)
+  c = cfg.chunk
+  if c < 16 or c & (c - 1):
+    raise NotImplementedError(f"chunk {c} is not a power of two >= 16")
+  fp, vp = _padded_dim(f), _padded_dim(vd)
+  if fp > 256:
+    raise NotImplementedError(f"feature dim {f} > 256 is not supported by "
+                              "the Pallas linear-scan kernels")
+  nc = -(-t // c)
+  if cfg.num_splits is not None:
+    splits = max(1, min(int(cfg.num_splits), nc))
+  else:
+    target = cfg.target_programs
+    if not interpret:
+      target = max(target, _num_sms())
+    splits = max(1, min(nc // 4 or 1, -(-target // (b * n))))
+  cps = -(-nc // splits)
+  splits = -(-nc // cps)
+  rows = min(cfg.block_rows, cps * c)
+  if (cps * c) % rows:
+    rows = c
+  tp = splits * cps * c
+  bvb = cfg.block_v_bwd
+  s = _Static(scale=float(scale), chunk=c, cps=cps, splits=splits,
+              bv=min(cfg.block_v, vp), bf=min(cfg.block_f, fp), bvb=bvb,
+              rows=rows, warps=cfg.num_warps, stages=cfg.num_stages,
+              warps_bwd=cfg.num_warps_bwd, stages_bwd=cfg.num_stages_bwd,
+              has_gate=log_gate is not None, has_seg=resets is not None,
+              has_s0=initial_state is not None or splits > 1,
+              interpret=bool(interpret), rep=n // kh)
+  qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
+  kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
+  vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)
+  g = None
+  if log_gate is not None:
+    g = _pad_axis(jnp.moveaxis(log_gate.astype(_F32), 1, 2), 2, tp)
+  r = None if resets is None else _pad_axis(resets.astype(bool), 1, tp)
+  s0 = None
+  if initial_state is not None:
+    s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
+  elif splits > 1:
+    s0 = jnp.zeros((b, n, fp, vp), _F32)
+  o, final = _core(qp, kp, vpd, g, r, s0, s)
+  return o[:, :t, :, :vd], final[:, :, :f, :vd]
+
+
+def flops(batch, length, heads, f, v, chunk=64) -> float:
+  """Forward matmul FLOPs of the chunked form (for benchmarks)."""
+  per_token = 2 * chunk * (f + v) / 2 + 4 * f * v
+  return float(batch * length * heads * per_token)
+

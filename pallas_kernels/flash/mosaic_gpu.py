@@ -446,8 +446,9 @@ def flash_forward(
 
       plgpu.barrier_wait(q_bar.at[wg])
       if pingpong:
-        # Consumer 0 issues first; the others give it their turn.
-        pl.when(wg != 0)(sched_signal)
+        # Turns pass around the ring 0 -> 1 -> ... -> wgs-1 -> 0; the last
+        # consumer hands consumer 0 the first turn.
+        pl.when(wg == wgs - 1)(sched_signal)
       carry = (acc0, m0, l0, p0)
       carry = lax.cond(num_kv > 0, first_block, lambda x: x, carry)
       # Block j+1 is masked unless it lies in [a, c).

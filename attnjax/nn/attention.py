@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnjax.nn.layers import RMSNorm, apply_rope
+from attnjax.nn.layers import RMSNorm, ShortConv, apply_rope
 from attnjax.softmax import api
 
 __all__ = ["KVCache", "MultiHeadAttention", "SequenceParallel"]
@@ -29,10 +29,13 @@ class KVCache(NamedTuple):
     key: [B, S_max, K, H] keys (RoPE already applied).
     value: [B, S_max, K, Hv].
     lengths: int32 [B], the number of positions written so far.
+    conv: [B, kernel_size - 1, C] the short convolution's last inputs, or
+      None without one.
   """
   key: jax.Array
   value: jax.Array
   lengths: jax.Array
+  conv: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,9 @@ class MultiHeadAttention(nnx.Module):
       normalisation; materialised O(T * S), for experiments).
     sigmoid_bias: the bias b of sigmoid attention (that paper uses
       ``-log(sequence length)``).
+    short_conv: kernel size of a causal depthwise convolution over time on
+      the q, k, v projections (Primer's "multi-DConv-head attention",
+      arXiv:2109.08668); None: none.
     out_features: output width; default ``in_features``.
     dtype: computation dtype (default: the input's); params in
       ``param_dtype``.
@@ -137,7 +143,8 @@ class MultiHeadAttention(nnx.Module):
                output_gate: bool = False,
                local_window_size: int | None = None,
                implementation=None, normalization: str = "softmax",
-               sigmoid_bias: float = 0.0, out_features: int | None = None,
+               sigmoid_bias: float = 0.0, short_conv: int | None = None,
+               out_features: int | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -186,22 +193,34 @@ class MultiHeadAttention(nnx.Module):
       self.k_norm = nnx.data(None)
     self.sinks = (nnx.Param(jnp.zeros((num_heads,), param_dtype)) if sinks
                   else nnx.data(None))
+    self._conv_channels = (num_heads + 2 * num_kv_heads) * head_dim
+    self.conv = (ShortConv(self._conv_channels, short_conv,
+                           param_dtype=param_dtype, rngs=rngs)
+                 if short_conv else nnx.data(None))
 
   # Pieces shared by the full forward and decoding ---------------------------
 
-  def _project(self, x, positions):
+  def _project(self, x, positions, conv_state=None):
+    """(q, k, v, new conv state) for tokens at ``positions``."""
     b, t, _ = x.shape
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    new_conv = None
+    if self.conv is not None:
+      qkv, new_conv = self.conv(jnp.concatenate([q, k, v], axis=-1),
+                                conv_state)
+      nq, nk = q.shape[-1], k.shape[-1]
+      q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.rope:
       q = apply_rope(q, positions, self.rope_base)
       k = apply_rope(k, positions, self.rope_base)
-    return q, k, v
+    return q, k, v, new_conv
 
   def _finish(self, x, o):
     b, t = o.shape[:2]
@@ -241,7 +260,7 @@ class MultiHeadAttention(nnx.Module):
     b, t, _ = x.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    q, k, v = self._project(x, positions)
+    q, k, v, _ = self._project(x, positions)
     if self.normalization == "sigmoid":
       if segment_ids is not None:
         raise NotImplementedError("segment_ids with sigmoid attention")
@@ -266,8 +285,10 @@ class MultiHeadAttention(nnx.Module):
                  dtype=jnp.float32) -> KVCache:
     """An empty KV cache for up to ``max_length`` positions."""
     shape = (batch_size, max_length, self.num_kv_heads, self.head_dim)
+    conv = (None if self.conv is None else
+            self.conv.init_state(batch_size, self._conv_channels, dtype))
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch_size,), jnp.int32))
+                   jnp.zeros((batch_size,), jnp.int32), conv)
 
   def decode(self, x: jax.Array, cache: KVCache
              ) -> tuple[jax.Array, KVCache]:
@@ -284,7 +305,9 @@ class MultiHeadAttention(nnx.Module):
     b, tn, _ = x.shape
     s_max = cache.key.shape[1]
     pos = cache.lengths[:, None] + jnp.arange(tn, dtype=jnp.int32)[None]
-    q, k, v = self._project(x, pos)
+    q, k, v, conv = self._project(x, pos, cache.conv)
+    if conv is not None:
+      conv = conv.astype(cache.conv.dtype)
     write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(
         c, u.astype(c.dtype), (i, 0, 0)))
     key = write(cache.key, k, cache.lengths)
@@ -298,7 +321,7 @@ class MultiHeadAttention(nnx.Module):
       o = api.dot_product_attention(
           q, kq, vq, mask=vis, sinks=self._sink_logits(),
           implementation=self.implementation)
-    return self._finish(x, o), KVCache(key, value, cache.lengths + tn)
+    return self._finish(x, o), KVCache(key, value, cache.lengths + tn, conv)
 
   def attention_weights(self, x: jax.Array) -> jax.Array:
     """The materialised attention weights, float32 [B, N, T, T] (analysis).
@@ -308,7 +331,7 @@ class MultiHeadAttention(nnx.Module):
     """
     b, t, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    q, k, _ = self._project(x, positions)
+    q, k, _, _ = self._project(x, positions)
     logits = _grouped_logits(q, k, 1.0 / math.sqrt(self.head_dim))
     vis = _visible(positions, positions, self.window_left)
     if self.normalization == "sigmoid":

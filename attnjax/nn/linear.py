@@ -5,12 +5,12 @@ by its options: the feature map (Katharopoulos' ``elu_plus_one``, BASED's
 ``taylor2``, ...), a fixed per-head decay (RetNet / Lightning), data-dependent
 gates (scalar per head as Mamba2 / simple GLA, or per key channel as GLA), the
 running-sum normaliser, and a short causal convolution in front (H3, BASED,
-GLA). Decoding carries the recurrent state, so memory is constant in length.
+GLA), and the delta rule (DeltaNet, Gated DeltaNet). Decoding carries the
+recurrent state, so memory is constant in length.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -27,8 +27,8 @@ class LinearCache(NamedTuple):
 
   Attributes:
     state: float32 [B, N, H', Hv'] recurrent state (H' the feature dim after
-      the feature map; Hv' = Hv, plus one column for the normaliser when
-      ``normalize``).
+      the feature map; Hv' = Hv, plus one column for the running key sum
+      when ``normalize``).
     conv: [B, kernel_size - 1, C] the short convolution's last inputs, or
       None without one.
   """
@@ -48,7 +48,9 @@ def retnet_log_decay(num_heads: int) -> jax.Array:
 def _linear_ops():
   try:
     from attnjax import linear  # noqa: PLC0415 (written in parallel)
-  except ImportError as e:  # pragma: no cover - until attnjax.linear lands
+    linear.linear_attention, linear.linear_attention_step  # noqa: B018
+    linear.delta_rule_attention, linear.delta_rule_step  # noqa: B018
+  except (ImportError, AttributeError) as e:
     raise NotImplementedError(
         "attnjax.nn.LinearAttention needs attnjax.linear "
         f"(linear_attention, linear_attention_step): {e}") from e
@@ -57,6 +59,11 @@ def _linear_ops():
 
 class LinearAttention(nnx.Module):
   """Causal linear attention ``S_t = exp(g_t) S_{t-1} + phi(k_t)^T v_t``.
+
+  With ``rule="delta"`` the state follows the delta rule instead (DeltaNet,
+  arXiv:2406.06484): ``S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} +
+  beta_t k_t^T v_t`` with L2-normalised q, k and ``beta_t = sigmoid(x_t
+  W_beta)``; with ``gate="scalar"`` that is Gated DeltaNet.
 
   ``layer(x)`` runs the whole sequence (chunked kernels); ``cache =
   layer.init_cache(B)`` and ``y, cache = layer.decode(x_new, cache)`` run
@@ -77,6 +84,9 @@ class LinearAttention(nnx.Module):
       ``log_sigmoid(x W + b) / gate_temperature`` (GLA's parametrisation;
       the temperature keeps early forgetting slow).
     normalize: divide by the running key sum (Katharopoulos et al.).
+    rule: "linear" (additive update) or "delta" (the delta rule; needs
+      ``feature_map=None``, no fixed decay, at most a scalar gate, no
+      ``normalize``).
     short_conv: kernel size of a causal depthwise convolution on q, k, v
       (None: none).
     output_norm: RMSNorm each head's output (RetNet / GLA); default: on
@@ -106,7 +116,7 @@ class LinearAttention(nnx.Module):
                value_head_dim: int | None = None, feature_map=None,
                decay: str | None = None, gate: str | None = None,
                gate_temperature: float = 16.0, normalize: bool = False,
-               short_conv: int | None = None,
+               rule: str = "linear", short_conv: int | None = None,
                output_norm: bool | None = None, chunk_size: int | None = None,
                implementation=None, out_features: int | None = None,
                dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -130,6 +140,12 @@ class LinearAttention(nnx.Module):
     if gate == "vector" and feature_map == "taylor2":
       raise ValueError("gate='vector' needs the feature dim to equal "
                        "head_dim; taylor2 expands it")
+    if rule not in ("linear", "delta"):
+      raise ValueError(f"rule must be 'linear' or 'delta', got {rule!r}")
+    if rule == "delta" and (feature_map is not None or decay is not None
+                            or gate == "vector" or normalize):
+      raise ValueError("rule='delta' supports feature_map=None, no decay, "
+                       "gate None or 'scalar', normalize=False")
     self.in_features = in_features
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
@@ -140,6 +156,7 @@ class LinearAttention(nnx.Module):
     self.gate = gate
     self.gate_temperature = float(gate_temperature)
     self.normalize = normalize
+    self.rule = rule
     self.chunk_size = chunk_size
     self.implementation = implementation
     self.dtype = dtype
@@ -162,6 +179,8 @@ class LinearAttention(nnx.Module):
       self.gate_proj = lin(in_features, num_heads * head_dim, bias=True)
     else:
       self.gate_proj = nnx.data(None)
+    self.beta_proj = (lin(in_features, num_heads, bias=True)
+                      if rule == "delta" else nnx.data(None))
     output_norm = (not normalize) if output_norm is None else output_norm
     self.out_norm = (RMSNorm(value_head_dim, param_dtype=param_dtype)
                      if output_norm else nnx.data(None))
@@ -169,7 +188,7 @@ class LinearAttention(nnx.Module):
   # Pieces shared by the full forward and decoding ---------------------------
 
   def _inputs(self, x, conv_state):
-    """Projections, short conv and gates: (q, k, v, gate, new_conv_state)."""
+    """Projections, short conv, gates: (q, k, v, gate, beta, conv state)."""
     b, t, _ = x.shape
     if self.dtype is not None:
       x = x.astype(self.dtype)
@@ -183,85 +202,93 @@ class LinearAttention(nnx.Module):
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.value_head_dim)
-    if self.normalize:
-      # The normaliser phi(q_t) . sum_{s<=t} phi(k_s) is the output of the
-      # same recurrence on an all-ones value column, so it rides along in the
-      # state (and in decoding) as one extra value channel.
-      v = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], -1)
-    gate = None
+    gate = beta = None
     if self.gate is not None:
       g = jax.nn.log_sigmoid(self.gate_proj(x).astype(jnp.float32))
       g = g / self.gate_temperature
       gate = (g if self.gate == "scalar"
               else g.reshape(b, t, self.num_heads, self.head_dim))
-    return q, k, v, gate, new_conv
+    if self.rule == "delta":
+      # DeltaNet: unit-norm keys keep (I - beta k^T k) a contraction.
+      unit = lambda a: (a.astype(jnp.float32) * jax.lax.rsqrt(
+          jnp.sum(jnp.square(a.astype(jnp.float32)), -1, keepdims=True)
+          + 1e-6)).astype(a.dtype)
+      q, k = unit(q), unit(k)
+      beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))
+    return q, k, v, gate, beta, new_conv
 
   def _log_decay(self):
     return retnet_log_decay(self.num_heads) if self.decay else None
 
   def _finish(self, o):
     b, t = o.shape[:2]
-    if self.normalize:
-      num, den = o[..., :-1], o[..., -1:]
-      den = den.astype(jnp.float32)
-      # Zero denominators arise only when every feature is zero (relu maps).
-      o = (num.astype(jnp.float32) / jnp.where(den == 0, 1.0, den)
-           ).astype(num.dtype)
     if self.out_norm is not None:
       o = self.out_norm(o)
     return self.o_proj(o.reshape(b, t, self.num_heads * self.value_head_dim))
 
-  def _scan(self, q, k, v, gate, initial_state, return_final_state):
+  def _kwargs(self, gate, **extra):
+    if self.rule == "delta":
+      kw = dict(gate=gate)
+    else:
+      kw = dict(feature_map=self.feature_map, log_decay=self._log_decay(),
+                gate=gate, normalize=self.normalize)
+    return kw | extra
+
+  def _sequence(self, q, k, v, gate, beta, *, initial_state=None,
+                return_final_state=False, segment_ids=None):
     lin = _linear_ops()
+    kw = self._kwargs(gate, chunk_size=self.chunk_size,
+                      implementation=self.implementation)
     sp = self.sequence_parallel
-    kwargs = dict(feature_map=self.feature_map, log_decay=self._log_decay(),
-                  gate=gate, initial_state=initial_state,
-                  return_final_state=return_final_state,
-                  chunk_size=self.chunk_size,
-                  implementation=self.implementation)
-    if (sp is not None and initial_state is None
-        and not return_final_state):
+    if (sp is not None and self.rule == "linear" and initial_state is None
+        and not return_final_state and segment_ids is None):
       from attnjax import parallel  # noqa: PLC0415
-      fn = getattr(parallel, "sequence_parallel_linear_attention", None)
+      try:
+        fn = parallel.sequence_parallel_linear_attention
+      except (AttributeError, ImportError):  # not written (yet): XLA's way
+        fn = None
       if fn is not None:
-        kwargs = {k_: v_ for k_, v_ in kwargs.items()
-                  if k_ not in ("initial_state", "return_final_state")}
-        return fn(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name, **kwargs)
-    return lin.linear_attention(q, k, v, **kwargs)
+        return fn(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name, **kw)
+    kw |= dict(initial_state=initial_state,
+               return_final_state=return_final_state,
+               segment_ids=segment_ids)
+    if self.rule == "delta":
+      return lin.delta_rule_attention(q, k, v, beta, **kw)
+    return lin.linear_attention(q, k, v, **kw)
 
   # Public API --------------------------------------------------------------
 
   def __call__(self, x: jax.Array, *, positions=None,
                segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [B, T, D] -> [B, T, out_features] (``positions`` is unused)."""
+    """x [B, T, D] -> [B, T, out_features] (``positions`` is unused).
+
+    ``segment_ids`` [B, T] resets the state at each new packed document
+    (not with ``short_conv``, which would mix neighbouring documents).
+    """
     del positions
-    q, k, v, gate, _ = self._inputs(x, None)
-    if segment_ids is not None:
-      if self.conv is not None:
-        raise NotImplementedError("segment_ids with short_conv")
-      o = _linear_ops().linear_attention(
-          q, k, v, feature_map=self.feature_map, log_decay=self._log_decay(),
-          gate=gate, segment_ids=segment_ids, chunk_size=self.chunk_size,
-          implementation=self.implementation)
-    else:
-      o = self._scan(q, k, v, gate, None, False)
+    if segment_ids is not None and self.conv is not None:
+      raise NotImplementedError("segment_ids with short_conv")
+    q, k, v, gate, beta, _ = self._inputs(x, None)
+    o = self._sequence(q, k, v, gate, beta, segment_ids=segment_ids)
     return self._finish(o)
 
   def state_shape(self, batch_size: int) -> tuple[int, ...]:
     """[B, N, H', Hv'] of the recurrent state (H' after the feature map)."""
-    hv = self.value_head_dim + (1 if self.normalize else 0)
-    q = jax.ShapeDtypeStruct((batch_size, 1, self.num_heads, self.head_dim),
-                             jnp.float32)
-    k = jax.ShapeDtypeStruct((batch_size, 1, self.num_kv_heads,
-                              self.head_dim), jnp.float32)
-    v = jax.ShapeDtypeStruct((batch_size, 1, self.num_kv_heads, hv),
-                             jnp.float32)
     lin = _linear_ops()
-    fm = self.feature_map
-    _, state = jax.eval_shape(
-        lambda q, k, v: lin.linear_attention(
-            q, k, v, feature_map=fm, return_final_state=True,
-            implementation=self.implementation), q, k, v)
+    sds = lambda heads, dim: jax.ShapeDtypeStruct(
+        (batch_size, 1, heads, dim), jnp.float32)
+    q = sds(self.num_heads, self.head_dim)
+    k = sds(self.num_kv_heads, self.head_dim)
+    v = sds(self.num_kv_heads, self.value_head_dim)
+    if self.rule == "delta":
+      fn = lambda q, k, v: lin.delta_rule_attention(
+          q, k, v, jnp.ones((batch_size, 1, self.num_heads)),
+          return_final_state=True, implementation="xla")
+    else:
+      fn = lambda q, k, v: lin.linear_attention(
+          q, k, v, feature_map=self.feature_map, normalize=self.normalize,
+          return_final_state=True, implementation="xla")
+    _, state = jax.eval_shape(fn, q, k, v)
     return tuple(state.shape)
 
   def init_cache(self, batch_size: int, max_length: int | None = None,
@@ -275,17 +302,27 @@ class LinearAttention(nnx.Module):
 
   def decode(self, x: jax.Array, cache: LinearCache
              ) -> tuple[jax.Array, LinearCache]:
-    """Runs ``x`` [B, Tn, D] from ``cache``; returns (y, new cache)."""
-    q, k, v, gate, conv = self._inputs(x, cache.conv)
+    """Runs ``x`` [B, Tn, D] from ``cache``; returns (y, new cache).
+
+    One token uses ``linear_attention_step`` (or ``delta_rule_step``);
+    several (prefill) use the chunked form from the cached state.
+    """
+    q, k, v, gate, beta, conv = self._inputs(x, cache.conv)
     lin = _linear_ops()
     if x.shape[1] == 1:
-      o, state = lin.linear_attention_step(
-          q[:, 0], k[:, 0], v[:, 0], cache.state,
-          feature_map=self.feature_map, log_decay=self._log_decay(),
-          gate=None if gate is None else gate[:, 0])
+      at0 = lambda a: None if a is None else a[:, 0]
+      kw = self._kwargs(at0(gate))
+      if self.rule == "delta":
+        o, state = lin.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0],
+                                       cache.state, **kw)
+      else:
+        o, state = lin.linear_attention_step(q[:, 0], k[:, 0], v[:, 0],
+                                             cache.state, **kw)
       o = o[:, None]
     else:
-      o, state = self._scan(q, k, v, gate, cache.state, True)
-    if conv is not None and cache.conv is not None:
+      o, state = self._sequence(q, k, v, gate, beta,
+                                initial_state=cache.state,
+                                return_final_state=True)
+    if conv is not None:
       conv = conv.astype(cache.conv.dtype)
     return self._finish(o), LinearCache(state, conv)

@@ -193,7 +193,10 @@ def section_smoke(_):
   record(section="env", jax=jax.__version__, device=dev.device_kind,
          cc=getattr(dev, "compute_capability", None),
          hopper=pallas_mosaic._on_hopper())  # pylint: disable=protected-access
-  check_case("smoke_causal_h128", b=1, t=256, n=2, kh=2, h=128,
+  # Forward alone first, so a hang in the backward is told apart.
+  check_case("smoke_fwd_causal_h128", b=1, t=256, n=2, kh=2, h=128,
+             is_causal=True, grads=False)
+  check_case("smoke_fwdbwd_causal_h128", b=1, t=256, n=2, kh=2, h=128,
              is_causal=True)
 
 

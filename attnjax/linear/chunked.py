@@ -32,11 +32,19 @@ _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def mm(spec, *operands, dtype):
-  """einsum in ``dtype`` (bf16/f16 operands) or exact float32, f32 result."""
-  if jnp.dtype(dtype) in _LOW:
+  """einsum with operands rounded to ``dtype`` and a float32 result.
+
+  bf16/f16 operands run natively with float32 accumulation where the backend
+  has such a matmul; the CPU backend has none, so there the rounded operands
+  are upcast (the products are exact in float32 either way). float32 runs at
+  full precision (no TF32).
+  """
+  low = jnp.dtype(dtype) in _LOW
+  if low and jax.default_backend() != "cpu":
     ops = [x.astype(dtype) for x in operands]
     return jnp.einsum(spec, *ops, preferred_element_type=jnp.float32)
-  ops = [x.astype(jnp.float32) for x in operands]
+  ops = [(x.astype(dtype) if low else x).astype(jnp.float32)
+         for x in operands]
   return jnp.einsum(spec, *ops, precision=_HI,
                     preferred_element_type=jnp.float32)
 

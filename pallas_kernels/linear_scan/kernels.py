@@ -119,6 +119,7 @@ class _Static:
   has_seg: bool
   has_s0: bool
   interpret: bool
+  upcast: bool  # interpret mode on CPU: matmuls in float32
   rep: int  # query heads per key/value head
 
   @property
@@ -139,19 +140,20 @@ def _params(s: _Static, bwd: bool = False):
   return plgpu.CompilerParams(num_warps=s.warps, num_stages=s.stages)
 
 
-def _dot(a, b):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                         preferred_element_type=_F32)
+def _dots(s: "_Static"):
+  """(a b, a^T b, a b^T) with float32 accumulation.
 
-
-def _dot_tn(a, b):  # a^T b
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                         preferred_element_type=_F32)
-
-
-def _dot_nt(a, b):  # a b^T
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                         preferred_element_type=_F32)
+  In interpret mode on a CPU backend there is no bf16 x bf16 -> f32 matmul;
+  the operands are already rounded, so upcasting gives the same products.
+  """
+  def mm(a, b, dims):
+    if s.upcast and a.dtype != _F32:
+      a, b = a.astype(_F32), b.astype(_F32)
+    return lax.dot_general(a, b, (dims, ((), ())),
+                           preferred_element_type=_F32)
+  return (lambda a, b: mm(a, b, ((1,), (0,))),
+          lambda a, b: mm(a, b, ((0,), (0,))),
+          lambda a, b: mm(a, b, ((1,), (1,))))
 
 
 def _last(x):
@@ -184,6 +186,7 @@ def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
 
 
 def _fwd_kernel(*refs, s: _Static):
+  _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   gc_ref = next(it) if s.has_gate else None
@@ -217,6 +220,7 @@ def _fwd_kernel(*refs, s: _Static):
 
 def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static):
   """o = sum over the split's rows of (w * a)^T b."""
+  _, _dot_tn, _ = _dots(s)
   r = s.rows
   base = pl.program_id(2) * s.split_len
 
@@ -231,6 +235,7 @@ def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static):
 
 
 def _dq_kernel(*refs, s: _Static):
+  _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
   gc_ref = next(it) if s.has_gate else None
@@ -267,6 +272,7 @@ def _dq_kernel(*refs, s: _Static):
 
 
 def _dkdv_kernel(*refs, s: _Static):
+  _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
   gc_ref = next(it) if s.has_gate else None
@@ -730,7 +736,9 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               warps_bwd=cfg.num_warps_bwd, stages_bwd=cfg.num_stages_bwd,
               has_gate=log_gate is not None, has_seg=resets is not None,
               has_s0=initial_state is not None or splits > 1,
-              interpret=bool(interpret), rep=n // kh)
+              interpret=bool(interpret),
+              upcast=bool(interpret) and jax.default_backend() == "cpu",
+              rep=n // kh)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

@@ -1,0 +1,137 @@
+"""linear_attention / delta_rule_attention / *_step: validation and dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import attnjax
+from attnjax.linear import api
+
+B, T, N, K, H, HV = 2, 6, 4, 2, 8, 5
+
+
+def _qkv(dtype=jnp.float32):
+  q = jnp.ones((B, T, N, H), dtype)
+  k = jnp.ones((B, T, K, H), dtype)
+  v = jnp.ones((B, T, K, HV), dtype)
+  return q, k, v
+
+
+_BAD_LINEAR = [
+    ("query", dict(query=jnp.ones((T, N, H)))),
+    ("key", dict(key=jnp.ones((B, T + 1, K, H)))),
+    ("value", dict(value=jnp.ones((B, T, K + 1, HV)))),
+    ("key", dict(key=jnp.ones((B, T, K, H + 1)))),
+    ("heads", dict(key=jnp.ones((B, T, 3, H)), value=jnp.ones((B, T, 3, HV)))),
+    ("dtype", dict(key=jnp.ones((B, T, K, H), jnp.bfloat16))),
+    ("feature_map", dict(feature_map="softmax")),
+    ("feature_map", dict(feature_map=3)),
+    ("log_decay", dict(log_decay=jnp.array([-0.1, 0.2, -0.1, -0.1]))),
+    ("log_decay", dict(log_decay=jnp.zeros((N + 1,)))),
+    ("gate", dict(gate=jnp.zeros((B, T, N, H + 1)))),
+    ("gate", dict(gate=jnp.zeros((B, T, K)))),
+    ("gate", dict(gate=jnp.zeros((B, T)))),
+    ("initial_state", dict(initial_state=jnp.zeros((B, N, H, HV + 1)))),
+    ("initial_state", dict(initial_state=jnp.zeros((B, N, H, HV)),
+                           normalize=True)),
+    ("segment_ids", dict(segment_ids=jnp.zeros((B, T + 1), jnp.int32))),
+    ("segment_ids", dict(segment_ids=jnp.zeros((B, T)))),
+    ("chunk_size", dict(chunk_size=0)),
+    ("implementation", dict(implementation="cuda")),
+]
+
+
+@pytest.mark.parametrize("arg,kwargs", _BAD_LINEAR,
+                         ids=[f"{a}-{i}" for i, (a, _) in
+                              enumerate(_BAD_LINEAR)])
+def test_linear_attention_bad_input_names_the_argument(arg, kwargs):
+  q, k, v = _qkv()
+  kwargs = dict(kwargs)
+  q = kwargs.pop("query", q)
+  k = kwargs.pop("key", k)
+  v = kwargs.pop("value", v)
+  with pytest.raises(ValueError, match=arg):
+    attnjax.linear_attention(q, k, v, **kwargs)
+
+
+def test_feature_map_changes_state_width():
+  q, k, v = _qkv()
+  shape = jax.eval_shape(lambda: attnjax.linear_attention(
+      q, k, v, feature_map="taylor2", return_final_state=True))[1].shape
+  assert shape == (B, N, 1 + H + H * H, HV)
+  shape = jax.eval_shape(lambda: attnjax.linear_attention(
+      q, k, v, normalize=True, feature_map="elu_plus_one",
+      return_final_state=True))[1].shape
+  assert shape == (B, N, H, HV + 1)
+  # A per-channel gate follows the feature dim.
+  with pytest.raises(ValueError, match="gate"):
+    attnjax.linear_attention(q, k, v, feature_map="taylor2",
+                             gate=jnp.zeros((B, T, N, H)))
+
+
+_BAD_DELTA = [
+    ("beta", dict(beta=jnp.ones((B, T, K)))),
+    ("beta", dict(beta=jnp.ones((B, T, N), jnp.int32))),
+    ("gate", dict(gate=jnp.zeros((B, T, N, H)))),
+    ("initial_state", dict(initial_state=jnp.zeros((B, N, H + 1, HV)))),
+    ("segment_ids", dict(segment_ids=jnp.zeros((B, 1), jnp.int32))),
+]
+
+
+@pytest.mark.parametrize("arg,kwargs", _BAD_DELTA,
+                         ids=[a for a, _ in _BAD_DELTA])
+def test_delta_rule_bad_input_names_the_argument(arg, kwargs):
+  q, k, v = _qkv()
+  kwargs = dict(kwargs)
+  beta = kwargs.pop("beta", jnp.ones((B, T, N)))
+  with pytest.raises(ValueError, match=arg):
+    attnjax.delta_rule_attention(q, k, v, beta, **kwargs)
+
+
+def test_step_bad_input_names_the_argument():
+  q, k, v = (x[:, 0] for x in _qkv())
+  state = jnp.zeros((B, N, H, HV))
+  with pytest.raises(ValueError, match="state"):
+    attnjax.linear_attention_step(q, k, v, state[..., :-1])
+  with pytest.raises(ValueError, match="gate"):
+    attnjax.linear_attention_step(q, k, v, state, gate=jnp.zeros((B, K)))
+  with pytest.raises(ValueError, match="log_decay"):
+    attnjax.linear_attention_step(q, k, v, state, log_decay=jnp.ones((N,)))
+  with pytest.raises(ValueError, match="beta"):
+    api.delta_rule_step(q, k, v, jnp.ones((B,)), state)
+
+
+def test_log_decay_is_only_checked_when_concrete():
+  """Under jit the values are unknown; shapes are still checked."""
+  q, k, v = _qkv()
+  f = jax.jit(lambda ld: attnjax.linear_attention(q, k, v, log_decay=ld))
+  assert f(-jnp.ones((N,))).shape == (B, T, N, HV)
+  with pytest.raises(ValueError, match="log_decay"):
+    f(-jnp.ones((N + 1,)))
+
+
+def test_pallas_per_channel_gate_is_not_implemented_and_default_falls_back():
+  q, k, v = _qkv()
+  gate = -jnp.ones((B, T, N, H))
+  with pytest.raises(NotImplementedError):
+    attnjax.linear_attention(q, k, v, gate=gate, implementation="pallas")
+  out = jax.jit(lambda g: attnjax.linear_attention(q, k, v, gate=g))(gate)
+  ref = jax.jit(lambda g: attnjax.linear_attention(
+      q, k, v, gate=g, implementation="xla"))(gate)
+  assert jnp.allclose(out, ref, atol=1e-5)
+
+
+def test_default_implementation_order():
+  expect = (("pallas", "xla_chunked") if jax.default_backend() == "gpu"
+            else ("xla_chunked",))
+  assert api.resolve(None) == expect
+  assert api.resolve(["xla", "pallas"]) == ("xla", "pallas")
+
+
+def test_output_dtype_follows_input_and_state_is_float32():
+  q, k, v = _qkv(jnp.bfloat16)
+  out, state = jax.eval_shape(lambda: attnjax.linear_attention(
+      q, k, v, return_final_state=True, gate=-jnp.ones((B, T, N))))
+  assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32

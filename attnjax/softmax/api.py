@@ -10,7 +10,8 @@ import jax
 
 from attnjax.softmax.problem import Problem, make_problem
 
-__all__ = ["dot_product_attention", "IMPLEMENTATIONS", "Implementation",
+__all__ = ["dot_product_attention", "BACKWARD_IMPLEMENTATIONS",
+           "IMPLEMENTATIONS", "Implementation", "load_backward",
            "resolve_implementations"]
 
 type Implementation = Literal["xla", "xla_chunked", "cudnn", "pallas",
@@ -27,6 +28,18 @@ IMPLEMENTATIONS: dict[str, str] = {
 }
 _ALIASES = ("pallas",)
 
+# Backends whose backward pass can run on its own from residuals the caller
+# supplies: name -> "module:function", the function being
+# ``fn(problem, out, lse, d_out, d_lse=None) -> (dq, dk, dv)`` with lse the
+# natural-log normaliser [B, N, T] (-inf for empty rows) and gradients with
+# respect to q, k, v only. Sequence parallelism calls it with the *global*
+# out/lse of the whole sequence on each visiting key/value block (ring
+# attention's backward pass), so no block forward is recomputed. A backend
+# raises NotImplementedError for requests it cannot serve, as in the forward.
+BACKWARD_IMPLEMENTATIONS: dict[str, str] = {
+    "xla_chunked": "attnjax.softmax.xla_chunked:xla_chunked_attention_bwd",
+}
+
 # Below this many logits per head, "xla" beats xla_chunked on CPU.
 _SMALL_LOGITS = 1 << 20
 
@@ -36,6 +49,21 @@ def _load(name: str) -> Callable:
   try:
     return getattr(importlib.import_module(module), fn)
   except ImportError as e:  # an optional backend whose module is absent
+    raise NotImplementedError(f"{name} is not available: {e}") from e
+
+
+def load_backward(name: str) -> Callable:
+  """The residual backward of backend ``name`` (see BACKWARD_IMPLEMENTATIONS).
+
+  Raises:
+    NotImplementedError: the backend has none, or its module is absent.
+  """
+  if name not in BACKWARD_IMPLEMENTATIONS:
+    raise NotImplementedError(f"{name} has no residual backward")
+  module, fn = BACKWARD_IMPLEMENTATIONS[name].split(":")
+  try:
+    return getattr(importlib.import_module(module), fn)
+  except ImportError as e:
     raise NotImplementedError(f"{name} is not available: {e}") from e
 
 

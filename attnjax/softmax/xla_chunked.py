@@ -27,7 +27,8 @@ from jax import lax
 from attnjax import masks as masks_lib
 from attnjax.softmax.problem import Problem
 
-__all__ = ["xla_chunked_attention", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]
+__all__ = ["xla_chunked_attention", "xla_chunked_attention_bwd",
+           "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_KV"]
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 1024
@@ -63,6 +64,24 @@ def _block_lists(mask, t, s, bq, bk):
     idx = np.nonzero(visit[i])[0]
     lists[i, :len(idx)] = idx
   return lists, counts
+
+
+def _vary_like(x, *refs):
+  """x marked varying over every manual axis any of refs varies over.
+
+  Inside ``jax.shard_map`` (check_vma) loop carries must carry the same
+  varying-axes type as the values flowing into them; fresh constants are
+  invariant, so they are cast up front. A no-op outside shard_map.
+  """
+  axes = set()
+  for r in refs:
+    if r is not None:
+      mat = getattr(jax.typeof(r), "mat", None)
+      axes |= set(mat.varying) if mat is not None else set()
+  mat = getattr(jax.typeof(x), "mat", None)
+  have = set(mat.varying) if mat is not None else set()
+  missing = tuple(a for a in axes if a not in have)
+  return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _precision(dtype):
@@ -170,6 +189,7 @@ def _forward(cfg, q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, sinks):
   qp, kp, vp, bias, mask_array, qseg, kvseg = _prepare(
       cfg, q, k, v, bias, mask_array, qseg, kvseg)
   nq = lists.shape[0]
+  refs = (q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, sinks)
   if sinks is not None:
     m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kh, g, 1),
                           (b, kh, g, bq))
@@ -177,6 +197,7 @@ def _forward(cfg, q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, sinks):
   else:
     m0 = jnp.full((b, kh, g, bq), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((b, kh, g, bq), jnp.float32)
+  m0, l0 = _vary_like(m0, *refs), _vary_like(l0, *refs)
 
   def q_block(_, i):
     qb = lax.dynamic_slice_in_dim(qp, i * bq, bq, 1)
@@ -203,7 +224,7 @@ def _forward(cfg, q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, sinks):
                       precision=_precision(v.dtype))
       return m_new, l, alpha[..., None] * acc + pv
 
-    acc0 = jnp.zeros((b, kh, g, bq, hv), jnp.float32)
+    acc0 = _vary_like(jnp.zeros((b, kh, g, bq, hv), jnp.float32), *refs)
     m, l, acc = lax.fori_loop(0, counts[i], kv_step, (m0, l0, acc0))
     safe_l = jnp.where(l > 0, l, 1.0)
     out = acc / safe_l[..., None]
@@ -252,9 +273,11 @@ def _backward(cfg, res, d_out, d_lse):
   delta_p, lse_p, dlse_p = pad_t(delta), pad_t(lse_safe), pad_t(d_lse)
   do_p = _pad_axis(d_out, 1, tp).reshape(b, tp, kh, g, hv).astype(v.dtype)
 
-  dk0 = jnp.zeros(kp.shape, jnp.float32)
-  dv0 = jnp.zeros(vp.shape, jnp.float32)
-  dbias0 = None if bias is None else jnp.zeros(biasp.shape, jnp.float32)
+  refs = res + (d_out, d_lse)
+  dk0 = _vary_like(jnp.zeros(kp.shape, jnp.float32), *refs)
+  dv0 = _vary_like(jnp.zeros(vp.shape, jnp.float32), *refs)
+  dbias0 = None if bias is None else _vary_like(
+      jnp.zeros(biasp.shape, jnp.float32), *refs)
 
   def q_block(carry, i):
     dk_all, dv_all, dbias_all = carry
@@ -306,7 +329,7 @@ def _backward(cfg, res, d_out, d_lse):
       dv_all = lax.dynamic_update_slice_in_dim(dv_all, cur + dv_blk, j * bk, 1)
       return dq, dk_all, dv_all, dbias_all
 
-    dq0 = jnp.zeros((b, bq, kh, g, h), jnp.float32)
+    dq0 = _vary_like(jnp.zeros((b, bq, kh, g, h), jnp.float32), *refs)
     dq, dk_all, dv_all, dbias_all = lax.fori_loop(
         0, counts[i], kv_step, (dq0, dk_all, dv_all, dbias_all))
     return (dk_all, dv_all, dbias_all), dq
@@ -350,6 +373,17 @@ def _attention_bwd(cfg, res, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _config(p: Problem, block_q, block_kv) -> _Config:
+  _, t, s, _, _, _, _ = p.shape
+  bq = min(block_q or DEFAULT_BLOCK_Q, t)
+  bk = min(block_kv or DEFAULT_BLOCK_KV, s)
+  if bq <= 0 or bk <= 0:
+    raise ValueError(f"block sizes must be positive, got {block_q=}, "
+                     f"{block_kv=}")
+  return _Config(mask=p.mask, scale=p.scale, soft_cap=p.logits_soft_cap, t=t,
+                 s=s, block_q=bq, block_kv=bk)
+
+
 def xla_chunked_attention(p: Problem, *, block_q: int | None = None,
                           block_kv: int | None = None):
   """Blockwise attention with O(T + S) memory. Returns (out, lse).
@@ -359,13 +393,35 @@ def xla_chunked_attention(p: Problem, *, block_q: int | None = None,
     block_q: query block (default ``DEFAULT_BLOCK_Q``, capped at T).
     block_kv: key block (default ``DEFAULT_BLOCK_KV``, capped at S).
   """
-  _, t, s, _, _, _, _ = p.shape
-  bq = min(block_q or DEFAULT_BLOCK_Q, t)
-  bk = min(block_kv or DEFAULT_BLOCK_KV, s)
-  if bq <= 0 or bk <= 0:
-    raise ValueError(f"block sizes must be positive, got {block_q=}, "
-                     f"{block_kv=}")
-  cfg = _Config(mask=p.mask, scale=p.scale, soft_cap=p.logits_soft_cap, t=t,
-                s=s, block_q=bq, block_kv=bk)
+  cfg = _config(p, block_q, block_kv)
   return _attention(cfg, p.q, p.k, p.v, p.bias, p.mask_array, p.q_segment_ids,
                     p.kv_segment_ids, p.q_lengths, p.kv_lengths, p.sinks)
+
+
+def xla_chunked_attention_bwd(p: Problem, out, lse, d_out, d_lse=None, *,
+                              block_q: int | None = None,
+                              block_kv: int | None = None):
+  """The backward pass alone, from residuals the caller supplies.
+
+  ``out`` and ``lse`` need not come from this problem's own forward pass:
+  given the output and log-sum-exp of a *larger* problem whose keys include
+  this one's (ring attention's final residuals), the result is this key
+  block's share of that problem's gradients (``p = exp(s - lse)`` and
+  ``D = rowsum(dO * O)`` are global quantities).
+
+  Args:
+    p: the validated problem (its sinks, if any, enter only through lse).
+    out: [B, T, N, Hv] output residual.
+    lse: float32 [B, N, T] natural-log normaliser (-inf: row sees nothing).
+    d_out: [B, T, N, Hv] output cotangent.
+    d_lse: optional float32 [B, N, T] lse cotangent.
+    block_q, block_kv: tiling, as in ``xla_chunked_attention``.
+
+  Returns:
+    ``(dq, dk, dv)`` in the input dtypes.
+  """
+  cfg = _config(p, block_q, block_kv)
+  res = (p.q, p.k, p.v, p.bias, p.mask_array, p.q_segment_ids,
+         p.kv_segment_ids, p.q_lengths, p.kv_lengths, None, out, lse)
+  dq, dk, dv = _backward(cfg, res, d_out, d_lse)[:3]
+  return dq, dk, dv

@@ -96,8 +96,8 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def _padded_dim(d: int) -> int:
-  """Feature/value dims: powers of two up to 128, then multiples of 64."""
-  return _pow2(d) if d <= 128 else -(-d // 64) * 64
+  """Feature/value dims are zero-padded to a power of two (Triton tiles)."""
+  return _pow2(d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,239 @@
+"""Pallas chunked-scan kernels: interpret mode vs the scan, H100 lowering, GPU.
+
+On CPU the kernels run in Pallas interpret mode on small shapes (forward,
+final state and gradients against autodiff of the scan) and are lowered for an
+abstract H100 through Triton. ``@pytest.mark.gpu`` tests run the compiled
+kernels on a real GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax
+from attnjax import testing
+from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
+                          key_for, linear_case)
+from pallas_kernels.linear_scan import kernels
+
+
+def _with_config(monkeypatch, **overrides):
+  """Makes implementation="pallas" use this tiling (e.g. forced splits)."""
+  base = kernels.default_config
+
+  def patched(dtype=jnp.bfloat16, **kw):
+    return dataclasses.replace(base(dtype, **kw), **overrides)
+
+  monkeypatch.setattr(kernels, "default_config", patched)
+
+
+_CASES = {
+    # GQA, Hv != H, F and V padded inside (12 -> 16, 20 -> 32), 1 split.
+    "plain_gqa": (dict(head_dim=12, value_dim=20, length=50), 1),
+    # Scalar gate + fixed decay, resets, initial state, 3 splits.
+    "gated_segments": (dict(gate="scalar", log_decay=True, segments=True,
+                            initial_state=True, length=45), 3),
+    # Normalised elu+1 with a fixed decay: V + 1 value columns.
+    "normalize": (dict(normalize=True, feature_map="elu_plus_one",
+                       log_decay=True, initial_state=True, length=40), 2),
+    # bf16 inputs, gates and resets, 2 splits.
+    "bf16": (dict(gate="scalar", segments=True, dtype=BF16, length=40), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_pallas_interpret_matches_scan(name, monkeypatch):
+  kw, splits = _CASES[name]
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("pallas", name), **kw)
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
+def test_pallas_split_sequence_and_carry_state(monkeypatch):
+  _with_config(monkeypatch, num_splits=2)
+  arrays, opts = linear_case(key_for("pallas-split"), length=48,
+                             gate="scalar", initial_state=True)
+  full_out, full_state = call((arrays, opts), "pallas", chunk_size=16)
+  seq = ("query", "key", "value", "gate")
+
+  def part(sl, state):
+    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
+    a["initial_state"] = state
+    return call((a, opts), "pallas", chunk_size=16)
+
+  out1, s1 = part(slice(0, 21), arrays["initial_state"])
+  out2, s2 = part(slice(21, None), s1)
+  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
+  assert_matches(s2, full_state, F32)
+
+
+def test_pallas_chunk_32_forward(monkeypatch):
+  _with_config(monkeypatch, num_splits=1)
+  case = linear_case(key_for("pallas-c32"), length=70, gate="scalar",
+                     segments=True)
+  check_against_scan(case, "pallas", grads=False, chunk_size=32)
+
+
+def test_pallas_rejects_what_it_cannot_serve():
+  q = jnp.ones((1, 32, 1, 16))
+  with pytest.raises(NotImplementedError):  # not a power of two
+    jax.eval_shape(lambda: attnjax.linear_attention(
+        q, q, q, implementation="pallas", chunk_size=24))
+  with pytest.raises(NotImplementedError):  # F = 1 + 16 + 256 > 256
+    jax.eval_shape(lambda: attnjax.linear_attention(
+        q, q, q, feature_map="taylor2", implementation="pallas"))
+
+
+# ----------------------------------------------------------------------------
+# Lowering for an H100 (Triton), checked on CPU.
+
+
+def _export_for_h100(f, *args):
+  from jax._src.mesh import AbstractDevice
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=(
+      AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                     platform="gpu")))
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.export.export(
+        jax.jit(f), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+            "__gpu$xla.gpu.triton")])(*args)
+
+
+_LOWERING = {
+    "bf16_gate_1split": dict(dtype=BF16, gate=True, splits=1),
+    "bf16_gate_segments_state_8splits": dict(dtype=BF16, gate=True,
+                                             segments=True, state=True,
+                                             splits=8),
+    "bf16_plain_gqa_auto": dict(dtype=BF16, kv_heads=2),
+    "f32_decay_normalize": dict(dtype=F32, gate=True, normalize=True,
+                                splits=2),
+    "bf16_vmapped": dict(dtype=BF16, gate=True, vmap=True, splits=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LOWERING))
+def test_pallas_lowers_for_h100(name):
+  opt = _LOWERING[name]
+  b, t, n, h = 2, 4096, 8, 128
+  kh = opt.get("kv_heads", n)
+  dt = opt["dtype"]
+  sd = jax.ShapeDtypeStruct
+  lead = (3,) if opt.get("vmap") else ()
+  args = [sd(lead + (b, t, n, h), dt), sd(lead + (b, t, kh, h), dt),
+          sd(lead + (b, t, kh, h), dt),
+          sd(lead + (b, t, n), F32)]
+  cfg = kernels.default_config(dt, num_splits=opt.get("splits"))
+  extra = {}
+  if opt.get("state"):
+    args.append(sd(lead + (b, n, h, h), F32))
+  if opt.get("segments"):
+    extra["segment_ids"] = jnp.zeros((b, t), jnp.int32).at[:, 1000:].set(1)
+
+  def loss(q, k, v, g, *s0):
+    if not opt.get("gate"):
+      g = None
+    vv = v
+    if opt.get("normalize"):
+      vv = jnp.concatenate([v, jnp.ones_like(v[..., :1])], -1)
+      s0 = ()
+    resets = None
+    if opt.get("segments"):
+      seg = extra["segment_ids"]
+      resets = jnp.concatenate([jnp.zeros((b, 1), bool),
+                                seg[:, 1:] != seg[:, :-1]], 1)
+    o, st = kernels.chunked_linear_attention(
+        q, k, vv, g, resets, scale=0.1,
+        initial_state=s0[0] if s0 else None, config=cfg, interpret=False)
+    return jnp.sum(o.astype(F32) ** 2) + jnp.sum(st)
+
+  grad = jax.grad(loss, argnums=tuple(range(len(args))))
+  if opt.get("vmap"):
+    grad = jax.vmap(grad)
+  exported = _export_for_h100(grad, *args)
+  text = exported.mlir_module()
+  # Forward, dq and dk/dv kernels (+ two split-state kernels with splits).
+  assert text.count("__gpu$xla.gpu.triton") >= 3
+
+
+# ----------------------------------------------------------------------------
+# On a GPU: the compiled Triton kernels.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_gpu_pallas_matches_scan_small(name):
+  kw, _ = _CASES[name]
+  case = linear_case(key_for("gpu-pallas", name), **kw)
+  check_against_scan(case, "pallas", chunk_size=16)
+  check_against_scan(case, "pallas", chunk_size=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("splits", [1, 5, None])
+def test_gpu_pallas_matches_scan_h128(dtype, splits, monkeypatch):
+  """Production head size (H = Hv = 128), GQA 8:2, gates, resets, state."""
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("gpu-h128", str(dtype), splits), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, gate="scalar", log_decay=True,
+                     segments=True, initial_state=True, dtype=dtype)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+def test_gpu_pallas_vmap_and_jit():
+  case = linear_case(key_for("gpu-vmap"), length=300, heads=4, kv_heads=4,
+                     head_dim=64, value_dim=64, gate="scalar", dtype=BF16)
+  a = case[0]
+  f = jax.jit(lambda q, k, v, g: attnjax.linear_attention(
+      q, k, v, gate=g, implementation="pallas"))
+  stacked = [jnp.stack([a[n], a[n] * 0.5]) for n in
+             ("query", "key", "value", "gate")]
+  out = jax.vmap(f)(*stacked)
+  for i in range(2):
+    ref = f(*[x[i] for x in stacked])
+    testing.assert_close(out[i], ref, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["fixed", "gate"])
+def test_gpu_pallas_long_sequence(decay):
+  """T = 65536, B = 1, strong and weak decays (two heads): pallas vs the
+  scan, forward and final state, and gradients vs xla_chunked."""
+  b, t, n, h = 1, 65536, 2, 64
+  ks = jax.random.split(key_for("gpu-long", decay), 5)
+  q = jax.random.normal(ks[0], (b, t, n, h), F32)
+  k = jax.random.normal(ks[1], (b, t, n, h), F32) / np.sqrt(h)
+  v = jax.random.normal(ks[2], (b, t, n, h), F32)
+  kw = {}
+  if decay == "fixed":
+    kw["log_decay"] = jnp.array([-2.0, -1e-4])
+  else:
+    kw["gate"] = -jnp.array([2.0, 1e-4]) * (
+        0.5 + jax.random.uniform(ks[3], (b, t, n)))
+
+  def run(impl):
+    return jax.jit(lambda q, k, v: attnjax.linear_attention(
+        q, k, v, implementation=impl, return_final_state=True, **kw))(q, k, v)
+
+  out, state = run("pallas")
+  ref, ref_state = run("xla")
+  testing.assert_finite(out, "out")
+  assert_matches(out, ref, F32)
+  assert_matches(state, ref_state, F32)
+
+  def grads(impl):
+    def loss(q, k, v):
+      o = attnjax.linear_attention(q, k, v, implementation=impl, **kw)
+      return jnp.sum(o * v)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for g, rg in zip(grads("pallas"), grads("xla_chunked")):
+    assert_matches(g, rg, F32, grad=True)

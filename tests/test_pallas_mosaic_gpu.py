@@ -170,3 +170,29 @@ class TestMosaicGPU:
     want = dot_product_attention(inp.q, inp.k, inp.v, is_causal=True,
                                  implementation="pallas_mosaic_gpu")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+class TestMosaicGPUFusedBackward:
+  """The FA3 backward (dQ reduced inside the dK/dV kernel)."""
+
+  @staticmethod
+  def impl(problem):
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+    return pallas_mosaic.mosaic_attention(
+        problem, bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True))
+
+  @pytest.mark.parametrize("h", [64, 128])
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_gqa_ragged(self, h, causal):
+    check_against_reference(self.impl, inputs("fused", t=450, s=390, h=h),
+                            dtype=BF16, is_causal=causal)
+
+  def test_everything_at_once(self):
+    inp = inputs("fused_all", t=510, n=6, kh=3, h=128)
+    seg = testing.random_segment_ids(_key("falls"), 2, 510, 3)
+    sinks = jax.random.normal(_key("fallk"), (6,))
+    check_against_reference(
+        self.impl, inp, dtype=BF16, sinks=sinks, logits_soft_cap=5.0,
+        arrays={"segment_ids": seg,
+                "kv_lengths": jnp.array([510, 400], jnp.int32)},
+        is_causal=True, local_window_size=(200, 0))

@@ -63,8 +63,10 @@ def _lower(*, b=2, t=300, s=None, n=4, kh=2, h=64, dtype=jnp.bfloat16,
 
   exported = _export(f, *args)
   text = exported.mlir_module()
-  # Forward, dK/dV and dQ each become one Mosaic GPU custom call.
-  assert text.count("mosaic_gpu") >= (3 if grad else 1)
+  # Forward, dK/dV and dQ each become one Mosaic GPU custom call (dQ joins
+  # dK/dV when fused).
+  fused = bwd_config is not None and bwd_config.fused_dq
+  assert text.count("mosaic_gpu") >= (1 + (not fused) + 1 if grad else 1)
   return exported
 
 
@@ -111,6 +113,13 @@ def test_lowers_other_tilings():
          fwd_config=fwd_lib.FwdConfig(block_kv=64, num_stages=3,
                                       pingpong=False),
          bwd_config=bwd_lib.BwdConfig(block_kv_dq=128, num_stages=2))
+
+
+@pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
+def test_lowers_fused_backward(h, causal):
+  # dQ inside the dK/dV kernel: two Mosaic GPU kernels (forward, dK/dV/dQ).
+  _lower(h=h, t=333, is_causal=causal, segs=causal,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True))
 
 
 @pytest.mark.parametrize("case", ["f32", "bias", "h80", "dense_mask",

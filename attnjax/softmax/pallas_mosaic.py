@@ -173,12 +173,17 @@ def _attention_bwd(plan, res, cotangents):
                 kv_segment_ids=kvseg, kv_lengths=kvlen, config=cfg)
   dkv_ranges = _ranges(plan.mask, plan.t, plan.s, plan.tp, plan.sp,
                        cfg.block_q_dkv, cfg.tile_kv, plan.segments, True)
-  dk, dv = bwd_lib.flash_backward_dkv(qp, kp, vp, do, lse2, delta_k,
-                                      ranges=dkv_ranges, **common)
-  dq_ranges = _ranges(plan.mask, plan.t, plan.s, plan.tp, plan.sp,
-                      cfg.tile_q, cfg.block_kv_dq, plan.segments, False)
-  dq = bwd_lib.flash_backward_dq(qp, kp, vp, do, lse2, delta_k,
-                                 ranges=dq_ranges, **common)
+  if cfg.fused_dq:
+    dk, dv, dq_acc = bwd_lib.flash_backward_dkv(
+        qp, kp, vp, do, lse2, delta_k, ranges=dkv_ranges, **common)
+    dq = (dq_acc * plan.scale).astype(qp.dtype)
+  else:
+    dk, dv = bwd_lib.flash_backward_dkv(qp, kp, vp, do, lse2, delta_k,
+                                        ranges=dkv_ranges, **common)
+    dq_ranges = _ranges(plan.mask, plan.t, plan.s, plan.tp, plan.sp,
+                        cfg.tile_q, cfg.block_kv_dq, plan.segments, False)
+    dq = bwd_lib.flash_backward_dq(qp, kp, vp, do, lse2, delta_k,
+                                   ranges=dq_ranges, **common)
   dsinks = None
   if sinks is not None:
     # d lse / d sink = exp(sink - lse); d out / d sink = -exp(sink - lse) out.

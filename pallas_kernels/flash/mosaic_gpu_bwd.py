@@ -29,6 +29,7 @@ cotangent (``delta - dlse``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash import mosaic_gpu as fwd_lib
 
 __all__ = ["BwdConfig", "default_bwd_config", "flash_backward_dkv",
-           "flash_backward_dq", "SUPPORTED_HEAD_DIMS"]
+           "flash_backward_dq", "flash_backward_fused", "SUPPORTED_HEAD_DIMS"]
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -64,6 +65,10 @@ class BwdConfig:
     num_stages: depth of the streamed rings.
     num_compute_wgs: consumer warpgroups per CTA.
     consumer_regs, producer_regs: ``setmaxnreg`` targets.
+    fused_dq: compute dQ inside the dK/dV kernel (FA3: 5 matmuls per tile
+      pair instead of 7) and TMA-reduce-add it into a float32 accumulator.
+      Faster, but the order of the additions varies between runs, so dQ is
+      not bitwise deterministic.
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -73,6 +78,7 @@ class BwdConfig:
   num_compute_wgs: int = 2
   consumer_regs: int = 240
   producer_regs: int = 24
+  fused_dq: bool = False
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
@@ -109,6 +115,20 @@ def default_bwd_config(head_dim: int) -> BwdConfig:
   return BwdConfig()
 
 
+def _pair_barrier():
+  """``bar.sync`` of the two consumer warpgroups (named barrier 10)."""
+  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
+  from jaxlib.mlir import ir  # pylint: disable=g-import-not-at-top
+
+  @plgpu.inline_mgpu()
+  def emit(_):
+    i32 = ir.IntegerType.get_signless(32)
+    mgpu.utils.inline_ptx("bar.sync $0, 256;", mgpu.utils.c(10, i32),
+                          has_side_effects=True)
+
+  emit()
+
+
 def flash_backward_dkv(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
     predicate: Callable | None = None, kv_len_static: int | None = None,
@@ -130,7 +150,9 @@ def flash_backward_dkv(
     config: tiling.
 
   Returns:
-    ``(dk, dv)`` in k's dtype ([B, Sp, K, H], [B, Sp, K, Hv]).
+    ``(dk, dv)`` in k's dtype ([B, Sp, K, H], [B, Sp, K, Hv]); with
+    ``config.fused_dq`` also the unscaled float32 dQ accumulator
+    ([B, Tp, N, H]).
   """
   b, tp, n, h = q.shape
   _, sp, kh, hv = v.shape
@@ -144,8 +166,18 @@ def flash_backward_dkv(
   if tp % bq or sp % tk:
     raise ValueError(f"Tp={tp}, Sp={sp} must be multiples of {bq}, {tk}")
   nkt = sp // tk
+  fused = cfg.fused_dq
+  # Fused dQ: both consumers' dS^T go through SMEM (double-buffered); each
+  # consumer computes dq_cols columns of dQ for the block (H >= 128: half
+  # each; H = 64: the whole block, consumers alternating by step).
+  dq_cols = h // 2 if h >= 128 else h
+  alternate = h < 128
+  if fused and wgs != 2:
+    raise NotImplementedError("fused dQ needs 2 consumer warpgroups")
+  fused_extra = (2 * wgs * bk * bq * 2 + wgs * bq * dq_cols * 4) if fused else 0
   _smem_check([wgs * bk * h, wgs * bk * hv], [bq * h, bq * hv], stages,
-              jnp.dtype(dtype).itemsize, extra=stages * 3 * 1024 + 1024)
+              jnp.dtype(dtype).itemsize,
+              extra=stages * 3 * 1024 + 1024 + fused_extra)
   ranges = np.asarray(ranges, np.int32)
   if ranges.shape != (4, nkt):
     raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
@@ -158,9 +190,10 @@ def flash_backward_dkv(
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
-             qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
-             q_smem, do_smem, lse_smem, delta_smem, qseg_smem, kv_bar,
-             q_ready, do_ready, q_free, do_free):
+             qseg_ref, kvseg_ref, kvlen_ref, dqacc_ref, dk_ref, dv_ref,
+             k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+             qseg_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_free,
+             do_free):
     kt = tab_ref[4, lax.axis_index("kv")]
     kvh = lax.axis_index("h")
     bb = lax.axis_index("b")
@@ -267,10 +300,48 @@ def flash_backward_dkv(
         dst = pt * (dpt - col(dlt))
         if soft_cap is not None:
           dst = dst * (1.0 - st * st)
-        plgpu.wgmma(dk_acc, dst.astype(dtype), q_smem.at[slot])
+        dst16 = dst.astype(dtype)
+        plgpu.wgmma(dk_acc, dst16, q_smem.at[slot])
+        if fused:
+          fused_dq(i, qb, dst16)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(q_free.at[slot])
         plgpu.barrier_arrive(do_free.at[slot])
+
+      def fused_dq(i, qb, dst16):
+        """dQ[qb] += dS K for this CTA's keys (FA3's in-kernel dQ)."""
+        buf = lax.rem(i, 2)
+        ds_smem.at[buf, wg][...] = dst16
+        # Generic-proxy stores, then wgmma reads: fence, and wait for the
+        # other consumer's half of dS.
+        plgpu.commit_smem()
+        _pair_barrier()
+        hh = kvh * groups + lax.div(i, jnp.maximum(nq, 1))
+
+        def emit(w):
+          col0 = 0 if alternate else w * dq_cols
+
+          def scope(acc):
+            for u in range(wgs):
+              b_op = k_smem.at[u]
+              if dq_cols != h:
+                b_op = b_op.at[:, pl.ds(col0, dq_cols)]
+              plgpu.wgmma(acc, ds_smem.at[buf, u].T, b_op)
+            return acc[...]
+
+          dq = pl.run_scoped(scope, plgpu.ACC((bq, dq_cols), jnp.float32))
+          # The previous reduce from this buffer must have read it.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          dq_smem.at[w][...] = dq
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(
+              dq_smem.at[w],
+              dqacc_ref.at[bb, pl.ds(qb * bq, bq), hh, pl.ds(col0, dq_cols)],
+              reduction_op="add")
+
+        for w in range(wgs):
+          turn = (wg == w) & (lax.rem(i, 2) == w) if alternate else wg == w
+          pl.when(turn)(functools.partial(emit, w))
 
       def all_steps(dk_acc, dv_acc):
         # Step i = g * nq + (qb - lo) visits query block qb of head g; it is
@@ -307,12 +378,18 @@ def flash_backward_dkv(
       plgpu.SMEM((stages, bq), jnp.float32),
       plgpu.SMEM((stages, bq), jnp.float32),
       plgpu.SMEM((stages, bq), jnp.int32) if segments else None,
+      _tiled_smem((2, wgs, bk, bq), dtype) if fused else None,
+      plgpu.SMEM((wgs, bq, dq_cols), jnp.float32, transforms=(
+          plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+      if fused else None,
       plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
       plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
   ]
+  dq_acc = jax.new_ref(jnp.zeros((b, tp, n, h), jnp.float32)) if fused else (
+      None)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
@@ -324,8 +401,11 @@ def flash_backward_dkv(
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )
-  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
-              kv_segment_ids, kv_lengths)
+  dk, dv = call(q, k, v, do, lse2, delta, tables, q_segment_ids,
+                kv_segment_ids, kv_lengths, dq_acc)
+  if fused:
+    return dk, dv, dq_acc[...]
+  return dk, dv
 
 
 def flash_backward_dq(

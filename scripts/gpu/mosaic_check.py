@@ -54,7 +54,7 @@ def out_dir():
 
 
 def record(**kw):
-  kw["t"] = round(time.time(), 1)
+  kw["ts"] = round(time.time(), 1)
   with open(os.path.join(out_dir(), "mosaic_check.jsonl"), "a") as f:
     f.write(json.dumps(kw) + "\n")
   print("  " + json.dumps(kw), flush=True)
@@ -113,7 +113,7 @@ def _err_ratio(a, e, dtype, grad, scale=None):
 
 def check_case(name, *, b=2, t=300, s=None, n=4, kh=2, h=64, dtype="bf16",
                grads=True, sinks=False, arrays=None, big=1.0, determinism=False,
-               zero_rows=None, **kw):
+               zero_rows=None, fused=False, **kw):
   """Forward + VJP of pallas_mosaic_gpu vs autodiff of the f32 reference."""
   jax, jnp = _imports()
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -128,6 +128,10 @@ def check_case(name, *, b=2, t=300, s=None, n=4, kh=2, h=64, dtype="bf16",
   sk = (jax.random.normal(jax.random.key(7), (n,)) * 2) if sinks else None
   arrays = arrays or {}
   impl = pallas_mosaic.mosaic_gpu_attention
+  if fused:
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+    impl = lambda p: pallas_mosaic.mosaic_attention(
+        p, bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True))
   if os.environ.get("MOSAIC_CHECK_DRY"):  # harness self-test off GPU
     from attnjax.softmax import xla_chunked  # pylint: disable=g-import-not-at-top
     impl = lambda p: xla_chunked.xla_chunked_attention(p, block_q=64,
@@ -255,6 +259,18 @@ def section_correct(_):
           "segment_ids": (jnp.zeros((2, 160), jnp.int32).at[1, 30:80].set(5),
                           jnp.zeros((2, 160), jnp.int32))})),
       ("large_logits", dict(t=310, is_causal=True, big=10.0, grads=False)),
+      # The fused (FA3) backward: dQ reduced into float32 inside dK/dV.
+      ("fused_h128_gqa_causal", dict(h=128, n=4, kh=2, t=700,
+                                     is_causal=True, fused=True)),
+      ("fused_h64_full_ragged", dict(h=64, t=640, s=230, fused=True)),
+      ("fused_everything", dict(t=510, n=6, kh=3, h=128, sinks=True,
+                                logits_soft_cap=5.0, is_causal=True,
+                                local_window_size=(200, 0), fused=True,
+                                arrays={
+                                    "segment_ids": testing.random_segment_ids(
+                                        key, 2, 510, 3),
+                                    "kv_lengths": jnp.array([510, 400],
+                                                            jnp.int32)})),
   ]
   for name, kw in cases:
     try:
@@ -324,7 +340,14 @@ def time_point(label, *, b, t, n, kh, h, causal, impls, fwd_config=None,
       nan = int(jnp.isnan(p_ours).sum())
     except Exception as e:  # pylint: disable=broad-except
       diff, nan = f"{type(e).__name__}: {str(e)[:200]}", None
-  fns = {"ours": ours, "cudnn": cudnn}
+  def fused(q, k, v):
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+    p, _ = make_problem(q, k, v, is_causal=causal)
+    return pallas_mosaic.mosaic_attention(
+        p, fwd_config=fwd_config,
+        bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True))[0]
+
+  fns = {"ours": ours, "fused": fused, "cudnn": cudnn}
   if tokamax:
     fns["tokamax"] = tok
   row = dict(section="time", label=label, b=b, t=t, n=n, kh=kh, h=h,
@@ -337,6 +360,8 @@ def time_point(label, *, b, t, n, kh, h, causal, impls, fwd_config=None,
     if fn is None:
       continue
     for pss in passes:
+      if name == "fused" and pss == "fwd":
+        continue  # same forward as "ours"
       key = f"{name}_{pss}"
       try:
         if pss == "fwd":
@@ -364,7 +389,7 @@ def _grid(h, gqa_too, passes, args):
         label = f"H{h} T{t} {'causal' if causal else 'full'} " + (
             "GQA16:4" if gqa else "MHA")
         try:
-          time_point(label, impls=("ours", "cudnn", "tokamax"),
+          time_point(label, impls=("ours", "fused", "cudnn", "tokamax"),
                      passes=passes, tokamax=not args.no_tokamax, **pt)
         except Exception as e:  # pylint: disable=broad-except
           record(section="time", label=label,
@@ -405,9 +430,11 @@ def section_tune(args):
   bwd_variants = {
       128: [bl.BwdConfig(num_stages=3),
             bl.BwdConfig(block_kv_dq=128),
-            bl.BwdConfig(block_q_dkv=128)],
+            bl.BwdConfig(fused_dq=True, consumer_regs=232,
+                         producer_regs=40)],
       64: [bl.BwdConfig(block_q_dkv=128, block_kv_dq=128),
-           bl.BwdConfig(num_stages=3)],
+           bl.BwdConfig(num_stages=3),
+           bl.BwdConfig(fused_dq=True, num_stages=3)],
   }
   for h in (128, 64, 256):
     for t, causal in ((16384, False), (4096, True)):
@@ -457,15 +484,17 @@ def summary():
   if tim:
     print("\nTFLOP/s (fwd = 4BNTSH, halved causal; fwd+bwd = 3.5x fwd)")
     hdr = (f"{'config':44s} {'ours':>6s} {'cudnn':>6s} {'tkmx':>6s} "
-           f"{'ratio':>6s} | {'ours':>6s} {'cudnn':>6s} {'tkmx':>6s} "
-           f"{'ratio':>6s}")
+           f"{'ratio':>6s} | {'ours':>6s} {'fused':>6s} {'cudnn':>6s} "
+           f"{'tkmx':>6s} {'ratio':>6s}")
     print(f"{'':44s} {'---------- forward ----------':>29s} | "
-          f"{'------- forward+backward -------':>29s}")
+          f"{'----------- forward+backward -----------':>36s}")
     print(hdr)
     fmt = lambda x: f"{x:6.1f}" if isinstance(x, (int, float)) else f"{'-':>6s}"
+    fmtr = lambda x: f"{x:6.2f}" if isinstance(x, (int, float)) else f"{'-':>6s}"
 
     def ratio(r, p):
-      o = r.get(f"ours_{p}")
+      o = max([x for x in (r.get(f"ours_{p}"), r.get(f"fused_{p}"))
+               if isinstance(x, (int, float))] or [None], key=lambda x: x or 0)
       best = max([x for x in (r.get(f"cudnn_{p}"), r.get(f"tokamax_{p}"))
                   if isinstance(x, (int, float))] or [0])
       return o / best if isinstance(o, (int, float)) and best else None
@@ -476,9 +505,10 @@ def summary():
         continue
       print(f"{r['label'][:44]:44s} {fmt(r.get('ours_fwd'))} "
             f"{fmt(r.get('cudnn_fwd'))} {fmt(r.get('tokamax_fwd'))} "
-            f"{fmt(ratio(r, 'fwd'))} | {fmt(r.get('ours_fwdbwd'))} "
+            f"{fmtr(ratio(r, 'fwd'))} | {fmt(r.get('ours_fwdbwd'))} "
+            f"{fmt(r.get('fused_fwdbwd'))} "
             f"{fmt(r.get('cudnn_fwdbwd'))} {fmt(r.get('tokamax_fwdbwd'))} "
-            f"{fmt(ratio(r, 'fwdbwd'))}")
+            f"{fmtr(ratio(r, 'fwdbwd'))}")
       if "maxdiff_vs_cudnn" in r:
         md = r["maxdiff_vs_cudnn"]
         if not isinstance(md, float) or md > 0.05 or r.get("nans"):

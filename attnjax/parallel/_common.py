@@ -14,7 +14,8 @@ from attnjax.parallel._plan import Band, band_from_flags
 from attnjax.softmax.problem import make_problem
 
 __all__ = ["LocalProblem", "axis_size", "from_zigzag", "local_problem",
-           "reorder_chunks", "shift", "to_zigzag", "vary", "vary_all", "vma"]
+           "filled", "reorder_chunks", "shift", "to_zigzag", "vary", "vary_all",
+           "vma"]
 
 
 def axis_size(axis_name) -> int:
@@ -47,6 +48,18 @@ def vary(x, axes: frozenset):
   have = vma(x)
   missing = tuple(a for a in axes if a not in have)
   return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def filled(ref, shape, fill, dtype):
+  """``shape`` filled with ``fill``, typed like ``ref`` along the batch axis.
+
+  ``ref``'s leading (batch) axis keeps its sharding type (an Explicit "data"
+  axis left automatic by the caller's shard_map) and its varying axes.
+  """
+  col = jnp.zeros_like(ref, dtype=dtype)[(slice(None),) +
+                                           (0,) * (ref.ndim - 1)]
+  col = col.reshape((shape[0],) + (1,) * (len(shape) - 1))
+  return jnp.broadcast_to(col + jnp.asarray(fill, dtype), shape)
 
 
 def vary_all(tree, axis_name):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attnjax.parallel._common import (LocalProblem, axis_size,
+from attnjax.parallel._common import (LocalProblem, axis_size, filled,
                                       reorder_chunks, vary, vary_all, vma,
                                       zigzag_order)
 from attnjax.parallel._plan import Layout, all_gather_calls
@@ -37,7 +37,7 @@ __all__ = ["all_gather_attention"]
 def _run(calls, q, q_seg, k, v, kv_seg, sinks, *, lp, implementation):
   b, t, nh, _ = q.shape
   axes = vma(q, k, v, q_seg, kv_seg)
-  out = vary(jnp.zeros((b, t, nh, v.shape[-1]), q.dtype), axes)
+  out = vary(filled(q, (b, t, nh, v.shape[-1]), 0, q.dtype), axes)
   for c in calls:
     # Calls of one device cover disjoint rows, each against all its keys.
     seg = None

@@ -94,27 +94,20 @@ def use_zigzag(strategy: str, n: int, q_len: int, kv_len: int,
   return work[1] < 0.95 * work[0]
 
 
-def _seq_spec(x, axis_name):
-  """x's current spec with the sequence axis (dim 1) on ``axis_name``."""
-  spec = list(getattr(jax.typeof(x).sharding, "spec", P()))
-  spec += [None] * (x.ndim - len(spec))
-
-  def drop(entry):
-    if entry == axis_name:
-      return None
-    if isinstance(entry, tuple):
-      rest = tuple(e for e in entry if e != axis_name)
-      return rest or None
-    return entry
-
-  spec = [drop(e) for e in spec]
-  spec[1] = axis_name
-  return P(*spec)
+def _explicit_axes(mesh) -> set:
+  return {a for a, t in zip(mesh.axis_names, mesh.axis_types)
+          if t == AxisType.Explicit}
 
 
-def _explicit(mesh, axis_name) -> bool:
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  return types.get(axis_name) == AxisType.Explicit
+def _batch_axes(x, mesh, axis_name) -> tuple:
+  """Explicit mesh axes x's batch dimension is sharded over (kept as is)."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  if not spec:
+    return ()
+  entry = spec[0]
+  entry = (entry,) if isinstance(entry, str) else tuple(entry or ())
+  explicit = _explicit_axes(mesh)
+  return tuple(a for a in entry if a != axis_name and a in explicit)
 
 
 def _multi_host(mesh, axis_name) -> bool:
@@ -228,11 +221,24 @@ def sequence_parallel_attention(
   if p.q_segment_ids is not None:
     arrays["q_seg"] = p.q_segment_ids
     arrays["kv_seg"] = p.kv_segment_ids
-  if _explicit(mesh, axis_name):
-    # Explicit axes: shard_map's in_specs must match the inputs' specs.
-    arrays = {name: jax.sharding.reshard(x, NamedSharding(
-        mesh, _seq_spec(x, axis_name))) for name, x in arrays.items()}
   sinks_arr = p.sinks
+  # Explicit axes: the arrays are resharded to (batch as the query's, T on
+  # axis_name, heads replicated) and every axis used becomes manual, so the
+  # kernels see plain local arrays. Auto axes other than axis_name stay
+  # automatic.
+  batch = ()
+  if axis_name in _explicit_axes(mesh):
+    batch = _batch_axes(p.q, mesh, axis_name)
+    bspec = batch if len(batch) != 1 else batch[0]
+    bspec = bspec or None
+    specs = {name: P(bspec, axis_name, *([None] * (x.ndim - 2)))
+             for name, x in arrays.items()}
+    arrays = {name: jax.sharding.reshard(x, NamedSharding(mesh, specs[name]))
+              for name, x in arrays.items()}
+    out_spec = specs["q"]
+  else:
+    specs = {name: P(None, axis_name) for name in arrays}
+    out_spec = P(None, axis_name)
 
   def local(arrays, sinks):
     if zig:
@@ -244,9 +250,8 @@ def sequence_parallel_attention(
              segment_ids=seg, sinks=sinks, layout=layout, **kw)
     return from_zigzag(out, axis_name) if zig else out
 
-  seq = P(None, axis_name)
-  in_specs = ({name: seq for name in arrays},
-              None if sinks_arr is None else P())
-  out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=seq,
-                      axis_names={axis_name})(arrays, sinks_arr)
+  in_specs = (specs, None if sinks_arr is None else P())
+  out = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                      out_specs=out_spec,
+                      axis_names={axis_name, *batch})(arrays, sinks_arr)
   return out[0] if unbatched else out

@@ -42,8 +42,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from attnjax.parallel import _block
-from attnjax.parallel._common import (LocalProblem, axis_size, hashable_impl,
-                                      shift, vary, vary_all, vma)
+from attnjax.parallel._common import (LocalProblem, axis_size, filled,
+                                      hashable_impl, shift, vary, vary_all,
+                                      vma)
 from attnjax.parallel._plan import Layout, Step, ring_schedule
 
 __all__ = ["ring_attention"]
@@ -102,8 +103,8 @@ def _fwd_calls(cfg, calls, q, q_seg, kv, o, lse):
 def _forward(cfg, q, k, v, q_seg, kv_seg, sinks):
   b, t, nh, _ = q.shape
   axes = vma(q, k, v, q_seg, kv_seg)
-  o = vary(jnp.zeros((b, t, nh, v.shape[-1]), F32), axes)
-  lse = vary(jnp.full((b, nh, t), -jnp.inf, F32), axes)
+  o = vary(filled(q, (b, t, nh, v.shape[-1]), 0.0, F32), axes)
+  lse = vary(filled(q, (b, nh, t), -jnp.inf, F32), axes)
   steps = cfg.steps
   cur = (k, v, kv_seg)
   if steps:
@@ -147,9 +148,9 @@ def _backward(cfg, res, cotangents):
   d_out, d_lse = cotangents
   d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(F32), 0.0)
   axes = vma(q, k, v, q_seg, kv_seg)
-  dq = vary(jnp.zeros(q.shape, F32), axes)
-  acc = (vary(jnp.zeros(k.shape, F32), axes),
-         vary(jnp.zeros(v.shape, F32), axes))
+  dq = vary(jnp.zeros_like(q, F32), axes)
+  acc = (vary(jnp.zeros_like(k, F32), axes),
+         vary(jnp.zeros_like(v, F32), axes))
   steps = cfg.steps
   cur = (k, v, kv_seg)
   if steps:

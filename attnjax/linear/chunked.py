@@ -4,7 +4,7 @@ The sequence is cut into chunks of C tokens (Lightning Attention-2, GLA).
 Inside a chunk the output is a masked matmul, ``(q k^T * D) v`` with
 ``D[i, j] = exp(G_i - G_j)`` for ``j <= i``; across chunks it is carried by
 the state: each chunk's own contribution ``sum_j exp(G_C - G_j) k_j^T v_j``
-is computed in parallel, a prefix (associative) scan over chunks gives the
+is computed in parallel, a prefix scan over chunks gives the
 state entering every chunk, and ``exp(G_i) q_i S_start`` adds it in.
 
 Numerics: ``G`` is the cumulative log-gate *within the chunk*, so every
@@ -112,8 +112,9 @@ def _intra_per_channel(q, k, gc, seg, sub, dtype):
   # the end of block I-1, k_J relative to the end of block J, and the decay
   # between the two; every exponent is <= 0.
   g_end = gb[:, :, :, -1]  # [b, nc, ns, K, G, F]
-  g_ref = jnp.concatenate([jnp.zeros_like(g_end[:, :, :1]),
-                           g_end[:, :, :-1]], axis=2)
+  g_ref = jnp.zeros_like(g_end[:, :, :1])
+  if ns > 1:
+    g_ref = jnp.concatenate([g_ref, g_end[:, :, :-1]], axis=2)
   qh = qb * jnp.exp(gb - g_ref[:, :, :, None])
   kh_ = kb[..., None, :] * jnp.exp(g_end[:, :, :, None] - gb)
   below = (jnp.arange(ns)[:, None] > jnp.arange(ns)[None, :])
@@ -126,10 +127,20 @@ def _intra_per_channel(q, k, gc, seg, sub, dtype):
   return (a_off + a_diag).reshape(b, nc, kh, g, c, c)
 
 
-def _combine(x, y):
-  a1, b1 = x
-  a2, b2 = y
-  return a1 * a2, a2 * b1 + b2
+def _prefix_affine(a, b):
+  """Inclusive prefix of the affine maps ``x -> a_c x + b_c`` along axis 1.
+
+  Hillis-Steele doubling (log2(nc) steps of shifted products), written with
+  slices and concatenation only: ``lax.associative_scan``'s strided slices
+  make XLA:CPU crash when its gradient is compiled inside ``shard_map``.
+  """
+  off, n = 1, b.shape[1]
+  while off < n:
+    pa = jnp.concatenate([jnp.ones_like(a[:, :off]), a[:, :-off]], axis=1)
+    pb = jnp.concatenate([jnp.zeros_like(b[:, :off]), b[:, :-off]], axis=1)
+    a, b = a * pa, a * pb + b
+    off *= 2
+  return b
 
 
 def linear_attention_chunked(q, k, v, log_gate=None, resets=None, *,
@@ -219,9 +230,11 @@ def linear_attention_chunked(q, k, v, log_gate=None, resets=None, *,
     if s0 is not None:
       ds = ds.at[:, 0].add(decay[:, 0] * s0)
     decay = jnp.broadcast_to(decay, ds.shape[:4] + decay.shape[4:])
-    _, s_end = lax.associative_scan(_combine, (decay, ds), axis=1)
+    s_end = _prefix_affine(decay, ds)
   first = (jnp.zeros_like(s_end[:, :1]) if s0 is None else s0[:, None])
-  s_start = jnp.concatenate([first, s_end[:, :-1]], axis=1)
+  # (No zero-size slices: XLA:CPU crashes on them inside eager shard_map.)
+  s_start = (first if nc == 1 else
+             jnp.concatenate([first, s_end[:, :-1]], axis=1))
 
   # Inter-chunk: queries read the state that entered their chunk.
   wq = None if gc is None else jnp.exp(gc)

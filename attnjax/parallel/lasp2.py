@@ -133,9 +133,10 @@ def _run_shard_map(local, mesh, axis_name, seq_arrays, rep_arrays):
   # check_vma=False: the final state is replicated by construction (every
   # device folds the same gathered summaries); shard_map then divides its
   # cotangent by D and sums replicated inputs' gradients over the axis.
-  return jax.shard_map(
+  # Jitted so that an eager call runs as one program, not op by op.
+  return jax.jit(jax.shard_map(
       local, mesh=mesh, in_specs=in_specs,
-      out_specs=(P(bat, axis_name), P(bat)), check_vma=False)(
+      out_specs=(P(bat, axis_name), P(bat)), check_vma=False))(
           seq_arrays, rep_arrays)
 
 

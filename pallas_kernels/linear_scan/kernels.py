@@ -67,8 +67,9 @@ class KernelConfig:
     block_rows: rows per step of the split-state (Gram) kernel.
     num_warps, num_stages: Triton launch parameters (forward, Gram).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
-    num_splits: sequence splits (None: enough programs to fill the GPU).
-    target_programs: programs wanted when ``num_splits`` is None.
+    num_splits: sequence splits (None: ``_auto_splits``).
+    num_sms: streaming multiprocessors assumed when the device does not
+      say (interpret mode, export).
   """
   chunk: int = 64
   block_v: int = 64
@@ -80,7 +81,7 @@ class KernelConfig:
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
   num_splits: int | None = None
-  target_programs: int = 132
+  num_sms: int = 132
 
 
 def default_config(dtype=jnp.bfloat16, **overrides) -> KernelConfig:
@@ -560,28 +561,46 @@ def _prep(g, resets, s: _Static, num_heads: int, batch: int):
   return prep
 
 
-def _scan_splits(local, sdec, s0, reverse: bool):
+def _chain_kernel(local_ref, dec_ref, s0_ref, out_ref, *, splits: int,
+                  reverse: bool):
+  """Chains split states, elementwise over one [bf, bv] tile (see
+  ``_chain_splits``); the loop over splits runs in registers."""
+  def body(i, acc):
+    sp = (splits - 1 - i) if reverse else i
+    out_ref[sp] = acc
+    return dec_ref[sp] * acc + local_ref[sp]
+
+  lax.fori_loop(0, splits, body, s0_ref[...])
+
+
+def _chain_splits(local, sdec, s0, s: _Static, reverse: bool):
   """Chains per-split states: out[s] = state entering (or leaving) split s.
 
   Forward: out[0] = s0, out[s] = sdec[s-1] * out[s-1] + local[s-1].
   Reverse (state gradients at split ends): out[-1] = s0 and
   out[s-1] = sdec[s] * out[s] + local[s].
+  local [B, N, ns, F, V] float32, sdec [B, N, ns], s0 [B, N, F, V]. A
+  Pallas kernel, parallel over (batch, head, F, V tiles): a lax.scan over
+  splits would cost a loop iteration (~10 us) per split on a GPU.
   """
-  loc = jnp.moveaxis(local, 2, 0)
-  dec = jnp.moveaxis(sdec, 2, 0)[..., None, None]
-  if reverse:
-    loc, dec = loc[::-1], dec[::-1]
-
-  def step(carry, x):
-    l, d = x
-    new = d * carry + l
-    return new, new
-
-  _, outs = lax.scan(step, s0, (loc[:-1], dec[:-1]))
-  outs = jnp.concatenate([s0[None], outs], axis=0)
-  if reverse:
-    outs = outs[::-1]
-  return jnp.moveaxis(outs, 0, 2)
+  b, n, ns, f, v = local.shape
+  bf, bv = min(32, f), min(64, v)
+  tile = lambda j, n_, i, b_: (b_, n_, 0, i, j)  # noqa: E731
+  return pl.pallas_call(
+      functools.partial(_chain_kernel, splits=ns, reverse=reverse),
+      grid=(v // bv, n, f // bf, b),
+      in_specs=[pl.BlockSpec((None, None, ns, bf, bv), tile),
+                pl.BlockSpec((None, None, ns), lambda j, n_, i, b_: (
+                    b_, n_, 0)),
+                pl.BlockSpec((None, None, bf, bv), lambda j, n_, i, b_: (
+                    b_, n_, i, j))],
+      out_specs=pl.BlockSpec((None, None, ns, bf, bv), tile),
+      out_shape=jax.ShapeDtypeStruct(local.shape, _F32),
+      compiler_params=(None if s.interpret else plgpu.CompilerParams(
+          num_warps=4, num_stages=2)),
+      interpret=s.interpret,
+      name="linear_scan_chain_splits",
+  )(local, sdec, s0)
 
 
 # ----------------------------------------------------------------------------
@@ -595,7 +614,7 @@ def _forward(q, k, v, g, resets, s0, s: _Static):
   if s.splits > 1:
     local = _gram_call(k, v, prep["sk"], s, a_rep=s.rep)
     init = (jnp.zeros((b, n, f, vp), _F32) if s0 is None else s0)
-    starts = _scan_splits(local, prep["sdec"], init, reverse=False)
+    starts = _chain_splits(local, prep["sdec"], init, s, reverse=False)
   else:
     starts = None if s0 is None else s0[:, :, None]
   o, st = _fwd_call(q, k, v, prep, starts, s)
@@ -626,7 +645,7 @@ def _core_bwd(s: _Static, res, cts):
   dq = outs[0]
   if s.splits > 1:
     dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1)
-    ds_end = _scan_splits(dlocal, prep["sdec"], dfinal, reverse=True)
+    ds_end = _chain_splits(dlocal, prep["sdec"], dfinal, s, reverse=True)
   else:
     ds_end = dfinal[:, :, None]
   outs2 = _dkdv_call(q, k, v, do, prep, ds_end, s)
@@ -665,6 +684,29 @@ def _num_sms() -> int:
     return int(getattr(dev, "core_count", 0) or 0)
   except (RuntimeError, ValueError):
     return 0
+
+
+def _auto_splits(heads: int, chunks: int, sms: int) -> int:
+  """Sequence splits so that the kernels fill the GPU.
+
+  With B * N programs filling whole waves of SMs (>= 90%) there is work
+  enough: one split, no split-state pass. Otherwise aim at >= 4 programs per
+  SM for the kernel with one program per (batch, head, split), so the last
+  wave is a small fraction; the extra cost of splitting (the Gram pass over
+  k^T v) does not grow with the number of splits. Prefers a split count
+  dividing the chunk count (no padding), keeps >= 2 chunks per split.
+  """
+  waves = -(-heads // sms)
+  if heads >= 4 * sms or (heads >= sms and heads >= 0.9 * waves * sms):
+    return 1
+  want = -(-4 * sms // heads)
+  cap = max(1, chunks // 2)
+  for s in range(want, 2 * want + 1):
+    if s > cap:
+      break
+    if chunks % s == 0:
+      return s
+  return max(1, min(want, cap))
 
 
 def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
@@ -719,10 +761,8 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
   if cfg.num_splits is not None:
     splits = max(1, min(int(cfg.num_splits), nc))
   else:
-    target = cfg.target_programs
-    if not interpret:
-      target = max(target, _num_sms())
-    splits = max(1, min(nc // 4 or 1, -(-target // (b * n))))
+    splits = _auto_splits(b * n, nc, (0 if interpret else _num_sms())
+                          or cfg.num_sms)
   cps = -(-nc // splits)
   splits = -(-nc // cps)
   rows = min(cfg.block_rows, cps * c)

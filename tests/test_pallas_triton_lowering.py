@@ -90,6 +90,11 @@ def test_lowers_odd_head_dims(h, hv):
            n=6, kh=2)
 
 
+def test_lowers_mqa():
+  # 16 query heads on one K/V head: 16 packed rows per query position.
+  _fwd_bwd(dict(is_causal=True), t=2048, n=16, kh=1)
+
+
 def test_lowers_every_feature():
   layout = np.random.default_rng(0).random((8, 8, 8)) < 0.5
   layout[:, :, 0] = True

@@ -20,34 +20,44 @@ __all__ = ["triton_attention", "default_block_sizes", "BlockSizes"]
 BlockSizes = flash_triton.BlockSizes
 
 
+# (block_q, block_kv, num_warps, num_stages) of the forward, dQ and dK/dV
+# kernels, by padded head dim, for 16-bit inputs on Hopper. Every entry
+# compiles (Triton 3.9, sm_90a) to wgmma for all dots without register
+# spills, except dK/dV at 256 (a few hundred bytes: its two float32
+# [64, 256] accumulators alone take 128 registers a thread), and fits the
+# 227 KiB of shared memory. See docs/pallas_triton.md; tune with
+# scripts/gpu/triton_sweep.py.
+_TILES_16BIT = {
+    64: ((128, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)),
+    128: ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
+    256: ((64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2)),
+}
+# float32 (full-precision dots, no tensor cores): small tiles that fit.
+_TILES_F32 = ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))
+
+
 def default_block_sizes(p: Problem) -> BlockSizes:
-  """Heuristic tiles for an H100 (Hopper) / A100 class GPU.
+  """Heuristic tiles for a Hopper-class GPU, from head dim and dtype.
 
   Forward: 128 query rows (positions x packed GQA heads) against 64 keys
-  (32 at head dim 256, where K+V tiles would overflow shared memory), 4 warps
-  for head dims <= 64 and 8 above. Backward: the dQ kernel mirrors the
-  forward; the dK/dV kernel holds a 128-key (64 at head dim 256) block of K
-  and V and their two float32 accumulators, walking 64-row query tiles
-  (32 at head dim 256). Small problems shrink the tiles (``tile_shape``).
+  up to head dim 128, 64 x 64 at 256. dQ mirrors the forward. dK/dV holds a
+  block of 128 keys (64 at head dim 256, where its float32 dK and dV
+  accumulators grow) and walks 16-64 query rows per step; the key block stays
+  >= 64 because it is the M dimension of all four dK/dV matmuls, and Triton
+  only emits Hopper wgmma for M >= 64. Small problems shrink the tiles
+  (``pallas_kernels.flash.common.tile_shape``).
   """
   _, _, _, _, _, h, hv = p.shape
-  width = max(common.next_pow2(h), common.next_pow2(hv))
-  f32 = np.dtype(p.q.dtype) == np.float32
-  if width <= 64:
-    return BlockSizes(block_q=128, block_kv=64, num_warps=4, num_stages=3,
-                      block_q_dq=128, block_kv_dq=64, num_warps_dq=4,
-                      num_stages_dq=2, block_q_dkv=64, block_kv_dkv=128,
-                      num_warps_dkv=4, num_stages_dkv=2)
-  if width <= 128 and not f32:
-    return BlockSizes(block_q=128, block_kv=64, num_warps=8, num_stages=3,
-                      block_q_dq=128, block_kv_dq=64, num_warps_dq=8,
-                      num_stages_dq=2, block_q_dkv=64, block_kv_dkv=128,
-                      num_warps_dkv=8, num_stages_dkv=2)
-  # Head dim 256 (or float32 at 128: twice the bytes per element).
-  return BlockSizes(block_q=64, block_kv=32, num_warps=8, num_stages=2,
-                    block_q_dq=64, block_kv_dq=32, num_warps_dq=8,
-                    num_stages_dq=2, block_q_dkv=32, block_kv_dkv=64,
-                    num_warps_dkv=8, num_stages_dkv=2)
+  width = max(16, common.next_pow2(h), common.next_pow2(hv))
+  if np.dtype(p.q.dtype) == np.float32:
+    fwd, dq, dkdv = _TILES_F32
+  else:
+    fwd, dq, dkdv = _TILES_16BIT[max(64, width)]
+  return BlockSizes(
+      block_q=fwd[0], block_kv=fwd[1], num_warps=fwd[2], num_stages=fwd[3],
+      block_q_dq=dq[0], block_kv_dq=dq[1], num_warps_dq=dq[2],
+      num_stages_dq=dq[3], block_q_dkv=dkdv[0], block_kv_dkv=dkdv[1],
+      num_warps_dkv=dkdv[2], num_stages_dkv=dkdv[3])
 
 
 def triton_attention(p: Problem, *, block_sizes: BlockSizes | None = None,

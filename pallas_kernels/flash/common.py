@@ -165,8 +165,21 @@ def _tile_kinds(mask, t, s, bq, bk, num_kv_heads, g):
   return kinds, aux
 
 
-def _is_range(lists):
-  return all(len(x) == 0 or x[-1] - x[0] + 1 == len(x) for x in lists)
+def _class_layout(sel):
+  """Counts, first indices, range-ness and sorted lists of a bool [.., C]."""
+  c = sel.shape[-1]
+  count = sel.sum(axis=-1).astype(np.int32)
+  first = np.where(count > 0, np.argmax(sel, axis=-1), 0).astype(np.int32)
+  last = c - 1 - np.argmax(sel[..., ::-1], axis=-1)
+  is_range = bool(np.all((count == 0) | (last - first + 1 == count)))
+  width = 0 if is_range else max(int(count.max()), 1)
+  # A stable sort of "not selected" puts the selected indices first, in
+  # increasing order.
+  if is_range:
+    lists = np.zeros(sel.shape[:-1] + (0,), np.int32)
+  else:
+    lists = np.argsort(~sel, axis=-1, kind="stable")[..., :width]
+  return count, first, is_range, lists.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=128)
@@ -175,27 +188,12 @@ def _make_plan_cached(mask, t, s, bq, bk, num_kv_heads, g, kv_major):
   if kv_major:
     kinds = kinds.transpose(0, 2, 1)
   hg, rows, _ = kinds.shape
-  full = [[np.nonzero(kinds[h, r] == FULL)[0] for r in range(rows)]
-          for h in range(hg)]
-  part = [[np.nonzero(kinds[h, r] == PARTIAL)[0] for r in range(rows)]
-          for h in range(hg)]
-  flat_full = [x for row in full for x in row]
-  flat_part = [x for row in part for x in row]
-  full_range, part_range = _is_range(flat_full), _is_range(flat_part)
-  wf = 0 if full_range else max(max(len(x) for x in flat_full), 1)
-  wp = 0 if part_range else max(max(len(x) for x in flat_part), 1)
-  arr = np.zeros((hg, rows, 4 + wf + wp), np.int32)
-  for h in range(hg):
-    for r in range(rows):
-      f, p = full[h][r], part[h][r]
-      arr[h, r, 0], arr[h, r, 1] = len(f), len(p)
-      arr[h, r, 2] = f[0] if len(f) else 0
-      arr[h, r, 3] = p[0] if len(p) else 0
-      if wf:
-        arr[h, r, 4:4 + len(f)] = f
-      if wp:
-        arr[h, r, 4 + wf:4 + wf + len(p)] = p
-  work = arr[:, :, 0] + arr[:, :, 1]
+  nf, f0, full_range, fl = _class_layout(kinds == FULL)
+  npart, p0, part_range, plist = _class_layout(kinds == PARTIAL)
+  wf, wp = fl.shape[-1], plist.shape[-1]
+  arr = np.concatenate([nf[..., None], npart[..., None], f0[..., None],
+                        p0[..., None], fl, plist], axis=-1).astype(np.int32)
+  work = nf + npart
   reverse = bool(rows > 1 and work[:, -1].sum() > work[:, 0].sum())
   plan = Plan(num_rows=rows, num_groups=hg, full_range=full_range,
               partial_range=part_range, full_width=wf, partial_width=wp,

@@ -38,6 +38,8 @@ _ALIASES = ("pallas",)
 # raises NotImplementedError for requests it cannot serve, as in the forward.
 BACKWARD_IMPLEMENTATIONS: dict[str, str] = {
     "xla_chunked": "attnjax.softmax.xla_chunked:xla_chunked_attention_bwd",
+    "pallas_triton": "attnjax.softmax.residual_bwd:pallas_triton_bwd",
+    "pallas_mosaic_gpu": "attnjax.softmax.residual_bwd:pallas_mosaic_gpu_bwd",
 }
 
 # Below this many logits per head, "xla" beats xla_chunked on CPU.

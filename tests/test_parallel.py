@@ -192,6 +192,13 @@ def test_ring_fully_masked_rows_are_zero():
   np.testing.assert_array_equal(np.asarray(out[0, 5:30]), 0.0)
 
 
+def test_ring_with_pallas_triton_interpret():
+  """A real Pallas kernel per block (the Triton kernel, interpreted on CPU)
+  and its residual backward inside the ring."""
+  check("ring", mesh_kind="auto4", t=32, batch=1, is_causal=True, k=2,
+        implementation="pallas_triton")
+
+
 def test_ring_bf16():
   check("ring", mesh_kind="auto4", dtype=BF16, is_causal=True, k=2)
 

@@ -156,3 +156,39 @@ def test_block_backward_paths_agree(impl):
   testing.assert_close(got[0], dq, F32, grad=True, name="dq")
   testing.assert_close(jnp.concatenate(got[1], 1), dk, F32, grad=True)
   testing.assert_close(jnp.concatenate(got[2], 1), dv, F32, grad=True)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa", "window_softcap"])
+def test_triton_residual_backward_interpret(case):
+  """pallas_triton's residual backward (interpret mode) at the residuals of
+  a problem whose keys extend past this block (ring attention's use)."""
+  from attnjax.softmax import pallas as pallas_backend  # noqa: PLC0415
+  kw = dict(CASES[case])
+  inp = testing.attention_inputs(_key("tri", case), q_len=24, kv_len=40,
+                                 num_kv_heads=2, head_dim=16)
+  d_lse = jax.random.normal(_key("tri_dl", case), (2, 4, 24))
+  out, lse, want = jax.jit(lambda *a: _ref_vjp(*a, **kw))(
+      inp.q, inp.k, inp.v, inp.d_out, d_lse)
+  bs = pallas_backend.BlockSizes(
+      block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16,
+      block_q_dkv=16, block_kv_dkv=16)
+  bwd = softmax_api.load_backward("pallas_triton")
+  got = [0.0, [], []]
+  for a, b in ((0, 16), (16, 40)):
+    # Keys [a, b): the global mask shifted by a (band in block coordinates).
+    band = _plan.band_from_flags(kw.get("is_causal", False),
+                                 kw.get("local_window_size")).shift(a)
+    p, _ = make_problem(inp.q, inp.k[:, a:b], inp.v[:, a:b],
+                        mask=_plan.band_mask(band),
+                        logits_soft_cap=kw.get("logits_soft_cap"))
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(pallas_backend, "default_block_sizes", lambda p: bs)
+      g = bwd(p, out, lse, inp.d_out, d_lse)
+    got[0] = got[0] + g[0]
+    got[1].append(g[1])
+    got[2].append(g[2])
+  testing.assert_close(got[0], want[0], F32, grad=True, name="dq")
+  testing.assert_close(jnp.concatenate(got[1], 1), want[1], F32, grad=True,
+                       name="dk")
+  testing.assert_close(jnp.concatenate(got[2], 1), want[2], F32, grad=True,
+                       name="dv")

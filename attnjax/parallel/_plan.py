@@ -183,6 +183,27 @@ def _normalise(band, q0, q1, k0, k1) -> Band | None:
   return Band(None if a == dmin else a - off, None if b == dmax else b - off)
 
 
+def _trim(q0, q1, k0, k1, band: Band) -> Call:
+  """Drops rows and columns with nothing visible from a call.
+
+  Afterwards ``lo <= 0 <= hi`` (when bounded): every mask is a plain
+  ``Causal(offset >= 0)`` / ``LocalWindow(left, right)`` that any kernel
+  supports, and the kernel's grid covers no empty edge.
+  """
+  lo, hi = band.lo, band.hi
+  if hi is not None and hi < 0:  # leading rows see no column
+    q0, lo, hi = q0 - hi, (None if lo is None else lo - hi), 0
+  if lo is not None and lo > 0:  # leading columns seen by no row
+    k0, hi, lo = k0 + lo, (None if hi is None else hi - lo), 0
+  rows, cols = q1 - q0, k1 - k0
+  if lo is not None:  # trailing rows: r + lo > cols - 1
+    q1 = q0 + min(rows, cols - lo)
+  if hi is not None:  # trailing columns: c > rows - 1 + hi
+    k1 = k0 + min(cols, (q1 - q0) - 1 + hi + 1)
+  return Call(q0, q1, k0, k1, _normalise(Band(lo, hi).shift(0), 0, q1 - q0,
+                                         0, k1 - k0))
+
+
 def _plan_pair(band: Band, qpieces, kpieces) -> tuple[Call, ...]:
   """Fewest calls covering every visible (query piece, key piece) exactly.
 
@@ -217,7 +238,7 @@ def _plan_pair(band: Band, qpieces, kpieces) -> tuple[Call, ...]:
         q0, q1 = qpieces[a0][0], qpieces[a1][0] + qpieces[a1][2]
         k0, k1 = kpieces[b0][0], kpieces[b1][0] + kpieces[b1][2]
         nb = _normalise(cand, q0, q1, k0, k1)
-        return (Call(q0, q1, k0, k1, nb),)
+        return (_trim(q0, q1, k0, k1, nb),)
     return None
 
   all_cells = [(a, b) for a in range(nq) for b in range(nk)]

@@ -65,10 +65,13 @@ def all_gather_attention(
     scale: float | None = None,
     implementation=None,
     layout: Literal["contiguous", "zigzag"] = "contiguous",
+    kv_layout: Literal["contiguous", "zigzag"] | None = None,
 ):
   """All-gather attention over local sequence shards, inside shard_map.
 
-  Args: as ``attnjax.parallel.ring_attention``.
+  Args: as ``attnjax.parallel.ring_attention``; ``kv_layout`` (default:
+  ``layout``) is the keys' layout, which may differ from the queries' since
+  the keys are gathered whole anyway.
 
   Returns:
     Local output [B, T/n, N, Hv].
@@ -91,15 +94,17 @@ def all_gather_attention(
                     segment_ids=segment_ids,
                     local_window_size=local_window_size, sinks=sinks,
                     logits_soft_cap=logits_soft_cap, scale=scale)
-  if layout not in ("contiguous", "zigzag"):
-    raise ValueError(f"layout must be 'contiguous' or 'zigzag', got "
-                     f"{layout!r}")
+  kv_layout = layout if kv_layout is None else kv_layout
+  for name, lay in (("layout", layout), ("kv_layout", kv_layout)):
+    if lay not in ("contiguous", "zigzag"):
+      raise ValueError(f"{name} must be 'contiguous' or 'zigzag', got "
+                       f"{lay!r}")
   n = axis_size(axis_name)
   zig = layout == "zigzag" and n > 1
   gather = lambda x: None if x is None else lax.all_gather(
       x, axis_name, axis=1, tiled=True)
   k, v, kv_seg = gather(lp.k), gather(lp.v), gather(lp.kv_seg)
-  if zig:
+  if kv_layout == "zigzag" and n > 1:
     inv = np.argsort(zigzag_order(n))
     k, v, kv_seg = (reorder_chunks(x, inv) for x in (k, v, kv_seg))
   qlay = Layout(n, n * lp.q.shape[1], zig)

@@ -240,18 +240,30 @@ def sequence_parallel_attention(
     specs = {name: P(None, axis_name) for name in arrays}
     out_spec = P(None, axis_name)
 
+  extra = {}
+  if strategy == "all_gather":
+    # Keys are gathered whole: only the queries need the zigzag layout.
+    extra["kv_layout"] = "contiguous"
+  zig_names = ("q", "q_seg") if strategy == "all_gather" else tuple(arrays)
+
   def local(arrays, sinks):
     if zig:
-      arrays = {name: to_zigzag(x, axis_name) for name, x in arrays.items()}
+      arrays = {name: to_zigzag(x, axis_name) if name in zig_names else x
+                for name, x in arrays.items()}
     seg = None
     if "q_seg" in arrays:
       seg = (arrays["q_seg"], arrays["kv_seg"])
     out = fn(arrays["q"], arrays["k"], arrays["v"], axis_name=axis_name,
-             segment_ids=seg, sinks=sinks, layout=layout, **kw)
+             segment_ids=seg, sinks=sinks, layout=layout, **kw, **extra)
     return from_zigzag(out, axis_name) if zig else out
 
   in_specs = (specs, None if sinks_arr is None else P())
+  # check_vma=False: the strategies are written to pass the varying-axes
+  # check (ring_attention etc. work inside a user's checked shard_map), but
+  # a Pallas kernel whose out_shape carries no varying-axes type would fail
+  # it; unchecked, replicated inputs' cotangents are still summed at the
+  # boundary (sinks).
   out = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                      out_specs=out_spec,
-                      axis_names={axis_name, *batch})(arrays, sinks_arr)
+                      out_specs=out_spec, axis_names={axis_name, *batch},
+                      check_vma=False)(arrays, sinks_arr)
   return out[0] if unbatched else out

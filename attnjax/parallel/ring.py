@@ -242,10 +242,10 @@ def ring_attention(
   >>> mesh = jax.make_mesh((jax.device_count(),), ("seq",),
   ...                      axis_types=(jax.sharding.AxisType.Auto,))
   >>> q = jax.random.normal(jax.random.key(0), (1, 64, 2, 16))
-  >>> f = jax.shard_map(
+  >>> f = jax.jit(jax.shard_map(
   ...     lambda q, k, v: ap.ring_attention(q, k, v, axis_name="seq",
   ...                                       is_causal=True),
-  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq")))
   >>> f(q, q, q).shape
   (1, 64, 2, 16)
   """

@@ -167,7 +167,11 @@ def _backward(cfg, res, cotangents):
     if i + 1 < len(steps):
       acc = shift(acc, cfg.axis_name, cfg.n, steps[i + 1].s - st.s)
     cur = nxt
-  if steps:  # home: the accumulators of step s belong to device d - s
+  # Home: the accumulators of step s belong to device d - s. They are
+  # rounded to the output dtype first, as they would be there anyway: the
+  # one transfer not hidden behind compute moves half the bytes (bf16).
+  acc = (acc[0].astype(k.dtype), acc[1].astype(v.dtype))
+  if steps:
     acc = shift(acc, cfg.axis_name, cfg.n, -steps[-1].s)
   dsinks = None
   if sinks is not None:
@@ -177,8 +181,7 @@ def _backward(cfg, res, cotangents):
                   jnp.exp(sinks.astype(F32)[None, :, None] - lse_safe), 0.0)
     delta = jnp.einsum("btnv,btnv->bnt", d_out.astype(F32), out.astype(F32))
     dsinks = jnp.sum(w * (d_lse - delta), axis=(0, 2)).astype(sinks.dtype)
-  return (dq.astype(q.dtype), acc[0].astype(k.dtype), acc[1].astype(v.dtype),
-          None, None, dsinks)
+  return dq.astype(q.dtype), acc[0], acc[1], None, None, dsinks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

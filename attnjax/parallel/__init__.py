@@ -5,7 +5,8 @@ Global arrays: ``sequence_parallel_attention(q, k, v, mesh=..., strategy=
 local shards: ``ring_attention``, ``ulysses_attention``,
 ``all_gather_attention``; ``to_zigzag``/``from_zigzag`` permute local shards
 into the load-balanced layout. Linear attention (LASP-2):
-``sequence_parallel_linear_attention``. Guide: docs/parallel.md.
+``sequence_parallel_linear_attention`` and
+``sequence_parallel_delta_rule_attention``. Guide: docs/parallel.md.
 """
 
 import importlib as _importlib
@@ -22,7 +23,10 @@ from attnjax.parallel.ulysses import ulysses_attention as ulysses_attention
 
 # Written separately (attnjax/parallel/lasp2.py); imported on first use so
 # this package works before and without it.
-_LAZY = {"sequence_parallel_linear_attention": "attnjax.parallel.lasp2"}
+_LAZY = {
+    "sequence_parallel_delta_rule_attention": "attnjax.parallel.lasp2",
+    "sequence_parallel_linear_attention": "attnjax.parallel.lasp2",
+}
 
 
 def __getattr__(name):
@@ -38,6 +42,7 @@ __all__ = (
     "from_zigzag",
     "ring_attention",
     "sequence_parallel_attention",
+    "sequence_parallel_delta_rule_attention",
     "sequence_parallel_linear_attention",
     "to_zigzag",
     "ulysses_attention",

@@ -272,6 +272,22 @@ def test_ring_attention_in_user_shard_map_with_residuals():
   testing.assert_close(grads, grads_r, F32, grad=True, name="grads")
 
 
+def test_vmap_over_a_leading_axis():
+  mesh = _mesh("auto4")
+  inp = _inputs("vmap", batch=3, k=2)
+  f = lambda q, k, v: parallel.sequence_parallel_attention(
+      q, k, v, mesh=mesh, strategy="ring", is_causal=True)
+  ref = lambda q, k, v: attnjax.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla")
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * inp.d_out[:1])
+  args = (inp.q[:, None], inp.k[:, None], inp.v[:, None])
+  got = jax.jit(jax.vmap(f))(*args)[:, 0]
+  testing.assert_close(got, ref(inp.q, inp.k, inp.v), F32)
+  g = jax.jit(jax.vmap(jax.grad(loss(f), (0, 1, 2))))(*args)
+  g_r = jax.vmap(jax.grad(loss(ref), (0, 1, 2)))(*args)
+  testing.assert_close(g, g_r, F32, grad=True)
+
+
 def test_single_device_axis():
   mesh = jax.make_mesh((1,), ("seq",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:1])

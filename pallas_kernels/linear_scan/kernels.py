@@ -22,9 +22,12 @@ from its own starting state.
 
 Backward pass (custom_vjp): states are never stored per chunk; they are
 recomputed. ``_dq_kernel`` sweeps forward from the split starting states
-saved by the forward pass; ``_dkdv_kernel`` sweeps backward carrying the
-state gradient dS (split ends from a Gram kernel over ``q^T dO`` and a reverse
-scan). The gradient of the log gates comes from the identity
+saved by the forward pass; ``_dk_kernel`` (one program per key-feature
+block) and ``_dv_kernel`` (per value block) sweep backward carrying their
+block of the state gradient dS (split ends from a Gram kernel over
+``q^T dO`` and a reverse chain). Separate dk and dv kernels keep every
+program's accumulators within the register file (a fused dk/dv program
+spilled at H = Hv = 128; measured with ptxas for sm_90a). The gradient of the log gates comes from the identity
 ``dg_t = sum_{i >= t} q_i.dq_i - sum_{j >= t} k_j.dk_j + <dS_T, S_T>``
 (every pair (i, j) with ``j < t <= i`` carries ``g_t``), whose row sums the
 kernels emit in float32.
@@ -42,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -61,9 +66,8 @@ class KernelConfig:
   Attributes:
     chunk: C, tokens per chunk (power of two, >= 16).
     block_v: value columns per forward program.
-    block_f: key-feature rows of the state per dq program.
-    block_v_bwd: value columns per dk/dv program (the whole padded V when it
-      is at most this; otherwise dk is summed over value blocks).
+    block_f: key-feature rows of the state per dq and dk program.
+    block_v_bwd: value columns per dv program.
     block_rows: rows per step of the split-state (Gram) kernel.
     num_warps, num_stages: Triton launch parameters (forward, Gram).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
@@ -74,7 +78,7 @@ class KernelConfig:
   chunk: int = 64
   block_v: int = 64
   block_f: int = 64
-  block_v_bwd: int = 128
+  block_v_bwd: int = 64
   block_rows: int = 64
   num_warps: int = 4
   num_stages: int = 2
@@ -85,10 +89,18 @@ class KernelConfig:
 
 
 def default_config(dtype=jnp.bfloat16, **overrides) -> KernelConfig:
-  """Defaults for ``dtype`` (float32 tiles hold twice the bytes)."""
+  """Defaults for ``dtype`` (float32 tiles hold twice the bytes).
+
+  For tuning, the environment variable ``ATTNJAX_LINEAR_SCAN_CONFIG`` may
+  hold a JSON object of ``KernelConfig`` fields applied on top (e.g.
+  ``{"chunk": 128, "num_warps": 8}``); explicit overrides win.
+  """
   base = KernelConfig()
   if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
-    base = dataclasses.replace(base, block_v=32, block_f=32, block_v_bwd=64)
+    base = dataclasses.replace(base, block_v=32, block_f=32, block_v_bwd=32)
+  env = os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG")
+  if env:
+    base = dataclasses.replace(base, **json.loads(env))
   return dataclasses.replace(base, **overrides)
 
 
@@ -272,7 +284,41 @@ def _dq_kernel(*refs, s: _Static):
   lax.fori_loop(0, s.cps, body, state)
 
 
-def _dkdv_kernel(*refs, s: _Static):
+def _dv_kernel(*refs, s: _Static):
+  """dv for one value block, sweeping chunks backwards with dS[:, block]."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, do_ref = next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  ds_ref = next(it)
+  dv_ref, dsout_ref = next(it), next(it)
+  c = s.chunk
+  base = pl.program_id(2) * s.split_len
+
+  def body(i, dstate):
+    r0 = pl.multiple_of(base + (s.cps - 1 - i) * c, c)
+    rows = pl.ds(r0, c)
+    q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+    # Transposed intra-chunk weights: row j (key), column i (query).
+    at = _dot_nt(k, q) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
+                          * s.scale)
+    if s.has_w:  # k_j's decay to the chunk end
+      k = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
+    dv = _dot(at.astype(do.dtype), do) + _dot(k, dstate.astype(k.dtype))
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    if s.has_w:
+      wq = wq_ref[rows]
+      qw = (q.astype(_F32) * (wq * s.scale)[:, None]).astype(q.dtype)
+      return dstate * _last(wq) + _dot_tn(qw, do)
+    return dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
+
+  dsout_ref[...] = lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
+
+
+def _dk_kernel(*refs, s: _Static):
+  """dk for one key-feature block, sweeping backwards with dS[block, :]."""
   _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
@@ -280,7 +326,7 @@ def _dkdv_kernel(*refs, s: _Static):
   wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
   rc_ref = next(it) if s.has_seg else None
   ds_ref = next(it)
-  dk_ref, dv_ref, dsout_ref = next(it), next(it), next(it)
+  dk_ref = next(it)
   dgk_ref = next(it) if s.has_gate else None
   c = s.chunk
   base = pl.program_id(2) * s.split_len
@@ -288,34 +334,22 @@ def _dkdv_kernel(*refs, s: _Static):
   def body(i, dstate):
     r0 = pl.multiple_of(base + (s.cps - 1 - i) * c, c)
     rows = pl.ds(r0, c)
-    q, k = q_ref[rows, :], k_ref[rows, :]
-    v, do = v_ref[rows, :], do_ref[rows, :]
-    # Transposed intra-chunk weights: row j (key), column i (query).
-    dt = _intra_weights(s, gc_ref, rc_ref, rows, True) * s.scale
-    at = _dot_nt(k, q) * dt
-    dv = _dot(at.astype(do.dtype), do)
-    dat = _dot_nt(v, do) * dt
-    dk = _dot(dat.astype(q.dtype), q)
-    ds_lo = dstate.astype(k.dtype)
+    q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+    dat = _dot_nt(v, do) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
+                            * s.scale)
+    if s.has_w:  # k_j's decay to the chunk end
+      v = (v.astype(_F32) * wk_ref[rows][:, None]).astype(v.dtype)
+    dk = _dot(dat.astype(q.dtype), q) + _dot_nt(v, dstate.astype(v.dtype))
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    if s.has_gate:
+      dgk_ref[rows] = jnp.sum(k_ref[rows, :].astype(_F32) * dk, axis=1)
     if s.has_w:
-      wk = wk_ref[rows]
-      kw = (k.astype(_F32) * wk[:, None]).astype(k.dtype)
-      dv = dv + _dot(kw, ds_lo)
-      dk = dk + _dot_nt(v, ds_lo) * wk[:, None]
       wq = wq_ref[rows]
       qw = (q.astype(_F32) * (wq * s.scale)[:, None]).astype(q.dtype)
-      dstate = dstate * _last(wq) + _dot_tn(qw, do)
-    else:
-      dv = dv + _dot(k, ds_lo)
-      dk = dk + _dot_nt(v, ds_lo)
-      dstate = dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    if s.has_gate:
-      dgk_ref[rows] = jnp.sum(k.astype(_F32) * dk, axis=1)
-    return dstate
+      return dstate * _last(wq) + _dot_tn(qw, do)
+    return dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
 
-  dsout_ref[...] = lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
+  lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
 
 
 # ----------------------------------------------------------------------------
@@ -453,43 +487,59 @@ def _dq_call(q, k, v, do, prep, starts, s: _Static):
   )(*args)
 
 
-def _dkdv_call(q, k, v, do, prep, ds_end, s: _Static):
+def _dv_call(q, k, do, prep, ds_end, s: _Static):
   b, tp, n, f = q.shape
-  vp = v.shape[-1]
-  bv = vp if vp <= s.bvb else min(s.bvb, vp)
-  nvb = vp // bv
+  vp = do.shape[-1]
+  bv = min(s.bvb, vp)
   kv = lambda x: x // s.rep  # noqa: E731
   same = lambda x: x  # noqa: E731
   zero = lambda j: 0  # noqa: E731
   col = lambda j: j  # noqa: E731
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
-              _blk(tp, bv, kv, col), _blk(tp, bv, same, col)]
-  in_specs += _specs_tokens(tp, s)
+              _blk(tp, bv, same, col)] + _specs_tokens(tp, s)
   in_specs.append(_state_spec(f, bv))
+  args = [q, k, do] + _token_args(prep, s) + [ds_end]
+  return pl.pallas_call(
+      functools.partial(_dv_kernel, s=s),
+      grid=(vp // bv, n, s.splits, b),
+      in_specs=in_specs,
+      out_specs=[_blk(tp, bv, same, col), _state_spec(f, bv)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), do.dtype),
+                 jax.ShapeDtypeStruct((b, n, s.splits, f, vp), _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_dv",
+  )(*args)
+
+
+def _dk_call(q, k, v, do, prep, ds_end, s: _Static):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bf = min(s.bf, f)
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, bf, same, col), _blk(tp, bf, kv, col),
+              _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero)]
+  in_specs += _specs_tokens(tp, s)
+  in_specs.append(_state_spec(bf, vp, col_block=False))
   args = [q, k, v, do] + _token_args(prep, s) + [ds_end]
-  dk_dtype = q.dtype if nvb == 1 else _F32
-  out_specs = [
-      pl.BlockSpec((None, None, tp, None, f),
-                   lambda j, n_, sp, b_: (j, b_, 0, n_, 0)),
-      _blk(tp, bv, same, col),
-      _state_spec(f, bv),
-  ]
-  out_shape = [jax.ShapeDtypeStruct((nvb, b, tp, n, f), dk_dtype),
-               jax.ShapeDtypeStruct((b, tp, n, vp), v.dtype),
-               jax.ShapeDtypeStruct((b, n, s.splits, f, vp), _F32)]
+  out_specs = [_blk(tp, bf, same, col)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype)]
   if s.has_gate:
     out_specs.append(pl.BlockSpec((None, None, None, tp),
                                   lambda j, n_, sp, b_: (j, b_, n_, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((nvb, b, n, tp), _F32))
+    out_shape.append(jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32))
   return pl.pallas_call(
-      functools.partial(_dkdv_kernel, s=s),
-      grid=(nvb, n, s.splits, b),
+      functools.partial(_dk_kernel, s=s),
+      grid=(f // bf, n, s.splits, b),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
-      name="linear_scan_dkdv",
+      name="linear_scan_dk",
   )(*args)
 
 
@@ -648,15 +698,17 @@ def _core_bwd(s: _Static, res, cts):
     ds_end = _chain_splits(dlocal, prep["sdec"], dfinal, s, reverse=True)
   else:
     ds_end = dfinal[:, :, None]
-  outs2 = _dkdv_call(q, k, v, do, prep, ds_end, s)
-  dk_parts, dv, ds_start = outs2[:3]
-  dk = jnp.sum(dk_parts.astype(_F32), axis=0)
+  dv, ds_start = _dv_call(q, k, do, prep, ds_end, s)
+  outs2 = _dk_call(q, k, v, do, prep, ds_end, s)
+  dk = outs2[0]
   # Sum per-query-head gradients over each key/value head's group.
-  dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
-  dv = dv.astype(_F32).reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)
+  if s.rep > 1:
+    dk = dk.astype(_F32).reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
+    dv = dv.astype(_F32).reshape(b, tp, kh, s.rep, vp).sum(3).astype(
+        v.dtype)
   dg = None
   if s.has_gate:
-    rows = jnp.sum(outs[1], 0) - jnp.sum(outs2[3], 0)  # [B, N, Tp]
+    rows = jnp.sum(outs[1], 0) - jnp.sum(outs2[1], 0)  # [B, N, Tp]
     tail = jnp.sum(dfinal * final, axis=(-2, -1))  # [B, N]
     dg = jnp.flip(jnp.cumsum(jnp.flip(rows, -1), -1), -1) + tail[..., None]
   ds0 = ds_start[:, :, 0] if s.has_s0 else None

@@ -72,8 +72,8 @@ class KernelConfig:
     num_warps, num_stages: Triton launch parameters (forward, Gram).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
     num_splits: sequence splits (None: ``_auto_splits``).
-    num_sms: streaming multiprocessors assumed when the device does not
-      say (interpret mode, export).
+    num_sms: streaming multiprocessors to plan for (None: the device's
+      count; 132, an H100, where the device does not say).
   """
   chunk: int = 64
   block_v: int = 64
@@ -85,7 +85,7 @@ class KernelConfig:
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
   num_splits: int | None = None
-  num_sms: int = 132
+  num_sms: int | None = None
 
 
 def default_config(dtype=jnp.bfloat16, **overrides) -> KernelConfig:
@@ -813,8 +813,8 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
   if cfg.num_splits is not None:
     splits = max(1, min(int(cfg.num_splits), nc))
   else:
-    splits = _auto_splits(b * n, nc, (0 if interpret else _num_sms())
-                          or cfg.num_sms)
+    sms = cfg.num_sms or (0 if interpret else _num_sms()) or 132
+    splits = _auto_splits(b * n, nc, sms)
   cps = -(-nc // splits)
   splits = -(-nc // cps)
   rows = min(cfg.block_rows, cps * c)

@@ -1,4 +1,4 @@
-"""Sequence parallelism on real GPUs (``pytest -m gpu tests/test_parallel_gpu.py``).
+"""Sequence parallelism on real GPUs (``pytest -m gpu``).
 
 bf16 inputs, the platform's fastest kernels as the block computation,
 against the float32 materialised reference on one GPU. Tests needing two
@@ -49,7 +49,8 @@ def _ref_vjp(q, k, v, d_out, d_lse=None, **kw):
 @pytest.mark.parametrize("impl", ["pallas_mosaic_gpu", "pallas_triton"])
 def test_residual_backward_at_global_residuals(impl):
   """A block of keys' gradients from the whole problem's (out, lse)."""
-  if impl == "pallas_mosaic_gpu" and not pallas_mosaic._on_hopper():  # noqa: SLF001
+  hopper = pallas_mosaic._on_hopper()  # noqa: SLF001
+  if impl == "pallas_mosaic_gpu" and not hopper:
     pytest.skip("pallas_mosaic_gpu needs an sm_90 GPU")
   inp = testing.attention_inputs(_key(impl), batch=1, q_len=2048,
                                  kv_len=4096, num_heads=8, num_kv_heads=2,

@@ -13,9 +13,9 @@ from jax import lax
 from attnjax.parallel._plan import Band, band_from_flags
 from attnjax.softmax.problem import make_problem
 
-__all__ = ["LocalProblem", "axis_size", "from_zigzag", "local_problem",
-           "filled", "reorder_chunks", "shift", "to_zigzag", "vary", "vary_all",
-           "vma"]
+__all__ = ["LocalProblem", "axis_size", "filled", "from_zigzag",
+           "hashable_impl", "kv_head_replicas", "reorder_chunks", "shift",
+           "to_zigzag", "vary", "vary_all", "vma", "zigzag_order"]
 
 
 def axis_size(axis_name) -> int:
@@ -99,10 +99,6 @@ class LocalProblem:
 
   def finish(self, out):
     return out[0] if self.unbatched else out
-
-
-def local_problem(query, key, value, **kw) -> LocalProblem:
-  return LocalProblem(query, key, value, **kw)
 
 
 def hashable_impl(implementation):

@@ -234,42 +234,47 @@ def test_unbatched_and_auto():
 
 
 def test_ring_attention_in_user_shard_map_with_residuals():
-  """ring_attention called directly on zigzag shards; lse and its
-  cotangent flow (return_residuals=True)."""
+  """ring_attention called directly on zigzag shards inside a checked
+  shard_map (check_vma=True); lse and its cotangent flow
+  (return_residuals=True), and the replicated sinks' gradient is summed
+  over the ring."""
   mesh = _mesh("auto4")
   inp = _inputs("direct", k=4)
   order = _common.zigzag_order(4)
   inv = np.argsort(order)
   d_lse = jax.random.normal(_key("dlse"), (2, 8, 64))
+  sinks = jax.random.normal(_key("direct_sinks"), (8,))
 
-  def sp(q, k, v):
+  def sp(q, k, v, sinks):
     q, k, v = (_common.reorder_chunks(x, order) for x in (q, k, v))
     f = jax.shard_map(
-        lambda q, k, v: parallel.ring_attention(
+        lambda q, k, v, s: parallel.ring_attention(
             q, k, v, axis_name="seq", is_causal=True, layout="zigzag",
-            return_residuals=True, implementation="xla_chunked"),
-        mesh=mesh, in_specs=P(None, "seq"),
+            sinks=s, return_residuals=True, implementation="xla_chunked"),
+        mesh=mesh, in_specs=(P(None, "seq"),) * 3 + (P(),),
         out_specs=(P(None, "seq"), P(None, None, "seq")))
-    out, lse = f(q, k, v)
+    out, lse = f(q, k, v, sinks)
     return (_common.reorder_chunks(out, inv),
             _common.reorder_chunks(lse, inv, axis=2))
 
-  def ref(q, k, v):
+  def ref(q, k, v, sinks):
     return attnjax.dot_product_attention(q, k, v, is_causal=True,
-                                         return_residuals=True,
+                                         sinks=sinks, return_residuals=True,
                                          implementation="xla")
 
   def run(fn):
-    def g(q, k, v):
-      res, vjp = jax.vjp(fn, q, k, v)
+    def g(q, k, v, s):
+      res, vjp = jax.vjp(fn, q, k, v, s)
       return res, vjp((inp.d_out, d_lse))
-    return jax.jit(g)(inp.q, inp.k, inp.v)
+    return jax.jit(g)(inp.q, inp.k, inp.v, sinks)
 
   (out, lse), grads = run(sp)
   (out_r, lse_r), grads_r = run(ref)
   testing.assert_close(out, out_r, F32, name="out")
   testing.assert_close(lse, lse_r, F32, name="lse")
-  testing.assert_close(grads, grads_r, F32, grad=True, name="grads")
+  testing.assert_close(grads[:3], grads_r[:3], F32, grad=True, name="grads")
+  testing.assert_close(grads[3], grads_r[3], F32, grad=True, name="dsinks",
+                       scale=float(jnp.max(jnp.abs(grads_r[3]))))
 
 
 def test_vmap_over_a_leading_axis():

@@ -32,8 +32,12 @@ _TILES_16BIT = {
     128: ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
     256: ((64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2)),
 }
-# float32 (full-precision dots, no tensor cores): small tiles that fit.
-_TILES_F32 = ((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))
+# float32 (full-precision FMA dots, no tensor cores): small tiles, 8 warps,
+# so that nothing spills (checked at head dims 64, 128 and 256).
+_TILES_F32 = {
+    64: ((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    256: ((32, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)),
+}
 
 
 def default_block_sizes(p: Problem) -> BlockSizes:
@@ -50,7 +54,7 @@ def default_block_sizes(p: Problem) -> BlockSizes:
   _, _, _, _, _, h, hv = p.shape
   width = max(16, common.next_pow2(h), common.next_pow2(hv))
   if np.dtype(p.q.dtype) == np.float32:
-    fwd, dq, dkdv = _TILES_F32
+    fwd, dq, dkdv = _TILES_F32[64 if width <= 64 else 256]
   else:
     fwd, dq, dkdv = _TILES_16BIT[max(64, width)]
   return BlockSizes(

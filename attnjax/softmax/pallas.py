@@ -77,6 +77,15 @@ def triton_attention(p: Problem, *, block_sizes: BlockSizes | None = None,
     NotImplementedError: dtype other than float32/bfloat16/float16, head
       dims above 256, or a mask the tiles cannot follow (a BlockSparse layout
       not aligned to the kernel tiles).
+
+  Example (interpret mode on CPU):
+
+  >>> import jax.numpy as jnp
+  >>> from attnjax.softmax.problem import make_problem
+  >>> q = jnp.ones((1, 20, 2, 16))
+  >>> out, lse = triton_attention(make_problem(q, q, q, is_causal=True)[0])
+  >>> out.shape, lse.shape
+  ((1, 20, 2, 16), (1, 2, 20))
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"

@@ -114,13 +114,15 @@ _LOWERING = {
     "f32_decay_normalize": dict(dtype=F32, gate=True, normalize=True,
                                 splits=2),
     "bf16_vmapped": dict(dtype=BF16, gate=True, vmap=True, splits=2),
+    "bf16_h256": dict(dtype=BF16, gate=True, head_dim=256, splits=1),
 }
 
 
 @pytest.mark.parametrize("name", sorted(_LOWERING))
 def test_pallas_lowers_for_h100(name):
   opt = _LOWERING[name]
-  b, t, n, h = 2, 4096, 8, 128
+  b, t, n = 2, 4096, 8
+  h = opt.get("head_dim", 128)
   kh = opt.get("kv_heads", n)
   dt = opt["dtype"]
   sd = jax.ShapeDtypeStruct
@@ -128,7 +130,8 @@ def test_pallas_lowers_for_h100(name):
   args = [sd(lead + (b, t, n, h), dt), sd(lead + (b, t, kh, h), dt),
           sd(lead + (b, t, kh, h), dt),
           sd(lead + (b, t, n), F32)]
-  cfg = kernels.default_config(dt, num_splits=opt.get("splits"))
+  cfg = kernels.default_config(dt, h, h + 1 if opt.get("normalize") else h,
+                               num_splits=opt.get("splits"))
   extra = {}
   if opt.get("state"):
     args.append(sd(lead + (b, n, h, h), F32))

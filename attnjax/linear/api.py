@@ -350,10 +350,10 @@ def _impl_pallas(p: LinearProblem):
     raise NotImplementedError("per-key-channel gates (GLA) have no Pallas "
                               "kernel yet; use xla_chunked")
   from pallas_kernels.linear_scan import kernels
-  cfg = kernels.default_config(p.q.dtype)
+  v, scale = _augment(p)
+  cfg = kernels.default_config(p.q.dtype, p.q.shape[-1], v.shape[-1])
   if p.chunk_size is not None:
     cfg = dataclasses.replace(cfg, chunk=p.chunk_size)
-  v, scale = _augment(p)
   out, state = kernels.chunked_linear_attention(
       p.q, p.k, v, p.log_gate, p.resets, scale=scale,
       initial_state=p.initial_state, config=cfg)

@@ -88,16 +88,32 @@ class KernelConfig:
   num_sms: int | None = None
 
 
-def default_config(dtype=jnp.bfloat16, **overrides) -> KernelConfig:
-  """Defaults for ``dtype`` (float32 tiles hold twice the bytes).
+def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
+                   value_dim: int | None = None,
+                   **overrides) -> KernelConfig:
+  """Defaults for ``dtype`` and the (unpadded) feature / value dims.
+
+  Chosen without a GPU from Triton compiles for sm_90a (ptxas register,
+  spill and shared-memory reports): every kernel at these tiles uses wgmma
+  and does not spill for H in {64, 128, 256}, bf16 and float32. The forward
+  and dv kernels hold full-F tiles (narrower value blocks when F > 128); the
+  dq and dk kernels hold full-V tiles (narrower feature blocks when
+  V > 128); float32 tiles hold twice the bytes.
 
   For tuning, the environment variable ``ATTNJAX_LINEAR_SCAN_CONFIG`` may
   hold a JSON object of ``KernelConfig`` fields applied on top (e.g.
   ``{"chunk": 128, "num_warps": 8}``); explicit overrides win.
   """
-  base = KernelConfig()
+  wide_f = feature_dim is not None and _padded_dim(feature_dim) > 128
+  wide_v = value_dim is not None and _padded_dim(value_dim) > 128
   if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
-    base = dataclasses.replace(base, block_v=32, block_f=32, block_v_bwd=32)
+    base = KernelConfig(block_v=32, block_v_bwd=32,
+                        block_f=16 if wide_v else 32, num_warps=8)
+  else:
+    base = KernelConfig(block_v=32 if wide_f else 64,
+                        block_v_bwd=32 if wide_f else 64,
+                        block_f=16 if wide_v else 64,
+                        num_warps=8 if wide_f else 4)
   env = os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG")
   if env:
     base = dataclasses.replace(base, **json.loads(env))
@@ -223,9 +239,9 @@ def _fwd_kernel(*refs, s: _Static):
       wq = wq_ref[rows]
       qs = qs * wq[:, None]
     o_ref[rows, :] = (o + s.scale * qs).astype(o_ref.dtype)
-    if s.has_w:
-      kw = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
-      return state * _last(wq) + _dot_tn(kw, v)
+    if s.has_w:  # k_j's decay to the chunk end, applied to the narrower v
+      vw = (v.astype(_F32) * wk_ref[rows][:, None]).astype(v.dtype)
+      return state * _last(wq) + _dot_tn(k, vw)
     return state + _dot_tn(k, v)
 
   st_ref[...] = lax.fori_loop(0, s.cps, body, state)
@@ -304,15 +320,18 @@ def _dv_kernel(*refs, s: _Static):
     # Transposed intra-chunk weights: row j (key), column i (query).
     at = _dot_nt(k, q) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
                           * s.scale)
+    # Decays scale the narrow [C, BV] operands and results, never a full
+    # [C, F] tile (which would cost registers).
+    ks = _dot(k, dstate.astype(k.dtype))
     if s.has_w:  # k_j's decay to the chunk end
-      k = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
-    dv = _dot(at.astype(do.dtype), do) + _dot(k, dstate.astype(k.dtype))
+      ks = ks * wk_ref[rows][:, None]
+    dv = _dot(at.astype(do.dtype), do) + ks
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     if s.has_w:
       wq = wq_ref[rows]
-      qw = (q.astype(_F32) * (wq * s.scale)[:, None]).astype(q.dtype)
-      return dstate * _last(wq) + _dot_tn(qw, do)
-    return dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
+      dow = (do.astype(_F32) * (wq * s.scale)[:, None]).astype(do.dtype)
+      return dstate * _last(wq) + _dot_tn(q, dow)
+    return dstate + _dot_tn(q, (do * s.scale).astype(do.dtype))
 
   dsout_ref[...] = lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
 
@@ -337,9 +356,10 @@ def _dk_kernel(*refs, s: _Static):
     q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     dat = _dot_nt(v, do) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
                             * s.scale)
-    if s.has_w:  # k_j's decay to the chunk end
-      v = (v.astype(_F32) * wk_ref[rows][:, None]).astype(v.dtype)
-    dk = _dot(dat.astype(q.dtype), q) + _dot_nt(v, dstate.astype(v.dtype))
+    vs = _dot_nt(v, dstate.astype(v.dtype))
+    if s.has_w:  # k_j's decay to the chunk end, on the narrow [C, BF]
+      vs = vs * wk_ref[rows][:, None]
+    dk = _dot(dat.astype(q.dtype), q) + vs
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if s.has_gate:
       dgk_ref[rows] = jnp.sum(k_ref[rows, :].astype(_F32) * dk, axis=1)
@@ -801,7 +821,7 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
   kh, vd = k.shape[2], v.shape[-1]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  cfg = config or default_config(q.dtype)
+  cfg = config or default_config(q.dtype, f, vd)
   c = cfg.chunk
   if c < 16 or c & (c - 1):
     raise NotImplementedError(f"chunk {c} is not a power of two >= 16")

@@ -26,8 +26,8 @@ def _with_config(monkeypatch, **overrides):
   """Makes implementation="pallas" use this tiling (e.g. forced splits)."""
   base = kernels.default_config
 
-  def patched(dtype=jnp.bfloat16, **kw):
-    return dataclasses.replace(base(dtype, **kw), **overrides)
+  def patched(dtype=jnp.bfloat16, *dims, **kw):
+    return dataclasses.replace(base(dtype, *dims, **kw), **overrides)
 
   monkeypatch.setattr(kernels, "default_config", patched)
 

@@ -135,3 +135,12 @@ def test_output_dtype_follows_input_and_state_is_float32():
   out, state = jax.eval_shape(lambda: attnjax.linear_attention(
       q, k, v, return_final_state=True, gate=-jnp.ones((B, T, N))))
   assert out.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+
+
+def test_empty_sequence_passes_the_state_through():
+  q = jnp.ones((B, 0, N, H))
+  kv = jnp.ones((B, 0, K, H))
+  s0 = jnp.full((B, N, H, H), 2.0)
+  out, state = attnjax.linear_attention(q, kv, kv, initial_state=s0,
+                                        return_final_state=True)
+  assert out.shape == (B, 0, N, H) and jnp.array_equal(state, s0)

@@ -385,6 +385,12 @@ def resolve(implementation) -> tuple[str, ...]:
 def run(p: LinearProblem, implementation):
   """Tries implementations in order, falling through on NotImplementedError."""
   names = resolve(implementation)
+  b, t, n, f = p.q.shape
+  if t == 0:  # nothing to attend: empty output, the state passes through
+    cols = p.v.shape[-1] + (1 if p.normalize else 0)
+    state = (jnp.zeros((b, n, f, cols), jnp.float32)
+             if p.initial_state is None else p.initial_state)
+    return jnp.zeros((b, 0, n, p.v.shape[-1]), jnp.float32), state
   errors = []
   for name in names:
     try:

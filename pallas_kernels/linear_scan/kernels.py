@@ -27,7 +27,8 @@ block) and ``_dv_kernel`` (per value block) sweep backward carrying their
 block of the state gradient dS (split ends from a Gram kernel over
 ``q^T dO`` and a reverse chain). Separate dk and dv kernels keep every
 program's accumulators within the register file (a fused dk/dv program
-spilled at H = Hv = 128; measured with ptxas for sm_90a). The gradient of the log gates comes from the identity
+spilled at H = Hv = 128; measured with ptxas for sm_90a). The gradient of
+the log gates comes from the identity
 ``dg_t = sum_{i >= t} q_i.dq_i - sum_{j >= t} k_j.dk_j + <dS_T, S_T>``
 (every pair (i, j) with ``j < t <= i`` carries ``g_t``), whose row sums the
 kernels emit in float32.

@@ -173,8 +173,16 @@ def test_pallas_lowers_for_h100(name):
 def test_gpu_pallas_matches_scan_small(name):
   kw, _ = _CASES[name]
   case = linear_case(key_for("gpu-pallas", name), **kw)
-  check_against_scan(case, "pallas", chunk_size=16)
-  check_against_scan(case, "pallas", chunk_size=64)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [16, 32, 128])
+def test_gpu_pallas_other_chunk_sizes(chunk):
+  case = linear_case(key_for("gpu-chunk", chunk), length=300, head_dim=64,
+                     value_dim=64, gate="scalar", segments=True,
+                     initial_state=True)
+  check_against_scan(case, "pallas", chunk_size=chunk)
 
 
 @pytest.mark.gpu

@@ -354,6 +354,8 @@ def _impl_pallas(p: LinearProblem):
   cfg = kernels.default_config(p.q.dtype, p.q.shape[-1], v.shape[-1])
   if p.chunk_size is not None:
     cfg = dataclasses.replace(cfg, chunk=p.chunk_size)
+    if p.chunk_size > 64:  # [C, C] tiles: 4 warps would spill registers
+      cfg = dataclasses.replace(cfg, num_warps=8)
   out, state = kernels.chunked_linear_attention(
       p.q, p.k, v, p.log_gate, p.resets, scale=scale,
       initial_state=p.initial_state, config=cfg)

@@ -17,6 +17,7 @@ _LAZY = {
     "linear_attention": "attnjax.linear",
     "delta_rule_attention": "attnjax.linear",
     "linear_attention_step": "attnjax.linear",
+    "delta_rule_step": "attnjax.linear",
     "decode_attention": "attnjax.decode",
 }
 _SUBMODULES = ("bench", "decode", "linear", "models", "nn", "parallel",
@@ -34,6 +35,7 @@ def __getattr__(name):
 __all__ = (
     "decode_attention",
     "delta_rule_attention",
+    "delta_rule_step",
     "dot_product_attention",
     "linear_attention",
     "linear_attention_step",

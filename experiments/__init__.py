@@ -1,0 +1,1 @@
+"""Reproducible experiments on attnjax (``python -m experiments <name>``)."""

@@ -240,15 +240,17 @@ class LinearAttention(nnx.Module):
     kw = self._kwargs(gate, chunk_size=self.chunk_size,
                       implementation=self.implementation)
     sp = self.sequence_parallel
+    # Decoding (a state in or out) is never sequence-sharded.
     if (sp is not None and self.rule == "linear" and initial_state is None
-        and not return_final_state and segment_ids is None):
+        and not return_final_state):
       from attnjax import parallel  # noqa: PLC0415
       try:
         fn = parallel.sequence_parallel_linear_attention
       except (AttributeError, ImportError):  # not written (yet): XLA's way
         fn = None
       if fn is not None:
-        return fn(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name, **kw)
+        return fn(q, k, v, mesh=sp.mesh, axis_name=sp.axis_name,
+                  segment_ids=segment_ids, **kw)
     kw |= dict(initial_state=initial_state,
                return_final_state=return_final_state,
                segment_ids=segment_ids)

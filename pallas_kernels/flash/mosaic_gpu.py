@@ -4,18 +4,27 @@ The structure follows FlashAttention-3 (Shah et al., 2024,
 https://arxiv.org/abs/2407.08608), written from scratch against
 ``jax.experimental.pallas.mosaic_gpu``:
 
+* **Persistent CTAs.** With ``persistent`` (the default) the grid is one CTA
+  per SM; each walks a static list of work items (batch, head, query tile)
+  made on the host by list scheduling on the tiles' key-block counts (the
+  longest first within a head, so causal tails balance, and in head order, so
+  CTAs running at the same time share K/V tiles in L2). The producer runs
+  ahead across item boundaries: the K/V ring never drains between tiles, the
+  next tile's Q is loaded into a second buffer while the current one runs,
+  and the output store of one tile overlaps the next tile's matmuls.
 * **Warp specialisation.** Each CTA runs ``num_compute_wgs`` consumer
   warpgroups, each owning ``block_q`` query rows, and one producer warpgroup
   that streams K and V tiles with TMA into a ``num_stages``-deep shared-memory
   ring. Full/empty handshakes use mbarriers: TMA completion (``k_ready``,
-  ``v_ready``) and one arrival per consumer warpgroup (``k_free``,
-  ``v_free``). The producer gives its registers to the consumers
+  ``v_ready``, ``q_ready``) and one arrival per consumer (``k_free``,
+  ``v_free``, ``q_free``). The producer gives its registers to the consumers
   (``setmaxnreg``).
 * **Intra-warpgroup overlap** (FA3 section 3.2). In iteration ``j`` a consumer
   issues ``S_{j+1} = Q K_{j+1}^T`` and ``O += P_j V_j`` back to back, waits
   for the first only (``wgmma.wait_group 1``) and computes the softmax of
-  ``S_{j+1}`` while the tensor cores run ``P_j V_j``. The rescale of ``O`` by
-  the previous block's correction factor overlaps ``Q K_{j+1}^T``.
+  ``S_{j+1}`` while the tensor cores run ``P_j V_j``. ``O`` lives in a WGMMA
+  accumulator for the whole tile (``pl.run_state`` would wait for every
+  matmul in flight, which is what serialised the first version).
 * **Ping-pong scheduling** (FA3 section 3.1). Two named barriers order the
   consumers' matmul issue so one warpgroup's softmax runs while the other's
   matmuls occupy the tensor cores.
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 from collections.abc import Callable
 
@@ -47,7 +57,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 __all__ = ["FwdConfig", "default_fwd_config", "flash_forward",
-           "kv_block_ranges", "SUPPORTED_HEAD_DIMS"]
+           "kv_block_ranges", "work_schedule", "num_sms",
+           "SUPPORTED_HEAD_DIMS"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -55,6 +66,11 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SMEM_BYTES = 227 * 1024
 # Mosaic GPU uses named barrier 0 and 1 + warpgroup index; ours start here.
 _SCHED_BARRIER_BASE = 8
+# Columns of the per-CTA schedule table.
+_ITEM_COLS = 8  # b, h, qt, lo, a, c, hi, (pad)
+# Host-side list scheduling handles up to this many work items; beyond it
+# items are dealt round-robin (still correct, less well balanced).
+_MAX_SCHEDULED_ITEMS = 1 << 18
 
 _WGMMA = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)
@@ -69,10 +85,15 @@ class FwdConfig:
     block_q: query rows per consumer warpgroup (multiple of 64).
     block_kv: keys per pipeline stage (multiple of 64).
     num_stages: depth of the K/V shared-memory ring.
-    num_compute_wgs: consumer warpgroups per CTA (2 or 3).
+    num_compute_wgs: consumer warpgroups per CTA (1, 2 or 3).
     pingpong: order the consumers' matmuls with named barriers.
     consumer_regs, producer_regs: ``setmaxnreg`` targets.
     no_auto_barriers: let Pallas skip its conservative SMEM barriers.
+    persistent: one CTA per SM walking a static list of tiles (else one CTA
+      per tile, scheduled by the hardware).
+    q_buffers: Q tiles in shared memory (2 lets the next tile's Q load while
+      the current one runs; 0 picks 2 when it fits, else 1).
+    num_ctas: persistent grid size; 0 means the device's SM count.
   """
   block_q: int = 64
   block_kv: int = 128
@@ -82,6 +103,9 @@ class FwdConfig:
   consumer_regs: int = 240
   producer_regs: int = 24
   no_auto_barriers: bool = False
+  persistent: bool = True
+  q_buffers: int = 0
+  num_ctas: int = 0
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -92,6 +116,8 @@ class FwdConfig:
     if self.num_compute_wgs not in (1, 2, 3):
       raise ValueError(f"num_compute_wgs must be 1, 2 or 3, got "
                        f"{self.num_compute_wgs}")
+    if self.q_buffers not in (0, 1, 2):
+      raise ValueError(f"q_buffers must be 0, 1 or 2, got {self.q_buffers}")
     regs = (self.num_compute_wgs * self.consumer_regs
             + self.producer_regs) * 128
     if regs > 65536:
@@ -103,7 +129,7 @@ class FwdConfig:
 
 
 def default_fwd_config(head_dim: int, causal: bool = False) -> FwdConfig:
-  """The tiling used when the caller gives none (tuned on H100)."""
+  """The tiling used when the caller gives none."""
   del causal
   if head_dim <= 64:
     return FwdConfig(block_q=64, block_kv=128, num_stages=3)
@@ -112,19 +138,42 @@ def default_fwd_config(head_dim: int, causal: bool = False) -> FwdConfig:
   return FwdConfig(block_q=64, block_kv=64, num_stages=2)
 
 
+def _rnd(n):
+  return -(-n // 1024) * 1024
+
+
 def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
-               itemsize: int = 2, segments: bool = False) -> int:
+               itemsize: int = 2, segments: bool = False,
+               q_buffers: int | None = None) -> int:
   """Shared memory the forward kernel allocates (rounded as Mosaic does)."""
-  rnd = lambda n: -(-n // 1024) * 1024
-  total = rnd(cfg.tile_q * head_dim * itemsize)
-  if head_dim_v != head_dim:
-    total += rnd(cfg.tile_q * head_dim_v * itemsize)
-  total += cfg.num_stages * rnd(cfg.block_kv * head_dim * itemsize)
-  total += cfg.num_stages * rnd(cfg.block_kv * head_dim_v * itemsize)
-  total += rnd(cfg.num_compute_wgs * cfg.block_q * 4)
+  qb = q_buffers or cfg.q_buffers or 1
+  wgs, bq = cfg.num_compute_wgs, cfg.block_q
+  total = _rnd(qb * wgs * bq * max(head_dim, head_dim_v) * itemsize)
+  total += cfg.num_stages * _rnd(cfg.block_kv * head_dim * itemsize)
+  total += cfg.num_stages * _rnd(cfg.block_kv * head_dim_v * itemsize)
+  total += _rnd(wgs * bq * 4)
   if segments:
-    total += cfg.num_stages * rnd(cfg.block_kv * 4)
+    total += _rnd(cfg.num_stages * cfg.block_kv * 4)
+    total += _rnd(qb * wgs * bq * 4)
   return total + 1024  # barriers
+
+
+def _q_buffers(cfg, h, hv, itemsize, segments):
+  if cfg.q_buffers:
+    return cfg.q_buffers
+  two = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=2)
+  return 2 if two <= SMEM_BYTES else 1
+
+
+def num_sms() -> int:
+  """SMs of the first device (132, an H100 SXM, when there is no GPU)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return 132
+  if dev.platform != "gpu":
+    return 132
+  return int(getattr(dev, "core_count", 132) or 132)
 
 
 def kv_block_ranges(kinds: np.ndarray) -> np.ndarray:
@@ -158,6 +207,65 @@ def kv_block_ranges(kinds: np.ndarray) -> np.ndarray:
   return out
 
 
+@functools.lru_cache(maxsize=256)
+def _schedule_cached(ranges_bytes, nqt, b, n, kh, num_ctas, overhead):
+  ranges = np.frombuffer(ranges_bytes, np.int32).reshape(4, nqt)
+  groups = n // kh
+  work = (ranges[3] - ranges[0]).astype(np.int64)
+  # Heaviest query tiles first inside a head (causal tail balance); the query
+  # heads of one K/V head next to each other (they read the same K/V tiles).
+  q_order = np.argsort(-work, kind="stable")
+  bb, kvh, qq, gg = np.meshgrid(np.arange(b), np.arange(kh), q_order,
+                                np.arange(groups), indexing="ij")
+  bb, qq = bb.ravel(), qq.ravel()
+  hh = (kvh * groups + gg).ravel()
+  items = np.stack([bb, hh, qq, ranges[0, qq], ranges[1, qq], ranges[2, qq],
+                    ranges[3, qq], np.zeros_like(qq)], axis=1).astype(np.int32)
+  total = len(items)
+  g = max(1, min(num_ctas, total)) if num_ctas else total
+  if g == total:
+    return items[:, None, :], np.ones((total,), np.int32)
+  cost = work[qq] + overhead
+  owner = np.empty((total,), np.int64)
+  if total <= _MAX_SCHEDULED_ITEMS:
+    # List scheduling in list order: each item goes to the CTA that frees up
+    # first, which is what a dynamic tile scheduler would do with these costs.
+    heap = [(0, c) for c in range(g)]
+    for i in range(total):
+      load, c = heapq.heappop(heap)
+      owner[i] = c
+      heapq.heappush(heap, (load + int(cost[i]), c))
+  else:
+    owner[:] = np.arange(total) % g
+  counts = np.bincount(owner, minlength=g).astype(np.int32)
+  table = np.zeros((g, int(counts.max()), _ITEM_COLS), np.int32)
+  fill = np.zeros((g,), np.int64)
+  for i in range(total):
+    c = owner[i]
+    table[c, fill[c]] = items[i]
+    fill[c] += 1
+  return table, counts
+
+
+def work_schedule(ranges: np.ndarray, b: int, n: int, kh: int,
+                  num_ctas: int, overhead: int = 2):
+  """Static work lists of a persistent grid.
+
+  Args:
+    ranges: int32 [4, nq] from :func:`kv_block_ranges`.
+    b, n, kh: batch, query heads, key/value heads.
+    num_ctas: grid size; 0 gives one CTA per work item.
+    overhead: per-item cost, in key blocks, added to the block count.
+
+  Returns:
+    ``(table int32 [G, max_items, 8], counts int32 [G])``: CTA ``c`` runs
+    items ``table[c, :counts[c]]``, each ``(b, h, qt, lo, a, c, hi, 0)``.
+  """
+  ranges = np.ascontiguousarray(ranges, np.int32)
+  return _schedule_cached(ranges.tobytes(), ranges.shape[1], b, n, kh,
+                          num_ctas, overhead)
+
+
 def _sched_barrier(op: str, other: bool, num_wgs: int):
   """``bar.sync``/``bar.arrive`` on a consumer's scheduling barrier.
 
@@ -177,7 +285,10 @@ def _sched_barrier(op: str, other: bool, num_wgs: int):
       wg = arith.remui(arith.addi(wg, mgpu.utils.c(1, i32)),
                        mgpu.utils.c(num_wgs, i32))
     idx = arith.addi(wg, mgpu.utils.c(_SCHED_BARRIER_BASE, i32))
-    mgpu.utils.inline_ptx(f"bar.{op} $0, 256;", idx, has_side_effects=True)
+    # convergent: without it LLVM may move the barrier across divergent
+    # control flow, and ptxas then serialises every wgmma of the kernel.
+    mgpu.utils.inline_ptx(f"bar.{op} $0, 256;", idx, has_side_effects=True,
+                          convergent=True)
 
   emit()
 
@@ -251,79 +362,121 @@ def flash_forward(
   if ranges.max(initial=0) > nkb:
     raise ValueError("ranges point past the last key block")
   segments = q_segment_ids is not None
-  need = smem_bytes(cfg, h, hv, jnp.dtype(dtype).itemsize, segments)
+  itemsize = jnp.dtype(dtype).itemsize
+  qbufs = _q_buffers(cfg, h, hv, itemsize, segments)
+  need = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qbufs)
   if need > SMEM_BYTES:
     raise NotImplementedError(f"config {cfg} needs {need} bytes of SMEM")
   groups = n // kh
   s_limit = sp if kv_len_static is None else int(kv_len_static)
-  # Heaviest query tiles first: better tail balance for causal masks.
-  work = ranges[3] - ranges[0]
-  order = np.argsort(-work, kind="stable").astype(np.int32)
-  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  grid_size = (cfg.num_ctas or num_sms()) if cfg.persistent else 0
+  table, counts = work_schedule(ranges, b, n, kh, grid_size)
+  grid_size = table.shape[0]
+  table, counts = jnp.asarray(table), jnp.asarray(counts)
   log2_scale = scale * LOG2E
   if sinks is not None:
     sinks = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None] * LOG2E,
                              (n, bq))
+  pingpong = cfg.pingpong and wgs > 1
 
-  def kernel(q_ref, k_ref, v_ref, tab_ref, sink_ref, qseg_ref, kvseg_ref,
-             qlen_ref, kvlen_ref, out_ref, lse_ref, q_smem, k_smem, v_smem,
-             lse_smem, seg_smem, q_bar, k_ready, v_ready, k_free, v_free):
-    qt = tab_ref[4, lax.axis_index("q")]
-    hh = lax.axis_index("h")
-    bb = lax.axis_index("b")
+  def kernel(q_ref, k_ref, v_ref, tab_ref, cnt_ref, sink_ref, qseg_ref,
+             kvseg_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, q_smem, k_smem,
+             v_smem, lse_smem, qseg_smem, kseg_smem, q_ready, q_free, k_ready,
+             v_ready, k_free, v_free):
+    cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
-    kvh = lax.div(hh, jnp.int32(groups))
-    lo = tab_ref[0, qt]
-    a = tab_ref[1, qt]
-    c = tab_ref[2, qt]
-    hi = tab_ref[3, qt]
-    kv_limit = jnp.int32(s_limit)
-    if kvlen_ref is not None:
-      kvl = kvlen_ref[bb]
-      kv_limit = jnp.minimum(kv_limit, kvl)
-      hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
-      c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
-    if qlen_ref is not None:
-      hi = jnp.where(qt * tq >= qlen_ref[bb], lo, hi)
-    hi = jnp.maximum(hi, lo)
-    a = jnp.clip(a, lo, hi)
-    c = jnp.clip(c, a, hi)
-    num_kv = hi - lo
+    n_items = cnt_ref[cta]
+
+    def raw_item(i):
+      """Work item i of this CTA as stored: b, h, qt, lo, a, c, hi."""
+      return tuple(tab_ref[cta, i, r] for r in range(7))
+
+    def item(i, raw=None):
+      """Work item i of this CTA, its block range cut by the lengths."""
+      bb, hh, qt, lo, a, c, hi = raw_item(i) if raw is None else raw
+      kv_limit = jnp.int32(s_limit)
+      if kvlen_ref is not None:
+        kvl = kvlen_ref[bb]
+        kv_limit = jnp.minimum(kv_limit, kvl)
+        hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
+        c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
+      if qlen_ref is not None:
+        hi = jnp.where(qt * tq >= qlen_ref[bb], lo, hi)
+      hi = jnp.maximum(hi, lo)
+      a = jnp.clip(a, lo, hi)
+      c = jnp.clip(c, a, hi)
+      return bb, hh, qt, lo, a, c, hi, kv_limit
 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(cfg.producer_regs, action="decrease")
 
-      @pl.loop(0, num_kv)
-      def _(i):
-        slot = lax.rem(i, jnp.int32(stages))
-        kslice = pl.ds((lo + i) * bk, bk)
+      def tile(i, step):
+        bb, hh, qt, lo, _, _, hi, _ = item(i)
+        kvh = lax.div(hh, jnp.int32(groups))
+        num_kv = hi - lo
+        buf = lax.rem(i, jnp.int32(qbufs))
 
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(k_free.at[slot])
+        def load_q():
+          # Buffer buf was last used by item i - qbufs; its consumers free it.
+          @pl.when(i >= qbufs)
+          def _():
+            plgpu.barrier_wait(q_free.at[buf])
 
-        plgpu.copy_gmem_to_smem(k_ref.at[bb, kslice, kvh], k_smem.at[slot],
-                                k_ready.at[slot])
-        if segments:
-          plgpu.copy_gmem_to_smem(kvseg_ref.at[bb, kslice], seg_smem.at[slot],
+          for w in range(wgs):
+            rows = pl.ds(qt * tq + w * bq, bq)
+            plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem.at[buf, w],
+                                    q_ready.at[buf])
+            if segments:
+              plgpu.copy_gmem_to_smem(qseg_ref.at[bb, rows],
+                                      qseg_smem.at[buf, w], q_ready.at[buf])
+
+        @pl.loop(0, num_kv)
+        def _(j):
+          s = step + j
+          slot = lax.rem(s, jnp.int32(stages))
+          kslice = pl.ds((lo + j) * bk, bk)
+
+          @pl.when(s >= stages)
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
+
+          plgpu.copy_gmem_to_smem(k_ref.at[bb, kslice, kvh], k_smem.at[slot],
                                   k_ready.at[slot])
+          if segments:
+            plgpu.copy_gmem_to_smem(kvseg_ref.at[bb, kslice],
+                                    kseg_smem.at[slot], k_ready.at[slot])
+          # Q after the first K: the ring keeps streaming while Q waits for
+          # its buffer.
+          pl.when(j == 0)(load_q)
 
-        @pl.when(i >= stages)
+          @pl.when(s >= stages)
+          def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+          plgpu.copy_gmem_to_smem(v_ref.at[bb, kslice, kvh], v_smem.at[slot],
+                                  v_ready.at[slot])
+
+        pl.when(num_kv == 0)(load_q)
+        return step + num_kv
+
+      total = lax.fori_loop(0, n_items, tile, jnp.int32(0))
+      # Observe the last release of every buffer, so that no barrier phase
+      # completes unobserved (harmless on the GPU; the interpreter checks).
+      for x in range(stages):
+        @pl.when(total > x)
         def _():
-          plgpu.barrier_wait(v_free.at[slot])
+          plgpu.barrier_wait(k_free.at[x])
+          plgpu.barrier_wait(v_free.at[x])
+      if qbufs == 2:
+        @pl.when(n_items >= 2)
+        def _():
+          plgpu.barrier_wait(q_free.at[lax.rem(n_items, 2)])
+      else:
+        plgpu.barrier_wait(q_free.at[0])
 
-        plgpu.copy_gmem_to_smem(v_ref.at[bb, kslice, kvh], v_smem.at[slot],
-                                v_ready.at[slot])
-
-    @pl.when(wg < wgs)
-    def _consumer():
-      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-      q_base = qt * tq + wg * bq
-      qs = pl.ds(q_base, bq)
-      q_w = q_smem.at[wg]
-      plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_w, q_bar.at[wg])
-      pingpong = cfg.pingpong and wgs > 1
+    def _consumer_body():
+      row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
 
       def sched_wait():
         if pingpong:
@@ -333,163 +486,226 @@ def flash_forward(
         if pingpong:
           _sched_barrier("arrive", other=True, num_wgs=wgs)
 
-      if sinks is not None:
-        m0 = plgpu.load(sink_ref.at[hh], layout=_ROW, optimized=False)
-        l0 = jnp.ones((bq,), jnp.float32)
-      else:
-        m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
-        l0 = jnp.zeros((bq,), jnp.float32)
-      m0 = plgpu.layout_cast(m0, _ROW)
-      l0 = plgpu.layout_cast(l0, _ROW)
-      acc0 = plgpu.layout_cast(jnp.zeros((bq, hv), jnp.float32), _WGMMA)
-      p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
-      if segments:
-        qseg = plgpu.load(qseg_ref.at[bb, qs], layout=_ROW,
-                          optimized=False)
-      row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-
       def iota(dim):
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=_WGMMA)
 
-      def softmax(s, j, slot, m, l, masked):
-        """Online softmax of block j's raw logits s (FA2 lines 8-10)."""
-        if soft_cap is not None:
-          s = jnp.tanh(s * (scale / soft_cap))
-          mult = soft_cap * LOG2E
+      def tile(i, carry):
+        step, raw = carry
+        # The next item's table row loads while this one runs.
+        raw_next = raw_item(jnp.minimum(i + 1, n_items - 1))
+        bb, hh, qt, lo, a, c, hi, kv_limit = item(i, raw)
+        num_kv = hi - lo
+        buf = lax.rem(i, jnp.int32(qbufs))
+        q_base = qt * tq + wg * bq
+        qs = pl.ds(q_base, bq)
+        q_w = q_smem.at[buf, wg]
+        if sinks is not None:
+          m0 = plgpu.load(sink_ref.at[hh], layout=_ROW, optimized=False)
+          l0 = jnp.ones((bq,), jnp.float32)
         else:
-          mult = log2_scale
-        if masked:
-          qi = q_base + iota(0)
-          ki = j * bk + iota(1)
-          vis = ki < kv_limit
-          if predicate is not None:
-            vis = vis & predicate(qi, ki)
-          if segments:
-            kvseg = plgpu.load(seg_smem.at[slot], layout=_COL)
-            vis = vis & (row(qseg, s.shape)
-                         == lax.broadcast_in_dim(kvseg, s.shape, [1]))
-          s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1) * mult)
-        if masked or sinks is None:
-          # A row with nothing visible yet keeps m = -inf; shift by 0 there.
-          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        else:
-          m_use = m_new
-        p = jnp.exp2(s * mult - row(m_use, s.shape))
-        alpha = jnp.exp2(m - m_use)
-        l_new = l * alpha + p.sum(axis=1)
-        return m_new, l_new, p, alpha
+          m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+          l0 = jnp.zeros((bq,), jnp.float32)
+        m0 = plgpu.layout_cast(m0, _ROW)
+        l0 = plgpu.layout_cast(l0, _ROW)
+        p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
+        plgpu.barrier_wait(q_ready.at[buf])
+        qseg = None
+        if segments:
+          qseg = plgpu.load(qseg_smem.at[buf, wg], layout=_ROW)
 
-      def first_block(carry):
-        acc, m, l, _ = carry
-        plgpu.barrier_wait(k_ready.at[0])
-        sched_wait()
+        def release_previous_q():
+          # Two Q buffers: the previous item's buffer held its output until
+          # the TMA store read it; hand it back to the producer now.
+          if qbufs == 2:
+            @pl.when(i > 0)
+            def _():
+              plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+              plgpu.barrier_arrive(q_free.at[1 - buf])
 
-        def scope(s_ref):
-          plgpu.wgmma(s_ref, q_w, k_smem.at[0].T)
-          sched_signal()
-          return s_ref[...]
+        def softmax(s, j, kvseg, m, l, masked):
+          """Online softmax of block j's raw logits s (FA2 lines 8-10)."""
+          if soft_cap is not None:
+            s = jnp.tanh(s * (scale / soft_cap))
+            mult = soft_cap * LOG2E
+          else:
+            mult = log2_scale
+          if masked:
+            qi = q_base + iota(0)
+            ki = j * bk + iota(1)
+            vis = ki < kv_limit
+            if predicate is not None:
+              vis = vis & predicate(qi, ki)
+            if segments:
+              vis = vis & (row(qseg, s.shape)
+                           == lax.broadcast_in_dim(kvseg, s.shape, [1]))
+            s = jnp.where(vis, s, -jnp.inf)
+          m_new = jnp.maximum(m, s.max(axis=1) * mult)
+          if masked or sinks is None:
+            # A row with nothing visible yet keeps m = -inf; shift by 0.
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+          else:
+            m_use = m_new
+          p = jnp.exp2(s * mult - row(m_use, s.shape))
+          alpha = jnp.exp2(m - m_use)
+          l_new = l * alpha + p.sum(axis=1)
+          return m_new, l_new, p, alpha
 
-        s = pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[0])
-        # acc is still zero, so its rescale by alpha can be skipped.
-        m, l, p, _ = softmax(s, lo, 0, m, l, masked=True)
-        return acc, m, l, p.astype(dtype)
+        def kv_segments(slot, masked):
+          # Read before k_free is signalled: the producer refills the slot
+          # (segment ids included) as soon as both consumers release it.
+          if masked and segments:
+            return plgpu.load(kseg_smem.at[slot], layout=_COL)
+          return None
 
-      def middle_block(j, carry, masked):
-        """S_{j+1} = Q K_{j+1}^T and O += P_j V_j, then softmax(S_{j+1}).
+        def blocks(o_ref):
+          def first_block(masked):
+            def run(carry):
+              m, l, _ = carry
+              slot = lax.rem(step, jnp.int32(stages))
+              plgpu.barrier_wait(k_ready.at[slot])
+              sched_wait()
 
-        ``acc`` arrives already scaled to block j's running max: ptxas
-        serialises every wgmma of the kernel if ordinary instructions write a
-        wgmma input register while an earlier wgmma is in flight, so the
-        rescale by the new correction factor comes after the wait, as in FA3
-        for head dims <= 128 (the other consumer's matmuls hide it), and P is
-        converted to 16 bits only once P_j V_j has retired.
-        """
-        acc, m, l, p = carry
-        slot = lax.rem(j - lo, jnp.int32(stages))
-        nslot = lax.rem(j + 1 - lo, jnp.int32(stages))
-        plgpu.barrier_wait(k_ready.at[nslot])
-        plgpu.barrier_wait(v_ready.at[slot])
-        sched_wait()
+              def scope(s_ref):
+                plgpu.wgmma(s_ref, q_w, k_smem.at[slot].T)
+                sched_signal()
+                return s_ref[...]
 
-        def pv(o_ref):
-          plgpu.wgmma(o_ref, p, v_smem.at[slot])
+              s = pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32))
+              kvseg = kv_segments(slot, masked)
+              plgpu.barrier_arrive(k_free.at[slot])
+              release_previous_q()
+              # O is still zero: its rescale by alpha is skipped.
+              m, l, p, _ = softmax(s, lo, kvseg, m, l, masked)
+              return m, l, p.astype(dtype)
+            return run
 
-        def scope(s_ref):
-          plgpu.wgmma(s_ref, q_w, k_smem.at[nslot].T)
-          # Issued, not awaited: o is valid only after wgmma_wait(0).
-          o = pl.run_state(pv)(plgpu.ACC.init(acc))
-          sched_signal()
-          s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-          plgpu.barrier_arrive(k_free.at[nslot])
-          m_new, l_new, p_new, alpha = softmax(s, j + 1, nslot, m, l, masked)
-          plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(v_free.at[slot])
-          # P_{j+1} may only overwrite P_j's registers once P_j V_j is done.
-          return o * row(alpha, o.shape), m_new, l_new, p_new.astype(dtype)
+          def middle_block(j, carry, masked):
+            """S_{j+1} = Q K_{j+1}^T and O += P_j V_j, then softmax(S_{j+1}).
 
-        return pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32))
+            Only the wait for S precedes the softmax; P_j V_j may retire
+            under it. O is rescaled and P converted to 16 bits after the
+            final wait: ptxas serialises every wgmma of a kernel that writes
+            a register an in-flight wgmma reads.
+            """
+            m, l, p = carry
+            slot = lax.rem(step + (j - lo), jnp.int32(stages))
+            nslot = lax.rem(step + (j + 1 - lo), jnp.int32(stages))
+            plgpu.barrier_wait(k_ready.at[nslot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            sched_wait()
 
-      def last_block(carry):
-        acc, m, l, p = carry
-        slot = lax.rem(hi - 1 - lo, jnp.int32(stages))
-        plgpu.barrier_wait(v_ready.at[slot])
+            def scope(s_ref):
+              plgpu.wgmma(s_ref, q_w, k_smem.at[nslot].T)
+              plgpu.wgmma(o_ref, p, v_smem.at[slot])
+              sched_signal()
+              s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+              kvseg = kv_segments(nslot, masked)
+              plgpu.barrier_arrive(k_free.at[nslot])
+              m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
+                                                   masked)
+              # Keep the softmax above the wait in LLVM's schedule. (ptxas,
+              # 13.0, still moves the exponentials below the wait; the row
+              # max overlaps P_j V_j, and the other consumer's matmuls cover
+              # the rest: see docs/pallas_mosaic_gpu.md.)
+              m_new, l_new, p_new, alpha = lax.optimization_barrier(
+                  (m_new, l_new, p_new, alpha))
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(v_free.at[slot])
+              return m_new, l_new, p_new.astype(dtype), alpha
 
-        def pv(o_ref):
-          plgpu.wgmma(o_ref, p, v_smem.at[slot])
+            m, l, p, alpha = pl.run_scoped(
+                scope, plgpu.ACC((bq, bk), jnp.float32))
+            o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
+            o_ref[...] = o * row(alpha, o.shape)
+            return m, l, p
 
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m, l, p
+          def last_block(carry):
+            slot = lax.rem(step + (hi - 1 - lo), jnp.int32(stages))
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return carry
 
-      plgpu.barrier_wait(q_bar.at[wg])
+          def nothing(carry):
+            release_previous_q()
+            return carry
+
+          carry = (m0, l0, p0)
+          first_full = (a == lo) & (c > lo)
+          carry = lax.cond(
+              num_kv > 0,
+              lambda x: lax.cond(first_full, first_block(False),
+                                 first_block(True), x),
+              nothing, carry)
+          # Block j+1 is masked unless it lies in [a, c).
+          masked_body = functools.partial(middle_block, masked=True)
+          full_body = functools.partial(middle_block, masked=False)
+          a1 = jnp.maximum(a - 1, lo)
+          c1 = jnp.maximum(c - 1, lo)
+          carry = lax.fori_loop(lo, a1, masked_body, carry)
+          carry = lax.fori_loop(a1, c1, full_body, carry)
+          carry = lax.fori_loop(c1, hi - 1, masked_body, carry)
+          carry = lax.cond(num_kv > 0, last_block, lambda x: x, carry)
+          m, l, _ = carry
+          return o_ref[...], m, l
+
+        acc, m, l = pl.run_scoped(blocks, plgpu.ACC((bq, hv), jnp.float32))
+
+        # Epilogue: normalise, write O through this item's Q buffer (idle
+        # now: this consumer's matmuls are done and the other consumer only
+        # reads its own rows).
+        l_safe = jnp.where(l == 0.0, 1.0, l)
+        out = acc * row(1.0 / l_safe, acc.shape)
+        lse = jnp.where(l == 0.0, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
+        if qlen_ref is not None:
+          valid = (q_base + plgpu.broadcasted_iota(
+              jnp.int32, (bq,), 0, layout=_ROW)) < qlen_ref[bb]
+          lse = jnp.where(valid, lse, -jnp.inf)
+          out = jnp.where(row(valid, out.shape), out, 0.0)
+        # The previous item's lse store must have read lse_smem.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        q_w[...] = out.astype(dtype)
+        lse_smem.at[wg][...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_w, out_ref.at[bb, qs, hh],
+                                commit_group=False)
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bb, hh, qs],
+                                commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        if qbufs == 1:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          plgpu.barrier_arrive(q_free.at[0])
+        return step + num_kv, raw_next
+
       if pingpong:
-        # Turns pass around the ring 0 -> 1 -> ... -> wgs-1 -> 0; the last
-        # consumer hands consumer 0 the first turn.
+        # Turns pass around the ring 0 -> 1 -> ... -> wgs-1 -> 0 over all
+        # blocks of all items (every consumer visits the same blocks); the
+        # last consumer hands consumer 0 the first turn. Per-item hand-offs
+        # could let one consumer arrive twice on a barrier before the other
+        # waits on it.
         pl.when(wg == wgs - 1)(sched_signal)
-      carry = (acc0, m0, l0, p0)
-      carry = lax.cond(num_kv > 0, first_block, lambda x: x, carry)
-      # Block j+1 is masked unless it lies in [a, c).
-      masked_body = functools.partial(middle_block, masked=True)
-      full_body = functools.partial(middle_block, masked=False)
-      carry = lax.fori_loop(lo, jnp.maximum(a - 1, lo), masked_body, carry)
-      carry = lax.fori_loop(jnp.maximum(a - 1, lo), jnp.maximum(c - 1, lo),
-                            full_body, carry)
-      carry = lax.fori_loop(jnp.maximum(c - 1, lo), hi - 1, masked_body,
-                            carry)
-      carry = lax.cond(num_kv > 0, last_block, lambda x: x, carry)
+      lax.fori_loop(0, n_items, tile, (jnp.int32(0), raw_item(0)))
       if pingpong:
         # Consume the turn the last consumer handed to consumer 0.
         pl.when(wg == 0)(sched_wait)
-      acc, m, l, _ = carry
-
-      # Epilogue: normalise, write O through the (now idle) Q buffer.
-      l_safe = jnp.where(l == 0.0, 1.0, l)
-      out = acc * row(1.0 / l_safe, acc.shape)
-      lse = jnp.where(l == 0.0, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
-      if qlen_ref is not None:
-        valid = (q_base + plgpu.broadcasted_iota(
-            jnp.int32, (bq,), 0, layout=_ROW)) < qlen_ref[bb]
-        lse = jnp.where(valid, lse, -jnp.inf)
-        out = jnp.where(row(valid, out.shape), out, 0.0)
-      q_w[...] = out.astype(dtype)
-      lse_smem.at[wg][...] = lse
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_w, out_ref.at[bb, qs, hh], commit_group=False)
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bb, hh, qs],
-                              commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      _consumer_body()
+
   scratch = [
-      _tiled_smem((wgs, bq, h), dtype),
+      _tiled_smem((qbufs, wgs, bq, max(h, hv)), dtype),
       _tiled_smem((stages, bk, h), dtype),
       _tiled_smem((stages, bk, hv), dtype),
       plgpu.SMEM((wgs, bq), jnp.float32),
+      plgpu.SMEM((qbufs, wgs, bq), jnp.int32) if segments else None,
       plgpu.SMEM((stages, bk), jnp.int32) if segments else None,
-      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=wgs * (2 if segments else 1),
+                    num_barriers=qbufs),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=qbufs),
       plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
@@ -501,12 +717,12 @@ def flash_forward(
       kernel,
       out_type=out_shape,
       scratch_types=scratch,
-      grid=(nqt, n, b),
-      grid_names=("q", "h", "b"),
+      grid=(grid_size,),
+      grid_names=("c",),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers),
   )
-  return call(q, k, v, tables, sinks, q_segment_ids, kv_segment_ids,
+  return call(q, k, v, table, counts, sinks, q_segment_ids, kv_segment_ids,
               q_lengths, kv_lengths)

@@ -129,6 +129,15 @@ def _pair_barrier():
   emit()
 
 
+def _drain(steps, stages, *free_barriers):
+  """Producer epilogue: wait for the final release of each used slot."""
+  for x in range(stages):
+    @pl.when(steps > x)
+    def _():
+      for bar in free_barriers:
+        plgpu.barrier_wait(bar.at[x])
+
+
 def flash_backward_dkv(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
     predicate: Callable | None = None, kv_len_static: int | None = None,
@@ -245,6 +254,10 @@ def flash_backward_dkv(
                                 do_ready.at[slot])
         plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
                                 delta_smem.at[slot], do_ready.at[slot])
+
+      # Observe the last release of every slot (no barrier phase completes
+      # unobserved; harmless on the GPU, checked by the interpreter).
+      _drain(steps, stages, q_free, do_free)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -492,6 +505,8 @@ def flash_backward_dq(
 
         plgpu.copy_gmem_to_smem(v_ref.at[bb, kslice, kvh], v_smem.at[slot],
                                 v_ready.at[slot])
+
+      _drain(num_kv, stages, k_free, v_free)
 
     @pl.when(wg < wgs)
     def _consumer():

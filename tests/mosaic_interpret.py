@@ -1,0 +1,156 @@
+"""Run the Mosaic GPU attention kernels on CPU in Pallas' GPU interpreter.
+
+Pallas (jax 0.11.2) simulates Mosaic GPU kernels on CPU: warpgroups as
+threads, shared memory, mbarriers with phase checks, TMA copies. Two things
+our kernels use are missing from its dispatcher, and this module adds them
+for tests only:
+
+* ``wgmma_accumulator_store`` (``acc_ref[...] = x``: the rescale of O kept in
+  a WGMMA accumulator across a loop);
+* ``wgmma`` whose A operand is a register array (``P @ V``), where the
+  interpreter expects a shared-memory ref.
+
+The interpreter runs every matmul synchronously and ignores the inline PTX
+named barriers (ping-pong), so it checks the data flow, the block tables,
+the masks, the mbarrier protocol (deadlocks, unobserved phases) and the
+persistent schedule, but not wgmma asynchrony or timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import textwrap
+
+import jax
+import numpy as np
+
+SUPPORTED_JAX = ("0.11.2",)
+
+
+def available() -> str | None:
+  """None if the interpreter can be patched here, else the reason."""
+  if jax.__version__ not in SUPPORTED_JAX:
+    return (f"the interpreter shim targets jax {SUPPORTED_JAX}, found "
+            f"{jax.__version__}")
+  try:
+    _patch()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cannot patch the Mosaic GPU interpreter: {e!r}"
+  return None
+
+
+def _modules():
+  # pylint: disable=g-import-not-at-top
+  from jax._src import callback
+  from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gc
+  from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret as ji
+  from jax._src.pallas.mosaic_gpu.interpret import shared_memory as memory
+  from jax._src.state import types as state_types
+  return callback, gc, ji, memory, state_types
+
+
+def _acc_store(*, token, mesh_location, thread, acc_allocation_key_as_array,
+               val, source_info=None):
+  _, gc, _, memory, _ = _modules()
+  key = gc.HostAllocationKey.from_array(acc_allocation_key_as_array)
+  sm = gc._get_shared_memory()  # pylint: disable=protected-access
+  info = memory.GPULoggingInfo(mesh_location, thread, source_info)
+  sm.store_buffer_content(key, sm.access(key, ()), np.asarray(val), thread,
+                          logging_info=info)
+  return token
+
+
+def _wgmma_register_a(*, token, mesh_location, thread,
+                      acc_allocation_key_as_array, acc_transforms, a_value,
+                      b_allocation_key_as_array, b_transforms,
+                      source_info=None):
+  _, gc, _, memory, _ = _modules()
+  noop = gc._remove_noop_transforms  # pylint: disable=protected-access
+  acc_key = gc.HostAllocationKey.from_array(acc_allocation_key_as_array)
+  b_key = gc.HostAllocationKey.from_array(b_allocation_key_as_array)
+  b_transforms = jax.tree.map(int, noop(b_transforms))
+  acc_transforms = jax.tree.map(int, noop(acc_transforms))
+  sm = gc._get_shared_memory()  # pylint: disable=protected-access
+  info = memory.GPULoggingInfo(mesh_location, thread, source_info)
+  b, _, _ = sm.get_buffer_content(b_key, sm.access(b_key, b_transforms),
+                                  thread, logging_info=info)
+  rng = sm.access(acc_key, acc_transforms)
+  acc, _, _ = sm.get_buffer_content(acc_key, rng, thread, logging_info=info)
+  res = acc + np.matmul(np.asarray(a_value), b, dtype=acc.dtype)
+  sm.store_buffer_content(acc_key, rng, res, thread, logging_info=info)
+  return token
+
+
+def _interpret_acc_store(self, eqn, token, get_invals):
+  callback, gc, _, _, _ = _modules()
+  acc, val = get_invals()
+  token = callback.io_callback(
+      functools.partial(gc.fail_on_exception(_acc_store),
+                        source_info=eqn.source_info),
+      gc.TOKEN_SHAPE_DTYPE, token=token, mesh_location=self.mesh_location,
+      thread=self.thread, acc_allocation_key_as_array=acc, val=val)
+  return token, val
+
+
+def _make_interpret_wgmma(original):
+  def interpret_wgmma(self, eqn, token, get_invals):
+    callback, gc, ji, _, state_types = _modules()
+    if isinstance(eqn.invars[1].aval, state_types.AbstractRef):
+      return original(self, eqn, token, get_invals)
+    acc, a, b, *leaves = get_invals()
+    empty = jax.tree.structure([])
+    acc_t, _, b_t = jax.tree.unflatten(
+        jax.tree_util.treedef_tuple((
+            eqn.params["acc_transforms_tree"] or empty,
+            eqn.params["a_transforms_tree"] or empty,
+            eqn.params["b_transforms_tree"] or empty)), leaves)
+    acc, acc_t = ji.resolve_ref(eqn.invars[0].aval, acc, acc_t)
+    b, b_t = ji.resolve_ref(eqn.invars[2].aval, b, b_t)
+    return callback.io_callback(
+        functools.partial(gc.fail_on_exception(_wgmma_register_a),
+                          source_info=eqn.source_info),
+        gc.TOKEN_SHAPE_DTYPE, token=token, mesh_location=self.mesh_location,
+        thread=self.thread, acc_allocation_key_as_array=acc,
+        acc_transforms=acc_t, a_value=a, b_allocation_key_as_array=b,
+        b_transforms=b_t), []
+  return interpret_wgmma
+
+
+def _patch():
+  _, _, ji, _, _ = _modules()
+  cls = ji.JaxprInterpreter
+  if getattr(cls, "_attnjax_patched", False):
+    return
+  src = textwrap.dedent(inspect.getsource(cls.interpret))
+  anchor = "        case gpu_primitives.wgmma_accumulator_deref_p:\n"
+  if anchor not in src:
+    raise RuntimeError("unexpected JaxprInterpreter.interpret source")
+  src = src.replace(anchor, (
+      "        case gpu_primitives.wgmma_accumulator_store_p:\n"
+      "          token, out = self._interpret_acc_store(\n"
+      "              eqn, token, deferred_invals)\n") + anchor)
+  namespace = dict(ji.__dict__)
+  exec(compile(src, ji.__file__, "exec"), namespace)  # pylint: disable=exec-used
+  cls.interpret = namespace["interpret"]
+  cls._interpret_acc_store = _interpret_acc_store  # pylint: disable=protected-access
+  cls._interpret_wgmma_ref_p = _make_interpret_wgmma(  # pylint: disable=protected-access
+      cls._interpret_wgmma_ref_p)  # pylint: disable=protected-access
+  cls._attnjax_patched = True
+
+
+@contextlib.contextmanager
+def interpret_mode():
+  """Kernels traced inside run in the GPU interpreter (shim applied)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  _patch()
+  params = plgpu.InterpretGPUParams(inline_mgpu="ignore")
+  try:
+    with plgpu.force_gpu_interpret_mode(params):
+      yield
+  except BaseException:
+    # The interpreter keeps global state that a failed kernel poisons.
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise

@@ -12,6 +12,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import math
 import multiprocessing
 
@@ -38,7 +39,8 @@ GATED = dict(feature_map="elu_plus_one", gate="scalar", normalize=True,
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """One architecture of the sweep."""
+  """One architecture of the sweep (``key`` is its command-line name)."""
+  key: str
   name: str
   pattern: str
   family: str           # "attention" | "linear" | "based" | "hybrid"
@@ -64,28 +66,26 @@ def model_specs(cfg) -> list[ModelSpec]:
   based = dict(feature_map="taylor2", head_dim=cfg.taylor_dim,
                normalize=True, short_conv=CONV)
   specs = [
-      ModelSpec("attention", "AA", "attention"),
-      ModelSpec("sliding window", "WW", "attention"),
-      ModelSpec("linear (elu+1)", "LL", "linear", _items(dict(
+      ModelSpec("attention", "attention", "AA", "attention"),
+      ModelSpec("swa", "sliding window", "WW", "attention"),
+      ModelSpec("linear", "linear (elu+1)", "LL", "linear", _items(dict(
           feature_map="elu_plus_one", normalize=True, short_conv=CONV))),
-      ModelSpec("retnet decay", "LL", "linear", _items(dict(
+      ModelSpec("retnet", "retnet decay", "LL", "linear", _items(dict(
           decay="retnet", short_conv=CONV))),
-      ModelSpec("gated linear", "LL", "linear", _items(GATED)),
-      ModelSpec("gated deltanet", "LL", "linear", _items(dict(
+      ModelSpec("gla", "gated linear", "LL", "linear", _items(GATED)),
+      ModelSpec("deltanet", "gated deltanet", "LL", "linear", _items(dict(
           rule="delta", gate="scalar", short_conv=CONV))),
-      ModelSpec("BASED (taylor+window)", "LW", "based", _items(based)),
+      ModelSpec("based", "BASED (taylor+window)", "LW", "based", _items(based)),
   ]
   for ratio in (7, 3, 1):
-    specs.append(ModelSpec(f"hybrid {ratio}:1",
+    specs.append(ModelSpec(f"hybrid{ratio}", f"hybrid {ratio}:1",
                            _hybrid(ratio, cfg.hybrid_depth), "hybrid",
                            _items(GATED)))
-  return [s for s in specs if s.name in cfg.models]
+  return [s for s in specs if s.key in cfg.models]
 
 
-ALL_MODELS = ("attention", "sliding window", "linear (elu+1)",
-              "retnet decay", "gated linear", "gated deltanet",
-              "BASED (taylor+window)", "hybrid 7:1", "hybrid 3:1",
-              "hybrid 1:1")
+ALL_MODELS = ("attention", "swa", "linear", "retnet", "gla", "deltanet",
+              "based", "hybrid7", "hybrid3", "hybrid1")
 
 
 @dataclasses.dataclass
@@ -111,18 +111,21 @@ class Config:
 # CPU minutes: 2-layer baselines at two widths; hybrids as short as their
 # ratio allows (7:1 has 8 layers, 3:1 and 1:1 have 4), at the smaller width.
 QUICK = Config(seq_len=64, num_pairs=8, vocab_size=64, widths=(32, 64),
-               models=("attention", "linear (elu+1)", "gated linear",
-                       "BASED (taylor+window)", "hybrid 7:1", "hybrid 3:1",
-                       "hybrid 1:1"),
+               models=("attention", "linear", "gla", "based", "hybrid7",
+                       "hybrid3", "hybrid1"),
                num_heads=2, window=8, hybrid_depth=4, taylor_dim=8,
                steps=300, batch_size=32, learning_rate=1e-2, eval_batches=4,
                mlp=False, jobs=2, hybrid_widths=(32,))
-# One GPU: Zoology-like sizes, every model, 8-layer hybrids at every width.
+# One GPU: Zoology-like sizes, 8-layer hybrids (at width 128).
 FULL = Config(seq_len=256, num_pairs=32, vocab_size=8192,
-              widths=(64, 128, 256), models=ALL_MODELS, num_heads=2,
-              window=32, hybrid_depth=8, taylor_dim=16, steps=3000,
-              batch_size=128, learning_rate=3e-3, eval_batches=8, mlp=True,
-              jobs=1)
+              widths=(64, 128, 256),
+              models=("attention", "swa", "linear", "gla", "deltanet",
+                      "based", "hybrid7", "hybrid3", "hybrid1"),
+              num_heads=2, window=32, hybrid_depth=8, taylor_dim=16,
+              steps=1500, batch_size=128, learning_rate=3e-3,
+              eval_batches=8, mlp=True, jobs=1, hybrid_widths=(128,))
+
+
 def state_bytes(spec: ModelSpec, cfg: Config, width: int) -> int:
   """Decoding state per sequence at length T (float32): the recall budget."""
   h = width // cfg.num_heads
@@ -229,8 +232,9 @@ def plot(rows, cfg: Config, path):
     label = f"{name} [{rs[0]['pattern']}]"
     ax1.plot([r["width"] for r in rs], [r["accuracy"] for r in rs],
              style.get(rs[0]["family"], "-o"), label=label)
+  widths = sorted({r["width"] for r in rows})
   ax1.set_xscale("log", base=2)
-  ax1.set_xticks(cfg.widths, [str(w) for w in cfg.widths])
+  ax1.set_xticks(widths, [str(w) for w in widths])
   ax1.minorticks_off()
   ax1.set_xlabel("model width (d_model)")
   ax1.set_ylabel("MQAR accuracy (held-out)")
@@ -271,6 +275,10 @@ def main(argv=None):
   p.add_argument("--steps", type=int)
   p.add_argument("--models", nargs="+", metavar="NAME",
                  help=f"subset of {list(ALL_MODELS)}")
+  p.add_argument("--merge", action="store_true",
+                 help="add to (replace same model/width in) an existing "
+                 "results.json in the output folder, e.g. to split --full "
+                 "over several commands")
   p.add_argument("--jobs", type=int,
                  help="parallel worker processes (quick: 2, full: 1)")
   p.add_argument("--seed", type=int, default=0)
@@ -294,6 +302,14 @@ def main(argv=None):
 
   with common.Timer() as total:
     rows = run_all(cfg, specs, args.seed)
+  if args.merge and (out / "results.json").exists():
+    old = json.loads((out / "results.json").read_text())["results"]
+    mine = {(r["model"], r["width"]) for r in rows}
+    rows = [r for r in old if (r["model"], r["width"]) not in mine] + rows
+    names = [s.name for s in model_specs(dataclasses.replace(
+        cfg, models=ALL_MODELS))]
+    rows.sort(key=lambda r: (names.index(r["model"])
+                             if r["model"] in names else 99, r["width"]))
   table = common.format_table(
       ["model", "pattern", "width", "params", "state KB", "accuracy",
        "train s"],

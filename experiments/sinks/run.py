@@ -73,7 +73,7 @@ QUICK = Config(seq_len=64, d_model=64, num_heads=4, num_layers=2,
                corpus_tokens=200_000, measure_every=125, measure_batch=16,
                variants=("softmax", "sigmoid", "softmax + output gate"))
 FULL = Config(seq_len=256, d_model=256, num_heads=8, num_layers=4,
-              steps=6000, batch_size=64, learning_rate=3e-3,
+              steps=4000, batch_size=64, learning_rate=3e-3,
               corpus_tokens=2_000_000, measure_every=500, measure_batch=32,
               variants=("softmax", "sigmoid", "softmax + output gate",
                         "softmax + sink logit"))

@@ -83,6 +83,57 @@ class TestMosaicGPU:
     check(inputs("segx", t=230, s=410), dtype=BF16,
           arrays={"segment_ids": (qs, ks)})
 
+  def test_segment_ids_causal_diag_case(self):
+    # The first H100 run's failure (docs/dev/gpu-runs/run2-diag-features.log).
+    seg = testing.random_segment_ids(jax.random.key(2), 2, 777, 3)
+    check(inputs("segc", t=777, n=6, kh=3, h=64), dtype=BF16,
+          arrays={"segment_ids": seg}, is_causal=True)
+
+  @pytest.mark.parametrize("h", [64, 128])
+  @pytest.mark.parametrize("kw", [
+      dict(is_causal=True),
+      dict(local_window_size=(300, 0)),
+      dict(local_window_size=(100, 60)),
+      dict(is_causal=True, local_window_size=(200, 0)),
+  ], ids=["causal", "window_left", "window_sym", "causal_window"])
+  def test_segment_ids_with_masks(self, h, kw):
+    seg = testing.random_segment_ids(_key("segm", h), 2, 900, 4)
+    check(inputs("segm", t=900, h=h), dtype=BF16,
+          arrays={"segment_ids": seg}, **kw)
+
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_segment_ids_with_lengths(self, causal):
+    seg = testing.random_segment_ids(_key("segl"), 2, 777, 3)
+    arrays = {"segment_ids": seg,
+              "q_lengths": jnp.array([777, 500], jnp.int32),
+              "kv_lengths": jnp.array([600, 777], jnp.int32)}
+    out, _ = check(inputs("segl", t=777, h=128), dtype=BF16, arrays=arrays,
+                   is_causal=causal)
+    np.testing.assert_array_equal(np.asarray(out[1, 500:], np.float32), 0.0)
+
+  @pytest.mark.parametrize("persistent,num_ctas", [(True, 7), (False, 0)])
+  def test_forward_grids(self, persistent, num_ctas):
+    # Few persistent CTAs walk many tiles each; or one CTA per tile.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = fwd_lib.FwdConfig(persistent=persistent, num_ctas=num_ctas)
+    seg = testing.random_segment_ids(_key("grid"), 2, 1500, 5)
+    check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("grid", t=1500, n=4, kh=2, h=128), dtype=BF16,
+        arrays={"segment_ids": seg}, is_causal=True)
+
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_head_dim_256_forward(self, causal):
+    inp = inputs("h256", t=700, s=900 if not causal else 700, h=256)
+    p, _ = make_problem(inp.q, inp.k, inp.v, is_causal=causal)
+    out, lse = pallas_mosaic.mosaic_attention(p, need_backward=False)
+    up = lambda x: x.astype(jnp.float32)
+    p32, _ = make_problem(up(inp.q), up(inp.k), up(inp.v), is_causal=causal)
+    from attnjax.softmax import xla  # pylint: disable=g-import-not-at-top
+    out_r, lse_r = xla.xla_attention(p32)
+    testing.assert_close(out, out_r, BF16, name="out")
+    testing.assert_close(lse, lse_r, BF16, name="lse")
+
   def test_seq_lengths(self):
     arrays = {"q_lengths": jnp.array([330, 200], jnp.int32),
               "kv_lengths": jnp.array([170, 400], jnp.int32)}

@@ -1,29 +1,39 @@
-"""One GPU run that checks and times the Pallas Mosaic GPU attention kernels.
+"""Checks and times the Pallas Mosaic GPU attention kernels on one GPU.
 
-Run from the repository root on an H100 (jax 0.11.2, CUDA, no network)::
+Run from the repository root on an H100 (jax 0.11.2, CUDA, no network), e.g.::
 
-    PYTHONPATH=$PWD python3 scripts/gpu/mosaic_check.py
+    PYTHONPATH=$PWD python3 scripts/gpu/mosaic_check.py \
+        --sections smoke,correct --budget 500
+    PYTHONPATH=$PWD python3 scripts/gpu/mosaic_check.py --sections time \
+        --configs "128:1024:*:*,128:4096:*:*" --budget 500
 
 Each section runs in its own subprocess with a timeout, so a kernel that
 hangs (a barrier deadlock) or crashes costs only its section; results go to
-``$OUT/mosaic_check.jsonl`` (or ./mosaic_check_out/) and a summary table is
-printed last. Sections:
+``$OUT/mosaic_check.jsonl`` (or ./mosaic_check_out/) one record at a time
+(partial runs keep what finished) and a summary table is printed last
+(``--summary a.jsonl b.jsonl`` reprints the merged table of several runs).
+Sections:
 
-* ``smoke``: one tiny causal forward + backward.
+* ``smoke``: one tiny causal forward, then forward + backward.
 * ``correct``: forward, lse and gradients (q, k, v, sinks) against autodiff of
   the float32 reference (``pallas_kernels.flash.reference``) for the common
-  path (bf16/f16, H 64/128, causal/full, MHA/GQA/MQA, ragged T/S) and every
-  feature (windows, chunked/prefix/offset masks, segment ids, lengths, sinks,
-  soft cap, fully masked rows, large logits), with determinism and NaN checks.
-* ``time128``, ``time64``, ``time256``: the benchmark grid (B*T = 16384,
-  N*H = 2048, T in 1k/4k/16k, causal and full, MHA and GQA 16:4 at H=128),
-  forward and forward+backward TFLOP/s of this kernel next to cuDNN through
-  ``jax.nn.dot_product_attention`` and tokamax "mosaic" when importable.
-* ``tune``: alternative tilings at a few grid points.
+  path (bf16/f16, H 64/128/256, causal/full, MHA/GQA/MQA, ragged T/S) and
+  every feature (windows, chunked/prefix/offset masks, segment ids alone and
+  with causal / windows / lengths, lengths, sinks, soft cap, fully masked
+  rows, large logits), with determinism and NaN checks. ``--cases a,b`` runs
+  the cases whose names contain a or b.
+* ``time``: grid points (B*T = 16384, N*H = 2048; ``--configs
+  H:T:causal|full:mha|gqa,...`` with ``*`` wildcards, default the whole grid
+  of H 64/128/256, T 1k/4k/16k, causal and full, MHA and GQA 16:4),
+  forward and forward+backward TFLOP/s of our kernels (``--variants``, default
+  ``ours``) next to cuDNN (``jax.nn.dot_product_attention``) and tokamax
+  "mosaic". Each function compiles once and is timed with few repetitions.
+  ``time128``/``time64``/``time256`` are the per-head-dim slices.
+* ``tune``: our variants only (persistent vs not, one Q buffer, no ping-pong,
+  3 stages, 64-key blocks, fused backward) at a few grid points.
 
-Options: ``--sections a,b`` to run a subset, ``--budget SECONDS`` (default
-720) total wall time after which remaining sections are skipped,
-``--no-tokamax``.
+Options: ``--budget SECONDS`` (default 540) total wall time after which the
+remaining sections are skipped, ``--no-tokamax``, ``--no-cudnn``.
 """
 
 from __future__ import annotations
@@ -34,16 +44,18 @@ import os
 import subprocess
 import sys
 import time
+import functools
 import traceback
 import zlib
 
-SECTIONS = {
+SECTIONS = {  # per-section timeout (seconds), also cut by --budget
     "smoke": 180,
-    "correct": 420,
-    "time128": 420,
-    "time64": 300,
-    "time256": 240,
-    "tune": 360,
+    "correct": 540,
+    "time": 540,
+    "time128": 540,
+    "time64": 540,
+    "time256": 540,
+    "tune": 540,
 }
 
 
@@ -128,6 +140,9 @@ def check_case(name, *, b=2, t=300, s=None, n=4, kh=2, h=64, dtype="bf16",
   sk = (jax.random.normal(jax.random.key(7), (n,)) * 2) if sinks else None
   arrays = arrays or {}
   impl = pallas_mosaic.mosaic_gpu_attention
+  fwd_only = grads is None  # no custom VJP at all (e.g. H=256 forward)
+  if fwd_only:
+    impl = lambda p: pallas_mosaic.mosaic_attention(p, need_backward=False)
   if fused:
     from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
     impl = lambda p: pallas_mosaic.mosaic_attention(
@@ -142,6 +157,9 @@ def check_case(name, *, b=2, t=300, s=None, n=4, kh=2, h=64, dtype="bf16",
 
   @jax.jit
   def run(q, k, v, sk, do, dlse):
+    if fwd_only:
+      o, l = f(q, k, v, sk)
+      return o, l, None
     (o, l), vjp = jax.vjp(f, q, k, v, sk)
     dl = jnp.where(jnp.isfinite(l), dlse, 0.0)
     g = vjp((do, dl)) if grads else None
@@ -149,6 +167,9 @@ def check_case(name, *, b=2, t=300, s=None, n=4, kh=2, h=64, dtype="bf16",
 
   @jax.jit
   def run_ref(q, k, v, sk, do, dlse):
+    if fwd_only:
+      o, l = fr(up(q), up(k), up(v), up(sk))
+      return o, l, None
     (o, l), vjp = jax.vjp(fr, up(q), up(k), up(v), up(sk))
     dl = jnp.where(jnp.isfinite(l), dlse, 0.0)
     g = vjp((up(do), dl)) if grads else None
@@ -204,7 +225,7 @@ def section_smoke(_):
              is_causal=True)
 
 
-def section_correct(_):
+def section_correct(args):
   jax, jnp = _imports()
   from attnjax import masks, testing  # pylint: disable=g-import-not-at-top
   cases = [
@@ -230,6 +251,9 @@ def section_correct(_):
   ]
   key = jax.random.key(3)
   seg = testing.random_segment_ids(key, 2, 470, 4)
+  seg777 = testing.random_segment_ids(jax.random.key(2), 2, 777, 3)
+  seg900 = testing.random_segment_ids(jax.random.key(5), 2, 900, 4)
+  seg500 = testing.random_segment_ids(jax.random.key(6), 2, 500, 3)
   cases += [
       ("segments_self_causal", dict(t=470, is_causal=True,
                                     arrays={"segment_ids": seg})),
@@ -252,6 +276,32 @@ def section_correct(_):
                                   key, 2, 510, 3),
                               "kv_lengths": jnp.array([510, 400],
                                                       jnp.int32)})),
+      # Segment ids with each static mask / lengths (segment ids x causal
+      # was wrong on the first H100 run: a race on the key segment ids).
+      ("seg_causal_diag", dict(b=2, t=777, n=6, kh=3, h=64, is_causal=True,
+                               arrays={"segment_ids": seg777})),
+      ("seg_causal_h128", dict(t=900, n=4, kh=2, h=128, is_causal=True,
+                               arrays={"segment_ids": seg900})),
+      ("seg_window", dict(t=777, n=6, kh=3, h=64,
+                          local_window_size=(300, 0),
+                          arrays={"segment_ids": seg777})),
+      ("seg_window_sym", dict(t=777, local_window_size=(100, 60),
+                              arrays={"segment_ids": seg777})),
+      ("seg_lengths", dict(t=777, h=128, arrays={
+          "segment_ids": seg777,
+          "q_lengths": jnp.array([777, 500], jnp.int32),
+          "kv_lengths": jnp.array([600, 777], jnp.int32)},
+                           zero_rows=(1, 500, 777))),
+      ("seg_causal_lengths", dict(t=777, is_causal=True, arrays={
+          "segment_ids": seg777,
+          "kv_lengths": jnp.array([777, 333], jnp.int32)})),
+      ("diag_all_features", dict(b=2, t=777, n=6, kh=3, h=64, sinks=True,
+                                 logits_soft_cap=20.0, is_causal=True,
+                                 local_window_size=(300, 0),
+                                 arrays={"segment_ids": seg777})),
+      ("h256_fwd_causal", dict(t=640, h=256, is_causal=True, grads=None)),
+      ("h256_fwd_seg", dict(t=500, h=256, grads=None,
+                            arrays={"segment_ids": seg500})),
       ("fully_masked_rows", dict(t=240, arrays={"segment_ids": (
           jnp.zeros((2, 240), jnp.int32).at[0, :100].set(7),
           jnp.zeros((2, 240), jnp.int32))}, zero_rows=(0, 0, 100))),
@@ -272,7 +322,10 @@ def section_correct(_):
                                     "kv_lengths": jnp.array([510, 400],
                                                             jnp.int32)})),
   ]
+  want = [c for c in (args.cases or "").split(",") if c]
   for name, kw in cases:
+    if want and not any(w in name for w in want):
+      continue
     try:
       check_case(name, **kw)
     except Exception as e:  # pylint: disable=broad-except
@@ -281,23 +334,59 @@ def section_correct(_):
       traceback.print_exc()
 
 
-def _time(f, *args, target=0.3):
-  """Median seconds per call (async dispatch, block at the end)."""
+def _time(f, *args, target=0.15, samples=3):
+  """Median seconds per call of a jitted f (async dispatch, block at end).
+
+  Returns (seconds, first output) so callers can reuse the output.
+  """
   jax, _ = _imports()
-  jax.block_until_ready(f(*args))
+  first = jax.block_until_ready(f(*args))
   t0 = time.perf_counter()
   jax.block_until_ready(f(*args))
   one = time.perf_counter() - t0
-  n = int(min(100, max(3, target / max(one, 1e-6))))
-  samples = []
-  for _ in range(5):
+  n = int(min(50, max(2, target / max(one, 1e-6))))
+  times = []
+  for _ in range(samples):
     t0 = time.perf_counter()
     for _ in range(n):
       out = f(*args)
     jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / n)
-  samples.sort()
-  return samples[len(samples) // 2]
+    times.append((time.perf_counter() - t0) / n)
+  times.sort()
+  return times[len(times) // 2], first
+
+
+GRID_T = (1024, 4096, 16384)
+GRID_H = (64, 128, 256)
+
+
+def parse_configs(spec):
+  """'H:T:causal|full:mha|gqa' entries, comma separated; '*' is a wildcard.
+
+  >>> parse_configs("128:1024:full:mha")
+  [(128, 1024, False, False)]
+  """
+  out = []
+  for entry in spec.split(","):
+    entry = entry.strip()
+    if not entry:
+      continue
+    parts = entry.split(":")
+    if len(parts) != 4:
+      raise ValueError(f"config {entry!r}: want H:T:causal|full:mha|gqa")
+    hs = GRID_H if parts[0] == "*" else (int(parts[0]),)
+    ts = GRID_T if parts[1] == "*" else (int(parts[1]),)
+    cs = (False, True) if parts[2] == "*" else (
+        {"full": False, "causal": True}[parts[2]],)
+    gs = (False, True) if parts[3] == "*" else (
+        {"mha": False, "gqa": True}[parts[3]],)
+    for h in hs:
+      for t in ts:
+        for c in cs:
+          for g in gs:
+            if (h, t, c, g) not in out:
+              out.append((h, t, c, g))
+  return out
 
 
 def _grid_point(t, h, causal, gqa):
@@ -306,21 +395,53 @@ def _grid_point(t, h, causal, gqa):
               causal=causal)
 
 
-def time_point(label, *, b, t, n, kh, h, causal, impls, fwd_config=None,
-               bwd_config=None, passes=("fwd", "fwdbwd"), tokamax=True):
+def _label(h, t, causal, gqa):
+  return (f"H{h} T{t} {'causal' if causal else 'full'} "
+          f"{'GQA16:4' if gqa else 'MHA'}")
+
+
+def _variant_configs(name, h):
+  """(fwd_config, bwd_config, passes) of a named variant of our kernels."""
+  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
+  base = fl.default_fwd_config(h)
+  fwd = lambda **kw: fl.FwdConfig(**{**{f: getattr(base, f) for f in (
+      "block_q", "block_kv", "num_stages")}, **kw})
+  both, fonly, bonly = ("fwd", "fwdbwd"), ("fwd",), ("fwdbwd",)
+  table = {
+      "ours": (None, None, both),
+      # The first version's grid: one CTA per tile (forward only differs).
+      "np": (fwd(persistent=False), None, fonly),
+      "qb1": (fwd(q_buffers=1), None, fonly),
+      "nopp": (fwd(pingpong=False), None, fonly),
+      "st3": (fwd(num_stages=3), None, fonly),
+      "kv64": (fwd(block_kv=64, num_stages=4 if h <= 128 else 2), None,
+               fonly),
+      "fused": (None, bl.BwdConfig(fused_dq=True), bonly),
+  }
+  if name not in table:
+    raise ValueError(f"unknown variant {name!r} (have {sorted(table)})")
+  return table[name]
+
+
+def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
+               baselines=("cudnn", "tokamax"), passes=("fwd", "fwdbwd")):
+  """Times our variants and the baselines at one grid point; one record."""
   jax, jnp = _imports()
   from attnjax.softmax import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from attnjax.softmax.problem import make_problem  # pylint: disable=g-import-not-at-top
   q, k, v, do, _ = _inputs(jax.random.key(0), b, t, t, n, kh, h,
                            jnp.bfloat16)
   flops = 4.0 * b * n * t * t * h / (2 if causal else 1)
+  fns = {}
+  for name in variants:
+    fcfg, bcfg, vpasses = _variant_configs(name, h)
 
-  def ours(q, k, v):
-    p, _ = make_problem(q, k, v, is_causal=causal)
-    need_bwd = "fwdbwd" in passes
-    return pallas_mosaic.mosaic_attention(
-        p, fwd_config=fwd_config, bwd_config=bwd_config,
-        need_backward=need_bwd)[0]
+    def ours(q, k, v, fcfg=fcfg, bcfg=bcfg, need_bwd=True):
+      p, _ = make_problem(q, k, v, is_causal=causal)
+      return pallas_mosaic.mosaic_attention(
+          p, fwd_config=fcfg, bwd_config=bcfg, need_backward=need_bwd)[0]
+    fns[name] = (ours, vpasses)
 
   def cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
@@ -331,138 +452,141 @@ def time_point(label, *, b, t, n, kh, h, causal, impls, fwd_config=None,
     return tokamax.dot_product_attention(q, k, v, is_causal=causal,
                                          implementation="mosaic")
 
-  if "ours" in impls:
-    # Agreement with cuDNN at the timed shape (forward output, max |diff|).
-    try:
-      p_ours = jax.jit(ours)(q, k, v).astype(jnp.float32)
-      p_ref = jax.jit(cudnn)(q, k, v).astype(jnp.float32)
-      diff = float(jnp.max(jnp.abs(p_ours - p_ref)))
-      nan = int(jnp.isnan(p_ours).sum())
-    except Exception as e:  # pylint: disable=broad-except
-      diff, nan = f"{type(e).__name__}: {str(e)[:200]}", None
-  def fused(q, k, v):
-    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
-    p, _ = make_problem(q, k, v, is_causal=causal)
-    return pallas_mosaic.mosaic_attention(
-        p, fwd_config=fwd_config,
-        bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True))[0]
-
-  fns = {"ours": ours, "fused": fused, "cudnn": cudnn}
-  if tokamax:
-    fns["tokamax"] = tok
+  if "cudnn" in baselines:
+    fns["cudnn"] = (cudnn, passes)
+  if "tokamax" in baselines:
+    fns["tokamax"] = (tok, passes)
   row = dict(section="time", label=label, b=b, t=t, n=n, kh=kh, h=h,
              causal=causal)
-  if "ours" in impls:
-    row["maxdiff_vs_cudnn"] = diff
-    row["nans"] = nan
-  for name in impls:
-    fn = fns.get(name)
-    if fn is None:
-      continue
+  outs = {}
+  for name, (fn, vpasses) in fns.items():
     for pss in passes:
-      if name == "fused" and pss == "fwd":
-        continue  # same forward as "ours"
+      if pss not in vpasses:
+        continue
       key = f"{name}_{pss}"
       try:
         if pss == "fwd":
-          f = jax.jit(fn)
-          sec = _time(f, q, k, v)
+          f = fn
+          if name in variants:
+            f = functools.partial(fn, need_bwd=False)
+          sec, first = _time(jax.jit(f), q, k, v)
+          outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
           def fb(q, k, v, do, fn=fn):
-            out, vjp = jax.vjp(fn, q, k, v)
+            _, vjp = jax.vjp(fn, q, k, v)
             return vjp(do)
-          sec = _time(jax.jit(fb), q, k, v, do)
+          sec, _ = _time(jax.jit(fb), q, k, v, do)
           row[key] = round(3.5 * flops / sec / 1e12, 1)
         row[key + "_ms"] = round(sec * 1e3, 3)
       except Exception as e:  # pylint: disable=broad-except
         row[key] = None
         row[key + "_err"] = f"{type(e).__name__}: {str(e)[:200]}"
+  # Agreement with cuDNN at the timed shape (forward output, max |diff|).
+  if "cudnn" in outs:
+    for name in variants:
+      if name in outs:
+        a = outs[name].astype(jnp.float32)
+        row[f"{name}_maxdiff_vs_cudnn"] = float(jnp.max(jnp.abs(
+            a - outs["cudnn"].astype(jnp.float32))))
+        row[f"{name}_nans"] = int(jnp.isnan(a).sum())
   record(**row)
 
 
-def _grid(h, gqa_too, passes, args):
-  for t in (1024, 4096, 16384):
-    for causal in (False, True):
-      for gqa in ((False, True) if gqa_too else (False,)):
-        pt = _grid_point(t, h, causal, gqa)
-        label = f"H{h} T{t} {'causal' if causal else 'full'} " + (
-            "GQA16:4" if gqa else "MHA")
-        try:
-          time_point(label, impls=("ours", "fused", "cudnn", "tokamax"),
-                     passes=passes, tokamax=not args.no_tokamax, **pt)
-        except Exception as e:  # pylint: disable=broad-except
-          record(section="time", label=label,
-                 error=f"{type(e).__name__}: {str(e)[:300]}")
+def _variants(args):
+  return tuple(v for v in args.variants.split(",") if v)
+
+
+def _baselines(args):
+  out = []
+  if not args.no_cudnn:
+    out.append("cudnn")
+  if not args.no_tokamax:
+    out.append("tokamax")
+  return tuple(out)
+
+
+def _run_configs(configs, args, passes_of=None):
+  for h, t, causal, gqa in configs:
+    label = _label(h, t, causal, gqa)
+    passes = passes_of(h) if passes_of else ("fwd", "fwdbwd")
+    try:
+      time_point(label, variants=_variants(args), baselines=_baselines(args),
+                 passes=passes, **_grid_point(t, h, causal, gqa))
+    except Exception as e:  # pylint: disable=broad-except
+      record(section="time", label=label,
+             error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _passes_for_head_dim(h):
+  from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+  if h in mosaic_gpu_bwd.SUPPORTED_HEAD_DIMS:
+    return ("fwd", "fwdbwd")
+  return ("fwd",)
+
+
+def section_time(args):
+  configs = parse_configs(args.configs or "*:*:*:*")
+  _run_configs(configs, args, _passes_for_head_dim)
 
 
 def section_time128(args):
-  _grid(128, True, ("fwd", "fwdbwd"), args)
+  _run_configs(parse_configs("128:*:*:*"), args, _passes_for_head_dim)
 
 
 def section_time64(args):
-  _grid(64, False, ("fwd", "fwdbwd"), args)
+  _run_configs(parse_configs("64:*:*:*"), args, _passes_for_head_dim)
 
 
 def section_time256(args):
-  # The backward has no H=256 kernel yet: forward only.
-  _grid(256, False, ("fwd",), args)
+  _run_configs(parse_configs("256:*:*:*"), args, _passes_for_head_dim)
 
 
 def section_tune(args):
-  del args
-  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
-  fwd_variants = {
-      128: [fl.FwdConfig(block_kv=128, num_stages=3),
-            fl.FwdConfig(block_kv=128, num_stages=2, pingpong=False),
-            fl.FwdConfig(block_kv=128, num_stages=2, no_auto_barriers=True),
-            fl.FwdConfig(block_kv=64, num_stages=4),
-            fl.FwdConfig(block_kv=128, num_stages=2, consumer_regs=232,
-                         producer_regs=40)],
-      64: [fl.FwdConfig(block_kv=128, num_stages=2),
-           fl.FwdConfig(block_kv=128, num_stages=4),
-           fl.FwdConfig(block_kv=128, num_stages=3, num_compute_wgs=3,
-                        consumer_regs=160, producer_regs=32)],
-      256: [fl.FwdConfig(block_kv=64, num_stages=2, pingpong=False),
-            fl.FwdConfig(block_kv=64, num_stages=2, no_auto_barriers=True)],
-  }
-  bwd_variants = {
-      128: [bl.BwdConfig(num_stages=3),
-            bl.BwdConfig(block_kv_dq=128),
-            bl.BwdConfig(fused_dq=True, consumer_regs=232,
-                         producer_regs=40)],
-      64: [bl.BwdConfig(block_q_dkv=128, block_kv_dq=128),
-           bl.BwdConfig(num_stages=3),
-           bl.BwdConfig(fused_dq=True, num_stages=3)],
-  }
-  for h in (128, 64, 256):
-    for t, causal in ((16384, False), (4096, True)):
-      pt = _grid_point(t, h, causal, gqa=h == 128)
-      for i, cfg in enumerate(fwd_variants[h]):
-        label = f"tune fwd H{h} T{t} {'causal' if causal else 'full'} {cfg}"
-        try:
-          time_point(label, impls=("ours",), passes=("fwd",),
-                     fwd_config=cfg, tokamax=False, **pt)
-        except Exception as e:  # pylint: disable=broad-except
-          record(section="time", label=label, error=str(e)[:300])
-      for cfg in bwd_variants.get(h, []):
-        label = f"tune bwd H{h} T{t} {'causal' if causal else 'full'} {cfg}"
-        try:
-          time_point(label, impls=("ours",), passes=("fwdbwd",),
-                     bwd_config=cfg, tokamax=False, **pt)
-        except Exception as e:  # pylint: disable=broad-except
-          record(section="time", label=label, error=str(e)[:300])
+  """Our variants only, at a few grid points (or --configs)."""
+  configs = parse_configs(args.configs or
+                          "128:1024:full:mha,128:4096:causal:mha,"
+                          "64:1024:full:mha,256:4096:full:mha")
+  variants = _variants(args)
+  if variants == ("ours",):
+    variants = ("ours", "np", "qb1", "nopp", "st3", "kv64", "fused")
+  for h, t, causal, gqa in configs:
+    label = "tune " + _label(h, t, causal, gqa)
+    try:
+      time_point(label, variants=variants, baselines=(),
+                 passes=_passes_for_head_dim(h),
+                 **_grid_point(t, h, causal, gqa))
+    except Exception as e:  # pylint: disable=broad-except
+      record(section="time", label=label, error=str(e)[:300])
 
 
 # ---------------------------------------------------------------------------
 # Driver.
 
 
-def summary():
-  path = os.path.join(out_dir(), "mosaic_check.jsonl")
-  rows = [json.loads(line) for line in open(path)] if os.path.exists(
-      path) else []
+_BASELINES = ("cudnn", "tokamax")
+
+
+def _ours(r, p):
+  """(best TFLOP/s of our variants for pass p, variant name)."""
+  best = (None, None)
+  for k, v in r.items():
+    if not k.endswith("_" + p) or not isinstance(v, (int, float)):
+      continue
+    name = k[:-len(p) - 1]
+    if name in _BASELINES or name.endswith("_fwd"):
+      continue
+    if best[0] is None or v > best[0]:
+      best = (v, name)
+  return best
+
+
+def summary(paths=None):
+  paths = paths or [os.path.join(out_dir(), "mosaic_check.jsonl")]
+  rows = []
+  for path in paths:
+    if os.path.exists(path):
+      rows += [json.loads(line) for line in open(path) if line.strip()]
   print("\n================ SUMMARY ================")
   for r in rows:
     if r.get("section") == "env":
@@ -482,50 +606,68 @@ def summary():
       print(f"  {flag} {r['case']:24s} {info}")
   tim = [r for r in rows if r.get("section") == "time"]
   if tim:
-    print("\nTFLOP/s (fwd = 4BNTSH, halved causal; fwd+bwd = 3.5x fwd)")
-    hdr = (f"{'config':44s} {'ours':>6s} {'cudnn':>6s} {'tkmx':>6s} "
-           f"{'ratio':>6s} | {'ours':>6s} {'fused':>6s} {'cudnn':>6s} "
-           f"{'tkmx':>6s} {'ratio':>6s}")
-    print(f"{'':44s} {'---------- forward ----------':>29s} | "
-          f"{'----------- forward+backward -----------':>36s}")
-    print(hdr)
-    fmt = lambda x: f"{x:6.1f}" if isinstance(x, (int, float)) else f"{'-':>6s}"
+    print("\nTFLOP/s (fwd = 4BNTSH, halved causal; fwd+bwd = 3.5x fwd); "
+          "ours = best of the variants timed (named after the number)")
+    print(f"{'':34s} {'------------- forward -------------':>36s} | "
+          f"{'--------- forward+backward ---------':>36s}")
+    print(f"{'config':34s} {'ours':>13s} {'cudnn':>7s} {'tkmx':>7s} "
+          f"{'ratio':>6s} | {'ours':>13s} {'cudnn':>7s} {'tkmx':>7s} "
+          f"{'ratio':>6s}")
+    fmt = lambda x: f"{x:7.1f}" if isinstance(x, (int, float)) else f"{'-':>7s}"
     fmtr = lambda x: f"{x:6.2f}" if isinstance(x, (int, float)) else f"{'-':>6s}"
 
-    def ratio(r, p):
-      o = max([x for x in (r.get(f"ours_{p}"), r.get(f"fused_{p}"))
-               if isinstance(x, (int, float))] or [None], key=lambda x: x or 0)
+    def cols(r, p):
+      o, name = _ours(r, p)
       best = max([x for x in (r.get(f"cudnn_{p}"), r.get(f"tokamax_{p}"))
                   if isinstance(x, (int, float))] or [0])
-      return o / best if isinstance(o, (int, float)) and best else None
+      ratio = o / best if o is not None and best else None
+      tag = f"{fmt(o)}{'(' + name[:4] + ')' if name else '':6s}"
+      return (f"{tag:>13s} {fmt(r.get(f'cudnn_{p}'))} "
+              f"{fmt(r.get(f'tokamax_{p}'))} {fmtr(ratio)}")
 
     for r in tim:
       if "error" in r:
-        print(f"{r['label'][:44]:44s} ERROR {r['error'][:60]}")
+        print(f"{r['label'][:34]:34s} ERROR {r['error'][:80]}")
         continue
-      print(f"{r['label'][:44]:44s} {fmt(r.get('ours_fwd'))} "
-            f"{fmt(r.get('cudnn_fwd'))} {fmt(r.get('tokamax_fwd'))} "
-            f"{fmtr(ratio(r, 'fwd'))} | {fmt(r.get('ours_fwdbwd'))} "
-            f"{fmt(r.get('fused_fwdbwd'))} "
-            f"{fmt(r.get('cudnn_fwdbwd'))} {fmt(r.get('tokamax_fwdbwd'))} "
-            f"{fmtr(ratio(r, 'fwdbwd'))}")
-      if "maxdiff_vs_cudnn" in r:
-        md = r["maxdiff_vs_cudnn"]
-        if not isinstance(md, float) or md > 0.05 or r.get("nans"):
-          print(f"    WARNING output vs cudnn: maxdiff {md} nans {r.get('nans')}")
-      errs = {k: v for k, v in r.items() if k.endswith("_err")}
-      for k, v in errs.items():
-        print(f"    {k}: {v[:100]}")
-  print(f"\n(details: {path})")
+      print(f"{r['label'][:34]:34s} {cols(r, 'fwd')} | {cols(r, 'fwdbwd')}")
+      var = {k: v for k, v in r.items() if isinstance(v, (int, float))
+             and (k.endswith("_fwd") or k.endswith("_fwdbwd"))
+             and not k.startswith(_BASELINES)}
+      if len(var) > 2:
+        print("    " + "  ".join(f"{k}={v}" for k, v in sorted(var.items())))
+      for k, v in r.items():
+        if k.endswith("_maxdiff_vs_cudnn"):
+          nans = r.get(k.replace("_maxdiff_vs_cudnn", "_nans"))
+          if not isinstance(v, float) or v > 0.05 or nans:
+            print(f"    WARNING {k}: {v} nans {nans}")
+      for k, v in r.items():
+        if k.endswith("_err"):
+          print(f"    {k}: {v[:100]}")
+  print(f"\n(details: {', '.join(paths)})")
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--sections", default=",".join(SECTIONS))
-  ap.add_argument("--budget", type=float, default=720)
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--sections", default="smoke,correct,time")
+  ap.add_argument("--budget", type=float, default=540,
+                  help="wall seconds for all sections together")
+  ap.add_argument("--configs", default="",
+                  help="time/tune grid points H:T:causal|full:mha|gqa, "
+                  "comma separated, '*' wildcards (default: whole grid)")
+  ap.add_argument("--variants", default="ours",
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,"
+                  "kv64,fused")
+  ap.add_argument("--cases", default="",
+                  help="correct: only cases whose name contains one of these")
   ap.add_argument("--no-tokamax", action="store_true")
+  ap.add_argument("--no-cudnn", action="store_true")
+  ap.add_argument("--summary", nargs="*", default=None,
+                  help="only print the summary of these jsonl files")
   ap.add_argument("--_run", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.summary is not None:
+    summary(args.summary or None)
+    return
   if args._run:  # pylint: disable=protected-access
     globals()[f"section_{args._run}"](args)  # pylint: disable=protected-access
     return
@@ -535,6 +677,8 @@ def main():
   start = time.time()
   hung = False
   for name in args.sections.split(","):
+    if name not in SECTIONS:
+      raise SystemExit(f"unknown section {name!r} (have {sorted(SECTIONS)})")
     left = args.budget - (time.time() - start)
     if hung:
       # The smoke test hung: every other section would hang the same way.
@@ -547,15 +691,19 @@ def main():
       continue
     timeout = min(SECTIONS[name], left)
     print(f"\n=== section {name} (timeout {timeout:.0f} s) ===", flush=True)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_run", name]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_run", name,
+           "--configs", args.configs, "--variants", args.variants,
+           "--cases", args.cases]
     if args.no_tokamax:
       cmd.append("--no-tokamax")
+    if args.no_cudnn:
+      cmd.append("--no-cudnn")
     t0 = time.time()
     try:
       rc = subprocess.run(cmd, timeout=timeout, check=False).returncode
       status = "ok" if rc == 0 else f"exit {rc}"
     except subprocess.TimeoutExpired:
-      status = "TIMEOUT (hang?)"
+      status = "TIMEOUT (hang or budget)"
       hung = name == "smoke"
     record(section="status", name=name, status=status,
            seconds=round(time.time() - t0, 1))

@@ -225,3 +225,27 @@ def test_building_blocks():
   a, state = conv(x[:, :2])
   b, _ = conv(x[:, 2:], state)
   testing.assert_close(jnp.concatenate([a, b], 1), whole, F32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_default_backends_match_xla(dtype):
+  """On a GPU the layers' default kernels (Pallas / cuDNN) equal "xla"."""
+  x = jax.random.normal(jax.random.key(20), (2, 256, 128)).astype(dtype)
+  for kw in (dict(num_kv_heads=2, sinks=True), dict(local_window_size=64)):
+    fast = ann.MultiHeadAttention(in_features=128, num_heads=8, rope=True,
+                                  dtype=dtype, rngs=nnx.Rngs(0), **kw)
+    ref = ann.MultiHeadAttention(in_features=128, num_heads=8, rope=True,
+                                 dtype=dtype, implementation="xla",
+                                 rngs=nnx.Rngs(0), **kw)
+    testing.assert_close(_call(fast, x), _call(ref, x), dtype)
+    loss = lambda m, x: (m(x).astype(F32) ** 2).mean()
+    grad = nnx.jit(nnx.grad(loss))
+    testing.assert_close(jax.tree.leaves(grad(fast, x)),
+                         jax.tree.leaves(grad(ref, x)), dtype, grad=True)
+  fast = ann.LinearAttention(in_features=128, num_heads=4, gate="scalar",
+                             dtype=dtype, rngs=nnx.Rngs(0))
+  ref = ann.LinearAttention(in_features=128, num_heads=4, gate="scalar",
+                            dtype=dtype, implementation="xla",
+                            rngs=nnx.Rngs(0))
+  testing.assert_close(_call(fast, x), _call(ref, x), dtype)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax import decode as decode_lib
 from attnjax.nn.layers import RMSNorm, ShortConv, apply_rope
 from attnjax.softmax import api
 
@@ -294,8 +295,9 @@ class MultiHeadAttention(nnx.Module):
              ) -> tuple[jax.Array, KVCache]:
     """Appends ``x`` [B, Tn, D] to the cache and attends from its tokens.
 
-    Prefill is ``decode`` with the whole prompt; generation is ``decode``
-    with one token at a time. The caller keeps ``lengths + Tn <= S_max``
+    Prefill is ``decode`` with the whole prompt (``dot_product_attention``
+    with the new rows of the causal mask); generation is ``decode`` with one
+    token at a time (``attnjax.decode_attention``, split-K over the cache). The caller keeps ``lengths + Tn <= S_max``
     (positions past the end of the cache are clamped by
     ``lax.dynamic_update_slice``).
 
@@ -317,7 +319,13 @@ class MultiHeadAttention(nnx.Module):
     kq, vq = key.astype(q.dtype), value.astype(q.dtype)
     if self.normalization == "sigmoid":
       o = self._sigmoid_attention(q, kq, vq, vis)
+    elif tn == 1:
+      # One new token: split-K decoding over the cache (API section 4).
+      o = decode_lib.decode_attention(
+          q, kq, vq, kv_lengths=cache.lengths + tn,
+          local_window_size=self._window(), sinks=self._sink_logits())
     else:
+      # Prefill: the new tokens' rows of the causal (windowed) mask.
       o = api.dot_product_attention(
           q, kq, vq, mask=vis, sinks=self._sink_logits(),
           implementation=self.implementation)

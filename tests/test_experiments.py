@@ -23,6 +23,9 @@ def test_mqar_batches_are_recall_problems():
   x, y, w = (np.asarray(b[k]) for k in ("inputs", "targets", "weights"))
   assert x.shape == y.shape == w.shape == (5, t)
   np.testing.assert_array_equal(w.sum(1), p)
+  at = np.sort(np.asarray(b["loss_positions"]), axis=1)
+  np.testing.assert_array_equal(at, np.stack(
+      [np.flatnonzero(r) for r in w]))
   for row in range(5):
     keys, values = x[row, 0:2 * p:2], x[row, 1:2 * p:2]
     assert len(set(keys.tolist())) == p and keys.max() < 16 <= values.min()

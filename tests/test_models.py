@@ -85,6 +85,28 @@ def test_hybrid_model_loss_falls():
     np.testing.assert_array_equal(a, b)
 
 
+def test_loss_positions_equal_the_dense_weighted_loss():
+  """``loss_positions`` gathers logits; loss and gradients are unchanged."""
+  model = _model("LA")
+  tokens = jax.random.randint(jax.random.key(4), (3, 12), 0, 23)
+  at = jnp.array([[1, 5, 7], [0, 2, 11], [9, 4, 3]], jnp.int32)
+  weights = jnp.zeros((3, 12)).at[jnp.arange(3)[:, None], at].set(
+      jnp.array([1.0, 0.5, 2.0]))
+  dense = {"inputs": tokens, "targets": (tokens * 7) % 23,
+           "weights": weights}
+  sparse = dict(dense, loss_positions=at)
+  full = model(tokens)
+  testing.assert_close(model(tokens, logits_at=at),
+                       jnp.take_along_axis(full, at[..., None], 1), F32)
+  grad = lambda b: nnx.grad(lambda m: train.next_token_loss(m, b)[0])(model)
+  (l1, m1), (l2, m2) = (train.next_token_loss(model, b)
+                        for b in (dense, sparse))
+  testing.assert_close(l2, l1, F32)
+  testing.assert_close(m2["accuracy"], m1["accuracy"], F32)
+  testing.assert_close(jax.tree.leaves(grad(sparse)),
+                       jax.tree.leaves(grad(dense)), F32, grad=True)
+
+
 def test_pattern_and_tied_embeddings():
   with pytest.raises(ValueError, match="pattern"):
     _model("AXL")

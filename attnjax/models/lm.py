@@ -102,11 +102,18 @@ class LanguageModel(nnx.Module):
     return x @ w
 
   def __call__(self, tokens: jax.Array, *, positions=None,
-               segment_ids=None) -> jax.Array:
-    """int tokens [B, T] -> float32 logits [B, T, V]."""
+               segment_ids=None, logits_at=None) -> jax.Array:
+    """int tokens [B, T] -> float32 logits [B, T, V].
+
+    ``logits_at`` int [B, P]: return only those positions' logits
+    [B, P, V] (sparse supervision, e.g. the answer slots of a recall task:
+    the output layer then costs P / T of the dense one).
+    """
     x = self._embed(tokens)
     for block in self.blocks:
       x = block(x, positions=positions, segment_ids=segment_ids)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     return self._logits(x)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32):

@@ -10,7 +10,10 @@ A batch is a dict of arrays:
 * ``targets``: int [B, T] the token to predict at each position;
 * ``weights`` (optional): float [B, T] loss weights (e.g. 0 on padding, or 1
   only at the answer positions of a recall task);
-* ``segment_ids`` / ``positions`` (optional): forwarded to the model.
+* ``segment_ids`` / ``positions`` (optional): forwarded to the model;
+* ``loss_positions`` (optional): int [B, P], the only positions whose loss
+  counts (their weights still apply): the model is asked for their logits
+  alone (``LanguageModel(..., logits_at=...)``).
 """
 
 from __future__ import annotations
@@ -52,11 +55,16 @@ def make_optimizer(learning_rate: float = 1e-3, *, total_steps: int = 1000,
 def next_token_loss(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted mean cross-entropy of ``targets`` (and accuracy)."""
   extra = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
-  logits = model(batch["inputs"], **extra).astype(jnp.float32)
   targets = batch["targets"]
   w = batch.get("weights")
   w = (jnp.ones(targets.shape, jnp.float32) if w is None
        else w.astype(jnp.float32))
+  at = batch.get("loss_positions")
+  if at is not None:
+    extra["logits_at"] = at
+    targets = jnp.take_along_axis(targets, at, axis=1)
+    w = jnp.take_along_axis(w, at, axis=1)
+  logits = model(batch["inputs"], **extra).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   total = jnp.maximum(w.sum(), 1e-9)
   loss = (ce * w).sum() / total

@@ -20,6 +20,9 @@ def mqar_batch(key: jax.Array, *, batch_size: int, seq_len: int,
                num_pairs: int, vocab_size: int) -> dict[str, jax.Array]:
   """One MQAR batch: inputs, targets (next token) and weights, [B, T] each.
 
+  Also ``loss_positions`` int [B, P]: the queried keys' positions (the only
+  ones with nonzero weight), so the loss needs logits there alone.
+
   Args:
     key: PRNG key.
     batch_size: B.
@@ -53,4 +56,5 @@ def mqar_batch(key: jax.Array, *, batch_size: int, seq_len: int,
       [jnp.zeros((batch_size, 2 * num_pairs), jnp.float32), weights], axis=1)
   # Next-token targets; the last position has none (its weight is 0).
   targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-  return {"inputs": tokens, "targets": targets, "weights": weights}
+  return {"inputs": tokens, "targets": targets, "weights": weights,
+          "loss_positions": (2 * num_pairs + 2 * where).astype(jnp.int32)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import time
 
@@ -43,9 +44,9 @@ class Config:
 QUICK = Config(seq_lens=(256, 512, 1024, 2048, 4096), tokens=4096,
                num_heads=4, head_dim=64, dtype="float32",
                implementations=("xla", "xla_chunked", LINEAR), repeats=3)
-FULL = Config(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768), tokens=32768,
-              num_heads=16, head_dim=128, dtype="bfloat16",
-              implementations=SOFTMAX + (LINEAR,), repeats=10)
+FULL = Config(seq_lens=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
+              tokens=32768, num_heads=16, head_dim=128, dtype="bfloat16",
+              implementations=SOFTMAX + (LINEAR,), repeats=5)
 
 
 def attention_fn(impl: str, cfg: Config):
@@ -95,7 +96,7 @@ def measure(impl: str, seq_len: int, cfg: Config) -> dict:
   return row
 
 
-def plot(rows, cfg: Config, path):
+def plot(rows, cfg: Config, path, device_kind: str):
   plt = common.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   impls = list(dict.fromkeys(r["implementation"] for r in rows))
@@ -113,7 +114,7 @@ def plot(rows, cfg: Config, path):
     ax.set_xlabel(f"sequence length T (batch = {cfg.tokens} // T)")
     ax.set_ylabel(label)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"{jax.devices()[0].device_kind}: N={cfg.num_heads}, "
+  fig.suptitle(f"{device_kind}: N={cfg.num_heads}, "
                f"H={cfg.head_dim}, {cfg.dtype}, causal", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -133,20 +134,66 @@ def main(argv=None):
   p.add_argument("--seq-lens", type=int, nargs="+")
   p.add_argument("--implementations", nargs="+",
                  help=f"subset of {list(SOFTMAX) + [LINEAR]}")
+  p.add_argument("--repeats", type=int, help="timed runs per point")
+  p.add_argument("--plot-only", action="store_true",
+                 help="re-plot and print results.json from the output "
+                 "folder")
   args = p.parse_args(argv)
   cfg = dataclasses.replace(FULL if args.full else QUICK)
   if args.seq_lens:
     cfg.seq_lens = tuple(args.seq_lens)
   if args.implementations:
     cfg.implementations = tuple(args.implementations)
+  if args.repeats:
+    cfg.repeats = args.repeats
   out = common.out_dir("scaling_full" if args.full else "scaling", args.out)
+  js, png = out / "results.json", out / "scaling.png"
+  if args.plot_only:
+    saved = json.loads(js.read_text())
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in saved["config"].items()})
+    report(saved["results"], cfg, png, saved["environment"]["device_kind"])
+    return saved["results"]
 
   points = [(i, t) for t in cfg.seq_lens for i in cfg.implementations]
   rows = []
+  payload = lambda: dict(
+      experiment="scaling", mode="full" if args.full else "quick",
+      config=dataclasses.asdict(cfg), results=rows,
+      memory_ratios=memory_ratios(rows, cfg),
+      environment=common.environment())
   with common.Timer() as total:
     for impl, t in common.progress(points, desc="scaling", unit="point",
                                    leave=True):
       rows.append(measure(impl, t, cfg))
+      common.write_json(js, payload())  # a cut-off run keeps its points
+  common.write_json(js, dict(payload(), total_seconds=total.seconds))
+  report(rows, cfg, png, jax.devices()[0].device_kind)
+  print(f"wrote {js} and {png} ({total.seconds:.0f} s)")
+  return rows
+
+
+def memory_ratios(rows, cfg: Config) -> dict:
+  """xla's temporary memory over each other implementation's, longest T
+  at which xla compiled."""
+  ratios = {}
+  done = [r["seq_len"] for r in rows if r["implementation"] == "xla"
+          and r.get("fwd_temp_bytes")]
+  if not done:
+    return ratios
+  longest = max(done)
+  at = {r["implementation"]: r for r in rows if r["seq_len"] == longest}
+  for mode in ("fwd", "fwd_bwd"):
+    ref = at.get("xla", {}).get(f"{mode}_temp_bytes")
+    for impl, r in at.items():
+      if impl != "xla" and ref and r.get(f"{mode}_temp_bytes"):
+        ratios[f"{mode} xla/{impl} at T={longest}"] = round(
+            ref / r[f"{mode}_temp_bytes"], 1)
+  return ratios
+
+
+def report(rows, cfg: Config, png, device_kind: str) -> None:
+  """Prints the table, errors and ratios; writes the PNG (if matplotlib)."""
   mib = lambda x: None if x is None else round(x / 2 ** 20, 2)
   ms = lambda x: None if x is None else round(x * 1e3, 2)
   print(common.format_table(
@@ -159,25 +206,13 @@ def main(argv=None):
     for name in ("fwd_error", "fwd_bwd_error"):
       if name in r:
         print(f"{r['implementation']} T={r['seq_len']} {name}: {r[name]}")
-  ratios = {}
-  longest = max(cfg.seq_lens)
-  at = {r["implementation"]: r for r in rows if r["seq_len"] == longest}
-  for mode in ("fwd", "fwd_bwd"):
-    ref = at.get("xla", {}).get(f"{mode}_temp_bytes")
-    for impl, r in at.items():
-      if impl != "xla" and ref and r.get(f"{mode}_temp_bytes"):
-        ratios[f"{mode} xla/{impl} at T={longest}"] = round(
-            ref / r[f"{mode}_temp_bytes"], 1)
+  ratios = memory_ratios(rows, cfg)
   if ratios:
     print("memory ratios:", ratios)
-  png = out / "scaling.png"
-  plot(rows, cfg, png)
-  js = common.write_json(out / "results.json", dict(
-      experiment="scaling", mode="full" if args.full else "quick",
-      config=dataclasses.asdict(cfg), results=rows, memory_ratios=ratios,
-      total_seconds=total.seconds, environment=common.environment()))
-  print(f"wrote {js} and {png} ({total.seconds:.0f} s)")
-  return rows
+  try:
+    plot(rows, cfg, png, device_kind)
+  except ImportError as e:
+    print(f"no plot ({e}); run again with --plot-only where matplotlib is")
 
 
 if __name__ == "__main__":

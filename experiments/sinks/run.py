@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -204,6 +205,12 @@ def main(argv=None):
   p.add_argument("--corpus", choices=("bb", "grammar"),
                  help="bb: bigram-backcopy with BOS (default); grammar: "
                  "windows of a synthetic English-like text")
+  p.add_argument("--variants", nargs="+", metavar="NAME",
+                 help="subset of: softmax, sigmoid, 'softmax + output "
+                 "gate', 'softmax + sink logit'")
+  p.add_argument("--plot-only", action="store_true",
+                 help="re-plot and print results.json from the output "
+                 "folder")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   cfg = dataclasses.replace(FULL if args.full else QUICK)
@@ -212,13 +219,38 @@ def main(argv=None):
   if args.steps:
     cfg.steps = args.steps
     cfg.measure_every = max(25, min(cfg.measure_every, cfg.steps // 4))
+  if args.variants:
+    cfg.variants = tuple(args.variants)
   out = common.out_dir("sinks_full" if args.full else "sinks", args.out)
+  js, png = out / "results.json", out / "sinks.png"
+  if args.plot_only:
+    saved = json.loads(js.read_text())
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                    for k, v in saved["config"].items()})
+    report(saved["results"], cfg, png)
+    return saved["results"]
 
   results = []
   with common.Timer() as total:
     for v in common.progress(variants(cfg.seq_len, cfg.variants),
                              desc="sinks", unit="model", leave=True):
       results.append(run_variant(v, cfg, args.seed))
+      # Written after every variant, so a cut-off run keeps what it has.
+      common.write_json(js, dict(
+          experiment="sinks", mode="full" if args.full else "quick",
+          config=dataclasses.asdict(cfg), uniform_share=uniform_share(
+              cfg.seq_len), sink_epsilon=SINK_EPSILON, results=results,
+          environment=common.environment()))
+  saved = json.loads(js.read_text())
+  saved["total_seconds"] = total.seconds
+  common.write_json(js, saved)
+  report(results, cfg, png)
+  print(f"wrote {js} and {png} ({total.seconds:.0f} s)")
+  return results
+
+
+def report(results, cfg: Config, png) -> None:
+  """Prints the table; writes the PNG unless matplotlib is missing."""
   rows = []
   for r in results:
     first, last = r["history"][0], r["history"][-1]
@@ -234,15 +266,10 @@ def main(argv=None):
   print(common.format_table(
       ["variant", "layer", "mass@0", f"mass@{cfg.steps}", "share",
        f"heads>{SINK_EPSILON}", "eval loss"], rows))
-  png = out / "sinks.png"
-  plot(results, cfg, png)
-  js = common.write_json(out / "results.json", dict(
-      experiment="sinks", mode="full" if args.full else "quick",
-      config=dataclasses.asdict(cfg), uniform_share=uniform_share(
-          cfg.seq_len), sink_epsilon=SINK_EPSILON, results=results,
-      total_seconds=total.seconds, environment=common.environment()))
-  print(f"wrote {js} and {png} ({total.seconds:.0f} s)")
-  return results
+  try:
+    plot(results, cfg, png)
+  except ImportError as e:
+    print(f"no plot ({e}); run again with --plot-only where matplotlib is")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 __all__ = ["LOG2E", "LN2", "M_INIT", "Plan", "Rows", "Spec", "TileMath",
-           "cdiv", "dot", "i32", "make_plan", "next_pow2"]
+           "cdiv", "dot", "i32", "make_plan", "next_pow2", "out_struct"]
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -532,6 +532,11 @@ class BlockSizes:
     block_q, block_kv, num_warps, num_stages: forward kernel.
     block_q_dq, block_kv_dq, num_warps_dq, num_stages_dq: dQ kernel.
     block_q_dkv, block_kv_dkv, num_warps_dkv, num_stages_dkv: dK/dV kernel.
+    split_dkdv: compute dV and dK in separate programs (one float32
+      accumulator each instead of two, at the price of recomputing
+      ``K Q^T`` in both): large head dims, where the two ``[block_kv, H]``
+      accumulators of one program do not fit the registers of
+      ``block_kv >= 64`` rows a warpgroup.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -545,16 +550,38 @@ class BlockSizes:
   block_kv_dkv: int = 128
   num_warps_dkv: int = 8
   num_stages_dkv: int = 2
+  split_dkdv: bool = False
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       val = getattr(self, f.name)
+      if f.name == "split_dkdv":
+        if not isinstance(val, (bool, np.bool_)):
+          raise ValueError(f"split_dkdv={val!r} must be a bool")
+        continue
       if not isinstance(val, (int, np.integer)) or val <= 0:
         raise ValueError(f"{f.name}={val!r} must be a positive int")
       if f.name.startswith("block") and (val < 16 or val & (val - 1)):
         raise ValueError(f"{f.name}={val} must be a power of two >= 16")
       if f.name.startswith("num_warps") and val & (val - 1):
         raise ValueError(f"{f.name}={val} must be a power of two")
+
+
+def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+  """A kernel output's ``ShapeDtypeStruct``, typed for ``shard_map``.
+
+  Inside a ``jax.shard_map`` with ``check_vma=True`` every ``pallas_call``
+  output must say over which manual mesh axes it varies: the union of those
+  of ``like`` (the kernel's array inputs; None entries are skipped). Outside
+  ``shard_map`` that set is empty.
+  """
+  varying = frozenset()
+  for x in like:
+    if x is not None:
+      varying |= jax.typeof(x).mat.varying
+  return jax.ShapeDtypeStruct(
+      shape, dtype,
+      manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 def tile_shape(rows: int, block_kv: int, spec: Spec) -> tuple[int, int]:

@@ -154,9 +154,10 @@ def _forward(sp: Spec, bs: BlockSizes, q, k, v, bias, mask_array, qseg, kvseg,
   kernel = functools.partial(_fwd_kernel, sp=sp, plan=plan, block_t=block_t,
                              block_kv=block_kv)
   grid = (plan.num_rows, sp.num_kv_heads, sp.batch)
+  ins = (q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, sinks)
   out_shape = (
-      jax.ShapeDtypeStruct(q.shape[:3] + (sp.value_head_dim,), q.dtype),
-      jax.ShapeDtypeStruct(q.shape[:3], jnp.float32),
+      common.out_struct(q.shape[:3] + (sp.value_head_dim,), q.dtype, *ins),
+      common.out_struct(q.shape[:3], jnp.float32, *ins),
   )
   return pl.pallas_call(
       kernel,

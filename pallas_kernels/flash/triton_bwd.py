@@ -1,23 +1,25 @@
 """Backward Pallas Triton kernels of the portable FlashAttention.
 
 FlashAttention-2 Algorithm 2 (https://arxiv.org/abs/2307.08691), split into
-three deterministic kernels (no atomics, so repeated runs are bit-identical):
+two deterministic kernels (no atomics, so repeated runs are bit-identical):
 
-1. ``_prep_kernel``: ``delta = rowsum(dO * O) - dlse`` (line 4, with the
-   log-sum-exp cotangent folded in: ``d lse / d logits = p``) and the saved
-   base-2 ``lse`` with ``-inf`` (rows that saw nothing) turned into ``+inf``,
-   so that recomputed probabilities ``exp2(s * c - lse)`` are exactly 0 there
-   without any per-tile select.
-2. ``_dq_kernel``: per query tile, walks the visible key blocks (the same
-   plan as the forward), recomputes ``p`` and ``dS = p * (dP - delta)`` and
-   accumulates ``dQ = dS K``; with a bias it also writes dbias tiles
-   (reduced in-kernel over the packed heads / rows when the bias broadcasts
-   there).
-3. ``_dkdv_kernel``: per key block, walks the query tiles that see it (the
+1. ``_dq_kernel``: per query tile, first the pre-pass of line 4,
+   ``delta = rowsum(dO * O) - dlse`` (the log-sum-exp cotangent folded in:
+   ``d lse / d logits = p``), written out for the dK/dV kernel together with
+   the saved base-2 ``lse`` in which ``-inf`` (rows that saw nothing) is
+   turned into ``+inf``, so that recomputed probabilities
+   ``exp2(s * c - lse)`` are exactly 0 there without any per-tile select.
+   Then it walks the visible key blocks (the same plan as the forward),
+   recomputes ``p`` and ``dS = p * (dP - delta)`` and accumulates
+   ``dQ = dS K``; with a bias it also writes dbias tiles (reduced in-kernel
+   over the packed heads / rows when the bias broadcasts there).
+2. ``_dkdv_kernel``: per key block, walks the query tiles that see it (the
    transposed plan), in the transposed orientation ``s^T = K Q^T`` so that
    ``dV = p^T dO`` and ``dK = dS^T Q`` need no transposes of p or dS. The G
    packed query heads of a GQA group are rows of the same tile, so dK/dV
-   come out already summed over the group.
+   come out already summed over the group. With ``split_dkdv`` (large head
+   dims) a key block gets two programs, one accumulating dV and one dK, so
+   each holds one float32 ``[block_kv, H]`` accumulator instead of two.
 
 Sinks get their gradient outside the kernels from per-row quantities only:
 ``d sink_n = -sum_{b,t} exp(sink_n - lse) * delta``.
@@ -39,56 +41,7 @@ __all__ = ["backward"]
 
 
 # ---------------------------------------------------------------------------
-# 1. Pre-pass.
-# ---------------------------------------------------------------------------
-
-
-def _prep_kernel(o_ref, do_ref, lse_ref, dlse_ref, delta_ref, lseb_ref, *,
-                 num_rows: int, block_r: int, width: int, real_width: int):
-  r0 = pl.program_id(0) * block_r
-  rmask = None
-  if num_rows % block_r:
-    rmask = r0 + jnp.arange(block_r, dtype=jnp.int32) < num_rows
-  mask2 = None if rmask is None else rmask[:, None]
-  if width > real_width:
-    mask2 = common._and(mask2, (jnp.arange(width, dtype=jnp.int32)
-                                < real_width)[None, :])
-  rs = pl.ds(common.i32(r0), block_r)
-  cs = pl.ds(common.i32(0), width)
-  o = common.masked_load(o_ref.at[rs, cs], mask2, 0.0).astype(jnp.float32)
-  do = common.masked_load(do_ref.at[rs, cs], mask2, 0.0).astype(jnp.float32)
-  delta = jnp.sum(o * do, axis=1)
-  if dlse_ref is not None:
-    delta = delta - common.masked_load(dlse_ref.at[rs], rmask, 0.0)
-  lse = common.masked_load(lse_ref.at[rs], rmask, 0.0)
-  plgpu.store(delta_ref.at[rs], delta, mask=rmask)
-  plgpu.store(lseb_ref.at[rs], jnp.where(lse == -jnp.inf, jnp.inf, lse),
-              mask=rmask)
-
-
-def _prep(sp: Spec, out, d_out, lse2, d_lse):
-  b, t, n, hv = out.shape
-  num_rows = b * t * n
-  block_r = 128 if sp.hvp <= 128 else 64
-  block_r = min(block_r, max(16, common.next_pow2(num_rows)))
-  kernel = functools.partial(_prep_kernel, num_rows=num_rows,
-                             block_r=block_r, width=sp.hvp, real_width=hv)
-  flat = jax.ShapeDtypeStruct((num_rows,), jnp.float32)
-  delta, lseb = pl.pallas_call(
-      kernel,
-      grid=(common.cdiv(num_rows, block_r),),
-      out_shape=(flat, flat),
-      interpret=sp.interpret,
-      name="attnjax_flash_bwd_prep",
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-  )(out.reshape(num_rows, hv), d_out.reshape(num_rows, hv),
-    lse2.reshape(num_rows), None if d_lse is None else d_lse.reshape(
-        num_rows))
-  return delta.reshape(b, t, n), lseb.reshape(b, t, n)
-
-
-# ---------------------------------------------------------------------------
-# 2. dQ (and dbias).
+# 1. Pre-pass, dQ (and dbias).
 # ---------------------------------------------------------------------------
 
 
@@ -131,10 +84,11 @@ def _reduce_rows(ds, rows: common.Rows, kh, i, keep_t: bool, keep_g: bool):
           full_rows + i, None)
 
 
-def _dq_kernel(dbias_in_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               plan_ref, aux_ref, bias_ref, marr_ref, qseg_ref, kvseg_ref,
-               qlen_ref, kvlen_ref, dq_ref, dbias_ref, *, sp: Spec,
-               plan: common.Plan, block_t: int, block_kv: int):
+def _dq_kernel(dbias_in_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
+               dlse_ref, plan_ref, aux_ref, bias_ref, marr_ref, qseg_ref,
+               kvseg_ref, qlen_ref, kvlen_ref, dq_ref, delta_ref, lseb_ref,
+               dbias_ref, *, sp: Spec, plan: common.Plan, block_t: int,
+               block_kv: int):
   del dbias_in_ref  # aliased with dbias_ref (zero-initialised)
   pid, kh, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   i = (plan.num_rows - 1 - pid) if plan.reverse else pid
@@ -148,8 +102,16 @@ def _dq_kernel(dbias_in_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
   q = rows.load(q_ref, b, sp.hp, sp.head_dim)
   do = rows.load(do_ref, b, sp.hvp, sp.value_head_dim)
-  lse = rows.load_stat(lse_ref, b, other=jnp.inf)
-  delta = rows.load_stat(delta_ref, b, other=0.0)
+  # The pre-pass (Algorithm 2, line 4), once per row: every row belongs to
+  # exactly one program. Stored for the dK/dV kernel.
+  o = rows.load(o_ref, b, sp.hvp, sp.value_head_dim)
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+  if dlse_ref is not None:
+    delta = delta - rows.load_stat(dlse_ref, b, other=0.0)
+  lse = rows.load_stat(lse_ref, b, other=-jnp.inf)
+  lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  rows.store_stat(delta_ref, b, delta)
+  rows.store_stat(lseb_ref, b, lse)
   q_seg = rows.load_seq(qseg_ref, b, other=0) if sp.segment_ids else None
 
   n_full, n_part, f0, p0 = common.plan_counts(plan_ref, hgrp, i)
@@ -227,15 +189,19 @@ def _dq_kernel(dbias_in_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
 
 # ---------------------------------------------------------------------------
-# 3. dK / dV.
+# 2. dK / dV.
 # ---------------------------------------------------------------------------
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, plan_ref,
                  aux_ref, bias_ref, marr_ref, qseg_ref, kvseg_ref, qlen_ref,
                  kvlen_ref, dk_ref, dv_ref, *, sp: Spec, plan: common.Plan,
-                 block_t: int, block_kv: int):
+                 block_t: int, block_kv: int, split: bool):
   pid, kh, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  if split:
+    # Programs 2r and 2r + 1 compute dV and dK of the same key block (they
+    # read the same Q and dO tiles at about the same time: L2 reuse).
+    part, pid = pid % 2, pid // 2
   j = (plan.num_rows - 1 - pid) if plan.reverse else pid
   hgrp = kh if plan.num_groups > 1 else 0
   kv_ragged = sp.kv_len % block_kv != 0
@@ -243,14 +209,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, plan_ref,
   kv_len_b = common.scalar(kvlen_ref, b) if sp.kv_lengths else None
   tm = common.TileMath(sp, True, b, kh, bias_ref, marr_ref, aux_ref, plan,
                        kv_len_b)
-
   kv_pos = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
-  k = common.load_kv(k_ref, b, j, kh, block_kv, sp.hp, sp.head_dim,
-                     sp.kv_len, kv_ragged)
-  v = common.load_kv(v_ref, b, j, kh, block_kv, sp.hvp, sp.value_head_dim,
-                     sp.kv_len, kv_ragged)
-  kv_seg = (common.load_vec(kvseg_ref, b, j, block_kv, sp.kv_len, kv_ragged)
-            if sp.segment_ids else None)
 
   n_full, n_part, f0, p0 = common.plan_counts(plan_ref, hgrp, j)
   if sp.kv_lengths:
@@ -261,44 +220,64 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, plan_ref,
     n_full = common.clamp_range(n_full, f0, limit, plan.full_range)
     n_part = common.clamp_range(n_part, p0, limit, plan.partial_range)
 
-  def body(ii, carry, *, partial):
-    dk, dv = carry
-    i = common.plan_block(plan_ref, plan, hgrp, j, ii, full=not partial,
-                          start=p0 if partial else f0)
-    rows = common.Rows.make(i, kh, block_t=block_t, g_pad=sp.g_pad,
-                            g=sp.group, seq_len=sp.q_len,
-                            ragged=partial and t_ragged)
-    q = rows.load(q_ref, b, sp.hp, sp.head_dim)
-    do = rows.load(do_ref, b, sp.hvp, sp.value_head_dim)
-    lse = rows.load_stat(lse_ref, b, other=jnp.inf)
-    delta = rows.load_stat(delta_ref, b, other=0.0)
-    st = common.dot(k, q, trans_b=True, precision=sp.precision)  # [bk, M]
-    x, c, th = tm.scores(st, rows, kv_pos, partial and kv_ragged)
-    q_seg = rows.load_seq(qseg_ref, b, other=0) if sp.segment_ids else None
-    vis = tm.visibility(rows, kv_pos, i, j, partial=partial,
-                        kv_ragged=partial and kv_ragged, q_seg=q_seg,
-                        kv_seg=kv_seg)
-    if vis is not None:
-      x = jnp.where(vis, x, -jnp.inf)
-    pt = jnp.exp2(x * c - lse[None, :])
-    dv = dv + common.dot(pt.astype(do.dtype), do, precision=sp.precision)
-    dpt = common.dot(v, do, trans_b=True, precision=sp.precision)  # [bk, M]
-    dst = pt * (dpt - delta[None, :])
-    if th is not None:
-      dst = dst * (1.0 - th * th)
-    dk = dk + common.dot(dst.astype(q.dtype), q, precision=sp.precision)
-    return dk, dv
+  def run(want_dk: bool, want_dv: bool):
+    k = common.load_kv(k_ref, b, j, kh, block_kv, sp.hp, sp.head_dim,
+                       sp.kv_len, kv_ragged)
+    v = (common.load_kv(v_ref, b, j, kh, block_kv, sp.hvp,
+                        sp.value_head_dim, sp.kv_len, kv_ragged)
+         if want_dk else None)
+    kv_seg = (common.load_vec(kvseg_ref, b, j, block_kv, sp.kv_len,
+                              kv_ragged) if sp.segment_ids else None)
 
-  carry = (jnp.zeros((block_kv, sp.hp), jnp.float32),
-           jnp.zeros((block_kv, sp.hvp), jnp.float32))
-  carry = jax.lax.fori_loop(0, n_full, functools.partial(body, partial=False),
-                            carry)
-  dk, dv = jax.lax.fori_loop(0, n_part, functools.partial(body, partial=True),
-                             carry)
-  common.store_kv(dk_ref, b, j, kh, dk * sp.scale, sp.head_dim, sp.kv_len,
-                  kv_ragged)
-  common.store_kv(dv_ref, b, j, kh, dv, sp.value_head_dim, sp.kv_len,
-                  kv_ragged)
+    def body(ii, carry, *, partial):
+      dk, dv = carry
+      i = common.plan_block(plan_ref, plan, hgrp, j, ii, full=not partial,
+                            start=p0 if partial else f0)
+      rows = common.Rows.make(i, kh, block_t=block_t, g_pad=sp.g_pad,
+                              g=sp.group, seq_len=sp.q_len,
+                              ragged=partial and t_ragged)
+      q = rows.load(q_ref, b, sp.hp, sp.head_dim)
+      do = rows.load(do_ref, b, sp.hvp, sp.value_head_dim)
+      lse = rows.load_stat(lse_ref, b, other=jnp.inf)
+      st = common.dot(k, q, trans_b=True, precision=sp.precision)  # [bk, M]
+      x, c, th = tm.scores(st, rows, kv_pos, partial and kv_ragged)
+      q_seg = rows.load_seq(qseg_ref, b, other=0) if sp.segment_ids else None
+      vis = tm.visibility(rows, kv_pos, i, j, partial=partial,
+                          kv_ragged=partial and kv_ragged, q_seg=q_seg,
+                          kv_seg=kv_seg)
+      if vis is not None:
+        x = jnp.where(vis, x, -jnp.inf)
+      pt = jnp.exp2(x * c - lse[None, :])
+      if want_dv:
+        dv = dv + common.dot(pt.astype(do.dtype), do, precision=sp.precision)
+      if want_dk:
+        delta = rows.load_stat(delta_ref, b, other=0.0)
+        dpt = common.dot(v, do, trans_b=True,
+                         precision=sp.precision)  # [bk, M]
+        dst = pt * (dpt - delta[None, :])
+        if th is not None:
+          dst = dst * (1.0 - th * th)
+        dk = dk + common.dot(dst.astype(q.dtype), q, precision=sp.precision)
+      return dk, dv
+
+    carry = (jnp.zeros((block_kv, sp.hp), jnp.float32) if want_dk else None,
+             jnp.zeros((block_kv, sp.hvp), jnp.float32) if want_dv else None)
+    carry = jax.lax.fori_loop(0, n_full,
+                              functools.partial(body, partial=False), carry)
+    dk, dv = jax.lax.fori_loop(0, n_part,
+                               functools.partial(body, partial=True), carry)
+    if want_dk:
+      common.store_kv(dk_ref, b, j, kh, dk * sp.scale, sp.head_dim,
+                      sp.kv_len, kv_ragged)
+    if want_dv:
+      common.store_kv(dv_ref, b, j, kh, dv, sp.value_head_dim, sp.kv_len,
+                      kv_ragged)
+
+  if not split:
+    run(True, True)
+  else:
+    pl.when(part == 0)(lambda: run(False, True))
+    pl.when(part == 1)(lambda: run(True, False))
 
 
 # ---------------------------------------------------------------------------
@@ -313,21 +292,22 @@ def backward(sp: Spec, bs: BlockSizes, q, k, v, bias, mask_array, qseg, kvseg,
   ``lse2`` is the forward's base-2 log-sum-exp [B, T, N]; ``d_lse`` the
   natural-log lse cotangent in the same [B, T, N] layout (or None).
   """
-  delta, lseb = _prep(sp, out, d_out, lse2, d_lse)
+  ins = (q, k, v, bias, mask_array, qseg, kvseg, qlen, kvlen, out, lse2,
+         d_out, d_lse)
 
-  # dQ (+ dbias).
+  # Pre-pass + dQ (+ dbias).
   bt, bk = common.tile_shape(bs.block_q_dq, bs.block_kv_dq, sp)
   plan, plan_arr, aux = common.make_plan(sp.mask, sp.q_len, sp.kv_len, bt, bk,
                                          sp.num_kv_heads, sp.group)
   aux = None if aux is None else jnp.asarray(aux)
-  dq_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  row_stat = common.out_struct(lse2.shape, jnp.float32, *ins)
+  out_shape = [common.out_struct(q.shape, q.dtype, *ins), row_stat, row_stat]
   dbias_buf = None
-  out_shape = [dq_shape]
   aliases = {}
   if bias is not None:
     dbias_buf = jnp.zeros(_dbias_layout(sp, plan.num_rows), jnp.float32)
-    out_shape.append(jax.ShapeDtypeStruct(dbias_buf.shape, jnp.float32))
-    aliases = {0: 1}
+    out_shape.append(common.out_struct(dbias_buf.shape, jnp.float32, *ins))
+    aliases = {0: 3}
   kernel = functools.partial(_dq_kernel, sp=sp, plan=plan, block_t=bt,
                              block_kv=bk)
   if bias is None:
@@ -341,30 +321,31 @@ def backward(sp: Spec, bs: BlockSizes, q, k, v, bias, mask_array, qseg, kvseg,
       name="attnjax_flash_bwd_dq",
       compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_dq,
                                            num_stages=bs.num_stages_dq),
-  )(dbias_buf, q, k, v, d_out, lseb, delta, jnp.asarray(plan_arr), aux, bias,
-    mask_array, qseg, kvseg, qlen, kvlen)
-  dq = res[0]
+  )(dbias_buf, q, k, v, out, d_out, lse2, d_lse, jnp.asarray(plan_arr), aux,
+    bias, mask_array, qseg, kvseg, qlen, kvlen)
+  dq, delta, lseb = res[:3]
   dbias = None
   if bias is not None:
-    dbias = res[1]
+    dbias = res[3]
     bb, nb, tb, _ = sp.bias_shape
     axes = tuple(a for a, keep in enumerate((bb > 1, nb > 1, tb > 1))
                  if not keep)
     dbias = jnp.sum(dbias, axis=axes, keepdims=True).astype(bias.dtype)
 
-  # dK, dV.
+  # dK, dV (two programs per key block with split_dkdv).
   bt, bk = common.tile_shape(bs.block_q_dkv, bs.block_kv_dkv, sp)
   plan, plan_arr, aux = common.make_plan(sp.mask, sp.q_len, sp.kv_len, bt, bk,
                                          sp.num_kv_heads, sp.group,
                                          kv_major=True)
   aux = None if aux is None else jnp.asarray(aux)
+  split = bool(bs.split_dkdv)
   kernel = functools.partial(_dkdv_kernel, sp=sp, plan=plan, block_t=bt,
-                             block_kv=bk)
+                             block_kv=bk, split=split)
   dk, dv = pl.pallas_call(
       kernel,
-      grid=(plan.num_rows, sp.num_kv_heads, sp.batch),
-      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      grid=(plan.num_rows * (2 if split else 1), sp.num_kv_heads, sp.batch),
+      out_shape=(common.out_struct(k.shape, k.dtype, *ins),
+                 common.out_struct(v.shape, v.dtype, *ins)),
       interpret=sp.interpret,
       name="attnjax_flash_bwd_dkdv",
       compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps_dkv,

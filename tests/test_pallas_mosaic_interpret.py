@@ -105,13 +105,13 @@ def test_head_dim_256_forward():
 
 
 def test_gradients_gqa_causal_h128():
-  _check("g128", shape=dict(t=200, n=4, kh=2, h=128),
+  _check("g128", shape=dict(t=130, n=4, kh=2, h=128),
          fwd_config=_fwd_cfg(128, num_ctas=3), is_causal=True)
 
 
 def test_gradients_segments_causal():
-  seg = testing.random_segment_ids(_key("gsc"), 2, 330, 3)
-  _check("gseg", shape=dict(t=330), is_causal=True,
+  seg = testing.random_segment_ids(_key("gsc"), 2, 200, 3)
+  _check("gseg", shape=dict(t=200), is_causal=True,
          arrays={"segment_ids": seg})
 
 
@@ -158,3 +158,19 @@ def test_everything_at_once():
          is_causal=True, local_window_size=(200, 0),
          arrays={"segment_ids": seg,
                  "kv_lengths": jnp.array([470, 400], jnp.int32)})
+
+
+def test_gradients_head_dim_256():
+  # dK/dV with the head dim split over the two consumers, dQ on 32-key
+  # blocks.
+  _check("g256", shape=dict(t=130, s=150, n=2, kh=1, h=256), is_causal=True)
+
+
+@pytest.mark.long
+def test_gradients_head_dim_256_everything():
+  seg = testing.random_segment_ids(_key("g256all"), 2, 300, 3)
+  _check("g256all", shape=dict(t=300, n=4, kh=2, h=256),
+         sinks=jax.random.normal(_key("g256k"), (4,)), logits_soft_cap=5.0,
+         is_causal=True, local_window_size=(150, 0),
+         arrays={"segment_ids": seg,
+                 "kv_lengths": jnp.array([300, 250], jnp.int32)})

@@ -77,24 +77,16 @@ def test_lowers_common(h, n, kh, causal):
   _lower(h=h, n=n, kh=kh, t=333, s=333, is_causal=causal)
 
 
-def test_lowers_forward_head_dim_256():
-  p, _ = make_problem(jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
-                      jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
-                      jnp.zeros((1, 256, 2, 256), jnp.bfloat16),
-                      is_causal=True)
-  with pytest.raises(NotImplementedError):
-    pallas_mosaic.check_supported(p)
-  sds = jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)
-
-  def f(q, k, v):
-    p, _ = make_problem(q, k, v, is_causal=True)
-    return pallas_mosaic.mosaic_attention(p, need_backward=False)
-
-  _export(f, sds, sds, sds)
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowers_head_dim_256(causal):
+  # Forward, split-head dK/dV (two consumers, P^T and dS^T exchanged through
+  # shared memory) and dQ with 32-key blocks.
+  _lower(h=256, n=4, kh=2, t=300, s=300, is_causal=causal)
 
 
-def test_lowers_all_features():
-  _lower(h=128, t=200, s=260, is_causal=True, segs=True, lens=True,
+@pytest.mark.parametrize("h", [128, 256])
+def test_lowers_all_features(h):
+  _lower(h=h, t=200, s=260, is_causal=True, segs=True, lens=True,
          sinks=True, logits_soft_cap=5.0, dtype=jnp.float16)
 
 
@@ -122,13 +114,21 @@ def test_lowers_fused_backward(h, causal):
          bwd_config=bwd_lib.BwdConfig(fused_dq=True))
 
 
-@pytest.mark.parametrize("case", ["f32", "bias", "h80", "dense_mask",
+@pytest.mark.parametrize("case", ["f32", "bias", "h80", "h256_hv128",
+                                  "dense_mask",
                                   "block_sparse", "per_head"])
 def test_refuses_unsupported(case):
   dtype = jnp.float32 if case == "f32" else jnp.bfloat16
   h = 80 if case == "h80" else 64
   q = jnp.zeros((1, 64, 2, h), dtype)
   kw = {}
+  if case == "h256_hv128":
+    p, _ = make_problem(jnp.zeros((1, 64, 2, 256), dtype),
+                        jnp.zeros((1, 64, 2, 256), dtype),
+                        jnp.zeros((1, 64, 2, 128), dtype))
+    with pytest.raises(NotImplementedError):
+      pallas_mosaic.check_supported(p)
+    return
   if case == "bias":
     kw["bias"] = jnp.zeros((64, 64), dtype)
   if case == "dense_mask":

@@ -293,11 +293,15 @@ def _sched_barrier(op: str, other: bool, num_wgs: int):
   emit()
 
 
-def _tiled_smem(shape, dtype):
-  """SMEM with the 128-byte swizzle wgmma and TMA both like."""
-  elems = 128 // jnp.dtype(dtype).itemsize
+def _tiled_smem(shape, dtype, swizzle=128):
+  """SMEM with the (128-byte by default) swizzle wgmma and TMA both like.
+
+  A wgmma contracts in groups of ``swizzle / itemsize`` elements, so a
+  32-row B operand (16-bit) needs the 64-byte swizzle.
+  """
+  elems = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128)))
+      plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)))
 
 
 def flash_forward(
@@ -595,7 +599,13 @@ def flash_forward(
             sched_wait()
 
             def scope(s_ref):
-              plgpu.wgmma(s_ref, q_w, k_smem.at[nslot].T)
+              # Q's descriptors formed here, not hoisted out of the loop
+              # (j // (hi + 1) is 0; LLVM cannot fold it): 8 fewer 64-bit
+              # values live across the loop (fewer spills at H <= 128; at
+              # H = 256 ptxas spills more with it).
+              q_j = q_smem.at[buf + lax.div(j, hi + 1), wg] if h <= 128 else (
+                  q_w)
+              plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
               plgpu.wgmma(o_ref, p, v_smem.at[slot])
               sched_signal()
               s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)

@@ -46,7 +46,7 @@ __all__ = ["BwdConfig", "default_bwd_config", "flash_backward_dkv",
            "flash_backward_dq", "flash_backward_fused", "SUPPORTED_HEAD_DIMS"]
 
 LOG2E = math.log2(math.e)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _WGMMA = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
@@ -69,6 +69,10 @@ class BwdConfig:
       pair instead of 7) and TMA-reduce-add it into a float32 accumulator.
       Faster, but the order of the additions varies between runs, so dQ is
       not bitwise deterministic.
+    split_head: the dK/dV kernel's two consumers share ``block_kv_dkv`` keys
+      and split the head dim of dK/dV (and the query columns of S^T, dP^T),
+      exchanging P^T and dS^T through shared memory: H = 256, whose dK and
+      dV accumulators do not fit one warpgroup's registers.
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -79,12 +83,16 @@ class BwdConfig:
   consumer_regs: int = 240
   producer_regs: int = 24
   fused_dq: bool = False
+  split_head: bool = False
 
   def __post_init__(self):
-    for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"):
+    for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
       if getattr(self, name) % 64:
         raise ValueError(f"{name}={getattr(self, name)} must be a multiple "
                          "of 64")
+    if self.block_kv_dq % 32:
+      raise ValueError(f"block_kv_dq={self.block_kv_dq} must be a multiple "
+                       "of 32")
     if self.num_stages < 2:
       raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
     regs = (self.num_compute_wgs * self.consumer_regs
@@ -94,6 +102,8 @@ class BwdConfig:
 
   @property
   def tile_kv(self) -> int:
+    if self.split_head:
+      return self.block_kv_dkv
     return self.block_kv_dkv * self.num_compute_wgs
 
   @property
@@ -111,7 +121,9 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
 
 def default_bwd_config(head_dim: int) -> BwdConfig:
   """The tiling used when the caller gives none."""
-  del head_dim
+  if head_dim > 128:
+    # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
+    return BwdConfig(block_kv_dq=32, split_head=True)
   return BwdConfig()
 
 
@@ -124,9 +136,20 @@ def _pair_barrier():
   def emit(_):
     i32 = ir.IntegerType.get_signless(32)
     mgpu.utils.inline_ptx("bar.sync $0, 256;", mgpu.utils.c(10, i32),
-                          has_side_effects=True)
+                          has_side_effects=True, convergent=True)
 
   emit()
+
+
+def _opaque_zero(i, bound):
+  """0 for loop index ``0 <= i < bound``, in a form LLVM cannot fold.
+
+  Indexing a loop-invariant SMEM operand with it keeps the wgmma descriptors
+  (one 64-bit value per 16-element k-step) inside the loop: hoisted, those
+  of K and V (or Q and dO) alone take 32-64 registers for the whole loop and
+  ptxas spills.
+  """
+  return lax.div(i, jnp.maximum(bound, 0) + 1)
 
 
 def _drain(steps, stages, *free_barriers):
@@ -169,6 +192,16 @@ def flash_backward_dkv(
   if h not in SUPPORTED_HEAD_DIMS or hv != h:
     raise NotImplementedError(f"backward head dims H={h}, Hv={hv}")
   cfg = config or default_bwd_config(h)
+  if cfg.split_head:
+    if cfg.fused_dq:
+      raise NotImplementedError("fused dQ with split_head")
+    return _backward_dkv_split(
+        q, k, v, do, lse2, delta, scale=scale, ranges=ranges,
+        predicate=predicate, kv_len_static=kv_len_static, soft_cap=soft_cap,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        kv_lengths=kv_lengths, cfg=cfg)
+  if h > 128:
+    raise NotImplementedError(f"H={h} needs BwdConfig(split_head=True)")
   bq, bk, stages, wgs = (cfg.block_q_dkv, cfg.block_kv_dkv, cfg.num_stages,
                          cfg.num_compute_wgs)
   tk = cfg.tile_kv
@@ -279,6 +312,9 @@ def flash_backward_dkv(
       def body(i, masked, dk_acc, dv_acc):
         slot = lax.rem(i, jnp.int32(stages))
         _, qb = step_coords(i)
+        # K/V descriptors formed in the loop, not hoisted (see _opaque_zero).
+        z = _opaque_zero(i, steps)
+        k_w, v_w = k_smem.at[wg + z], v_smem.at[wg + z]
         plgpu.barrier_wait(q_ready.at[slot])
 
         def s_scope(acc):
@@ -421,6 +457,257 @@ def flash_backward_dkv(
   return dk, dv
 
 
+
+def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
+                        kv_len_static, soft_cap, q_segment_ids, kv_segment_ids,
+                        kv_lengths, cfg):
+  """dK/dV with the head dim split across the two consumers (H = 256).
+
+  A CTA owns ``bk`` keys (K and V resident). For each streamed query block
+  of ``bq`` rows, consumer ``w`` computes ``S^T`` and ``dP^T`` for its half
+  of the block's queries (``bq / 2`` columns, full head-dim contraction),
+  then ``P^T`` and ``dS^T`` of those columns; both halves go to shared
+  memory, a named barrier joins the consumers, and each accumulates
+  ``dV[:, w] += P^T dO[:, w]`` and ``dK[:, w] += dS^T Q[:, w]`` over its
+  half of the head dim. All operands use the 64-byte swizzle (the exchanged
+  tiles are ``bq / 2 = 32`` queries wide).
+  """
+  b, tp, n, h = q.shape
+  _, sp, kh, hv = v.shape
+  dtype = q.dtype
+  bq, bk, stages, wgs = (cfg.block_q_dkv, cfg.block_kv_dkv, cfg.num_stages,
+                         cfg.num_compute_wgs)
+  if wgs != 2:
+    raise NotImplementedError("split_head needs 2 consumer warpgroups")
+  if tp % bq or sp % bk:
+    raise ValueError(f"Tp={tp}, Sp={sp} must be multiples of {bq}, {bk}")
+  qh, hc, hvc = bq // 2, h // 2, hv // 2
+  itemsize = jnp.dtype(dtype).itemsize
+  swz = 64
+  _smem_check([bk * h, bk * hv, 2 * bk * qh, 2 * bk * qh],
+              [bq * h, bq * hv], stages, itemsize,
+              extra=stages * 3 * 1024 + 1024)
+  nkt = sp // bk
+  ranges = np.asarray(ranges, np.int32)
+  if ranges.shape != (4, nkt):
+    raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
+  groups = n // kh
+  segments = q_segment_ids is not None
+  s_limit = sp if kv_len_static is None else int(kv_len_static)
+  work = ranges[3] - ranges[0]
+  order = np.argsort(-work, kind="stable").astype(np.int32)
+  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  mult = (soft_cap if soft_cap is not None else scale) * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
+             qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
+             q_smem, do_smem, lse_smem, delta_smem, qseg_smem, pt_smem,
+             ds_smem, kv_bar, q_ready, do_ready, q_free, do_free, pair):
+    kt = tab_ref[4, lax.axis_index("kv")]
+    kvh = lax.axis_index("h")
+    bb = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
+    kv_limit = jnp.int32(s_limit)
+    if kvlen_ref is not None:
+      kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
+      hi = jnp.where(kt * bk >= kv_limit, lo, hi)
+    hi = jnp.maximum(hi, lo)
+    a = jnp.clip(a, lo, hi)
+    c = jnp.clip(c, a, hi)
+    nq = hi - lo
+    steps = nq * groups
+
+    def step_coords(i):
+      g = lax.div(i, jnp.maximum(nq, 1))
+      qb = lo + lax.rem(i, jnp.maximum(nq, 1))
+      return kvh * groups + g, qb
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+
+      @pl.loop(0, steps)
+      def _(i):
+        slot = lax.rem(i, jnp.int32(stages))
+        hh, qb = step_coords(i)
+        qs = pl.ds(qb * bq, bq)
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(q_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_smem.at[slot],
+                                q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bb, hh, qs], lse_smem.at[slot],
+                                q_ready.at[slot])
+        if segments:
+          plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
+                                  q_ready.at[slot])
+
+        @pl.when(i >= stages)
+        def _():
+          plgpu.barrier_wait(do_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_smem.at[slot],
+                                do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
+                                delta_smem.at[slot], do_ready.at[slot])
+
+      _drain(steps, stages, q_free, do_free)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      k_base = kt * bk
+      ks = pl.ds(k_base, bk)
+
+      # K and V are kept as two column halves each, so that each consumer
+      # can later stage its half of dK/dV in them for a contiguous TMA store.
+      @pl.when(wg == 0)
+      def _():
+        for u in range(wgs):
+          plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh, pl.ds(u * hc, hc)],
+                                  k_smem.at[u], kv_bar.at[0])
+          plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh, pl.ds(u * hvc, hvc)],
+                                  v_smem.at[u], kv_bar.at[0])
+
+      if segments:
+        kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
+                           optimized=False)
+      plgpu.barrier_wait(kv_bar.at[0])
+      q_cols = pl.ds(wg * qh, qh)
+      h_cols = pl.ds(wg * hc, hc)
+      hv_cols = pl.ds(wg * hvc, hvc)
+      col = lambda x: lax.broadcast_in_dim(x, (bk, qh), [1])
+
+      def join():
+        # Both consumers meet (an mbarrier, so the interpreter checks it).
+        plgpu.barrier_arrive(pair)
+        plgpu.barrier_wait(pair)
+
+      def iota(dim):
+        return plgpu.broadcasted_iota(jnp.int32, (bk, qh), dim, layout=_WGMMA)
+
+      def body(i, masked, dk_acc, dv_acc):
+        slot = lax.rem(i, jnp.int32(stages))
+        _, qb = step_coords(i)
+        # K/V descriptors formed in the loop, not hoisted (_opaque_zero).
+        z = _opaque_zero(i, steps) * wgs
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def s_scope(acc):
+          for u in range(wgs):
+            plgpu.wgmma(acc, k_smem.at[u + z],
+                        q_smem.at[slot].at[q_cols, pl.ds(u * hc, hc)].T)
+          return acc[...]
+
+        st = pl.run_scoped(s_scope, plgpu.ACC((bk, qh), jnp.float32))
+        lse = plgpu.load(lse_smem.at[slot].at[q_cols], layout=_COL)
+        if soft_cap is not None:
+          st = jnp.tanh(st * (scale / soft_cap))
+        pt = jnp.exp2(st * mult - col(lse))
+        if masked:
+          ki = k_base + iota(0)
+          qi = qb * bq + wg * qh + iota(1)
+          vis = ki < kv_limit
+          if predicate is not None:
+            vis = vis & predicate(qi, ki)
+          if segments:
+            qseg = plgpu.load(qseg_smem.at[slot].at[q_cols], layout=_COL)
+            vis = vis & (lax.broadcast_in_dim(kvseg, (bk, qh), [0])
+                         == col(qseg))
+          pt = jnp.where(vis, pt, 0.0)
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def dp_scope(acc):
+          for u in range(wgs):
+            plgpu.wgmma(acc, v_smem.at[u + z],
+                        do_smem.at[slot].at[q_cols, pl.ds(u * hvc, hvc)].T)
+          return acc[...]
+
+        dpt = pl.run_scoped(dp_scope, plgpu.ACC((bk, qh), jnp.float32))
+        dlt = plgpu.load(delta_smem.at[slot].at[q_cols], layout=_COL)
+        dst = pt * (dpt - col(dlt))
+        if soft_cap is not None:
+          dst = dst * (1.0 - st * st)
+        pt_smem.at[wg][...] = pt.astype(dtype)
+        ds_smem.at[wg][...] = dst.astype(dtype)
+        # Generic-proxy stores, then wgmma reads of both consumers' halves.
+        plgpu.commit_smem()
+        join()
+        for u in range(wgs):
+          rows = pl.ds(u * qh, qh)
+          plgpu.wgmma(dv_acc, pt_smem.at[u],
+                      do_smem.at[slot].at[rows, hv_cols])
+          plgpu.wgmma(dk_acc, ds_smem.at[u], q_smem.at[slot].at[rows, h_cols])
+        plgpu.wgmma_wait(0)
+        # Both consumers have read P^T and dS^T before either overwrites them.
+        join()
+        plgpu.barrier_arrive(q_free.at[slot])
+        plgpu.barrier_arrive(do_free.at[slot])
+
+      def all_steps(dk_acc, dv_acc):
+        def head(g, _):
+          def run(qb, masked):
+            body(g * nq + qb - lo, masked, dk_acc, dv_acc)
+            return ()
+
+          lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
+          lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
+          lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
+          return ()
+
+        lax.fori_loop(0, groups, head, ())
+        return dk_acc[...], dv_acc[...]
+
+      dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, hc), jnp.float32),
+                             plgpu.ACC((bk, hvc), jnp.float32))
+      # The last step's second join follows both consumers' final wgmma
+      # wait, so neither reads K or V any more: each stages its half of dK
+      # and dV in them (with no step at all, nothing ever read them).
+      k_smem.at[wg][...] = (dk * scale).astype(dtype)
+      v_smem.at[wg][...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem.at[wg], dk_ref.at[bb, ks, kvh, h_cols],
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(v_smem.at[wg], dv_ref.at[bb, ks, kvh, hv_cols],
+                              commit_group=False)
+      plgpu.commit_smem_to_gmem_group()
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  q_arrivals = 2 + (1 if segments else 0)
+  scratch = [
+      _tiled_smem((wgs, bk, hc), dtype, swz),
+      _tiled_smem((wgs, bk, hvc), dtype, swz),
+      _tiled_smem((stages, bq, h), dtype, swz),
+      _tiled_smem((stages, bq, hv), dtype, swz),
+      plgpu.SMEM((stages, bq), jnp.float32),
+      plgpu.SMEM((stages, bq), jnp.float32),
+      plgpu.SMEM((stages, bq), jnp.int32) if segments else None,
+      _tiled_smem((wgs, bk, qh), dtype, swz),
+      _tiled_smem((wgs, bk, qh), dtype, swz),
+      plgpu.Barrier(num_arrivals=2 * wgs, num_barriers=1),
+      plgpu.Barrier(num_arrivals=q_arrivals, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs),
+  ]
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
+                jax.ShapeDtypeStruct(v.shape, dtype)),
+      scratch_types=scratch,
+      grid=(nkt, kh, b),
+      grid_names=("kv", "h", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )
+  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
+              kv_segment_ids, kv_lengths)
+
 def flash_backward_dq(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
     predicate: Callable | None = None, kv_len_static: int | None = None,
@@ -529,6 +816,9 @@ def flash_backward_dq(
 
       def body(j, masked, dq_acc):
         slot = lax.rem(j - lo, jnp.int32(stages))
+        # Q/dO descriptors formed in the loop, not hoisted (_opaque_zero).
+        z = _opaque_zero(j, hi + 1)
+        q_w, do_w = q_smem.at[wg + z], do_smem.at[wg + z]
         plgpu.barrier_wait(k_ready.at[slot])
         plgpu.barrier_wait(v_ready.at[slot])
 
@@ -577,11 +867,13 @@ def flash_backward_dq(
       plgpu.copy_smem_to_gmem(q_w, dq_ref.at[bb, qs, hh])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+  # Contraction over bk keys in dQ += dS K: 32-key blocks need 64B swizzle.
+  swz = min(128, bk * jnp.dtype(dtype).itemsize)
   scratch = [
-      _tiled_smem((wgs, bq, h), dtype),
-      _tiled_smem((wgs, bq, hv), dtype),
-      _tiled_smem((stages, bk, h), dtype),
-      _tiled_smem((stages, bk, hv), dtype),
+      _tiled_smem((wgs, bq, h), dtype, swz),
+      _tiled_smem((wgs, bq, hv), dtype, swz),
+      _tiled_smem((stages, bk, h), dtype, swz),
+      _tiled_smem((stages, bk, hv), dtype, swz),
       plgpu.SMEM((stages, bk), jnp.int32) if segments else None,
       plgpu.Barrier(num_arrivals=2, num_barriers=wgs),
       plgpu.Barrier(num_arrivals=2 if segments else 1, num_barriers=stages),

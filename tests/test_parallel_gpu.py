@@ -31,10 +31,10 @@ def _key(*parts):
   return jax.random.key(zlib.crc32(repr(parts).encode()))
 
 
-def _two_gpu_mesh():
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 GPUs")
-  return Mesh(np.array(jax.devices()[:2]), ("seq",),
+def _gpu_mesh(n=2):
+  if jax.device_count() < n:
+    pytest.skip(f"needs {n} GPUs")
+  return Mesh(np.array(jax.devices()[:n]), ("seq",),
               axis_types=(AxisType.Auto,))
 
 
@@ -77,6 +77,7 @@ def test_residual_backward_at_global_residuals(impl):
 
 
 def _check_sp(mesh, strategy, lb, *, t=8192, n=8, k=2, **kw):
+  impl = kw.pop("implementation", None)
   inp = testing.attention_inputs(_key(strategy, lb, t, n, k, sorted(kw)),
                                  batch=1, q_len=t, num_heads=n,
                                  num_kv_heads=k, head_dim=128, dtype=BF16)
@@ -86,7 +87,8 @@ def _check_sp(mesh, strategy, lb, *, t=8192, n=8, k=2, **kw):
   @jax.jit
   def run(q, k_, v, do):
     f = lambda q, k_, v: parallel.sequence_parallel_attention(
-        q, k_, v, mesh=mesh, strategy=strategy, load_balance=lb, **kw)
+        q, k_, v, mesh=mesh, strategy=strategy, load_balance=lb,
+        implementation=impl, **kw)
     out, vjp = jax.vjp(f, q, k_, v)
     return out, vjp(do)
 
@@ -102,12 +104,18 @@ def _check_sp(mesh, strategy, lb, *, t=8192, n=8, k=2, **kw):
                                          ("ulysses", False),
                                          ("all_gather", True)])
 def test_two_gpus_causal(strategy, lb):
-  _check_sp(_two_gpu_mesh(), strategy, lb, is_causal=True)
+  _check_sp(_gpu_mesh(2), strategy, lb, is_causal=True)
 
 
-def test_two_gpus_ring_window_segments_sinks():
-  mesh = _two_gpu_mesh()
+@pytest.mark.parametrize("impl", [None, "pallas_triton"])
+def test_two_gpus_ring_window_segments_sinks(impl):
+  mesh = _gpu_mesh(2)
   seg = testing.random_segment_ids(_key("seg"), 1, 8192, 3)
   _check_sp(mesh, "ring", True, is_causal=True, local_window_size=(3000, 0),
             segment_ids=seg, sinks=jnp.linspace(-1.0, 1.0, 8),
-            logits_soft_cap=30.0)
+            logits_soft_cap=30.0, implementation=impl)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "all_gather"])
+def test_four_gpus_causal(strategy):
+  _check_sp(_gpu_mesh(4), strategy, True, t=16384, is_causal=True)

@@ -8,7 +8,9 @@ other implementation measured in the same process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import traceback
 
 import jax
@@ -37,6 +39,10 @@ class Config:
             f"{'causal' if self.causal else 'full'}")
 
 
+# Implementations timed only up to this T (they materialise T x S logits).
+SHORT_ONLY = {"jax.nn xla": 4096}
+
+
 def implementations(on_gpu: bool):
   """name -> (family, factory(causal) -> f(q, k, v))."""
   impls = {}
@@ -51,6 +57,10 @@ def implementations(on_gpu: bool):
     impls["jax.nn cudnn"] = ("other", lambda causal: (
         lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="cudnn")))
+    # jax.nn's default (XLA, materialised logits): short sequences only.
+    impls["jax.nn xla"] = ("other", lambda causal: (
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla")))
     try:
       import tokamax  # noqa: PLC0415
       for name in ("mosaic", "triton"):
@@ -86,13 +96,35 @@ def grid(quick: bool, on_gpu: bool, heads=None, seqs=None):
   return out
 
 
-def _rel_err(fn, q, k, v, causal):
+def _rel_err(fn, q, k, v, causal, cache):
   """Relative error against the float32 reference on the first sequence."""
-  q1, k1, v1 = (x[:1].astype(jnp.float32) for x in (q, k, v))
-  ref = attnjax.dot_product_attention(q1, k1, v1, is_causal=causal,
-                                      implementation="xla")
+  if "ref" not in cache:
+    q1, k1, v1 = (x[:1].astype(jnp.float32) for x in (q, k, v))
+    cache["ref"] = attnjax.dot_product_attention(
+        q1, k1, v1, is_causal=causal, implementation="xla")
+  ref = cache["ref"]
   got = fn(q[:1], k[:1], v[:1]).astype(jnp.float32)
   return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def _compile_all(tasks, threads: int):
+  """AOT-compiles every (jitted fn, args) task, ``threads`` at a time.
+
+  Compilation (Triton / Mosaic / ptxas) dominates a side-by-side run; the
+  executables do not depend on each other, so they are built concurrently
+  and timed one by one afterwards. A task whose compilation raises keeps the
+  exception, re-raised when it is timed.
+  """
+  def build(task):
+    f, args = task
+    try:
+      return f.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - reported per row
+      return e
+  if threads <= 1:
+    return [build(t) for t in tasks]
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(build, tasks))
 
 
 def run(quick: bool = False, heads=None, seqs=None, modes=("fwd", "fwd+bwd"),
@@ -102,6 +134,8 @@ def run(quick: bool = False, heads=None, seqs=None, modes=("fwd", "fwd+bwd"),
   if impl_filter:
     impls = {k: v for k, v in impls.items()
              if any(f in k for f in impl_filter)}
+  threads = int(os.environ.get("ATTNJAX_BENCH_COMPILE_THREADS",
+                               "8" if on_gpu else "1"))
   rows = []
   for cfg in grid(quick, on_gpu, heads, seqs):
     keys = jax.random.split(jax.random.key(cfg.t * 7 + cfg.h + cfg.causal), 4)
@@ -110,34 +144,42 @@ def run(quick: bool = False, heads=None, seqs=None, modes=("fwd", "fwd+bwd"),
     k = jax.random.normal(keys[1], (cfg.b, cfg.t, cfg.k, cfg.h), dt)
     v = jax.random.normal(keys[2], (cfg.b, cfg.t, cfg.k, cfg.h), dt)
     do = jax.random.normal(keys[3], q.shape, dt)
+    ref_cache = {}
+    todo = []  # (name, family, mode, jitted fn, args)
     for name, (family, make) in impls.items():
+      if name in SHORT_ONLY and cfg.t > SHORT_ONLY[name]:
+        continue
       fwd = make(cfg.causal)
       for mode in modes:
-        row = dict(suite="softmax", impl=name, family=family,
-                   **dataclasses.asdict(cfg), mode=mode)
-        flops = common.attention_flops(cfg.b, cfg.n, cfg.t, cfg.t, cfg.h,
-                                       causal=cfg.causal, mode=mode)
-        try:
-          if mode == "fwd":
-            f = jax.jit(fwd)
-            sec = common.time_fn(f, q, k, v)
-            if cfg.t <= 4096:
-              row["rel_err"] = _rel_err(f, q, k, v, cfg.causal)
-          else:
-            f = jax.jit(lambda q, k, v, do, fwd=fwd: jax.vjp(fwd, q, k, v)[1](
-                do))
-            sec = common.time_fn(f, q, k, v, do)
-          row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
-        except Exception as e:  # noqa: BLE001 - record and go on
-          msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-          row.update(ms=None, tflops=None, error=msg)
-          if not isinstance(e, NotImplementedError | ExceptionGroup):
-            traceback.print_exc(limit=2)
-        rows.append(row)
-        tf = row.get("tflops")
-        print(f"{cfg.label():44s} {mode:8s} {name:26s} "
-              f"{'%8.1f TFLOP/s' % tf if tf else row.get('error', '')[:60]}",
-              flush=True)
+        if mode == "fwd":
+          todo.append((name, family, mode, jax.jit(fwd), (q, k, v)))
+        else:
+          todo.append((name, family, mode, jax.jit(
+              lambda q, k, v, do, fwd=fwd: jax.vjp(fwd, q, k, v)[1](do)),
+                       (q, k, v, do)))
+    built = _compile_all([(t[3], t[4]) for t in todo], threads)
+    for (name, family, mode, f, args), exe in zip(todo, built):
+      row = dict(suite="softmax", impl=name, family=family,
+                 **dataclasses.asdict(cfg), mode=mode)
+      flops = common.attention_flops(cfg.b, cfg.n, cfg.t, cfg.t, cfg.h,
+                                     causal=cfg.causal, mode=mode)
+      try:
+        if isinstance(exe, Exception):
+          raise exe
+        sec = common.time_fn(exe, *args, min_seconds=0.15)
+        if mode == "fwd" and cfg.t <= 1024:
+          row["rel_err"] = _rel_err(f, *args, cfg.causal, ref_cache)
+        row.update(ms=sec * 1e3, tflops=flops / sec / 1e12)
+      except Exception as e:  # noqa: BLE001 - record and go on
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row.update(ms=None, tflops=None, error=msg)
+        if not isinstance(e, NotImplementedError | ExceptionGroup):
+          traceback.print_exception(e, limit=2)
+      rows.append(row)
+      tf = row.get("tflops")
+      print(f"{cfg.label():44s} {mode:8s} {name:26s} "
+            f"{'%8.1f TFLOP/s' % tf if tf else row.get('error', '')[:60]}",
+            flush=True)
   add_ratios(rows)
   return rows
 
@@ -157,25 +199,59 @@ def add_ratios(rows):
         r["ratio_vs_best_other"] = r["tflops"] / best_other
 
 
+# The goals' ratios (issues 3 and 4): one attnjax kernel over named peers.
+GOALS = (
+    ("pallas_triton / tokamax triton", "attnjax pallas_triton",
+     ("tokamax triton",)),
+    ("mosaic_gpu / best(cudnn, tokamax mosaic)", "attnjax pallas_mosaic_gpu",
+     ("jax.nn cudnn", "tokamax mosaic")),
+)
+
+
+def _goal_ratio(by_impl, ours, peers):
+  mine = by_impl.get(ours, {}).get("tflops")
+  best = max((by_impl.get(p, {}).get("tflops") or 0 for p in peers),
+             default=0)
+  return mine / best if mine and best else None
+
+
 def markdown(rows) -> str:
   impls = list(dict.fromkeys(r["impl"] for r in rows))
+  goals = [g for g in GOALS
+           if g[1] in impls and any(p in impls for p in g[2])]
   groups = {}
   for r in rows:
     key = (r["h"], f"{r['n']}:{r['k']}", r["t"], int(r["causal"]), r["mode"])
     groups.setdefault(key, {})[r["impl"]] = r
-  header = ["H", "N:K", "T", "causal", "pass"] + impls + [
-      "attnjax best / best other"]
-  table = []
+  header = (["H", "N:K", "T", "causal", "pass"] + impls
+            + ["attnjax best / best other"] + [g[0] for g in goals])
+  table, per_goal = [], {g[0]: [] for g in goals}
   for key, by_impl in groups.items():
     ours = [r.get("tflops") for r in by_impl.values()
             if r["family"] == "attnjax" and r.get("tflops")]
     others = [r.get("tflops") for r in by_impl.values()
               if r["family"] == "other" and r.get("tflops")]
     ratio = (max(ours) / max(others)) if ours and others else None
+    goal_ratios = [_goal_ratio(by_impl, g[1], g[2]) for g in goals]
+    for g, x in zip(goals, goal_ratios):
+      if x is not None:
+        per_goal[g[0]].append((x, key))
     table.append(list(key) + [
-        by_impl.get(i, {}).get("tflops") for i in impls] + [ratio])
+        by_impl.get(i, {}).get("tflops") for i in impls] + [ratio]
+        + goal_ratios)
+  summary = []
+  for name, vals in per_goal.items():
+    if vals:
+      lo, hi = min(vals), max(vals)
+      behind = sum(x < 1.0 for x, _ in vals)
+      summary.append(
+          f"- {name}: {lo[0]:.2f}x (H={lo[1][0]} N:K={lo[1][1]} T={lo[1][2]} "
+          f"{'causal' if lo[1][3] else 'full'} {lo[1][4]}) to {hi[0]:.2f}x; "
+          f"below 1.0 on {behind} of {len(vals)} rows")
   return ("TFLOP/s (forward 4*B*N*T*S*H, halved when causal; "
           "forward+backward 3.5x); — = not supported or failed.\n\n"
+          + ("Goal ratios (ours / peer, same process, same GPU):\n"
+             + "\n".join(summary) + "\n\n" if summary else "")
           + common.markdown_table(header, table))
 
 

@@ -161,6 +161,103 @@ def _drain(steps, stages, *free_barriers):
         plgpu.barrier_wait(bar.at[x])
 
 
+def _dkv_tables(ranges, nkt):
+  """Per-key-tile query ranges plus a longest-first tile order, as one table.
+
+  Rows 0-3: ``lo, a, c, hi`` query-block bounds of each key tile; row 4: the
+  tile each CTA takes (most work first, so the tail of the grid is short).
+  """
+  ranges = np.asarray(ranges, np.int32)
+  if ranges.shape != (4, nkt):
+    raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
+  work = ranges[3] - ranges[0]
+  order = np.argsort(-work, kind="stable").astype(np.int32)
+  return jnp.asarray(np.concatenate([ranges, order[None]], 0))
+
+
+def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups):
+  """A dK/dV CTA's work: ``(kt, kvh, b, wg, lo, a, c, hi, kv_limit, nq,
+  steps, step_coords)``.
+
+  Key tile ``kt`` (of ``tile`` keys) sees query blocks ``[lo, hi)`` (``[a,
+  c)`` of them need no element mask), clipped to the key length; it walks
+  them once per query head of its group: ``steps`` steps, step ``i`` at
+  ``step_coords(i) = (query head, query block)``.
+  """
+  kt = tab_ref[4, lax.axis_index("kv")]
+  kvh = lax.axis_index("h")
+  bb = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  lo, a, c, hi, kv_limit = _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit,
+                                       tile)
+  nq = hi - lo
+
+  def step_coords(i):
+    g = lax.div(i, jnp.maximum(nq, 1))
+    qb = lo + lax.rem(i, jnp.maximum(nq, 1))
+    return kvh * groups + g, qb
+
+  return (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, nq * groups,
+          step_coords)
+
+
+def _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit, tile):
+  """``(lo, a, c, hi)`` of key tile ``kt``, clipped to the key length (the
+  last item: that length)."""
+  lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
+  kv_limit = jnp.int32(s_limit)
+  if kvlen_ref is not None:
+    kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
+    # Key tiles wholly past the length contribute nothing.
+    hi = jnp.where(kt * tile >= kv_limit, lo, hi)
+  hi = jnp.maximum(hi, lo)
+  a = jnp.clip(a, lo, hi)
+  c = jnp.clip(c, a, hi)
+  return lo, a, c, hi, kv_limit
+
+
+def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
+                  bars):
+  """The producer warpgroup of a dK/dV kernel: streams Q (+ lse, segment
+  ids) and dO (+ delta) blocks of each step into the ``stages``-slot rings.
+  """
+  plgpu.set_max_registers(regs, action="decrease")
+  q_ref, lse_ref, qseg_ref, do_ref, delta_ref = refs
+  q_smem, lse_smem, qseg_smem, do_smem, delta_smem = smem
+  q_ready, do_ready, q_free, do_free = bars
+
+  @pl.loop(0, steps)
+  def _(i):
+    slot = lax.rem(i, jnp.int32(stages))
+    hh, qb = step_coords(i)
+    qs = pl.ds(qb * bq, bq)
+
+    @pl.when(i >= stages)
+    def _():
+      plgpu.barrier_wait(q_free.at[slot])
+
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_smem.at[slot],
+                            q_ready.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[bb, hh, qs], lse_smem.at[slot],
+                            q_ready.at[slot])
+    if qseg_ref is not None:
+      plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
+                              q_ready.at[slot])
+
+    @pl.when(i >= stages)
+    def _():
+      plgpu.barrier_wait(do_free.at[slot])
+
+    plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_smem.at[slot],
+                            do_ready.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
+                            delta_smem.at[slot], do_ready.at[slot])
+
+  # Observe the last release of every slot (no barrier phase completes
+  # unobserved; harmless on the GPU, checked by the interpreter).
+  _drain(steps, stages, q_free, do_free)
+
+
 def flash_backward_dkv(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
     predicate: Callable | None = None, kv_len_static: int | None = None,
@@ -220,15 +317,10 @@ def flash_backward_dkv(
   _smem_check([wgs * bk * h, wgs * bk * hv], [bq * h, bq * hv], stages,
               jnp.dtype(dtype).itemsize,
               extra=stages * 3 * 1024 + 1024 + fused_extra)
-  ranges = np.asarray(ranges, np.int32)
-  if ranges.shape != (4, nkt):
-    raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
+  tables = _dkv_tables(ranges, nkt)
   groups = n // kh
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
-  work = ranges[3] - ranges[0]
-  order = np.argsort(-work, kind="stable").astype(np.int32)
-  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
@@ -236,61 +328,19 @@ def flash_backward_dkv(
              k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
              qseg_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_free,
              do_free):
-    kt = tab_ref[4, lax.axis_index("kv")]
-    kvh = lax.axis_index("h")
-    bb = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
-    kv_limit = jnp.int32(s_limit)
-    if kvlen_ref is not None:
-      kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
-      # Key tiles wholly past the length contribute nothing.
-      hi = jnp.where(kt * tk >= kv_limit, lo, hi)
-    hi = jnp.maximum(hi, lo)
-    a = jnp.clip(a, lo, hi)
-    c = jnp.clip(c, a, hi)
-    nq = hi - lo
-    steps = nq * groups
-
-    def step_coords(i):
-      g = lax.div(i, jnp.maximum(nq, 1))
-      qb = lo + lax.rem(i, jnp.maximum(nq, 1))
-      return kvh * groups + g, qb
+    (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
+     step_coords) = _dkv_schedule(
+        tab_ref, kvlen_ref, s_limit, tk, groups)
 
     @pl.when(wg == wgs)
     def _producer():
-      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
-
-      @pl.loop(0, steps)
-      def _(i):
-        slot = lax.rem(i, jnp.int32(stages))
-        hh, qb = step_coords(i)
-        qs = pl.ds(qb * bq, bq)
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(q_free.at[slot])
-
-        plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_smem.at[slot],
-                                q_ready.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[bb, hh, qs], lse_smem.at[slot],
-                                q_ready.at[slot])
-        if segments:
-          plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
-                                  q_ready.at[slot])
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(do_free.at[slot])
-
-        plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_smem.at[slot],
-                                do_ready.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
-                                delta_smem.at[slot], do_ready.at[slot])
-
-      # Observe the last release of every slot (no barrier phase completes
-      # unobserved; harmless on the GPU, checked by the interpreter).
-      _drain(steps, stages, q_free, do_free)
+      _dkv_producer(
+          step_coords, steps, bb=bb, bq=bq, stages=stages,
+          regs=cfg.producer_regs,
+          refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
+                delta_ref),
+          smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
+          bars=(q_ready, do_ready, q_free, do_free))
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -488,73 +538,29 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
               [bq * h, bq * hv], stages, itemsize,
               extra=stages * 3 * 1024 + 1024)
   nkt = sp // bk
-  ranges = np.asarray(ranges, np.int32)
-  if ranges.shape != (4, nkt):
-    raise ValueError(f"ranges must have shape (4, {nkt}), got {ranges.shape}")
+  tables = _dkv_tables(ranges, nkt)
   groups = n // kh
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
-  work = ranges[3] - ranges[0]
-  order = np.argsort(-work, kind="stable").astype(np.int32)
-  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
              qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
              q_smem, do_smem, lse_smem, delta_smem, qseg_smem, pt_smem,
              ds_smem, kv_bar, q_ready, do_ready, q_free, do_free, pair):
-    kt = tab_ref[4, lax.axis_index("kv")]
-    kvh = lax.axis_index("h")
-    bb = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
-    kv_limit = jnp.int32(s_limit)
-    if kvlen_ref is not None:
-      kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
-      hi = jnp.where(kt * bk >= kv_limit, lo, hi)
-    hi = jnp.maximum(hi, lo)
-    a = jnp.clip(a, lo, hi)
-    c = jnp.clip(c, a, hi)
-    nq = hi - lo
-    steps = nq * groups
-
-    def step_coords(i):
-      g = lax.div(i, jnp.maximum(nq, 1))
-      qb = lo + lax.rem(i, jnp.maximum(nq, 1))
-      return kvh * groups + g, qb
+    (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
+     step_coords) = _dkv_schedule(
+        tab_ref, kvlen_ref, s_limit, bk, groups)
 
     @pl.when(wg == wgs)
     def _producer():
-      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
-
-      @pl.loop(0, steps)
-      def _(i):
-        slot = lax.rem(i, jnp.int32(stages))
-        hh, qb = step_coords(i)
-        qs = pl.ds(qb * bq, bq)
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(q_free.at[slot])
-
-        plgpu.copy_gmem_to_smem(q_ref.at[bb, qs, hh], q_smem.at[slot],
-                                q_ready.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[bb, hh, qs], lse_smem.at[slot],
-                                q_ready.at[slot])
-        if segments:
-          plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
-                                  q_ready.at[slot])
-
-        @pl.when(i >= stages)
-        def _():
-          plgpu.barrier_wait(do_free.at[slot])
-
-        plgpu.copy_gmem_to_smem(do_ref.at[bb, qs, hh], do_smem.at[slot],
-                                do_ready.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
-                                delta_smem.at[slot], do_ready.at[slot])
-
-      _drain(steps, stages, q_free, do_free)
+      _dkv_producer(
+          step_coords, steps, bb=bb, bq=bq, stages=stages,
+          regs=cfg.producer_regs,
+          refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
+                delta_ref),
+          smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
+          bars=(q_ready, do_ready, q_free, do_free))
 
     @pl.when(wg < wgs)
     def _consumer():

@@ -177,6 +177,32 @@ def test_long_sequence_strong_and_weak_decay(gate):
   assert_matches(state, ref_state, F32, name="final_state")
 
 
+def test_scan_reference_weak_fixed_decay_against_float64():
+  """The scan reference itself at T = 65536 with a fixed decay
+  exp(-1e-4), against the same recurrence in float64 (numpy). exp(g)
+  rounded to float32 near 1 misstates the decay rate by up to 3e-8 / 1e-4
+  (the same error every step; biased further by a GPU's exp), which
+  compounded into 1.4e-4 relative error before the reference applied the
+  decay through expm1."""
+  b, t, n, h = 1, 65536, 1, 8
+  ks = jax.random.split(key_for("weak-decay-reference"), 3)
+  q = jax.random.normal(ks[0], (b, t, n, h))
+  k = jax.random.normal(ks[1], (b, t, n, h)) / np.sqrt(h)
+  v = jax.random.normal(ks[2], (b, t, n, h))
+  out, state = jax.jit(lambda q, k, v: attnjax.linear_attention(
+      q, k, v, log_decay=jnp.array([-1e-4]), implementation="xla",
+      return_final_state=True))(q, k, v)
+  q64, k64, v64 = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v))
+  a = np.exp(np.float64(np.float32(-1e-4)))
+  s = np.zeros((h, h))
+  ref = np.empty((t, h))
+  for i in range(t):
+    s = a * s + np.outer(k64[i], v64[i])
+    ref[i] = q64[i] @ s
+  assert_matches(out[0, :, 0], ref / np.sqrt(h), F32)
+  assert_matches(state[0, 0], s, F32, name="final_state")
+
+
 def test_jit_and_vmap():
   arrays, opts = linear_case(key_for("vmap"), gate="scalar", length=12)
   f = jax.jit(lambda q, k, v, g: attnjax.linear_attention(

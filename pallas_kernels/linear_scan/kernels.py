@@ -20,18 +20,29 @@ so it runs near matmul speed), a short scan over splits in jnp gives the
 state entering every split, and the chunked kernel then runs every split
 from its own starting state.
 
-Backward pass (custom_vjp): states are never stored per chunk; they are
-recomputed. ``_dq_kernel`` sweeps forward from the split starting states
+Backward pass (custom_vjp): the forward stores no per-chunk states; they
+are recomputed. ``_dq_kernel`` sweeps forward from the split starting states
 saved by the forward pass; ``_dk_kernel`` (one program per key-feature
 block) and ``_dv_kernel`` (per value block) sweep backward carrying their
 block of the state gradient dS (split ends from a Gram kernel over
 ``q^T dO`` and a reverse chain). Separate dk and dv kernels keep every
 program's accumulators within the register file (a fused dk/dv program
 spilled at H = Hv = 128; measured with ptxas for sm_90a). The gradient of
-the log gates comes from the identity
-``dg_t = sum_{i >= t} q_i.dq_i - sum_{j >= t} k_j.dk_j + <dS_T, S_T>``
-(every pair (i, j) with ``j < t <= i`` carries ``g_t``), whose row sums the
-kernels emit in float32.
+the log gates: every pair (query i, key j) with ``j < t <= i`` carries
+``g_t``, so for t in chunk c
+
+  dg_t = sum_{i >= t in c} q_i.dq_i - sum_{j >= t in c} k_j.dk_j + E_c,
+  E_c = sum_{j in c} k_j.dk_j[inter] + <dS_out(c), dec_c S_in(c)>
+
+(``dk[inter]`` the part from the state gradient leaving the chunk, the last
+term the pairs spanning the whole chunk). The kernels emit the row sums in
+float32; ``_dk_kernel`` computes E_c from the states entering each chunk,
+which ``_dq_kernel`` stores ([B, N, chunks, F, V] in the input dtype). The
+same identity over the whole sequence (a global reverse cumsum plus
+<dS_T, S_T>) needs no stored states, but there the q and k row sums of the
+pairs with ``j >= t``, rounded differently (bf16 states and weights),
+cancel over the entire remaining sequence: with bf16 inputs d log_decay
+(a sum over t) came out wrong by ~5% of sum |dg| at T = 1000.
 
 Numerics: decays enter only as chunk-relative (or split-relative) cumulative
 log gates, exponentiated after subtraction, so every factor is <= 1; the
@@ -279,7 +290,7 @@ def _dq_kernel(*refs, s: _Static):
   rc_ref = next(it) if s.has_seg else None
   s0_ref = next(it) if s.has_s0 else None
   dq_ref = next(it)
-  dgq_ref = next(it) if s.has_gate else None
+  dgq_ref, hs_ref = (next(it), next(it)) if s.has_gate else (None, None)
   c = s.chunk
   base = pl.program_id(2) * s.split_len
   shape = (k_ref.shape[-1], v_ref.shape[-1])
@@ -291,7 +302,10 @@ def _dq_kernel(*refs, s: _Static):
     k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     da = _dot_nt(do, v) * _intra_weights(s, gc_ref, rc_ref, rows, False)
     dq = _dot((da * s.scale).astype(k.dtype), k)
-    dqs = _dot_nt(do, state.astype(do.dtype))
+    state_in = state.astype(do.dtype)
+    if s.has_gate:  # for the gate gradient's chunk-spanning term (dk)
+      hs_ref[i] = state_in.astype(hs_ref.dtype)
+    dqs = _dot_nt(do, state_in)
     if s.has_w:
       wq = wq_ref[rows]
       dqs = dqs * wq[:, None]
@@ -351,6 +365,7 @@ def _dk_kernel(*refs, s: _Static):
   gc_ref = next(it) if s.has_gate else None
   wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
   rc_ref = next(it) if s.has_seg else None
+  hs_ref = next(it) if s.has_gate else None
   ds_ref = next(it)
   dk_ref = next(it)
   dgk_ref = next(it) if s.has_gate else None
@@ -358,7 +373,8 @@ def _dk_kernel(*refs, s: _Static):
   base = pl.program_id(2) * s.split_len
 
   def body(i, dstate):
-    r0 = pl.multiple_of(base + (s.cps - 1 - i) * c, c)
+    ci = s.cps - 1 - i
+    r0 = pl.multiple_of(base + ci * c, c)
     rows = pl.ds(r0, c)
     q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     dat = _dot_nt(v, do) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
@@ -368,10 +384,22 @@ def _dk_kernel(*refs, s: _Static):
       vs = vs * wk_ref[rows][:, None]
     dk = _dot(dat.astype(q.dtype), q) + vs
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    if s.has_gate:
-      dgk_ref[rows] = jnp.sum(k_ref[rows, :].astype(_F32) * dk, axis=1)
     if s.has_w:
       wq = wq_ref[rows]
+    if s.has_gate:
+      # Row terms k_j.dk_j, minus (on the chunk's last row, so that the
+      # chunk-local reverse cumsum in _core_bwd adds it to every row) the
+      # chunk's constant E = sum_j k_j.dk_j[inter] + <dS_out, dec S_in>:
+      # the pairs (key before the chunk, query after it) and the inter-chunk
+      # part of the k rows, the latter exactly the values in the rows.
+      # (One axis at a time: a two-axis sum fails in the Triton lowering
+      # under a mesh, e.g. the H100 export test.)
+      kf = k_ref[rows, :].astype(_F32)
+      spans = jnp.sum(jnp.sum(dstate * hs_ref[ci].astype(_F32), axis=1))
+      e = jnp.sum(jnp.sum(kf * vs, axis=1)) + _last(wq) * spans
+      last = jnp.arange(c) == c - 1
+      dgk_ref[rows] = (jnp.sum(kf * dk, axis=1) - jnp.where(last, e, 0.0))
+    if s.has_w:
       qw = (q.astype(_F32) * (wq * s.scale)[:, None]).astype(q.dtype)
       return dstate * _last(wq) + _dot_tn(qw, do)
     return dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
@@ -421,6 +449,13 @@ def _state_spec(f, bv, col_block: bool = True):
     return pl.BlockSpec((None, None, None, f, bv),
                         lambda j, n, sp, b: (b, n, sp, 0, j))
   return pl.BlockSpec((None, None, None, f, bv),
+                      lambda j, n, sp, b: (b, n, sp, j, 0))
+
+
+def _chunk_state_spec(bf, vp, s: _Static):
+  """Per-chunk states [B, N, chunks, F, V]: one split's chunks, a row
+  block of F."""
+  return pl.BlockSpec((None, None, s.cps, bf, vp),
                       lambda j, n, sp, b: (b, n, sp, j, 0))
 
 
@@ -499,9 +534,12 @@ def _dq_call(q, k, v, do, prep, starts, s: _Static):
   out_specs = [_blk(tp, bf, same, col)]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), q.dtype)]
   if s.has_gate:
-    out_specs.append(pl.BlockSpec((None, None, None, tp),
-                                  lambda j, n_, sp, b_: (j, b_, n_, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32))
+    out_specs += [pl.BlockSpec((None, None, None, tp),
+                               lambda j, n_, sp, b_: (j, b_, n_, 0)),
+                  _chunk_state_spec(bf, vp, s)]
+    out_shape += [jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32),
+                  jax.ShapeDtypeStruct((b, n, s.splits * s.cps, f, vp),
+                                       q.dtype)]
   return pl.pallas_call(
       functools.partial(_dq_kernel, s=s),
       grid=(f // bf, n, s.splits, b),
@@ -539,7 +577,7 @@ def _dv_call(q, k, do, prep, ds_end, s: _Static):
   )(*args)
 
 
-def _dk_call(q, k, v, do, prep, ds_end, s: _Static):
+def _dk_call(q, k, v, do, prep, chunk_states, ds_end, s: _Static):
   b, tp, n, f = q.shape
   vp = v.shape[-1]
   bf = min(s.bf, f)
@@ -550,8 +588,12 @@ def _dk_call(q, k, v, do, prep, ds_end, s: _Static):
   in_specs = [_blk(tp, bf, same, col), _blk(tp, bf, kv, col),
               _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero)]
   in_specs += _specs_tokens(tp, s)
+  args = [q, k, v, do] + _token_args(prep, s)
+  if s.has_gate:
+    in_specs.append(_chunk_state_spec(bf, vp, s))
+    args.append(chunk_states)
   in_specs.append(_state_spec(bf, vp, col_block=False))
-  args = [q, k, v, do] + _token_args(prep, s) + [ds_end]
+  args.append(ds_end)
   out_specs = [_blk(tp, bf, same, col)]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype)]
   if s.has_gate:
@@ -706,11 +748,11 @@ def _core(q, k, v, g, resets, s0, s: _Static):
 
 def _core_fwd(q, k, v, g, resets, s0, s: _Static):
   o, final, starts = _forward(q, k, v, g, resets, s0, s)
-  return (o, final), (q, k, v, g, resets, starts, final)
+  return (o, final), (q, k, v, g, resets, starts)
 
 
 def _core_bwd(s: _Static, res, cts):
-  q, k, v, g, resets, starts, final = res
+  q, k, v, g, resets, starts = res
   do, dfinal = cts
   b, tp, n, f = q.shape
   kh = k.shape[2]
@@ -726,7 +768,8 @@ def _core_bwd(s: _Static, res, cts):
   else:
     ds_end = dfinal[:, :, None]
   dv, ds_start = _dv_call(q, k, do, prep, ds_end, s)
-  outs2 = _dk_call(q, k, v, do, prep, ds_end, s)
+  outs2 = _dk_call(q, k, v, do, prep, outs[2] if s.has_gate else None,
+                   ds_end, s)
   dk = outs2[0]
   # Sum per-query-head gradients over each key/value head's group.
   if s.rep > 1:
@@ -735,9 +778,11 @@ def _core_bwd(s: _Static, res, cts):
         v.dtype)
   dg = None
   if s.has_gate:
+    # Reverse cumsum of the row terms within each chunk (each chunk's last
+    # row carries the chunk's constant, see _dk_kernel).
     rows = jnp.sum(outs[1], 0) - jnp.sum(outs2[1], 0)  # [B, N, Tp]
-    tail = jnp.sum(dfinal * final, axis=(-2, -1))  # [B, N]
-    dg = jnp.flip(jnp.cumsum(jnp.flip(rows, -1), -1), -1) + tail[..., None]
+    rows = rows.reshape(b, n, tp // s.chunk, s.chunk)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(rows, -1), -1), -1).reshape(b, n, tp)
   ds0 = ds_start[:, :, 0] if s.has_s0 else None
   return dq, dk, dv, dg, None, ds0
 

@@ -41,7 +41,7 @@ def run(quick: bool = False) -> list[dict]:
         # XLA's autotuner fails allocating them while compiling.
         rows += [dict(suite="memory", impl=impl, t=t, n=n, h=h, mode=m,
                       dtype=jnp.dtype(dt).name,
-                      error=f"skipped: T x T logits exceed GPU memory")
+                      error="skipped: T x T logits exceed GPU memory")
                  for m in ("fwd", "fwd+bwd")]
         continue
       f = lambda q, k, v, impl=impl: attnjax.dot_product_attention(

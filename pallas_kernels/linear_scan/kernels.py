@@ -516,10 +516,11 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int):
   )(a, bmat, w)
 
 
-def _dq_call(q, k, v, do, prep, starts, s: _Static):
-  b, tp, n, f = q.shape
-  vp = v.shape[-1]
-  bf = min(s.bf, f)
+def _key_column_inputs(q, k, v, do, prep, bf, s: _Static):
+  """Specs and arguments shared by the dQ and dK kernels (grid over blocks
+  of ``bf`` key-feature columns): q and k column blocks, whole v and dO rows,
+  then the per-token weights."""
+  tp, vp = q.shape[1], v.shape[-1]
   kv = lambda x: x // s.rep  # noqa: E731
   same = lambda x: x  # noqa: E731
   zero = lambda j: 0  # noqa: E731
@@ -527,11 +528,19 @@ def _dq_call(q, k, v, do, prep, starts, s: _Static):
   in_specs = [_blk(tp, bf, same, col), _blk(tp, bf, kv, col),
               _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero)]
   in_specs += _specs_tokens(tp, s)
-  args = [q, k, v, do] + _token_args(prep, s)
+  return in_specs, [q, k, v, do] + _token_args(prep, s)
+
+
+def _dq_call(q, k, v, do, prep, starts, s: _Static):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bf = min(s.bf, f)
+  in_specs, args = _key_column_inputs(q, k, v, do, prep, bf, s)
+  out_block = _blk(tp, bf, lambda x: x, lambda j: j)
   if s.has_s0:
     in_specs.append(_state_spec(bf, vp, col_block=False))
     args.append(starts)
-  out_specs = [_blk(tp, bf, same, col)]
+  out_specs = [out_block]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), q.dtype)]
   if s.has_gate:
     out_specs += [pl.BlockSpec((None, None, None, tp),
@@ -581,20 +590,14 @@ def _dk_call(q, k, v, do, prep, chunk_states, ds_end, s: _Static):
   b, tp, n, f = q.shape
   vp = v.shape[-1]
   bf = min(s.bf, f)
-  kv = lambda x: x // s.rep  # noqa: E731
-  same = lambda x: x  # noqa: E731
-  zero = lambda j: 0  # noqa: E731
-  col = lambda j: j  # noqa: E731
-  in_specs = [_blk(tp, bf, same, col), _blk(tp, bf, kv, col),
-              _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero)]
-  in_specs += _specs_tokens(tp, s)
-  args = [q, k, v, do] + _token_args(prep, s)
+  in_specs, args = _key_column_inputs(q, k, v, do, prep, bf, s)
+  out_block = _blk(tp, bf, lambda x: x, lambda j: j)
   if s.has_gate:
     in_specs.append(_chunk_state_spec(bf, vp, s))
     args.append(chunk_states)
   in_specs.append(_state_spec(bf, vp, col_block=False))
   args.append(ds_end)
-  out_specs = [_blk(tp, bf, same, col)]
+  out_specs = [out_block]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype)]
   if s.has_gate:
     out_specs.append(pl.BlockSpec((None, None, None, tp),

@@ -4,7 +4,7 @@ The shared ``SoftmaxSuite`` runs float32 at head dims 16-80, which this
 backend refuses by design (it raises NotImplementedError so dispatch falls
 back), so this file runs the same checks (forward, log-sum-exp and the VJP
 under random cotangents, via ``softmax_suite.check_against_reference``) in
-bfloat16/float16 at head dims 64 and 128 with T and S in the hundreds to
+bfloat16/float16 at head dims 64, 128 and 256 with T and S in the hundreds to
 thousands, plus determinism and NaN checks. CPU CI skips every test here
 (see conftest); ``tests/test_pallas_mosaic_lowering.py`` covers CPU.
 """
@@ -133,6 +133,17 @@ class TestMosaicGPU:
     out_r, lse_r = xla.xla_attention(p32)
     testing.assert_close(out, out_r, BF16, name="out")
     testing.assert_close(lse, lse_r, BF16, name="lse")
+
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_head_dim_256_gradients(self, causal):
+    # Split-head dK/dV (two consumers exchange P^T and dS^T through SMEM)
+    # and 32-key dQ blocks, with GQA, segment ids and key lengths.
+    t = 700
+    seg = testing.random_segment_ids(_key("h256gs"), 2, t, 3)
+    check(inputs("h256g", t=t, n=4, kh=2, h=256), dtype=BF16,
+          arrays={"segment_ids": seg,
+                  "kv_lengths": jnp.array([t, 530], jnp.int32)},
+          is_causal=causal)
 
   def test_seq_lengths(self):
     arrays = {"q_lengths": jnp.array([330, 200], jnp.int32),

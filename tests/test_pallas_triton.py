@@ -5,6 +5,8 @@ every case has several query and key blocks: ragged last blocks, EMPTY-tile
 skipping, FULL/PARTIAL tiles and GQA head packing are all exercised.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,25 @@ def test_dispatch_name():
   ref = attnjax.dot_product_attention(inp.q, inp.k, inp.v, is_causal=True,
                                       implementation="xla")
   testing.assert_close(out, ref, F32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_dkdv_matches_reference(causal):
+  """dK and dV from separate programs per key block (``split_dkdv``): GQA,
+  odd lengths, segment ids, key lengths, sinks, soft-cap and a bias with
+  its gradient."""
+  bs = dataclasses.replace(SMALL, split_dkdv=True)
+  inp = testing.attention_inputs(_key("split", causal), q_len=45, kv_len=53,
+                                 num_heads=6, num_kv_heads=2, head_dim=24,
+                                 value_head_dim=40)
+  qs = testing.random_segment_ids(_key("splitq"), 2, 45, 3)
+  ks = testing.random_segment_ids(_key("splitk"), 2, 53, 3)
+  bias = jax.random.normal(_key("splitb"), (1, 6, 45, 53))
+  sinks = jax.random.normal(_key("splits"), (6,))
+  check_against_reference(
+      lambda p: pallas_backend.triton_attention(p, block_sizes=bs,
+                                                interpret=True),
+      inp, dtype=F32, bias=bias, sinks=sinks, logits_soft_cap=7.0,
+      arrays={"segment_ids": (qs, ks),
+              "kv_lengths": jnp.array([53, 31], jnp.int32)},
+      is_causal=causal)

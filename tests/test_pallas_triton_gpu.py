@@ -6,6 +6,7 @@ bit-identical repeat runs, no NaN; and forward+backward at T = 131072 within
 one H100's memory. Skipped without a GPU (conftest.py).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -105,3 +106,16 @@ def test_128k_forward_backward_fits_in_memory():
     assert mem.temp_size_in_bytes < 8 * 2**30, mem
   val, grads = compiled(q, k, v)
   testing.assert_finite((val, grads), "128k loss and grads")
+
+
+@pytest.mark.parametrize("h", [128, 256])
+def test_split_dkdv(h):
+  """dK and dV from separate programs per key block, at real tile sizes."""
+  bs = dataclasses.replace(pallas_backend.BlockSizes(), split_dkdv=True)
+  inp = testing.attention_inputs(_key("gpusplit", h), batch=2, q_len=1500,
+                                 num_heads=8, num_kv_heads=2, head_dim=h,
+                                 dtype=BF16)
+  check_against_reference(
+      lambda p: pallas_backend.triton_attention(p, block_sizes=bs,
+                                                interpret=False),
+      inp, dtype=BF16, is_causal=True)

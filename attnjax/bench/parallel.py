@@ -53,8 +53,9 @@ from attnjax.bench import common
 from attnjax.softmax import api as softmax_api
 from attnjax.softmax.problem import make_problem
 
-__all__ = ["add_ratios", "add_scaling", "block_backend", "markdown", "plot",
-           "run", "run_scaling", "scaling_markdown", "scaling_plot"]
+__all__ = ["add_ratios", "add_scaling", "block_backend", "markdown",
+           "merge_rows", "plot", "run", "run_scaling", "scaling_markdown",
+           "scaling_plot"]
 
 HEADS, HEAD_DIM, BATCH = 16, 128, 1
 SEQS = (32768, 131072)
@@ -486,6 +487,27 @@ def add_scaling(rows):
       r["weak_eff"] = w * t1w / (n * r["ms"])
 
 
+def merge_rows(paths) -> list[dict]:
+  """Rows of several ``ATTNJAX_BENCH_ROWS`` files, derived columns redone.
+
+  Later files win where two rows describe the same configuration."""
+  keyed = {}
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          for k in ("strong_eff", "weak_eff", "efficiency"):
+            r.pop(k, None)
+          key = (r["impl"], r["strategy"], r["T"], r["devices"],
+                 r.get("heads", HEADS), r["load_balance"])
+          if "ms" in r or key not in keyed:
+            keyed[key] = r
+  rows = sorted(keyed.values(), key=lambda r: (r["devices"], r["T"]))
+  add_scaling(rows)
+  return rows
+
+
 def _label(r):
   if r["impl"] == "ringattention":
     return "ringattention"
@@ -507,8 +529,11 @@ def _series(rows, r):
   return [lab]
 
 
-def scaling_markdown(rows, weak_per_device=None, strong=None) -> str:
-  name, how = block_backend()
+def scaling_markdown(rows, weak_per_device=None, strong=None,
+                     backend=None) -> str:
+  """Weak and strong scaling tables; ``backend`` = (name, how) of the
+  per-device blocks (default: what this process would use)."""
+  name, how = backend or block_backend()
   ts = sorted({r["T"] for r in rows})
   if strong is None and ts:
     strong = ts[-1]
@@ -601,13 +626,29 @@ def main(argv=None):
   ap.add_argument("--out", default=None, help="write rows as JSON here")
   ap.add_argument("--report", default=None,
                   help="write <suite>-<device>.json/md/png into this folder")
+  ap.add_argument("--from-rows", default=None,
+                  help="scaling: measure nothing; merge these comma-separated "
+                  "JSON-lines files (ATTNJAX_BENCH_ROWS of runs on disjoint "
+                  "GPU groups of one host) into one report")
+  ap.add_argument("--info", default=None,
+                  help="with --from-rows: a --out JSON of one of those runs, "
+                  "whose device info the report carries")
   args = ap.parse_args(argv)
+  info = None
   if args.scaling:
     kinds = args.kinds.split(",") if args.kinds else None
     devices = tuple(int(d) for d in args.devices.split(","))
-    rows = run_scaling(devices, args.weak_per_device, args.strong, kinds,
-                       args.budget_s, args.max_call_s)
-    md = scaling_markdown(rows, args.weak_per_device, args.strong)
+    if args.from_rows:
+      rows = merge_rows(args.from_rows.split(","))
+      if args.info:
+        with open(args.info) as f:
+          info = json.load(f)["info"]
+    else:
+      rows = run_scaling(devices, args.weak_per_device, args.strong, kinds,
+                         args.budget_s, args.max_call_s)
+    backend = tuple(info["block_backend"]) if info and (
+        "block_backend" in info) else block_backend()
+    md = scaling_markdown(rows, args.weak_per_device, args.strong, backend)
     suite, pl = "parallel-scaling", scaling_plot(rows, args.weak_per_device,
                                                  args.strong)
   else:
@@ -620,7 +661,9 @@ def main(argv=None):
     md = markdown(rows)
     suite, pl = "parallel", plot(rows)
   print("\n" + md)
-  info = common.device_info()
+  if info is None:
+    info = common.device_info()
+    info["block_backend"] = list(block_backend())
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"info": info, "rows": rows}, f, indent=1)

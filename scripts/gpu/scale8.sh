@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 8 on an 8-GPU host (nvidia-h200-x8), two calls; GPU groups run side
+# by side where they are disjoint.
+#   bash scripts/gpu/scale8.sh call1
+#     GPUs 0-3: pytest -m gpu tests/test_parallel_gpu.py tests/test_models.py
+#     GPU 4: 1-device rows (softmax N=16, linear, ringattention)
+#     GPU 5: 1-device rows (softmax N=32)
+#     GPUs 6,7: 2-device rows; then all 8 GPUs: 8-device rows
+#   bash scripts/gpu/scale8.sh call2
+#     GPUs 0-3: 4-device rows; GPUs 4-7: the single-GPU test files, sharded
+# Rows: $OUT/rows-*.jsonl (merge here with
+#   python -m attnjax.bench.parallel --scaling --from-rows a,b,... --info x).
+# Weak scaling: 64k tokens per GPU (64k ... 512k); strong: T = 512k.
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+if [ -d .whl ] && [ -f .gpu/install_wheels.sh ]; then
+  eval "$(bash .gpu/install_wheels.sh 2>/dev/null)"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=index,name,driver_version,clocks.max.sm,power.limit --format=csv,noheader > "$OUT/env.txt"
+nvidia-smi topo -m >> "$OUT/env.txt" 2>&1
+echo "NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE-unset}" >> "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+step() {  # step <log> <timeout_s> <command...>
+  local log=$1 lim=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$lim" bash -c "$*" > "$OUT/$log.log" 2>&1
+  echo "=== $log rc=$? in $(( $(date +%s) - t0 ))s"
+}
+SCALE="python3 -m attnjax.bench.parallel --scaling --weak-per-device 65536 --strong 524288"
+
+case "${1:-}" in
+  call1)
+    ( export CUDA_VISIBLE_DEVICES=0,1,2,3
+      step pytest-parallel 290 python3 -m pytest -p no:cacheprovider -m gpu \
+        -v -rA --durations=8 tests/test_parallel_gpu.py tests/test_models.py ) &
+    ( export CUDA_VISIBLE_DEVICES=4
+      step scale-1a 290 ATTNJAX_BENCH_ROWS=$OUT/rows-1a.jsonl $SCALE \
+        --devices 1 --kinds ring,lasp2,ringattention --max-call-s 20 ) &
+    ( export CUDA_VISIBLE_DEVICES=5
+      step scale-1b 290 ATTNJAX_BENCH_ROWS=$OUT/rows-1b.jsonl $SCALE \
+        --devices 1 --kinds "'ulysses N=32'" --max-call-s 40 ) &
+    ( export CUDA_VISIBLE_DEVICES=6,7
+      step scale-2 290 ATTNJAX_BENCH_ROWS=$OUT/rows-2.jsonl $SCALE \
+        --devices 2 --max-call-s 20 ) &
+    wait
+    step scale-8 250 ATTNJAX_BENCH_ROWS=$OUT/rows-8.jsonl $SCALE \
+      --devices 8 --max-call-s 30 --budget-s 200 --out $OUT/scale-8.json
+    ;;
+  call2)
+    ( export CUDA_VISIBLE_DEVICES=0,1,2,3
+      step scale-4 400 ATTNJAX_BENCH_ROWS=$OUT/rows-4.jsonl $SCALE \
+        --devices 4 --max-call-s 20 --budget-s 330 ) &
+    ( step pytest-single 520 python3 scripts/gpu/shard_tests.py --gpus 4,5,6,7 \
+        --log-dir $OUT tests/test_pallas_mosaic_gpu.py \
+        tests/test_pallas_triton_gpu.py tests/test_gpu_backends.py \
+        tests/test_linear_pallas.py tests/test_nn.py ) &
+    wait
+    ;;
+esac
+for f in "$OUT"/*.log; do echo "##### $f"; tail -n ${TAIL:-20} "$f"; done

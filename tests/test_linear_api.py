@@ -144,3 +144,36 @@ def test_empty_sequence_passes_the_state_through():
   out, state = attnjax.linear_attention(q, kv, kv, initial_state=s0,
                                         return_final_state=True)
   assert out.shape == (B, 0, N, H) and jnp.array_equal(state, s0)
+
+
+def _largest_constant(hlo: str) -> int:
+  """Elements of the largest array constant in an HLO module's text."""
+  import math  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  sizes = [math.prod(int(d) for d in m.group(1).split(",") if d)
+           for m in re.finditer(r"= \w+\[([\d,]*)\]\S* constant\(", hlo)]
+  return max(sizes, default=0)
+
+
+@pytest.mark.parametrize("implementation", ["xla_chunked", "pallas"])
+@pytest.mark.parametrize("segments", [False, True])
+def test_constant_decay_is_not_folded_into_per_token_constants(
+    implementation, segments):
+  """A decay fixed at trace time (e.g. nn.retnet_log_decay) must not turn
+  the per-token cumulative decays into compile-time constants: XLA folds
+  those on the host, which took over a minute per compile at T = 512k."""
+  t, n = 2048, 4
+  decay = attnjax.nn.retnet_log_decay(n)
+  seg = (jnp.arange(t)[None] // 700).astype(jnp.int32) if segments else None
+
+  def f(q, k, v):
+    return attnjax.linear_attention(
+        q, k, v, log_decay=decay, segment_ids=seg,
+        implementation=implementation)
+
+  x = jax.ShapeDtypeStruct((1, t, n, 16), jnp.float32)
+  hlo = jax.jit(f).lower(x, x, x).compile().as_text()
+  assert _largest_constant(hlo) <= t, _largest_constant(hlo)  # seg: [1, t]
+  grad = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), (0, 1, 2)))
+  hlo = grad.lower(x, x, x).compile().as_text()
+  assert _largest_constant(hlo) <= t, _largest_constant(hlo)  # seg: [1, t]

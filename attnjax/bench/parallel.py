@@ -497,6 +497,8 @@ def merge_rows(paths) -> list[dict]:
       for line in f:
         if line.strip():
           r = json.loads(line)
+          if "impl" not in r:  # a marker line (which file follows)
+            continue
           for k in ("strong_eff", "weak_eff", "efficiency"):
             r.pop(k, None)
           key = (r["impl"], r["strategy"], r["T"], r["devices"],

@@ -216,7 +216,9 @@ def _resets(segment_ids, b, t):
   if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
     raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
   change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros((b, 1), bool), change], axis=1)
+  # Fixed packing known at trace time: not folded (see prepare_linear).
+  return jax.lax.optimization_barrier(
+      jnp.concatenate([jnp.zeros((b, 1), bool), change], axis=1))
 
 
 def _check_state(state, shape, name="initial_state"):
@@ -266,6 +268,12 @@ def prepare_linear(query, key, value, *, feature_map=None, log_decay=None,
     ld_b = ld[None, None, :] if g is None or g.ndim == 3 else (
         ld[None, None, :, None])
     g = jnp.broadcast_to(ld_b, (b, t, n)) if g is None else g + ld_b
+    # A decay known at trace time (a Python or numpy value, or a constant
+    # such as ``retnet_log_decay``) would make every per-token weight
+    # derived from it a compile-time constant, and XLA's constant folding
+    # evaluates those [B, T, N]-sized cumsums on the host: over a minute at
+    # T = 512k. The barrier (free at run time) keeps them on the device.
+    g = jax.lax.optimization_barrier(g)
   default_scale = 1.0 if feature_map == "taylor2" else 1.0 / math.sqrt(h)
   state_v = vd + 1 if normalize else vd
   return LinearProblem(

@@ -639,7 +639,9 @@ def _block_weights(g, resets, block):
   if g is None:
     b, tp = resets.shape
     n = 1
-    g = jnp.zeros((b, 1, tp), _F32)
+    # Not a constant XLA would fold (a host-side cumsum over T): see the
+    # barrier in attnjax.linear.api.prepare_linear.
+    g = jax.lax.optimization_barrier(jnp.zeros((b, 1, tp), _F32))
   b, n, tp = g.shape
   nb = tp // block
   gb = g.reshape(b, n, nb, block)

@@ -7,7 +7,9 @@
 #     GPU 5: 1-device rows (softmax N=32)
 #     GPUs 6,7: 2-device rows; then all 8 GPUs: 8-device rows
 #   bash scripts/gpu/scale8.sh call2
-#     GPUs 0-3: 4-device rows; GPUs 4-7: the single-GPU test files, sharded
+#     GPUs 0-3: 4-device rows; GPUs 4,5: tests/test_models.py -m gpu, then
+#     1- and 2-device rows left over; GPUs 6,7: the single-GPU test files
+#     (linear, nn, Triton, backends), sharded; then 8-device rows left over
 # Rows: $OUT/rows-*.jsonl (merge here with
 #   python -m attnjax.bench.parallel --scaling --from-rows a,b,... --info x).
 # Weak scaling: 64k tokens per GPU (64k ... 512k); strong: T = 512k.
@@ -51,13 +53,29 @@ case "${1:-}" in
     ;;
   call2)
     ( export CUDA_VISIBLE_DEVICES=0,1,2,3
-      step scale-4 400 ATTNJAX_BENCH_ROWS=$OUT/rows-4.jsonl $SCALE \
-        --devices 4 --max-call-s 20 --budget-s 330 ) &
-    ( step pytest-single 520 python3 scripts/gpu/shard_tests.py --gpus 4,5,6,7 \
-        --log-dir $OUT tests/test_pallas_mosaic_gpu.py \
-        tests/test_pallas_triton_gpu.py tests/test_gpu_backends.py \
-        tests/test_linear_pallas.py tests/test_nn.py ) &
+      step scale-4 290 ATTNJAX_BENCH_ROWS=$OUT/rows-4.jsonl $SCALE \
+        --devices 4 --max-call-s 20 --budget-s 250 ) &
+    ( export CUDA_VISIBLE_DEVICES=4,5
+      step pytest-models 150 python3 -m pytest -p no:cacheprovider -m gpu \
+        -v -rA -o faulthandler_timeout=100 tests/test_models.py
+      step scale-2b 70 ATTNJAX_BENCH_ROWS=$OUT/rows-2b.jsonl $SCALE \
+        --devices 1,2 --kinds lasp2
+      step scale-2c 75 ATTNJAX_BENCH_ROWS=$OUT/rows-2c.jsonl $SCALE \
+        --devices 2 --kinds "'ulysses N=32'" ) &
+    ( step pytest-single 290 python3 scripts/gpu/shard_tests.py --gpus 6,7 \
+        --log-dir $OUT tests/test_linear_pallas.py tests/test_nn.py \
+        tests/test_pallas_triton_gpu.py tests/test_gpu_backends.py ) &
     wait
+    step scale-8b 210 ATTNJAX_BENCH_ROWS=$OUT/rows-8b.jsonl $SCALE \
+      --devices 8 --kinds "'all_gather,lasp2,ulysses N=32,ringattention'" \
+      --max-call-s 30 --budget-s 170 --out $OUT/scale-8b.json
     ;;
 esac
 for f in "$OUT"/*.log; do echo "##### $f"; tail -n ${TAIL:-20} "$f"; done
+# Few files come back: one rows file, one log of the bench steps.
+if [ "${1:-}" = call2 ]; then
+  for f in "$OUT"/rows-*.jsonl; do echo "{\"_file\": \"$(basename $f)\"}"; cat "$f"; done > "$OUT/call2-rows.jsonl"
+  rm -f "$OUT"/rows-*.jsonl
+  for f in "$OUT"/scale-*.log "$OUT"/pytest-single.log; do echo "##### $f"; grep -v "onstant fold\|reduce-window\|bug, run\|trade-off\|^$\|%map" "$f"; done > "$OUT/call2-bench.log"
+  rm -f "$OUT"/scale-*.log "$OUT"/pytest-single.log
+fi

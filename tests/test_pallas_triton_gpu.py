@@ -110,12 +110,15 @@ def test_128k_forward_backward_fits_in_memory():
 
 @pytest.mark.parametrize("h", [128, 256])
 def test_split_dkdv(h):
-  """dK and dV from separate programs per key block, at real tile sizes."""
-  bs = dataclasses.replace(pallas_backend.BlockSizes(), split_dkdv=True)
+  """dK and dV from separate programs per key block, at the default tiles
+  of the head dim (those of the dataclass are sized for H <= 128)."""
   inp = testing.attention_inputs(_key("gpusplit", h), batch=2, q_len=1500,
                                  num_heads=8, num_kv_heads=2, head_dim=h,
                                  dtype=BF16)
-  check_against_reference(
-      lambda p: pallas_backend.triton_attention(p, block_sizes=bs,
-                                                interpret=False),
-      inp, dtype=BF16, is_causal=True)
+
+  def fn(p):
+    bs = dataclasses.replace(pallas_backend.default_block_sizes(p),
+                             split_dkdv=True)
+    return pallas_backend.triton_attention(p, block_sizes=bs, interpret=False)
+
+  check_against_reference(fn, inp, dtype=BF16, is_causal=True)

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -117,10 +119,20 @@ def _row(impl, family, variant, t, b, mode, sec=None, error=None):
   if error is not None:
     row["error"] = error
   tps = row.get("tokens_per_s")
+  _record(row)
   print(f"linear {impl:24s} {variant:13s} T={t:6d} B={b:3d} {mode:8s} "
         + (f"{row['ms']:9.3f} ms {tps / 1e6:8.2f} M tok/s" if tps else
            f"FAILED {error}"), flush=True)
   return row
+
+
+def _record(row):
+  """Appends ``row`` as a JSON line to ``$ATTNJAX_BENCH_ROWS`` when set (rows
+  survive a run cut short; ``--from-rows`` makes the report from them)."""
+  path = os.environ.get("ATTNJAX_BENCH_ROWS")
+  if path:
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 def _err(e):
@@ -218,20 +230,28 @@ def grid(quick: bool):
 
 
 def run(quick: bool = False, seqs=None, variants=None,
-        modes=("fwd", "fwd+bwd"), softmax: bool = True) -> list[dict]:
-  """Times every (variant, T, mode); returns the rows (see module doc)."""
+        modes=("fwd", "fwd+bwd"), softmax: bool = True, impls=None,
+        softmax_seqs=None) -> list[dict]:
+  """Times every (variant, T, mode); returns the rows (see module doc).
+
+  ``impls``: attnjax implementations to time (GPU default: pallas, and
+  xla_chunked where pallas fails or at T = 4096 for scale);
+  ``softmax_seqs``: the T of the causal softmax rows (default: ``seqs``).
+  """
   on_gpu = jax.default_backend() == "gpu"
   g_seqs, g_vars = grid(quick)
   seqs = seqs or g_seqs
   variants = variants or g_vars
+  impls = list(impls or (["pallas", "xla_chunked"] if on_gpu else
+                         ["xla_chunked"]))
   if not on_gpu:  # a smoke run: tiny and attnjax-only
-    seqs, softmax = (256,), False
+    seqs, softmax, impls = (256,), False, ["xla_chunked"]
+  softmax_seqs = set(seqs if softmax_seqs is None else softmax_seqs)
   rows = []
-  for t in seqs:
+  for t in sorted(set(seqs) | (softmax_seqs if softmax else set())):
     b = max(1, TOKENS // t) if on_gpu else 1
-    for variant in variants:
+    for variant in variants if t in seqs else ():
       q, k, v, extra = _inputs(b, t, variant)
-      impls = ["pallas", "xla_chunked"] if on_gpu else ["xla_chunked"]
       for impl in impls:
         for mode in modes:
           label = f"attnjax {impl}"
@@ -251,7 +271,7 @@ def run(quick: bool = False, seqs=None, variants=None,
       gc.collect()
       if on_gpu:
         rows += _fla_rows(variant, t, b, modes)
-    if softmax:
+    if softmax and t in softmax_seqs:
       q, k, v, _ = _inputs(b, t, "no_decay")
       for impl in ("cudnn", "pallas"):
         for mode in modes:
@@ -354,15 +374,45 @@ def main(argv=None):
   p.add_argument("--variants", default=None)
   p.add_argument("--modes", default="fwd,fwd+bwd")
   p.add_argument("--no-softmax", action="store_true")
+  p.add_argument("--impls", default=None,
+                 help="attnjax implementations, e.g. pallas")
+  p.add_argument("--softmax-seqs", default=None,
+                 help="T of the causal softmax rows (default: --seqs)")
+  p.add_argument("--from-rows", default=None,
+                 help="measure nothing: report the rows of these "
+                 "comma-separated $ATTNJAX_BENCH_ROWS files")
+  p.add_argument("--report", default=None,
+                 help="write linear-<device>.json/md/png into this folder")
   args = p.parse_args(argv)
-  print(" ".join(f"{k}={v}" for k, v in common.device_info().items()))
-  rows = run(quick=args.quick,
-             seqs=[int(s) for s in args.seqs.split(",")] if args.seqs
-             else None,
-             variants=args.variants.split(",") if args.variants else None,
-             modes=tuple(args.modes.split(",")),
-             softmax=not args.no_softmax)
-  print("\n" + markdown(rows))
+  ints = lambda s: [int(x) for x in s.split(",")] if s else None  # noqa: E731
+  if args.from_rows:
+    rows, info = [], None
+    for path in args.from_rows.split(","):
+      with open(path) as f:
+        for line in f:
+          r = json.loads(line)
+          if "_info" in r:
+            info = r["_info"]
+          elif "impl" in r:
+            rows.append({k: v for k, v in r.items()
+                         if not k.startswith("ratio_")})
+    add_ratios(rows)
+  else:
+    info = common.device_info()
+    _record({"_info": info})
+    print(" ".join(f"{k}={v}" for k, v in info.items()))
+    rows = run(quick=args.quick, seqs=ints(args.seqs),
+               variants=args.variants.split(",") if args.variants else None,
+               modes=tuple(args.modes.split(",")),
+               softmax=not args.no_softmax,
+               impls=args.impls.split(",") if args.impls else None,
+               softmax_seqs=ints(args.softmax_seqs))
+  md = markdown(rows)
+  print("\n" + md)
+  if args.report:
+    print("wrote " + ", ".join(common.write_report(
+        args.report, "linear", info or common.device_info(), rows, md,
+        plot(rows))))
   return 0
 
 

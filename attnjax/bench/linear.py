@@ -231,7 +231,7 @@ def grid(quick: bool):
 
 def run(quick: bool = False, seqs=None, variants=None,
         modes=("fwd", "fwd+bwd"), softmax: bool = True, impls=None,
-        softmax_seqs=None) -> list[dict]:
+        softmax_seqs=None, fla: bool = True) -> list[dict]:
   """Times every (variant, T, mode); returns the rows (see module doc).
 
   ``impls``: attnjax implementations to time (GPU default: pallas, and
@@ -269,7 +269,7 @@ def run(quick: bool = False, seqs=None, variants=None,
           break  # xla_chunked only where pallas fails, or at 4k for scale
       del q, k, v, extra
       gc.collect()
-      if on_gpu:
+      if on_gpu and fla:
         rows += _fla_rows(variant, t, b, modes)
     if softmax and t in softmax_seqs:
       q, k, v, _ = _inputs(b, t, "no_decay")
@@ -374,6 +374,8 @@ def main(argv=None):
   p.add_argument("--variants", default=None)
   p.add_argument("--modes", default="fwd,fwd+bwd")
   p.add_argument("--no-softmax", action="store_true")
+  p.add_argument("--no-fla", action="store_true",
+                 help="skip flash-linear-attention (its autotuning is slow)")
   p.add_argument("--impls", default=None,
                  help="attnjax implementations, e.g. pallas")
   p.add_argument("--softmax-seqs", default=None,
@@ -406,7 +408,7 @@ def main(argv=None):
                modes=tuple(args.modes.split(",")),
                softmax=not args.no_softmax,
                impls=args.impls.split(",") if args.impls else None,
-               softmax_seqs=ints(args.softmax_seqs))
+               softmax_seqs=ints(args.softmax_seqs), fla=not args.no_fla)
   md = markdown(rows)
   print("\n" + md)
   if args.report:

@@ -95,20 +95,23 @@ def _call(arrays, opts, implementation, return_final_state, extra):
 _NONDIFF = ("segment_ids",)
 
 
-def _split(arrays):
-  diff = {k: v for k, v in arrays.items() if k not in _NONDIFF}
-  rest = {k: v for k, v in arrays.items() if k in _NONDIFF}
+def _split(arrays, nondiff=()):
+  fixed = _NONDIFF + tuple(nondiff)
+  diff = {k: v for k, v in arrays.items() if k not in fixed}
+  rest = {k: v for k, v in arrays.items() if k in fixed}
   return diff, rest
 
 
-def vjp_of(case, implementation, cotangent_key, ct_dtype=F32, **extra):
+def vjp_of(case, implementation, cotangent_key, ct_dtype=F32, nondiff=(),
+           **extra):
   """(out, state, grads dict) of one implementation under random cotangents.
 
   The output cotangent is drawn in float32 and rounded to ``ct_dtype``, so
-  a bf16 run and its float32 reference see the same values.
+  a bf16 run and its float32 reference see the same values. ``nondiff``:
+  further arrays held constant (e.g. a fixed decay that is not learned).
   """
   arrays, opts = case
-  diff, rest = _split(arrays)
+  diff, rest = _split(arrays, nondiff)
 
   def f(d):
     return _call({**d, **rest}, opts, implementation, True, extra)
@@ -137,8 +140,9 @@ def assert_matches(actual, expected, dtype, *, grad=False, name="value"):
 
 
 def check_against_scan(case, implementation, *, grads=True, dtype=None,
-                       **extra):
-  """Forward, final state and (optionally) VJP against the scan reference."""
+                       nondiff=(), **extra):
+  """Forward, final state and (optionally) VJP against the scan reference
+  (``nondiff``: arrays not differentiated, see ``vjp_of``)."""
   dtype = dtype or case[0]["query"].dtype
   ref_case = case
   if dtype != F32:  # the reference runs on the same (rounded) values in f32
@@ -146,8 +150,9 @@ def check_against_scan(case, implementation, *, grads=True, dtype=None,
                      else v) for k, v in case[0].items()}, case[1])
   ck = key_for("cotangent", implementation)
   if grads:
-    out, state, g = vjp_of(case, implementation, ck, dtype, **extra)
-    rout, rstate, rg = vjp_of(ref_case, "xla", ck, dtype)
+    out, state, g = vjp_of(case, implementation, ck, dtype, nondiff,
+                           **extra)
+    rout, rstate, rg = vjp_of(ref_case, "xla", ck, dtype, nondiff)
   else:
     out, state = call(case, implementation, **extra)
     rout, rstate = call(ref_case, "xla")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,48 @@ def test_pallas_split_sequence_and_carry_state(monkeypatch):
   out2, s2 = part(slice(21, None), s1)
   assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
   assert_matches(s2, full_state, F32)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("gate", [None, "scalar"])
+def test_pallas_fixed_decay_not_learned(splits, gate, monkeypatch):
+  """A decay held constant (RetNet / Lightning, fla's g_gamma) is not
+  differentiated: the backward skips the gate-gradient kernels' outputs and
+  the per-chunk states they store, and q, k, v (and a learned gate beside
+  it) still match the scan."""
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("pallas-fixed", splits, gate), length=45,
+                     gate=gate, log_decay=True, initial_state=True)
+  check_against_scan(case, "pallas", chunk_size=16, nondiff=("log_decay",))
+
+
+def _dq_outputs(fn, *args):
+  """Output counts of the linear_scan_dq pallas_calls in fn's jaxpr."""
+  counts = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call" and "linear_scan_dq" in str(
+          eqn.params.get("name_and_src_info", eqn.params.get("name", ""))):
+        counts.append(len(eqn.outvars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
+def test_pallas_gate_gradient_only_when_perturbed():
+  q = jnp.ones((1, 32, 2, 16))
+  decay = jnp.array([-0.1, -0.2])
+
+  def loss(q, k, v, d):
+    return jnp.sum(attnjax.linear_attention(
+        q, k, v, log_decay=d, implementation="pallas", chunk_size=16))
+
+  learned = _dq_outputs(jax.grad(loss, (0, 1, 2, 3)), q, q, q, decay)
+  fixed = _dq_outputs(jax.grad(loss, (0, 1, 2)), q, q, q, decay)
+  assert learned == [3] and fixed == [1], (learned, fixed)
 
 
 def test_pallas_chunk_32_forward(monkeypatch):

@@ -10,7 +10,8 @@ Rows: ``impl, family, variant, T, B, mode, ms, tokens_per_s`` (plus
 
 * ``no_decay``: plain causal linear attention.
 * ``fixed_decay``: a fixed per-head decay (RetNet / Lightning; fla
-  ``g_gamma``).
+  ``g_gamma``), a constant in the backward pass (not differentiated, as
+  fla's ``g_gamma``).
 * ``scalar_gate``: data-dependent scalar gates (Mamba-2 / simple GLA; fla
   ``g``; its backward may refuse to run on Triton < 3.7.1).
 * ``channel_gate``: per-key-channel gates (GLA; fla ``chunk_gla``).
@@ -94,7 +95,10 @@ def _attnjax_fn(variant, implementation, mode):
   def loss(q, k, v, extra):
     return jnp.sum(fwd(q, k, v, extra).astype(jnp.float32) * v.astype(
         jnp.float32))
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  # A fixed decay is a constant, as in RetNet / Lightning Attention and as
+  # fla's g_gamma (which has no gradient): not differentiated. Gates are.
+  argnums = (0, 1, 2) if variant == "fixed_decay" else (0, 1, 2, 3)
+  return jax.jit(jax.grad(loss, argnums=argnums))
 
 
 def _softmax_fn(implementation, mode):

@@ -22,15 +22,15 @@ BlockSizes = flash_triton.BlockSizes
 
 # (block_q, block_kv, num_warps, num_stages) of the forward, dQ and dK/dV
 # kernels, by padded head dim, for 16-bit inputs on Hopper. Every entry
-# compiles (Triton 3.9, sm_90a) to wgmma for all dots without register
-# spills, except dK/dV at 256 (a few hundred bytes: its two float32
-# [64, 256] accumulators alone take 128 registers a thread), and fits the
-# 227 KiB of shared memory. See docs/pallas_triton.md; tune with
+# compiles (sm_90a) to wgmma for all dots and fits the 227 KiB of shared
+# memory; at 256 the fastest tiles on an H100 spill a little (the forward's
+# float32 [128, 256] accumulator; dK/dV's two [64, 256] ones) and still beat
+# the spill-free ones by 1.5-2x. See docs/pallas_triton.md; tune with
 # scripts/gpu/triton_sweep.py.
 _TILES_16BIT = {
     64: ((128, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)),
-    128: ((128, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)),
-    256: ((64, 64, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2)),
+    128: ((128, 64, 8, 3), (128, 64, 8, 3), (32, 128, 8, 3)),
+    256: ((128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2)),
 }
 # float32 (full-precision FMA dots, no tensor cores): small tiles, 8 warps,
 # so that nothing spills (checked at head dims 64, 128 and 256).
@@ -43,13 +43,14 @@ _TILES_F32 = {
 def default_block_sizes(p: Problem) -> BlockSizes:
   """Heuristic tiles for a Hopper-class GPU, from head dim and dtype.
 
-  Forward: 128 query rows (positions x packed GQA heads) against 64 keys
-  up to head dim 128, 64 x 64 at 256. dQ mirrors the forward. dK/dV holds a
-  block of 128 keys (64 at head dim 256, where its float32 dK and dV
-  accumulators grow) and walks 16-64 query rows per step; the key block stays
-  >= 64 because it is the M dimension of all four dK/dV matmuls, and Triton
-  only emits Hopper wgmma for M >= 64. Small problems shrink the tiles
-  (``pallas_kernels.flash.common.tile_shape``).
+  Forward: 128 query rows (positions x packed GQA heads) against 64 keys.
+  dQ mirrors the forward up to head dim 128 (64 x 64, 4 warps at 256).
+  dK/dV holds a block of 128 keys (64 at head dim 256, where its float32 dK
+  and dV accumulators grow) and walks 32-64 query rows per step; the key
+  block stays >= 64 because it is the M dimension of all four dK/dV
+  matmuls, and Triton only emits Hopper wgmma for M >= 64. Measured on an
+  H100 with ``scripts/gpu/triton_sweep.py`` (docs/pallas_triton.md). Small
+  problems shrink the tiles (``pallas_kernels.flash.common.tile_shape``).
   """
   _, _, _, _, _, h, hv = p.shape
   width = max(16, common.next_pow2(h), common.next_pow2(hv))

@@ -162,10 +162,18 @@ class _Static:
   interpret: bool
   upcast: bool  # interpret mode on CPU: matmuls in float32
   rep: int  # query heads per key/value head
+  # The gate's gradient is wanted (the backward pass sets it from whether
+  # log_gate is perturbed, e.g. False for a fixed decay that is not learned).
+  gate_grad: bool = True
 
   @property
   def has_w(self):
     return self.has_gate or self.has_seg
+
+  @property
+  def needs_dg(self):
+    """The backward kernels emit the gate gradient's row terms."""
+    return self.has_gate and self.gate_grad
 
   @property
   def split_len(self):
@@ -290,7 +298,7 @@ def _dq_kernel(*refs, s: _Static):
   rc_ref = next(it) if s.has_seg else None
   s0_ref = next(it) if s.has_s0 else None
   dq_ref = next(it)
-  dgq_ref, hs_ref = (next(it), next(it)) if s.has_gate else (None, None)
+  dgq_ref, hs_ref = (next(it), next(it)) if s.needs_dg else (None, None)
   c = s.chunk
   base = pl.program_id(2) * s.split_len
   shape = (k_ref.shape[-1], v_ref.shape[-1])
@@ -303,7 +311,7 @@ def _dq_kernel(*refs, s: _Static):
     da = _dot_nt(do, v) * _intra_weights(s, gc_ref, rc_ref, rows, False)
     dq = _dot((da * s.scale).astype(k.dtype), k)
     state_in = state.astype(do.dtype)
-    if s.has_gate:  # for the gate gradient's chunk-spanning term (dk)
+    if s.needs_dg:  # for the gate gradient's chunk-spanning term (dk)
       hs_ref[i] = state_in.astype(hs_ref.dtype)
     dqs = _dot_nt(do, state_in)
     if s.has_w:
@@ -311,7 +319,7 @@ def _dq_kernel(*refs, s: _Static):
       dqs = dqs * wq[:, None]
     dq = dq + s.scale * dqs
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    if s.has_gate:
+    if s.needs_dg:
       dgq_ref[rows] = jnp.sum(q_ref[rows, :].astype(_F32) * dq, axis=1)
     if s.has_w:
       kw = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
@@ -365,10 +373,10 @@ def _dk_kernel(*refs, s: _Static):
   gc_ref = next(it) if s.has_gate else None
   wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
   rc_ref = next(it) if s.has_seg else None
-  hs_ref = next(it) if s.has_gate else None
+  hs_ref = next(it) if s.needs_dg else None
   ds_ref = next(it)
   dk_ref = next(it)
-  dgk_ref = next(it) if s.has_gate else None
+  dgk_ref = next(it) if s.needs_dg else None
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
@@ -386,7 +394,7 @@ def _dk_kernel(*refs, s: _Static):
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if s.has_w:
       wq = wq_ref[rows]
-    if s.has_gate:
+    if s.needs_dg:
       # Row terms k_j.dk_j, minus (on the chunk's last row, so that the
       # chunk-local reverse cumsum in _core_bwd adds it to every row) the
       # chunk's constant E = sum_j k_j.dk_j[inter] + <dS_out, dec S_in>:
@@ -542,7 +550,7 @@ def _dq_call(q, k, v, do, prep, starts, s: _Static):
     args.append(starts)
   out_specs = [out_block]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), q.dtype)]
-  if s.has_gate:
+  if s.needs_dg:
     out_specs += [pl.BlockSpec((None, None, None, tp),
                                lambda j, n_, sp, b_: (j, b_, n_, 0)),
                   _chunk_state_spec(bf, vp, s)]
@@ -592,14 +600,14 @@ def _dk_call(q, k, v, do, prep, chunk_states, ds_end, s: _Static):
   bf = min(s.bf, f)
   in_specs, args = _key_column_inputs(q, k, v, do, prep, bf, s)
   out_block = _blk(tp, bf, lambda x: x, lambda j: j)
-  if s.has_gate:
+  if s.needs_dg:
     in_specs.append(_chunk_state_spec(bf, vp, s))
     args.append(chunk_states)
   in_specs.append(_state_spec(bf, vp, col_block=False))
   args.append(ds_end)
   out_specs = [out_block]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype)]
-  if s.has_gate:
+  if s.needs_dg:
     out_specs.append(pl.BlockSpec((None, None, None, tp),
                                   lambda j, n_, sp, b_: (j, b_, n_, 0)))
     out_shape.append(jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32))
@@ -752,13 +760,27 @@ def _core(q, k, v, g, resets, s0, s: _Static):
 
 
 def _core_fwd(q, k, v, g, resets, s0, s: _Static):
+  # symbolic_zeros: the primals come wrapped, saying which are perturbed.
+  # An unperturbed gate (a fixed decay that is not learned) needs no
+  # gradient: its kernels' outputs and the per-chunk states they store are
+  # skipped (the residual's last entry, () or None, carries the choice).
+  gate_grad = g is not None and g.perturbed
+  q, k, v, g, resets, s0 = (None if x is None else x.value
+                            for x in (q, k, v, g, resets, s0))
   o, final, starts = _forward(q, k, v, g, resets, s0, s)
-  return (o, final), (q, k, v, g, resets, starts)
+  return (o, final), (q, k, v, g, resets, starts, () if gate_grad else None)
+
+
+def _materialize(ct):
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+    return jnp.zeros(ct.shape, ct.dtype)
+  return ct
 
 
 def _core_bwd(s: _Static, res, cts):
-  q, k, v, g, resets, starts = res
-  do, dfinal = cts
+  q, k, v, g, resets, starts, gate_grad = res
+  s = dataclasses.replace(s, gate_grad=gate_grad is not None)
+  do, dfinal = (_materialize(ct) for ct in cts)
   b, tp, n, f = q.shape
   kh = k.shape[2]
   vp = v.shape[-1]
@@ -773,7 +795,7 @@ def _core_bwd(s: _Static, res, cts):
   else:
     ds_end = dfinal[:, :, None]
   dv, ds_start = _dv_call(q, k, do, prep, ds_end, s)
-  outs2 = _dk_call(q, k, v, do, prep, outs[2] if s.has_gate else None,
+  outs2 = _dk_call(q, k, v, do, prep, outs[2] if s.needs_dg else None,
                    ds_end, s)
   dk = outs2[0]
   # Sum per-query-head gradients over each key/value head's group.
@@ -781,8 +803,8 @@ def _core_bwd(s: _Static, res, cts):
     dk = dk.astype(_F32).reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
     dv = dv.astype(_F32).reshape(b, tp, kh, s.rep, vp).sum(3).astype(
         v.dtype)
-  dg = None
-  if s.has_gate:
+  dg = None  # None: a zero cotangent (no gate, or not perturbed)
+  if s.needs_dg:
     # Reverse cumsum of the row terms within each chunk (each chunk's last
     # row carries the chunk's constant, see _dk_kernel).
     rows = jnp.sum(outs[1], 0) - jnp.sum(outs2[1], 0)  # [B, N, Tp]
@@ -792,7 +814,7 @@ def _core_bwd(s: _Static, res, cts):
   return dq, dk, dv, dg, None, ds0
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------

@@ -10,27 +10,13 @@
 #     GPUs 0-3: 4-device rows; GPUs 4,5: tests/test_models.py -m gpu, then
 #     1- and 2-device rows left over; GPUs 6,7: the single-GPU test files
 #     (linear, nn, Triton, backends), sharded; then 8-device rows left over
+#   bash scripts/gpu/scale8.sh call3
+#     GPUs 0-3: the 4-GPU strong-scaling rows call2 did not reach
 # Rows: $OUT/rows-*.jsonl (merge here with
 #   python -m attnjax.bench.parallel --scaling --from-rows a,b,... --info x).
 # Weak scaling: 64k tokens per GPU (64k ... 512k); strong: T = 512k.
 set -u
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-if [ -d .whl ] && [ -f .gpu/install_wheels.sh ]; then
-  eval "$(bash .gpu/install_wheels.sh 2>/dev/null)"
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=index,name,driver_version,clocks.max.sm,power.limit --format=csv,noheader > "$OUT/env.txt"
-nvidia-smi topo -m >> "$OUT/env.txt" 2>&1
-echo "NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE-unset}" >> "$OUT/env.txt"
-cat "$OUT/env.txt"
-
-step() {  # step <log> <timeout_s> <command...>
-  local log=$1 lim=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$lim" bash -c "$*" > "$OUT/$log.log" 2>&1
-  echo "=== $log rc=$? in $(( $(date +%s) - t0 ))s"
-}
+source scripts/gpu/multi_gpu_env.sh
 SCALE="python3 -m attnjax.bench.parallel --scaling --weak-per-device 65536 --strong 524288"
 
 case "${1:-}" in
@@ -69,6 +55,12 @@ case "${1:-}" in
     step scale-8b 210 ATTNJAX_BENCH_ROWS=$OUT/rows-8b.jsonl $SCALE \
       --devices 8 --kinds "'all_gather,lasp2,ulysses N=32,ringattention'" \
       --max-call-s 30 --budget-s 170 --out $OUT/scale-8b.json
+    ;;
+  call3)  # what call2's time limit left: strong scaling at 4 GPUs (x4 or x8)
+    ( export CUDA_VISIBLE_DEVICES=0,1,2,3
+      step scale-4b 400 ATTNJAX_BENCH_ROWS=$OUT/rows-4b.jsonl $SCALE \
+        --devices 4 --kinds "'all_gather,lasp2,ulysses N=32'" --max-call-s 20 \
+        --out $OUT/scale-4b.json )
     ;;
 esac
 for f in "$OUT"/*.log; do echo "##### $f"; tail -n ${TAIL:-20} "$f"; done

@@ -260,6 +260,19 @@ def test_gpu_pallas_matches_scan_h128(dtype, splits, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gate,splits", [(None, None), ("scalar", 5)])
+def test_gpu_pallas_fixed_decay_not_learned(gate, splits, monkeypatch):
+  """The backward without the gate-gradient outputs (decay held constant),
+  compiled, at H = Hv = 128 in bf16."""
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("gpu-fixed", gate, splits), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, gate=gate, log_decay=True,
+                     initial_state=True, dtype=BF16)
+  check_against_scan(case, "pallas", nondiff=("log_decay",))
+
+
+@pytest.mark.gpu
 def test_gpu_pallas_vmap_and_jit():
   case = linear_case(key_for("gpu-vmap"), length=300, heads=4, kv_heads=4,
                      head_dim=64, value_dim=64, gate="scalar", dtype=BF16)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -148,8 +151,6 @@ def test_empty_sequence_passes_the_state_through():
 
 def _largest_constant(hlo: str) -> int:
   """Elements of the largest array constant in an HLO module's text."""
-  import math  # noqa: PLC0415
-  import re  # noqa: PLC0415
   sizes = [math.prod(int(d) for d in m.group(1).split(",") if d)
            for m in re.finditer(r"= \w+\[([\d,]*)\]\S* constant\(", hlo)]
   return max(sizes, default=0)

@@ -13,7 +13,12 @@ from collections.abc import Callable
 
 import jax
 
-__all__ = ["attention_flops", "device_info", "time_fn", "write_report"]
+__all__ = ["append_row", "attention_flops", "device_info", "read_rows",
+           "time_fn", "write_report"]
+
+# Rows are appended here (one JSON line each) as they are measured, so that
+# a run cut short by a time limit keeps them; ``read_rows`` reads them back.
+ROWS_ENV = "ATTNJAX_BENCH_ROWS"
 
 
 def attention_flops(b, n, t, s, h, hv=None, *, causal=False, mode="fwd"):
@@ -113,3 +118,31 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
            "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def append_row(row: dict) -> None:
+  """Appends ``row`` as a JSON line to ``$ATTNJAX_BENCH_ROWS``, when set."""
+  path = os.environ.get(ROWS_ENV)
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+def read_rows(paths) -> tuple[list[dict], dict | None]:
+  """(rows, device info) from ``append_row`` files: lines ``{"_info": ...}``
+  give the info (the last one wins), other lines without ``impl`` (markers)
+  and blank lines are skipped."""
+  rows, info = [], None
+  for path in paths:
+    with open(path) as f:
+      for line in f:
+        if not line.strip():
+          continue
+        r = json.loads(line)
+        if "_info" in r:
+          info = r["_info"]
+        elif "impl" in r:
+          rows.append(r)
+  return rows, info
+

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -123,20 +121,11 @@ def _row(impl, family, variant, t, b, mode, sec=None, error=None):
   if error is not None:
     row["error"] = error
   tps = row.get("tokens_per_s")
-  _record(row)
+  common.append_row(row)
   print(f"linear {impl:24s} {variant:13s} T={t:6d} B={b:3d} {mode:8s} "
         + (f"{row['ms']:9.3f} ms {tps / 1e6:8.2f} M tok/s" if tps else
            f"FAILED {error}"), flush=True)
   return row
-
-
-def _record(row):
-  """Appends ``row`` as a JSON line to ``$ATTNJAX_BENCH_ROWS`` when set (rows
-  survive a run cut short; ``--from-rows`` makes the report from them)."""
-  path = os.environ.get("ATTNJAX_BENCH_ROWS")
-  if path:
-    with open(path, "a") as f:
-      f.write(json.dumps(row) + "\n")
 
 
 def _err(e):
@@ -392,20 +381,13 @@ def main(argv=None):
   args = p.parse_args(argv)
   ints = lambda s: [int(x) for x in s.split(",")] if s else None  # noqa: E731
   if args.from_rows:
-    rows, info = [], None
-    for path in args.from_rows.split(","):
-      with open(path) as f:
-        for line in f:
-          r = json.loads(line)
-          if "_info" in r:
-            info = r["_info"]
-          elif "impl" in r:
-            rows.append({k: v for k, v in r.items()
-                         if not k.startswith("ratio_")})
+    rows, info = common.read_rows(args.from_rows.split(","))
+    rows = [{k: v for k, v in r.items() if not k.startswith("ratio_")}
+            for r in rows]
     add_ratios(rows)
   else:
     info = common.device_info()
-    _record({"_info": info})
+    common.append_row({"_info": info})
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     rows = run(quick=args.quick, seqs=ints(args.seqs),
                variants=args.variants.split(",") if args.variants else None,

@@ -74,7 +74,6 @@ class _Budget:
         float(env) if env else None)
     self.max_call_s = max_call_s
     self.start = time.perf_counter()
-    self.rows_path = os.environ.get("ATTNJAX_BENCH_ROWS")
 
   def skip_reason(self, rows, row_kw, work):
     if self.seconds is not None and (time.perf_counter() - self.start
@@ -97,11 +96,7 @@ class _Budget:
     return None
 
   def record(self, row):
-    if self.rows_path:
-      os.makedirs(os.path.dirname(os.path.abspath(self.rows_path)),
-                  exist_ok=True)
-      with open(self.rows_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    common.append_row(row)
 
 
 def _import_ringattention():
@@ -492,19 +487,13 @@ def merge_rows(paths) -> list[dict]:
 
   Later files win where two rows describe the same configuration."""
   keyed = {}
-  for path in paths:
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          r = json.loads(line)
-          if "impl" not in r:  # a marker line (which file follows)
-            continue
-          for k in ("strong_eff", "weak_eff", "efficiency"):
-            r.pop(k, None)
-          key = (r["impl"], r["strategy"], r["T"], r["devices"],
-                 r.get("heads", HEADS), r["load_balance"])
-          if "ms" in r or key not in keyed:
-            keyed[key] = r
+  for r in common.read_rows(paths)[0]:
+    for k in ("strong_eff", "weak_eff", "efficiency"):
+      r.pop(k, None)
+    key = (r["impl"], r["strategy"], r["T"], r["devices"],
+           r.get("heads", HEADS), r["load_balance"])
+    if "ms" in r or key not in keyed:
+      keyed[key] = r
   rows = sorted(keyed.values(), key=lambda r: (r["devices"], r["T"]))
   add_scaling(rows)
   return rows

@@ -644,19 +644,20 @@ def _block_weights(g, resets, block):
   end]} g_u) * [no reset in (j, block end]]``, dec [B, N, nblocks] the whole
   block's decay.
   """
-  if g is None:
+  if g is None:  # resets only: every decay is 1
     b, tp = resets.shape
-    n = 1
-    # Not a constant XLA would fold (a host-side cumsum over T): see the
-    # barrier in attnjax.linear.api.prepare_linear.
-    g = jax.lax.optimization_barrier(jnp.zeros((b, 1, tp), _F32))
-  b, n, tp = g.shape
-  nb = tp // block
-  gb = g.reshape(b, n, nb, block)
-  gc = jnp.cumsum(gb, -1)
-  wq = jnp.exp(gc)
-  wk = jnp.exp(_rev_excl_cumsum(gb, -1))
-  dec = jnp.exp(gc[..., -1])
+    n, nb = 1, tp // block
+    gc = jnp.zeros((b, n, nb, block), _F32)
+    wq = wk = jnp.ones((b, n, nb, block), _F32)
+    dec = jnp.ones((b, n, nb), _F32)
+  else:
+    b, n, tp = g.shape
+    nb = tp // block
+    gb = g.reshape(b, n, nb, block)
+    gc = jnp.cumsum(gb, -1)
+    wq = jnp.exp(gc)
+    wk = jnp.exp(_rev_excl_cumsum(gb, -1))
+    dec = jnp.exp(gc[..., -1])
   if resets is not None:
     rb = resets.reshape(b, 1, nb, block).astype(jnp.int32)
     cnt = jnp.cumsum(rb, -1)

@@ -42,6 +42,8 @@ _CASES = {
     # Normalised elu+1 with a fixed decay: V + 1 value columns.
     "normalize": (dict(normalize=True, feature_map="elu_plus_one",
                        log_decay=True, initial_state=True, length=40), 2),
+    # Resets without any decay (the weights are masks only), 3 splits.
+    "segments_only": (dict(segments=True, initial_state=True, length=45), 3),
     # bf16 inputs, gates and resets, 2 splits.
     "bf16": (dict(gate="scalar", segments=True, dtype=BF16, length=40), 2),
 }

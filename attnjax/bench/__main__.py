@@ -21,16 +21,31 @@ from attnjax.bench import common
 SUITES = ("softmax", "linear", "memory", "parallel")
 
 
-def _merge(path, rows, keys):
+def _merge(path, rows, keys, info, what):
   """Rows from an earlier run of the same suite on the same device are kept
-  unless this run measured the same configuration again."""
+  unless this run measured the same configuration again.
+
+  Returns (rows, info): when old rows are kept, ``info`` gains a
+  ``rows_updated`` line saying which rows this run re-measured (``what``)
+  and where the others come from (the earlier report's date and notes).
+  """
   if not os.path.exists(path):
-    return rows
+    return rows, info
   with open(path) as f:
-    old = json.load(f).get("rows", [])
+    old_report = json.load(f)
+  old = old_report.get("rows", [])
   sig = lambda r: tuple(str(r.get(k)) for k in keys)
   new = {sig(r) for r in rows}
-  return [r for r in old if sig(r) not in new] + rows
+  kept = [r for r in old if sig(r) not in new]
+  if not kept:
+    return rows, info
+  old_info = old_report.get("info", {})
+  note = (f"{info.get('date')}: {len(rows)} rows re-measured ({what}); "
+          f"{len(kept)} rows kept from the report of "
+          f"{old_info.get('date')}")
+  if old_info.get("rows_updated"):
+    note += f" (which says: {old_info['rows_updated']})"
+  return kept + rows, dict(info, rows_updated=note)
 
 
 def main(argv=None):
@@ -68,6 +83,7 @@ def main(argv=None):
   info = common.device_info()
   print(" ".join(f"{k}={v}" for k, v in info.items()), flush=True)
   for suite in suites:
+    suite_info = info
     mod = importlib.import_module(f"attnjax.bench.{suite}")
     if suite == "softmax":
       rows = mod.run(
@@ -87,14 +103,17 @@ def main(argv=None):
     if args.append and not args.no_write:
       from attnjax.bench import common as c  # noqa: PLC0415
       path = os.path.join(args.out, f"{name}-{c._slug(info['device'])}.json")
-      rows = _merge(path, rows, keys)
+      what = ", ".join(f"{k} {v}" for k, v in (
+          ("impls", args.impls), ("heads", args.heads), ("seqs", args.seqs),
+          ("modes", args.modes)) if v) or "all"
+      rows, suite_info = _merge(path, rows, keys, info, what)
       if hasattr(mod, "add_ratios"):
         mod.add_ratios(rows)
     md = mod.markdown(rows) if hasattr(mod, "markdown") else ""
     print("\n" + md + "\n", flush=True)
     if not args.no_write:
       paths = common.write_report(
-          args.out, name, info, rows, md,
+          args.out, name, suite_info, rows, md,
           mod.plot(rows) if hasattr(mod, "plot") else None)
       print("wrote " + ", ".join(paths), flush=True)
   return 0

@@ -1,0 +1,141 @@
+"""Where the linear-scan forward spends its time on the split path (GPU).
+
+  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py     # ~1-2 min
+
+Shapes as the benchmark (bf16, N = 16, H = Hv = 128, B*T = 65536): T = 4096
+(one split) against T = 16384 / 65536 (split path). Times, per shape: the
+whole forward and forward+backward; on the split path also its parts (the
+Gram pass, the chain over splits, the chunked kernel from the split
+starts); then the forward at forced split counts and a few tilings.
+Prints M tokens/s and milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from attnjax.bench import common  # noqa: E402
+from pallas_kernels.linear_scan import kernels  # noqa: E402
+
+N, H = 16, 128
+
+
+def _inputs(b, t, gate):
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (b, t, N, H), jnp.bfloat16)
+  k = (jax.random.normal(ks[1], (b, t, N, H)) / H ** 0.5).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, N, H), jnp.bfloat16)
+  g = None
+  if gate:
+    ld = -jnp.exp(jnp.linspace(-5.0, -1.0, N))
+    g = jnp.broadcast_to(ld, (b, t, N)).astype(jnp.float32)
+  return q, k, v, g
+
+
+def _time(fn, *args):
+  return common.time_fn(fn, *args, min_seconds=0.1, repeats=3)
+
+
+def _line(label, b, t, sec):
+  print(f"  {label:44s} {sec * 1e3:8.3f} ms  {b * t / sec / 1e6:8.2f} "
+        "M tok/s", flush=True)
+
+
+def _captured_static(q, k, v, g, cfg):
+  """The _Static the public entry point builds (captured from _core)."""
+  box = {}
+  orig = kernels._core
+
+  def spy(*a):
+    box["s"] = a[-1]
+    return orig(*a)
+
+  kernels._core = spy
+  try:
+    jax.eval_shape(lambda *x: kernels.chunked_linear_attention(
+        *x, None, scale=H ** -0.5, config=cfg), q, k, v, g)
+  finally:
+    kernels._core = orig
+  return box["s"]
+
+
+def _parts(b, t, gate, cfg):
+  q, k, v, g = _inputs(b, t, gate)
+  s = _captured_static(q, k, v, g, cfg)
+  print(f"  static: splits={s.splits} cps={s.cps} rows={s.rows} "
+        f"bv={s.bv}", flush=True)
+  if s.splits == 1:
+    return
+  gg = None if g is None else jnp.moveaxis(g, 1, 2)
+  prep = jax.jit(lambda g_: kernels._prep(g_, None, s, N, b))(gg)
+  gram = jax.jit(lambda k_, v_, w: kernels._gram_call(k_, v_, w, s,
+                                                      a_rep=1))
+  local = gram(k, v, prep["sk"])
+  _line("gram (split states)", b, t, _time(gram, k, v, prep["sk"]))
+  init = jnp.zeros((b, N, H, H), jnp.float32)
+  chain = jax.jit(lambda l, d, i: kernels._chain_splits(l, d, i, s, False))
+  starts = chain(local, prep["sdec"], init)
+  _line("chain over splits", b, t, _time(chain, local, prep["sdec"], init))
+  fwd = jax.jit(lambda q_, k_, v_, p, st: kernels._fwd_call(q_, k_, v_, p,
+                                                            st, s))
+  _line("chunked kernel from split starts", b, t,
+        _time(fwd, q, k, v, prep, starts))
+  pf = jax.jit(lambda g_: kernels._prep(g_, None, s, N, b))
+  _line("prep (weights, jnp)", b, t, _time(pf, gg))
+
+
+def _whole(b, t, gate, cfg, label, bwd=True):
+  q, k, v, g = _inputs(b, t, gate)
+
+  def fwd(q, k, v, g):
+    return kernels.chunked_linear_attention(q, k, v, g, None,
+                                            scale=H ** -0.5, config=cfg)[0]
+
+  def loss(q, k, v):
+    return jnp.sum(fwd(q, k, v, g).astype(jnp.float32))
+
+  try:
+    _line(f"{label} fwd", b, t, _time(jax.jit(fwd), q, k, v, g))
+    if bwd:
+      _line(f"{label} fwd+bwd", b, t,
+            _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v))
+  except Exception as e:  # noqa: BLE001
+    print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+
+def main():
+  print(common.device_info(), flush=True)
+  base = kernels.default_config(jnp.bfloat16)
+  for gate in (False, True):
+    print(f"== gate={gate}")
+    for b, t in ((16, 4096), (4, 16384), (1, 65536)):
+      print(f"-- B={b} T={t}")
+      _whole(b, t, gate, base, "default")
+      _parts(b, t, gate, base)
+  print("== forced split counts / tilings (no gate)")
+  for b, t in ((16, 4096), (1, 65536)):
+    print(f"-- B={b} T={t}")
+    for ns in (1, 2, 4, 8, 16, 32, 128):
+      if b * t // 64 < 2 * ns:
+        continue
+      _whole(b, t, False, dataclasses.replace(base, num_splits=ns),
+             f"num_splits={ns}", bwd=False)
+    for over in (dict(block_rows=128), dict(block_rows=256),
+                 dict(block_v=128, num_warps=8), dict(num_stages=3),
+                 dict(chunk=128, num_warps=8)):
+      _whole(b, t, False, dataclasses.replace(base, **over), str(over),
+             bwd=False)
+      if t > 4096:
+        _parts(b, t, False, dataclasses.replace(base, **over))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

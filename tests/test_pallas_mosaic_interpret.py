@@ -160,6 +160,16 @@ def test_everything_at_once():
                  "kv_lengths": jnp.array([470, 400], jnp.int32)})
 
 
+def test_gradients_key_lengths_cut_a_key_tile():
+  # No causal mask or segment ids: the query blocks of a key tile that the
+  # key length cuts through are otherwise all "unmasked" ones (the H100
+  # failure of test_seq_lengths: dK/dV of keys past the length were not 0).
+  out, _ = _check("glen", shape=dict(t=330, s=400),
+                  arrays={"q_lengths": jnp.array([330, 200], jnp.int32),
+                          "kv_lengths": jnp.array([170, 400], jnp.int32)})
+  np.testing.assert_array_equal(np.asarray(out[1, 200:], np.float32), 0.0)
+
+
 def test_gradients_head_dim_256():
   # dK/dV with the head dim split over the two consumers, dQ on 32-key
   # blocks.

@@ -208,8 +208,11 @@ def _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit, tile):
   kv_limit = jnp.int32(s_limit)
   if kvlen_ref is not None:
     kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
-    # Key tiles wholly past the length contribute nothing.
+    # Key tiles wholly past the length contribute nothing; in a tile the
+    # length cuts through, every query block needs the element mask (the
+    # tables' unmasked blocks [a, c) know only the static masks).
     hi = jnp.where(kt * tile >= kv_limit, lo, hi)
+    a = jnp.where((kt + 1) * tile > kv_limit, hi, a)
   hi = jnp.maximum(hi, lo)
   a = jnp.clip(a, lo, hi)
   c = jnp.clip(c, a, hi)

@@ -138,6 +138,22 @@ def test_pallas_interpret_gate_gradient_h128_bf16():
   check_against_scan(case, "pallas")
 
 
+def test_auto_splits():
+  # Enough (batch, head) programs to fill whole waves: no split.
+  assert kernels._auto_splits(256, 64, 132) == 1
+  assert kernels._auto_splits(132, 64, 132) == 1
+  # Otherwise ~per_sm programs per SM, preferring a divisor of the chunks.
+  assert kernels._auto_splits(64, 256, 132) == 16  # ceil(528 / 64) = 9
+  assert kernels._auto_splits(16, 1024, 132) == 64
+  assert kernels._auto_splits(16, 1024, 132, per_sm=1.0) == 16
+  assert kernels._auto_splits(16, 1024, 132, per_sm=0.5) == 8
+  assert kernels._auto_splits(16, 1000, 132, per_sm=1.0) == 10
+  # At least two chunks per split; a split count that divides nothing.
+  assert kernels._auto_splits(4, 6, 132) == 3
+  assert kernels._auto_splits(4, 1, 132) == 1
+  assert kernels._auto_splits(16, 997, 132, per_sm=1.0) == 9
+
+
 def test_pallas_rejects_what_it_cannot_serve():
   q = jnp.ones((1, 32, 1, 16))
   with pytest.raises(NotImplementedError):  # not a power of two
@@ -174,6 +190,7 @@ _LOWERING = {
                                 splits=2),
     "bf16_vmapped": dict(dtype=BF16, gate=True, vmap=True, splits=2),
     "bf16_h256": dict(dtype=BF16, gate=True, head_dim=256, splits=1),
+    "bf16_h256_3splits": dict(dtype=BF16, head_dim=256, splits=3),
     # The gate held constant: the backward without the gate-gradient outputs.
     "bf16_fixed_gate_4splits": dict(dtype=BF16, gate=True, fixed=True,
                                     splits=4),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -387,6 +388,8 @@ def main(argv=None):
     add_ratios(rows)
   else:
     info = common.device_info()
+    if os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG"):  # a tuning override
+      info["linear_scan_config"] = os.environ["ATTNJAX_LINEAR_SCAN_CONFIG"]
     common.append_row({"_info": info})
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     rows = run(quick=args.quick, seqs=ints(args.seqs),

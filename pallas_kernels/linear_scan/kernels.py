@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
@@ -81,9 +82,15 @@ class KernelConfig:
     block_f: key-feature rows of the state per dq and dk program.
     block_v_bwd: value columns per dv program.
     block_rows: rows per step of the split-state (Gram) kernel.
-    num_warps, num_stages: Triton launch parameters (forward, Gram).
+    block_v_gram: value (or dO) columns per Gram program; the whole padded
+      V up to this, so that each key (query) tile is read once.
+    num_warps, num_stages: Triton launch parameters (forward).
+    num_warps_gram, num_stages_gram: the same for the Gram kernel.
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
     num_splits: sequence splits (None: ``_auto_splits``).
+    split_programs_per_sm: what ``_auto_splits`` aims at: programs (batch x
+      head x split) per SM when the batch and heads alone do not fill the
+      GPU.
     num_sms: streaming multiprocessors to plan for (None: the device's
       count; 132, an H100, where the device does not say).
   """
@@ -92,11 +99,15 @@ class KernelConfig:
   block_f: int = 64
   block_v_bwd: int = 64
   block_rows: int = 64
+  block_v_gram: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  num_warps_gram: int = 8
+  num_stages_gram: int = 3
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
   num_splits: int | None = None
+  split_programs_per_sm: float = 4.0
   num_sms: int | None = None
 
 
@@ -120,12 +131,15 @@ def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
   wide_v = value_dim is not None and _padded_dim(value_dim) > 128
   if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
     base = KernelConfig(block_v=32, block_v_bwd=32,
-                        block_f=16 if wide_v else 32, num_warps=8)
+                        block_f=16 if wide_v else 32, num_warps=8,
+                        block_v_gram=32, num_stages_gram=2)
   else:
     base = KernelConfig(block_v=32 if wide_f else 64,
                         block_v_bwd=32 if wide_f else 64,
                         block_f=16 if wide_v else 64,
-                        num_warps=8 if wide_f else 4)
+                        num_warps=8 if wide_f else 4,
+                        block_v_gram=64 if wide_f else 128,
+                        num_stages_gram=2 if wide_f or wide_v else 3)
   env = os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG")
   if env:
     base = dataclasses.replace(base, **json.loads(env))
@@ -152,8 +166,11 @@ class _Static:
   bf: int
   bvb: int
   rows: int
+  bvg: int
   warps: int
   stages: int
+  warps_gram: int
+  stages_gram: int
   warps_bwd: int
   stages_bwd: int
   has_gate: bool
@@ -180,9 +197,12 @@ class _Static:
     return self.cps * self.chunk
 
 
-def _params(s: _Static, bwd: bool = False):
+def _params(s: _Static, bwd: bool = False, gram: bool = False):
   if s.interpret:
     return None
+  if gram:
+    return plgpu.CompilerParams(num_warps=s.warps_gram,
+                                num_stages=s.stages_gram)
   if bwd:
     return plgpu.CompilerParams(num_warps=s.warps_bwd,
                                 num_stages=s.stages_bwd)
@@ -505,7 +525,7 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int):
   bsz, tp, _, f = a.shape
   vp = bmat.shape[-1]
   n = w.shape[1]
-  bv = min(s.bv, vp)
+  bv = min(s.bvg, vp)
   b_rep = n // bmat.shape[2]
   in_specs = [
       _blk(tp, f, lambda x: x // a_rep, lambda j: 0),
@@ -518,7 +538,7 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int):
       in_specs=in_specs,
       out_specs=_state_spec(f, bv),
       out_shape=jax.ShapeDtypeStruct((bsz, n, s.splits, f, vp), _F32),
-      compiler_params=_params(s),
+      compiler_params=_params(s, gram=True),
       interpret=s.interpret,
       name="linear_scan_split_state",
   )(a, bmat, w)
@@ -838,20 +858,22 @@ def _num_sms() -> int:
     return 0
 
 
-def _auto_splits(heads: int, chunks: int, sms: int) -> int:
+def _auto_splits(heads: int, chunks: int, sms: int,
+                 per_sm: float = 4.0) -> int:
   """Sequence splits so that the kernels fill the GPU.
 
   With B * N programs filling whole waves of SMs (>= 90%) there is work
-  enough: one split, no split-state pass. Otherwise aim at >= 4 programs per
-  SM for the kernel with one program per (batch, head, split), so the last
-  wave is a small fraction; the extra cost of splitting (the Gram pass over
-  k^T v) does not grow with the number of splits. Prefers a split count
+  enough: one split, no split-state pass. Otherwise aim at ``per_sm``
+  programs per SM for the kernel with one program per (batch, head, split),
+  so the last wave is a small fraction; the extra cost of splitting (the
+  Gram pass over k^T v) does not grow with the number of splits, the chain
+  over splits (float32 states) does. Prefers a split count
   dividing the chunk count (no padding), keeps >= 2 chunks per split.
   """
   waves = -(-heads // sms)
   if heads >= 4 * sms or (heads >= sms and heads >= 0.9 * waves * sms):
     return 1
-  want = -(-4 * sms // heads)
+  want = max(2, math.ceil(per_sm * sms / heads))
   cap = max(1, chunks // 2)
   for s in range(want, 2 * want + 1):
     if s > cap:
@@ -914,7 +936,7 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
     splits = max(1, min(int(cfg.num_splits), nc))
   else:
     sms = cfg.num_sms or (0 if interpret else _num_sms()) or 132
-    splits = _auto_splits(b * n, nc, sms)
+    splits = _auto_splits(b * n, nc, sms, cfg.split_programs_per_sm)
   cps = -(-nc // splits)
   splits = -(-nc // cps)
   # Rows per Gram step: a power of two (Triton) dividing the split length.
@@ -925,7 +947,10 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
   bvb = cfg.block_v_bwd
   s = _Static(scale=float(scale), chunk=c, cps=cps, splits=splits,
               bv=min(cfg.block_v, vp), bf=min(cfg.block_f, fp), bvb=bvb,
-              rows=rows, warps=cfg.num_warps, stages=cfg.num_stages,
+              rows=rows, bvg=min(_pow2(cfg.block_v_gram), vp),
+              warps=cfg.num_warps, stages=cfg.num_stages,
+              warps_gram=cfg.num_warps_gram,
+              stages_gram=cfg.num_stages_gram,
               warps_bwd=cfg.num_warps_bwd, stages_bwd=cfg.num_stages_bwd,
               has_gate=log_gate is not None, has_seg=resets is not None,
               has_s0=initial_state is not None or splits > 1,

@@ -1,18 +1,23 @@
 """Where the linear-scan forward spends its time on the split path (GPU).
 
-  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py     # ~1-2 min
+  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py     # ~4 min
+  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --sweep best.json
 
 Shapes as the benchmark (bf16, N = 16, H = Hv = 128, B*T = 65536): T = 4096
 (one split) against T = 16384 / 65536 (split path). Times, per shape: the
 whole forward and forward+backward; on the split path also its parts (the
 Gram pass, the chain over splits, the chunked kernel from the split
 starts); then the forward at forced split counts and a few tilings.
-Prints M tokens/s and milliseconds.
+Prints M tokens/s and milliseconds. ``--sweep [PATH]`` instead tries the
+split heuristic's target and the Gram / forward tilings greedily (fixed
+decay, forward and forward+backward over the three shapes) and writes the
+chosen ``KernelConfig`` overrides as JSON (for ATTNJAX_LINEAR_SCAN_CONFIG).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -98,20 +103,66 @@ def _whole(b, t, gate, cfg, label, bwd=True):
     return kernels.chunked_linear_attention(q, k, v, g, None,
                                             scale=H ** -0.5, config=cfg)[0]
 
-  def loss(q, k, v):
+  def loss(q, k, v, g):
     return jnp.sum(fwd(q, k, v, g).astype(jnp.float32))
 
   try:
-    _line(f"{label} fwd", b, t, _time(jax.jit(fwd), q, k, v, g))
+    sec = _time(jax.jit(fwd), q, k, v, g)
+    _line(f"{label} fwd", b, t, sec)
+    total = sec
     if bwd:
-      _line(f"{label} fwd+bwd", b, t,
-            _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v))
+      # The gate is an argument but not differentiated (a fixed decay).
+      sec = _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v, g)
+      _line(f"{label} fwd+bwd", b, t, sec)
+      total += sec
+    return total
   except Exception as e:  # noqa: BLE001
     print(f"  {label}: FAILED {type(e).__name__}: {str(e)[:200]}")
+    return None
+
+
+SWEEP = [dict(split_programs_per_sm=x) for x in (0.5, 1.0, 2.0)] + [
+    dict(block_rows=128), dict(num_stages_gram=2), dict(num_warps_gram=4),
+    dict(num_stages=3)]
+
+
+def sweep(out_json):
+  """Greedy: each candidate on top of the best so far; fixed decay, fwd and
+  fwd+bwd summed over the three shapes."""
+  shapes = ((16, 4096), (4, 16384), (1, 65536))
+  best = kernels.default_config(jnp.bfloat16)
+  print("== sweep (fixed decay; seconds summed over T = 4k, 16k, 64k)")
+
+  def cost(cfg, name):
+    tot = 0.0
+    for b, t in shapes:
+      r = _whole(b, t, True, cfg, f"{name} T={t}")
+      if r is None:
+        return None
+      tot += r
+    print(f"  -> {name}: {tot * 1e3:.3f} ms", flush=True)
+    return tot
+
+  best_t = cost(best, "defaults")
+  chosen = {}
+  for cand in SWEEP:
+    cfg = dataclasses.replace(best, **cand)
+    c = cost(cfg, json.dumps(cand))
+    if c is not None and c < 0.98 * best_t:
+      best, best_t = cfg, c
+      chosen.update(cand)
+  print("BEST", json.dumps(chosen), flush=True)
+  if out_json:
+    with open(out_json, "w") as f:
+      json.dump(chosen, f)
 
 
 def main():
   print(common.device_info(), flush=True)
+  if "--sweep" in sys.argv:
+    sweep(sys.argv[sys.argv.index("--sweep") + 1]
+          if len(sys.argv) > sys.argv.index("--sweep") + 1 else None)
+    return 0
   base = kernels.default_config(jnp.bfloat16)
   for gate in (False, True):
     print(f"== gate={gate}")

@@ -143,10 +143,11 @@ def test_auto_splits():
   assert kernels._auto_splits(256, 64, 132) == 1
   assert kernels._auto_splits(132, 64, 132) == 1
   # Otherwise ~per_sm programs per SM, preferring a divisor of the chunks.
-  assert kernels._auto_splits(64, 256, 132) == 16  # ceil(528 / 64) = 9
-  assert kernels._auto_splits(16, 1024, 132) == 64
+  assert kernels._auto_splits(64, 256, 132, per_sm=4.0) == 16  # want 9
+  assert kernels._auto_splits(16, 1024, 132, per_sm=4.0) == 64
   assert kernels._auto_splits(16, 1024, 132, per_sm=1.0) == 16
-  assert kernels._auto_splits(16, 1024, 132, per_sm=0.5) == 8
+  assert kernels._auto_splits(16, 1024, 132) == 8  # default 0.5: want 5
+  assert kernels._auto_splits(64, 256, 132) == 2
   assert kernels._auto_splits(16, 1000, 132, per_sm=1.0) == 10
   # At least two chunks per split; a split count that divides nothing.
   assert kernels._auto_splits(4, 6, 132) == 3

@@ -107,7 +107,7 @@ class KernelConfig:
   num_warps_bwd: int = 8
   num_stages_bwd: int = 2
   num_splits: int | None = None
-  split_programs_per_sm: float = 4.0
+  split_programs_per_sm: float = 0.5
   num_sms: int | None = None
 
 
@@ -859,15 +859,18 @@ def _num_sms() -> int:
 
 
 def _auto_splits(heads: int, chunks: int, sms: int,
-                 per_sm: float = 4.0) -> int:
+                 per_sm: float = 0.5) -> int:
   """Sequence splits so that the kernels fill the GPU.
 
   With B * N programs filling whole waves of SMs (>= 90%) there is work
   enough: one split, no split-state pass. Otherwise aim at ``per_sm``
   programs per SM for the kernel with one program per (batch, head, split),
-  so the last wave is a small fraction; the extra cost of splitting (the
-  Gram pass over k^T v) does not grow with the number of splits, the chain
-  over splits (float32 states) does. Prefers a split count
+  the extra cost of splitting (the Gram pass over k^T v) does not grow
+  with the number of splits, the chain over splits (float32 states) does.
+  The default 0.5 (one forward program per SM with two value blocks) was
+  the fastest on an H100 against 1, 2 and 4, forward and forward+backward
+  at T = 16k and 64k (scripts/gpu/linear_profile.py --sweep: e.g. the
+  forward at T = 64k, B = 1, N = 16: 0.75 ms at 0.5, 0.88 ms at 4). Prefers a split count
   dividing the chunk count (no padding), keeps >= 2 chunks per split.
   """
   waves = -(-heads // sms)

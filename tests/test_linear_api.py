@@ -115,11 +115,13 @@ def test_log_decay_is_only_checked_when_concrete():
     f(-jnp.ones((N + 1,)))
 
 
-def test_pallas_per_channel_gate_is_not_implemented_and_default_falls_back():
+def test_pallas_per_channel_gate_with_resets_falls_back():
   q, k, v = _qkv()
   gate = -jnp.ones((B, T, N, H))
+  seg = jnp.zeros((B, T), jnp.int32).at[:, T // 2:].set(1)
   with pytest.raises(NotImplementedError):
-    attnjax.linear_attention(q, k, v, gate=gate, implementation="pallas")
+    attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
+                             implementation="pallas")
   out = jax.jit(lambda g: attnjax.linear_attention(q, k, v, gate=g))(gate)
   ref = jax.jit(lambda g: attnjax.linear_attention(
       q, k, v, gate=g, implementation="xla"))(gate)

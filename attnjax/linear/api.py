@@ -8,9 +8,10 @@ Implementations (``implementation=``):
   ``delta.py``); autodiff backward. Every variant.
 * ``"pallas"``: the chunked-scan Pallas kernels (Triton on GPUs, interpret
   mode elsewhere), forward and backward. Scalar or fixed decays, no decay,
-  normalisation, resets, GQA; per-key-channel gates and the delta rule raise
-  ``NotImplementedError`` (so ``implementation=None`` falls back to
-  ``"xla_chunked"``).
+  normalisation, resets, GQA (``kernels.py``); per-key-channel gates (GLA)
+  without resets (``channel.py``). Per-channel gates with resets and the
+  delta rule raise ``NotImplementedError`` (so ``implementation=None`` falls
+  back to ``"xla_chunked"``).
 
 ``implementation=None`` tries ``"pallas"`` then ``"xla_chunked"`` on GPUs and
 ``"xla_chunked"`` elsewhere.
@@ -354,11 +355,19 @@ def _impl_pallas(p: LinearProblem):
   if p.is_delta:
     raise NotImplementedError("the delta rule has no Pallas kernel yet; use "
                               "xla_chunked")
-  if p.log_gate is not None and p.log_gate.ndim == 4:
-    raise NotImplementedError("per-key-channel gates (GLA) have no Pallas "
-                              "kernel yet; use xla_chunked")
-  from pallas_kernels.linear_scan import kernels
   v, scale = _augment(p)
+  if p.log_gate is not None and p.log_gate.ndim == 4:
+    from pallas_kernels.linear_scan import channel
+    cfg = channel.ChannelConfig()
+    if jnp.dtype(p.q.dtype) == jnp.dtype(jnp.float32):
+      cfg = dataclasses.replace(cfg, block_f=16, block_v=32)
+    if p.chunk_size is not None:
+      cfg = dataclasses.replace(cfg, chunk=p.chunk_size)
+    out, state = channel.channel_gated_linear_attention(
+        p.q, p.k, v, p.log_gate, p.resets, scale=scale,
+        initial_state=p.initial_state, config=cfg)
+    return _normalise_out(p, out), state
+  from pallas_kernels.linear_scan import kernels
   cfg = kernels.default_config(p.q.dtype, p.q.shape[-1], v.shape[-1])
   if p.chunk_size is not None:
     cfg = dataclasses.replace(cfg, chunk=p.chunk_size)

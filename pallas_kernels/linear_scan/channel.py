@@ -1,0 +1,501 @@
+"""Pallas chunked-scan kernels for per-key-channel gates (GLA).
+
+Computes, for log gates ``g`` with one value per head and key channel,
+
+  S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,     o_t = scale * q_t S_t,
+
+chunk by chunk (C tokens). With ``G`` the chunk-local inclusive cumulative
+log gate ([C, F] per chunk, float32) and ``L = G[C-1]`` the chunk's total,
+
+  o_i = scale * (sum_{j <= i} A_ij v_j + (q_i * exp(G_i)) S),
+  A_ij = sum_f q_if k_jf exp(G_if - G_jf),
+  S <- exp(L) * S + (k * exp(L - G))^T v   (row f of S scaled by exp(L_f)).
+
+``exp(G_i - G_j)`` does not factor out of the sum over channels safely
+(``exp(-G_j)`` overflows under strong decay), so ``A`` is formed
+elementwise over ``[C, C, fb]`` blocks of channels with every exponent
+<= 0 (GLA's diagonal sub-chunk treatment applied to the whole, short
+chunk); everything else is matmuls on decayed operands, all factors <= 1.
+
+Backward (custom_vjp): states are recomputed. A dq kernel per block of
+``fb`` key channels sweeps forward (and stores the state entering each
+chunk, for the gate gradient); a dk kernel per channel block and a dv
+kernel per value block sweep backward with their block of the state
+gradient dS. The gate gradient per channel: with dG the gradient of the
+chunk-local cumulative gates,
+
+  dG_u = q_u * dq_u - k_u * dk_u  (+ on the chunk's last row
+         sum_j k_j * dk_j[inter] + sum_v dS_out[:, v] exp(L) S_in[:, v]),
+
+and dg is the reverse cumulative sum of dG within each chunk (the scalar
+kernels' identity, one value per channel).
+
+One program per (value or channel block, head, batch): no sequence splits
+(use the scalar-gate kernels' split path as the model when long sequences
+at small batch need more parallelism). Resets (packed sequences) are not
+supported here (NotImplementedError: dispatch falls back). Depends only on
+jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.linear_scan.kernels import _dots, _pad_axis, _padded_dim
+
+__all__ = ["ChannelConfig", "channel_gated_linear_attention"]
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelConfig:
+  """Tiling of the per-channel-gate kernels.
+
+  Attributes:
+    chunk: C, tokens per chunk (power of two, >= 16); the elementwise
+      ``[C, C, fb]`` blocks grow with it.
+    block_v: value columns per forward / dv program.
+    block_f: key channels per elementwise block, and per dq / dk program.
+    num_warps, num_stages: Triton launch parameters (forward).
+    num_warps_bwd, num_stages_bwd: the same for the backward kernels.
+  """
+  chunk: int = 16
+  block_v: int = 64
+  block_f: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _S:
+  scale: float
+  chunk: int
+  nc: int  # chunks
+  bv: int
+  bf: int
+  warps: int
+  stages: int
+  warps_bwd: int
+  stages_bwd: int
+  has_s0: bool
+  interpret: bool
+  upcast: bool
+  rep: int
+
+
+def _params(s: _S, bwd: bool = False):
+  if s.interpret:
+    return None
+  if bwd:
+    return plgpu.CompilerParams(num_warps=s.warps_bwd,
+                                num_stages=s.stages_bwd)
+  return plgpu.CompilerParams(num_warps=s.warps, num_stages=s.stages)
+
+
+def _last_row(x):
+  """x[-1] of a [C, D] block, as a masked reduction over rows."""
+  c = x.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.sum(jnp.where(rows == c - 1, x, 0.0), axis=0)
+
+
+def _pair_decay(g, transpose: bool):
+  """[C, C, fb]: exp(g_i - g_j) where j <= i, else 0 (rows i, columns j);
+  transposed (rows j, columns i) when ``transpose``."""
+  c = g.shape[0]
+  i = lax.broadcasted_iota(jnp.int32, (c, c, 1), 0)
+  j = lax.broadcasted_iota(jnp.int32, (c, c, 1), 1)
+  if not transpose:
+    diff = g[:, None, :] - g[None, :, :]
+    mask = j <= i
+  else:
+    diff = g[None, :, :] - g[:, None, :]
+    mask = i <= j
+  return jnp.exp(jnp.where(mask, diff, -jnp.inf))
+
+
+def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int):
+  """A [C, C] float32: A_ij = sum_f q_if k_jf exp(G_if - G_jf), j <= i,
+  accumulated over blocks of ``s.bf`` channels loaded from the refs."""
+  c = s.chunk
+  a = jnp.zeros((c, c), _F32)
+  for f0 in range(0, f, s.bf):
+    cols = pl.ds(f0, s.bf)
+    qb = q_ref[rows, cols].astype(_F32)
+    kb = k_ref[rows, cols].astype(_F32)
+    e = _pair_decay(gc_ref[rows, cols], transpose=False)
+    a = a + jnp.sum(qb[:, None, :] * kb[None, :, :] * e, axis=2)
+  return a
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Grid (value or channel block, head, batch).
+
+
+def _fwd_kernel(*refs, s: _S):
+  _dot, _dot_tn, _ = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, v_ref, gc_ref = next(it), next(it), next(it), next(it)
+  s0_ref = next(it) if s.has_s0 else None
+  o_ref, st_ref = next(it), next(it)
+  c, f = s.chunk, q_ref.shape[-1]
+  state = (s0_ref[...].astype(_F32) if s.has_s0 else
+           jnp.zeros(st_ref.shape, _F32))
+
+  def body(i, state):
+    rows = pl.ds(pl.multiple_of(i * c, c), c)
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    g = gc_ref[rows, :]
+    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
+    o = _dot((a * s.scale).astype(v.dtype), v)
+    qd = (q.astype(_F32) * jnp.exp(g)).astype(q.dtype)
+    o = o + s.scale * _dot(qd, state.astype(q.dtype))
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    last = _last_row(g)
+    kd = (k.astype(_F32) * jnp.exp(last[None, :] - g)).astype(k.dtype)
+    return state * jnp.exp(last)[:, None] + _dot_tn(kd, v)
+
+  st_ref[...] = lax.fori_loop(0, s.nc, body, state)
+
+
+def _dq_kernel(*refs, s: _S):
+  """dq (and q * dq, the per-chunk entering states) for one channel block."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref, gc_ref = (next(it), next(it), next(it),
+                                         next(it), next(it))
+  s0_ref = next(it) if s.has_s0 else None
+  dq_ref, dgq_ref, hs_ref = next(it), next(it), next(it)
+  c = s.chunk
+  shape = (q_ref.shape[-1], v_ref.shape[-1])
+  state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
+
+  def body(i, state):
+    rows = pl.ds(pl.multiple_of(i * c, c), c)
+    q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[
+        rows, :]
+    g = gc_ref[rows, :]
+    da = _dot_nt(do, v) * s.scale  # da_ij = scale * do_i . v_j
+    e = _pair_decay(g, transpose=False)
+    dq = jnp.sum(da[:, :, None] * k.astype(_F32)[None, :, :] * e, axis=1)
+    state_in = state.astype(do.dtype)
+    hs_ref[i] = state_in.astype(hs_ref.dtype)
+    dq = dq + s.scale * _dot_nt(do, state_in) * jnp.exp(g)
+    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    dgq_ref[rows, :] = q.astype(_F32) * dq
+    last = _last_row(g)
+    kd = (k.astype(_F32) * jnp.exp(last[None, :] - g)).astype(k.dtype)
+    return state * jnp.exp(last)[:, None] + _dot_tn(kd, v)
+
+  lax.fori_loop(0, s.nc, body, state)
+
+
+def _dk_kernel(*refs, s: _S):
+  """dk and k * dk (minus the chunk constant) for one channel block,
+  sweeping chunks backwards with dS[block, :]."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, v_ref, do_ref, gc_ref = (next(it), next(it), next(it),
+                                         next(it), next(it))
+  hs_ref, ds_ref = next(it), next(it)
+  dk_ref, dgk_ref = next(it), next(it)
+  c = s.chunk
+
+  def body(i, dstate):
+    ci = s.nc - 1 - i
+    rows = pl.ds(pl.multiple_of(ci * c, c), c)
+    q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[
+        rows, :]
+    g = gc_ref[rows, :]
+    dat = _dot_nt(v, do) * s.scale  # rows j (keys), columns i (queries)
+    et = _pair_decay(g, transpose=True)
+    dk = jnp.sum(dat[:, :, None] * q.astype(_F32)[None, :, :] * et, axis=1)
+    last = _last_row(g)
+    wk = jnp.exp(last[None, :] - g)
+    inter = _dot_nt(v, dstate.astype(v.dtype)) * wk
+    dk = dk + inter
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    kf = k.astype(_F32)
+    dec = jnp.exp(last)
+    spans = jnp.sum(dstate * hs_ref[ci].astype(_F32), axis=1) * dec
+    e = jnp.sum(kf * inter, axis=0) + spans
+    is_last = lax.broadcasted_iota(jnp.int32, kf.shape, 0) == c - 1
+    dgk_ref[rows, :] = kf * dk - jnp.where(is_last, e[None, :], 0.0)
+    qd = (q.astype(_F32) * (jnp.exp(g) * s.scale)).astype(q.dtype)
+    return dstate * dec[:, None] + _dot_tn(qd, do)
+
+  lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
+
+
+def _dv_kernel(*refs, s: _S):
+  """dv for one value block, sweeping chunks backwards with dS[:, block];
+  the state gradient entering the sequence comes out (initial state)."""
+  _dot, _dot_tn, _ = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, do_ref, gc_ref, ds_ref = (next(it), next(it), next(it),
+                                          next(it), next(it))
+  dv_ref, dsout_ref = next(it), next(it)
+  c, f = s.chunk, q_ref.shape[-1]
+
+  def body(i, dstate):
+    rows = pl.ds(pl.multiple_of((s.nc - 1 - i) * c, c), c)
+    q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+    g = gc_ref[rows, :]
+    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
+    last = _last_row(g)
+    kd = (k.astype(_F32) * jnp.exp(last[None, :] - g)).astype(k.dtype)
+    dv = _dot_tn((a * s.scale).astype(do.dtype), do) + _dot(
+        kd, dstate.astype(k.dtype))
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    qd = (q.astype(_F32) * (jnp.exp(g) * s.scale)).astype(q.dtype)
+    return dstate * jnp.exp(last)[:, None] + _dot_tn(qd, do)
+
+  dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrappers. q, dO, gc [B, Tp, N, *]; k, v [B, Tp, K, *].
+
+
+def _blk(tp, width, head_fn, col_fn):
+  return pl.BlockSpec((None, tp, None, width),
+                      lambda j, n, b: (b, 0, head_fn(n), col_fn(j)))
+
+
+def _state(rows, cols, by_row: bool):
+  if by_row:
+    return pl.BlockSpec((None, None, rows, cols),
+                        lambda j, n, b: (b, n, j, 0))
+  return pl.BlockSpec((None, None, rows, cols), lambda j, n, b: (b, n, 0, j))
+
+
+def _fwd_call(q, k, v, gc, s0, s: _S):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
+              _blk(tp, s.bv, kv, col), _blk(tp, f, same, zero)]
+  args = [q, k, v, gc]
+  if s.has_s0:
+    in_specs.append(_state(f, s.bv, by_row=False))
+    args.append(s0)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, s=s),
+      grid=(vp // s.bv, n, b),
+      in_specs=in_specs,
+      out_specs=[_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_channel_fwd",
+  )(*args)
+
+
+def _channel_inputs(q, k, v, do, gc, s: _S):
+  tp, vp = q.shape[1], v.shape[-1]
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  specs = [_blk(tp, s.bf, same, col), _blk(tp, s.bf, kv, col),
+           _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero),
+           _blk(tp, s.bf, same, col)]
+  return specs, [q, k, v, do, gc]
+
+
+def _dq_call(q, k, v, do, gc, s0, s: _S):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  in_specs, args = _channel_inputs(q, k, v, do, gc, s)
+  if s.has_s0:
+    in_specs.append(_state(s.bf, vp, by_row=True))
+    args.append(s0)
+  blk = _blk(tp, s.bf, lambda x: x, lambda j: j)
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, s=s),
+      grid=(f // s.bf, n, b),
+      in_specs=in_specs,
+      out_specs=[blk, blk, pl.BlockSpec((None, None, s.nc, s.bf, vp),
+                                        lambda j, n_, b_: (b_, n_, 0, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(q.shape, _F32),
+                 jax.ShapeDtypeStruct((b, n, s.nc, f, vp), q.dtype)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_dq",
+  )(*args)
+
+
+def _dk_call(q, k, v, do, gc, hs, dfinal, s: _S):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  in_specs, args = _channel_inputs(q, k, v, do, gc, s)
+  in_specs += [pl.BlockSpec((None, None, s.nc, s.bf, vp),
+                            lambda j, n_, b_: (b_, n_, 0, j, 0)),
+               _state(s.bf, vp, by_row=True)]
+  args += [hs, dfinal]
+  blk = _blk(tp, s.bf, lambda x: x, lambda j: j)
+  return pl.pallas_call(
+      functools.partial(_dk_kernel, s=s),
+      grid=(f // s.bf, n, b),
+      in_specs=in_specs,
+      out_specs=[blk, blk],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, k.dtype),
+                 jax.ShapeDtypeStruct(q.shape, _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_dk",
+  )(*args)
+
+
+def _dv_call(q, k, do, gc, dfinal, s: _S):
+  b, tp, n, f = q.shape
+  vp = do.shape[-1]
+  kv = lambda x: x // s.rep  # noqa: E731
+  same = lambda x: x  # noqa: E731
+  zero = lambda j: 0  # noqa: E731
+  col = lambda j: j  # noqa: E731
+  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
+              _blk(tp, s.bv, same, col), _blk(tp, f, same, zero),
+              _state(f, s.bv, by_row=False)]
+  return pl.pallas_call(
+      functools.partial(_dv_kernel, s=s),
+      grid=(vp // s.bv, n, b),
+      in_specs=in_specs,
+      out_specs=[_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), do.dtype),
+                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_dv",
+  )(q, k, do, gc, dfinal)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp core on padded arrays; gc = chunk-local cumulative log gates.
+
+
+def _chunk_cumsum(g, chunk):
+  b, tp, n, f = g.shape
+  gc = jnp.cumsum(g.reshape(b, tp // chunk, chunk, n, f), axis=2)
+  return gc.reshape(b, tp, n, f)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core(q, k, v, g, s0, s: _S):
+  return _fwd_call(q, k, v, _chunk_cumsum(g, s.chunk), s0, s)
+
+
+def _core_fwd(q, k, v, g, s0, s: _S):
+  gc = _chunk_cumsum(g, s.chunk)
+  return _fwd_call(q, k, v, gc, s0, s), (q, k, v, gc, s0)
+
+
+def _core_bwd(s: _S, res, cts):
+  q, k, v, gc, s0 = res
+  do, dfinal = cts
+  b, tp, n, f = q.shape
+  kh, vp = k.shape[2], v.shape[-1]
+  do = do.astype(q.dtype)
+  dfinal = dfinal.astype(_F32)
+  dq, dgq, hs = _dq_call(q, k, v, do, gc, s0, s)
+  dk, dgk = _dk_call(q, k, v, do, gc, hs, dfinal, s)
+  dv, ds0 = _dv_call(q, k, do, gc, dfinal, s)
+  if s.rep > 1:
+    dk = dk.astype(_F32).reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
+    dv = dv.astype(_F32).reshape(b, tp, kh, s.rep, vp).sum(3).astype(
+        v.dtype)
+  rows = (dgq - dgk).reshape(b, tp // s.chunk, s.chunk, n, f)
+  dg = jnp.flip(jnp.cumsum(jnp.flip(rows, 2), 2), 2).reshape(b, tp, n, f)
+  return dq, dk, dv, dg, (ds0 if s.has_s0 else None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
+                                   scale: float, initial_state=None,
+                                   config: ChannelConfig | None = None,
+                                   interpret: bool | None = None):
+  """Linear attention with per-key-channel log gates (GLA), Pallas kernels.
+
+  Args:
+    q: [B, T, N, F] feature-mapped queries (float32, bfloat16 or float16).
+    k: [B, T, K, F] (N % K == 0), same dtype.
+    v: [B, T, K, V], same dtype.
+    log_gate: float [B, T, N, F], every entry <= 0 (log of the per-step,
+      per-channel decay).
+    resets: must be None here (NotImplementedError otherwise).
+    scale: output scale.
+    initial_state: None or float32 [B, N, F, V].
+    config: tiling (default ``ChannelConfig()``; float32 inputs use a
+      16-channel block).
+    interpret: Pallas interpret mode (default: unless on a GPU).
+
+  Returns:
+    ``(out [B, T, N, V] in q.dtype, final_state float32 [B, N, F, V])``;
+    differentiable in q, k, v, log_gate and initial_state.
+
+  Raises:
+    NotImplementedError: resets, feature or value dims above 256, a chunk
+      that is not a power of two >= 16.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.ones((1, 32, 1, 16))
+  >>> g = jnp.zeros((1, 32, 1, 16))
+  >>> o, s = channel_gated_linear_attention(x, x, x, g, scale=1.0,
+  ...                                       interpret=True)
+  >>> float(o[0, 0, 0, 0]), float(o[0, 31, 0, 0])
+  (16.0, 512.0)
+  """
+  if resets is not None:
+    raise NotImplementedError("the per-channel-gate Pallas kernels do not "
+                              "take resets")
+  if log_gate is None or log_gate.ndim != 4:
+    raise NotImplementedError("per-channel gates [B, T, N, F] expected")
+  b, t, n, f = q.shape
+  kh, vd = k.shape[2], v.shape[-1]
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  cfg = config or ChannelConfig()
+  if config is None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+    cfg = dataclasses.replace(cfg, block_f=16, block_v=32)
+  c = cfg.chunk
+  if c < 16 or c & (c - 1):
+    raise NotImplementedError(f"chunk {c} is not a power of two >= 16")
+  fp, vp = _padded_dim(f), _padded_dim(vd)
+  if fp > 256 or vp > 256:
+    raise NotImplementedError("feature and value dims above 256 are not "
+                              "supported by the per-channel-gate kernels")
+  nc = -(-t // c)
+  tp = nc * c
+  s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(cfg.block_v, vp),
+         bf=min(cfg.block_f, fp), warps=cfg.num_warps,
+         stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
+         stages_bwd=cfg.num_stages_bwd,
+         has_s0=initial_state is not None, interpret=bool(interpret),
+         upcast=bool(interpret) and jax.default_backend() == "cpu",
+         rep=n // kh)
+  qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
+  kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
+  vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)
+  g = _pad_axis(_pad_axis(log_gate.astype(_F32), 3, fp), 1, tp)
+  s0 = None
+  if initial_state is not None:
+    s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
+  o, final = _core(qp, kp, vpd, g, s0, s)
+  return o[:, :t, :, :vd], final[:, :, :f, :vd]

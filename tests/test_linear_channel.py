@@ -1,0 +1,174 @@
+"""Per-key-channel gates (GLA) through the Pallas kernels
+(``pallas_kernels/linear_scan/channel.py``): interpret mode vs the scan on
+CPU, H100 lowering, and the compiled kernels on a GPU (``-m gpu``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnjax
+from attnjax import testing
+from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
+                          key_for, linear_case)
+from pallas_kernels.linear_scan import channel, reference
+from test_linear_pallas import _export_for_h100
+
+_CASES = {
+    # GQA 4:2, F and V padded inside (12 -> 16, 20 -> 32), odd length, a
+    # fixed decay added to the gate, initial state.
+    "gqa_decay_state": dict(gate="channel", log_decay=True, head_dim=12,
+                            value_dim=20, length=45, initial_state=True),
+    # Normalised elu+1 (V + 1 value columns), MQA.
+    "normalize_mqa": dict(gate="channel", normalize=True, kv_heads=1,
+                          feature_map="elu_plus_one", length=40),
+    # Strong decays (|g| up to ~60 a step): a factored exp(G_i) exp(-G_j)
+    # would overflow; every exponent here stays <= 0.
+    "strong": dict(gate="channel", gate_strength=30.0, length=37),
+    "bf16": dict(gate="channel", dtype=BF16, length=40, initial_state=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_channel_interpret_matches_scan(name):
+  case = linear_case(key_for("channel", name), **_CASES[name])
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
+def test_channel_chunk_32_and_split_sequence_carries_state():
+  arrays, opts = linear_case(key_for("channel-split"), length=70,
+                             gate="channel", initial_state=True)
+  full_out, full_state = call((arrays, opts), "pallas", chunk_size=32)
+  ref_out, ref_state = call((arrays, opts), "xla")
+  assert_matches(full_out, ref_out, F32)
+  assert_matches(full_state, ref_state, F32)
+  seq = ("query", "key", "value", "gate")
+
+  def part(sl, state):
+    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
+    a["initial_state"] = state
+    return call((a, opts), "pallas", chunk_size=16)
+
+  out1, s1 = part(slice(0, 29), arrays["initial_state"])
+  out2, s2 = part(slice(29, None), s1)
+  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
+  assert_matches(s2, full_state, F32)
+
+
+@settings(max_examples=4)
+@given(length=st.integers(1, 40), chunk=st.sampled_from([16, 32]),
+       kv_heads=st.sampled_from([1, 2, 4]), strength=st.floats(0.01, 20.0))
+def test_channel_forward_property(length, chunk, kv_heads, strength):
+  case = linear_case(key_for("channel-prop", length, chunk, kv_heads),
+                     length=length, kv_heads=kv_heads, gate="channel",
+                     gate_strength=strength)
+  check_against_scan(case, "pallas", grads=False, chunk_size=chunk)
+
+
+def test_channel_direct_call_and_errors():
+  x = jnp.ones((1, 32, 1, 16))
+  g = jnp.full((1, 32, 1, 16), -0.5)
+  out, state = channel.channel_gated_linear_attention(
+      x, x, x, g, scale=1.0, interpret=True)
+  ref, ref_state = reference.linear_attention_reference(
+      x, x, x, log_gate=g, scale=1.0)
+  testing.assert_close(out, ref, F32)
+  testing.assert_close(state, ref_state, F32)
+  with pytest.raises(NotImplementedError, match="resets"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, jnp.zeros((1, 32), bool), scale=1.0)
+  with pytest.raises(NotImplementedError, match="power of two"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0, config=channel.ChannelConfig(chunk=24))
+  with pytest.raises(NotImplementedError, match="per-channel"):
+    channel.channel_gated_linear_attention(x, x, x, g[..., 0], scale=1.0)
+
+
+def test_channel_with_resets_falls_back():
+  case = linear_case(key_for("channel-resets"), gate="channel",
+                     segments=True, length=30)
+  with pytest.raises(NotImplementedError):
+    call(case, "pallas")
+  out, state = call(case, ("pallas", "xla_chunked"))
+  ref_out, ref_state = call(case, "xla")
+  assert_matches(out, ref_out, F32)
+  assert_matches(state, ref_state, F32)
+
+
+@pytest.mark.parametrize("dtype,h", [(BF16, 128), (F32, 64), (BF16, 256)])
+def test_channel_lowers_for_h100(dtype, h):
+  b, t, n, kh = 1, 100, 4, 2
+  sd = jax.ShapeDtypeStruct
+  args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
+          sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
+          sd((b, n, h, h), F32))
+
+  def grad(q, k, v, g, s0):
+    def f(q, k, v, g, s0):
+      o, st = channel.channel_gated_linear_attention(
+          q, k, v, g, scale=0.1, initial_state=s0, interpret=False)
+      return jnp.sum(o.astype(F32)) + jnp.sum(st)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+
+  text = _export_for_h100(grad, *args).mlir_module()
+  for name in ("fwd", "dq", "dk", "dv"):
+    assert f"linear_scan_channel_{name}" in text, name
+  assert text.count("__gpu$xla.gpu.triton") == 4
+
+
+# ----------------------------------------------------------------------------
+# On a GPU: the compiled Triton kernels.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_gpu_channel_matches_scan_small(name):
+  case = linear_case(key_for("gpu-channel", name), **_CASES[name])
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gpu_channel_matches_scan_h128(dtype):
+  """Production head size (H = Hv = 128), GQA 8:2, gates + fixed decay,
+  initial state, T = 1000."""
+  case = linear_case(key_for("gpu-channel-h128", str(dtype)), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, gate="channel", log_decay=True,
+                     initial_state=True, dtype=dtype)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+def test_gpu_channel_long_sequence_deterministic():
+  """T = 16384 with strong and weak gates: forward and final state vs the
+  scan, bit-identical repeats, no NaN in the gradients."""
+  b, t, n, h = 1, 16384, 2, 64
+  ks = jax.random.split(key_for("gpu-channel-long"), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h), BF16)
+  k = (jax.random.normal(ks[1], (b, t, n, h)) / np.sqrt(h)).astype(BF16)
+  v = jax.random.normal(ks[2], (b, t, n, h), BF16)
+  g = -jnp.array([3.0, 1e-3])[:, None] * jax.random.uniform(
+      ks[3], (b, t, n, h))
+  f = jax.jit(lambda q, k, v, g: attnjax.linear_attention(
+      q, k, v, gate=g, implementation="pallas", return_final_state=True))
+  out, state = f(q, k, v, g)
+  out2, state2 = f(q, k, v, g)
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(out2, np.float32))
+  np.testing.assert_array_equal(np.asarray(state), np.asarray(state2))
+  ref, ref_state = jax.jit(lambda q, k, v, g: attnjax.linear_attention(
+      q, k, v, gate=g, implementation="xla", return_final_state=True))(
+          q, k, v, g)
+  testing.assert_close(out, ref, BF16,
+                       scale=float(jnp.max(jnp.abs(ref.astype(F32)))))
+  testing.assert_close(state, ref_state, BF16,
+                       scale=float(jnp.max(jnp.abs(ref_state))))
+  grads = jax.jit(jax.grad(lambda q, k, v, g: jnp.sum(
+      f(q, k, v, g)[0].astype(F32)), argnums=(0, 1, 2, 3)))(q, k, v, g)
+  for x in grads:
+    assert np.isfinite(np.asarray(x, np.float32)).all()

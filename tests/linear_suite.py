@@ -165,3 +165,20 @@ def check_against_scan(case, implementation, *, grads=True, dtype=None,
     for name in rg:
       testing.assert_finite(g[name], name=f"d{name}")
       assert_matches(g[name], rg[name], dtype, grad=True, name=f"d{name}")
+
+
+def run_in_two_parts(case, implementation, at, **extra):
+  """Runs tokens [0, at) and [at, T) as two calls, the second starting
+  from the first's final state; returns (concatenated outputs, final
+  state), to compare with one call over the whole sequence."""
+  arrays, opts = case
+  seq = ("query", "key", "value", "gate", "beta", "segment_ids")
+
+  def part(sl, state):
+    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
+    a["initial_state"] = state
+    return call((a, opts), implementation, **extra)
+
+  out1, s1 = part(slice(0, at), arrays["initial_state"])
+  out2, s2 = part(slice(at, None), s1)
+  return jnp.concatenate([out1, out2], 1), s2

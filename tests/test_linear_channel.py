@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import attnjax
 from attnjax import testing
 from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
-                          key_for, linear_case)
+                          key_for, linear_case, run_in_two_parts)
 from pallas_kernels.linear_scan import channel, reference
 from test_linear_pallas import _export_for_h100
 
@@ -46,17 +46,9 @@ def test_channel_chunk_32_and_split_sequence_carries_state():
   ref_out, ref_state = call((arrays, opts), "xla")
   assert_matches(full_out, ref_out, F32)
   assert_matches(full_state, ref_state, F32)
-  seq = ("query", "key", "value", "gate")
-
-  def part(sl, state):
-    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
-    a["initial_state"] = state
-    return call((a, opts), "pallas", chunk_size=16)
-
-  out1, s1 = part(slice(0, 29), arrays["initial_state"])
-  out2, s2 = part(slice(29, None), s1)
-  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
-  assert_matches(s2, full_state, F32)
+  out, state = run_in_two_parts((arrays, opts), "pallas", 29, chunk_size=16)
+  assert_matches(out, full_out, F32)
+  assert_matches(state, full_state, F32)
 
 
 @settings(max_examples=4)

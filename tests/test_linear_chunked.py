@@ -19,7 +19,7 @@ import attnjax
 from attnjax import testing
 from attnjax.linear import api
 from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
-                          key_for, linear_case)
+                          key_for, linear_case, run_in_two_parts)
 
 _VARIANTS = {
     "plain": {},
@@ -81,18 +81,10 @@ def test_split_sequence_and_carry_state(implementation, variant):
   arrays, opts = linear_case(key_for("split", variant), length=30,
                              initial_state=True, **_VARIANTS[variant])
   full_out, full_state = call((arrays, opts), implementation, chunk_size=8)
-  cut = 13
-
-  def part(sl, state):
-    a = {k: (v[:, sl] if k in ("query", "key", "value", "gate") else v)
-         for k, v in arrays.items()}
-    a["initial_state"] = state
-    return call((a, opts), implementation, chunk_size=8)
-
-  out1, s1 = part(slice(0, cut), arrays["initial_state"])
-  out2, s2 = part(slice(cut, None), s1)
-  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
-  assert_matches(s2, full_state, F32)
+  out, state = run_in_two_parts((arrays, opts), implementation, 13,
+                                chunk_size=8)
+  assert_matches(out, full_out, F32)
+  assert_matches(state, full_state, F32)
 
 
 @pytest.mark.parametrize("variant", ["normalize", "channel_gate",

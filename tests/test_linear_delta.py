@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import attnjax
 from attnjax.linear import api
 from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
-                          key_for, linear_case)
+                          key_for, linear_case, run_in_two_parts)
 
 
 @settings(max_examples=6)
@@ -61,18 +61,10 @@ def test_delta_split_sequence_and_carry_state():
   arrays, opts = linear_case(key_for("delta-split"), length=26, delta=True,
                              gate="scalar", initial_state=True)
   full_out, full_state = call((arrays, opts), "xla_chunked", chunk_size=8)
-  cut = 11
-  seq = ("query", "key", "value", "gate", "beta")
-
-  def part(sl, state):
-    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
-    a["initial_state"] = state
-    return call((a, opts), "xla_chunked", chunk_size=8)
-
-  out1, s1 = part(slice(0, cut), arrays["initial_state"])
-  out2, s2 = part(slice(cut, None), s1)
-  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
-  assert_matches(s2, full_state, F32)
+  out, state = run_in_two_parts((arrays, opts), "xla_chunked", 11,
+                                chunk_size=8)
+  assert_matches(out, full_out, F32)
+  assert_matches(state, full_state, F32)
 
 
 def test_delta_rule_learns_a_key_value_association():

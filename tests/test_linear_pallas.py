@@ -19,7 +19,7 @@ import pytest
 import attnjax
 from attnjax import testing
 from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
-                          key_for, linear_case)
+                          key_for, linear_case, run_in_two_parts)
 from pallas_kernels.linear_scan import kernels
 
 
@@ -62,17 +62,9 @@ def test_pallas_split_sequence_and_carry_state(monkeypatch):
   arrays, opts = linear_case(key_for("pallas-split"), length=48,
                              gate="scalar", initial_state=True)
   full_out, full_state = call((arrays, opts), "pallas", chunk_size=16)
-  seq = ("query", "key", "value", "gate")
-
-  def part(sl, state):
-    a = {k: (v[:, sl] if k in seq else v) for k, v in arrays.items()}
-    a["initial_state"] = state
-    return call((a, opts), "pallas", chunk_size=16)
-
-  out1, s1 = part(slice(0, 21), arrays["initial_state"])
-  out2, s2 = part(slice(21, None), s1)
-  assert_matches(jnp.concatenate([out1, out2], 1), full_out, F32)
-  assert_matches(s2, full_state, F32)
+  out, state = run_in_two_parts((arrays, opts), "pallas", 21, chunk_size=16)
+  assert_matches(out, full_out, F32)
+  assert_matches(state, full_state, F32)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -267,6 +267,11 @@ def _dv_kernel(*refs, s: _S):
 # pallas_call wrappers. q, dO, gc [B, Tp, N, *]; k, v [B, Tp, K, *].
 
 
+def _index_maps(s: _S):
+  """(query head -> key/value head, identity, zero, identity) for _blk."""
+  return (lambda n: n // s.rep), (lambda n: n), (lambda j: 0), (lambda j: j)
+
+
 def _blk(tp, width, head_fn, col_fn):
   return pl.BlockSpec((None, tp, None, width),
                       lambda j, n, b: (b, 0, head_fn(n), col_fn(j)))
@@ -282,10 +287,7 @@ def _state(rows, cols, by_row: bool):
 def _fwd_call(q, k, v, gc, s0, s: _S):
   b, tp, n, f = q.shape
   vp = v.shape[-1]
-  kv = lambda x: x // s.rep  # noqa: E731
-  same = lambda x: x  # noqa: E731
-  zero = lambda j: 0  # noqa: E731
-  col = lambda j: j  # noqa: E731
+  kv, same, zero, col = _index_maps(s)
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
               _blk(tp, s.bv, kv, col), _blk(tp, f, same, zero)]
   args = [q, k, v, gc]
@@ -307,10 +309,7 @@ def _fwd_call(q, k, v, gc, s0, s: _S):
 
 def _channel_inputs(q, k, v, do, gc, s: _S):
   tp, vp = q.shape[1], v.shape[-1]
-  kv = lambda x: x // s.rep  # noqa: E731
-  same = lambda x: x  # noqa: E731
-  zero = lambda j: 0  # noqa: E731
-  col = lambda j: j  # noqa: E731
+  kv, same, zero, col = _index_maps(s)
   specs = [_blk(tp, s.bf, same, col), _blk(tp, s.bf, kv, col),
            _blk(tp, vp, kv, zero), _blk(tp, vp, same, zero),
            _blk(tp, s.bf, same, col)]
@@ -365,10 +364,7 @@ def _dk_call(q, k, v, do, gc, hs, dfinal, s: _S):
 def _dv_call(q, k, do, gc, dfinal, s: _S):
   b, tp, n, f = q.shape
   vp = do.shape[-1]
-  kv = lambda x: x // s.rep  # noqa: E731
-  same = lambda x: x  # noqa: E731
-  zero = lambda j: 0  # noqa: E731
-  col = lambda j: j  # noqa: E731
+  kv, same, zero, col = _index_maps(s)
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
               _blk(tp, s.bv, same, col), _blk(tp, f, same, zero),
               _state(f, s.bv, by_row=False)]

@@ -353,8 +353,10 @@ def _impl_xla_chunked(p: LinearProblem):
 
 def _impl_pallas(p: LinearProblem):
   if p.is_delta:
-    raise NotImplementedError("the delta rule has no Pallas kernel yet; use "
-                              "xla_chunked")
+    from attnjax.linear.delta import delta_rule_pallas
+    return delta_rule_pallas(
+        p.q, p.k, p.v, p.beta, p.log_gate, p.resets, scale=p.scale,
+        initial_state=p.initial_state, chunk_size=p.chunk_size or 64)
   v, scale = _augment(p)
   if p.log_gate is not None and p.log_gate.ndim == 4:
     from pallas_kernels.linear_scan import channel

@@ -27,32 +27,21 @@ from jax import lax
 
 from attnjax.linear.chunked import mm, pad_time, segment_masks
 
-__all__ = ["delta_rule_chunked"]
+__all__ = ["delta_rule_chunked", "delta_rule_pallas"]
 
 _HI = lax.Precision.HIGHEST
 
 
-def delta_rule_chunked(q, k, v, beta, log_gate=None, resets=None, *,
-                       scale: float, initial_state=None,
-                       chunk_size: int = 64):
-  """Chunked (gated) delta rule.
+def _chunk_terms(q, k, v, beta, log_gate, resets, scale, c):
+  """The chunk-local UT transform and decayed operands, all float32.
 
-  Args:
-    q: [B, T, N, F]; k: [B, T, K, F]; v: [B, T, K, V].
-    beta: [B, T, N].
-    log_gate: None or [B, T, N] float32 log decays.
-    resets: None or bool [B, T].
-    scale: output scale.
-    initial_state: None or float32 [B, N, F, V].
-    chunk_size: C.
-
-  Returns:
-    ``(out float32 [B, T, N, V], final_state float32 [B, N, F, V])``.
+  Returns ``(u_v, w_k, aqk, qg, kg, decay)``, the first five [B, N, nc, C,
+  *] and ``decay`` [B, N, nc] (see the module docstring), and the padded
+  length: everything the chunk-to-chunk pass needs.
   """
   b, t, n, f = q.shape
   kh, vd = k.shape[2], v.shape[-1]
   dtype = q.dtype
-  c = int(chunk_size)
   nc = -(-t // c)
   tp = nc * c
   rep = n // kh
@@ -103,6 +92,31 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, resets=None, *,
   aqk = scale * mm("bncif,bncjf->bncij", qc, kc, dtype=dtype) * d_incl
   qg = scale * qc.astype(jnp.float32) * g_in[..., None]
   kg = kc.astype(jnp.float32) * g_out[..., None]
+  return (u_v, w_k, aqk, qg, kg, decay), tp
+
+
+def delta_rule_chunked(q, k, v, beta, log_gate=None, resets=None, *,
+                       scale: float, initial_state=None,
+                       chunk_size: int = 64):
+  """Chunked (gated) delta rule.
+
+  Args:
+    q: [B, T, N, F]; k: [B, T, K, F]; v: [B, T, K, V].
+    beta: [B, T, N].
+    log_gate: None or [B, T, N] float32 log decays.
+    resets: None or bool [B, T].
+    scale: output scale.
+    initial_state: None or float32 [B, N, F, V].
+    chunk_size: C.
+
+  Returns:
+    ``(out float32 [B, T, N, V], final_state float32 [B, N, F, V])``.
+  """
+  b, t, n, f = q.shape
+  vd = v.shape[-1]
+  terms, tp = _chunk_terms(q, k, v, beta, log_gate, resets, scale,
+                           int(chunk_size))
+  u_v, w_k, aqk, qg, kg, decay = terms
 
   def step(s, x):
     u_c, w_c, a_c, q_c, k_c, d_c = x
@@ -119,3 +133,20 @@ def delta_rule_chunked(q, k, v, beta, log_gate=None, resets=None, *,
   s, out = lax.scan(step, s0, xs)  # out [nc, B, N, C, V]
   out = jnp.moveaxis(out, 0, 2).reshape(b, n, tp, vd)
   return jnp.moveaxis(out, 1, 2)[:, :t], s
+
+
+def delta_rule_pallas(q, k, v, beta, log_gate=None, resets=None, *,
+                      scale: float, initial_state=None,
+                      chunk_size: int = 64, config=None):
+  """The (gated) delta rule through ``pallas_kernels.linear_scan.delta``
+  (the UT transform and both sweeps as Pallas kernels). Arguments and
+  result as ``delta_rule_chunked``; ``config`` a ``DeltaConfig``.
+  """
+  import dataclasses
+  from pallas_kernels.linear_scan import delta as kernels
+  cfg = config or kernels.DeltaConfig()
+  cfg = dataclasses.replace(cfg, chunk=int(chunk_size))
+  if config is None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
+    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
+  return kernels.delta_rule(q, k, v, beta, log_gate, resets, scale=scale,
+                            initial_state=initial_state, config=cfg)

@@ -75,16 +75,3 @@ def test_delta_rule_learns_a_key_value_association():
       k, k, v, jnp.ones((1, 1, 1)), scale=1.0,
       implementation="xla_chunked"))(k, v)
   assert jnp.allclose(out, v)
-
-
-def test_delta_pallas_raises_and_default_falls_back():
-  arrays, _ = linear_case(key_for("delta-fallback"), length=8, delta=True)
-  args = (arrays["query"], arrays["key"], arrays["value"], arrays["beta"])
-  with pytest.raises(NotImplementedError):
-    jax.eval_shape(lambda: attnjax.delta_rule_attention(
-        *args, implementation="pallas"))
-  out = jax.jit(lambda *a: attnjax.delta_rule_attention(
-      *a, implementation=["pallas", "xla"]))(*args)
-  ref = jax.jit(lambda *a: attnjax.delta_rule_attention(
-      *a, implementation="xla"))(*args)
-  assert_matches(out, ref, F32)

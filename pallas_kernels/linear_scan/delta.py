@@ -86,7 +86,7 @@ class DeltaConfig:
   num_stages: int = 3
   num_warps_bwd: int = 4
   num_stages_bwd: int = 3
-  num_warps_ut: int = 4
+  num_warps_ut: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +122,9 @@ def _params(s: _S, warps: int, stages: int):
 def _ut_kernel(*refs, s: _S):
   _dot, _, _dot_nt = _dots(s)
   it = iter(refs)
-  k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(5))
+  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
   rc_ref = next(it) if s.has_seg else None
-  w_ref, u_ref = next(it), next(it)
+  w_ref, u_ref, a_ref = next(it), next(it), next(it)
   dt = k_ref.dtype
   prec = None if s.interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   mm = lambda a, b: lax.dot_general(  # noqa: E731
@@ -164,9 +164,14 @@ def _ut_kernel(*refs, s: _S):
     w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
     u_ref[blk(i), :] = u.astype(u_ref.dtype)
     w_ref[blk(i), :] = w.astype(w_ref.dtype)
+  # The chunk's scores for the sweep: scale (q k^T o D), D causal decays.
+  allrows = pl.ds(0, s.chunk)
+  a = _dot_nt(q_ref[...], k_ref[...]) * _intra_weights(
+      s, gc_ref, rc_ref, allrows, False)
+  a_ref[...] = (a * s.scale).astype(a_ref.dtype)
 
 
-def _ut_call(k, v, beta, gc, wq, rc, s: _S):
+def _ut_call(q, k, v, beta, gc, wq, rc, s: _S):
   b, tp, kh, f = k.shape
   n = beta.shape[1]
   vp = v.shape[-1]
@@ -176,8 +181,8 @@ def _ut_call(k, v, beta, gc, wq, rc, s: _S):
   own = lambda d: pl.BlockSpec(  # noqa: E731
       (None, c, None, d), lambda ci, n_, b_: (b_, ci, n_, 0))
   tok = pl.BlockSpec((None, None, c), lambda ci, n_, b_: (b_, n_, ci))
-  in_specs = [kv(f), kv(vp), tok, tok, tok]
-  args = [k, v, beta, gc, wq]
+  in_specs = [own(f), kv(f), kv(vp), tok, tok, tok]
+  args = [q, k, v, beta, gc, wq]
   if s.has_seg:
     in_specs.append(pl.BlockSpec((None, c), lambda ci, n_, b_: (b_, ci)))
     args.append(rc)
@@ -185,9 +190,10 @@ def _ut_call(k, v, beta, gc, wq, rc, s: _S):
       functools.partial(_ut_kernel, s=s),
       grid=(s.nc, n, b),
       in_specs=in_specs,
-      out_specs=[own(f), own(vp)],
+      out_specs=[own(f), own(vp), own(c)],
       out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype)],
+                 jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
+                 jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)],
       compiler_params=_params(s, s.warps_ut, 1),
       interpret=s.interpret,
       name="delta_rule_ut",
@@ -210,43 +216,57 @@ def _same_segment(rc, c):
   return r[..., :, None] == r[..., None, :]
 
 
-def _ut_jnp(k, v, beta, gc, wq, rc, s: _S):
-  """The UT transform in jnp (float32): the backward pass's pull-back."""
-  c = s.chunk
-  kc = jnp.repeat(_chunks(k, c), s.rep, axis=3).astype(_F32)  # b,nc,C,N,F
-  vc = jnp.repeat(_chunks(v, c), s.rep, axis=3).astype(_F32)
+def _mm(spec, x, y, s: _S, dt):
+  """einsum with operands rounded to ``dt`` and a float32 result (upcast
+  in interpret mode on a CPU, which has no bf16 x bf16 -> f32 matmul; the
+  products are exact either way)."""
+  x, y = x.astype(dt), y.astype(dt)
+  if s.upcast or jnp.dtype(dt) == jnp.dtype(_F32):
+    return jnp.einsum(spec, x.astype(_F32), y.astype(_F32), precision=_HI)
+  return jnp.einsum(spec, x, y, preferred_element_type=_F32)
+
+
+def _ut_jnp(q, k, v, beta, gc, wq, rc, s: _S):
+  """The UT transform and scores in jnp (matmul operands rounded as in the
+  kernel): the backward pass's pull-back."""
+  c, dt = s.chunk, k.dtype
+  qc = _chunks(q, c)
+  kc = jnp.repeat(_chunks(k, c), s.rep, axis=3)  # [B, nc, C, N, F]
+  vc = jnp.repeat(_chunks(v, c), s.rep, axis=3)
   bc, gcc, wqc = (_chunks(x, c) for x in (beta, gc, wq))  # [B, N, nc, C]
-  mask = jnp.tril(jnp.ones((c, c), bool), -1)
+  strict = jnp.tril(jnp.ones((c, c), bool), -1)
+  incl = jnp.tril(jnp.ones((c, c), bool))
   same = _same_segment(rc, c)
   if same is not None:
-    mask = jnp.logical_and(mask, same[:, None])
+    strict = jnp.logical_and(strict, same[:, None])
+    incl = jnp.logical_and(incl, same[:, None])
   diff = gcc[..., :, None] - gcc[..., None, :]
-  kk = jnp.einsum("bcinf,bcjnf->bncij", kc, kc, precision=_HI)
-  low = bc[..., None] * kk * jnp.exp(jnp.where(mask, diff, -jnp.inf))
+  kk = _mm("bcinf,bcjnf->bncij", kc, kc, s, dt)
+  low = bc[..., None] * kk * jnp.exp(jnp.where(strict, diff, -jnp.inf))
   t = tril_inverse.unit_lower_inverse(low, interpret=s.interpret)
-  rv = vc * jnp.moveaxis(bc, 1, 3)[..., None]
-  rk = kc * jnp.moveaxis(bc * wqc, 1, 3)[..., None]
-  u = jnp.einsum("bncij,bcjnv->bcinv", t, rv, precision=_HI)
-  w = jnp.einsum("bncij,bcjnf->bcinf", t, rk, precision=_HI)
-  b, nc = u.shape[:2]
-  return (w.reshape(b, nc * c, *w.shape[3:]),
-          u.reshape(b, nc * c, *u.shape[3:]))
+  rv = vc.astype(_F32) * jnp.moveaxis(bc, 1, 3)[..., None]
+  rk = kc.astype(_F32) * jnp.moveaxis(bc * wqc, 1, 3)[..., None]
+  u = _mm("bncij,bcjnv->bcinv", t, rv, s, dt)
+  w = _mm("bncij,bcjnf->bcinf", t, rk, s, dt)
+  a = s.scale * _mm("bcinf,bcjnf->bcinj", qc, kc, s, dt) * jnp.moveaxis(
+      jnp.exp(jnp.where(incl, diff, -jnp.inf)), 1, 3)
+  flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[3:])  # noqa: E731
+  return flat(w), flat(u), flat(a)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ut(k, v, beta, gc, wq, rc, s: _S):
-  return tuple(_ut_call(k, v, beta, gc, wq, rc, s))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ut(q, k, v, beta, gc, wq, rc, s: _S):
+  return tuple(_ut_call(q, k, v, beta, gc, wq, rc, s))
 
 
-def _ut_fwd(k, v, beta, gc, wq, rc, s: _S):
-  return _ut(k, v, beta, gc, wq, rc, s), (k, v, beta, gc, wq, rc)
+def _ut_fwd(q, k, v, beta, gc, wq, rc, s: _S):
+  return _ut(q, k, v, beta, gc, wq, rc, s), (q, k, v, beta, gc, wq, rc)
 
 
 def _ut_bwd(s: _S, res, cts):
-  k, v, beta, gc, wq, rc = res
-  _, pull = jax.vjp(lambda *a: _ut_jnp(*a, rc, s), k, v, beta, gc, wq)
-  dw, du = cts
-  return tuple(pull((dw.astype(_F32), du.astype(_F32)))) + (None,)
+  q, k, v, beta, gc, wq, rc = res
+  _, pull = jax.vjp(lambda *a: _ut_jnp(*a, rc, s), q, k, v, beta, gc, wq)
+  return tuple(pull(tuple(x.astype(_F32) for x in cts))) + (None,)
 
 
 _ut.defvjp(_ut_fwd, _ut_bwd)
@@ -261,11 +281,10 @@ _ut.defvjp(_ut_fwd, _ut_bwd)
 def _fwd_kernel(*refs, s: _S, store: bool):
   """Forward sweep. ``store``: the backward pass's recomputation, writing
   the state entering each chunk and the new values instead of outputs."""
-  _dot, _dot_tn, _dot_nt = _dots(s)
+  _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
-  q_ref, k_ref, w_ref, u_ref, gc_ref, wq_ref, wk_ref, dec_ref = (
+  q_ref, k_ref, a_ref, w_ref, u_ref, wq_ref, wk_ref, dec_ref = (
       next(it) for _ in range(8))
-  rc_ref = next(it) if s.has_seg else None
   s0_ref = next(it) if s.has_s0 else None
   if store:
     h_ref, vn_ref = next(it), next(it)
@@ -278,7 +297,6 @@ def _fwd_kernel(*refs, s: _S, store: bool):
 
   def body(i, state):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
-    k = k_ref[rows, :]
     sb = state.astype(dt)
     vn = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], sb)
     vb = vn.astype(dt)
@@ -286,43 +304,36 @@ def _fwd_kernel(*refs, s: _S, store: bool):
       h_ref[i] = sb
       vn_ref[rows, :] = vb
     else:
-      q = q_ref[rows, :]
-      a = _dot_nt(q, k) * _intra_weights(s, gc_ref, rc_ref, rows, False)
-      o = (_dot(q, sb) * wq_ref[rows][:, None]
-           + _dot(a.astype(dt), vb)) * s.scale
+      o = (_dot(q_ref[rows, :], sb) * (wq_ref[rows] * s.scale)[:, None]
+           + _dot(a_ref[rows, :], vb))
       o_ref[rows, :] = o.astype(o_ref.dtype)
     vw = (vn * wk_ref[rows][:, None]).astype(dt)
-    return state * _last(dec_ref[rows]) + _dot_tn(k, vw)
+    return state * _last(dec_ref[rows]) + _dot_tn(k_ref[rows, :], vw)
 
   final = lax.fori_loop(0, s.nc, body, state)
   if not store:
     st_ref[...] = final
 
 
-def _bwd_kernel(*refs, s: _S):
+def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
+                dfin_ref, gv_ref, lam_ref, ds0_ref, *, s: _S):
   """Reverse sweep: Gv and Lam per chunk (see the module docstring)."""
-  _dot, _dot_tn, _dot_nt = _dots(s)
-  it = iter(refs)
-  q_ref, k_ref, w_ref, gc_ref, wq_ref, wk_ref, dec_ref = (
-      next(it) for _ in range(7))
-  rc_ref = next(it) if s.has_seg else None
-  do_ref, dfin_ref, gv_ref, lam_ref, ds0_ref = (next(it) for _ in range(5))
+  _dot, _dot_tn, _ = _dots(s)
   c = s.chunk
   dt = w_ref.dtype
 
   def body(i, lam):
     ci = s.nc - 1 - i
     rows = pl.ds(pl.multiple_of(ci * c, c), c)
-    q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+    do = do_ref[rows, :]
     lb = lam.astype(dt)
     lam_ref[ci] = lb
-    at = _dot_nt(k, q) * _intra_weights(s, gc_ref, rc_ref, rows, True)
-    gv = (_dot(at.astype(dt), do) * s.scale
-          + _dot(k, lb) * wk_ref[rows][:, None])
+    gv = (_dot_tn(a_ref[rows, :], do)
+          + _dot(k_ref[rows, :], lb) * wk_ref[rows][:, None])
     gb = gv.astype(dt)
     gv_ref[rows, :] = gb
     dow = (do.astype(_F32) * (wq_ref[rows] * s.scale)[:, None]).astype(dt)
-    return (_dot_tn(q, dow) + _last(dec_ref[rows]) * lam
+    return (_dot_tn(q_ref[rows, :], dow) + _last(dec_ref[rows]) * lam
             - _dot_tn(w_ref[rows, :], gb))
 
   ds0_ref[...] = lax.fori_loop(0, s.nc, body, dfin_ref[...].astype(_F32))
@@ -333,17 +344,13 @@ def _seq(tp, d, head, col):
                       lambda j, n, b: (b, 0, head(n), col(j)))
 
 
-def _sweep_inputs(q, k, w, gc, wq, wk, dec, rc, s: _S):
-  tp, f = q.shape[1], q.shape[-1]
+def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S):
+  tp, f, c = q.shape[1], q.shape[-1], s.chunk
   same, kv, zero = (lambda n: n), (lambda n: n // s.rep), (lambda j: 0)
   tok = pl.BlockSpec((None, None, tp), lambda j, n, b: (b, n, 0))
   specs = [_seq(tp, f, same, zero), _seq(tp, f, kv, zero),
-           _seq(tp, f, same, zero), tok, tok, tok, tok]
-  args = [q, k, w, gc, wq, wk, dec]
-  if s.has_seg:
-    specs.append(pl.BlockSpec((None, tp), lambda j, n, b: (b, 0)))
-    args.append(rc)
-  return specs, args
+           _seq(tp, c, same, zero), _seq(tp, f, same, zero), tok, tok, tok]
+  return specs, [q, k, a, w, wq, wk, dec]
 
 
 def _state_spec(f, bv):
@@ -355,14 +362,14 @@ def _chunk_states_spec(nc, f, bv):
                       lambda j, n, b: (b, n, 0, 0, j))
 
 
-def _fwd_call(q, k, w, u, gc, wq, wk, dec, rc, s0, s: _S, store: bool):
+def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool):
   b, tp, n, f = q.shape
   vp = u.shape[-1]
   bv = min(s.bv, vp)
-  in_specs, args = _sweep_inputs(q, k, w, gc, wq, wk, dec, rc, s)
+  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s)
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
-  specs = in_specs[:3] + [col] + in_specs[3:]
-  args = args[:3] + [u] + args[3:]
+  specs = specs[:4] + [col] + specs[4:]
+  args = args[:4] + [u] + args[4:]
   if s.has_s0:
     specs.append(_state_spec(f, bv))
     args.append(s0)
@@ -386,11 +393,11 @@ def _fwd_call(q, k, w, u, gc, wq, wk, dec, rc, s0, s: _S, store: bool):
   )(*args)
 
 
-def _bwd_call(q, k, w, gc, wq, wk, dec, rc, do, dfin, s: _S):
+def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
   b, tp, n, f = q.shape
   vp = do.shape[-1]
   bv = min(s.bvb, vp)
-  specs, args = _sweep_inputs(q, k, w, gc, wq, wk, dec, rc, s)
+  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s)
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
   specs += [col, _state_spec(f, bv)]
   args += [do, dfin]
@@ -408,70 +415,50 @@ def _bwd_call(q, k, w, gc, wq, wk, dec, rc, do, dfin, s: _S):
   )(*args)
 
 
-def _operands_jnp(q, k, gc, wq, wk, rc, s: _S):
-  """The sweep's chunk-local operands in jnp (float32): Qg = scale g_in q
-  [B, nc, C, N, F], A = scale (q k^T o D) [B, N, nc, C, C] and
-  Kg = g_out k [B, nc, C, N, F]. Their pull-back is the backward pass."""
-  c = s.chunk
-  qc = _chunks(q, c).astype(_F32)
-  kc = jnp.repeat(_chunks(k, c), s.rep, axis=3).astype(_F32)
-  gcc = _chunks(gc, c)
-  mask = jnp.tril(jnp.ones((c, c), bool))
-  same = _same_segment(rc, c)
-  if same is not None:
-    mask = jnp.logical_and(mask, same[:, None])
-  d = jnp.exp(jnp.where(mask, gcc[..., :, None] - gcc[..., None, :],
-                        -jnp.inf))
-  a = s.scale * jnp.einsum("bcinf,bcjnf->bncij", qc, kc, precision=_HI) * d
-  qg = s.scale * qc * jnp.moveaxis(_chunks(wq, c), 1, 3)[..., None]
-  kg = kc * jnp.moveaxis(_chunks(wk, c), 1, 3)[..., None]
-  return qg, a, kg
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _sweep(q, k, a, w, u, wq, wk, dec, s0, s: _S):
+  return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
 
 
-def _mm(spec, x, y, s: _S):
-  """einsum with a float32 result (operands upcast in interpret mode on a
-  CPU, which has no bf16 x bf16 -> f32 matmul; exact either way)."""
-  if s.upcast or x.dtype == _F32 or y.dtype == _F32:
-    return jnp.einsum(spec, x.astype(_F32), y.astype(_F32), precision=_HI)
-  return jnp.einsum(spec, x, y, preferred_element_type=_F32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _sweep(q, k, w, u, gc, wq, wk, dec, rc, s0, s: _S):
-  return tuple(_fwd_call(q, k, w, u, gc, wq, wk, dec, rc, s0, s, False))
-
-
-def _sweep_fwd(q, k, w, u, gc, wq, wk, dec, rc, s0, s: _S):
-  out = _sweep(q, k, w, u, gc, wq, wk, dec, rc, s0, s)
-  return out, (q, k, w, u, gc, wq, wk, dec, rc, s0)
+def _sweep_fwd(q, k, a, w, u, wq, wk, dec, s0, s: _S):
+  out = _sweep(q, k, a, w, u, wq, wk, dec, s0, s)
+  return out, (q, k, a, w, u, wq, wk, dec, s0)
 
 
 def _sweep_bwd(s: _S, res, cts):
-  q, k, w, u, gc, wq, wk, dec, rc, s0 = res
+  q, k, a, w, u, wq, wk, dec, s0 = res
   do, dfin = cts
   b, tp, n, f = q.shape
+  kh = k.shape[2]
   c = s.chunk
   dt = w.dtype
-  h, vn = _fwd_call(q, k, w, u, gc, wq, wk, dec, rc, s0, s, store=True)
+  h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True)
   do = do.astype(dt)
-  gv, lam, ds0 = _bwd_call(q, k, w, gc, wq, wk, dec, rc, do,
-                           dfin.astype(_F32), s)
-  # Products with the per-chunk states, parallel over chunks.
+  gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
+                           s)
+  # Products with the per-chunk states, parallel over chunks (XLA).
   doc, gvc, vnc = (_chunks(x, c) for x in (do, gv, vn))
-  dqg = _mm("bcinv,bncfv->bcinf", doc, h, s)
-  dw = -_mm("bcinv,bncfv->bcinf", gvc, h, s)
-  dkg = _mm("bcinv,bncfv->bcinf", vnc, lam, s)
-  da = _mm("bcinv,bcjnv->bncij", doc, vnc, s)
+  flat = lambda x: x.reshape((b, tp) + x.shape[3:])  # noqa: E731
+  tok = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B,N,Tp] -> [B,Tp,N,1]  # noqa: E731
+  dq_raw = flat(_mm("bcinv,bncfv->bcinf", doc, h, s, dt))  # dO h^T
+  dk_raw = flat(_mm("bcinv,bncfv->bcinf", vnc, lam, s, dt))  # v_c Lam^T
+  dw = -flat(_mm("bcinv,bncfv->bcinf", gvc, h, s, dt))
+  da = flat(_mm("bcinv,bcjnv->bcinj", doc, vnc, s, dt))
+  kr = jnp.repeat(k, s.rep, axis=2).astype(_F32)
+  dq = dq_raw * tok(wq) * s.scale
+  dwq = jnp.moveaxis(jnp.sum(dq_raw * q.astype(_F32), -1), 1, 2) * s.scale
+  dk = dk_raw * tok(wk)
+  dwk = jnp.moveaxis(jnp.sum(dk_raw * kr, -1), 1, 2)
+  if s.rep > 1:
+    dk = dk.reshape(b, tp, kh, s.rep, f).sum(3)
   dd = jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=(3, 4))  # [B,N,nc]
   # The decay array repeats each chunk's decay on its rows; the kernels
   # read the last row only, so its gradient goes there.
   last = (jnp.arange(c) == c - 1).astype(_F32)
   ddec = (dd[..., None] * last).reshape(b, n, tp)
-  _, pull = jax.vjp(lambda *a: _operands_jnp(*a, rc, s), q, k, gc, wq, wk)
-  dq, dk, dgc, dwq, dwk = pull((dqg, da, dkg))
-  return (dq.astype(q.dtype), dk.astype(k.dtype),
-          dw.reshape(w.shape).astype(w.dtype), gv.astype(u.dtype), dgc,
-          dwq, dwk, ddec, None, ds0 if s.has_s0 else None)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), da.astype(a.dtype),
+          dw.astype(w.dtype), gv.astype(u.dtype), dwq, dwk, ddec,
+          ds0 if s.has_s0 else None)
 
 
 _sweep.defvjp(_sweep_fwd, _sweep_bwd)
@@ -554,6 +541,6 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   s0 = None
   if initial_state is not None:
     s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
-  w, u = _ut(kp, vpd, bp, gc, wq, rc, s)
-  o, final = _sweep(qp, kp, w, u, gc, wq, wk, dec, rc, s0, s)
+  w, u, a = _ut(qp, kp, vpd, bp, gc, wq, rc, s)
+  o, final = _sweep(qp, kp, a, w, u, wq, wk, dec, s0, s)
   return o[:, :t, :, :vd], final[:, :, :f, :vd]

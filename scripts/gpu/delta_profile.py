@@ -131,8 +131,8 @@ def timings(seqs, sweep, fla=True):
                                      num_stages=st, num_stages_bwd=stb,
                                      num_warps_ut=wu)
                   for bv, bvb, w, wb, st, stb, wu in (
-                      (64, 64, 4, 4, 2, 2, 8), (32, 32, 4, 4, 3, 3, 2),
-                      (128, 128, 8, 8, 2, 2, 4), (64, 32, 4, 4, 3, 3, 4))]
+                      (64, 64, 4, 4, 3, 3, 1), (32, 32, 4, 4, 3, 3, 4),
+                      (32, 32, 2, 2, 3, 3, 2), (128, 64, 8, 4, 2, 3, 2))]
     for cfg in configs:
       st = kdelta._S(scale=1 / math.sqrt(H), chunk=c, nc=t // c,
                      bv=cfg.block_v, bvb=cfg.block_v_bwd, warps=cfg.num_warps,
@@ -143,24 +143,24 @@ def timings(seqs, sweep, fla=True):
       tag = (f"bv{cfg.block_v}/{cfg.block_v_bwd} w{cfg.num_warps}/"
              f"{cfg.num_warps_bwd} st{cfg.num_stages}/{cfg.num_stages_bwd}"
              f" ut-w{cfg.num_warps_ut}")
-      ut = lambda k, v, bp, gc, wq, st=st: kdelta._ut(  # noqa: E731
-          k, v, bp, gc, wq, None, st)
-      sw = lambda q, k, w, u, gc, wq, wk, dec, st=st: kdelta._sweep(  # noqa: E731
-          q, k, w, u, gc, wq, wk, dec, None, None, st)
+      ut = lambda q, k, v, bp, gc, wq, st=st: kdelta._ut(  # noqa: E731
+          q, k, v, bp, gc, wq, None, st)
+      sw = lambda q, k, a, w, u, wq, wk, dec, st=st: kdelta._sweep(  # noqa: E731
+          q, k, a, w, u, wq, wk, dec, None, st)
       try:
         _line(f"UT kernel fwd {tag}", b, t,
-              _time(jax.jit(ut), k, v, bp, gc, wq))
+              _time(jax.jit(ut), q, k, v, bp, gc, wq))
         _line(f"UT fwd+bwd (bwd in XLA) {tag}", b, t,
               _time(_grad_of(lambda *a: sum(jnp.sum(
                   x.astype(jnp.float32) ** 2) for x in ut(*a)),
-                  (0, 1, 2, 3, 4)), k, v, bp, gc, wq))
-        w_, u_ = jax.jit(ut)(k, v, bp, gc, wq)
+                  (0, 1, 2, 3, 4, 5)), q, k, v, bp, gc, wq))
+        w_, u_, a_ = jax.jit(ut)(q, k, v, bp, gc, wq)
         _line(f"sweep fwd {tag}", b, t,
-              _time(jax.jit(sw), q, k, w_, u_, gc, wq, wk, dec))
+              _time(jax.jit(sw), q, k, a_, w_, u_, wq, wk, dec))
         _line(f"sweep fwd+bwd {tag}", b, t,
-              _time(_grad_of(sw, (0, 1, 2, 3, 4, 5, 6, 7)), q, k, w_, u_,
-                    gc, wq, wk, dec))
-        del w_, u_
+              _time(_grad_of(sw, (0, 1, 2, 3, 4, 5, 6, 7)), q, k, a_, w_,
+                    u_, wq, wk, dec))
+        del w_, u_, a_
       except Exception as e:  # noqa: BLE001
         print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}")
     if fla:

@@ -1,0 +1,211 @@
+"""The delta rule through the Pallas kernels
+(``pallas_kernels/linear_scan/delta.py`` and ``tril_inverse.py``):
+interpret mode vs the scan on CPU, H100 lowering, and the compiled kernels
+on a GPU (``-m gpu``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnjax
+from attnjax import testing
+from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
+                          key_for, linear_case, run_in_two_parts)
+from pallas_kernels.linear_scan import delta, tril_inverse
+from test_linear_pallas import _export_for_h100
+
+_CASES = {
+    # GQA 4:2, F and V padded inside (12 -> 16, 20 -> 32), odd length,
+    # gate, resets, initial state: every input differentiated.
+    "gqa_gate_resets_state": dict(gate="scalar", head_dim=12, value_dim=20,
+                                  length=45, segments=True,
+                                  initial_state=True),
+    # DeltaNet (no gate), MQA.
+    "ungated_mqa": dict(kv_heads=1, length=40),
+    # Strong decays: exp(G_i - G_j) spans many orders inside a chunk.
+    "strong_gate": dict(gate="scalar", gate_strength=30.0, length=37),
+    "bf16": dict(gate="scalar", dtype=BF16, length=40, initial_state=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_delta_pallas_interpret_matches_scan(name):
+  case = linear_case(key_for("delta-pallas", name), delta=True,
+                     **_CASES[name])
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
+def test_delta_pallas_chunk_32_and_split_sequence_carries_state():
+  arrays, opts = linear_case(key_for("delta-pallas-split"), length=70,
+                             delta=True, gate="scalar", initial_state=True)
+  full_out, full_state = call((arrays, opts), "pallas", chunk_size=32)
+  ref_out, ref_state = call((arrays, opts), "xla")
+  assert_matches(full_out, ref_out, F32)
+  assert_matches(full_state, ref_state, F32)
+  out, state = run_in_two_parts((arrays, opts), "pallas", 29, chunk_size=16)
+  assert_matches(out, full_out, F32)
+  assert_matches(state, full_state, F32)
+
+
+@settings(max_examples=4)
+@given(length=st.integers(1, 40), chunk=st.sampled_from([16, 32]),
+       kv_heads=st.sampled_from([1, 2, 4]), gated=st.booleans(),
+       segments=st.booleans())
+def test_delta_pallas_forward_property(length, chunk, kv_heads, gated,
+                                       segments):
+  case = linear_case(key_for("delta-pallas-prop", length, chunk, kv_heads),
+                     length=length, kv_heads=kv_heads, delta=True,
+                     gate="scalar" if gated else None, segments=segments)
+  check_against_scan(case, "pallas", grads=False, chunk_size=chunk)
+
+
+def test_delta_pallas_aligned_keys():
+  """Every key the same and beta = 1 (each write overwrites the last): the
+  powers of L grow like binomial coefficients, the blocked substitution
+  stays exact."""
+  b, t, n, h = 1, 48, 2, 16
+  k = jnp.zeros((b, t, n, h)).at[..., 3].set(1.0)
+  v = jax.random.normal(key_for("aligned-v"), (b, t, n, h))
+  q = jax.random.normal(key_for("aligned-q"), (b, t, n, h))
+  beta = jnp.ones((b, t, n))
+  out, state = attnjax.delta_rule_attention(
+      q, k, v, beta, return_final_state=True, implementation="pallas",
+      chunk_size=16)
+  ref, ref_state = attnjax.delta_rule_attention(
+      q, k, v, beta, return_final_state=True, implementation="xla")
+  assert_matches(out, ref, F32)
+  assert_matches(state, ref_state, F32)
+  # The state holds exactly the last value at key 3.
+  testing.assert_close(state[0, :, 3], v[0, -1], F32)
+
+
+@pytest.mark.parametrize("c", [16, 32, 64])
+def test_unit_lower_inverse_matches_triangular_solve(c):
+  low = 0.5 * jax.random.normal(key_for("tril", c), (3, c, c))
+  t = tril_inverse.unit_lower_inverse(low)
+  ref = tril_inverse.unit_lower_inverse_reference(low)
+  np.testing.assert_allclose(t, ref, rtol=1e-5, atol=1e-5 * float(
+      jnp.max(jnp.abs(ref))))
+  eye = jnp.eye(c)
+  np.testing.assert_allclose((eye + jnp.tril(low, -1)) @ t,
+                             jnp.broadcast_to(eye, t.shape), atol=1e-3)
+  w = jax.random.normal(key_for("tril-w", c), (3, c, c))
+  g = jax.grad(lambda x: jnp.sum(tril_inverse.unit_lower_inverse(x) * w))(
+      low)
+  rg = jax.grad(lambda x: jnp.sum(
+      tril_inverse.unit_lower_inverse_reference(x) * w))(low)
+  assert float(jnp.max(jnp.abs(jnp.triu(g)))) == 0.0
+  np.testing.assert_allclose(g, rg, rtol=1e-4, atol=1e-5 * float(
+      jnp.max(jnp.abs(rg))))
+  # All-ones strictly lower part: the inverse is bidiagonal (1, -1).
+  ones = tril_inverse.unit_lower_inverse(jnp.ones((c, c)))
+  np.testing.assert_array_equal(ones, jnp.eye(c) - jnp.eye(c, k=-1))
+
+
+def test_delta_direct_call_and_errors():
+  k = jnp.zeros((1, 32, 1, 16)).at[..., 0].set(1.0)
+  v = jnp.ones((1, 32, 1, 16))
+  beta = jnp.full((1, 32, 1), 0.5)
+  out, state = delta.delta_rule(k, k, v, beta, scale=1.0, interpret=True)
+  ref, ref_state = attnjax.delta_rule_attention(
+      k, k, v, beta, scale=1.0, return_final_state=True,
+      implementation="xla")
+  testing.assert_close(out, ref, F32)
+  testing.assert_close(state, ref_state, F32)
+  with pytest.raises(NotImplementedError, match="power of two"):
+    delta.delta_rule(k, k, v, beta, scale=1.0,
+                     config=delta.DeltaConfig(chunk=24))
+  big = jnp.zeros((1, 16, 1, 300))
+  with pytest.raises(NotImplementedError, match="256"):
+    delta.delta_rule(big, big, big, jnp.ones((1, 16, 1)), scale=1.0)
+  with pytest.raises(ValueError, match="l must be"):
+    tril_inverse.unit_lower_inverse(jnp.zeros((4, 16, 32)))
+  with pytest.raises(NotImplementedError, match="multiple of 16"):
+    tril_inverse.unit_lower_inverse(jnp.zeros((4, 24, 24)))
+
+
+def test_delta_pallas_falls_back_for_wide_features():
+  """Features above 256: the Pallas kernels decline and a list of
+  implementations falls through to the next."""
+  arrays, _ = linear_case(key_for("delta-wide"), length=8, delta=True,
+                          head_dim=272, batch=1, heads=2, kv_heads=1)
+  args = (arrays["query"], arrays["key"], arrays["value"], arrays["beta"])
+  with pytest.raises(NotImplementedError):
+    jax.eval_shape(lambda: attnjax.delta_rule_attention(
+        *args, implementation="pallas"))
+  out = jax.jit(lambda *a: attnjax.delta_rule_attention(
+      *a, implementation=["pallas", "xla"]))(*args)
+  ref = jax.jit(lambda *a: attnjax.delta_rule_attention(
+      *a, implementation="xla"))(*args)
+  assert_matches(out, ref, F32)
+
+
+@pytest.mark.parametrize("dtype,h,resets", [(BF16, 128, False),
+                                            (F32, 64, True),
+                                            (BF16, 256, True)])
+def test_delta_lowers_for_h100(dtype, h, resets):
+  b, t, n, kh = 1, 100, 4, 2
+  sd = jax.ShapeDtypeStruct
+  args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
+          sd((b, t, kh, h), dtype), sd((b, t, n), F32), sd((b, t, n), F32),
+          sd((b, n, h, h), F32))
+  rs = jnp.zeros((b, t), bool).at[:, 50].set(True) if resets else None
+
+  def grad(q, k, v, beta, g, s0):
+    def f(q, k, v, beta, g, s0):
+      o, st = delta.delta_rule(q, k, v, beta, g, rs, scale=0.1,
+                               initial_state=s0, interpret=False)
+      return jnp.sum(o) + jnp.sum(st)
+    return jax.value_and_grad(f, argnums=range(6))(q, k, v, beta, g, s0)
+
+  text = _export_for_h100(grad, *args).mlir_module()
+  for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
+               "delta_rule_bwd", "unit_lower_inverse",
+               "unit_lower_inverse_bwd"):
+    assert name in text, name
+  assert text.count("__gpu$xla.gpu.triton") == 6
+
+
+# ----------------------------------------------------------------------------
+# On a GPU: the compiled Triton kernels.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_CASES))
+def test_gpu_delta_matches_scan_small(name):
+  case = linear_case(key_for("gpu-delta", name), delta=True, **_CASES[name])
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_gpu_delta_matches_scan_h128(dtype):
+  """Benchmark head size, default chunk (64), gate, resets, GQA."""
+  case = linear_case(key_for("gpu-delta-h128", str(dtype)), batch=2,
+                     length=1000, heads=4, kv_heads=2, head_dim=128,
+                     value_dim=128, dtype=dtype, delta=True, gate="scalar",
+                     segments=True, initial_state=True)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+def test_gpu_delta_long_sequence_deterministic():
+  """T = 16k, bf16: finite, bit-identical on a second run, and equal to
+  xla_chunked (an independent chunked form) within bf16 tolerance."""
+  case = linear_case(key_for("gpu-delta-long"), batch=1, length=16384,
+                     heads=4, kv_heads=4, head_dim=128, value_dim=128,
+                     dtype=BF16, delta=True, gate="scalar")
+  out1, st1 = call(case, "pallas")
+  out2, st2 = call(case, "pallas")
+  testing.assert_finite(out1, name="out")
+  np.testing.assert_array_equal(np.asarray(out1, np.float32),
+                                np.asarray(out2, np.float32))
+  np.testing.assert_array_equal(np.asarray(st1), np.asarray(st2))
+  ref, ref_st = call(case, "xla_chunked")
+  assert_matches(out1, ref, BF16)
+  assert_matches(st1, ref_st, BF16)

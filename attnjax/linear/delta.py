@@ -142,11 +142,7 @@ def delta_rule_pallas(q, k, v, beta, log_gate=None, resets=None, *,
   (the UT transform and both sweeps as Pallas kernels). Arguments and
   result as ``delta_rule_chunked``; ``config`` a ``DeltaConfig``.
   """
-  import dataclasses
   from pallas_kernels.linear_scan import delta as kernels
-  cfg = config or kernels.DeltaConfig()
-  cfg = dataclasses.replace(cfg, chunk=int(chunk_size))
-  if config is None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
-    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
   return kernels.delta_rule(q, k, v, beta, log_gate, resets, scale=scale,
-                            initial_state=initial_state, config=cfg)
+                            initial_state=initial_state, config=config,
+                            chunk=chunk_size)

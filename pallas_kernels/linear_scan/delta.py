@@ -164,11 +164,19 @@ def _ut_kernel(*refs, s: _S):
     w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
     u_ref[blk(i), :] = u.astype(u_ref.dtype)
     w_ref[blk(i), :] = w.astype(w_ref.dtype)
-  # The chunk's scores for the sweep: scale (q k^T o D), D causal decays.
-  allrows = pl.ds(0, s.chunk)
-  a = _dot_nt(q_ref[...], k_ref[...]) * _intra_weights(
-      s, gc_ref, rc_ref, allrows, False)
-  a_ref[...] = (a * s.scale).astype(a_ref.dtype)
+  # The chunk's scores for the sweep, scale (q k^T o D) with D the causal
+  # decays, by blocks of 16 rows (a whole [C, C] tile spills registers).
+  k_all, g_all = k_ref[...], gc_ref[...]
+  rc_all = rc_ref[...] if s.has_seg else None
+  cols_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 1)
+  rows_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 0)
+  for i in range(nb):
+    mask = cols_c <= rows_c + i * _SUB
+    if s.has_seg:
+      mask = jnp.logical_and(mask, rc[i][:, None] == rc_all[None, :])
+    d = jnp.exp(jnp.where(mask, g[i][:, None] - g_all[None, :], -jnp.inf))
+    a = _dot_nt(q_ref[blk(i), :], k_all) * d
+    a_ref[blk(i), :] = (a * s.scale).astype(a_ref.dtype)
 
 
 def _ut_call(q, k, v, beta, gc, wq, rc, s: _S):
@@ -468,9 +476,18 @@ _sweep.defvjp(_sweep_fwd, _sweep_bwd)
 # Public entry point.
 
 
+def _f32_tiles(cfg: DeltaConfig, default: bool) -> DeltaConfig:
+  """float32 tiles are twice the bytes: narrower value blocks by default,
+  and one pipeline stage always (three stages of [C, F] float32 q, k, w
+  tiles overflow the H100's 227 KiB of shared memory)."""
+  if default:
+    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
+  return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1)
+
+
 def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
                initial_state=None, config: DeltaConfig | None = None,
-               interpret: bool | None = None):
+               chunk: int | None = None, interpret: bool | None = None):
   """The (gated) delta rule through the Pallas kernels.
 
   Args:
@@ -483,6 +500,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     scale: output scale.
     initial_state: None or float32 [B, N, F, V].
     config: tiling (default ``DeltaConfig()``).
+    chunk: overrides ``config.chunk``.
     interpret: Pallas interpret mode (default: unless on a GPU).
 
   Returns:
@@ -504,6 +522,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   b, t, n, f = q.shape
   kh, vd = k.shape[2], v.shape[-1]
   cfg = config or DeltaConfig()
+  if chunk is not None:
+    cfg = dataclasses.replace(cfg, chunk=int(chunk))
   c = cfg.chunk
   if c < _SUB or c & (c - 1):
     raise NotImplementedError(f"chunk {c} is not a power of two >= 16")
@@ -513,8 +533,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
                               "supported by the delta-rule kernels")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  if config is None and jnp.dtype(q.dtype) == jnp.dtype(_F32):
-    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
+  if jnp.dtype(q.dtype) == jnp.dtype(_F32):
+    cfg = _f32_tiles(cfg, config is None)
   nc = -(-t // c)
   tp = nc * c
   s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(cfg.block_v, vp),

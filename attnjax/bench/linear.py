@@ -15,7 +15,10 @@ Rows: ``impl, family, variant, T, B, mode, ms, tokens_per_s`` (plus
 * ``scalar_gate``: data-dependent scalar gates (Mamba-2 / simple GLA; fla
   ``g``; its backward may refuse to run on Triton < 3.7.1).
 * ``channel_gate``: per-key-channel gates (GLA; fla ``chunk_gla``).
-* ``gated_delta``: Gated DeltaNet (fla ``chunk_gated_delta_rule``).
+* ``delta``: DeltaNet, the delta rule without a gate (fla
+  ``chunk_delta_rule``; L2-normalised keys, sigmoid write strengths).
+* ``gated_delta``: Gated DeltaNet (fla ``chunk_gated_delta_rule``; its
+  backward may refuse to run on Triton < 3.7.1).
 
 attnjax implementations: ``pallas`` where it serves the variant, else
 ``xla_chunked``; causal softmax: ``attnjax.dot_product_attention`` with
@@ -48,7 +51,8 @@ TOKENS = 65536
 HEADS = 16
 HEAD_DIM = 128
 VARIANTS = ("no_decay", "fixed_decay", "scalar_gate", "channel_gate",
-            "gated_delta")
+            "delta", "gated_delta")
+_DELTA = ("delta", "gated_delta")
 
 
 def _inputs(b, t, variant, key=0):
@@ -56,7 +60,7 @@ def _inputs(b, t, variant, key=0):
   ks = jax.random.split(jax.random.key(key), 6)
   q = jax.random.normal(ks[0], (b, t, n, h), jnp.bfloat16)
   k = jax.random.normal(ks[1], (b, t, n, h), jnp.float32)
-  if variant == "gated_delta":
+  if variant in _DELTA:
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   else:
     k = k / math.sqrt(h)
@@ -71,7 +75,7 @@ def _inputs(b, t, variant, key=0):
   elif variant == "channel_gate":
     extra["gate"] = jax.nn.log_sigmoid(
         jax.random.normal(ks[3], (b, t, n, h)) + 4.0) / 16
-  if variant == "gated_delta":
+  if variant in _DELTA:
     extra["beta"] = jax.nn.sigmoid(jax.random.normal(ks[4], (b, t, n)))
   return q, k, v, extra
 
@@ -80,9 +84,9 @@ def _attnjax_fn(variant, implementation, mode):
   from attnjax import linear  # noqa: PLC0415
 
   def fwd(q, k, v, extra):
-    if variant == "gated_delta":
+    if variant in _DELTA:
       return linear.delta_rule_attention(
-          q, k, v, extra["beta"], gate=extra["gate"],
+          q, k, v, extra["beta"], gate=extra.get("gate"),
           implementation=implementation)
     return linear.linear_attention(
         q, k, v, log_decay=extra.get("log_decay"), gate=extra.get("gate"),
@@ -157,6 +161,7 @@ def _fla_rows(variant, t, b, modes):
   try:
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: N812, PLC0415
+    from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415
     from fla.ops.gated_delta_rule import (  # noqa: PLC0415
         chunk_gated_delta_rule)
     from fla.ops.gla import chunk_gla  # noqa: PLC0415
@@ -176,6 +181,7 @@ def _fla_rows(variant, t, b, modes):
   v = leaf(b, t, n, h)
   do = torch.randn(b, t, n, h, device=dev, dtype=torch.bfloat16)
   name = {"channel_gate": "fla chunk_gla",
+          "delta": "fla chunk_delta_rule",
           "gated_delta": "fla chunk_gated_delta_rule"}.get(
               variant, "fla chunk_simple_gla")
   if variant == "no_decay":
@@ -193,11 +199,15 @@ def _fla_rows(variant, t, b, modes):
   else:
     kn = F.normalize(k.detach().float(), dim=-1).to(
         torch.bfloat16).requires_grad_()
-    g = F.logsigmoid(torch.randn(b, t, n, device=dev) + 4).requires_grad_()
     beta = torch.sigmoid(torch.randn(b, t, n, device=dev)).to(
         torch.bfloat16).requires_grad_()
-    call = lambda: chunk_gated_delta_rule(  # noqa: E731
-        q, kn, v, g=g, beta=beta)
+    if variant == "delta":
+      call = lambda: chunk_delta_rule(q, kn, v, beta=beta)  # noqa: E731
+    else:
+      g = F.logsigmoid(torch.randn(b, t, n, device=dev) + 4
+                       ).requires_grad_()
+      call = lambda: chunk_gated_delta_rule(  # noqa: E731
+          q, kn, v, g=g, beta=beta)
   rows = []
   for mode in modes:
     try:

@@ -9,9 +9,10 @@ Implementations (``implementation=``):
 * ``"pallas"``: the chunked-scan Pallas kernels (Triton on GPUs, interpret
   mode elsewhere), forward and backward. Scalar or fixed decays, no decay,
   normalisation, resets, GQA (``kernels.py``); per-key-channel gates (GLA)
-  without resets (``channel.py``). Per-channel gates with resets and the
-  delta rule raise ``NotImplementedError`` (so ``implementation=None`` falls
-  back to ``"xla_chunked"``).
+  without resets (``channel.py``); the (gated) delta rule (``delta.py``,
+  H and Hv <= 256). Per-channel gates with resets raise
+  ``NotImplementedError`` (so ``implementation=None`` falls back to
+  ``"xla_chunked"``).
 
 ``implementation=None`` tries ``"pallas"`` then ``"xla_chunked"`` on GPUs and
 ``"xla_chunked"`` elsewhere.
@@ -522,9 +523,9 @@ def delta_rule_attention(query, key, value, beta, *, gate=None,
     initial_state: float32 [B, N, H, Hv].
     return_final_state: also return the final state.
     segment_ids: int [B, T]: the state resets where the id changes.
-    chunk_size: tokens per chunk (xla_chunked).
-    implementation: None, "xla", "xla_chunked" ("pallas" raises
-      NotImplementedError: no kernel yet).
+    chunk_size: tokens per chunk (xla_chunked and pallas).
+    implementation: None, "xla", "xla_chunked" or "pallas" (the UT
+      transform and the chunk sweeps as Pallas kernels; H, Hv <= 256).
 
   Returns:
     ``out`` [B, T, N, Hv] in the input dtype, or ``(out, final_state)``.

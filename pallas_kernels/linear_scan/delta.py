@@ -23,24 +23,22 @@ Kernels (one ``pallas_call`` each; Triton on GPUs, interpret mode on CPU):
 * ``_ut_kernel``: one program per chunk: ``L`` from ``k k^T``, ``T`` by
   blocks of 16 rows (diagonal blocks by forward substitution, the others
   by 16 x 16 matmuls: no powers of ``L``, so nearly aligned keys lose no
-  accuracy), then ``U`` and ``W``.
+  accuracy), then ``U``, ``W`` and the scores ``A = scale (q k^T o D)``;
+  under differentiation it also stores ``T`` (float32).
 * ``_fwd_kernel``: one program per (value block, head, batch) sweeping the
-  chunks with the state in registers; the chunk's scores ``q k^T o D``,
-  ``g_in`` and ``g_out`` are formed in the kernel.
+  chunks with the state in float32 registers, reading ``A``, ``W``, ``U``.
 * backward (custom_vjp): the forward sweep again, storing the state
   entering each chunk and the new values (states recomputed, not saved),
   then ``_bwd_kernel`` sweeping backwards with ``Lam``, the gradient of
   the state leaving the chunk:
 
-    Gv  = scale (q k^T o D)^T dO + g_out o (k Lam)        (gradient of v_c)
+    Gv  = (q k^T o D)^T dO scale + g_out o (k Lam)     (gradient of v_c)
     Lam <- scale q^T (g_in o dO) + exp(G_C) Lam - W^T Gv,
 
-  storing ``Lam`` and ``Gv``; the products with the stored states (which
-  sum over value columns) and the chunk-local terms then run as batched
-  matmuls over all chunks at once, in XLA, as the pull-back of the
-  chunk-local jnp forms of the operands (``jax.vjp``). The UT transform's
-  backward is likewise the pull-back of its jnp form (``T`` from
-  ``tril_inverse.unit_lower_inverse``, whose backward is a kernel too).
+  storing ``Lam`` and ``Gv``; then ``_grad_kernel``, one program per
+  chunk, takes the products with the stored states and pulls them back
+  through the UT transform (``dL = -tril(T^T dT T^T, -1)``) to every
+  input: q, k, v, beta, the log gates and the initial state.
 
 Depends only on jax.
 """
@@ -58,12 +56,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_scan import tril_inverse
 from pallas_kernels.linear_scan.kernels import (
-    _block_weights, _dots, _intra_weights, _last, _pad_axis, _padded_dim)
+    _block_weights, _dots, _last, _num_sms, _pad_axis, _padded_dim)
 
 __all__ = ["DeltaConfig", "delta_rule"]
 
 _F32 = jnp.float32
-_HI = lax.Precision.HIGHEST
 _SUB = 16  # rows per block of the triangular inverse
 
 
@@ -73,20 +70,24 @@ class DeltaConfig:
 
   Attributes:
     chunk: C, tokens per chunk (a multiple of 16, power of two).
-    block_v: value columns per forward program.
-    block_v_bwd: value columns per backward program.
+    block_v: value columns per forward-sweep program (None: 64, halved
+      down to 16 while the batch * heads * value blocks programs would not
+      fill the GPU's multiprocessors once).
+    block_v_bwd: the same for the reverse sweep.
     num_warps, num_stages: Triton launch parameters of the forward sweep.
     num_warps_bwd, num_stages_bwd: the same for the backward sweep.
     num_warps_ut: warps of the UT-transform kernel.
+    num_warps_grad: warps of the backward's chunk-parallel gradient kernel.
   """
   chunk: int = 64
-  block_v: int = 64
-  block_v_bwd: int = 64
+  block_v: int | None = None
+  block_v_bwd: int | None = None
   num_warps: int = 4
   num_stages: int = 3
   num_warps_bwd: int = 4
   num_stages_bwd: int = 3
   num_warps_ut: int = 2
+  num_warps_grad: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +102,12 @@ class _S:
   warps_bwd: int
   stages_bwd: int
   warps_ut: int
+  warps_grad: int
   has_s0: bool
   has_seg: bool
   interpret: bool
   upcast: bool
   rep: int
-  has_gate: bool = True  # (read by kernels._intra_weights)
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -119,12 +120,13 @@ def _params(s: _S, warps: int, stages: int):
 # UT transform.
 
 
-def _ut_kernel(*refs, s: _S):
+def _ut_kernel(*refs, s: _S, store_t: bool):
   _dot, _, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
   rc_ref = next(it) if s.has_seg else None
   w_ref, u_ref, a_ref = next(it), next(it), next(it)
+  t_ref = next(it) if store_t else None
   dt = k_ref.dtype
   prec = None if s.interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
   mm = lambda a, b: lax.dot_general(  # noqa: E731
@@ -155,6 +157,11 @@ def _ut_kernel(*refs, s: _S):
       for m in range(j, i):
         acc = acc + mm(low[m], t[m, j])
       t[i, j] = -mm(t[i, i], acc)
+  if store_t:  # for the backward pass (float32)
+    for i in range(nb):
+      for j in range(nb):
+        t_ref[blk(i), blk(j)] = (t[i, j] if j <= i
+                                 else jnp.zeros((_SUB, _SUB), _F32))
   rv = [(v_ref[blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
         for j in range(nb)]
   rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[blk(j)])[:, None]).astype(dt)
@@ -179,105 +186,52 @@ def _ut_kernel(*refs, s: _S):
     a_ref[blk(i), :] = (a * s.scale).astype(a_ref.dtype)
 
 
-def _ut_call(q, k, v, beta, gc, wq, rc, s: _S):
+def _chunk_specs(s: _S):
+  """BlockSpecs over grid (chunk, head, batch): a query head's own
+  [C, D] rows, its key/value head's, its per-token [C] weights, the
+  reset counters [C], and its chunk state [F, V] of a [B, N, nc, F, V]
+  array."""
+  c = s.chunk
+  own = lambda d: pl.BlockSpec(  # noqa: E731
+      (None, c, None, d), lambda ci, n_, b_: (b_, ci, n_, 0))
+  kv = lambda d: pl.BlockSpec(  # noqa: E731
+      (None, c, None, d), lambda ci, n_, b_: (b_, ci, n_ // s.rep, 0))
+  tok = pl.BlockSpec((None, None, c), lambda ci, n_, b_: (b_, n_, ci))
+  seg = pl.BlockSpec((None, c), lambda ci, n_, b_: (b_, ci))
+  state = lambda f, v: pl.BlockSpec(  # noqa: E731
+      (None, None, None, f, v), lambda ci, n_, b_: (b_, n_, ci, 0, 0))
+  return own, kv, tok, seg, state
+
+
+def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
+  """W, U, A (and T, float32, when ``store_t``), each [B, Tp, N, .]."""
   b, tp, kh, f = k.shape
   n = beta.shape[1]
   vp = v.shape[-1]
   c = s.chunk
-  kv = lambda d: pl.BlockSpec(  # noqa: E731
-      (None, c, None, d), lambda ci, n_, b_: (b_, ci, n_ // s.rep, 0))
-  own = lambda d: pl.BlockSpec(  # noqa: E731
-      (None, c, None, d), lambda ci, n_, b_: (b_, ci, n_, 0))
-  tok = pl.BlockSpec((None, None, c), lambda ci, n_, b_: (b_, n_, ci))
+  own, kv, tok, seg, _ = _chunk_specs(s)
   in_specs = [own(f), kv(f), kv(vp), tok, tok, tok]
   args = [q, k, v, beta, gc, wq]
   if s.has_seg:
-    in_specs.append(pl.BlockSpec((None, c), lambda ci, n_, b_: (b_, ci)))
+    in_specs.append(seg)
     args.append(rc)
+  out_specs = [own(f), own(vp), own(c)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
+               jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
+               jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)]
+  if store_t:
+    out_specs.append(own(c))
+    out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), _F32))
   return pl.pallas_call(
-      functools.partial(_ut_kernel, s=s),
+      functools.partial(_ut_kernel, s=s, store_t=store_t),
       grid=(s.nc, n, b),
       in_specs=in_specs,
-      out_specs=[own(f), own(vp), own(c)],
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
-                 jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(s, s.warps_ut, 1),
       interpret=s.interpret,
       name="delta_rule_ut",
   )(*args)
-
-
-def _chunks(x, c):
-  """[B, Tp, H, D] -> [B, nc, C, H, D]; [B, N, Tp] -> [B, N, nc, C]."""
-  if x.ndim == 4:
-    b, tp = x.shape[:2]
-    return x.reshape((b, tp // c, c) + x.shape[2:])
-  return x.reshape(x.shape[:2] + (x.shape[2] // c, c))
-
-
-def _same_segment(rc, c):
-  """[B, nc, C, C] bool or None, from the reset counters [B, Tp]."""
-  if rc is None:
-    return None
-  r = rc.reshape(rc.shape[0], -1, c)
-  return r[..., :, None] == r[..., None, :]
-
-
-def _mm(spec, x, y, s: _S, dt):
-  """einsum with operands rounded to ``dt`` and a float32 result (upcast
-  in interpret mode on a CPU, which has no bf16 x bf16 -> f32 matmul; the
-  products are exact either way)."""
-  x, y = x.astype(dt), y.astype(dt)
-  if s.upcast or jnp.dtype(dt) == jnp.dtype(_F32):
-    return jnp.einsum(spec, x.astype(_F32), y.astype(_F32), precision=_HI)
-  return jnp.einsum(spec, x, y, preferred_element_type=_F32)
-
-
-def _ut_jnp(q, k, v, beta, gc, wq, rc, s: _S):
-  """The UT transform and scores in jnp (matmul operands rounded as in the
-  kernel): the backward pass's pull-back."""
-  c, dt = s.chunk, k.dtype
-  qc = _chunks(q, c)
-  kc = jnp.repeat(_chunks(k, c), s.rep, axis=3)  # [B, nc, C, N, F]
-  vc = jnp.repeat(_chunks(v, c), s.rep, axis=3)
-  bc, gcc, wqc = (_chunks(x, c) for x in (beta, gc, wq))  # [B, N, nc, C]
-  strict = jnp.tril(jnp.ones((c, c), bool), -1)
-  incl = jnp.tril(jnp.ones((c, c), bool))
-  same = _same_segment(rc, c)
-  if same is not None:
-    strict = jnp.logical_and(strict, same[:, None])
-    incl = jnp.logical_and(incl, same[:, None])
-  diff = gcc[..., :, None] - gcc[..., None, :]
-  kk = _mm("bcinf,bcjnf->bncij", kc, kc, s, dt)
-  low = bc[..., None] * kk * jnp.exp(jnp.where(strict, diff, -jnp.inf))
-  t = tril_inverse.unit_lower_inverse(low, interpret=s.interpret)
-  rv = vc.astype(_F32) * jnp.moveaxis(bc, 1, 3)[..., None]
-  rk = kc.astype(_F32) * jnp.moveaxis(bc * wqc, 1, 3)[..., None]
-  u = _mm("bncij,bcjnv->bcinv", t, rv, s, dt)
-  w = _mm("bncij,bcjnf->bcinf", t, rk, s, dt)
-  a = s.scale * _mm("bcinf,bcjnf->bcinj", qc, kc, s, dt) * jnp.moveaxis(
-      jnp.exp(jnp.where(incl, diff, -jnp.inf)), 1, 3)
-  flat = lambda x: x.reshape((x.shape[0], -1) + x.shape[3:])  # noqa: E731
-  return flat(w), flat(u), flat(a)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ut(q, k, v, beta, gc, wq, rc, s: _S):
-  return tuple(_ut_call(q, k, v, beta, gc, wq, rc, s))
-
-
-def _ut_fwd(q, k, v, beta, gc, wq, rc, s: _S):
-  return _ut(q, k, v, beta, gc, wq, rc, s), (q, k, v, beta, gc, wq, rc)
-
-
-def _ut_bwd(s: _S, res, cts):
-  q, k, v, beta, gc, wq, rc = res
-  _, pull = jax.vjp(lambda *a: _ut_jnp(*a, rc, s), q, k, v, beta, gc, wq)
-  return tuple(pull(tuple(x.astype(_F32) for x in cts))) + (None,)
-
-
-_ut.defvjp(_ut_fwd, _ut_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -387,7 +341,7 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool):
                  jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype)]
   else:
     out_specs = [col, _state_spec(f, bv)]
-    out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), _F32),
+    out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, s=s, store=store),
@@ -423,53 +377,147 @@ def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
   )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _sweep(q, k, a, w, u, wq, wk, dec, s0, s: _S):
+def _grad_kernel(*refs, s: _S):
+  """Every gradient of one chunk, from the stored per-chunk states.
+
+  With ``h`` the state entering the chunk, ``Lam`` the gradient of the
+  state leaving it, ``Gv`` the gradient of the new values (both from the
+  reverse sweep) and ``T`` the chunk's inverse (stored by the forward):
+
+    sweep:  dq = scale g_in o (dO h^T),  dk = g_out o (v_c Lam^T),
+            dW = -Gv h^T,  dA = dO v_c^T,  d exp(G_C) = <h, Lam>;
+    UT:     dT = Gv rv^T + dW rk^T,  d rv = T^T Gv,  d rk = T^T dW,
+            dL = -tril(T^T dT T^T, -1), then through L = beta (k k^T o D)
+            and A = scale (q k^T o D) to q, k, beta and the log gates.
+  """
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  it = iter(refs)
+  (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, wk_ref, t_ref, h_ref,
+   lam_ref, do_ref, gv_ref, vn_ref) = (next(it) for _ in range(13))
+  rc_ref = next(it) if s.has_seg else None
+  (dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref, dwk_ref,
+   ddec_ref) = (next(it) for _ in range(8))
+  c = s.chunk
+  dt = k_ref.dtype
+  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  qf, kf = q.astype(_F32), k.astype(_F32)
+  h, lam = h_ref[...], lam_ref[...]
+  do, gv, vn = do_ref[...], gv_ref[...], vn_ref[...]
+  beta, g, wq, wk = beta_ref[...], gc_ref[...], wq_ref[...], wk_ref[...]
+  # The sweep's products with the chunk states.
+  dq_raw = _dot_nt(do, h)
+  dwq = s.scale * jnp.sum(dq_raw * qf, axis=1)
+  dq = dq_raw * (wq * s.scale)[:, None]
+  dk_raw = _dot_nt(vn, lam)
+  dwk = jnp.sum(dk_raw * kf, axis=1)
+  dk = dk_raw * wk[:, None]
+  dw = (-_dot_nt(gv, h)).astype(dt)
+  da = _dot_nt(do, vn)
+  dd = jnp.sum(jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=1))
+  last = jnp.arange(c) == c - 1
+  ddec_ref[...] = jnp.where(last, dd, 0.0)
+  # The UT transform's pull-back.
+  bw = beta * wq
+  rv = (v.astype(_F32) * beta[:, None]).astype(dt)
+  rk = (kf * bw[:, None]).astype(dt)
+  tf = t_ref[...]
+  tb = tf.astype(dt)
+  d_t = _dot_nt(gv, rv) + _dot_nt(dw, rk)
+  d_rv = _dot_tn(tb, gv)
+  dv = d_rv * beta[:, None]
+  dbeta = jnp.sum(d_rv * v.astype(_F32), axis=1)
+  d_rk = _dot_tn(tb, dw)
+  dk = dk + d_rk * bw[:, None]
+  sk = jnp.sum(d_rk * kf, axis=1)
+  dbeta = dbeta + wq * sk
+  dwq = dwq + beta * sk
+  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  strict, incl = cols < rows, cols <= rows
+  if s.has_seg:
+    rc = rc_ref[...]
+    same = rc[:, None] == rc[None, :]
+    strict = jnp.logical_and(strict, same)
+    incl = jnp.logical_and(incl, same)
+  diff = g[:, None] - g[None, :]
+  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
+  dlk = dl * _dot_nt(k, k)
+  dbeta = dbeta + jnp.sum(dlk, axis=1)
+  dkk = (dl * beta[:, None]).astype(dt)
+  dqk = da * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
+  p = dlk * beta[:, None] + dqk * _dot_nt(q, k)
+  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+  dqk = dqk.astype(dt)
+  dq = dq + _dot(dqk, k)
+  dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dbeta_ref[...] = dbeta
+  dgc_ref[...] = dgc
+  dwq_ref[...] = dwq
+  dwk_ref[...] = dwk
+
+
+def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  c = s.chunk
+  own, kv, tok, seg, state = _chunk_specs(s)
+  in_specs = [own(f), kv(f), kv(vp), tok, tok, tok, tok, own(c),
+              state(f, vp), state(f, vp), own(vp), own(vp), own(vp)]
+  args = [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn]
+  if s.has_seg:
+    in_specs.append(seg)
+    args.append(rc)
+  per_tok = jax.ShapeDtypeStruct((b, n, tp), _F32)
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=in_specs,
+      out_specs=[own(f), own(f), own(vp)] + [tok] * 5,
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32),
+                 jax.ShapeDtypeStruct((b, tp, n, f), _F32),
+                 jax.ShapeDtypeStruct((b, tp, n, vp), _F32)] + [per_tok] * 5,
+      compiler_params=_params(s, s.warps_grad, 1),
+      interpret=s.interpret,
+      name="delta_rule_grads",
+  )(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
+  w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s)
   return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
 
 
-def _sweep_fwd(q, k, a, w, u, wq, wk, dec, s0, s: _S):
-  out = _sweep(q, k, a, w, u, wq, wk, dec, s0, s)
-  return out, (q, k, a, w, u, wq, wk, dec, s0)
+def _core_fwd(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
+  w, u, a, t = _ut_call(q, k, v, beta, gc, wq, rc, s, store_t=True)
+  out = tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
+  return out, (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t)
 
 
-def _sweep_bwd(s: _S, res, cts):
-  q, k, a, w, u, wq, wk, dec, s0 = res
+def _core_bwd(s: _S, res, cts):
+  q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t = res
   do, dfin = cts
   b, tp, n, f = q.shape
-  kh = k.shape[2]
-  c = s.chunk
+  kh, vp = k.shape[2], v.shape[-1]
   dt = w.dtype
   h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True)
   do = do.astype(dt)
   gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
                            s)
-  # Products with the per-chunk states, parallel over chunks (XLA).
-  doc, gvc, vnc = (_chunks(x, c) for x in (do, gv, vn))
-  flat = lambda x: x.reshape((b, tp) + x.shape[3:])  # noqa: E731
-  tok = lambda x: jnp.moveaxis(x, 1, 2)[..., None]  # [B,N,Tp] -> [B,Tp,N,1]  # noqa: E731
-  dq_raw = flat(_mm("bcinv,bncfv->bcinf", doc, h, s, dt))  # dO h^T
-  dk_raw = flat(_mm("bcinv,bncfv->bcinf", vnc, lam, s, dt))  # v_c Lam^T
-  dw = -flat(_mm("bcinv,bncfv->bcinf", gvc, h, s, dt))
-  da = flat(_mm("bcinv,bcjnv->bcinj", doc, vnc, s, dt))
-  kr = jnp.repeat(k, s.rep, axis=2).astype(_F32)
-  dq = dq_raw * tok(wq) * s.scale
-  dwq = jnp.moveaxis(jnp.sum(dq_raw * q.astype(_F32), -1), 1, 2) * s.scale
-  dk = dk_raw * tok(wk)
-  dwk = jnp.moveaxis(jnp.sum(dk_raw * kr, -1), 1, 2)
-  if s.rep > 1:
+  dq, dk, dv, dbeta, dgc, dwq, dwk, ddec = _grad_call(
+      q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s)
+  if s.rep > 1:  # per query head -> per key/value head
     dk = dk.reshape(b, tp, kh, s.rep, f).sum(3)
-  dd = jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=(3, 4))  # [B,N,nc]
-  # The decay array repeats each chunk's decay on its rows; the kernels
-  # read the last row only, so its gradient goes there.
-  last = (jnp.arange(c) == c - 1).astype(_F32)
-  ddec = (dd[..., None] * last).reshape(b, n, tp)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), da.astype(a.dtype),
-          dw.astype(w.dtype), gv.astype(u.dtype), dwq, dwk, ddec,
-          ds0 if s.has_s0 else None)
+    dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta,
+          dgc, dwq, dwk, ddec, ds0 if s.has_s0 else None, None)
 
 
-_sweep.defvjp(_sweep_fwd, _sweep_bwd)
+_core.defvjp(_core_fwd, _core_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -483,6 +531,17 @@ def _f32_tiles(cfg: DeltaConfig, default: bool) -> DeltaConfig:
   if default:
     cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
   return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1)
+
+
+def _auto_block_v(programs: int, vp: int, sms: int) -> int:
+  """64 value columns per sweep program, halved (to 16 at least) while
+  ``programs`` (batch * heads) times the value blocks stays below one
+  program per multiprocessor: the sweep is sequential over chunks, so at
+  long T and small batches only more, narrower programs fill the GPU."""
+  bv = min(64, vp)
+  while bv > 16 and programs * (vp // bv) < sms:
+    bv //= 2
+  return bv
 
 
 def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
@@ -504,7 +563,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     interpret: Pallas interpret mode (default: unless on a GPU).
 
   Returns:
-    ``(out float32 [B, T, N, V], final_state float32 [B, N, F, V])``,
+    ``(out [B, T, N, V] in q's dtype, final_state float32 [B, N, F, V])``,
     differentiable in q, k, v, beta, log_gate and initial_state.
 
   Raises:
@@ -537,10 +596,14 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     cfg = _f32_tiles(cfg, config is None)
   nc = -(-t // c)
   tp = nc * c
-  s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(cfg.block_v, vp),
-         bvb=min(cfg.block_v_bwd, vp), warps=cfg.num_warps,
+  sms = _num_sms()
+  bv = cfg.block_v or _auto_block_v(b * n, vp, sms)
+  bvb = cfg.block_v_bwd or _auto_block_v(b * n, vp, sms)
+  s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(bv, vp),
+         bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
+         warps_grad=cfg.num_warps_grad,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",
@@ -561,6 +624,5 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   s0 = None
   if initial_state is not None:
     s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
-  w, u, a = _ut(qp, kp, vpd, bp, gc, wq, rc, s)
-  o, final = _sweep(qp, kp, a, w, u, wq, wk, dec, s0, s)
+  o, final = _core(qp, kp, vpd, bp, gc, wq, wk, dec, s0, rc, s)
   return o[:, :t, :, :vd], final[:, :, :f, :vd]

@@ -8,9 +8,10 @@
    bfloat16, gate + segments + GQA + initial state, odd T.
 2. Times (bf16, N = 16, H = Hv = 128, B*T = 65536, gated): the whole
    ``pallas`` path (and ``xla_chunked`` at T = 4k), forward and
-   forward+backward; the UT-transform kernel and the chunk sweep alone
-   (with ``--sweep`` at a few tilings); fla's ``chunk_gated_delta_rule``
-   and ``chunk_delta_rule`` beside them.
+   forward+backward, gated and not; each kernel alone (the UT transform,
+   the forward sweep, the backward's state-storing and reverse sweeps and
+   its gradient kernel; with ``--sweep`` at a few tilings); fla's
+   ``chunk_gated_delta_rule`` and ``chunk_delta_rule`` beside them.
 """
 
 from __future__ import annotations
@@ -104,65 +105,89 @@ def _grad_of(fn, argnums):
   return jax.jit(jax.grad(loss, argnums=argnums))
 
 
+def _static(t, b, cfg):
+  bv = cfg.block_v or kdelta._auto_block_v(b * N, H, kdelta._num_sms())
+  bvb = cfg.block_v_bwd or kdelta._auto_block_v(b * N, H,
+                                                  kdelta._num_sms())
+  return kdelta._S(scale=1 / math.sqrt(H), chunk=cfg.chunk, nc=t // cfg.chunk,
+                   bv=bv, bvb=bvb, warps=cfg.num_warps,
+                   stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
+                   stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
+                   warps_grad=cfg.num_warps_grad, has_s0=False,
+                   has_seg=False, interpret=False, upcast=False, rep=1)
+
+
+def _parts(t, b, q, k, v, beta, g, cfg):
+  """Each kernel of one configuration alone (padded kernel layouts)."""
+  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
+  st = _static(t, b, cfg)
+  c = cfg.chunk
+  bp = jnp.moveaxis(beta, 1, 2)
+  gc, wq, wk, dec = _block_weights(jnp.moveaxis(g, 1, 2), None, c)
+  dec = jnp.repeat(dec, c, axis=-1)
+  tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
+         f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
+         f"grad-w{st.warps_grad}")
+  ut = jax.jit(lambda *a: kdelta._ut_call(*a, None, st, store_t=True))
+  fwd = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, False))
+  store = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, True))
+  bwd = jax.jit(lambda *a: kdelta._bwd_call(*a, st))
+  grads = jax.jit(lambda *a: kdelta._grad_call(*a, None, st))
+  core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
+  try:
+    _line(f"UT kernel (+T) {tag}", b, t, _time(ut, q, k, v, bp, gc, wq))
+    w, u, a, tt = ut(q, k, v, bp, gc, wq)
+    _line(f"sweep fwd {tag}", b, t,
+          _time(fwd, q, k, a, w, u, wq, wk, dec))
+    _line(f"sweep fwd, storing states {tag}", b, t,
+          _time(store, q, k, a, w, u, wq, wk, dec))
+    h, vn = store(q, k, a, w, u, wq, wk, dec)
+    do = v
+    dfin = jnp.zeros((b, N, H, H), jnp.float32)
+    _line(f"reverse sweep {tag}", b, t,
+          _time(bwd, q, k, a, w, wq, wk, dec, do, dfin))
+    gv, lam, _ = bwd(q, k, a, w, wq, wk, dec, do, dfin)
+    _line(f"gradient kernel {tag}", b, t,
+          _time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, do, gv, vn))
+    del w, u, a, tt, h, vn, gv, lam
+    _line(f"core fwd {tag}", b, t,
+          _time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
+    _line(f"core fwd+bwd {tag}", b, t,
+          _time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc, wq, wk,
+                dec))
+  except Exception as e:  # noqa: BLE001
+    print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}")
+
+
 def timings(seqs, sweep, fla=True):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
     for impl in ("pallas",) + (("xla_chunked",) if t <= 4096 else ()):
-      f = lambda q, k, v, beta, g, impl=impl: attnjax.delta_rule_attention(  # noqa: E731
-          q, k, v, beta, gate=g, implementation=impl)
-      try:
-        _line(f"{impl} fwd", b, t, _time(jax.jit(f), q, k, v, beta, g))
-        _line(f"{impl} fwd+bwd", b, t,
-              _time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
-      except Exception as e:  # noqa: BLE001
-        print(f"  {impl} FAILED {type(e).__name__}: {str(e)[:300]}")
-    # The parts, on the padded kernel layouts (as delta_rule builds them).
-    from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
-    c = 64
-    bp = jnp.moveaxis(beta, 1, 2)
-    gc, wq, wk, dec = _block_weights(jnp.moveaxis(g, 1, 2), None, c)
-    dec = jnp.repeat(dec, c, axis=-1)
+      for gated in (True, False):
+        f = lambda q, k, v, beta, g, impl=impl, gated=gated: (  # noqa: E731
+            attnjax.delta_rule_attention(
+                q, k, v, beta, gate=g if gated else None,
+                implementation=impl))
+        name = f"{impl} {'gated' if gated else 'ungated'}"
+        try:
+          _line(f"{name} fwd", b, t, _time(jax.jit(f), q, k, v, beta, g))
+          _line(f"{name} fwd+bwd", b, t,
+                _time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
+        except Exception as e:  # noqa: BLE001
+          print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}")
     configs = [kdelta.DeltaConfig()]
     if sweep:
-      configs += [kdelta.DeltaConfig(block_v=bv, block_v_bwd=bvb,
-                                     num_warps=w, num_warps_bwd=wb,
-                                     num_stages=st, num_stages_bwd=stb,
-                                     num_warps_ut=wu)
-                  for bv, bvb, w, wb, st, stb, wu in (
-                      (64, 64, 4, 4, 3, 3, 1), (32, 32, 4, 4, 3, 3, 4),
-                      (32, 32, 2, 2, 3, 3, 2), (128, 64, 8, 4, 2, 3, 2))]
+      r = dataclasses.replace
+      d = kdelta.DeltaConfig()
+      configs += [r(d, num_warps_ut=4), r(d, num_warps_grad=4),
+                  r(d, block_v=32, block_v_bwd=32),
+                  r(d, block_v=16, block_v_bwd=16),
+                  r(d, block_v=64, block_v_bwd=64),
+                  r(d, num_warps=8, block_v=128, num_stages=2)]
     for cfg in configs:
-      st = kdelta._S(scale=1 / math.sqrt(H), chunk=c, nc=t // c,
-                     bv=cfg.block_v, bvb=cfg.block_v_bwd, warps=cfg.num_warps,
-                     stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
-                     stages_bwd=cfg.num_stages_bwd,
-                     warps_ut=cfg.num_warps_ut, has_s0=False, has_seg=False,
-                     interpret=False, upcast=False, rep=1)
-      tag = (f"bv{cfg.block_v}/{cfg.block_v_bwd} w{cfg.num_warps}/"
-             f"{cfg.num_warps_bwd} st{cfg.num_stages}/{cfg.num_stages_bwd}"
-             f" ut-w{cfg.num_warps_ut}")
-      ut = lambda q, k, v, bp, gc, wq, st=st: kdelta._ut(  # noqa: E731
-          q, k, v, bp, gc, wq, None, st)
-      sw = lambda q, k, a, w, u, wq, wk, dec, st=st: kdelta._sweep(  # noqa: E731
-          q, k, a, w, u, wq, wk, dec, None, st)
-      try:
-        _line(f"UT kernel fwd {tag}", b, t,
-              _time(jax.jit(ut), q, k, v, bp, gc, wq))
-        _line(f"UT fwd+bwd (bwd in XLA) {tag}", b, t,
-              _time(_grad_of(lambda *a: sum(jnp.sum(
-                  x.astype(jnp.float32) ** 2) for x in ut(*a)),
-                  (0, 1, 2, 3, 4, 5)), q, k, v, bp, gc, wq))
-        w_, u_, a_ = jax.jit(ut)(q, k, v, bp, gc, wq)
-        _line(f"sweep fwd {tag}", b, t,
-              _time(jax.jit(sw), q, k, a_, w_, u_, wq, wk, dec))
-        _line(f"sweep fwd+bwd {tag}", b, t,
-              _time(_grad_of(sw, (0, 1, 2, 3, 4, 5, 6, 7)), q, k, a_, w_,
-                    u_, wq, wk, dec))
-        del w_, u_, a_
-      except Exception as e:  # noqa: BLE001
-        print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}")
+      _parts(t, b, q, k, v, beta, g, cfg)
     if fla:
       _fla(b, t)
 

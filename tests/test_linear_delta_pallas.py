@@ -208,3 +208,35 @@ def test_gpu_delta_long_sequence_deterministic():
   ref, ref_st = call(case, "xla_chunked")
   assert_matches(out1, ref, BF16)
   assert_matches(st1, ref_st, BF16)
+
+
+def test_delta_pallas_grads_over_value_slices():
+  """The gradient kernel's loop over [F, block_v_grad] state slices (16
+  columns of 48: three steps, each writing its dv slice) against autodiff
+  of the scan, with a gate and GQA."""
+  b, t, n, kh, f, vd = 1, 37, 4, 2, 16, 48
+  ks = jax.random.split(key_for("delta-value-slices"), 6)
+  q = jax.random.normal(ks[0], (b, t, n, f))
+  k = jax.random.normal(ks[1], (b, t, kh, f))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (b, t, kh, vd))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, n)))
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, n)) + 2.0)
+  ct = jax.random.normal(ks[5], (b, t, n, vd))
+  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16)
+
+  def kernel(q, k, v, beta, g):
+    out, _ = delta.delta_rule(q, k, v, beta, g, scale=0.25, config=cfg,
+                              interpret=True)
+    return jnp.sum(out * ct)
+
+  def reference(q, k, v, beta, g):
+    out = attnjax.delta_rule_attention(q, k, v, beta, gate=g, scale=0.25,
+                                       implementation="xla")
+    return jnp.sum(out * ct)
+
+  args = (q, k, v, beta, g)
+  got = jax.grad(kernel, argnums=range(5))(*args)
+  want = jax.grad(reference, argnums=range(5))(*args)
+  for name, a, r in zip(("q", "k", "v", "beta", "gate"), got, want):
+    assert_matches(a, r, F32, grad=True, name=f"d{name}")

@@ -77,7 +77,11 @@ class DeltaConfig:
     num_warps, num_stages: Triton launch parameters of the forward sweep.
     num_warps_bwd, num_stages_bwd: the same for the backward sweep.
     num_warps_ut: warps of the UT-transform kernel.
-    num_warps_grad: warps of the backward's chunk-parallel gradient kernel.
+    num_warps_grad, num_stages_grad: the same for the backward's
+      chunk-parallel gradient kernel.
+    block_v_grad: value columns per step of the gradient kernel's loop
+      over the value dimension (its [F, V] state tiles are read in
+      [F, block_v_grad] slices).
   """
   chunk: int = 64
   block_v: int | None = None
@@ -88,6 +92,8 @@ class DeltaConfig:
   num_stages_bwd: int = 3
   num_warps_ut: int = 2
   num_warps_grad: int = 8
+  num_stages_grad: int = 1
+  block_v_grad: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,8 @@ class _S:
   stages_bwd: int
   warps_ut: int
   warps_grad: int
+  stages_grad: int
+  bvg: int
   has_s0: bool
   has_seg: bool
   interpret: bool
@@ -399,33 +407,47 @@ def _grad_kernel(*refs, s: _S):
    ddec_ref) = (next(it) for _ in range(8))
   c = s.chunk
   dt = k_ref.dtype
-  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+  f, vp = k_ref.shape[-1], v_ref.shape[-1]
+  bv = min(s.bvg, vp)
+  q, k = q_ref[...], k_ref[...]
   qf, kf = q.astype(_F32), k.astype(_F32)
-  h, lam = h_ref[...], lam_ref[...]
-  do, gv, vn = do_ref[...], gv_ref[...], vn_ref[...]
   beta, g, wq, wk = beta_ref[...], gc_ref[...], wq_ref[...], wk_ref[...]
-  # The sweep's products with the chunk states.
-  dq_raw = _dot_nt(do, h)
-  dwq = s.scale * jnp.sum(dq_raw * qf, axis=1)
-  dq = dq_raw * (wq * s.scale)[:, None]
-  dk_raw = _dot_nt(vn, lam)
-  dwk = jnp.sum(dk_raw * kf, axis=1)
-  dk = dk_raw * wk[:, None]
-  dw = (-_dot_nt(gv, h)).astype(dt)
-  da = _dot_nt(do, vn)
-  dd = jnp.sum(jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=1))
-  last = jnp.arange(c) == c - 1
-  ddec_ref[...] = jnp.where(last, dd, 0.0)
-  # The UT transform's pull-back.
-  bw = beta * wq
-  rv = (v.astype(_F32) * beta[:, None]).astype(dt)
-  rk = (kf * bw[:, None]).astype(dt)
   tf = t_ref[...]
   tb = tf.astype(dt)
-  d_t = _dot_nt(gv, rv) + _dot_nt(dw, rk)
-  d_rv = _dot_tn(tb, gv)
-  dv = d_rv * beta[:, None]
-  dbeta = jnp.sum(d_rv * v.astype(_F32), axis=1)
+
+  # Everything that reads the value dimension, [F, bv] state slices at a
+  # time: the sweep's products with the chunk states and the value side
+  # of the UT pull-back (dv is final per slice).
+  def body(j, acc):
+    dq_raw, dk_raw, gh, da, d_tv, dd, dbeta = acc
+    cols = pl.ds(pl.multiple_of(j * bv, bv), bv)
+    h, lam = h_ref[:, cols], lam_ref[:, cols]
+    do, gv, vn = do_ref[:, cols], gv_ref[:, cols], vn_ref[:, cols]
+    vf = v_ref[:, cols].astype(_F32)
+    rv = (vf * beta[:, None]).astype(dt)
+    d_rv = _dot_tn(tb, gv)
+    dv_ref[:, cols] = (d_rv * beta[:, None]).astype(dv_ref.dtype)
+    return (dq_raw + _dot_nt(do, h), dk_raw + _dot_nt(vn, lam),
+            gh + _dot_nt(gv, h), da + _dot_nt(do, vn),
+            d_tv + _dot_nt(gv, rv),
+            dd + jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=1),
+            dbeta + jnp.sum(d_rv * vf, axis=1))
+
+  zcf, zcc = jnp.zeros((c, f), _F32), jnp.zeros((c, c), _F32)
+  dq_raw, dk_raw, gh, da, d_tv, dd, dbeta = lax.fori_loop(
+      0, vp // bv, body,
+      (zcf, zcf, zcf, zcc, zcc, jnp.zeros((f,), _F32), jnp.zeros((c,), _F32)))
+  dwq = s.scale * jnp.sum(dq_raw * qf, axis=1)
+  dq = dq_raw * (wq * s.scale)[:, None]
+  dwk = jnp.sum(dk_raw * kf, axis=1)
+  dk = dk_raw * wk[:, None]
+  dw = (-gh).astype(dt)
+  last = jnp.arange(c) == c - 1
+  ddec_ref[...] = jnp.where(last, jnp.sum(dd), 0.0)
+  # The key side of the UT pull-back.
+  bw = beta * wq
+  rk = (kf * bw[:, None]).astype(dt)
+  d_t = d_tv + _dot_nt(dw, rk)
   d_rk = _dot_tn(tb, dw)
   dk = dk + d_rk * bw[:, None]
   sk = jnp.sum(d_rk * kf, axis=1)
@@ -453,7 +475,6 @@ def _grad_kernel(*refs, s: _S):
   dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
   dbeta_ref[...] = dbeta
   dgc_ref[...] = dgc
   dwq_ref[...] = dwq
@@ -480,7 +501,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
       out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32),
                  jax.ShapeDtypeStruct((b, tp, n, f), _F32),
                  jax.ShapeDtypeStruct((b, tp, n, vp), _F32)] + [per_tok] * 5,
-      compiler_params=_params(s, s.warps_grad, 1),
+      compiler_params=_params(s, s.warps_grad, s.stages_grad),
       interpret=s.interpret,
       name="delta_rule_grads",
   )(*args)
@@ -527,10 +548,13 @@ _core.defvjp(_core_fwd, _core_bwd)
 def _f32_tiles(cfg: DeltaConfig, default: bool) -> DeltaConfig:
   """float32 tiles are twice the bytes: narrower value blocks by default,
   and one pipeline stage always (three stages of [C, F] float32 q, k, w
-  tiles overflow the H100's 227 KiB of shared memory)."""
+  tiles overflow the H100's 227 KiB of shared memory; so did the gradient
+  kernel's whole [F, V] float32 state tiles at F = V = 128)."""
   if default:
-    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32)
-  return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1)
+    cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32,
+                              block_v_grad=32)
+  return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1,
+                             num_stages_grad=1)
 
 
 def _auto_block_v(programs: int, vp: int, sms: int) -> int:
@@ -603,7 +627,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
-         warps_grad=cfg.num_warps_grad,
+         warps_grad=cfg.num_warps_grad, stages_grad=cfg.num_stages_grad,
+         bvg=cfg.block_v_grad,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

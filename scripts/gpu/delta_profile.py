@@ -113,7 +113,9 @@ def _static(t, b, cfg):
                    bv=bv, bvb=bvb, warps=cfg.num_warps,
                    stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
                    stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
-                   warps_grad=cfg.num_warps_grad, has_s0=False,
+                   warps_grad=cfg.num_warps_grad,
+                   stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
+                   has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -127,7 +129,7 @@ def _parts(t, b, q, k, v, beta, g, cfg):
   dec = jnp.repeat(dec, c, axis=-1)
   tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
          f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
-         f"grad-w{st.warps_grad}")
+         f"grad-w{st.warps_grad}/st{st.stages_grad}/bv{st.bvg}")
   ut = jax.jit(lambda *a: kdelta._ut_call(*a, None, st, store_t=True))
   fwd = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, False))
   store = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, True))
@@ -164,7 +166,7 @@ def timings(seqs, sweep, fla=True):
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
-    for impl in ("pallas",) + (("xla_chunked",) if t <= 4096 else ()):
+    for impl in ("pallas",) + (("xla_chunked",) if "--xla" in sys.argv else ()):
       for gated in (True, False):
         f = lambda q, k, v, beta, g, impl=impl, gated=gated: (  # noqa: E731
             attnjax.delta_rule_attention(
@@ -181,11 +183,9 @@ def timings(seqs, sweep, fla=True):
     if sweep:
       r = dataclasses.replace
       d = kdelta.DeltaConfig()
-      configs += [r(d, num_warps_ut=4), r(d, num_warps_grad=4),
-                  r(d, block_v=32, block_v_bwd=32),
-                  r(d, block_v=16, block_v_bwd=16),
-                  r(d, block_v=64, block_v_bwd=64),
-                  r(d, num_warps=8, block_v=128, num_stages=2)]
+      configs += [r(d, num_warps_grad=4), r(d, num_stages_grad=2),
+                  r(d, block_v_grad=32), r(d, block_v_grad=128),
+                  r(d, block_v_grad=32, num_warps_grad=4)]
     for cfg in configs:
       _parts(t, b, q, k, v, beta, g, cfg)
     if fla:

@@ -27,6 +27,8 @@ _CASES = {
                                   initial_state=True),
     # DeltaNet (no gate), MQA.
     "ungated_mqa": dict(kv_heads=1, length=40),
+    # No gate but resets: the reset-only weights broadcast over heads.
+    "ungated_resets": dict(length=41, segments=True, initial_state=True),
     # Strong decays: exp(G_i - G_j) spans many orders inside a chunk.
     "strong_gate": dict(gate="scalar", gate_strength=30.0, length=37),
     "bf16": dict(gate="scalar", dtype=BF16, length=40, initial_state=True),

@@ -638,12 +638,20 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)
   bp = _pad_axis(jnp.moveaxis(beta.astype(_F32), 1, 2), 2, tp)
+  r = None if resets is None else _pad_axis(resets.astype(bool), 1, tp)
   if log_gate is None:
-    g = jnp.zeros((b, n, tp), _F32)
+    # No cumulative sums over a constant zero gate: XLA constant-folds
+    # those, seconds per compile at B * N * T = 1M.
+    if r is None:
+      gc = jnp.zeros((b, n, tp), _F32)
+      wq = wk = jnp.ones((b, n, tp), _F32)
+      dec = jnp.ones((b, n, nc), _F32)
+    else:
+      gc, wq, wk, dec = (jnp.broadcast_to(x, (b, n) + x.shape[2:]) for x in
+                         _block_weights(None, r, c))
   else:
     g = _pad_axis(jnp.moveaxis(log_gate.astype(_F32), 1, 2), 2, tp)
-  r = None if resets is None else _pad_axis(resets.astype(bool), 1, tp)
-  gc, wq, wk, dec = _block_weights(g, r, c)
+    gc, wq, wk, dec = _block_weights(g, r, c)
   rc = None if r is None else jnp.cumsum(r.astype(jnp.int32), axis=-1)
   dec = jnp.repeat(dec, c, axis=-1)
   s0 = None

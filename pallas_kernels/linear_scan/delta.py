@@ -493,14 +493,18 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
     in_specs.append(seg)
     args.append(rc)
   per_tok = jax.ShapeDtypeStruct((b, n, tp), _F32)
+  kv_dt = k.dtype if s.rep == 1 else _F32
   return pl.pallas_call(
       functools.partial(_grad_kernel, s=s),
       grid=(s.nc, n, b),
       in_specs=in_specs,
       out_specs=[own(f), own(f), own(vp)] + [tok] * 5,
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32),
-                 jax.ShapeDtypeStruct((b, tp, n, f), _F32),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), _F32)] + [per_tok] * 5,
+      # Per query head: dk and dv in float32 when GQA sums them over the
+      # group afterwards, else every gradient in its input's dtype.
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), q.dtype),
+                 jax.ShapeDtypeStruct((b, tp, n, f), kv_dt),
+                 jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt)]
+      + [per_tok] * 5,
       compiler_params=_params(s, s.warps_grad, s.stages_grad),
       interpret=s.interpret,
       name="delta_rule_grads",

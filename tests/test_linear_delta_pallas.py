@@ -147,10 +147,11 @@ def test_delta_pallas_falls_back_for_wide_features():
   assert_matches(out, ref, F32)
 
 
-@pytest.mark.parametrize("dtype,h,resets", [(BF16, 128, False),
-                                            (F32, 64, True),
-                                            (BF16, 256, True)])
-def test_delta_lowers_for_h100(dtype, h, resets):
+@pytest.mark.parametrize("dtype,h,resets,split", [(BF16, 128, False, None),
+                                                  (F32, 64, True, None),
+                                                  (BF16, 256, True, None),
+                                                  (BF16, 128, True, 64)])
+def test_delta_lowers_for_h100(dtype, h, resets, split):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -160,16 +161,19 @@ def test_delta_lowers_for_h100(dtype, h, resets):
 
   def grad(q, k, v, beta, g, s0):
     def f(q, k, v, beta, g, s0):
-      o, st = delta.delta_rule(q, k, v, beta, g, rs, scale=0.1,
-                               initial_state=s0, interpret=False)
+      o, st = delta.delta_rule(
+          q, k, v, beta, g, rs, scale=0.1, initial_state=s0,
+          interpret=False, config=delta.DeltaConfig(grad_block_k=split))
       return jnp.sum(o) + jnp.sum(st)
     return jax.value_and_grad(f, argnums=range(6))(q, k, v, beta, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
+  grads = (("delta_rule_grads_state", "delta_rule_grads_ut") if split else
+           ("delta_rule_grads",))
   for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
-               "delta_rule_bwd", "delta_rule_grads"):
+               "delta_rule_bwd") + grads:
     assert name in text, name
-  assert text.count("__gpu$xla.gpu.triton") == 5
+  assert text.count("__gpu$xla.gpu.triton") == 4 + len(grads)
 
 
 # ----------------------------------------------------------------------------
@@ -216,29 +220,75 @@ def test_delta_pallas_grads_over_value_slices():
   """The gradient kernel's loop over [F, block_v_grad] state slices (16
   columns of 48: three steps, each writing its dv slice) against autodiff
   of the scan, with a gate and GQA."""
-  b, t, n, kh, f, vd = 1, 37, 4, 2, 16, 48
-  ks = jax.random.split(key_for("delta-value-slices"), 6)
+  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16)
+  _config_grads_match_scan("delta-value-slices", cfg, b=1, t=37, n=4, kh=2,
+                           f=16, vd=48, segments=False)
+
+
+def _config_grads_match_scan(name, cfg, *, b, t, n, kh, f, vd, segments,
+                             dtype=F32, interpret=True):
+  """delta_rule with ``cfg``: the gradients of every input (gate, GQA,
+  initial state, optional resets) against autodiff of the scan on the same
+  rounded values in float32."""
+  ks = jax.random.split(key_for(name, segments, str(dtype)), 8)
   q = jax.random.normal(ks[0], (b, t, n, f))
   k = jax.random.normal(ks[1], (b, t, kh, f))
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   v = jax.random.normal(ks[2], (b, t, kh, vd))
+  q, k, v = (x.astype(dtype).astype(F32) for x in (q, k, v))
   beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, n)))
   g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, n)) + 2.0)
-  ct = jax.random.normal(ks[5], (b, t, n, vd))
-  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16)
+  s0 = jax.random.normal(ks[5], (b, n, f, vd))
+  ct = jax.random.normal(ks[6], (b, t, n, vd)).astype(dtype).astype(F32)
+  resets = None
+  if segments:  # never at token 0: the initial state is the first segment's
+    resets = (jax.random.uniform(ks[7], (b, t)) < 0.1).at[:, 0].set(False)
+  seg_ids = None if resets is None else jnp.cumsum(resets, axis=1)
 
-  def kernel(q, k, v, beta, g):
-    out, _ = delta.delta_rule(q, k, v, beta, g, scale=0.25, config=cfg,
-                              interpret=True)
-    return jnp.sum(out * ct)
+  def kernel(q, k, v, beta, g, s0):
+    out, fin = delta.delta_rule(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), beta, g, resets,
+        scale=0.3, initial_state=s0, config=cfg, interpret=interpret)
+    return jnp.sum(out.astype(F32) * ct) + jnp.sum(fin * s0)
 
-  def reference(q, k, v, beta, g):
-    out = attnjax.delta_rule_attention(q, k, v, beta, gate=g, scale=0.25,
-                                       implementation="xla")
-    return jnp.sum(out * ct)
+  def reference(q, k, v, beta, g, s0):
+    out, fin = attnjax.delta_rule_attention(
+        q, k, v, beta, gate=g, scale=0.3, initial_state=s0,
+        segment_ids=seg_ids, return_final_state=True, implementation="xla")
+    return jnp.sum(out * ct) + jnp.sum(fin * s0)
 
-  args = (q, k, v, beta, g)
-  got = jax.grad(kernel, argnums=range(5))(*args)
-  want = jax.grad(reference, argnums=range(5))(*args)
-  for name, a, r in zip(("q", "k", "v", "beta", "gate"), got, want):
-    assert_matches(a, r, F32, grad=True, name=f"d{name}")
+  args = (q, k, v, beta, g, s0)
+  got = jax.jit(jax.grad(kernel, argnums=range(6)))(*args)
+  want = jax.jit(jax.grad(reference, argnums=range(6)))(*args)
+  for gname, a, r in zip(("q", "k", "v", "beta", "gate", "state"), got,
+                         want):
+    testing.assert_finite(a, name=f"d{gname}")
+    assert_matches(a, r, dtype, grad=True, name=f"d{gname}")
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_delta_pallas_split_gradient_kernels(segments):
+  """grad_block_k: the backward's state products per [C, 16] key columns
+  (F = 40, padded to 64: four key blocks, partial per-token sums added
+  over them) then the UT pull-back, against autodiff of the scan, with a
+  gate, GQA, resets and an initial state."""
+  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16, grad_block_k=16)
+  _config_grads_match_scan("delta-split-grads", cfg, b=2, t=37, n=4, kh=2,
+                           f=40, vd=24, segments=segments)
+  z = jnp.zeros((1, 16, 1, 16))
+  with pytest.raises(ValueError, match="grad_block_k"):
+    delta.delta_rule(z, z, z, jnp.ones((1, 16, 1)), scale=0.3,
+                     interpret=True,
+                     config=delta.DeltaConfig(grad_block_k=24))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("split", [None, 64, 32])
+def test_gpu_delta_gradient_kernel_configs(dtype, split):
+  """The fused gradient kernel and the split one (grad_block_k) compiled,
+  at the benchmark's head size, against the scan."""
+  cfg = delta.DeltaConfig(grad_block_k=split)
+  _config_grads_match_scan("gpu-delta-grad-configs", cfg, b=1, t=300, n=4,
+                           kh=2, f=128, vd=128, segments=True, dtype=dtype,
+                           interpret=False)

@@ -82,6 +82,10 @@ class DeltaConfig:
     block_v_grad: value columns per step of the gradient kernel's loop
       over the value dimension (its [F, V] state tiles are read in
       [F, block_v_grad] slices).
+    grad_block_k: None (one fused gradient kernel per chunk) or a power of
+      two >= 16 below F: the backward splits it in two, the state products
+      per [C, grad_block_k] key columns (more, lighter programs) and then
+      the UT pull-back per chunk.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -94,6 +98,7 @@ class DeltaConfig:
   num_warps_grad: int = 8
   num_stages_grad: int = 1
   block_v_grad: int = 64
+  grad_block_k: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +116,7 @@ class _S:
   warps_grad: int
   stages_grad: int
   bvg: int
+  bkg: int
   has_s0: bool
   has_seg: bool
   interpret: bool
@@ -385,6 +391,101 @@ def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
   )(*args)
 
 
+def _value_loop(s: _S, refs, beta, tb, *, state: bool, ut: bool):
+  """One chunk's loop over [., block_v_grad] value slices.
+
+  ``state``: the sweep's products with the chunk states over this
+  program's key rows of h and Lam: dq_raw = dO h^T, dk_raw = v_c Lam^T,
+  gh = Gv h^T and <h, Lam> per key row. ``ut``: the value side of the UT
+  pull-back: dA = dO v_c^T, Gv rv^T, dv = beta o (T^T Gv) (written slice by
+  slice) and dbeta's value part.
+  """
+  _, _dot_tn, _dot_nt = _dots(s)
+  h_ref, lam_ref, do_ref, gv_ref, vn_ref, v_ref, dv_ref = refs
+  c, dt = s.chunk, gv_ref.dtype
+  bv = min(s.bvg, do_ref.shape[-1])
+  z = lambda *shape: jnp.zeros(shape, _F32)  # noqa: E731
+  acc = {}
+  if state:
+    fk = h_ref.shape[0]
+    acc.update(dq=z(c, fk), dk=z(c, fk), gh=z(c, fk), dd=z(fk))
+  if ut:
+    acc.update(da=z(c, c), d_tv=z(c, c), dbeta=z(c))
+
+  def body(j, acc):
+    cols = pl.ds(pl.multiple_of(j * bv, bv), bv)
+    do, gv, vn = do_ref[:, cols], gv_ref[:, cols], vn_ref[:, cols]
+    new = {}
+    if state:
+      h, lam = h_ref[:, cols], lam_ref[:, cols]
+      new.update(dq=acc["dq"] + _dot_nt(do, h),
+                 dk=acc["dk"] + _dot_nt(vn, lam),
+                 gh=acc["gh"] + _dot_nt(gv, h),
+                 dd=acc["dd"] + jnp.sum(h.astype(_F32) * lam.astype(_F32),
+                                        axis=1))
+    if ut:
+      vf = v_ref[:, cols].astype(_F32)
+      rv = (vf * beta[:, None]).astype(dt)
+      d_rv = _dot_tn(tb, gv)
+      dv_ref[:, cols] = (d_rv * beta[:, None]).astype(dv_ref.dtype)
+      new.update(da=acc["da"] + _dot_nt(do, vn),
+                 d_tv=acc["d_tv"] + _dot_nt(gv, rv),
+                 dbeta=acc["dbeta"] + jnp.sum(d_rv * vf, axis=1))
+    return new
+
+  return lax.fori_loop(0, do_ref.shape[-1] // bv, body, acc)
+
+
+def _state_terms(s: _S, acc, qf, kf, wq, wk):
+  """dq, dk, their gate-weight gradients, dW = -Gv h^T (float32) and
+  d exp(G_C) at the chunk's last row, from ``_value_loop``'s sums."""
+  c = s.chunk
+  dq = acc["dq"] * (wq * s.scale)[:, None]
+  dwq = s.scale * jnp.sum(acc["dq"] * qf, axis=1)
+  dk = acc["dk"] * wk[:, None]
+  dwk = jnp.sum(acc["dk"] * kf, axis=1)
+  ddec = jnp.where(jnp.arange(c) == c - 1, jnp.sum(acc["dd"]), 0.0)
+  return dq, dk, dwq, dwk, -acc["gh"], ddec
+
+
+def _ut_key_side(s: _S, acc, q, k, beta, g, wq, tf, rc, dw, dq, dk):
+  """The key side of the UT pull-back from dW ([C, F], operand dtype) and
+  the loop's dA, Gv rv^T and dbeta: returns dq, dk (added to), dbeta, the
+  gate weight wq's part and the cumulative log gates' gradient."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  c, dt = s.chunk, k.dtype
+  kf = k.astype(_F32)
+  bw = beta * wq
+  rk = (kf * bw[:, None]).astype(dt)
+  tb = tf.astype(dt)
+  d_t = acc["d_tv"] + _dot_nt(dw, rk)
+  d_rk = _dot_tn(tb, dw)
+  dk = dk + d_rk * bw[:, None]
+  sk = jnp.sum(d_rk * kf, axis=1)
+  dbeta = acc["dbeta"] + wq * sk
+  dwq = beta * sk
+  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  strict, incl = cols < rows, cols <= rows
+  if rc is not None:
+    same = rc[:, None] == rc[None, :]
+    strict = jnp.logical_and(strict, same)
+    incl = jnp.logical_and(incl, same)
+  diff = g[:, None] - g[None, :]
+  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
+  dlk = dl * _dot_nt(k, k)
+  dbeta = dbeta + jnp.sum(dlk, axis=1)
+  dkk = (dl * beta[:, None]).astype(dt)
+  dqk = acc["da"] * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
+  p = dlk * beta[:, None] + dqk * _dot_nt(q, k)
+  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+  dqk = dqk.astype(dt)
+  dq = dq + _dot(dqk, k)
+  dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
+  return dq, dk, dbeta, dwq, dgc
+
+
 def _grad_kernel(*refs, s: _S):
   """Every gradient of one chunk, from the stored per-chunk states.
 
@@ -398,117 +499,144 @@ def _grad_kernel(*refs, s: _S):
             dL = -tril(T^T dT T^T, -1), then through L = beta (k k^T o D)
             and A = scale (q k^T o D) to q, k, beta and the log gates.
   """
-  _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, wk_ref, t_ref, h_ref,
    lam_ref, do_ref, gv_ref, vn_ref) = (next(it) for _ in range(13))
-  rc_ref = next(it) if s.has_seg else None
+  rc = next(it)[...] if s.has_seg else None
   (dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref, dwk_ref,
    ddec_ref) = (next(it) for _ in range(8))
-  c = s.chunk
-  dt = k_ref.dtype
-  f, vp = k_ref.shape[-1], v_ref.shape[-1]
-  bv = min(s.bvg, vp)
   q, k = q_ref[...], k_ref[...]
-  qf, kf = q.astype(_F32), k.astype(_F32)
-  beta, g, wq, wk = beta_ref[...], gc_ref[...], wq_ref[...], wk_ref[...]
+  beta, wq = beta_ref[...], wq_ref[...]
   tf = t_ref[...]
-  tb = tf.astype(dt)
+  acc = _value_loop(s, (h_ref, lam_ref, do_ref, gv_ref, vn_ref, v_ref,
+                        dv_ref), beta, tf.astype(k.dtype), state=True,
+                    ut=True)
+  dq, dk, dwq, dwk, dw, ddec = _state_terms(
+      s, acc, q.astype(_F32), k.astype(_F32), wq, wk_ref[...])
+  dq, dk, dbeta, dwq_ut, dgc = _ut_key_side(
+      s, acc, q, k, beta, gc_ref[...], wq, tf, rc, dw.astype(k.dtype), dq,
+      dk)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dbeta_ref[...] = dbeta
+  dgc_ref[...] = dgc
+  dwq_ref[...] = dwq + dwq_ut
+  dwk_ref[...] = dwk
+  ddec_ref[...] = ddec
 
-  # Everything that reads the value dimension, [F, bv] state slices at a
-  # time: the sweep's products with the chunk states and the value side
-  # of the UT pull-back (dv is final per slice).
-  def body(j, acc):
-    dq_raw, dk_raw, gh, da, d_tv, dd, dbeta = acc
-    cols = pl.ds(pl.multiple_of(j * bv, bv), bv)
-    h, lam = h_ref[:, cols], lam_ref[:, cols]
-    do, gv, vn = do_ref[:, cols], gv_ref[:, cols], vn_ref[:, cols]
-    vf = v_ref[:, cols].astype(_F32)
-    rv = (vf * beta[:, None]).astype(dt)
-    d_rv = _dot_tn(tb, gv)
-    dv_ref[:, cols] = (d_rv * beta[:, None]).astype(dv_ref.dtype)
-    return (dq_raw + _dot_nt(do, h), dk_raw + _dot_nt(vn, lam),
-            gh + _dot_nt(gv, h), da + _dot_nt(do, vn),
-            d_tv + _dot_nt(gv, rv),
-            dd + jnp.sum(h.astype(_F32) * lam.astype(_F32), axis=1),
-            dbeta + jnp.sum(d_rv * vf, axis=1))
 
-  zcf, zcc = jnp.zeros((c, f), _F32), jnp.zeros((c, c), _F32)
-  dq_raw, dk_raw, gh, da, d_tv, dd, dbeta = lax.fori_loop(
-      0, vp // bv, body,
-      (zcf, zcf, zcf, zcc, zcc, jnp.zeros((f,), _F32), jnp.zeros((c,), _F32)))
-  dwq = s.scale * jnp.sum(dq_raw * qf, axis=1)
-  dq = dq_raw * (wq * s.scale)[:, None]
-  dwk = jnp.sum(dk_raw * kf, axis=1)
-  dk = dk_raw * wk[:, None]
-  dw = (-gh).astype(dt)
-  last = jnp.arange(c) == c - 1
-  ddec_ref[...] = jnp.where(last, jnp.sum(dd), 0.0)
-  # The key side of the UT pull-back.
-  bw = beta * wq
-  rk = (kf * bw[:, None]).astype(dt)
-  d_t = d_tv + _dot_nt(dw, rk)
-  d_rk = _dot_tn(tb, dw)
-  dk = dk + d_rk * bw[:, None]
-  sk = jnp.sum(d_rk * kf, axis=1)
-  dbeta = dbeta + wq * sk
-  dwq = dwq + beta * sk
-  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
-  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  strict, incl = cols < rows, cols <= rows
-  if s.has_seg:
-    rc = rc_ref[...]
-    same = rc[:, None] == rc[None, :]
-    strict = jnp.logical_and(strict, same)
-    incl = jnp.logical_and(incl, same)
-  diff = g[:, None] - g[None, :]
-  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
-  dlk = dl * _dot_nt(k, k)
-  dbeta = dbeta + jnp.sum(dlk, axis=1)
-  dkk = (dl * beta[:, None]).astype(dt)
-  dqk = da * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
-  p = dlk * beta[:, None] + dqk * _dot_nt(q, k)
-  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
-  dqk = dqk.astype(dt)
-  dq = dq + _dot(dqk, k)
-  dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
+def _grad_state_kernel(q_ref, k_ref, wq_ref, wk_ref, h_ref, lam_ref, do_ref,
+                       gv_ref, vn_ref, dq_ref, dk_ref, dw_ref, dwq_ref,
+                       dwk_ref, ddec_ref, *, s: _S):
+  """Split backward, first half: the state products of one chunk over
+  [C, grad_block_k] key columns (dq, dk in float32, dW in the operand
+  dtype; per-token sums partial over key blocks)."""
+  acc = _value_loop(s, (h_ref, lam_ref, do_ref, gv_ref, vn_ref, None, None),
+                    None, None, state=True, ut=False)
+  dq, dk, dwq, dwk, dw, ddec = _state_terms(
+      s, acc, q_ref[...].astype(_F32), k_ref[...].astype(_F32), wq_ref[...],
+      wk_ref[...])
+  dq_ref[...] = dq
+  dk_ref[...] = dk
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+  dwq_ref[...] = dwq
+  dwk_ref[...] = dwk
+  ddec_ref[...] = ddec
+
+
+def _grad_ut_kernel(*refs, s: _S):
+  """Split backward, second half: the UT pull-back of one chunk, adding
+  to the first half's dq and dk."""
+  it = iter(refs)
+  (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, t_ref, do_ref, gv_ref,
+   vn_ref, dqs_ref, dks_ref, dw_ref) = (next(it) for _ in range(13))
+  rc = next(it)[...] if s.has_seg else None
+  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref = (
+      next(it) for _ in range(6))
+  q, k = q_ref[...], k_ref[...]
+  beta, wq = beta_ref[...], wq_ref[...]
+  tf = t_ref[...]
+  acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
+                    beta, tf.astype(k.dtype), state=False, ut=True)
+  dq, dk, dbeta, dwq, dgc = _ut_key_side(
+      s, acc, q, k, beta, gc_ref[...], wq, tf, rc, dw_ref[...],
+      dqs_ref[...], dks_ref[...])
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
   dgc_ref[...] = dgc
   dwq_ref[...] = dwq
-  dwk_ref[...] = dwk
 
 
 def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
+  """dq, dk, dv (per query head), dbeta, dgc, dwq, dwk, ddec: one fused
+  kernel, or with ``s.bkg`` the two-kernel split."""
   b, tp, n, f = q.shape
   vp = v.shape[-1]
   c = s.chunk
   own, kv, tok, seg, state = _chunk_specs(s)
-  in_specs = [own(f), kv(f), kv(vp), tok, tok, tok, tok, own(c),
-              state(f, vp), state(f, vp), own(vp), own(vp), own(vp)]
-  args = [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn]
-  if s.has_seg:
-    in_specs.append(seg)
-    args.append(rc)
   per_tok = jax.ShapeDtypeStruct((b, n, tp), _F32)
+  # Per query head: dk and dv in float32 when GQA sums them over the
+  # group afterwards, else every gradient in its input's dtype.
   kv_dt = k.dtype if s.rep == 1 else _F32
-  return pl.pallas_call(
-      functools.partial(_grad_kernel, s=s),
-      grid=(s.nc, n, b),
-      in_specs=in_specs,
-      out_specs=[own(f), own(f), own(vp)] + [tok] * 5,
-      # Per query head: dk and dv in float32 when GQA sums them over the
-      # group afterwards, else every gradient in its input's dtype.
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), q.dtype),
-                 jax.ShapeDtypeStruct((b, tp, n, f), kv_dt),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt)]
-      + [per_tok] * 5,
+  grads = [jax.ShapeDtypeStruct((b, tp, n, f), q.dtype),
+           jax.ShapeDtypeStruct((b, tp, n, f), kv_dt),
+           jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt)]
+
+  def per_chunk(kernel, name, in_specs, args, n_tok):
+    """One program per (chunk, head, batch): dq, dk, dv, n_tok [C] rows."""
+    if s.has_seg:
+      in_specs, args = in_specs + [seg], args + [rc]
+    return pl.pallas_call(
+        functools.partial(kernel, s=s),
+        grid=(s.nc, n, b),
+        in_specs=in_specs,
+        out_specs=[own(f), own(f), own(vp)] + [tok] * n_tok,
+        out_shape=grads + [per_tok] * n_tok,
+        compiler_params=_params(s, s.warps_grad, s.stages_grad),
+        interpret=s.interpret,
+        name=name,
+    )(*args)
+
+  if not s.bkg or s.bkg >= f:
+    return per_chunk(
+        _grad_kernel, "delta_rule_grads",
+        [own(f), kv(f), kv(vp), tok, tok, tok, tok, own(c), state(f, vp),
+         state(f, vp), own(vp), own(vp), own(vp)],
+        [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn], 5)
+  # Split: grid (chunk * key block, head, batch), key blocks fastest.
+  bk = s.bkg
+  nk = f // bk
+  cols = lambda head: pl.BlockSpec(  # noqa: E731
+      (None, c, None, bk),
+      lambda i, n_, b_: (b_, i // nk, head(n_), i % nk))
+  rows = pl.BlockSpec((None, c, None, vp),
+                      lambda i, n_, b_: (b_, i // nk, n_, 0))
+  tok_k = pl.BlockSpec((None, None, c), lambda i, n_, b_: (b_, n_, i // nk))
+  st_k = pl.BlockSpec((None, None, None, bk, vp),
+                      lambda i, n_, b_: (b_, n_, i // nk, i % nk, 0))
+  part = pl.BlockSpec((None, None, None, c),
+                      lambda i, n_, b_: (b_, i % nk, n_, i // nk))
+  parts = jax.ShapeDtypeStruct((b, nk, n, tp), _F32)
+  dqs, dks, dw, dwq_s, dwk, ddec = pl.pallas_call(
+      functools.partial(_grad_state_kernel, s=s),
+      grid=(s.nc * nk, n, b),
+      in_specs=[cols(lambda n_: n_), cols(lambda n_: n_ // s.rep), tok_k,
+                tok_k, st_k, st_k, rows, rows, rows],
+      out_specs=[cols(lambda n_: n_)] * 3 + [part] * 3,
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32)] * 2
+      + [jax.ShapeDtypeStruct((b, tp, n, f), gv.dtype)] + [parts] * 3,
       compiler_params=_params(s, s.warps_grad, s.stages_grad),
       interpret=s.interpret,
-      name="delta_rule_grads",
-  )(*args)
+      name="delta_rule_grads_state",
+  )(q, k, wq, wk, h, lam, do, gv, vn)
+  dq, dk, dv, dbeta, dgc, dwq = per_chunk(
+      _grad_ut_kernel, "delta_rule_grads_ut",
+      [own(f), kv(f), kv(vp), tok, tok, tok, own(c), own(vp), own(vp),
+       own(vp), own(f), own(f), own(f)],
+      [q, k, v, beta, gc, wq, t, do, gv, vn, dqs, dks, dw], 3)
+  return (dq, dk, dv, dbeta, dgc, dwq + dwq_s.sum(1), dwk.sum(1),
+          ddec.sum(1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
@@ -622,6 +750,10 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     interpret = jax.default_backend() != "gpu"
   if jnp.dtype(q.dtype) == jnp.dtype(_F32):
     cfg = _f32_tiles(cfg, config is None)
+  bkg = cfg.grad_block_k or 0
+  if bkg and (bkg < _SUB or bkg & (bkg - 1)):
+    raise ValueError(f"config.grad_block_k={bkg} is not a power of two "
+                     ">= 16")
   nc = -(-t // c)
   tp = nc * c
   sms = _num_sms()
@@ -632,7 +764,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
          warps_grad=cfg.num_warps_grad, stages_grad=cfg.num_stages_grad,
-         bvg=cfg.block_v_grad,
+         bvg=cfg.block_v_grad, bkg=bkg,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

@@ -115,6 +115,7 @@ def _static(t, b, cfg):
                    stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
                    warps_grad=cfg.num_warps_grad,
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
+                   bkg=cfg.grad_block_k or 0,
                    has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
@@ -129,7 +130,8 @@ def _parts(t, b, q, k, v, beta, g, cfg):
   dec = jnp.repeat(dec, c, axis=-1)
   tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
          f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
-         f"grad-w{st.warps_grad}/st{st.stages_grad}/bv{st.bvg}")
+         f"grad-w{st.warps_grad}/st{st.stages_grad}/bv{st.bvg}"
+         f"/bk{st.bkg or 'F'}")
   ut = jax.jit(lambda *a: kdelta._ut_call(*a, None, st, store_t=True))
   fwd = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, False))
   store = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, True))
@@ -183,9 +185,11 @@ def timings(seqs, sweep, fla=True):
     if sweep:
       r = dataclasses.replace
       d = kdelta.DeltaConfig()
-      configs += [r(d, num_warps_grad=4), r(d, num_stages_grad=2),
-                  r(d, block_v_grad=32), r(d, block_v_grad=128),
-                  r(d, block_v_grad=32, num_warps_grad=4)]
+      configs += [r(d, grad_block_k=64), r(d, grad_block_k=64,
+                                            num_warps_grad=4),
+                  r(d, grad_block_k=32, num_warps_grad=4),
+                  r(d, num_stages_grad=2),
+                  r(d, grad_block_k=64, num_stages_grad=2)]
     for cfg in configs:
       _parts(t, b, q, k, v, beta, g, cfg)
     if fla:

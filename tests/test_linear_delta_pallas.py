@@ -147,11 +147,11 @@ def test_delta_pallas_falls_back_for_wide_features():
   assert_matches(out, ref, F32)
 
 
-@pytest.mark.parametrize("dtype,h,resets,split", [(BF16, 128, False, None),
-                                                  (F32, 64, True, None),
-                                                  (BF16, 256, True, None),
-                                                  (BF16, 128, True, 64)])
-def test_delta_lowers_for_h100(dtype, h, resets, split):
+@pytest.mark.parametrize("dtype,h,resets,cfg", [
+    (BF16, 128, False, {}), (F32, 64, True, {}), (BF16, 256, True, {}),
+    (BF16, 128, True, dict(grad_block_k=64)),
+    (F32, 128, True, dict(diag_inverse="doubling"))])
+def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -163,12 +163,13 @@ def test_delta_lowers_for_h100(dtype, h, resets, split):
     def f(q, k, v, beta, g, s0):
       o, st = delta.delta_rule(
           q, k, v, beta, g, rs, scale=0.1, initial_state=s0,
-          interpret=False, config=delta.DeltaConfig(grad_block_k=split))
+          interpret=False, config=delta.DeltaConfig(**cfg))
       return jnp.sum(o) + jnp.sum(st)
     return jax.value_and_grad(f, argnums=range(6))(q, k, v, beta, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
-  grads = (("delta_rule_grads_state", "delta_rule_grads_ut") if split else
+  grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
+           if "grad_block_k" in cfg else
            ("delta_rule_grads",))
   for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
                "delta_rule_bwd") + grads:
@@ -266,6 +267,14 @@ def _config_grads_match_scan(name, cfg, *, b, t, n, kh, f, vd, segments,
     assert_matches(a, r, dtype, grad=True, name=f"d{gname}")
 
 
+def _assert_config_rejected(**field):
+  """A bad DeltaConfig value raises ValueError naming the field."""
+  z = jnp.zeros((1, 16, 1, 16))
+  with pytest.raises(ValueError, match=next(iter(field))):
+    delta.delta_rule(z, z, z, jnp.ones((1, 16, 1)), scale=0.3,
+                     interpret=True, config=delta.DeltaConfig(**field))
+
+
 @pytest.mark.parametrize("segments", [False, True])
 def test_delta_pallas_split_gradient_kernels(segments):
   """grad_block_k: the backward's state products per [C, 16] key columns
@@ -275,20 +284,58 @@ def test_delta_pallas_split_gradient_kernels(segments):
   cfg = delta.DeltaConfig(chunk=16, block_v_grad=16, grad_block_k=16)
   _config_grads_match_scan("delta-split-grads", cfg, b=2, t=37, n=4, kh=2,
                            f=40, vd=24, segments=segments)
-  z = jnp.zeros((1, 16, 1, 16))
-  with pytest.raises(ValueError, match="grad_block_k"):
-    delta.delta_rule(z, z, z, jnp.ones((1, 16, 1)), scale=0.3,
-                     interpret=True,
-                     config=delta.DeltaConfig(grad_block_k=24))
+  _assert_config_rejected(grad_block_k=24)
+
+
+def test_diag_inverse_doubling_matches_substitution():
+  """The UT kernel's two inverses of a [16, 16] diagonal block of I + L:
+  equal to a triangular solve on random blocks (beta k k^T o decays, and
+  large entries), exact on the all-ones block (aligned keys, beta = 1,
+  no decay: T is bidiagonal (1, -1)) where powers of L would reach
+  C(14, 7) = 3432."""
+  mm = lambda a, b: jnp.matmul(a, b, precision="highest")  # noqa: E731
+  eye = jnp.eye(16)
+  k = jax.random.normal(key_for("diag-inverse-k"), (3, 16, 8))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jax.random.uniform(key_for("diag-inverse-b"), (3, 16, 1))
+  big = jax.random.normal(key_for("diag-inverse-big"), (1, 16, 16)) * 3
+  blocks = jnp.concatenate([beta * (k @ jnp.swapaxes(k, 1, 2)), big])
+  blocks = jnp.tril(blocks, -1)
+  for l in blocks:
+    ref = jax.scipy.linalg.solve_triangular(eye + l, eye, lower=True,
+                                            unit_diagonal=True)
+    for got in (tril_inverse._diag_inverse(l),
+                tril_inverse._diag_inverse_doubling(l, mm)):
+      np.testing.assert_allclose(got, ref, rtol=1e-5,
+                                 atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  ones = jnp.tril(jnp.ones((16, 16)), -1)
+  np.testing.assert_array_equal(
+      tril_inverse._diag_inverse_doubling(ones, mm),
+      eye - jnp.eye(16, k=-1))
+
+
+def test_delta_pallas_doubling_inverse():
+  """diag_inverse="doubling" in the UT kernel (chunk 32: two diagonal
+  blocks and one below) against autodiff of the scan."""
+  cfg = delta.DeltaConfig(chunk=32, diag_inverse="doubling")
+  _config_grads_match_scan("delta-doubling", cfg, b=1, t=45, n=2, kh=1,
+                           f=16, vd=16, segments=True)
+  _assert_config_rejected(diag_inverse="newton")
+
+
+_GPU_CONFIGS = {"default": {}, "split64": dict(grad_block_k=64),
+                "split32": dict(grad_block_k=32),
+                "doubling": dict(diag_inverse="doubling")}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [BF16, F32])
-@pytest.mark.parametrize("split", [None, 64, 32])
-def test_gpu_delta_gradient_kernel_configs(dtype, split):
-  """The fused gradient kernel and the split one (grad_block_k) compiled,
-  at the benchmark's head size, against the scan."""
-  cfg = delta.DeltaConfig(grad_block_k=split)
+@pytest.mark.parametrize("name", sorted(_GPU_CONFIGS))
+def test_gpu_delta_kernel_configs(dtype, name):
+  """The fused gradient kernel, the split one (grad_block_k) and the
+  doubling inverse, compiled at the benchmark's head size, against the
+  scan."""
+  cfg = delta.DeltaConfig(**_GPU_CONFIGS[name])
   _config_grads_match_scan("gpu-delta-grad-configs", cfg, b=1, t=300, n=4,
                            kh=2, f=128, vd=128, segments=True, dtype=dtype,
                            interpret=False)

@@ -86,6 +86,9 @@ class DeltaConfig:
       two >= 16 below F: the backward splits it in two, the state products
       per [C, grad_block_k] key columns (more, lighter programs) and then
       the UT pull-back per chunk.
+    diag_inverse: how the UT kernel inverts the [16, 16] diagonal blocks
+      of I + L: "substitution" (row by row) or "doubling" (blocks of 1, 2,
+      4, 8 rows combined by 16 x 16 matmuls; see ``tril_inverse``).
   """
   chunk: int = 64
   block_v: int | None = None
@@ -99,6 +102,7 @@ class DeltaConfig:
   num_stages_grad: int = 1
   block_v_grad: int = 64
   grad_block_k: int | None = None
+  diag_inverse: str = "substitution"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,7 @@ class _S:
   stages_grad: int
   bvg: int
   bkg: int
+  doubling: bool
   has_s0: bool
   has_seg: bool
   interpret: bool
@@ -165,7 +170,10 @@ def _ut_kernel(*refs, s: _S, store_t: bool):
   t = {}
   for i in range(nb):
     low = [lower(i, m) for m in range(i)]
-    t[i, i] = tril_inverse._diag_inverse(lower(i, i))
+    if s.doubling:
+      t[i, i] = tril_inverse._diag_inverse_doubling(lower(i, i), mm)
+    else:
+      t[i, i] = tril_inverse._diag_inverse(lower(i, i))
     for j in range(i - 1, -1, -1):
       acc = jnp.zeros((_SUB, _SUB), _F32)
       for m in range(j, i):
@@ -750,6 +758,9 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     interpret = jax.default_backend() != "gpu"
   if jnp.dtype(q.dtype) == jnp.dtype(_F32):
     cfg = _f32_tiles(cfg, config is None)
+  if cfg.diag_inverse not in ("substitution", "doubling"):
+    raise ValueError(f"config.diag_inverse={cfg.diag_inverse!r} is not "
+                     "'substitution' or 'doubling'")
   bkg = cfg.grad_block_k or 0
   if bkg and (bkg < _SUB or bkg & (bkg - 1)):
     raise ValueError(f"config.grad_block_k={bkg} is not a power of two "
@@ -765,6 +776,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
          warps_grad=cfg.num_warps_grad, stages_grad=cfg.num_stages_grad,
          bvg=cfg.block_v_grad, bkg=bkg,
+         doubling=cfg.diag_inverse == "doubling",
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

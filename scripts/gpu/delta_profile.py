@@ -116,6 +116,7 @@ def _static(t, b, cfg):
                    warps_grad=cfg.num_warps_grad,
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
                    bkg=cfg.grad_block_k or 0,
+                   doubling=cfg.diag_inverse == "doubling",
                    has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
@@ -131,7 +132,7 @@ def _parts(t, b, q, k, v, beta, g, cfg):
   tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
          f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
          f"grad-w{st.warps_grad}/st{st.stages_grad}/bv{st.bvg}"
-         f"/bk{st.bkg or 'F'}")
+         f"/bk{st.bkg or 'F'}{' dbl' if st.doubling else ''}")
   ut = jax.jit(lambda *a: kdelta._ut_call(*a, None, st, store_t=True))
   fwd = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, False))
   store = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, True))
@@ -185,7 +186,9 @@ def timings(seqs, sweep, fla=True):
     if sweep:
       r = dataclasses.replace
       d = kdelta.DeltaConfig()
-      configs += [r(d, grad_block_k=64), r(d, grad_block_k=64,
+      configs += [r(d, diag_inverse="doubling"),
+                  r(d, diag_inverse="doubling", num_warps_ut=4),
+                  r(d, grad_block_k=64), r(d, grad_block_k=64,
                                             num_warps_grad=4),
                   r(d, grad_block_k=32, num_warps_grad=4),
                   r(d, num_stages_grad=2),

@@ -104,6 +104,15 @@ class DeltaConfig:
   grad_block_k: int | None = None
   diag_inverse: str = "substitution"
 
+  def __post_init__(self):
+    if self.diag_inverse not in ("substitution", "doubling"):
+      raise ValueError(f"config.diag_inverse={self.diag_inverse!r} is not "
+                       "'substitution' or 'doubling'")
+    bk = self.grad_block_k
+    if bk is not None and (bk < _SUB or bk & (bk - 1)):
+      raise ValueError(f"config.grad_block_k={bk} is not a power of two "
+                       ">= 16")
+
 
 @dataclasses.dataclass(frozen=True)
 class _S:
@@ -456,16 +465,16 @@ def _state_terms(s: _S, acc, qf, kf, wq, wk):
   return dq, dk, dwq, dwk, -acc["gh"], ddec
 
 
-def _ut_key_side(s: _S, acc, q, k, beta, g, wq, tf, rc, dw, dq, dk):
+def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
+                 dk):
   """The key side of the UT pull-back from dW ([C, F], operand dtype) and
-  the loop's dA, Gv rv^T and dbeta: returns dq, dk (added to), dbeta, the
-  gate weight wq's part and the cumulative log gates' gradient."""
+  the loop's dA, Gv rv^T and dbeta (``kf``, ``tb``: k in float32, T in the
+  operand dtype): returns dq, dk (added to), dbeta, the gate weight wq's
+  part and the cumulative log gates' gradient."""
   _dot, _dot_tn, _dot_nt = _dots(s)
   c, dt = s.chunk, k.dtype
-  kf = k.astype(_F32)
   bw = beta * wq
   rk = (kf * bw[:, None]).astype(dt)
-  tb = tf.astype(dt)
   d_t = acc["d_tv"] + _dot_nt(dw, rk)
   d_rk = _dot_tn(tb, dw)
   dk = dk + d_rk * bw[:, None]
@@ -514,16 +523,17 @@ def _grad_kernel(*refs, s: _S):
   (dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref, dwk_ref,
    ddec_ref) = (next(it) for _ in range(8))
   q, k = q_ref[...], k_ref[...]
+  kf = k.astype(_F32)
   beta, wq = beta_ref[...], wq_ref[...]
   tf = t_ref[...]
+  tb = tf.astype(k.dtype)
   acc = _value_loop(s, (h_ref, lam_ref, do_ref, gv_ref, vn_ref, v_ref,
-                        dv_ref), beta, tf.astype(k.dtype), state=True,
-                    ut=True)
+                        dv_ref), beta, tb, state=True, ut=True)
   dq, dk, dwq, dwk, dw, ddec = _state_terms(
-      s, acc, q.astype(_F32), k.astype(_F32), wq, wk_ref[...])
+      s, acc, q.astype(_F32), kf, wq, wk_ref[...])
   dq, dk, dbeta, dwq_ut, dgc = _ut_key_side(
-      s, acc, q, k, beta, gc_ref[...], wq, tf, rc, dw.astype(k.dtype), dq,
-      dk)
+      s, acc, q, k, kf, beta, gc_ref[...], wq, tf, tb, rc,
+      dw.astype(k.dtype), dq, dk)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
@@ -564,11 +574,12 @@ def _grad_ut_kernel(*refs, s: _S):
   q, k = q_ref[...], k_ref[...]
   beta, wq = beta_ref[...], wq_ref[...]
   tf = t_ref[...]
+  tb = tf.astype(k.dtype)
   acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
-                    beta, tf.astype(k.dtype), state=False, ut=True)
+                    beta, tb, state=False, ut=True)
   dq, dk, dbeta, dwq, dgc = _ut_key_side(
-      s, acc, q, k, beta, gc_ref[...], wq, tf, rc, dw_ref[...],
-      dqs_ref[...], dks_ref[...])
+      s, acc, q, k, k.astype(_F32), beta, gc_ref[...], wq, tf, tb, rc,
+      dw_ref[...], dqs_ref[...], dks_ref[...])
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
@@ -758,13 +769,6 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     interpret = jax.default_backend() != "gpu"
   if jnp.dtype(q.dtype) == jnp.dtype(_F32):
     cfg = _f32_tiles(cfg, config is None)
-  if cfg.diag_inverse not in ("substitution", "doubling"):
-    raise ValueError(f"config.diag_inverse={cfg.diag_inverse!r} is not "
-                     "'substitution' or 'doubling'")
-  bkg = cfg.grad_block_k or 0
-  if bkg and (bkg < _SUB or bkg & (bkg - 1)):
-    raise ValueError(f"config.grad_block_k={bkg} is not a power of two "
-                     ">= 16")
   nc = -(-t // c)
   tp = nc * c
   sms = _num_sms()
@@ -775,7 +779,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
          warps_grad=cfg.num_warps_grad, stages_grad=cfg.num_stages_grad,
-         bvg=cfg.block_v_grad, bkg=bkg,
+         bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),

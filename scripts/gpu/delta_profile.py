@@ -1,13 +1,13 @@
 """The delta rule on the GPU: checks, then where the time goes (GPU).
 
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
-      [--seqs=4096,65536] [--no-fla]
+      [--seqs=4096,65536] [--no-fla] [--xla]
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
    bfloat16, gate + segments + GQA + initial state, odd T.
 2. Times (bf16, N = 16, H = Hv = 128, B*T = 65536, gated): the whole
-   ``pallas`` path (and ``xla_chunked`` at T = 4k), forward and
+   ``pallas`` path (and ``xla_chunked`` with ``--xla``), forward and
    forward+backward, gated and not; each kernel alone (the UT transform,
    the forward sweep, the backward's state-storing and reverse sweeps and
    its gradient kernel; with ``--sweep`` at a few tilings); fla's
@@ -164,12 +164,12 @@ def _parts(t, b, q, k, v, beta, g, cfg):
     print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}")
 
 
-def timings(seqs, sweep, fla=True):
+def timings(seqs, sweep, fla=True, xla=False):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
-    for impl in ("pallas",) + (("xla_chunked",) if "--xla" in sys.argv else ()):
+    for impl in ("pallas",) + (("xla_chunked",) if xla else ()):
       for gated in (True, False):
         f = lambda q, k, v, beta, g, impl=impl, gated=gated: (  # noqa: E731
             attnjax.delta_rule_attention(
@@ -248,7 +248,8 @@ def main(argv):
   for a in argv:
     if a.startswith("--seqs="):
       seqs = tuple(int(x) for x in a[7:].split(","))
-  timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv)
+  timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
+          xla="--xla" in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

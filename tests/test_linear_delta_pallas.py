@@ -149,8 +149,8 @@ def test_delta_pallas_falls_back_for_wide_features():
 
 @pytest.mark.parametrize("dtype,h,resets,cfg", [
     (BF16, 128, False, {}), (F32, 64, True, {}), (BF16, 256, True, {}),
-    (BF16, 128, True, dict(grad_block_k=64)),
-    (F32, 128, True, dict(diag_inverse="doubling"))])
+    (BF16, 128, True, dict(grad_block_k=None)),
+    (F32, 128, True, dict(diag_inverse="substitution"))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -168,9 +168,9 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
     return jax.value_and_grad(f, argnums=range(6))(q, k, v, beta, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
+  bk = delta.DeltaConfig(**cfg).grad_block_k
   grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
-           if "grad_block_k" in cfg else
-           ("delta_rule_grads",))
+           if bk and bk < h else ("delta_rule_grads",))
   for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
                "delta_rule_bwd") + grads:
     assert name in text, name
@@ -314,26 +314,28 @@ def test_diag_inverse_doubling_matches_substitution():
       eye - jnp.eye(16, k=-1))
 
 
-def test_delta_pallas_doubling_inverse():
-  """diag_inverse="doubling" in the UT kernel (chunk 32: two diagonal
-  blocks and one below) against autodiff of the scan."""
-  cfg = delta.DeltaConfig(chunk=32, diag_inverse="doubling")
-  _config_grads_match_scan("delta-doubling", cfg, b=1, t=45, n=2, kh=1,
+def test_delta_pallas_substitution_inverse():
+  """diag_inverse="substitution" (the default is "doubling") in the UT
+  kernel (chunk 32: two diagonal blocks and one below) against autodiff of
+  the scan."""
+  cfg = delta.DeltaConfig(chunk=32, diag_inverse="substitution")
+  _config_grads_match_scan("delta-substitution", cfg, b=1, t=45, n=2, kh=1,
                            f=16, vd=16, segments=True)
   _assert_config_rejected(diag_inverse="newton")
 
 
-_GPU_CONFIGS = {"default": {}, "split64": dict(grad_block_k=64),
+_GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
-                "doubling": dict(diag_inverse="doubling")}
+                "substitution": dict(diag_inverse="substitution")}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [BF16, F32])
 @pytest.mark.parametrize("name", sorted(_GPU_CONFIGS))
 def test_gpu_delta_kernel_configs(dtype, name):
-  """The fused gradient kernel, the split one (grad_block_k) and the
-  doubling inverse, compiled at the benchmark's head size, against the
+  """The default (split gradient kernels at 64 key columns, 4 warps, the
+  doubling inverse), the fused gradient kernel, a 32-column split and the
+  substitution inverse, compiled at the benchmark's head size, against the
   scan."""
   cfg = delta.DeltaConfig(**_GPU_CONFIGS[name])
   _config_grads_match_scan("gpu-delta-grad-configs", cfg, b=1, t=300, n=4,

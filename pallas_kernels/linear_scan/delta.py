@@ -78,14 +78,18 @@ class DeltaConfig:
     num_warps_bwd, num_stages_bwd: the same for the backward sweep.
     num_warps_ut: warps of the UT-transform kernel.
     num_warps_grad, num_stages_grad: the same for the backward's
-      chunk-parallel gradient kernel.
+      chunk-parallel gradient kernel(s); num_warps_grad None: 8 for the
+      fused kernel, 4 for the split ones (the fastest on an H200 at F = V =
+      128: 4.76 ms fused at 8 warps, 6.78 at 4; split at 64 key columns
+      5.68 ms at 8 warps, 4.59 at 4;
+      docs/dev/gpu-runs/run18-h200-delta-grad-sweep.log).
     block_v_grad: value columns per step of the gradient kernel's loop
       over the value dimension (its [F, V] state tiles are read in
       [F, block_v_grad] slices).
     grad_block_k: None (one fused gradient kernel per chunk) or a power of
-      two >= 16 below F: the backward splits it in two, the state products
+      two >= 16: below F the backward splits it in two, the state products
       per [C, grad_block_k] key columns (more, lighter programs) and then
-      the UT pull-back per chunk.
+      the UT pull-back per chunk; at F <= grad_block_k it stays fused.
     diag_inverse: how the UT kernel inverts the [16, 16] diagonal blocks
       of I + L: "substitution" (row by row) or "doubling" (blocks of 1, 2,
       4, 8 rows combined by 16 x 16 matmuls; see ``tril_inverse``).
@@ -98,11 +102,11 @@ class DeltaConfig:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 3
   num_warps_ut: int = 2
-  num_warps_grad: int = 8
+  num_warps_grad: int | None = None
   num_stages_grad: int = 1
   block_v_grad: int = 64
-  grad_block_k: int | None = None
-  diag_inverse: str = "substitution"
+  grad_block_k: int | None = 64
+  diag_inverse: str = "doubling"
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -778,7 +782,9 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
-         warps_grad=cfg.num_warps_grad, stages_grad=cfg.num_stages_grad,
+         warps_grad=cfg.num_warps_grad or (
+             4 if cfg.grad_block_k and cfg.grad_block_k < fp else 8),
+         stages_grad=cfg.num_stages_grad,
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          has_s0=initial_state is not None, has_seg=resets is not None,

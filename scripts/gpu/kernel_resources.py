@@ -24,7 +24,8 @@ import tempfile
 
 DUMP = tempfile.mkdtemp(prefix="xla_dump_")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_dump_to={DUMP}")
+                           + f" --xla_dump_to={DUMP}"
+                           + " --xla_gpu_dump_llvmir")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -91,8 +92,18 @@ def run_families(names):
 def report(ptxas):
   """One line per entry function of every dumped PTX file. Triton's shared
   memory is dynamic (sized at launch), so ptxas reports only static smem."""
-  files = sorted(glob.glob(os.path.join(DUMP, "*.ptx")))
+  files = sorted(glob.glob(os.path.join(DUMP, "**", "*.ptx"),
+                          recursive=True))
   print(f"{len(files)} PTX files in {DUMP}; ptxas {ptxas}")
+  if not files:  # say what was dumped instead
+    names = sorted(glob.glob(os.path.join(DUMP, "**", "*"), recursive=True))
+    exts = {}
+    for n in names:
+      e = os.path.splitext(n)[1]
+      exts[e] = exts.get(e, 0) + 1
+    print(f"  dumped {len(names)} files by extension: {exts}; XLA_FLAGS="
+          f"{os.environ.get('XLA_FLAGS')!r}")
+    print("  " + "\n  ".join(os.path.basename(n) for n in names[:15]))
   for path in files:
     r = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", os.devnull],
                        capture_output=True, text=True, check=False)

@@ -91,6 +91,87 @@ def test_channel_with_resets_falls_back():
   assert_matches(state, ref_state, F32)
 
 
+def _chunk_parallel_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
+                                 strength=1.0, dtype=F32, interpret=True):
+  """channel_gated_linear_attention with ``cfg``: output, final state and
+  the VJP of every input (random cotangents for both outputs) against
+  autodiff of the scan on the same rounded values."""
+  ks = jax.random.split(key_for("chunk-par", name, str(dtype)), 7)
+  q = jax.random.normal(ks[0], (b, t, n, f))
+  k = jax.random.normal(ks[1], (b, t, kh, f)) / np.sqrt(f)
+  v = jax.random.normal(ks[2], (b, t, kh, vd))
+  q, k, v = (x.astype(dtype).astype(F32) for x in (q, k, v))
+  g = -strength * jax.nn.softplus(jax.random.normal(ks[3], (b, t, n, f))
+                                  - 1.0)
+  s0 = jax.random.normal(ks[4], (b, n, f, vd))
+  ct = jax.random.normal(ks[5], (b, t, n, vd)).astype(dtype).astype(F32)
+  ct_s = jax.random.normal(ks[6], (b, n, f, vd))
+
+  def kernel(q, k, v, g, s0):
+    return channel.channel_gated_linear_attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), g, scale=0.3,
+        initial_state=s0, config=cfg, interpret=interpret)
+
+  def scan(q, k, v, g, s0):
+    return attnjax.linear_attention(
+        q, k, v, gate=g, scale=0.3, initial_state=s0,
+        return_final_state=True, implementation="xla")
+
+  def run(fn):
+    (out, fin), pull = jax.vjp(fn, q, k, v, g, s0)
+    return out, fin, pull((ct.astype(out.dtype), ct_s))
+
+  out, fin, grads = jax.jit(lambda: run(kernel))()
+  ref, ref_fin, ref_grads = jax.jit(lambda: run(scan))()
+  assert_matches(out, ref, dtype, name="out")
+  assert_matches(fin, ref_fin, dtype, name="final state")
+  for gname, a, r in zip(("q", "k", "v", "gate", "state"), grads,
+                         ref_grads):
+    testing.assert_finite(a, name=f"d{gname}")
+    assert_matches(a, r, dtype, grad=True, name=f"d{gname}")
+
+
+@pytest.mark.parametrize("name,chunk,dtype,kh,strength", [
+    # Four sub-chunks, GQA 4:2, F and V padded inside (24 -> 32, 20 -> 32).
+    ("c64_gqa", 64, F32, 2, 1.0),
+    # Strong gates (up to ~60 a step), MQA, two sub-chunks.
+    ("c32_strong_mqa", 32, F32, 1, 20.0),
+    ("c64_bf16", 64, BF16, 2, 1.0)])
+def test_channel_chunk_parallel_matches_scan(name, chunk, dtype, kh,
+                                             strength):
+  """ChannelConfig(chunk_parallel=True): the scores kernel (secondary
+  chunking), the sweeps with stored states and the per-chunk gradient
+  kernel, odd length (75: a partial last chunk)."""
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True, block_f=16,
+                              block_v=32)
+  _chunk_parallel_matches_scan(name, cfg, b=2, t=75, n=4, kh=kh, f=24,
+                               vd=20, strength=strength, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,h", [(BF16, 128), (F32, 64)])
+def test_channel_chunk_parallel_lowers_for_h100(dtype, h):
+  b, t, n, kh = 1, 100, 4, 2
+  sd = jax.ShapeDtypeStruct
+  args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
+          sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
+          sd((b, n, h, h), F32))
+  cfg = channel.ChannelConfig(chunk=64, chunk_parallel=True,
+                              block_f=32 if dtype == BF16 else 16)
+
+  def grad(q, k, v, g, s0):
+    def f(q, k, v, g, s0):
+      o, st = channel.channel_gated_linear_attention(
+          q, k, v, g, scale=0.1, initial_state=s0, config=cfg,
+          interpret=False)
+      return jnp.sum(o.astype(F32)) + jnp.sum(st)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+
+  text = _export_for_h100(grad, *args).mlir_module()
+  for name in ("scores", "fwd_states", "dstate", "grads"):
+    assert f"linear_scan_channel_{name}" in text, name
+  assert text.count("__gpu$xla.gpu.triton") == 4
+
+
 @pytest.mark.parametrize("dtype,h", [(BF16, 128), (F32, 64), (BF16, 256)])
 def test_channel_lowers_for_h100(dtype, h):
   b, t, n, kh = 1, 100, 4, 2
@@ -164,3 +245,16 @@ def test_gpu_channel_long_sequence_deterministic():
       f(q, k, v, g)[0].astype(F32)), argnums=(0, 1, 2, 3)))(q, k, v, g)
   for x in grads:
     assert np.isfinite(np.asarray(x, np.float32)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_gpu_channel_chunk_parallel(dtype, chunk):
+  """The chunk-parallel kernels compiled at the benchmark's head size
+  (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True,
+                              block_f=32 if dtype == BF16 else 16,
+                              block_v=64 if dtype == BF16 else 32)
+  _chunk_parallel_matches_scan(f"gpu-{chunk}", cfg, b=1, t=300, n=8, kh=2,
+                               f=128, vd=128, dtype=dtype, interpret=False)

@@ -32,7 +32,12 @@ kernels' identity, one value per channel).
 
 One program per (value or channel block, head, batch): no sequence splits
 (use the scalar-gate kernels' split path as the model when long sequences
-at small batch need more parallelism). Resets (packed sequences) are not
+at small batch need more parallelism).
+
+``ChannelConfig(chunk_parallel=True)`` selects a second layout (fla's
+``chunk_gla`` structure; see the section "Chunk-parallel path" below): the
+scores in a chunk-parallel kernel by secondary chunking, sweeps that carry
+only the states, and one chunk-parallel gradient kernel. Resets (packed sequences) are not
 supported here (NotImplementedError: dispatch falls back). Depends only on
 jax.
 """
@@ -66,6 +71,14 @@ class ChannelConfig:
     block_f: key channels per elementwise block, and per dq / dk program.
     num_warps, num_stages: Triton launch parameters (forward).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
+    chunk_parallel: False: each sweep program forms the intra-chunk scores
+      itself (elementwise, chunk by chunk). True: GLA's secondary chunking
+      in chunk-parallel kernels (one program per chunk, head and batch):
+      scores between 16-token sub-chunks by matmuls, elementwise only on
+      the diagonal sub-blocks; the sweeps carry the states (the forward's
+      stored for the backward) and do matmuls only; one gradient kernel
+      per chunk forms dq, dk, dv and the gate gradient. Meant for
+      ``chunk`` 32 or 64.
   """
   chunk: int = 16
   block_v: int = 64
@@ -74,6 +87,10 @@ class ChannelConfig:
   num_stages: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
+  chunk_parallel: bool = False
+
+
+_SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,7 @@ class _S:
   interpret: bool
   upcast: bool
   rep: int
+  par: bool = False  # chunk_parallel
 
 
 def _params(s: _S, bwd: bool = False):
@@ -142,12 +160,17 @@ def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int):
 # Kernels. Grid (value or channel block, head, batch).
 
 
-def _fwd_kernel(*refs, s: _S):
+def _fwd_kernel(*refs, s: _S, store: bool = False):
+  """The forward sweep. Chunk-parallel (s.par): the scaled scores come in
+  (a_ref, [Tp, C]) and, with ``store``, the state entering each chunk goes
+  out (hs_ref, [nc, F, bv])."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, gc_ref = next(it), next(it), next(it), next(it)
+  a_ref = next(it) if s.par else None
   s0_ref = next(it) if s.has_s0 else None
   o_ref, st_ref = next(it), next(it)
+  hs_ref = next(it) if store else None
   c, f = s.chunk, q_ref.shape[-1]
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
@@ -156,8 +179,13 @@ def _fwd_kernel(*refs, s: _S):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g = gc_ref[rows, :]
-    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
-    o = _dot((a * s.scale).astype(v.dtype), v)
+    if store:
+      hs_ref[i] = state.astype(hs_ref.dtype)
+    if s.par:
+      a = a_ref[rows, :]
+    else:
+      a = _intra(q_ref, k_ref, gc_ref, rows, s, f) * s.scale
+    o = _dot(a.astype(v.dtype), v)
     qd = (q.astype(_F32) * jnp.exp(g)).astype(q.dtype)
     o = o + s.scale * _dot(qd, state.astype(q.dtype))
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -284,26 +312,40 @@ def _state(rows, cols, by_row: bool):
   return pl.BlockSpec((None, None, rows, cols), lambda j, n, b: (b, n, 0, j))
 
 
-def _fwd_call(q, k, v, gc, s0, s: _S):
+def _fwd_call(q, k, v, gc, s0, s: _S, a=None, store=False):
+  """Output and final state; chunk-parallel: ``a`` the scaled scores
+  [B, N, Tp, C], and with ``store`` also the states entering each chunk
+  [B, N, nc, F, V] (q.dtype)."""
   b, tp, n, f = q.shape
   vp = v.shape[-1]
   kv, same, zero, col = _index_maps(s)
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
               _blk(tp, s.bv, kv, col), _blk(tp, f, same, zero)]
   args = [q, k, v, gc]
+  if s.par:
+    in_specs.append(pl.BlockSpec((None, None, tp, s.chunk),
+                                 lambda j, n_, b_: (b_, n_, 0, 0)))
+    args.append(a)
   if s.has_s0:
     in_specs.append(_state(f, s.bv, by_row=False))
     args.append(s0)
+  out_specs = [_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+               jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
+  if store:
+    out_specs.append(pl.BlockSpec((None, None, s.nc, f, s.bv),
+                                  lambda j, n_, b_: (b_, n_, 0, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), q.dtype))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, s=s),
+      functools.partial(_fwd_kernel, s=s, store=store),
       grid=(vp // s.bv, n, b),
       in_specs=in_specs,
-      out_specs=[_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)],
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
-                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(s),
       interpret=s.interpret,
-      name="linear_scan_channel_fwd",
+      name="linear_scan_channel_fwd_states" if store else
+      "linear_scan_channel_fwd",
   )(*args)
 
 
@@ -423,6 +465,234 @@ def _core_bwd(s: _S, res, cts):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+# ----------------------------------------------------------------------------
+# Chunk-parallel path (ChannelConfig.chunk_parallel): GLA's secondary
+# chunking. Within a chunk of C = ns * 16 tokens, the scores between
+# sub-chunks a > b factor through the gate at the last token before
+# sub-chunk a, r = 16 a - 1:
+#
+#   A_ab = (q_a * exp(G_a - G_r)) (k_b * exp(G_r - G_b))^T,
+#
+# both factors <= 1 (G is non-increasing); the diagonal sub-blocks are
+# formed elementwise over [16, 16, fb] channel blocks.
+
+
+def _sub(a):
+  return pl.ds(a * _SUB, _SUB)
+
+
+def _ref_gate(gc_ref, a, cols):
+  """G at the last token before sub-chunk a ([fb] or [F])."""
+  return _last_row(gc_ref[_sub(a - 1), cols].astype(_F32))
+
+
+def _scores_kernel(q_ref, k_ref, gc_ref, a_ref, *, s: _S):
+  """A [C, C] = scale * (q k^T weighted by the pairwise channel decays),
+  lower triangular (zeros above the diagonal), for one chunk."""
+  _, _, _dot_nt = _dots(s)
+  ns, f = s.chunk // _SUB, q_ref.shape[-1]
+  every = pl.ds(0, f)
+  for a in range(ns):
+    for b in range(ns):
+      if b > a:
+        blk = jnp.zeros((_SUB, _SUB), _F32)
+      elif b == a:
+        blk = _intra(q_ref, k_ref, gc_ref, _sub(a),
+                     dataclasses.replace(s, chunk=_SUB), f)
+      else:
+        gr = _ref_gate(gc_ref, a, every)
+        qa = q_ref[_sub(a), :].astype(_F32) * jnp.exp(
+            gc_ref[_sub(a), :] - gr[None, :])
+        kb = k_ref[_sub(b), :].astype(_F32) * jnp.exp(
+            gr[None, :] - gc_ref[_sub(b), :])
+        blk = _dot_nt(qa.astype(q_ref.dtype), kb.astype(k_ref.dtype))
+      a_ref[_sub(a), _sub(b)] = blk * s.scale
+
+
+def _dstate_kernel(q_ref, do_ref, gc_ref, ds_ref, dhs_ref, dsout_ref, *,
+                   s: _S):
+  """The state gradient, swept backwards over chunks for one value block:
+  dhs[i] is the gradient of the state leaving chunk i; the gradient of
+  the initial state comes out."""
+  _, _dot_tn, _ = _dots(s)
+  c = s.chunk
+
+  def body(i, dstate):
+    ci = s.nc - 1 - i
+    rows = pl.ds(pl.multiple_of(ci * c, c), c)
+    g = gc_ref[rows, :]
+    dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
+    qd = (q_ref[rows, :].astype(_F32) * (jnp.exp(g) * s.scale)).astype(
+        do_ref.dtype)
+    return (dstate * jnp.exp(_last_row(g))[:, None]
+            + _dot_tn(qd, do_ref[rows, :]))
+
+  dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gc_ref, a_ref, hs_ref, dhs_ref,
+                 dq_ref, dk_ref, dv_ref, dg_ref, *, s: _S):
+  """Every gradient of one chunk, given the state entering it (hs) and the
+  gradient of the state leaving it (dhs): dq, dk, dv and the per-row gate
+  gradient dG (reverse-summed within the chunk outside)."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  c, f = s.chunk, q_ref.shape[-1]
+  ns = c // _SUB
+  dt = do_ref.dtype
+  every = pl.ds(0, f)
+  last = _last_row(gc_ref[_sub(ns - 1), :])  # G at the chunk's end, [F]
+  # dv = A^T dO + (k exp(L - G)) dS_out.
+  kd = (k_ref[...].astype(_F32) * jnp.exp(last[None, :] - gc_ref[...]))
+  dv = (_dot_tn(a_ref[...].astype(dt), do_ref[...])
+        + _dot(kd.astype(dt), dhs_ref[...].astype(dt)))
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  # dA_ab = scale * dO_a v_b^T for the sub-blocks on and below the diagonal.
+  da = {(a, b): _dot_nt(do_ref[_sub(a), :], v_ref[_sub(b), :].astype(dt))
+        * s.scale for a in range(ns) for b in range(a + 1)}
+  for f0 in range(0, f, s.bf):
+    cols = pl.ds(f0, s.bf)
+    last_b = _last_row(gc_ref[_sub(ns - 1), cols])
+    hs_b, dhs_b = hs_ref[cols, :], dhs_ref[cols, :]  # [fb, V] slices
+    e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
+        last_b)  # the state-span term of the chunk's last row
+    hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
+    for r in range(ns):
+      g = gc_ref[_sub(r), cols]
+      q = q_ref[_sub(r), cols].astype(_F32)
+      k = k_ref[_sub(r), cols].astype(_F32)
+      # Inter-chunk parts, through the states.
+      dq = s.scale * jnp.exp(g) * _dot_nt(do_ref[_sub(r), :], hs_b)
+      dk_inter = jnp.exp(last_b[None, :] - g) * _dot_nt(
+          v_ref[_sub(r), :].astype(dt), dhs_b)
+      dk = dk_inter
+      # Off-diagonal sub-blocks: dq from earlier keys, dk from later queries.
+      if r > 0:
+        gr = _ref_gate(gc_ref, r, cols)
+        acc = jnp.zeros((_SUB, s.bf), _F32)
+        for b in range(r):
+          kb = k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
+              gr[None, :] - gc_ref[_sub(b), cols])
+          acc = acc + _dot(da[r, b].astype(dt), kb.astype(dt))
+        dq = dq + acc * jnp.exp(g - gr[None, :])
+      for a in range(r + 1, ns):
+        ga = gc_ref[_sub(a), cols]
+        gr = _ref_gate(gc_ref, a, cols)
+        qa = q_ref[_sub(a), cols].astype(_F32) * jnp.exp(ga - gr[None, :])
+        dk = dk + jnp.exp(gr[None, :] - g) * _dot_tn(da[a, r].astype(dt),
+                                                     qa.astype(dt))
+      # Diagonal sub-block, elementwise.
+      de = da[r, r][:, :, None] * _pair_decay(g, transpose=False)
+      dq = dq + jnp.sum(de * k[None, :, :], axis=1)
+      dk = dk + jnp.sum(de * q[:, None, :], axis=0)
+      dq_ref[_sub(r), cols] = dq.astype(dq_ref.dtype)
+      dk_ref[_sub(r), cols] = dk.astype(dk_ref.dtype)
+      e = e + jnp.sum(k * dk_inter, axis=0)
+      dg = q * dq - k * dk
+      if r == ns - 1:
+        is_last = lax.broadcasted_iota(jnp.int32, dg.shape, 0) == _SUB - 1
+        dg = dg + jnp.where(is_last, e[None, :], 0.0)
+      dg_ref[_sub(r), cols] = dg
+
+
+def _scores_call(q, k, gc, s: _S):
+  b, tp, n, f = q.shape
+  c = s.chunk
+  rows = lambda head: pl.BlockSpec(  # noqa: E731
+      (None, c, None, f), lambda i, n_, b_: (b_, i, head(n_), 0))
+  return pl.pallas_call(
+      functools.partial(_scores_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=[rows(lambda x: x), rows(lambda x: x // s.rep),
+                rows(lambda x: x)],
+      out_specs=pl.BlockSpec((None, None, c, c),
+                             lambda i, n_, b_: (b_, n_, i, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, n, tp, c), _F32),
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_channel_scores",
+  )(q, k, gc)
+
+
+def _dstate_call(q, do, gc, dfinal, s: _S):
+  b, tp, n, f = q.shape
+  vp = do.shape[-1]
+  _, same, zero, col = _index_maps(s)
+  return pl.pallas_call(
+      functools.partial(_dstate_kernel, s=s),
+      grid=(vp // s.bv, n, b),
+      in_specs=[_blk(tp, f, same, zero), _blk(tp, s.bv, same, col),
+                _blk(tp, f, same, zero), _state(f, s.bv, by_row=False)],
+      out_specs=[pl.BlockSpec((None, None, s.nc, f, s.bv),
+                              lambda j, n_, b_: (b_, n_, 0, 0, j)),
+                 _state(f, s.bv, by_row=False)],
+      out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_dstate",
+  )(q, do, gc, dfinal)
+
+
+def _grad_call(q, k, v, do, gc, a, hs, dhs, s: _S):
+  b, tp, n, f = q.shape
+  vp, c = v.shape[-1], s.chunk
+  rows = lambda head, width: pl.BlockSpec(  # noqa: E731
+      (None, c, None, width), lambda i, n_, b_: (b_, i, head(n_), 0))
+  same, kv = (lambda x: x), (lambda x: x // s.rep)
+  st = pl.BlockSpec((None, None, None, f, vp),
+                    lambda i, n_, b_: (b_, n_, i, 0, 0))
+  kv_dt = k.dtype if s.rep == 1 else _F32
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=[rows(same, f), rows(kv, f), rows(kv, vp), rows(same, vp),
+                rows(same, f),
+                pl.BlockSpec((None, None, c, c),
+                             lambda i, n_, b_: (b_, n_, i, 0)), st, st],
+      out_specs=[rows(same, f), rows(same, f), rows(same, vp),
+                 rows(same, f)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(q.shape, kv_dt),
+                 jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt),
+                 jax.ShapeDtypeStruct(q.shape, _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_grads",
+  )(q, k, v, do, gc, a, hs, dhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _core_par(q, k, v, g, s0, s: _S):
+  gc = _chunk_cumsum(g, s.chunk)
+  return _fwd_call(q, k, v, gc, s0, s, a=_scores_call(q, k, gc, s))
+
+
+def _core_par_fwd(q, k, v, g, s0, s: _S):
+  gc = _chunk_cumsum(g, s.chunk)
+  a = _scores_call(q, k, gc, s)
+  o, final, hs = _fwd_call(q, k, v, gc, s0, s, a=a, store=True)
+  return (o, final), (q, k, v, gc, a, hs)
+
+
+def _core_par_bwd(s: _S, res, cts):
+  q, k, v, gc, a, hs = res
+  do, dfinal = cts
+  b, tp, n, f = q.shape
+  kh, vp = k.shape[2], v.shape[-1]
+  do = do.astype(q.dtype)
+  dhs, ds0 = _dstate_call(q, do, gc, dfinal.astype(_F32), s)
+  dq, dk, dv, dgr = _grad_call(q, k, v, do, gc, a, hs, dhs, s)
+  if s.rep > 1:
+    dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
+    dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)
+  rows = dgr.reshape(b, tp // s.chunk, s.chunk, n, f)
+  dg = jnp.flip(jnp.cumsum(jnp.flip(rows, 2), 2), 2).reshape(b, tp, n, f)
+  return dq, dk, dv, dg, (ds0 if s.has_s0 else None)
+
+
+_core_par.defvjp(_core_par_fwd, _core_par_bwd)
+
+
 def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                                    scale: float, initial_state=None,
                                    config: ChannelConfig | None = None,
@@ -485,7 +755,7 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
          stages_bwd=cfg.num_stages_bwd,
          has_s0=initial_state is not None, interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",
-         rep=n // kh)
+         rep=n // kh, par=cfg.chunk_parallel)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)
@@ -493,5 +763,5 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   s0 = None
   if initial_state is not None:
     s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
-  o, final = _core(qp, kp, vpd, g, s0, s)
+  o, final = (_core_par if s.par else _core)(qp, kp, vpd, g, s0, s)
   return o[:, :t, :, :vd], final[:, :, :f, :vd]

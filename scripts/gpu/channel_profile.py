@@ -1,0 +1,177 @@
+"""Per-key-channel gates (GLA) on the GPU: checks, then configurations.
+
+  PYTHONPATH=$PWD python3 scripts/gpu/channel_profile.py [--seqs=4096,16384]
+      [--no-fla] [--no-checks] [--quick]
+
+1. Checks: the chunk-parallel path (``ChannelConfig(chunk_parallel=True)``)
+   against the scan on the GPU at H = 128, float32 and bfloat16, forward and
+   every gradient, GQA, initial state, odd T.
+2. Times at the benchmark's shapes (bf16, N = 16, H = Hv = 128, B*T = 65536,
+   the benchmark's gates): forward and forward+backward of the sweep path
+   (the default, chunk 16) and of the chunk-parallel path at several
+   tilings, with fla's ``chunk_gla`` beside them (M tokens/s).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import attnjax  # noqa: E402
+from attnjax.bench import common  # noqa: E402
+from pallas_kernels.linear_scan import channel  # noqa: E402
+
+N, H, TOKENS = 16, 128, 65536
+C = channel.ChannelConfig
+
+CONFIGS = {
+    "sweep c16 (default)": C(),
+    "par c64 bf32 bv64 w4": C(chunk=64, chunk_parallel=True),
+    "par c64 bf32 bv64 w8": C(chunk=64, chunk_parallel=True, num_warps=8,
+                              num_warps_bwd=8),
+    "par c64 bf16 bv64 w4": C(chunk=64, chunk_parallel=True, block_f=16),
+    "par c64 bf32 bv32 w4": C(chunk=64, chunk_parallel=True, block_v=32),
+    "par c32 bf32 bv64 w4": C(chunk=32, chunk_parallel=True),
+}
+
+
+def _rel(a, b):
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
+
+
+def checks():
+  ok = True
+  for dt, tol, bf in ((jnp.float32, 2e-3, 16), (jnp.bfloat16, 5e-2, 32)):
+    b, t, n, kh, f = 2, 301, 4, 2, 128
+    ks = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(ks[0], (b, t, n, f)).astype(dt)
+    k = (jax.random.normal(ks[1], (b, t, kh, f)) / f ** 0.5).astype(dt)
+    v = jax.random.normal(ks[2], (b, t, kh, f)).astype(dt)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, n, f)) + 3.0)
+    s0 = 0.1 * jax.random.normal(ks[4], (b, n, f, f))
+    cfg = C(chunk=64, chunk_parallel=True, block_f=bf,
+            block_v=64 if dt == jnp.bfloat16 else 32)
+
+    def run(fn):
+      def loss(q, k, v, g, s0):
+        o, s = fn(q, k, v, g, s0)
+        o32 = o.astype(jnp.float32)
+        return jnp.sum(o32 * jnp.sin(o32)) + jnp.sum(s * s), (o, s)
+      return jax.jit(jax.value_and_grad(loss, argnums=range(5),
+                                        has_aux=True))(q, k, v, g, s0)
+    (_, (o1, s1)), g1 = run(
+        lambda q, k, v, g, s0, cfg=cfg: channel.channel_gated_linear_attention(
+            q, k, v, g, scale=f ** -0.5, initial_state=s0, config=cfg,
+            interpret=False))
+    (_, (o2, s2)), g2 = run(
+        lambda q, k, v, g, s0: attnjax.linear_attention(
+            q, k, v, gate=g, initial_state=s0, return_final_state=True,
+            implementation="xla"))
+    errs = [_rel(o1, o2), _rel(s1, s2)] + [_rel(x, y) for x, y in
+                                           zip(g1, g2)]
+    nan = any(bool(jnp.any(jnp.isnan(x.astype(jnp.float32))))
+              for x in (o1, s1) + tuple(g1))
+    good = max(errs) < tol and not nan
+    ok &= good
+    print(f"check {jnp.dtype(dt).name}: out/state/dq/dk/dv/dg/ds0 rel "
+          + " ".join(f"{e:.1e}" for e in errs)
+          + f" nan={nan} -> {'ok' if good else 'FAIL'}", flush=True)
+  return ok
+
+
+def _inputs(b, t):
+  """The benchmark's channel-gate inputs (attnjax.bench.linear)."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, t, N, H), jnp.bfloat16)
+  k = (jax.random.normal(ks[1], (b, t, N, H)) / H ** 0.5).astype(
+      jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, N, H), jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, N, H)) + 4.0) / 16
+  return q, k, v, g
+
+
+def _line(label, b, t, sec):
+  print(f"  {label:40s} {sec * 1e3:8.3f} ms  {b * t / sec / 1e6:8.2f} "
+        "M tok/s", flush=True)
+
+
+def _time(fn, *args):
+  return common.time_fn(fn, *args, min_seconds=0.1, repeats=3)
+
+
+def timings(seqs, fla=True):
+  for t in seqs:
+    b = TOKENS // t
+    print(f"T={t} B={b}", flush=True)
+    q, k, v, g = _inputs(b, t)
+    for name, cfg in CONFIGS.items():
+      def f(q, k, v, g, cfg=cfg):
+        return channel.channel_gated_linear_attention(
+            q, k, v, g, scale=H ** -0.5, config=cfg)[0]
+
+      def loss(q, k, v, g, f=f):
+        return jnp.sum(f(q, k, v, g).astype(jnp.float32) ** 2)
+      try:
+        _line(f"{name} fwd", b, t, _time(jax.jit(f), q, k, v, g))
+        _line(f"{name} fwd+bwd", b, t,
+              _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
+                    q, k, v, g))
+      except Exception as e:  # noqa: BLE001
+        print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}",
+              flush=True)
+    if fla:
+      _fla(b, t)
+
+
+def _fla(b, t):
+  try:
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+    from fla.ops.gla import chunk_gla  # noqa: PLC0415
+  except Exception as e:  # noqa: BLE001
+    print(f"  fla unavailable: {e}")
+    return
+  from attnjax.bench.linear import _time_torch  # noqa: PLC0415
+  dev = "cuda"
+  torch.manual_seed(0)
+
+  def leaf(scale=1.0):
+    return (torch.randn(b, t, N, H, device=dev) * scale).to(
+        torch.bfloat16).requires_grad_()
+  q, k, v = leaf(), leaf(H ** -0.5), leaf()
+  g = (F.logsigmoid(torch.randn(b, t, N, H, device=dev) + 4) / 16
+       ).requires_grad_()
+  do = torch.randn(b, t, N, H, device=dev, dtype=torch.bfloat16)
+  with torch.no_grad():
+    _line("fla chunk_gla fwd", b, t, _time_torch(lambda: chunk_gla(q, k, v, g)))
+
+  def fb():
+    chunk_gla(q, k, v, g)[0].backward(do)
+  try:
+    _line("fla chunk_gla fwd+bwd", b, t, _time_torch(fb))
+  except Exception as e:  # noqa: BLE001
+    print(f"  fla fwd+bwd FAILED {type(e).__name__}: {str(e)[:200]}")
+  torch.cuda.empty_cache()
+
+
+def main(argv):
+  ok = True if "--no-checks" in argv else checks()
+  t0 = time.time()
+  seqs = (4096,) if "--quick" in argv else (4096, 16384, 65536)
+  for a in argv:
+    if a.startswith("--seqs="):
+      seqs = tuple(int(x) for x in a[7:].split(","))
+  timings(seqs, fla="--no-fla" not in argv)
+  print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -61,6 +61,30 @@ def test_channel_forward_property(length, chunk, kv_heads, strength):
   check_against_scan(case, "pallas", grads=False, chunk_size=chunk)
 
 
+@settings(max_examples=3, deadline=None)
+@given(length=st.integers(1, 70), chunk=st.sampled_from([32, 64]),
+       kv_heads=st.sampled_from([1, 2, 4]), strength=st.floats(0.01, 20.0))
+def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
+                                                 strength):
+  """The chunk-parallel layout's output and final state against the scan
+  for any length (partial sub-chunks and chunks), GQA ratio and gate
+  strength."""
+  arrays, _ = linear_case(key_for("chunk-par-prop", length, chunk, kv_heads),
+                          length=length, kv_heads=kv_heads, gate="channel",
+                          gate_strength=strength, initial_state=True)
+  q, k, v, g, s0 = (arrays[x] for x in ("query", "key", "value", "gate",
+                                        "initial_state"))
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True, block_f=16,
+                              block_v=16)
+  out, fin = jax.jit(lambda *a: channel.channel_gated_linear_attention(
+      *a[:4], scale=0.5, initial_state=a[4], config=cfg, interpret=True))(
+          q, k, v, g, s0)
+  ref, ref_fin = reference.linear_attention_reference(
+      q, k, v, log_gate=g, scale=0.5, initial_state=s0)
+  assert_matches(out, ref, F32, name="out")
+  assert_matches(fin, ref_fin, F32, name="final state")
+
+
 def test_channel_direct_call_and_errors():
   x = jnp.ones((1, 32, 1, 16))
   g = jnp.full((1, 32, 1, 16), -0.5)

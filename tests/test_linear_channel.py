@@ -172,15 +172,25 @@ def test_channel_chunk_parallel_matches_scan(name, chunk, dtype, kh,
                                vd=20, strength=strength, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype,h", [(BF16, 128), (F32, 64)])
-def test_channel_chunk_parallel_lowers_for_h100(dtype, h):
+_SWEEP_KERNELS = ("fwd", "dq", "dk", "dv")
+_PARALLEL_KERNELS = ("scores", "fwd_states", "dstate", "grads")
+
+
+@pytest.mark.parametrize("dtype,h,parallel", [
+    (BF16, 128, False), (F32, 64, False), (BF16, 256, False),
+    (BF16, 128, True), (F32, 64, True)])
+def test_channel_lowers_for_h100(dtype, h, parallel):
+  """Forward and backward lower for sm_90a, in either layout (the sweep
+  default; the chunk-parallel one at chunk 64)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
           sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
           sd((b, n, h, h), F32))
-  cfg = channel.ChannelConfig(chunk=64, chunk_parallel=True,
-                              block_f=32 if dtype == BF16 else 16)
+  cfg = None
+  if parallel:
+    cfg = channel.ChannelConfig(chunk=64, chunk_parallel=True,
+                                block_f=32 if dtype == BF16 else 16)
 
   def grad(q, k, v, g, s0):
     def f(q, k, v, g, s0):
@@ -191,28 +201,7 @@ def test_channel_chunk_parallel_lowers_for_h100(dtype, h):
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
-  for name in ("scores", "fwd_states", "dstate", "grads"):
-    assert f"linear_scan_channel_{name}" in text, name
-  assert text.count("__gpu$xla.gpu.triton") == 4
-
-
-@pytest.mark.parametrize("dtype,h", [(BF16, 128), (F32, 64), (BF16, 256)])
-def test_channel_lowers_for_h100(dtype, h):
-  b, t, n, kh = 1, 100, 4, 2
-  sd = jax.ShapeDtypeStruct
-  args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
-          sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
-          sd((b, n, h, h), F32))
-
-  def grad(q, k, v, g, s0):
-    def f(q, k, v, g, s0):
-      o, st = channel.channel_gated_linear_attention(
-          q, k, v, g, scale=0.1, initial_state=s0, interpret=False)
-      return jnp.sum(o.astype(F32)) + jnp.sum(st)
-    return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
-
-  text = _export_for_h100(grad, *args).mlir_module()
-  for name in ("fwd", "dq", "dk", "dv"):
+  for name in _PARALLEL_KERNELS if parallel else _SWEEP_KERNELS:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == 4
 

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import attnjax  # noqa: E402
-from attnjax.bench import common  # noqa: E402
+import profile_common as pc  # noqa: E402
 from pallas_kernels.linear_scan import channel  # noqa: E402
 
 N, H, TOKENS = 16, 128, 65536
@@ -39,11 +39,6 @@ CONFIGS = {
     "par c64 bf32 bv32 w4": C(chunk=64, chunk_parallel=True, block_v=32),
     "par c32 bf32 bv64 w4": C(chunk=32, chunk_parallel=True),
 }
-
-
-def _rel(a, b):
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
 
 
 def checks():
@@ -74,15 +69,8 @@ def checks():
         lambda q, k, v, g, s0: attnjax.linear_attention(
             q, k, v, gate=g, initial_state=s0, return_final_state=True,
             implementation="xla"))
-    errs = [_rel(o1, o2), _rel(s1, s2)] + [_rel(x, y) for x, y in
-                                           zip(g1, g2)]
-    nan = any(bool(jnp.any(jnp.isnan(x.astype(jnp.float32))))
-              for x in (o1, s1) + tuple(g1))
-    good = max(errs) < tol and not nan
-    ok &= good
-    print(f"check {jnp.dtype(dt).name}: out/state/dq/dk/dv/dg/ds0 rel "
-          + " ".join(f"{e:.1e}" for e in errs)
-          + f" nan={nan} -> {'ok' if good else 'FAIL'}", flush=True)
+    ok &= pc.check_line(dt, "out/state/dq/dk/dv/dg/ds0",
+                        (o1, s1) + tuple(g1), (o2, s2) + tuple(g2), tol)
   return ok
 
 
@@ -95,15 +83,6 @@ def _inputs(b, t):
   v = jax.random.normal(ks[2], (b, t, N, H), jnp.bfloat16)
   g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, N, H)) + 4.0) / 16
   return q, k, v, g
-
-
-def _line(label, b, t, sec):
-  print(f"  {label:40s} {sec * 1e3:8.3f} ms  {b * t / sec / 1e6:8.2f} "
-        "M tok/s", flush=True)
-
-
-def _time(fn, *args):
-  return common.time_fn(fn, *args, min_seconds=0.1, repeats=3)
 
 
 def timings(seqs, fla=True):
@@ -119,9 +98,9 @@ def timings(seqs, fla=True):
       def loss(q, k, v, g, f=f):
         return jnp.sum(f(q, k, v, g).astype(jnp.float32) ** 2)
       try:
-        _line(f"{name} fwd", b, t, _time(jax.jit(f), q, k, v, g))
-        _line(f"{name} fwd+bwd", b, t,
-              _time(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
+        pc.line(f"{name} fwd", b, t, pc.time(jax.jit(f), q, k, v, g))
+        pc.line(f"{name} fwd+bwd", b, t,
+              pc.time(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
                     q, k, v, g))
       except Exception as e:  # noqa: BLE001
         print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}",
@@ -150,12 +129,13 @@ def _fla(b, t):
        ).requires_grad_()
   do = torch.randn(b, t, N, H, device=dev, dtype=torch.bfloat16)
   with torch.no_grad():
-    _line("fla chunk_gla fwd", b, t, _time_torch(lambda: chunk_gla(q, k, v, g)))
+    pc.line("fla chunk_gla fwd", b, t,
+            _time_torch(lambda: chunk_gla(q, k, v, g)))
 
   def fb():
     chunk_gla(q, k, v, g)[0].backward(do)
   try:
-    _line("fla chunk_gla fwd+bwd", b, t, _time_torch(fb))
+    pc.line("fla chunk_gla fwd+bwd", b, t, _time_torch(fb))
   except Exception as e:  # noqa: BLE001
     print(f"  fla fwd+bwd FAILED {type(e).__name__}: {str(e)[:200]}")
   torch.cuda.empty_cache()

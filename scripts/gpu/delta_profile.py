@@ -28,15 +28,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import attnjax  # noqa: E402
-from attnjax.bench import common  # noqa: E402
+import profile_common as pc  # noqa: E402
 from pallas_kernels.linear_scan import delta as kdelta  # noqa: E402
 
 N, H, TOKENS = 16, 128, 65536
-
-
-def _rel(a, b):
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
 
 
 def checks():
@@ -65,15 +60,8 @@ def checks():
                                         has_aux=True))(q, k, vv, beta, g, s0)
     (_, (o1, s1)), g1 = run("pallas")
     (_, (o2, s2)), g2 = run("xla")
-    errs = [_rel(o1, o2), _rel(s1, s2)] + [_rel(x, y) for x, y in
-                                           zip(g1, g2)]
-    nan = any(bool(jnp.any(jnp.isnan(x.astype(jnp.float32))))
-              for x in (o1, s1) + tuple(g1))
-    good = max(errs) < tol and not nan
-    ok &= good
-    print(f"check {jnp.dtype(dt).name}: out/state/dq/dk/dv/dbeta/dg/ds0 rel "
-          + " ".join(f"{e:.1e}" for e in errs)
-          + f" nan={nan} -> {'ok' if good else 'FAIL'}", flush=True)
+    ok &= pc.check_line(dt, "out/state/dq/dk/dv/dbeta/dg/ds0",
+                        (o1, s1) + tuple(g1), (o2, s2) + tuple(g2), tol)
   return ok
 
 
@@ -86,15 +74,6 @@ def _inputs(b, t):
   beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, N)))
   g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, N)) + 4.0)
   return q, k, v, beta, g
-
-
-def _line(label, b, t, sec):
-  print(f"  {label:46s} {sec * 1e3:8.3f} ms  {b * t / sec / 1e6:8.2f} "
-        "M tok/s", flush=True)
-
-
-def _time(fn, *args):
-  return common.time_fn(fn, *args, min_seconds=0.1, repeats=3)
 
 
 def _grad_of(fn, argnums):
@@ -142,25 +121,26 @@ def _parts(t, b, q, k, v, beta, g, cfg):
   grads = jax.jit(lambda *a: kdelta._grad_call(*a, None, st))
   core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
   try:
-    _line(f"UT kernel (+T) {tag}", b, t, _time(ut, q, k, v, bp, gc, wq))
+    pc.line(f"UT kernel (+T) {tag}", b, t,
+            pc.time(ut, q, k, v, bp, gc, wq))
     w, u, a, tt = ut(q, k, v, bp, gc, wq)
-    _line(f"sweep fwd {tag}", b, t,
-          _time(fwd, q, k, a, w, u, wq, wk, dec))
-    _line(f"sweep fwd, storing states {tag}", b, t,
-          _time(store, q, k, a, w, u, wq, wk, dec))
+    pc.line(f"sweep fwd {tag}", b, t,
+          pc.time(fwd, q, k, a, w, u, wq, wk, dec))
+    pc.line(f"sweep fwd, storing states {tag}", b, t,
+          pc.time(store, q, k, a, w, u, wq, wk, dec))
     h, vn = store(q, k, a, w, u, wq, wk, dec)
     do = v
     dfin = jnp.zeros((b, N, H, H), jnp.float32)
-    _line(f"reverse sweep {tag}", b, t,
-          _time(bwd, q, k, a, w, wq, wk, dec, do, dfin))
+    pc.line(f"reverse sweep {tag}", b, t,
+          pc.time(bwd, q, k, a, w, wq, wk, dec, do, dfin))
     gv, lam, _ = bwd(q, k, a, w, wq, wk, dec, do, dfin)
-    _line(f"gradient kernel {tag}", b, t,
-          _time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, do, gv, vn))
+    pc.line(f"gradient kernel {tag}", b, t,
+          pc.time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, do, gv, vn))
     del w, u, a, tt, h, vn, gv, lam
-    _line(f"core fwd {tag}", b, t,
-          _time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
-    _line(f"core fwd+bwd {tag}", b, t,
-          _time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc, wq, wk,
+    pc.line(f"core fwd {tag}", b, t,
+          pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
+    pc.line(f"core fwd+bwd {tag}", b, t,
+          pc.time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc, wq, wk,
                 dec))
   except Exception as e:  # noqa: BLE001
     print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}")
@@ -194,8 +174,8 @@ def _grad_sweep(t, b, q, k, v, beta, g):
            f"/bk{sg.bkg or 'F'}")
     try:
       grads = jax.jit(lambda *x, sg=sg: kdelta._grad_call(*x, None, sg))
-      _line(f"gradient kernel {tag}", b, t,
-            _time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, v, gv, vn))
+      pc.line(f"gradient kernel {tag}", b, t,
+            pc.time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, v, gv, vn))
     except Exception as e:  # noqa: BLE001
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
@@ -216,9 +196,10 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False):
                 implementation=impl))
         name = f"{impl} {'gated' if gated else 'ungated'}"
         try:
-          _line(f"{name} fwd", b, t, _time(jax.jit(f), q, k, v, beta, g))
-          _line(f"{name} fwd+bwd", b, t,
-                _time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
+          pc.line(f"{name} fwd", b, t,
+                  pc.time(jax.jit(f), q, k, v, beta, g))
+          pc.line(f"{name} fwd+bwd", b, t,
+                pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
         except Exception as e:  # noqa: BLE001
           print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}")
     configs = [kdelta.DeltaConfig()]
@@ -261,7 +242,8 @@ def _fla(b, t):
           *a[:3], beta=a[4]))):
     with torch.no_grad():
       try:
-        _line(f"{name} fwd", b, t, _time_torch(lambda: call(q, k, v, g, beta)))
+        pc.line(f"{name} fwd", b, t,
+                _time_torch(lambda: call(q, k, v, g, beta)))
       except Exception as e:  # noqa: BLE001
         print(f"  {name} fwd FAILED {type(e).__name__}: {str(e)[:200]}")
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
@@ -269,7 +251,7 @@ def _fla(b, t):
     def fb():
       call(*leaves)[0].backward(do)
     try:
-      _line(f"{name} fwd+bwd", b, t, _time_torch(fb))
+      pc.line(f"{name} fwd+bwd", b, t, _time_torch(fb))
     except Exception as e:  # noqa: BLE001
       print(f"  {name} fwd+bwd FAILED {type(e).__name__}: {str(e)[:200]}")
   torch.cuda.empty_cache()

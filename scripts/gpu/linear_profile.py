@@ -180,10 +180,16 @@ def main():
              f"num_splits={ns}", bwd=False)
     for over in (dict(block_rows=128), dict(block_rows=256),
                  dict(block_v=128, num_warps=8), dict(num_stages=3),
-                 dict(chunk=128, num_warps=8)):
+                 dict(chunk=128, num_warps=8),
+                 # One pass, no split: narrow value blocks fill the SMs at
+                 # B = 1 (q and k re-read per value block, from L2 if the
+                 # programs of a head keep pace).
+                 dict(num_splits=1, block_v=16),
+                 dict(num_splits=1, block_v=32),
+                 dict(num_splits=4, block_v=32)):
       _whole(b, t, False, dataclasses.replace(base, **over), str(over),
              bwd=False)
-      if t > 4096:
+      if t > 4096 and over.get("num_splits") != 1:
         _parts(b, t, False, dataclasses.replace(base, **over))
   return 0
 

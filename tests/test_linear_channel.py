@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attnjax
@@ -62,6 +62,9 @@ def test_channel_forward_property(length, chunk, kv_heads, strength):
 
 
 @settings(max_examples=3, deadline=None)
+# A case that fails with chunk-level cumulative gates (decay exponents as
+# differences of large sums) and passes with the sub-chunk-local ones.
+@example(length=62, chunk=64, kv_heads=1, strength=16.5)
 @given(length=st.integers(1, 70), chunk=st.sampled_from([32, 64]),
        kv_heads=st.sampled_from([1, 2, 4]), strength=st.floats(0.01, 20.0))
 def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
@@ -173,7 +176,7 @@ def test_channel_chunk_parallel_matches_scan(name, chunk, dtype, kh,
 
 
 _SWEEP_KERNELS = ("fwd", "dq", "dk", "dv")
-_PARALLEL_KERNELS = ("scores", "fwd_states", "dstate", "grads")
+_PARALLEL_KERNELS = ("scores", "sweep_states", "dstate", "grads")
 
 
 @pytest.mark.parametrize("dtype,h,parallel", [

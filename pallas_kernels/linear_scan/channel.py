@@ -37,7 +37,9 @@ at small batch need more parallelism).
 ``ChannelConfig(chunk_parallel=True)`` selects a second layout (fla's
 ``chunk_gla`` structure; see the section "Chunk-parallel path" below): the
 scores in a chunk-parallel kernel by secondary chunking, sweeps that carry
-only the states, and one chunk-parallel gradient kernel. Resets (packed sequences) are not
+only the states, and one chunk-parallel gradient kernel.
+
+Resets (packed sequences) are not
 supported here (NotImplementedError: dispatch falls back). Depends only on
 jax.
 """
@@ -160,17 +162,12 @@ def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int):
 # Kernels. Grid (value or channel block, head, batch).
 
 
-def _fwd_kernel(*refs, s: _S, store: bool = False):
-  """The forward sweep. Chunk-parallel (s.par): the scaled scores come in
-  (a_ref, [Tp, C]) and, with ``store``, the state entering each chunk goes
-  out (hs_ref, [nc, F, bv])."""
+def _fwd_kernel(*refs, s: _S):
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, gc_ref = next(it), next(it), next(it), next(it)
-  a_ref = next(it) if s.par else None
   s0_ref = next(it) if s.has_s0 else None
   o_ref, st_ref = next(it), next(it)
-  hs_ref = next(it) if store else None
   c, f = s.chunk, q_ref.shape[-1]
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
@@ -179,13 +176,8 @@ def _fwd_kernel(*refs, s: _S, store: bool = False):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g = gc_ref[rows, :]
-    if store:
-      hs_ref[i] = state.astype(hs_ref.dtype)
-    if s.par:
-      a = a_ref[rows, :]
-    else:
-      a = _intra(q_ref, k_ref, gc_ref, rows, s, f) * s.scale
-    o = _dot(a.astype(v.dtype), v)
+    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
+    o = _dot((a * s.scale).astype(v.dtype), v)
     qd = (q.astype(_F32) * jnp.exp(g)).astype(q.dtype)
     o = o + s.scale * _dot(qd, state.astype(q.dtype))
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -312,40 +304,26 @@ def _state(rows, cols, by_row: bool):
   return pl.BlockSpec((None, None, rows, cols), lambda j, n, b: (b, n, 0, j))
 
 
-def _fwd_call(q, k, v, gc, s0, s: _S, a=None, store=False):
-  """Output and final state; chunk-parallel: ``a`` the scaled scores
-  [B, N, Tp, C], and with ``store`` also the states entering each chunk
-  [B, N, nc, F, V] (q.dtype)."""
+def _fwd_call(q, k, v, gc, s0, s: _S):
   b, tp, n, f = q.shape
   vp = v.shape[-1]
   kv, same, zero, col = _index_maps(s)
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
               _blk(tp, s.bv, kv, col), _blk(tp, f, same, zero)]
   args = [q, k, v, gc]
-  if s.par:
-    in_specs.append(pl.BlockSpec((None, None, tp, s.chunk),
-                                 lambda j, n_, b_: (b_, n_, 0, 0)))
-    args.append(a)
   if s.has_s0:
     in_specs.append(_state(f, s.bv, by_row=False))
     args.append(s0)
-  out_specs = [_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)]
-  out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
-               jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
-  if store:
-    out_specs.append(pl.BlockSpec((None, None, s.nc, f, s.bv),
-                                  lambda j, n_, b_: (b_, n_, 0, 0, j)))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), q.dtype))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, s=s, store=store),
+      functools.partial(_fwd_kernel, s=s),
       grid=(vp // s.bv, n, b),
       in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
+      out_specs=[_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
       compiler_params=_params(s),
       interpret=s.interpret,
-      name="linear_scan_channel_fwd_states" if store else
-      "linear_scan_channel_fwd",
+      name="linear_scan_channel_fwd",
   )(*args)
 
 
@@ -467,49 +445,102 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # ----------------------------------------------------------------------------
 # Chunk-parallel path (ChannelConfig.chunk_parallel): GLA's secondary
-# chunking. Within a chunk of C = ns * 16 tokens, the scores between
-# sub-chunks a > b factor through the gate at the last token before
-# sub-chunk a, r = 16 a - 1:
+# chunking. The log gates come as cumulative sums local to 16-token
+# sub-chunks (gs); with Tot_c the total of sub-chunk c, the chunk-level
+# G_i = sum_{c < a} Tot_c + gs_i for token i of sub-chunk a. Every decay
+# factor is rebuilt from sub-chunk-local differences and whole totals, so
+# no exponent is a difference of two large chunk-level sums (which would
+# carry ~C * |g| * eps of cancellation error). Between sub-chunks a > b,
+# through the token r before sub-chunk a (G_r = sum_{c < a} Tot_c):
 #
-#   A_ab = (q_a * exp(G_a - G_r)) (k_b * exp(G_r - G_b))^T,
+#   A_ab = (q_a exp(gs_a)) (k_b exp(Tot_b - gs_b + sum_{b<c<a} Tot_c))^T,
 #
-# both factors <= 1 (G is non-increasing); the diagonal sub-blocks are
-# formed elementwise over [16, 16, fb] channel blocks.
+# both factors <= 1; the diagonal sub-blocks are formed elementwise over
+# [16, 16, fb] channel blocks. The scores kernel also writes the decayed
+# q exp(G) and k exp(L - G) and the chunk decay exp(L), so the sweeps read
+# no gates and do matmuls only.
 
 
 def _sub(a):
   return pl.ds(a * _SUB, _SUB)
 
 
-def _ref_gate(gc_ref, a, cols):
-  """G at the last token before sub-chunk a ([fb] or [F])."""
-  return _last_row(gc_ref[_sub(a - 1), cols].astype(_F32))
+def _totals(gs_ref, ns, cols):
+  """Tot_c for each sub-chunk ([fb] each), from the local sums' last rows."""
+  return [_last_row(gs_ref[_sub(c), cols]) for c in range(ns)]
 
 
-def _scores_kernel(q_ref, k_ref, gc_ref, a_ref, *, s: _S):
-  """A [C, C] = scale * (q k^T weighted by the pairwise channel decays),
-  lower triangular (zeros above the diagonal), for one chunk."""
+def _between(tot, lo, hi):
+  """sum_{lo <= c < hi} Tot_c (zeros when empty)."""
+  acc = jnp.zeros_like(tot[0])
+  for c in range(lo, hi):
+    acc = acc + tot[c]
+  return acc
+
+
+def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
+                   s: _S):
+  """For one chunk: A [C, C] = scale * (q k^T weighted by the pairwise
+  channel decays), lower triangular; q exp(G); k exp(L - G); exp(L)."""
   _, _, _dot_nt = _dots(s)
   ns, f = s.chunk // _SUB, q_ref.shape[-1]
   every = pl.ds(0, f)
+  tot = _totals(gs_ref, ns, every)
+  sub_s = dataclasses.replace(s, chunk=_SUB)
   for a in range(ns):
+    gs = gs_ref[_sub(a), :]
+    q = q_ref[_sub(a), :].astype(_F32)
+    k = k_ref[_sub(a), :].astype(_F32)
+    qd_ref[_sub(a), :] = (q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
+                          ).astype(qd_ref.dtype)
+    kd_ref[_sub(a), :] = (k * jnp.exp(
+        (tot[a][None, :] - gs) + _between(tot, a + 1, ns)[None, :])
+                          ).astype(kd_ref.dtype)
+    qa = (q * jnp.exp(gs)).astype(q_ref.dtype)  # q_a exp(G_a - G_r)
     for b in range(ns):
       if b > a:
         blk = jnp.zeros((_SUB, _SUB), _F32)
       elif b == a:
-        blk = _intra(q_ref, k_ref, gc_ref, _sub(a),
-                     dataclasses.replace(s, chunk=_SUB), f)
+        blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f)
       else:
-        gr = _ref_gate(gc_ref, a, every)
-        qa = q_ref[_sub(a), :].astype(_F32) * jnp.exp(
-            gc_ref[_sub(a), :] - gr[None, :])
         kb = k_ref[_sub(b), :].astype(_F32) * jnp.exp(
-            gr[None, :] - gc_ref[_sub(b), :])
-        blk = _dot_nt(qa.astype(q_ref.dtype), kb.astype(k_ref.dtype))
+            (tot[b][None, :] - gs_ref[_sub(b), :])
+            + _between(tot, b + 1, a)[None, :])
+        blk = _dot_nt(qa, kb.astype(k_ref.dtype))
       a_ref[_sub(a), _sub(b)] = blk * s.scale
+  dec_ref[...] = jnp.exp(_between(tot, 0, ns))
 
 
-def _dstate_kernel(q_ref, do_ref, gc_ref, ds_ref, dhs_ref, dsout_ref, *,
+def _sweep_kernel(*refs, s: _S, store: bool):
+  """The forward sweep over chunks for one value block, from the decayed
+  operands: o = A v + scale (q exp(G)) S, S <- exp(L) S + (k exp(L-G))^T v;
+  with ``store`` the state entering each chunk goes out."""
+  _dot, _dot_tn, _ = _dots(s)
+  it = iter(refs)
+  qd_ref, kd_ref, v_ref, a_ref, dec_ref = (next(it), next(it), next(it),
+                                           next(it), next(it))
+  s0_ref = next(it) if s.has_s0 else None
+  o_ref, st_ref = next(it), next(it)
+  hs_ref = next(it) if store else None
+  c = s.chunk
+  state = (s0_ref[...].astype(_F32) if s.has_s0 else
+           jnp.zeros(st_ref.shape, _F32))
+
+  def body(i, state):
+    rows = pl.ds(pl.multiple_of(i * c, c), c)
+    v = v_ref[rows, :]
+    if store:
+      hs_ref[i] = state.astype(hs_ref.dtype)
+    o = (_dot(a_ref[rows, :].astype(v.dtype), v)
+         + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    return (state * dec_ref[i][:, None]
+            + _dot_tn(kd_ref[rows, :], v.astype(kd_ref.dtype)))
+
+  st_ref[...] = lax.fori_loop(0, s.nc, body, state)
+
+
+def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
                    s: _S):
   """The state gradient, swept backwards over chunks for one value block:
   dhs[i] is the gradient of the state leaving chunk i; the gradient of
@@ -520,68 +551,65 @@ def _dstate_kernel(q_ref, do_ref, gc_ref, ds_ref, dhs_ref, dsout_ref, *,
   def body(i, dstate):
     ci = s.nc - 1 - i
     rows = pl.ds(pl.multiple_of(ci * c, c), c)
-    g = gc_ref[rows, :]
     dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
-    qd = (q_ref[rows, :].astype(_F32) * (jnp.exp(g) * s.scale)).astype(
-        do_ref.dtype)
-    return (dstate * jnp.exp(_last_row(g))[:, None]
-            + _dot_tn(qd, do_ref[rows, :]))
+    do = do_ref[rows, :]
+    return (dstate * dec_ref[ci][:, None]
+            + s.scale * _dot_tn(qd_ref[rows, :].astype(do.dtype), do))
 
   dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gc_ref, a_ref, hs_ref, dhs_ref,
-                 dq_ref, dk_ref, dv_ref, dg_ref, *, s: _S):
+def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, a_ref, kd_ref, hs_ref,
+                 dhs_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, s: _S):
   """Every gradient of one chunk, given the state entering it (hs) and the
-  gradient of the state leaving it (dhs): dq, dk, dv and the per-row gate
-  gradient dG (reverse-summed within the chunk outside)."""
+  gradient of the state leaving it (dhs): dq, dk, dv and the per-row
+  gradient dG of the chunk-level cumulative gates (reverse-summed within
+  the chunk outside)."""
   _dot, _dot_tn, _dot_nt = _dots(s)
   c, f = s.chunk, q_ref.shape[-1]
   ns = c // _SUB
   dt = do_ref.dtype
-  every = pl.ds(0, f)
-  last = _last_row(gc_ref[_sub(ns - 1), :])  # G at the chunk's end, [F]
   # dv = A^T dO + (k exp(L - G)) dS_out.
-  kd = (k_ref[...].astype(_F32) * jnp.exp(last[None, :] - gc_ref[...]))
   dv = (_dot_tn(a_ref[...].astype(dt), do_ref[...])
-        + _dot(kd.astype(dt), dhs_ref[...].astype(dt)))
+        + _dot(kd_ref[...].astype(dt), dhs_ref[...].astype(dt)))
   dv_ref[...] = dv.astype(dv_ref.dtype)
   # dA_ab = scale * dO_a v_b^T for the sub-blocks on and below the diagonal.
   da = {(a, b): _dot_nt(do_ref[_sub(a), :], v_ref[_sub(b), :].astype(dt))
         * s.scale for a in range(ns) for b in range(a + 1)}
   for f0 in range(0, f, s.bf):
     cols = pl.ds(f0, s.bf)
-    last_b = _last_row(gc_ref[_sub(ns - 1), cols])
+    tot = _totals(gs_ref, ns, cols)
     hs_b, dhs_b = hs_ref[cols, :], dhs_ref[cols, :]  # [fb, V] slices
     e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
-        last_b)  # the state-span term of the chunk's last row
+        _between(tot, 0, ns))  # the state-span term of the last row
     hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
     for r in range(ns):
-      g = gc_ref[_sub(r), cols]
+      gs = gs_ref[_sub(r), cols]
       q = q_ref[_sub(r), cols].astype(_F32)
       k = k_ref[_sub(r), cols].astype(_F32)
+      to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]
       # Inter-chunk parts, through the states.
-      dq = s.scale * jnp.exp(g) * _dot_nt(do_ref[_sub(r), :], hs_b)
-      dk_inter = jnp.exp(last_b[None, :] - g) * _dot_nt(
-          v_ref[_sub(r), :].astype(dt), dhs_b)
+      dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * _dot_nt(
+          do_ref[_sub(r), :], hs_b)
+      dk_inter = jnp.exp(to_end) * _dot_nt(v_ref[_sub(r), :].astype(dt),
+                                           dhs_b)
       dk = dk_inter
       # Off-diagonal sub-blocks: dq from earlier keys, dk from later queries.
       if r > 0:
-        gr = _ref_gate(gc_ref, r, cols)
         acc = jnp.zeros((_SUB, s.bf), _F32)
         for b in range(r):
           kb = k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
-              gr[None, :] - gc_ref[_sub(b), cols])
+              (tot[b][None, :] - gs_ref[_sub(b), cols])
+              + _between(tot, b + 1, r)[None, :])
           acc = acc + _dot(da[r, b].astype(dt), kb.astype(dt))
-        dq = dq + acc * jnp.exp(g - gr[None, :])
+        dq = dq + acc * jnp.exp(gs)
       for a in range(r + 1, ns):
-        ga = gc_ref[_sub(a), cols]
-        gr = _ref_gate(gc_ref, a, cols)
-        qa = q_ref[_sub(a), cols].astype(_F32) * jnp.exp(ga - gr[None, :])
-        dk = dk + jnp.exp(gr[None, :] - g) * _dot_tn(da[a, r].astype(dt),
-                                                     qa.astype(dt))
+        qa = q_ref[_sub(a), cols].astype(_F32) * jnp.exp(gs_ref[_sub(a), cols])
+        dk = dk + jnp.exp((tot[r][None, :] - gs)
+                          + _between(tot, r + 1, a)[None, :]) * _dot_tn(
+                              da[a, r].astype(dt), qa.astype(dt))
       # Diagonal sub-block, elementwise.
-      de = da[r, r][:, :, None] * _pair_decay(g, transpose=False)
+      de = da[r, r][:, :, None] * _pair_decay(gs, transpose=False)
       dq = dq + jnp.sum(de * k[None, :, :], axis=1)
       dk = dk + jnp.sum(de * q[:, None, :], axis=0)
       dq_ref[_sub(r), cols] = dq.astype(dq_ref.dtype)
@@ -594,50 +622,96 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gc_ref, a_ref, hs_ref, dhs_ref,
       dg_ref[_sub(r), cols] = dg
 
 
-def _scores_call(q, k, gc, s: _S):
+def _chunk_rows(s: _S, head, width):
+  """[C, width] rows of one chunk (grid: chunk, head, batch)."""
+  return pl.BlockSpec((None, s.chunk, None, width),
+                      lambda i, n_, b_: (b_, i, head(n_), 0))
+
+
+def _scores_call(q, k, gs, s: _S):
   b, tp, n, f = q.shape
   c = s.chunk
-  rows = lambda head: pl.BlockSpec(  # noqa: E731
-      (None, c, None, f), lambda i, n_, b_: (b_, i, head(n_), 0))
+  same, kv = (lambda x: x), (lambda x: x // s.rep)
   return pl.pallas_call(
       functools.partial(_scores_kernel, s=s),
       grid=(s.nc, n, b),
-      in_specs=[rows(lambda x: x), rows(lambda x: x // s.rep),
-                rows(lambda x: x)],
-      out_specs=pl.BlockSpec((None, None, c, c),
-                             lambda i, n_, b_: (b_, n_, i, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, n, tp, c), _F32),
+      in_specs=[_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
+                _chunk_rows(s, same, f)],
+      out_specs=[pl.BlockSpec((None, None, c, c),
+                              lambda i, n_, b_: (b_, n_, i, 0)),
+                 _chunk_rows(s, same, f), _chunk_rows(s, same, f),
+                 pl.BlockSpec((None, None, None, f),
+                              lambda i, n_, b_: (b_, n_, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, n, tp, c), _F32),
+                 jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, n, s.nc, f), _F32)],
       compiler_params=_params(s),
       interpret=s.interpret,
       name="linear_scan_channel_scores",
-  )(q, k, gc)
+  )(q, k, gs)
 
 
-def _dstate_call(q, do, gc, dfinal, s: _S):
-  b, tp, n, f = q.shape
+def _per_head(s: _S, rows, cols):
+  """The [rows, cols] block of head n (grid: value block, head, batch)."""
+  return pl.BlockSpec((None, None, rows, cols),
+                      lambda j, n_, b_: (b_, n_, 0, 0))
+
+
+def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool):
+  b, tp, n, f = qd.shape
+  vp = v.shape[-1]
+  kv, same, zero, col = _index_maps(s)
+  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, same, zero),
+              _blk(tp, s.bv, kv, col), _per_head(s, tp, s.chunk),
+              _per_head(s, s.nc, f)]
+  args = [qd, kd, v, a, dec]
+  if s.has_s0:
+    in_specs.append(_state(f, s.bv, by_row=False))
+    args.append(s0)
+  out_specs = [_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype),
+               jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
+  if store:
+    out_specs.append(pl.BlockSpec((None, None, s.nc, f, s.bv),
+                                  lambda j, n_, b_: (b_, n_, 0, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
+  return pl.pallas_call(
+      functools.partial(_sweep_kernel, s=s, store=store),
+      grid=(vp // s.bv, n, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_channel_sweep_states" if store else
+      "linear_scan_channel_sweep",
+  )(*args)
+
+
+def _dstate_call(qd, do, dec, dfinal, s: _S):
+  b, tp, n, f = qd.shape
   vp = do.shape[-1]
   _, same, zero, col = _index_maps(s)
   return pl.pallas_call(
       functools.partial(_dstate_kernel, s=s),
       grid=(vp // s.bv, n, b),
       in_specs=[_blk(tp, f, same, zero), _blk(tp, s.bv, same, col),
-                _blk(tp, f, same, zero), _state(f, s.bv, by_row=False)],
+                _per_head(s, s.nc, f), _state(f, s.bv, by_row=False)],
       out_specs=[pl.BlockSpec((None, None, s.nc, f, s.bv),
                               lambda j, n_, b_: (b_, n_, 0, 0, j)),
                  _state(f, s.bv, by_row=False)],
-      out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), q.dtype),
+      out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype),
                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_dstate",
-  )(q, do, gc, dfinal)
+  )(qd, do, dec, dfinal)
 
 
-def _grad_call(q, k, v, do, gc, a, hs, dhs, s: _S):
+def _grad_call(q, k, v, do, gs, a, kd, hs, dhs, s: _S):
   b, tp, n, f = q.shape
   vp, c = v.shape[-1], s.chunk
-  rows = lambda head, width: pl.BlockSpec(  # noqa: E731
-      (None, c, None, width), lambda i, n_, b_: (b_, i, head(n_), 0))
   same, kv = (lambda x: x), (lambda x: x // s.rep)
   st = pl.BlockSpec((None, None, None, f, vp),
                     lambda i, n_, b_: (b_, n_, i, 0, 0))
@@ -645,12 +719,14 @@ def _grad_call(q, k, v, do, gc, a, hs, dhs, s: _S):
   return pl.pallas_call(
       functools.partial(_grad_kernel, s=s),
       grid=(s.nc, n, b),
-      in_specs=[rows(same, f), rows(kv, f), rows(kv, vp), rows(same, vp),
-                rows(same, f),
+      in_specs=[_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
+                _chunk_rows(s, kv, vp), _chunk_rows(s, same, vp),
+                _chunk_rows(s, same, f),
                 pl.BlockSpec((None, None, c, c),
-                             lambda i, n_, b_: (b_, n_, i, 0)), st, st],
-      out_specs=[rows(same, f), rows(same, f), rows(same, vp),
-                 rows(same, f)],
+                             lambda i, n_, b_: (b_, n_, i, 0)),
+                _chunk_rows(s, same, f), st, st],
+      out_specs=[_chunk_rows(s, same, f), _chunk_rows(s, same, f),
+                 _chunk_rows(s, same, vp), _chunk_rows(s, same, f)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape, kv_dt),
                  jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt),
@@ -658,30 +734,30 @@ def _grad_call(q, k, v, do, gc, a, hs, dhs, s: _S):
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_grads",
-  )(q, k, v, do, gc, a, hs, dhs)
+  )(q, k, v, do, gs, a, kd, hs, dhs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core_par(q, k, v, g, s0, s: _S):
-  gc = _chunk_cumsum(g, s.chunk)
-  return _fwd_call(q, k, v, gc, s0, s, a=_scores_call(q, k, gc, s))
+  a, qd, kd, dec = _scores_call(q, k, _chunk_cumsum(g, _SUB), s)
+  return _sweep_call(qd, kd, v, a, dec, s0, s, store=False)
 
 
 def _core_par_fwd(q, k, v, g, s0, s: _S):
-  gc = _chunk_cumsum(g, s.chunk)
-  a = _scores_call(q, k, gc, s)
-  o, final, hs = _fwd_call(q, k, v, gc, s0, s, a=a, store=True)
-  return (o, final), (q, k, v, gc, a, hs)
+  gs = _chunk_cumsum(g, _SUB)
+  a, qd, kd, dec = _scores_call(q, k, gs, s)
+  o, final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True)
+  return (o, final), (q, k, v, gs, a, qd, kd, dec, hs)
 
 
 def _core_par_bwd(s: _S, res, cts):
-  q, k, v, gc, a, hs = res
+  q, k, v, gs, a, qd, kd, dec, hs = res
   do, dfinal = cts
   b, tp, n, f = q.shape
   kh, vp = k.shape[2], v.shape[-1]
   do = do.astype(q.dtype)
-  dhs, ds0 = _dstate_call(q, do, gc, dfinal.astype(_F32), s)
-  dq, dk, dv, dgr = _grad_call(q, k, v, do, gc, a, hs, dhs, s)
+  dhs, ds0 = _dstate_call(qd, do, dec, dfinal.astype(_F32), s)
+  dq, dk, dv, dgr = _grad_call(q, k, v, do, gs, a, kd, hs, dhs, s)
   if s.rep > 1:
     dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)

@@ -116,6 +116,7 @@ def test_pallas_chunk_32_forward(monkeypatch):
   check_against_scan(case, "pallas", grads=False, chunk_size=32)
 
 
+@pytest.mark.long  # ~35 s in interpret mode; its GPU twin runs in -m gpu
 def test_pallas_interpret_gate_gradient_h128_bf16():
   """The GPU case test_gpu_pallas_matches_scan_h128[None-bfloat16] (8
   splits of 2 chunks here as on an H100): d log_decay sums d gate over t,

@@ -487,6 +487,9 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
   every = pl.ds(0, f)
   tot = _totals(gs_ref, ns, every)
   sub_s = dataclasses.replace(s, chunk=_SUB)
+  # k_b exp(G_end(b) - G_b), once per sub-chunk (before the last).
+  k_dec = [k_ref[_sub(b), :].astype(_F32) * jnp.exp(
+      tot[b][None, :] - gs_ref[_sub(b), :]) for b in range(ns - 1)]
   for a in range(ns):
     gs = gs_ref[_sub(a), :]
     q = q_ref[_sub(a), :].astype(_F32)
@@ -503,9 +506,7 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
       elif b == a:
         blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f)
       else:
-        kb = k_ref[_sub(b), :].astype(_F32) * jnp.exp(
-            (tot[b][None, :] - gs_ref[_sub(b), :])
-            + _between(tot, b + 1, a)[None, :])
+        kb = k_dec[b] * jnp.exp(_between(tot, b + 1, a))[None, :]
         blk = _dot_nt(qa, kb.astype(k_ref.dtype))
       a_ref[_sub(a), _sub(b)] = blk * s.scale
   dec_ref[...] = jnp.exp(_between(tot, 0, ns))
@@ -534,8 +535,7 @@ def _sweep_kernel(*refs, s: _S, store: bool):
     o = (_dot(a_ref[rows, :].astype(v.dtype), v)
          + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    return (state * dec_ref[i][:, None]
-            + _dot_tn(kd_ref[rows, :], v.astype(kd_ref.dtype)))
+    return state * dec_ref[i][:, None] + _dot_tn(kd_ref[rows, :], v)
 
   st_ref[...] = lax.fori_loop(0, s.nc, body, state)
 
@@ -583,6 +583,12 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, a_ref, kd_ref, hs_ref,
     e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
         _between(tot, 0, ns))  # the state-span term of the last row
     hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
+    # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
+    # G_b), the factors of the off-diagonal blocks up to whole totals.
+    q_dec = [(q_ref[_sub(a), cols].astype(_F32) * jnp.exp(
+        gs_ref[_sub(a), cols])).astype(dt) for a in range(1, ns)]
+    k_dec = [k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
+        tot[b][None, :] - gs_ref[_sub(b), cols]) for b in range(ns - 1)]
     for r in range(ns):
       gs = gs_ref[_sub(r), cols]
       q = q_ref[_sub(r), cols].astype(_F32)
@@ -598,16 +604,15 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, a_ref, kd_ref, hs_ref,
       if r > 0:
         acc = jnp.zeros((_SUB, s.bf), _F32)
         for b in range(r):
-          kb = k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
-              (tot[b][None, :] - gs_ref[_sub(b), cols])
-              + _between(tot, b + 1, r)[None, :])
+          kb = k_dec[b] * jnp.exp(_between(tot, b + 1, r))[None, :]
           acc = acc + _dot(da[r, b].astype(dt), kb.astype(dt))
         dq = dq + acc * jnp.exp(gs)
-      for a in range(r + 1, ns):
-        qa = q_ref[_sub(a), cols].astype(_F32) * jnp.exp(gs_ref[_sub(a), cols])
-        dk = dk + jnp.exp((tot[r][None, :] - gs)
-                          + _between(tot, r + 1, a)[None, :]) * _dot_tn(
-                              da[a, r].astype(dt), qa.astype(dt))
+      if r < ns - 1:
+        acc = jnp.zeros((_SUB, s.bf), _F32)
+        for a in range(r + 1, ns):
+          acc = acc + jnp.exp(_between(tot, r + 1, a))[None, :] * _dot_tn(
+              da[a, r].astype(dt), q_dec[a - 1])
+        dk = dk + jnp.exp(tot[r][None, :] - gs) * acc
       # Diagonal sub-block, elementwise.
       de = da[r, r][:, :, None] * _pair_decay(gs, transpose=False)
       dq = dq + jnp.sum(de * k[None, :, :], axis=1)

@@ -117,6 +117,12 @@ class DeltaConfig:
       raise ValueError(f"config.grad_block_k={bk} is not a power of two "
                        ">= 16")
 
+  def grad_warps(self, f: int) -> int:
+    """Warps of the gradient kernel(s) at padded feature dim ``f``."""
+    if self.num_warps_grad is not None:
+      return self.num_warps_grad
+    return 4 if self.grad_block_k and self.grad_block_k < f else 8
+
 
 @dataclasses.dataclass(frozen=True)
 class _S:
@@ -782,9 +788,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
-         warps_grad=cfg.num_warps_grad or (
-             4 if cfg.grad_block_k and cfg.grad_block_k < fp else 8),
-         stages_grad=cfg.num_stages_grad,
+         warps_grad=cfg.grad_warps(fp), stages_grad=cfg.num_stages_grad,
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          has_s0=initial_state is not None, has_seg=resets is not None,

@@ -92,9 +92,7 @@ def _static(t, b, cfg):
                    bv=bv, bvb=bvb, warps=cfg.num_warps,
                    stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
                    stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
-                   warps_grad=cfg.num_warps_grad or (
-                       4 if cfg.grad_block_k and cfg.grad_block_k < H
-                       else 8),
+                   warps_grad=cfg.grad_warps(H),
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",

@@ -118,7 +118,7 @@ def test_channel_with_resets_falls_back():
   assert_matches(state, ref_state, F32)
 
 
-def _chunk_parallel_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
+def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
                                  strength=1.0, dtype=F32, interpret=True):
   """channel_gated_linear_attention with ``cfg``: output, final state and
   the VJP of every input (random cotangents for both outputs) against
@@ -158,42 +158,46 @@ def _chunk_parallel_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
     assert_matches(a, r, dtype, grad=True, name=f"d{gname}")
 
 
-@pytest.mark.parametrize("name,chunk,dtype,kh,strength", [
+@pytest.mark.parametrize("name,chunk,dtype,kh,strength,parallel", [
     # Four sub-chunks, GQA 4:2, F and V padded inside (24 -> 32, 20 -> 32).
-    ("c64_gqa", 64, F32, 2, 1.0),
+    ("c64_gqa", 64, F32, 2, 1.0, True),
     # Strong gates (up to ~60 a step), MQA, two sub-chunks.
-    ("c32_strong_mqa", 32, F32, 1, 20.0),
-    ("c64_bf16", 64, BF16, 2, 1.0)])
-def test_channel_chunk_parallel_matches_scan(name, chunk, dtype, kh,
-                                             strength):
-  """ChannelConfig(chunk_parallel=True): the scores kernel (secondary
-  chunking), the sweeps with stored states and the per-chunk gradient
-  kernel, odd length (75: a partial last chunk)."""
-  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True, block_f=16,
-                              block_v=32)
-  _chunk_parallel_matches_scan(name, cfg, b=2, t=75, n=4, kh=kh, f=24,
+    ("c32_strong_mqa", 32, F32, 1, 20.0, True),
+    ("c64_bf16", 64, BF16, 2, 1.0, True),
+    # One sub-chunk per chunk (no off-diagonal blocks).
+    ("c16_gqa", 16, F32, 2, 1.0, True),
+    # The sweep layout.
+    ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, False),
+    ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, False)])
+def test_channel_direct_matches_scan(name, chunk, dtype, kh, strength,
+                                     parallel):
+  """Either layout called directly. Chunk-parallel: the scores kernel
+  (secondary chunking), the sweeps with stored states, the state-gradient
+  sweep and the per-chunk gradient kernels; odd length (75: a partial last
+  chunk)."""
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
+                              block_f=16, block_v=32)
+  _direct_matches_scan(name, cfg, b=2, t=75, n=4, kh=kh, f=24,
                                vd=20, strength=strength, dtype=dtype)
 
 
 _SWEEP_KERNELS = ("fwd", "dq", "dk", "dv")
-_PARALLEL_KERNELS = ("scores", "sweep_states", "dstate", "grads")
+_PARALLEL_KERNELS = ("scores", "sweep_states", "dstate", "dadv", "grads")
 
 
-@pytest.mark.parametrize("dtype,h,parallel", [
-    (BF16, 128, False), (F32, 64, False), (BF16, 256, False),
-    (BF16, 128, True), (F32, 64, True)])
-def test_channel_lowers_for_h100(dtype, h, parallel):
+@pytest.mark.parametrize("dtype,h,parallel,chunk", [
+    (BF16, 128, False, 16), (F32, 64, False, 16), (BF16, 256, False, 16),
+    (BF16, 128, True, 32), (BF16, 256, True, 32), (F32, 64, True, 64)])
+def test_channel_lowers_for_h100(dtype, h, parallel, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
-  default; the chunk-parallel one at chunk 64)."""
+  one at chunk 16; the chunk-parallel default at 32, and at 64)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
           sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
           sd((b, n, h, h), F32))
-  cfg = None
-  if parallel:
-    cfg = channel.ChannelConfig(chunk=64, chunk_parallel=True,
-                                block_f=32 if dtype == BF16 else 16)
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
+                              block_f=32 if dtype == BF16 else 16)
 
   def grad(q, k, v, g, s0):
     def f(q, k, v, g, s0):
@@ -206,7 +210,7 @@ def test_channel_lowers_for_h100(dtype, h, parallel):
   text = _export_for_h100(grad, *args).mlir_module()
   for name in _PARALLEL_KERNELS if parallel else _SWEEP_KERNELS:
     assert f"linear_scan_channel_{name}" in text, name
-  assert text.count("__gpu$xla.gpu.triton") == 4
+  assert text.count("__gpu$xla.gpu.triton") == (5 if parallel else 4)
 
 
 # ----------------------------------------------------------------------------
@@ -265,12 +269,13 @@ def test_gpu_channel_long_sequence_deterministic():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("chunk", [32, 64])
-def test_gpu_channel_chunk_parallel(dtype, chunk):
-  """The chunk-parallel kernels compiled at the benchmark's head size
+@pytest.mark.parametrize("chunk,parallel", [(16, False), (32, True),
+                                            (64, True)])
+def test_gpu_channel_direct(dtype, chunk, parallel):
+  """Either layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
-  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True,
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
                               block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32)
-  _chunk_parallel_matches_scan(f"gpu-{chunk}", cfg, b=1, t=300, n=8, kh=2,
+  _direct_matches_scan(f"gpu-{chunk}-{parallel}", cfg, b=1, t=300, n=8, kh=2,
                                f=128, vd=128, dtype=dtype, interpret=False)

@@ -17,11 +17,28 @@ elementwise over ``[C, C, fb]`` blocks of channels with every exponent
 <= 0 (GLA's diagonal sub-chunk treatment applied to the whole, short
 chunk); everything else is matmuls on decayed operands, all factors <= 1.
 
-Backward (custom_vjp): states are recomputed. A dq kernel per block of
-``fb`` key channels sweeps forward (and stores the state entering each
-chunk, for the gate gradient); a dk kernel per channel block and a dv
-kernel per value block sweep backward with their block of the state
-gradient dS. The gate gradient per channel: with dG the gradient of the
+Two layouts (``ChannelConfig.chunk_parallel``):
+
+* Chunk-parallel (the default, C = 32; fla's ``chunk_gla`` structure, see
+  the section "Chunk-parallel path" below). A scores kernel per chunk
+  forms A by secondary chunking (matmuls between 16-token sub-chunks,
+  elementwise only on the diagonal ones) and writes the decayed q and k;
+  value-block sweeps then only carry the states, by matmuls, storing the
+  state entering each chunk for the backward. Backward: a state-gradient
+  sweep, a per-chunk kernel for dv and dA = scale * dO v^T, and a
+  gradient kernel per (chunk, channel block) for dq, dk and the gate
+  gradient.
+* Sweep (``chunk_parallel=False``, meant for C = 16): each value-block
+  sweep forms the intra-chunk scores itself, chunk by chunk; states are
+  recomputed in the backward. A dq kernel per block of ``fb`` key channels
+  sweeps forward (storing the state entering each chunk, for the gate
+  gradient); a dk kernel per channel block and a dv kernel per value block
+  sweep backward with their block of the state gradient dS. One program
+  per (value or channel block, head, batch). Slower on an H200 (2x in the
+  forward, 1.7x forward+backward at T = 4k: docs/linear/channel_gate.md);
+  kept as a second implementation.
+
+The gate gradient per channel, in both: with dG the gradient of the
 chunk-local cumulative gates,
 
   dG_u = q_u * dq_u - k_u * dk_u  (+ on the chunk's last row
@@ -29,15 +46,6 @@ chunk-local cumulative gates,
 
 and dg is the reverse cumulative sum of dG within each chunk (the scalar
 kernels' identity, one value per channel).
-
-One program per (value or channel block, head, batch): no sequence splits
-(use the scalar-gate kernels' split path as the model when long sequences
-at small batch need more parallelism).
-
-``ChannelConfig(chunk_parallel=True)`` selects a second layout (fla's
-``chunk_gla`` structure; see the section "Chunk-parallel path" below): the
-scores in a chunk-parallel kernel by secondary chunking, sweeps that carry
-only the states, and one chunk-parallel gradient kernel.
 
 Resets (packed sequences) are not
 supported here (NotImplementedError: dispatch falls back). Depends only on
@@ -73,23 +81,23 @@ class ChannelConfig:
     block_f: key channels per elementwise block, and per dq / dk program.
     num_warps, num_stages: Triton launch parameters (forward).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
-    chunk_parallel: False: each sweep program forms the intra-chunk scores
-      itself (elementwise, chunk by chunk). True: GLA's secondary chunking
-      in chunk-parallel kernels (one program per chunk, head and batch):
-      scores between 16-token sub-chunks by matmuls, elementwise only on
-      the diagonal sub-blocks; the sweeps carry the states (the forward's
-      stored for the backward) and do matmuls only; one gradient kernel
-      per chunk forms dq, dk, dv and the gate gradient. Meant for
-      ``chunk`` 32 or 64.
+    chunk_parallel: True (default): GLA's secondary chunking in
+      chunk-parallel kernels: scores between 16-token sub-chunks by
+      matmuls, elementwise only on the diagonal sub-blocks; the sweeps
+      carry the states (the forward's stored for the backward) and do
+      matmuls only; the gradients come from per-chunk kernels. Meant for
+      ``chunk`` 32 (fastest on an H200) or 64. False: each sweep program
+      forms the intra-chunk scores itself (elementwise, chunk by chunk);
+      meant for ``chunk`` 16.
   """
-  chunk: int = 16
+  chunk: int = 32
   block_v: int = 64
   block_f: int = 32
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
-  chunk_parallel: bool = False
+  chunk_parallel: bool = True
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -144,17 +152,26 @@ def _pair_decay(g, transpose: bool):
   return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 
-def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int):
+def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int, loop: bool = False):
   """A [C, C] float32: A_ij = sum_f q_if k_jf exp(G_if - G_jf), j <= i,
-  accumulated over blocks of ``s.bf`` channels loaded from the refs."""
+  accumulated over blocks of ``s.bf`` channels loaded from the refs (in a
+  loop rather than unrolled when ``loop``: a smaller Triton program)."""
   c = s.chunk
-  a = jnp.zeros((c, c), _F32)
-  for f0 in range(0, f, s.bf):
-    cols = pl.ds(f0, s.bf)
+
+  def block(cols, a):
     qb = q_ref[rows, cols].astype(_F32)
     kb = k_ref[rows, cols].astype(_F32)
     e = _pair_decay(gc_ref[rows, cols], transpose=False)
-    a = a + jnp.sum(qb[:, None, :] * kb[None, :, :] * e, axis=2)
+    return a + jnp.sum(qb[:, None, :] * kb[None, :, :] * e, axis=2)
+
+  a = jnp.zeros((c, c), _F32)
+  if loop:
+    return lax.fori_loop(
+        0, f // s.bf,
+        lambda j, a: block(pl.ds(pl.multiple_of(j * s.bf, s.bf), s.bf), a),
+        a)
+  for f0 in range(0, f, s.bf):
+    a = block(pl.ds(f0, s.bf), a)
   return a
 
 
@@ -504,7 +521,7 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
       if b > a:
         blk = jnp.zeros((_SUB, _SUB), _F32)
       elif b == a:
-        blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f)
+        blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f, loop=True)
       else:
         kb = k_dec[b] * jnp.exp(_between(tot, b + 1, a))[None, :]
         blk = _dot_nt(qa, kb.astype(k_ref.dtype))
@@ -559,72 +576,81 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
   dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
 
 
-def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, a_ref, kd_ref, hs_ref,
-                 dhs_ref, dq_ref, dk_ref, dv_ref, dg_ref, *, s: _S):
-  """Every gradient of one chunk, given the state entering it (hs) and the
-  gradient of the state leaving it (dhs): dq, dk, dv and the per-row
-  gradient dG of the chunk-level cumulative gates (reverse-summed within
-  the chunk outside)."""
+def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, dv_ref, da_ref, *,
+                 s: _S):
+  """For one chunk: dv = A^T dO + (k exp(L - G)) dS_out, and the score
+  gradient dA = scale * dO v^T (lower triangular, float32) that the
+  channel-block gradient programs read by sub-blocks."""
   _dot, _dot_tn, _dot_nt = _dots(s)
-  c, f = s.chunk, q_ref.shape[-1]
-  ns = c // _SUB
+  c = s.chunk
   dt = do_ref.dtype
-  # dv = A^T dO + (k exp(L - G)) dS_out.
-  dv = (_dot_tn(a_ref[...].astype(dt), do_ref[...])
+  do = do_ref[...]
+  dv = (_dot_tn(a_ref[...].astype(dt), do)
         + _dot(kd_ref[...].astype(dt), dhs_ref[...].astype(dt)))
   dv_ref[...] = dv.astype(dv_ref.dtype)
-  # dA_ab = scale * dO_a v_b^T for the sub-blocks on and below the diagonal.
-  da = {(a, b): _dot_nt(do_ref[_sub(a), :], v_ref[_sub(b), :].astype(dt))
-        * s.scale for a in range(ns) for b in range(a + 1)}
-  for f0 in range(0, f, s.bf):
-    cols = pl.ds(f0, s.bf)
-    tot = _totals(gs_ref, ns, cols)
-    hs_b, dhs_b = hs_ref[cols, :], dhs_ref[cols, :]  # [fb, V] slices
-    e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
-        _between(tot, 0, ns))  # the state-span term of the last row
-    hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
-    # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
-    # G_b), the factors of the off-diagonal blocks up to whole totals.
-    q_dec = [(q_ref[_sub(a), cols].astype(_F32) * jnp.exp(
-        gs_ref[_sub(a), cols])).astype(dt) for a in range(1, ns)]
-    k_dec = [k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
-        tot[b][None, :] - gs_ref[_sub(b), cols]) for b in range(ns - 1)]
-    for r in range(ns):
-      gs = gs_ref[_sub(r), cols]
-      q = q_ref[_sub(r), cols].astype(_F32)
-      k = k_ref[_sub(r), cols].astype(_F32)
-      to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]
-      # Inter-chunk parts, through the states.
-      dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * _dot_nt(
-          do_ref[_sub(r), :], hs_b)
-      dk_inter = jnp.exp(to_end) * _dot_nt(v_ref[_sub(r), :].astype(dt),
-                                           dhs_b)
-      dk = dk_inter
-      # Off-diagonal sub-blocks: dq from earlier keys, dk from later queries.
-      if r > 0:
-        acc = jnp.zeros((_SUB, s.bf), _F32)
-        for b in range(r):
-          kb = k_dec[b] * jnp.exp(_between(tot, b + 1, r))[None, :]
-          acc = acc + _dot(da[r, b].astype(dt), kb.astype(dt))
-        dq = dq + acc * jnp.exp(gs)
-      if r < ns - 1:
-        acc = jnp.zeros((_SUB, s.bf), _F32)
-        for a in range(r + 1, ns):
-          acc = acc + jnp.exp(_between(tot, r + 1, a))[None, :] * _dot_tn(
-              da[a, r].astype(dt), q_dec[a - 1])
-        dk = dk + jnp.exp(tot[r][None, :] - gs) * acc
-      # Diagonal sub-block, elementwise.
-      de = da[r, r][:, :, None] * _pair_decay(gs, transpose=False)
-      dq = dq + jnp.sum(de * k[None, :, :], axis=1)
-      dk = dk + jnp.sum(de * q[:, None, :], axis=0)
-      dq_ref[_sub(r), cols] = dq.astype(dq_ref.dtype)
-      dk_ref[_sub(r), cols] = dk.astype(dk_ref.dtype)
-      e = e + jnp.sum(k * dk_inter, axis=0)
-      dg = q * dq - k * dk
-      if r == ns - 1:
-        is_last = lax.broadcasted_iota(jnp.int32, dg.shape, 0) == _SUB - 1
-        dg = dg + jnp.where(is_last, e[None, :], 0.0)
-      dg_ref[_sub(r), cols] = dg
+  i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  da = _dot_nt(do, v_ref[...].astype(dt)) * s.scale
+  da_ref[...] = jnp.where(j <= i, da, 0.0)
+
+
+def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
+                 dq_ref, dk_ref, dg_ref, *, s: _S):
+  """dq, dk and the per-row gradient dG of the chunk-level cumulative gates
+  (reverse-summed within the chunk outside) for one chunk and one block of
+  ``s.bf`` key channels, given the state entering the chunk (hs), the
+  gradient of the state leaving it (dhs) and dA."""
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  ns = s.chunk // _SUB
+  dt = do_ref.dtype
+  every = pl.ds(0, s.bf)
+  tot = _totals(gs_ref, ns, every)
+  hs_b, dhs_b = hs_ref[...], dhs_ref[...]  # [fb, V]
+  e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
+      _between(tot, 0, ns))  # the state-span term of the last row
+  hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
+  # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
+  # G_b), the factors of the off-diagonal blocks up to whole totals.
+  q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
+      gs_ref[_sub(a), :])).astype(dt) for a in range(1, ns)]
+  k_dec = [k_ref[_sub(b), :].astype(_F32) * jnp.exp(
+      tot[b][None, :] - gs_ref[_sub(b), :]) for b in range(ns - 1)]
+  for r in range(ns):
+    gs = gs_ref[_sub(r), :]
+    q = q_ref[_sub(r), :].astype(_F32)
+    k = k_ref[_sub(r), :].astype(_F32)
+    to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]
+    # Inter-chunk parts, through the states.
+    dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * _dot_nt(
+        do_ref[_sub(r), :], hs_b)
+    dk_inter = jnp.exp(to_end) * _dot_nt(v_ref[_sub(r), :].astype(dt), dhs_b)
+    dk = dk_inter
+    # Off-diagonal sub-blocks: dq from earlier keys, dk from later queries.
+    if r > 0:
+      acc = jnp.zeros((_SUB, s.bf), _F32)
+      for b in range(r):
+        kb = k_dec[b] * jnp.exp(_between(tot, b + 1, r))[None, :]
+        acc = acc + _dot(da_ref[_sub(r), _sub(b)].astype(dt), kb.astype(dt))
+      dq = dq + acc * jnp.exp(gs)
+    if r < ns - 1:
+      acc = jnp.zeros((_SUB, s.bf), _F32)
+      for a in range(r + 1, ns):
+        acc = acc + jnp.exp(_between(tot, r + 1, a))[None, :] * _dot_tn(
+            da_ref[_sub(a), _sub(r)].astype(dt), q_dec[a - 1])
+      dk = dk + jnp.exp(tot[r][None, :] - gs) * acc
+    # Diagonal sub-block, elementwise.
+    de = da_ref[_sub(r), _sub(r)][:, :, None] * _pair_decay(gs,
+                                                            transpose=False)
+    dq = dq + jnp.sum(de * k[None, :, :], axis=1)
+    dk = dk + jnp.sum(de * q[:, None, :], axis=0)
+    dq_ref[_sub(r), :] = dq.astype(dq_ref.dtype)
+    dk_ref[_sub(r), :] = dk.astype(dk_ref.dtype)
+    e = e + jnp.sum(k * dk_inter, axis=0)
+    dg = q * dq - k * dk
+    if r == ns - 1:
+      is_last = lax.broadcasted_iota(jnp.int32, dg.shape, 0) == _SUB - 1
+      dg = dg + jnp.where(is_last, e[None, :], 0.0)
+    dg_ref[_sub(r), :] = dg
 
 
 def _chunk_rows(s: _S, head, width):
@@ -714,32 +740,64 @@ def _dstate_call(qd, do, dec, dfinal, s: _S):
   )(qd, do, dec, dfinal)
 
 
-def _grad_call(q, k, v, do, gs, a, kd, hs, dhs, s: _S):
-  b, tp, n, f = q.shape
+def _dadv_call(a, do, v, kd, dhs, s: _S):
+  b, tp, n, f = kd.shape
   vp, c = v.shape[-1], s.chunk
   same, kv = (lambda x: x), (lambda x: x // s.rep)
-  st = pl.BlockSpec((None, None, None, f, vp),
-                    lambda i, n_, b_: (b_, n_, i, 0, 0))
-  kv_dt = k.dtype if s.rep == 1 else _F32
+  per_chunk = pl.BlockSpec((None, None, c, c),
+                           lambda i, n_, b_: (b_, n_, i, 0))
+  return pl.pallas_call(
+      functools.partial(_dadv_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=[per_chunk, _chunk_rows(s, same, vp), _chunk_rows(s, kv, vp),
+                _chunk_rows(s, same, f),
+                pl.BlockSpec((None, None, None, f, vp),
+                             lambda i, n_, b_: (b_, n_, i, 0, 0))],
+      out_specs=[_chunk_rows(s, same, vp), per_chunk],
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp),
+                                      v.dtype if s.rep == 1 else _F32),
+                 jax.ShapeDtypeStruct((b, n, tp, c), _F32)],
+      compiler_params=_params(s, bwd=True),
+      interpret=s.interpret,
+      name="linear_scan_channel_dadv",
+  )(a, do, v, kd, dhs)
+
+
+def _grad_call(q, k, v, do, gs, da, hs, dhs, s: _S):
+  """Grid (chunk x channel block, head, batch): neighbouring programs share
+  the chunk's dO, v and dA."""
+  b, tp, n, f = q.shape
+  vp, c, bf = v.shape[-1], s.chunk, s.bf
+  nf = f // bf
+  kv = lambda x: x // s.rep  # noqa: E731
+
+  def cols(head):
+    return pl.BlockSpec((None, c, None, bf),
+                        lambda i, n_, b_: (b_, i // nf, head(n_), i % nf))
+
+  def rows(head):
+    return pl.BlockSpec((None, c, None, vp),
+                        lambda i, n_, b_: (b_, i // nf, head(n_), 0))
+
+  same = lambda x: x  # noqa: E731
+  st = pl.BlockSpec((None, None, None, bf, vp),
+                    lambda i, n_, b_: (b_, n_, i // nf, i % nf, 0))
   return pl.pallas_call(
       functools.partial(_grad_kernel, s=s),
-      grid=(s.nc, n, b),
-      in_specs=[_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
-                _chunk_rows(s, kv, vp), _chunk_rows(s, same, vp),
-                _chunk_rows(s, same, f),
+      grid=(s.nc * nf, n, b),
+      in_specs=[cols(same), cols(kv), rows(kv), rows(same), cols(same),
                 pl.BlockSpec((None, None, c, c),
-                             lambda i, n_, b_: (b_, n_, i, 0)),
-                _chunk_rows(s, same, f), st, st],
-      out_specs=[_chunk_rows(s, same, f), _chunk_rows(s, same, f),
-                 _chunk_rows(s, same, vp), _chunk_rows(s, same, f)],
+                             lambda i, n_, b_: (b_, n_, i // nf, 0)),
+                st, st],
+      out_specs=[cols(same), cols(same), cols(same)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(q.shape, kv_dt),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt),
+                 jax.ShapeDtypeStruct(q.shape,
+                                      k.dtype if s.rep == 1 else _F32),
                  jax.ShapeDtypeStruct(q.shape, _F32)],
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_grads",
-  )(q, k, v, do, gs, a, kd, hs, dhs)
+  )(q, k, v, do, gs, da, hs, dhs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -762,7 +820,8 @@ def _core_par_bwd(s: _S, res, cts):
   kh, vp = k.shape[2], v.shape[-1]
   do = do.astype(q.dtype)
   dhs, ds0 = _dstate_call(qd, do, dec, dfinal.astype(_F32), s)
-  dq, dk, dv, dgr = _grad_call(q, k, v, do, gs, a, kd, hs, dhs, s)
+  dv, da = _dadv_call(a, do, v, kd, dhs, s)
+  dq, dk, dgr = _grad_call(q, k, v, do, gs, da, hs, dhs, s)
   if s.rep > 1:
     dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)

@@ -1,24 +1,33 @@
 """Per-key-channel gates (GLA) on the GPU: checks, then configurations.
 
   PYTHONPATH=$PWD python3 scripts/gpu/channel_profile.py [--seqs=4096,16384]
-      [--no-fla] [--no-checks] [--quick]
+      [--no-fla] [--no-checks] [--quick] [--configs=NAME,...]
+      [--compile-times]
 
 1. Checks: the chunk-parallel path (``ChannelConfig(chunk_parallel=True)``)
    against the scan on the GPU at H = 128, float32 and bfloat16, forward and
    every gradient, GQA, initial state, odd T.
 2. Times at the benchmark's shapes (bf16, N = 16, H = Hv = 128, B*T = 65536,
-   the benchmark's gates): forward and forward+backward of the sweep path
-   (the default, chunk 16) and of the chunk-parallel path at several
-   tilings, with fla's ``chunk_gla`` beside them (M tokens/s).
+   the benchmark's gates): forward and forward+backward of the
+   chunk-parallel path (the default, chunk 32) at several tilings and of
+   the sweep path (chunk 16), with fla's ``chunk_gla`` beside them
+   (M tokens/s).
+
+``--configs=`` keeps the configurations whose names contain one of the
+given substrings. ``--compile-times`` first compiles each configuration's
+forward+backward (T = 4096) in a child process with a 150 s limit and
+prints the seconds, so one pathological Triton compile cannot eat the call.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/attnjax-jax-cache")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,13 +40,13 @@ N, H, TOKENS = 16, 128, 65536
 C = channel.ChannelConfig
 
 CONFIGS = {
-    "sweep c16 (default)": C(),
-    "par c64 bf32 bv64 w4": C(chunk=64, chunk_parallel=True),
-    "par c64 bf32 bv64 w8": C(chunk=64, chunk_parallel=True, num_warps=8,
-                              num_warps_bwd=8),
-    "par c64 bf16 bv64 w4": C(chunk=64, chunk_parallel=True, block_f=16),
-    "par c64 bf32 bv32 w4": C(chunk=64, chunk_parallel=True, block_v=32),
-    "par c32 bf32 bv64 w4": C(chunk=32, chunk_parallel=True),
+    "sweep c16": C(chunk=16, chunk_parallel=False),
+    "par c32 bf32 bv64 w4 (default)": C(),
+    "par c32 bf16 bv64 w4": C(block_f=16),
+    "par c32 bf32 bv32 w4": C(block_v=32),
+    "par c32 bf32 bv64 w8": C(num_warps=8, num_warps_bwd=8),
+    "par c16 bf32 bv64 w4": C(chunk=16),
+    "par c64 bf32 bv64 w4": C(chunk=64),
 }
 
 
@@ -51,7 +60,7 @@ def checks():
     v = jax.random.normal(ks[2], (b, t, kh, f)).astype(dt)
     g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, n, f)) + 3.0)
     s0 = 0.1 * jax.random.normal(ks[4], (b, n, f, f))
-    cfg = C(chunk=64, chunk_parallel=True, block_f=bf,
+    cfg = C(chunk=32, chunk_parallel=True, block_f=bf,
             block_v=64 if dt == jnp.bfloat16 else 32)
 
     def run(fn):
@@ -85,6 +94,40 @@ def _inputs(b, t):
   return q, k, v, g
 
 
+def _grad_fn(cfg):
+  def loss(q, k, v, g):
+    o = channel.channel_gated_linear_attention(q, k, v, g, scale=H ** -0.5,
+                                               config=cfg)[0]
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def compile_one(name):
+  t = 4096
+  args = _inputs(TOKENS // t, t)
+  t0 = time.time()
+  lowered = _grad_fn(CONFIGS[name]).lower(*args)
+  t1 = time.time()
+  lowered.compile()
+  print(f"  compile {name:28s} lower {t1 - t0:5.1f} s, compile "
+        f"{time.time() - t1:6.1f} s", flush=True)
+
+
+def compile_times(names):
+  """The names that compiled within the limit (the persistent compilation
+  cache lets the timings reuse their executables)."""
+  ok = []
+  for name in names:
+    try:
+      r = subprocess.run([sys.executable, __file__, f"--compile-one={name}"],
+                         timeout=150, check=False)
+      if r.returncode == 0:
+        ok.append(name)
+    except subprocess.TimeoutExpired:
+      print(f"  compile {name:28s} > 150 s (killed)", flush=True)
+  return ok
+
+
 def timings(seqs, fla=True):
   for t in seqs:
     b = TOKENS // t
@@ -94,14 +137,9 @@ def timings(seqs, fla=True):
       def f(q, k, v, g, cfg=cfg):
         return channel.channel_gated_linear_attention(
             q, k, v, g, scale=H ** -0.5, config=cfg)[0]
-
-      def loss(q, k, v, g, f=f):
-        return jnp.sum(f(q, k, v, g).astype(jnp.float32) ** 2)
       try:
         pc.line(f"{name} fwd", b, t, pc.time(jax.jit(f), q, k, v, g))
-        pc.line(f"{name} fwd+bwd", b, t,
-              pc.time(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
-                    q, k, v, g))
+        pc.line(f"{name} fwd+bwd", b, t, pc.time(_grad_fn(cfg), q, k, v, g))
       except Exception as e:  # noqa: BLE001
         print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}",
               flush=True)
@@ -142,6 +180,18 @@ def _fla(b, t):
 
 
 def main(argv):
+  global CONFIGS
+  for a in argv:
+    if a.startswith("--compile-one="):
+      compile_one(a[len("--compile-one="):])
+      return 0
+    if a.startswith("--configs="):
+      keep = a[len("--configs="):].split(",")
+      CONFIGS = {n: c for n, c in CONFIGS.items()
+                 if any(x in n for x in keep)}
+  if "--compile-times" in argv:
+    done = compile_times(list(CONFIGS))
+    CONFIGS = {n: CONFIGS[n] for n in done}
   ok = True if "--no-checks" in argv else checks()
   t0 = time.time()
   seqs = (4096,) if "--quick" in argv else (4096, 16384, 65536)

@@ -158,46 +158,61 @@ def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
     assert_matches(a, r, dtype, grad=True, name=f"d{gname}")
 
 
-@pytest.mark.parametrize("name,chunk,dtype,kh,strength,parallel", [
+_SEP = dict(separate_output=True, block_f_state=16, block_v=16)
+
+
+@pytest.mark.parametrize("name,chunk,dtype,kh,strength,opts", [
     # Four sub-chunks, GQA 4:2, F and V padded inside (24 -> 32, 20 -> 32).
-    ("c64_gqa", 64, F32, 2, 1.0, True),
+    ("c64_gqa", 64, F32, 2, 1.0, {}),
     # Strong gates (up to ~60 a step), MQA, two sub-chunks.
-    ("c32_strong_mqa", 32, F32, 1, 20.0, True),
-    ("c64_bf16", 64, BF16, 2, 1.0, True),
+    ("c32_strong_mqa", 32, F32, 1, 20.0, {}),
+    ("c64_bf16", 64, BF16, 2, 1.0, {}),
     # One sub-chunk per chunk (no off-diagonal blocks).
-    ("c16_gqa", 16, F32, 2, 1.0, True),
+    ("c16_gqa", 16, F32, 2, 1.0, {}),
+    # The output from stored states; state sweeps split into 2 row blocks.
+    ("c32_separate_rows_gqa", 32, F32, 2, 1.0, _SEP),
+    ("c32_separate_rows_bf16_mqa", 32, BF16, 1, 20.0, _SEP),
+    # The state-gradient sweep split into row blocks, the fused forward.
+    ("c32_rows_only", 32, F32, 2, 1.0, dict(block_f_state=16)),
     # The sweep layout.
-    ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, False),
-    ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, False)])
-def test_channel_direct_matches_scan(name, chunk, dtype, kh, strength,
-                                     parallel):
+    ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, dict(chunk_parallel=False)),
+    ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, dict(chunk_parallel=False))])
+def test_channel_direct_matches_scan(name, chunk, dtype, kh, strength, opts):
   """Either layout called directly. Chunk-parallel: the scores kernel
-  (secondary chunking), the sweeps with stored states, the state-gradient
-  sweep and the per-chunk gradient kernels; odd length (75: a partial last
-  chunk)."""
-  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
-                              block_f=16, block_v=32)
-  _direct_matches_scan(name, cfg, b=2, t=75, n=4, kh=kh, f=24,
-                               vd=20, strength=strength, dtype=dtype)
+  (secondary chunking), the sweeps with stored states (or the states
+  sweep and the output kernel), the state-gradient sweep and the
+  per-chunk gradient kernels; odd length (75: a partial last chunk)."""
+  cfg = channel.ChannelConfig(**{"chunk": chunk, "block_f": 16,
+                                 "block_v": 32, **opts})
+  _direct_matches_scan(name, cfg, b=2, t=75, n=4, kh=kh, f=24, vd=20,
+                       strength=strength, dtype=dtype)
 
 
 _SWEEP_KERNELS = ("fwd", "dq", "dk", "dv")
 _PARALLEL_KERNELS = ("scores", "sweep_states", "dstate", "dadv", "grads")
 
 
-@pytest.mark.parametrize("dtype,h,parallel,chunk", [
-    (BF16, 128, False, 16), (F32, 64, False, 16), (BF16, 256, False, 16),
-    (BF16, 128, True, 32), (BF16, 256, True, 32), (F32, 64, True, 64)])
-def test_channel_lowers_for_h100(dtype, h, parallel, chunk):
+_SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
+
+
+@pytest.mark.parametrize("dtype,h,layout,chunk", [
+    (BF16, 128, "sweep", 16), (F32, 64, "sweep", 16), (BF16, 256, "sweep", 16),
+    (BF16, 128, "parallel", 32), (BF16, 256, "parallel", 32),
+    (F32, 64, "parallel", 64), (BF16, 128, "separate", 32)])
+def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
-  one at chunk 16; the chunk-parallel default at 32, and at 64)."""
+  one at chunk 16; the chunk-parallel default at 32, and at 64; with the
+  output from stored states and the state sweeps split by rows)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
           sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
           sd((b, n, h, h), F32))
-  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
-                              block_f=32 if dtype == BF16 else 16)
+  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=layout != "sweep",
+                              block_f=32 if dtype == BF16 else 16,
+                              separate_output=layout == "separate",
+                              block_f_state=64 if layout == "separate"
+                              else None)
 
   def grad(q, k, v, g, s0):
     def f(q, k, v, g, s0):
@@ -208,9 +223,11 @@ def test_channel_lowers_for_h100(dtype, h, parallel, chunk):
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
-  for name in _PARALLEL_KERNELS if parallel else _SWEEP_KERNELS:
+  names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
+           "separate": _SEPARATE_KERNELS}[layout]
+  for name in names:
     assert f"linear_scan_channel_{name}" in text, name
-  assert text.count("__gpu$xla.gpu.triton") == (5 if parallel else 4)
+  assert text.count("__gpu$xla.gpu.triton") == len(names)
 
 
 # ----------------------------------------------------------------------------
@@ -269,13 +286,16 @@ def test_gpu_channel_long_sequence_deterministic():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("chunk,parallel", [(16, False), (32, True),
-                                            (64, True)])
-def test_gpu_channel_direct(dtype, chunk, parallel):
-  """Either layout's kernels compiled at the benchmark's head size
+@pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
+                                    "separate32"])
+def test_gpu_channel_direct(dtype, layout):
+  """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
-  cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=parallel,
-                              block_f=32 if dtype == BF16 else 16,
-                              block_v=64 if dtype == BF16 else 32)
-  _direct_matches_scan(f"gpu-{chunk}-{parallel}", cfg, b=1, t=300, n=8, kh=2,
-                               f=128, vd=128, dtype=dtype, interpret=False)
+  opts = {"sweep16": dict(chunk=16, chunk_parallel=False),
+          "parallel32": dict(chunk=32), "parallel64": dict(chunk=64),
+          "separate32": dict(chunk=32, separate_output=True,
+                             block_f_state=64)}[layout]
+  cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
+                              block_v=64 if dtype == BF16 else 32, **opts)
+  _direct_matches_scan(f"gpu-{layout}", cfg, b=1, t=300, n=8, kh=2, f=128,
+                       vd=128, dtype=dtype, interpret=False)

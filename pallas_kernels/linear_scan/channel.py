@@ -89,6 +89,18 @@ class ChannelConfig:
       ``chunk`` 32 (fastest on an H200) or 64. False: each sweep program
       forms the intra-chunk scores itself (elementwise, chunk by chunk);
       meant for ``chunk`` 16.
+    separate_output: chunk-parallel only. False: the forward sweep forms
+      the output as it goes (three matmuls per chunk on its sequential
+      path). True: the sweep only carries and stores the states (one
+      matmul per chunk, and split by ``block_f_state`` rows), and a
+      chunk-parallel kernel forms the output from the stored states, as
+      fla's ``chunk_gla`` does (more parallel work at batch 1, at the cost
+      of writing and reading the per-chunk states).
+    block_f_state: chunk-parallel only: key channels (state rows) per
+      program of the state sweeps (the state-gradient sweep, and the
+      forward sweep with ``separate_output``); None: all of them. The
+      per-channel decay scales rows independently, so the rows split
+      freely: at batch 1 this multiplies the sweeps' programs.
   """
   chunk: int = 32
   block_v: int = 64
@@ -98,6 +110,8 @@ class ChannelConfig:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
   chunk_parallel: bool = True
+  separate_output: bool = False
+  block_f_state: int | None = None
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -119,6 +133,8 @@ class _S:
   upcast: bool
   rep: int
   par: bool = False  # chunk_parallel
+  sep: bool = False  # separate_output
+  fs: int = 0  # state rows per program of the state sweeps
 
 
 def _params(s: _S, bwd: bool = False):
@@ -529,16 +545,20 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
   dec_ref[...] = jnp.exp(_between(tot, 0, ns))
 
 
-def _sweep_kernel(*refs, s: _S, store: bool):
-  """The forward sweep over chunks for one value block, from the decayed
-  operands: o = A v + scale (q exp(G)) S, S <- exp(L) S + (k exp(L-G))^T v;
-  with ``store`` the state entering each chunk goes out."""
+def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
+  """The forward sweep over chunks for one value block (and, without
+  ``output``, one block of state rows), from the decayed operands:
+  o = A v + scale (q exp(G)) S when ``output``, S <- exp(L) S +
+  (k exp(L-G))^T v; with ``store`` the state entering each chunk goes out."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
-  qd_ref, kd_ref, v_ref, a_ref, dec_ref = (next(it), next(it), next(it),
-                                           next(it), next(it))
+  qd_ref = next(it) if output else None
+  kd_ref, v_ref = next(it), next(it)
+  a_ref = next(it) if output else None
+  dec_ref = next(it)
   s0_ref = next(it) if s.has_s0 else None
-  o_ref, st_ref = next(it), next(it)
+  o_ref = next(it) if output else None
+  st_ref = next(it)
   hs_ref = next(it) if store else None
   c = s.chunk
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
@@ -549,12 +569,23 @@ def _sweep_kernel(*refs, s: _S, store: bool):
     v = v_ref[rows, :]
     if store:
       hs_ref[i] = state.astype(hs_ref.dtype)
-    o = (_dot(a_ref[rows, :].astype(v.dtype), v)
-         + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
-    o_ref[rows, :] = o.astype(o_ref.dtype)
+    if output:
+      o = (_dot(a_ref[rows, :].astype(v.dtype), v)
+           + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
+      o_ref[rows, :] = o.astype(o_ref.dtype)
     return state * dec_ref[i][:, None] + _dot_tn(kd_ref[rows, :], v)
 
   st_ref[...] = lax.fori_loop(0, s.nc, body, state)
+
+
+def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, o_ref, *, s: _S):
+  """One chunk and value block of the output from the stored state
+  entering the chunk: o = A v + scale (q exp(G)) S."""
+  _dot, _, _ = _dots(s)
+  v = v_ref[...]
+  o = (_dot(a_ref[...].astype(v.dtype), v)
+       + s.scale * _dot(qd_ref[...], hs_ref[...].astype(v.dtype)))
+  o_ref[...] = o.astype(o_ref.dtype)
 
 
 def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
@@ -689,49 +720,127 @@ def _per_head(s: _S, rows, cols):
                       lambda j, n_, b_: (b_, n_, 0, 0))
 
 
-def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool):
+def _row_blocks(s: _S, f: int, vp: int, rows: int):
+  """Grid axis 0 of the state sweeps: value block j % nv, row block
+  j // nv; the BlockSpecs of a [T, rows] operand of head n, of a value
+  block of kv head n // rep, of a [rows, bv] state, of the [nc, rows]
+  chunk decays and of the [nc, rows, bv] per-chunk states."""
+  nv = vp // s.bv
+  jv, jf = (lambda j: j % nv), (lambda j: j // nv)
+  tp = s.nc * s.chunk
+  return (nv * (f // rows),
+          pl.BlockSpec((None, tp, None, rows),
+                       lambda j, n_, b_: (b_, 0, n_, jf(j))),
+          pl.BlockSpec((None, tp, None, s.bv),
+                       lambda j, n_, b_: (b_, 0, n_ // s.rep, jv(j))),
+          pl.BlockSpec((None, None, rows, s.bv),
+                       lambda j, n_, b_: (b_, n_, jf(j), jv(j))),
+          pl.BlockSpec((None, None, s.nc, rows),
+                       lambda j, n_, b_: (b_, n_, 0, jf(j))),
+          pl.BlockSpec((None, None, s.nc, rows, s.bv),
+                       lambda j, n_, b_: (b_, n_, 0, jf(j), jv(j))))
+
+
+def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
+                output: bool = True):
   b, tp, n, f = qd.shape
   vp = v.shape[-1]
-  kv, same, zero, col = _index_maps(s)
-  in_specs = [_blk(tp, f, same, zero), _blk(tp, f, same, zero),
-              _blk(tp, s.bv, kv, col), _per_head(s, tp, s.chunk),
-              _per_head(s, s.nc, f)]
-  args = [qd, kd, v, a, dec]
+  rows = f if output else s.fs  # the output needs every row of the state
+  grid0, rows_spec, val, st, dec_spec, hs_spec = _row_blocks(s, f, vp, rows)
+  in_specs, args = [], []
+  if output:
+    in_specs.append(rows_spec)  # rows == f: all of qd
+    args.append(qd)
+  in_specs += [rows_spec, val]
+  args += [kd, v]
+  if output:
+    in_specs.append(_per_head(s, tp, s.chunk))
+    args.append(a)
+  in_specs.append(dec_spec)
+  args.append(dec)
   if s.has_s0:
-    in_specs.append(_state(f, s.bv, by_row=False))
+    in_specs.append(st)
     args.append(s0)
-  out_specs = [_blk(tp, s.bv, same, col), _state(f, s.bv, by_row=False)]
-  out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype),
-               jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
+  out_specs, out_shape = [], []
+  if output:
+    out_specs.append(_blk(tp, s.bv, lambda x: x, lambda j: j))
+    out_shape.append(jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype))
+  out_specs.append(st)
+  out_shape.append(jax.ShapeDtypeStruct((b, n, f, vp), _F32))
   if store:
-    out_specs.append(pl.BlockSpec((None, None, s.nc, f, s.bv),
-                                  lambda j, n_, b_: (b_, n_, 0, 0, j)))
+    out_specs.append(hs_spec)
     out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
+  name = "linear_scan_channel_sweep"
+  if not output:
+    name = "linear_scan_channel_states"
+  elif store:
+    name = "linear_scan_channel_sweep_states"
   return pl.pallas_call(
-      functools.partial(_sweep_kernel, s=s, store=store),
-      grid=(vp // s.bv, n, b),
+      functools.partial(_sweep_kernel, s=s, store=store, output=output),
+      grid=(grid0, n, b),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(s),
       interpret=s.interpret,
-      name="linear_scan_channel_sweep_states" if store else
-      "linear_scan_channel_sweep",
+      name=name,
   )(*args)
+
+
+def _output_call(qd, v, a, hs, s: _S):
+  """Grid (chunk x value block, head, batch)."""
+  b, tp, n, f = qd.shape
+  vp, c = v.shape[-1], s.chunk
+  nv = vp // s.bv
+  return pl.pallas_call(
+      functools.partial(_output_kernel, s=s),
+      grid=(s.nc * nv, n, b),
+      in_specs=[pl.BlockSpec((None, c, None, f),
+                             lambda i, n_, b_: (b_, i // nv, n_, 0)),
+                pl.BlockSpec((None, c, None, s.bv),
+                             lambda i, n_, b_: (b_, i // nv, n_ // s.rep,
+                                                i % nv)),
+                pl.BlockSpec((None, None, c, c),
+                             lambda i, n_, b_: (b_, n_, i // nv, 0)),
+                pl.BlockSpec((None, None, None, f, s.bv),
+                             lambda i, n_, b_: (b_, n_, i // nv, 0, i % nv))],
+      out_specs=pl.BlockSpec((None, c, None, s.bv),
+                             lambda i, n_, b_: (b_, i // nv, n_, i % nv)),
+      out_shape=jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype),
+      compiler_params=_params(s),
+      interpret=s.interpret,
+      name="linear_scan_channel_output",
+  )(qd, v, a, hs)
+
+
+def _forward(q, k, v, gs, s0, s: _S, store: bool):
+  """(o, final state, residuals or None) of the chunk-parallel forward."""
+  a, qd, kd, dec = _scores_call(q, k, gs, s)
+  if s.sep:
+    final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True,
+                            output=False)
+    o = _output_call(qd, v, a, hs, s)
+  elif store:
+    o, final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True)
+  else:
+    o, final = _sweep_call(qd, kd, v, a, dec, s0, s, store=False)
+    hs = None
+  return o, final, ((a, qd, kd, dec, hs) if store else None)
 
 
 def _dstate_call(qd, do, dec, dfinal, s: _S):
   b, tp, n, f = qd.shape
   vp = do.shape[-1]
-  _, same, zero, col = _index_maps(s)
+  grid0, rows_spec, _, st, dec_spec, hs_spec = _row_blocks(s, f, vp, s.fs)
+  nv = vp // s.bv
   return pl.pallas_call(
       functools.partial(_dstate_kernel, s=s),
-      grid=(vp // s.bv, n, b),
-      in_specs=[_blk(tp, f, same, zero), _blk(tp, s.bv, same, col),
-                _per_head(s, s.nc, f), _state(f, s.bv, by_row=False)],
-      out_specs=[pl.BlockSpec((None, None, s.nc, f, s.bv),
-                              lambda j, n_, b_: (b_, n_, 0, 0, j)),
-                 _state(f, s.bv, by_row=False)],
+      grid=(grid0, n, b),
+      in_specs=[rows_spec,
+                pl.BlockSpec((None, tp, None, s.bv),
+                             lambda j, n_, b_: (b_, 0, n_, j % nv)),
+                dec_spec, st],
+      out_specs=[hs_spec, st],
       out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype),
                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
       compiler_params=_params(s, bwd=True),
@@ -802,15 +911,14 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, s: _S):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core_par(q, k, v, g, s0, s: _S):
-  a, qd, kd, dec = _scores_call(q, k, _chunk_cumsum(g, _SUB), s)
-  return _sweep_call(qd, kd, v, a, dec, s0, s, store=False)
+  o, final, _ = _forward(q, k, v, _chunk_cumsum(g, _SUB), s0, s, store=False)
+  return o, final
 
 
 def _core_par_fwd(q, k, v, g, s0, s: _S):
   gs = _chunk_cumsum(g, _SUB)
-  a, qd, kd, dec = _scores_call(q, k, gs, s)
-  o, final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True)
-  return (o, final), (q, k, v, gs, a, qd, kd, dec, hs)
+  o, final, res = _forward(q, k, v, gs, s0, s, store=True)
+  return (o, final), (q, k, v, gs) + res
 
 
 def _core_par_bwd(s: _S, res, cts):
@@ -883,6 +991,10 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   c = cfg.chunk
   if c < 16 or c & (c - 1):
     raise NotImplementedError(f"chunk {c} is not a power of two >= 16")
+  fs = cfg.block_f_state
+  if fs is not None and (fs < 16 or fs & (fs - 1)):
+    raise ValueError(f"config.block_f_state={fs} is not a power of two "
+                     ">= 16")
   fp, vp = _padded_dim(f), _padded_dim(vd)
   if fp > 256 or vp > 256:
     raise NotImplementedError("feature and value dims above 256 are not "
@@ -895,7 +1007,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
          stages_bwd=cfg.num_stages_bwd,
          has_s0=initial_state is not None, interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",
-         rep=n // kh, par=cfg.chunk_parallel)
+         rep=n // kh, par=cfg.chunk_parallel, sep=cfg.separate_output,
+         fs=min(cfg.block_f_state or fp, fp))
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

@@ -47,6 +47,10 @@ CONFIGS = {
     "par c32 bf32 bv64 w8": C(num_warps=8, num_warps_bwd=8),
     "par c16 bf32 bv64 w4": C(chunk=16),
     "par c64 bf32 bv64 w4": C(chunk=64),
+    "par c32 sep fs64": C(separate_output=True, block_f_state=64),
+    "par c32 sep fs32": C(separate_output=True, block_f_state=32),
+    "par c32 sep fs128": C(separate_output=True),
+    "par c32 fs64": C(block_f_state=64),
 }
 
 

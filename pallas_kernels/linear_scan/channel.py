@@ -941,6 +941,20 @@ def _core_par_bwd(s: _S, res, cts):
 _core_par.defvjp(_core_par_fwd, _core_par_bwd)
 
 
+def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
+            interpret) -> _S:
+  """The kernels' static parameters for T = t tokens and padded feature
+  and value dims fp, vp (also used by scripts/gpu/channel_profile.py)."""
+  return _S(scale=float(scale), chunk=cfg.chunk, nc=-(-t // cfg.chunk),
+            bv=min(cfg.block_v, vp), bf=min(cfg.block_f, fp),
+            warps=cfg.num_warps, stages=cfg.num_stages,
+            warps_bwd=cfg.num_warps_bwd, stages_bwd=cfg.num_stages_bwd,
+            has_s0=has_s0, interpret=interpret,
+            upcast=interpret and jax.default_backend() == "cpu", rep=rep,
+            par=cfg.chunk_parallel, sep=cfg.separate_output,
+            fs=min(cfg.block_f_state or fp, fp))
+
+
 def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                                    scale: float, initial_state=None,
                                    config: ChannelConfig | None = None,
@@ -999,16 +1013,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   if fp > 256 or vp > 256:
     raise NotImplementedError("feature and value dims above 256 are not "
                               "supported by the per-channel-gate kernels")
-  nc = -(-t // c)
-  tp = nc * c
-  s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(cfg.block_v, vp),
-         bf=min(cfg.block_f, fp), warps=cfg.num_warps,
-         stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
-         stages_bwd=cfg.num_stages_bwd,
-         has_s0=initial_state is not None, interpret=bool(interpret),
-         upcast=bool(interpret) and jax.default_backend() == "cpu",
-         rep=n // kh, par=cfg.chunk_parallel, sep=cfg.separate_output,
-         fs=min(cfg.block_f_state or fp, fp))
+  s = _static(cfg, scale=scale, t=t, rep=n // kh, fp=fp, vp=vp,
+              has_s0=initial_state is not None, interpret=bool(interpret))
+  tp = s.nc * c
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

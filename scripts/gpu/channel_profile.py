@@ -2,7 +2,7 @@
 
   PYTHONPATH=$PWD python3 scripts/gpu/channel_profile.py [--seqs=4096,16384]
       [--no-fla] [--no-checks] [--quick] [--configs=NAME,...]
-      [--compile-times]
+      [--compile-times] [--kernels]
 
 1. Checks: the chunk-parallel path (``ChannelConfig(chunk_parallel=True)``)
    against the scan on the GPU at H = 128, float32 and bfloat16, forward and
@@ -17,6 +17,9 @@
 given substrings. ``--compile-times`` first compiles each configuration's
 forward+backward (T = 4096) in a child process with a 150 s limit and
 prints the seconds, so one pathological Triton compile cannot eat the call.
+``--kernels`` times each chunk-parallel kernel alone (scores, the sweeps,
+the output kernel, the state-gradient sweep, dv/dA, the gradient kernel)
+for each chunk-parallel configuration, before the whole-call timings.
 """
 
 from __future__ import annotations
@@ -132,6 +135,57 @@ def compile_times(names):
   return ok
 
 
+def kernel_timings(seqs):
+  """Each chunk-parallel kernel alone, per configuration."""
+  for t in seqs:
+    b = TOKENS // t
+    q, k, v, g = _inputs(b, t)
+    gs = channel._chunk_cumsum(g, channel._SUB)
+    do = v
+    dfin = jnp.zeros((b, N, H, H), jnp.float32)
+    for name, cfg in CONFIGS.items():
+      if not cfg.chunk_parallel:
+        continue
+      s = channel._static(cfg, scale=H ** -0.5, t=t, rep=1, fp=H, vp=H,
+                          has_s0=False, interpret=False)
+      scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(q, k, gs, s))
+      try:
+        pc.line(f"{name} T={t}: scores", b, t, pc.time(scores, q, k, gs))
+        a, qd, kd, dec = scores(q, k, gs)
+        sweep = jax.jit(lambda *x, s=s: channel._sweep_call(
+            *x, None, s, store=False))
+        pc.line("  sweep (output + states)", b, t,
+                pc.time(sweep, qd, kd, v, a, dec))
+        if s.sep:
+          states = jax.jit(lambda *x, s=s: channel._sweep_call(
+              *x, None, s, store=True, output=False))
+          pc.line(f"  states sweep, storing (rows {s.fs})", b, t,
+                  pc.time(states, qd, kd, v, a, dec))
+          _, hs = states(qd, kd, v, a, dec)
+          out = jax.jit(lambda *x, s=s: channel._output_call(*x, s))
+          pc.line("  output kernel", b, t, pc.time(out, qd, v, a, hs))
+        else:
+          store = jax.jit(lambda *x, s=s: channel._sweep_call(
+              *x, None, s, store=True))
+          pc.line("  sweep, storing states", b, t,
+                  pc.time(store, qd, kd, v, a, dec))
+          _, _, hs = store(qd, kd, v, a, dec)
+        dstate = jax.jit(lambda *x, s=s: channel._dstate_call(*x, s))
+        pc.line(f"  state-gradient sweep (rows {s.fs})", b, t,
+                pc.time(dstate, qd, do, dec, dfin))
+        dhs, _ = dstate(qd, do, dec, dfin)
+        dadv = jax.jit(lambda *x, s=s: channel._dadv_call(*x, s))
+        pc.line("  dv / dA kernel", b, t, pc.time(dadv, a, do, v, kd, dhs))
+        _, da = dadv(a, do, v, kd, dhs)
+        grads = jax.jit(lambda *x, s=s: channel._grad_call(*x, s))
+        pc.line(f"  gradient kernel (channel block {s.bf})", b, t,
+                pc.time(grads, q, k, v, do, gs, da, hs, dhs))
+        del a, qd, kd, dec, hs, dhs, da
+      except Exception as e:  # noqa: BLE001
+        print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}",
+              flush=True)
+
+
 def timings(seqs, fla=True):
   for t in seqs:
     b = TOKENS // t
@@ -202,6 +256,8 @@ def main(argv):
   for a in argv:
     if a.startswith("--seqs="):
       seqs = tuple(int(x) for x in a[7:].split(","))
+  if "--kernels" in argv:
+    kernel_timings(seqs)
   timings(seqs, fla="--no-fla" not in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1

@@ -115,17 +115,22 @@ def test_log_decay_is_only_checked_when_concrete():
     f(-jnp.ones((N + 1,)))
 
 
-def test_pallas_per_channel_gate_with_resets_falls_back():
+def test_pallas_per_channel_gate_with_segments():
+  """segment_ids reach the per-channel-gate kernels (chunk-parallel
+  layout) as resets."""
   q, k, v = _qkv()
   gate = -jnp.ones((B, T, N, H))
   seg = jnp.zeros((B, T), jnp.int32).at[:, T // 2:].set(1)
-  with pytest.raises(NotImplementedError):
-    attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
-                             implementation="pallas")
-  out = jax.jit(lambda g: attnjax.linear_attention(q, k, v, gate=g))(gate)
-  ref = jax.jit(lambda g: attnjax.linear_attention(
-      q, k, v, gate=g, implementation="xla"))(gate)
+  out = attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
+                                 implementation="pallas")
+  ref = attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
+                                 implementation="xla")
   assert jnp.allclose(out, ref, atol=1e-5)
+  # The second segment does not see the first.
+  alone = attnjax.linear_attention(q[:, T // 2:], k[:, T // 2:],
+                                   v[:, T // 2:], gate=gate[:, T // 2:],
+                                   implementation="xla")
+  assert jnp.allclose(out[:, T // 2:], alone, atol=1e-5)
 
 
 def test_default_implementation_order():

@@ -99,7 +99,15 @@ def test_channel_direct_call_and_errors():
   testing.assert_close(state, ref_state, F32)
   with pytest.raises(NotImplementedError, match="resets"):
     channel.channel_gated_linear_attention(
-        x, x, x, g, jnp.zeros((1, 32), bool), scale=1.0)
+        x, x, x, g, jnp.zeros((1, 32), bool), scale=1.0,
+        config=channel.ChannelConfig(chunk=16, chunk_parallel=False))
+  with pytest.raises(ValueError, match="resets"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, jnp.zeros((1, 31), bool), scale=1.0)
+  with pytest.raises(ValueError, match="block_f_state"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0,
+        config=channel.ChannelConfig(block_f_state=24))
   with pytest.raises(NotImplementedError, match="power of two"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0, config=channel.ChannelConfig(chunk=24))
@@ -107,22 +115,37 @@ def test_channel_direct_call_and_errors():
     channel.channel_gated_linear_attention(x, x, x, g[..., 0], scale=1.0)
 
 
-def test_channel_with_resets_falls_back():
-  case = linear_case(key_for("channel-resets"), gate="channel",
-                     segments=True, length=30)
-  with pytest.raises(NotImplementedError):
-    call(case, "pallas")
-  out, state = call(case, ("pallas", "xla_chunked"))
-  ref_out, ref_state = call(case, "xla")
-  assert_matches(out, ref_out, F32)
-  assert_matches(state, ref_state, F32)
+@pytest.mark.parametrize("name,opts", [
+    # Packed sequences (3 segments), GQA 4:2, initial state, odd length.
+    ("gqa_state", dict(kv_heads=2, initial_state=True, length=75)),
+    # Strong gates, MQA, chunk 64, bf16.
+    ("strong_mqa_bf16_c64", dict(kv_heads=1, gate_strength=20.0, length=70,
+                                 dtype=BF16, chunk=64)),
+    # The separate output kernel and row-split state sweeps.
+    ("separate_rows", dict(length=50, separate=True))])
+def test_channel_resets_match_scan(name, opts):
+  """Resets (segment ids) in the chunk-parallel layout: output, final
+  state and every gradient against autodiff of the scan."""
+  opts = dict(opts)
+  chunk = opts.pop("chunk", 32)
+  separate = opts.pop("separate", False)
+  case = linear_case(key_for("channel-resets", name), gate="channel",
+                     segments=True, **opts)
+  if separate:
+    cfg = channel.ChannelConfig(separate_output=True, block_f_state=16,
+                                block_f=16, block_v=16)
+    _direct_matches_scan(name, cfg, b=2, t=opts["length"], n=4, kh=2, f=24,
+                         vd=20, strength=5.0, segments=True)
+    return
+  check_against_scan(case, "pallas", chunk_size=chunk)
 
 
-def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
-                                 strength=1.0, dtype=F32, interpret=True):
+def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd, strength=1.0,
+                         dtype=F32, interpret=True, segments=False):
   """channel_gated_linear_attention with ``cfg``: output, final state and
   the VJP of every input (random cotangents for both outputs) against
-  autodiff of the scan on the same rounded values."""
+  autodiff of the scan on the same rounded values; with ``segments``,
+  packed sequences (the kernel gets resets where the scan gets the ids)."""
   ks = jax.random.split(key_for("chunk-par", name, str(dtype)), 7)
   q = jax.random.normal(ks[0], (b, t, n, f))
   k = jax.random.normal(ks[1], (b, t, kh, f)) / np.sqrt(f)
@@ -133,15 +156,21 @@ def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd,
   s0 = jax.random.normal(ks[4], (b, n, f, vd))
   ct = jax.random.normal(ks[5], (b, t, n, vd)).astype(dtype).astype(F32)
   ct_s = jax.random.normal(ks[6], (b, n, f, vd))
+  seg = resets = None
+  if segments:
+    seg = testing.random_segment_ids(jax.random.fold_in(ks[6], 1), b, t,
+                                     num_segments=4)
+    resets = jnp.concatenate([jnp.zeros((b, 1), bool),
+                              seg[:, 1:] != seg[:, :-1]], axis=1)
 
   def kernel(q, k, v, g, s0):
     return channel.channel_gated_linear_attention(
-        q.astype(dtype), k.astype(dtype), v.astype(dtype), g, scale=0.3,
-        initial_state=s0, config=cfg, interpret=interpret)
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), g, resets,
+        scale=0.3, initial_state=s0, config=cfg, interpret=interpret)
 
   def scan(q, k, v, g, s0):
     return attnjax.linear_attention(
-        q, k, v, gate=g, scale=0.3, initial_state=s0,
+        q, k, v, gate=g, scale=0.3, initial_state=s0, segment_ids=seg,
         return_final_state=True, implementation="xla")
 
   def run(fn):
@@ -198,33 +227,36 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
 @pytest.mark.parametrize("dtype,h,layout,chunk", [
     (BF16, 128, "sweep", 16), (F32, 64, "sweep", 16), (BF16, 256, "sweep", 16),
     (BF16, 128, "parallel", 32), (BF16, 256, "parallel", 32),
-    (F32, 64, "parallel", 64), (BF16, 128, "separate", 32)])
+    (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
+    (BF16, 128, "resets", 32), (F32, 64, "resets", 64)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
-  output from stored states and the state sweeps split by rows)."""
+  output from stored states and the state sweeps split by rows; with
+  resets)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
           sd((b, t, kh, h), dtype), sd((b, t, n, h), F32),
-          sd((b, n, h, h), F32))
+          sd((b, n, h, h), F32), sd((b, t), jnp.bool_))
   cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=layout != "sweep",
                               block_f=32 if dtype == BF16 else 16,
                               separate_output=layout == "separate",
                               block_f_state=64 if layout == "separate"
                               else None)
+  with_resets = layout == "resets"
 
-  def grad(q, k, v, g, s0):
+  def grad(q, k, v, g, s0, resets):
     def f(q, k, v, g, s0):
       o, st = channel.channel_gated_linear_attention(
-          q, k, v, g, scale=0.1, initial_state=s0, config=cfg,
-          interpret=False)
+          q, k, v, g, resets if with_resets else None, scale=0.1,
+          initial_state=s0, config=cfg, interpret=False)
       return jnp.sum(o.astype(F32)) + jnp.sum(st)
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
 
   text = _export_for_h100(grad, *args).mlir_module()
   names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
-           "separate": _SEPARATE_KERNELS}[layout]
+           "resets": _PARALLEL_KERNELS, "separate": _SEPARATE_KERNELS}[layout]
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
@@ -287,15 +319,17 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
-                                    "separate32"])
+                                    "separate32", "resets32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
   opts = {"sweep16": dict(chunk=16, chunk_parallel=False),
           "parallel32": dict(chunk=32), "parallel64": dict(chunk=64),
           "separate32": dict(chunk=32, separate_output=True,
-                             block_f_state=64)}[layout]
+                             block_f_state=64),
+          "resets32": dict(chunk=32)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
-  _direct_matches_scan(f"gpu-{layout}", cfg, b=1, t=300, n=8, kh=2, f=128,
-                       vd=128, dtype=dtype, interpret=False)
+  _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,
+                       vd=128, dtype=dtype, interpret=False,
+                       segments=layout == "resets32")

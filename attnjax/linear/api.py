@@ -9,9 +9,9 @@ Implementations (``implementation=``):
 * ``"pallas"``: the chunked-scan Pallas kernels (Triton on GPUs, interpret
   mode elsewhere), forward and backward. Scalar or fixed decays, no decay,
   normalisation, resets, GQA (``kernels.py``); per-key-channel gates (GLA)
-  without resets (``channel.py``); the (gated) delta rule (``delta.py``,
-  H and Hv <= 256). Per-channel gates with resets raise
-  ``NotImplementedError`` (so ``implementation=None`` falls back to
+  with resets and GQA (``channel.py``); the (gated) delta rule
+  (``delta.py``, H and Hv <= 256; larger heads raise
+  ``NotImplementedError``, so ``implementation=None`` falls back to
   ``"xla_chunked"``).
 
 ``implementation=None`` tries ``"pallas"`` then ``"xla_chunked"`` on GPUs and

@@ -134,6 +134,7 @@ class _S:
   rep: int
   par: bool = False  # chunk_parallel
   sep: bool = False  # separate_output
+  seg: bool = False  # resets (chunk-parallel layout only)
   fs: int = 0  # state rows per program of the state sweeps
 
 
@@ -511,10 +512,36 @@ def _between(tot, lo, hi):
   return acc
 
 
-def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
-                   s: _S):
+# Resets (packed sequences) in the chunk-parallel layout: ``seg`` [B, 4, Tp]
+# float32 holds per token the running reset count (row 0), whether no reset
+# lies between the chunk's start and the token (row 1: the entering state
+# reaches it) and whether none lies after it in the chunk (row 2: it
+# reaches the leaving state). Scores and dA between tokens of different
+# segments are zeroed, q exp(G) and k exp(L - G) are masked by rows 1 and
+# 2, and the chunk decay by row 1 of the last token; the decay exponents
+# themselves are unchanged (every pair they are used for lies within one
+# segment), so the gate-gradient identity holds as it is.
+
+
+def _seg_row(seg_ref, row, a):
+  """Row ``row`` of ``seg`` over sub-chunk ``a`` ([16])."""
+  return seg_ref[row, _sub(a)]
+
+
+def _chunk_end_mask(seg_ref, c):
+  """1.0 when no reset lies in the chunk (the entering state reaches its
+  end), else 0.0: row 1 at the chunk's last token."""
+  m = seg_ref[1, pl.ds(0, c)]
+  return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1,
+                           m, 0.0))
+
+
+def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   """For one chunk: A [C, C] = scale * (q k^T weighted by the pairwise
-  channel decays), lower triangular; q exp(G); k exp(L - G); exp(L)."""
+  channel decays), lower triangular; q exp(G); k exp(L - G); exp(L) (each
+  masked at resets when ``s.seg``)."""
+  seg_ref = refs[0] if s.seg else None
+  a_ref, qd_ref, kd_ref, dec_ref = refs[1:] if s.seg else refs
   _, _, _dot_nt = _dots(s)
   ns, f = s.chunk // _SUB, q_ref.shape[-1]
   every = pl.ds(0, f)
@@ -527,11 +554,13 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
     gs = gs_ref[_sub(a), :]
     q = q_ref[_sub(a), :].astype(_F32)
     k = k_ref[_sub(a), :].astype(_F32)
-    qd_ref[_sub(a), :] = (q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
-                          ).astype(qd_ref.dtype)
-    kd_ref[_sub(a), :] = (k * jnp.exp(
-        (tot[a][None, :] - gs) + _between(tot, a + 1, ns)[None, :])
-                          ).astype(kd_ref.dtype)
+    qd = q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
+    kd = k * jnp.exp((tot[a][None, :] - gs) + _between(tot, a + 1, ns)[None, :])
+    if s.seg:
+      qd = qd * _seg_row(seg_ref, 1, a)[:, None]
+      kd = kd * _seg_row(seg_ref, 2, a)[:, None]
+    qd_ref[_sub(a), :] = qd.astype(qd_ref.dtype)
+    kd_ref[_sub(a), :] = kd.astype(kd_ref.dtype)
     qa = (q * jnp.exp(gs)).astype(q_ref.dtype)  # q_a exp(G_a - G_r)
     for b in range(ns):
       if b > a:
@@ -541,8 +570,15 @@ def _scores_kernel(q_ref, k_ref, gs_ref, a_ref, qd_ref, kd_ref, dec_ref, *,
       else:
         kb = k_dec[b] * jnp.exp(_between(tot, b + 1, a))[None, :]
         blk = _dot_nt(qa, kb.astype(k_ref.dtype))
+      if s.seg and b <= a:
+        same = (_seg_row(seg_ref, 0, a)[:, None]
+                == _seg_row(seg_ref, 0, b)[None, :])
+        blk = jnp.where(same, blk, 0.0)
       a_ref[_sub(a), _sub(b)] = blk * s.scale
-  dec_ref[...] = jnp.exp(_between(tot, 0, ns))
+  dec = jnp.exp(_between(tot, 0, ns))
+  if s.seg:
+    dec = dec * _chunk_end_mask(seg_ref, s.chunk)
+  dec_ref[...] = dec
 
 
 def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
@@ -607,11 +643,12 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
   dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
 
 
-def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, dv_ref, da_ref, *,
-                 s: _S):
+def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
   """For one chunk: dv = A^T dO + (k exp(L - G)) dS_out, and the score
   gradient dA = scale * dO v^T (lower triangular, float32) that the
   channel-block gradient programs read by sub-blocks."""
+  seg_ref = refs[0] if s.seg else None
+  dv_ref, da_ref = refs[1:] if s.seg else refs
   _dot, _dot_tn, _dot_nt = _dots(s)
   c = s.chunk
   dt = do_ref.dtype
@@ -622,15 +659,21 @@ def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, dv_ref, da_ref, *,
   i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
   j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
   da = _dot_nt(do, v_ref[...].astype(dt)) * s.scale
-  da_ref[...] = jnp.where(j <= i, da, 0.0)
+  keep = j <= i
+  if s.seg:
+    rc = seg_ref[0, pl.ds(0, c)]
+    keep = jnp.logical_and(keep, rc[:, None] == rc[None, :])
+  da_ref[...] = jnp.where(keep, da, 0.0)
 
 
 def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
-                 dq_ref, dk_ref, dg_ref, *, s: _S):
+                 *refs, s: _S):
   """dq, dk and the per-row gradient dG of the chunk-level cumulative gates
   (reverse-summed within the chunk outside) for one chunk and one block of
   ``s.bf`` key channels, given the state entering the chunk (hs), the
   gradient of the state leaving it (dhs) and dA."""
+  seg_ref = refs[0] if s.seg else None
+  dq_ref, dk_ref, dg_ref = refs[1:] if s.seg else refs
   _dot, _dot_tn, _dot_nt = _dots(s)
   ns = s.chunk // _SUB
   dt = do_ref.dtype
@@ -639,6 +682,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   hs_b, dhs_b = hs_ref[...], dhs_ref[...]  # [fb, V]
   e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
       _between(tot, 0, ns))  # the state-span term of the last row
+  if s.seg:
+    e = e * _chunk_end_mask(seg_ref, s.chunk)
   hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
   # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
   # G_b), the factors of the off-diagonal blocks up to whole totals.
@@ -655,6 +700,9 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
     dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * _dot_nt(
         do_ref[_sub(r), :], hs_b)
     dk_inter = jnp.exp(to_end) * _dot_nt(v_ref[_sub(r), :].astype(dt), dhs_b)
+    if s.seg:
+      dq = dq * _seg_row(seg_ref, 1, r)[:, None]
+      dk_inter = dk_inter * _seg_row(seg_ref, 2, r)[:, None]
     dk = dk_inter
     # Off-diagonal sub-blocks: dq from earlier keys, dk from later queries.
     if r > 0:
@@ -690,15 +738,29 @@ def _chunk_rows(s: _S, head, width):
                       lambda i, n_, b_: (b_, i, head(n_), 0))
 
 
-def _scores_call(q, k, gs, s: _S):
+def _seg_spec(s: _S, chunk_of=lambda i: i):
+  """The [4, C] block of ``seg`` for the chunk of grid index i."""
+  return pl.BlockSpec((None, 4, s.chunk),
+                      lambda i, n_, b_: (b_, 0, chunk_of(i)))
+
+
+def _with_seg(s: _S, specs, args, seg, chunk_of=lambda i: i):
+  if s.seg:
+    return specs + [_seg_spec(s, chunk_of)], args + [seg]
+  return specs, args
+
+
+def _scores_call(q, k, gs, seg, s: _S):
   b, tp, n, f = q.shape
   c = s.chunk
   same, kv = (lambda x: x), (lambda x: x // s.rep)
+  in_specs, args = _with_seg(
+      s, [_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
+          _chunk_rows(s, same, f)], [q, k, gs], seg)
   return pl.pallas_call(
       functools.partial(_scores_kernel, s=s),
       grid=(s.nc, n, b),
-      in_specs=[_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
-                _chunk_rows(s, same, f)],
+      in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, c, c),
                               lambda i, n_, b_: (b_, n_, i, 0)),
                  _chunk_rows(s, same, f), _chunk_rows(s, same, f),
@@ -711,7 +773,7 @@ def _scores_call(q, k, gs, s: _S):
       compiler_params=_params(s),
       interpret=s.interpret,
       name="linear_scan_channel_scores",
-  )(q, k, gs)
+  )(*args)
 
 
 def _per_head(s: _S, rows, cols):
@@ -813,9 +875,9 @@ def _output_call(qd, v, a, hs, s: _S):
   )(qd, v, a, hs)
 
 
-def _forward(q, k, v, gs, s0, s: _S, store: bool):
+def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   """(o, final state, residuals or None) of the chunk-parallel forward."""
-  a, qd, kd, dec = _scores_call(q, k, gs, s)
+  a, qd, kd, dec = _scores_call(q, k, gs, seg, s)
   if s.sep:
     final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True,
                             output=False)
@@ -849,19 +911,22 @@ def _dstate_call(qd, do, dec, dfinal, s: _S):
   )(qd, do, dec, dfinal)
 
 
-def _dadv_call(a, do, v, kd, dhs, s: _S):
+def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
   b, tp, n, f = kd.shape
   vp, c = v.shape[-1], s.chunk
   same, kv = (lambda x: x), (lambda x: x // s.rep)
   per_chunk = pl.BlockSpec((None, None, c, c),
                            lambda i, n_, b_: (b_, n_, i, 0))
+  in_specs, args = _with_seg(
+      s, [per_chunk, _chunk_rows(s, same, vp), _chunk_rows(s, kv, vp),
+          _chunk_rows(s, same, f),
+          pl.BlockSpec((None, None, None, f, vp),
+                       lambda i, n_, b_: (b_, n_, i, 0, 0))],
+      [a, do, v, kd, dhs], seg)
   return pl.pallas_call(
       functools.partial(_dadv_kernel, s=s),
       grid=(s.nc, n, b),
-      in_specs=[per_chunk, _chunk_rows(s, same, vp), _chunk_rows(s, kv, vp),
-                _chunk_rows(s, same, f),
-                pl.BlockSpec((None, None, None, f, vp),
-                             lambda i, n_, b_: (b_, n_, i, 0, 0))],
+      in_specs=in_specs,
       out_specs=[_chunk_rows(s, same, vp), per_chunk],
       out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp),
                                       v.dtype if s.rep == 1 else _F32),
@@ -869,10 +934,10 @@ def _dadv_call(a, do, v, kd, dhs, s: _S):
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_dadv",
-  )(a, do, v, kd, dhs)
+  )(*args)
 
 
-def _grad_call(q, k, v, do, gs, da, hs, dhs, s: _S):
+def _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s: _S):
   """Grid (chunk x channel block, head, batch): neighbouring programs share
   the chunk's dO, v and dA."""
   b, tp, n, f = q.shape
@@ -891,13 +956,15 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, s: _S):
   same = lambda x: x  # noqa: E731
   st = pl.BlockSpec((None, None, None, bf, vp),
                     lambda i, n_, b_: (b_, n_, i // nf, i % nf, 0))
+  in_specs, args = _with_seg(
+      s, [cols(same), cols(kv), rows(kv), rows(same), cols(same),
+          pl.BlockSpec((None, None, c, c),
+                       lambda i, n_, b_: (b_, n_, i // nf, 0)), st, st],
+      [q, k, v, do, gs, da, hs, dhs], seg, chunk_of=lambda i: i // nf)
   return pl.pallas_call(
       functools.partial(_grad_kernel, s=s),
       grid=(s.nc * nf, n, b),
-      in_specs=[cols(same), cols(kv), rows(kv), rows(same), cols(same),
-                pl.BlockSpec((None, None, c, c),
-                             lambda i, n_, b_: (b_, n_, i // nf, 0)),
-                st, st],
+      in_specs=in_specs,
       out_specs=[cols(same), cols(same), cols(same)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(q.shape,
@@ -906,43 +973,57 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, s: _S):
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_grads",
-  )(q, k, v, do, gs, da, hs, dhs)
+  )(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _core_par(q, k, v, g, s0, s: _S):
-  o, final, _ = _forward(q, k, v, _chunk_cumsum(g, _SUB), s0, s, store=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _core_par(q, k, v, g, s0, seg, s: _S):
+  o, final, _ = _forward(q, k, v, _chunk_cumsum(g, _SUB), s0, seg, s,
+                         store=False)
   return o, final
 
 
-def _core_par_fwd(q, k, v, g, s0, s: _S):
+def _core_par_fwd(q, k, v, g, s0, seg, s: _S):
   gs = _chunk_cumsum(g, _SUB)
-  o, final, res = _forward(q, k, v, gs, s0, s, store=True)
-  return (o, final), (q, k, v, gs) + res
+  o, final, res = _forward(q, k, v, gs, s0, seg, s, store=True)
+  return (o, final), (q, k, v, gs, seg) + res
 
 
 def _core_par_bwd(s: _S, res, cts):
-  q, k, v, gs, a, qd, kd, dec, hs = res
+  q, k, v, gs, seg, a, qd, kd, dec, hs = res
   do, dfinal = cts
   b, tp, n, f = q.shape
   kh, vp = k.shape[2], v.shape[-1]
   do = do.astype(q.dtype)
   dhs, ds0 = _dstate_call(qd, do, dec, dfinal.astype(_F32), s)
-  dv, da = _dadv_call(a, do, v, kd, dhs, s)
-  dq, dk, dgr = _grad_call(q, k, v, do, gs, da, hs, dhs, s)
+  dv, da = _dadv_call(a, do, v, kd, dhs, seg, s)
+  dq, dk, dgr = _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s)
   if s.rep > 1:
     dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)
   rows = dgr.reshape(b, tp // s.chunk, s.chunk, n, f)
   dg = jnp.flip(jnp.cumsum(jnp.flip(rows, 2), 2), 2).reshape(b, tp, n, f)
-  return dq, dk, dv, dg, (ds0 if s.has_s0 else None)
+  return dq, dk, dv, dg, (ds0 if s.has_s0 else None), None
 
 
 _core_par.defvjp(_core_par_fwd, _core_par_bwd)
 
 
+def _segments(resets, tp, c):
+  """``seg`` [B, 4, Tp] float32 for the chunk-parallel kernels (see
+  _seg_row): the running reset count, [no reset in [chunk start, i]],
+  [no reset in (i, chunk end]], and a zero row."""
+  b, t = resets.shape
+  r = jnp.pad(resets.astype(jnp.int32), ((0, 0), (0, tp - t)))
+  count = jnp.cumsum(r.reshape(b, tp // c, c), axis=-1)
+  to_end = count[..., -1:] - count
+  rows = [jnp.cumsum(r, axis=-1), (count == 0).reshape(b, tp),
+          (to_end == 0).reshape(b, tp), jnp.zeros((b, tp))]
+  return jnp.stack([x.astype(_F32) for x in rows], axis=1)
+
+
 def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
-            interpret) -> _S:
+            interpret, seg=False) -> _S:
   """The kernels' static parameters for T = t tokens and padded feature
   and value dims fp, vp (also used by scripts/gpu/channel_profile.py)."""
   return _S(scale=float(scale), chunk=cfg.chunk, nc=-(-t // cfg.chunk),
@@ -952,7 +1033,7 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             has_s0=has_s0, interpret=interpret,
             upcast=interpret and jax.default_backend() == "cpu", rep=rep,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
-            fs=min(cfg.block_f_state or fp, fp))
+            fs=min(cfg.block_f_state or fp, fp), seg=seg)
 
 
 def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
@@ -967,7 +1048,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     v: [B, T, K, V], same dtype.
     log_gate: float [B, T, N, F], every entry <= 0 (log of the per-step,
       per-channel decay).
-    resets: must be None here (NotImplementedError otherwise).
+    resets: None or bool [B, T]: the state is zeroed before token t
+      (packed sequences). Chunk-parallel layout only (the sweep layout
+      raises NotImplementedError).
     scale: output scale.
     initial_state: None or float32 [B, N, F, V].
     config: tiling (default ``ChannelConfig()``; float32 inputs use a
@@ -979,8 +1062,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     differentiable in q, k, v, log_gate and initial_state.
 
   Raises:
-    NotImplementedError: resets, feature or value dims above 256, a chunk
-      that is not a power of two >= 16.
+    NotImplementedError: resets with the sweep layout, feature or value
+      dims above 256, a chunk that is not a power of two >= 16.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.ones((1, 32, 1, 16))
@@ -990,9 +1073,6 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   >>> float(o[0, 0, 0, 0]), float(o[0, 31, 0, 0])
   (16.0, 512.0)
   """
-  if resets is not None:
-    raise NotImplementedError("the per-channel-gate Pallas kernels do not "
-                              "take resets")
   if log_gate is None or log_gate.ndim != 4:
     raise NotImplementedError("per-channel gates [B, T, N, F] expected")
   b, t, n, f = q.shape
@@ -1005,6 +1085,11 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   c = cfg.chunk
   if c < 16 or c & (c - 1):
     raise NotImplementedError(f"chunk {c} is not a power of two >= 16")
+  if resets is not None and not cfg.chunk_parallel:
+    raise NotImplementedError("the sweep layout of the per-channel-gate "
+                              "kernels does not take resets")
+  if resets is not None and resets.shape != (b, t):
+    raise ValueError(f"resets has shape {resets.shape}, expected {(b, t)}")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "
@@ -1014,7 +1099,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     raise NotImplementedError("feature and value dims above 256 are not "
                               "supported by the per-channel-gate kernels")
   s = _static(cfg, scale=scale, t=t, rep=n // kh, fp=fp, vp=vp,
-              has_s0=initial_state is not None, interpret=bool(interpret))
+              has_s0=initial_state is not None, interpret=bool(interpret),
+              seg=resets is not None)
   tp = s.nc * c
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
@@ -1023,5 +1109,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   s0 = None
   if initial_state is not None:
     s0 = _pad_axis(_pad_axis(initial_state.astype(_F32), 2, fp), 3, vp)
-  o, final = (_core_par if s.par else _core)(qp, kp, vpd, g, s0, s)
+  if s.par:
+    seg = None if resets is None else _segments(resets, tp, c)
+    o, final = _core_par(qp, kp, vpd, g, s0, seg, s)
+  else:
+    o, final = _core(qp, kp, vpd, g, s0, s)
   return o[:, :t, :, :vd], final[:, :, :f, :vd]

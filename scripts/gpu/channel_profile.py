@@ -148,7 +148,7 @@ def kernel_timings(seqs):
         continue
       s = channel._static(cfg, scale=H ** -0.5, t=t, rep=1, fp=H, vp=H,
                           has_s0=False, interpret=False)
-      scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(q, k, gs, s))
+      scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(q, k, gs, None, s))
       try:
         pc.line(f"{name} T={t}: scores", b, t, pc.time(scores, q, k, gs))
         a, qd, kd, dec = scores(q, k, gs)
@@ -174,10 +174,10 @@ def kernel_timings(seqs):
         pc.line(f"  state-gradient sweep (rows {s.fs})", b, t,
                 pc.time(dstate, qd, do, dec, dfin))
         dhs, _ = dstate(qd, do, dec, dfin)
-        dadv = jax.jit(lambda *x, s=s: channel._dadv_call(*x, s))
+        dadv = jax.jit(lambda *x, s=s: channel._dadv_call(*x, None, s))
         pc.line("  dv / dA kernel", b, t, pc.time(dadv, a, do, v, kd, dhs))
         _, da = dadv(a, do, v, kd, dhs)
-        grads = jax.jit(lambda *x, s=s: channel._grad_call(*x, s))
+        grads = jax.jit(lambda *x, s=s: channel._grad_call(*x, None, s))
         pc.line(f"  gradient kernel (channel block {s.bf})", b, t,
                 pc.time(grads, q, k, v, do, gs, da, hs, dhs))
         del a, qd, kd, dec, hs, dhs, da

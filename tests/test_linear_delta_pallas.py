@@ -326,7 +326,9 @@ def test_delta_pallas_substitution_inverse():
 
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
-                "substitution": dict(diag_inverse="substitution")}
+                "substitution": dict(diag_inverse="substitution"),
+                # Fewer register spills (scripts/aot/ptxas_report.py).
+                "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8)}
 
 
 @pytest.mark.gpu

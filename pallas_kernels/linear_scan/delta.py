@@ -83,6 +83,8 @@ class DeltaConfig:
       128: 4.76 ms fused at 8 warps, 6.78 at 4; split at 64 key columns
       5.68 ms at 8 warps, 4.59 at 4;
       docs/dev/gpu-runs/run18-h200-delta-grad-sweep.log).
+    num_warps_grad_ut: warps of the split backward's second kernel (the
+      UT pull-back per chunk); None: the same as the gradient kernels'.
     block_v_grad: value columns per step of the gradient kernel's loop
       over the value dimension (its [F, V] state tiles are read in
       [F, block_v_grad] slices).
@@ -104,6 +106,7 @@ class DeltaConfig:
   num_warps_ut: int = 2
   num_warps_grad: int | None = None
   num_stages_grad: int = 1
+  num_warps_grad_ut: int | None = None
   block_v_grad: int = 64
   grad_block_k: int | None = 64
   diag_inverse: str = "doubling"
@@ -138,6 +141,7 @@ class _S:
   warps_ut: int
   warps_grad: int
   stages_grad: int
+  warps_gut: int
   bvg: int
   bkg: int
   doubling: bool
@@ -479,15 +483,15 @@ def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
                  dk):
   """The key side of the UT pull-back from dW ([C, F], operand dtype) and
   the loop's dA, Gv rv^T and dbeta (``kf``, ``tb``: k in float32, T in the
-  operand dtype): returns dq, dk (added to), dbeta, the gate weight wq's
-  part and the cumulative log gates' gradient."""
+  operand dtype): returns dq, dk (added to; None: from zero), dbeta, the
+  gate weight wq's part and the cumulative log gates' gradient."""
   _dot, _dot_tn, _dot_nt = _dots(s)
   c, dt = s.chunk, k.dtype
   bw = beta * wq
   rk = (kf * bw[:, None]).astype(dt)
   d_t = acc["d_tv"] + _dot_nt(dw, rk)
   d_rk = _dot_tn(tb, dw)
-  dk = dk + d_rk * bw[:, None]
+  dk = d_rk * bw[:, None] if dk is None else dk + d_rk * bw[:, None]
   sk = jnp.sum(d_rk * kf, axis=1)
   dbeta = acc["dbeta"] + wq * sk
   dwq = beta * sk
@@ -508,7 +512,7 @@ def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
   p = dlk * beta[:, None] + dqk * _dot_nt(q, k)
   dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
   dqk = dqk.astype(dt)
-  dq = dq + _dot(dqk, k)
+  dq = _dot(dqk, k) if dq is None else dq + _dot(dqk, k)
   dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
   return dq, dk, dbeta, dwq, dgc
 
@@ -587,11 +591,12 @@ def _grad_ut_kernel(*refs, s: _S):
   tb = tf.astype(k.dtype)
   acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
                     beta, tb, state=False, ut=True)
+  # The first half's dq and dk join at the store (not live through here).
   dq, dk, dbeta, dwq, dgc = _ut_key_side(
       s, acc, q, k, k.astype(_F32), beta, gc_ref[...], wq, tf, tb, rc,
-      dw_ref[...], dqs_ref[...], dks_ref[...])
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-  dk_ref[...] = dk.astype(dk_ref.dtype)
+      dw_ref[...], None, None)
+  dq_ref[...] = (dq + dqs_ref[...]).astype(dq_ref.dtype)
+  dk_ref[...] = (dk + dks_ref[...]).astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
   dgc_ref[...] = dgc
   dwq_ref[...] = dwq
@@ -612,7 +617,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
            jax.ShapeDtypeStruct((b, tp, n, f), kv_dt),
            jax.ShapeDtypeStruct((b, tp, n, vp), kv_dt)]
 
-  def per_chunk(kernel, name, in_specs, args, n_tok):
+  def per_chunk(kernel, name, in_specs, args, n_tok, warps):
     """One program per (chunk, head, batch): dq, dk, dv, n_tok [C] rows."""
     if s.has_seg:
       in_specs, args = in_specs + [seg], args + [rc]
@@ -622,7 +627,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
         in_specs=in_specs,
         out_specs=[own(f), own(f), own(vp)] + [tok] * n_tok,
         out_shape=grads + [per_tok] * n_tok,
-        compiler_params=_params(s, s.warps_grad, s.stages_grad),
+        compiler_params=_params(s, warps, s.stages_grad),
         interpret=s.interpret,
         name=name,
     )(*args)
@@ -632,7 +637,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
         _grad_kernel, "delta_rule_grads",
         [own(f), kv(f), kv(vp), tok, tok, tok, tok, own(c), state(f, vp),
          state(f, vp), own(vp), own(vp), own(vp)],
-        [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn], 5)
+        [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn], 5, s.warps_grad)
   # Split: grid (chunk * key block, head, batch), key blocks fastest.
   bk = s.bkg
   nk = f // bk
@@ -663,7 +668,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
       _grad_ut_kernel, "delta_rule_grads_ut",
       [own(f), kv(f), kv(vp), tok, tok, tok, own(c), own(vp), own(vp),
        own(vp), own(f), own(f), own(f)],
-      [q, k, v, beta, gc, wq, t, do, gv, vn, dqs, dks, dw], 3)
+      [q, k, v, beta, gc, wq, t, do, gv, vn, dqs, dks, dw], 3, s.warps_gut)
   return (dq, dk, dv, dbeta, dgc, dwq + dwq_s.sum(1), dwk.sum(1),
           ddec.sum(1))
 
@@ -789,6 +794,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
          stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
          warps_grad=cfg.grad_warps(fp), stages_grad=cfg.num_stages_grad,
+         warps_gut=cfg.num_warps_grad_ut or cfg.grad_warps(fp),
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          has_s0=initial_state is not None, has_seg=resets is not None,

@@ -93,6 +93,7 @@ def _static(t, b, cfg):
                    stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,
                    stages_bwd=cfg.num_stages_bwd, warps_ut=cfg.num_warps_ut,
                    warps_grad=cfg.grad_warps(H),
+                   warps_gut=cfg.num_warps_grad_ut or cfg.grad_warps(H),
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",
@@ -110,8 +111,8 @@ def _parts(t, b, q, k, v, beta, g, cfg):
   dec = jnp.repeat(dec, c, axis=-1)
   tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
          f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
-         f"grad-w{st.warps_grad}/st{st.stages_grad}/bv{st.bvg}"
-         f"/bk{st.bkg or 'F'}{' dbl' if st.doubling else ''}")
+         f"grad-w{st.warps_grad}/ut-w{st.warps_gut}/st{st.stages_grad}"
+         f"/bv{st.bvg}/bk{st.bkg or 'F'}{' dbl' if st.doubling else ''}")
   ut = jax.jit(lambda *a: kdelta._ut_call(*a, None, st, store_t=True))
   fwd = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, False))
   store = jax.jit(lambda *a: kdelta._fwd_call(*a, None, st, True))
@@ -165,11 +166,11 @@ def _grad_sweep(t, b, q, k, v, beta, g):
   fused = r(d, grad_block_k=None)
   for cfg in (fused, r(fused, num_warps_grad=4),
               r(fused, num_stages_grad=2), r(fused, block_v_grad=32),
-              r(d, num_warps_grad=8), d, r(d, grad_block_k=32),
-              r(d, num_stages_grad=2)):
+              r(d, num_warps_grad=8), d, r(d, num_warps_grad_ut=8),
+              r(d, grad_block_k=32), r(d, num_stages_grad=2)):
     sg = _static(t, b, cfg)
-    tag = (f"grad-w{sg.warps_grad}/st{sg.stages_grad}/bv{sg.bvg}"
-           f"/bk{sg.bkg or 'F'}")
+    tag = (f"grad-w{sg.warps_grad}/ut-w{sg.warps_gut}/st{sg.stages_grad}"
+           f"/bv{sg.bvg}/bk{sg.bkg or 'F'}")
     try:
       grads = jax.jit(lambda *x, sg=sg: kdelta._grad_call(*x, None, sg))
       pc.line(f"gradient kernel {tag}", b, t,
@@ -205,7 +206,9 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False):
       r = dataclasses.replace
       d = kdelta.DeltaConfig()
       configs += [r(d, diag_inverse="substitution"),
-                  r(d, num_warps_ut=4), r(d, grad_block_k=None),
+                  r(d, num_warps_ut=4),
+                  r(d, num_warps_ut=4, num_warps_grad_ut=8),
+                  r(d, grad_block_k=None),
                   r(d, grad_block_k=32), r(d, num_stages_grad=2)]
     for cfg in configs:
       _parts(t, b, q, k, v, beta, g, cfg)

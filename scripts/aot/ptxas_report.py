@@ -1,0 +1,197 @@
+"""Registers and spills of the Pallas Triton kernels, compiled for an H100
+on a machine without a GPU (developer tool, not part of CI).
+
+XLA's CUDA plugin compiles without a device from a target description
+(``h100_sxm.txtpb`` beside this file); with ``ptxas -v`` its log names each
+kernel with its registers, stack frame and spills. The same compile shows
+Triton compile-time blowups (the first chunk-parallel GLA gradient kernel
+took 155 s here and minutes on the GPU; the current one 2 s).
+
+Set-up once (nothing is installed into the project's venv)::
+
+  python scripts/aot/ptxas_report.py --fetch /tmp/cudaplug
+
+downloads jax-cuda13-plugin / jax-cuda13-pjrt 0.11.2 and nvidia-cuda-nvcc
+(for ptxas) with pip and unpacks them into /tmp/cudaplug/site. Then::
+
+  python scripts/aot/ptxas_report.py --plugin /tmp/cudaplug/site \\
+      --case delta [--config '{"num_warps_ut": 4}'] [--t 4096] [--b 16]
+  python scripts/aot/ptxas_report.py --plugin /tmp/cudaplug/site \\
+      --case gla --config '{"chunk": 64}'
+
+Cases (bf16, N = 16, H = Hv = 128, the benchmark's shapes, forward and
+backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
+(per-channel gates, ``ChannelConfig``), ``scalar`` (scalar gates,
+``KernelConfig``). Prints one line per Pallas kernel and the compile time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PALLAS_PREFIXES = ("linear_scan", "delta_rule", "flash")
+
+
+def fetch(dest):
+  site = os.path.join(dest, "site")
+  os.makedirs(site, exist_ok=True)
+  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                  "jax-cuda13-plugin==0.11.2", "jax-cuda13-pjrt==0.11.2",
+                  "nvidia-cuda-nvcc", "-d", dest], check=True)
+  import zipfile  # noqa: PLC0415
+  for name in os.listdir(dest):
+    if name.endswith(".whl"):
+      with zipfile.ZipFile(os.path.join(dest, name)) as z:
+        z.extractall(site)
+  print(f"unpacked into {site}")
+
+
+def _ptxas_dir(site):
+  for root, _, files in os.walk(site):
+    if "ptxas" in files:
+      return root
+  raise SystemExit(f"no ptxas under {site}")
+
+
+def child(case, config, b, t):
+  """Compile the case's forward+backward for an H100 (runs with the
+  plugin on sys.path and JAX_PLATFORMS=cpu)."""
+  sys.path.insert(0, ROOT)
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jax._src.mesh import AbstractDevice  # noqa: PLC0415
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  with open(os.path.join(HERE, "h100_sxm.txtpb")) as fh:
+    target = fh.read()
+  topo = topologies.get_topology_desc(platform="cuda", topology_name="h100",
+                                      topology="1x1x1",
+                                      target_config=target)
+  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
+  n, h, bf16 = 16, 128, jnp.bfloat16
+
+  def sd(shape, dt=bf16):
+    return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+  x = (b, t, n, h)
+  if case == "delta":
+    from pallas_kernels.linear_scan import delta  # noqa: PLC0415
+    cfg = delta.DeltaConfig(**config)
+    args = (sd(x), sd(x), sd(x), sd((b, t, n)), sd((b, t, n), jnp.float32))
+
+    def fwd(q, k, v, beta, g):
+      return delta.delta_rule(q, k, v, beta, g, scale=h ** -0.5,
+                              config=cfg, interpret=False)[0]
+  elif case == "gla":
+    from pallas_kernels.linear_scan import channel  # noqa: PLC0415
+    cfg = channel.ChannelConfig(**config)
+    args = (sd(x), sd(x), sd(x), sd(x, jnp.float32))
+
+    def fwd(q, k, v, g):
+      return channel.channel_gated_linear_attention(
+          q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
+  elif case == "scalar":
+    from pallas_kernels.linear_scan import kernels  # noqa: PLC0415
+    cfg = kernels.default_config(bf16, h, h)
+    if config:
+      import dataclasses  # noqa: PLC0415
+      cfg = dataclasses.replace(cfg, **config)
+    args = (sd(x), sd(x), sd(x), sd((b, t, n), jnp.float32))
+
+    def fwd(q, k, v, g):
+      return kernels.chunked_linear_attention(
+          q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
+  else:
+    raise SystemExit(f"unknown case {case}")
+
+  def loss(*a):
+    return jnp.sum(fwd(*a).astype(jnp.float32) ** 2)
+  grad = jax.grad(loss, argnums=tuple(range(len(args))))
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
+      abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                     num_cores=132, platform="gpu"))
+  t0 = time.time()
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",))
+  lowered.compile()
+  print(f"COMPILE_SECONDS {time.time() - t0:.1f}", flush=True)
+
+
+def parse(log):
+  """{kernel: (registers, stack bytes, spill stores, spill loads)}."""
+  out, name = {}, None
+  for line in log.splitlines():
+    m = re.search(r"Compiling entry function '([^']+)'", line)
+    if m:
+      name = m.group(1)
+      continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                  r"(\d+) bytes spill loads", line)
+    if m and name:
+      out.setdefault(name, [0, 0, 0, 0])[1:] = [int(g) for g in m.groups()]
+      continue
+    m = re.search(r"Used (\d+) registers", line)
+    if m and name:
+      out.setdefault(name, [0, 0, 0, 0])[0] = int(m.group(1))
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--fetch", metavar="DIR")
+  ap.add_argument("--plugin", metavar="SITE_DIR")
+  ap.add_argument("--case", default="delta")
+  ap.add_argument("--config", default="{}", help="JSON config overrides")
+  ap.add_argument("--b", type=int, default=16)
+  ap.add_argument("--t", type=int, default=4096)
+  ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--timeout", type=int, default=600)
+  a = ap.parse_args()
+  if a.fetch:
+    fetch(a.fetch)
+    return
+  if a.child:
+    child(a.case, json.loads(a.config), a.b, a.t)
+    return
+  if not a.plugin:
+    raise SystemExit("--plugin SITE_DIR (see --fetch) is required")
+  env = dict(os.environ)
+  env.update(
+      PATH=_ptxas_dir(a.plugin) + os.pathsep + env.get("PATH", ""),
+      PYTHONPATH=a.plugin, JAX_PLATFORMS="cpu",
+      JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", TF_CPP_MIN_LOG_LEVEL="0",
+      TF_CPP_VMODULE="subprocess_compilation=3",
+      XLA_FLAGS=("--xla_gpu_ptx_compiler_extra_flags=-v "
+                 "--xla_gpu_enable_libnvptxcompiler=false"))
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
+         a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t)]
+  try:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       timeout=a.timeout, check=False)
+  except subprocess.TimeoutExpired:
+    print(f"{a.case} {a.config}: compile > {a.timeout} s (killed)")
+    return
+  log = r.stdout + r.stderr
+  secs = re.search(r"COMPILE_SECONDS ([\d.]+)", log)
+  if r.returncode or not secs:
+    print(log[-3000:])
+    raise SystemExit(f"compile failed (rc {r.returncode})")
+  print(f"{a.case} {a.config}: compile {secs.group(1)} s (B={a.b}, "
+        f"T={a.t})")
+  for name, (regs, stack, st, ld) in sorted(parse(log).items()):
+    if name.startswith(PALLAS_PREFIXES):
+      flag = "  SPILLS" if st or ld else ""
+      print(f"  {name:36s} {regs:4d} regs  stack {stack:5d}  spill "
+            f"st/ld {st:5d}/{ld:5d}{flag}")
+
+
+if __name__ == "__main__":
+  main()

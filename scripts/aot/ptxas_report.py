@@ -22,7 +22,11 @@ downloads jax-cuda13-plugin / jax-cuda13-pjrt 0.11.2 and nvidia-cuda-nvcc
 Cases (bf16, N = 16, H = Hv = 128, the benchmark's shapes, forward and
 backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 (per-channel gates, ``ChannelConfig``), ``scalar`` (scalar gates,
-``KernelConfig``). Prints one line per Pallas kernel and the compile time.
+``KernelConfig``), ``mosaic`` (the Hopper flash attention kernels, B = 1,
+``--h`` 64 or 128, ``--causal``; ``--config`` holds ``BwdConfig`` fields,
+e.g. ``{"fused_dq": true}``; Mosaic GPU runs ptxas itself and its
+``MOSAIC_GPU_DUMP_PTXAS`` files are read). Prints one line per Pallas
+kernel and the compile time.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-PALLAS_PREFIXES = ("linear_scan", "delta_rule", "flash")
+PALLAS_PREFIXES = ("linear_scan", "delta_rule", "flash", "mosaic")
 
 
 def fetch(dest):
@@ -61,7 +65,7 @@ def _ptxas_dir(site):
   raise SystemExit(f"no ptxas under {site}")
 
 
-def child(case, config, b, t):
+def child(case, config, b, t, h=128, causal=False):
   """Compile the case's forward+backward for an H100 (runs with the
   plugin on sys.path and JAX_PLATFORMS=cpu)."""
   sys.path.insert(0, ROOT)
@@ -76,7 +80,7 @@ def child(case, config, b, t):
                                       topology="1x1x1",
                                       target_config=target)
   sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
-  n, h, bf16 = 16, 128, jnp.bfloat16
+  n, bf16 = 16, jnp.bfloat16
 
   def sd(shape, dt=bf16):
     return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
@@ -108,6 +112,20 @@ def child(case, config, b, t):
     def fwd(q, k, v, g):
       return kernels.chunked_linear_attention(
           q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
+  elif case == "mosaic":
+    from attnjax.softmax import pallas_mosaic  # noqa: PLC0415
+    from attnjax.softmax.problem import make_problem  # noqa: PLC0415
+    from pallas_kernels.flash import mosaic_gpu_bwd  # noqa: PLC0415
+    bcfg = mosaic_gpu_bwd.default_bwd_config(h)
+    if config:
+      import dataclasses  # noqa: PLC0415
+      bcfg = dataclasses.replace(bcfg, **config)
+    x = (b, t, n, h)
+    args = (sd(x), sd(x), sd(x))
+
+    def fwd(q, k, v):
+      p, _ = make_problem(q, k, v, is_causal=causal)
+      return pallas_mosaic.mosaic_attention(p, bwd_config=bcfg)[0]
   else:
     raise SystemExit(f"unknown case {case}")
 
@@ -123,6 +141,19 @@ def child(case, config, b, t):
     lowered = jax.jit(grad).trace(*args).lower(lowering_platforms=("cuda",))
   lowered.compile()
   print(f"COMPILE_SECONDS {time.time() - t0:.1f}", flush=True)
+
+
+def parse_mosaic(folder):
+  """The same table from Mosaic GPU's dumped ptxas logs, one entry per
+  kernel in compile order (every kernel's entry is called the same)."""
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".ptxas"):
+      base = name[:-len(".ptxas")]
+      with open(os.path.join(folder, name)) as fh:
+        for v in parse(fh.read()).values():
+          out[f"mosaic:{base}"] = v
+  return out
 
 
 def parse(log):
@@ -152,6 +183,8 @@ def main():
   ap.add_argument("--config", default="{}", help="JSON config overrides")
   ap.add_argument("--b", type=int, default=16)
   ap.add_argument("--t", type=int, default=4096)
+  ap.add_argument("--h", type=int, default=128, help="mosaic head dim")
+  ap.add_argument("--causal", action="store_true", help="mosaic: causal")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--timeout", type=int, default=600)
   a = ap.parse_args()
@@ -159,7 +192,7 @@ def main():
     fetch(a.fetch)
     return
   if a.child:
-    child(a.case, json.loads(a.config), a.b, a.t)
+    child(a.case, json.loads(a.config), a.b, a.t, a.h, a.causal)
     return
   if not a.plugin:
     raise SystemExit("--plugin SITE_DIR (see --fetch) is required")
@@ -171,8 +204,14 @@ def main():
       TF_CPP_VMODULE="subprocess_compilation=3",
       XLA_FLAGS=("--xla_gpu_ptx_compiler_extra_flags=-v "
                  "--xla_gpu_enable_libnvptxcompiler=false"))
+  import tempfile  # noqa: PLC0415
+  dump = tempfile.mkdtemp(prefix="mosaic-ptxas-")
+  env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
+  if a.case == "mosaic" and a.b == 16:
+    a.b = 1
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
-         a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t)]
+         a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t),
+         "--h", str(a.h)] + (["--causal"] if a.causal else [])
   try:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True,
                        timeout=a.timeout, check=False)
@@ -186,7 +225,9 @@ def main():
     raise SystemExit(f"compile failed (rc {r.returncode})")
   print(f"{a.case} {a.config}: compile {secs.group(1)} s (B={a.b}, "
         f"T={a.t})")
-  for name, (regs, stack, st, ld) in sorted(parse(log).items()):
+  table = parse(log)
+  table.update(parse_mosaic(dump))
+  for name, (regs, stack, st, ld) in sorted(table.items()):
     if name.startswith(PALLAS_PREFIXES):
       flag = "  SPILLS" if st or ld else ""
       print(f"  {name:36s} {regs:4d} regs  stack {stack:5d}  spill "

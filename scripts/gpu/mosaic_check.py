@@ -30,7 +30,8 @@ Sections:
   "mosaic". Each function compiles once and is timed with few repetitions.
   ``time128``/``time64``/``time256`` are the per-head-dim slices.
 * ``tune``: our variants only (persistent vs not, one Q buffer, no ping-pong,
-  3 stages, 64-key blocks, fused backward) at a few grid points.
+  3 stages, 64-key blocks, fused backward; with ``--variants`` also the
+  backward tilings bqdkv128, bkvdq128, bqdq128, bst3) at a few grid points.
 
 Options: ``--budget SECONDS`` (default 540) total wall time after which the
 remaining sections are skipped, ``--no-tokamax``, ``--no-cudnn``.
@@ -39,6 +40,7 @@ remaining sections are skipped, ``--no-tokamax``, ``--no-cudnn``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -407,6 +409,7 @@ def _variant_configs(name, h):
   base = fl.default_fwd_config(h)
   fwd = lambda **kw: fl.FwdConfig(**{**{f: getattr(base, f) for f in (
       "block_q", "block_kv", "num_stages")}, **kw})
+  bwd = lambda **kw: dataclasses.replace(bl.default_bwd_config(h), **kw)
   both, fonly, bonly = ("fwd", "fwdbwd"), ("fwd",), ("fwdbwd",)
   table = {
       "ours": (None, None, both),
@@ -418,6 +421,14 @@ def _variant_configs(name, h):
       "kv64": (fwd(block_kv=64, num_stages=4 if h <= 128 else 2), None,
                fonly),
       "fused": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # Backward tilings that compile without spills for an H100
+      # (scripts/aot/ptxas_report.py --case mosaic, 2026-12-04): all four
+      # at H = 64; "bkvdq128" and "bst3" at H = 128 (the others spill
+      # there: 0.6-1.1 KB).
+      "bqdkv128": (None, bwd(block_q_dkv=128), bonly),
+      "bkvdq128": (None, bwd(block_kv_dq=128), bonly),
+      "bqdq128": (None, bwd(block_q_dq=128), bonly),
+      "bst3": (None, bwd(num_stages=3), bonly),
   }
   if name not in table:
     raise ValueError(f"unknown variant {name!r} (have {sorted(table)})")

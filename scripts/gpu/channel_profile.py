@@ -54,6 +54,7 @@ CONFIGS = {
     "par c32 sep fs32": C(separate_output=True, block_f_state=32),
     "par c32 sep fs128": C(separate_output=True),
     "par c32 fs64": C(block_f_state=64),
+    "par c64 sep fs64": C(chunk=64, separate_output=True, block_f_state=64),
 }
 
 

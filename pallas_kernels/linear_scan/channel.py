@@ -13,9 +13,10 @@ log gate ([C, F] per chunk, float32) and ``L = G[C-1]`` the chunk's total,
 
 ``exp(G_i - G_j)`` does not factor out of the sum over channels safely
 (``exp(-G_j)`` overflows under strong decay), so ``A`` is formed
-elementwise over ``[C, C, fb]`` blocks of channels with every exponent
-<= 0 (GLA's diagonal sub-chunk treatment applied to the whole, short
-chunk); everything else is matmuls on decayed operands, all factors <= 1.
+elementwise over ``[16, 16, fb]`` blocks of channels on the diagonal
+16-token sub-chunks, with every exponent <= 0, and by matmuls of factors
+<= 1 between sub-chunks (the sweep layout treats its whole 16-token chunk
+as one diagonal block); everything else is matmuls on decayed operands.
 
 Two layouts (``ChannelConfig.chunk_parallel``):
 
@@ -47,9 +48,10 @@ chunk-local cumulative gates,
 and dg is the reverse cumulative sum of dG within each chunk (the scalar
 kernels' identity, one value per channel).
 
-Resets (packed sequences) are not
-supported here (NotImplementedError: dispatch falls back). Depends only on
-jax.
+Resets (packed sequences): the chunk-parallel layout masks scores, decayed
+operands and chunk decays at segment boundaries (see ``_seg_row``); the
+sweep layout raises NotImplementedError (dispatch falls back). Depends
+only on jax.
 """
 
 from __future__ import annotations

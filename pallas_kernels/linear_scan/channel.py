@@ -648,19 +648,28 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
 def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
   """For one chunk: dv = A^T dO + (k exp(L - G)) dS_out, and the score
   gradient dA = scale * dO v^T (lower triangular, float32) that the
-  channel-block gradient programs read by sub-blocks."""
+  channel-block gradient programs read by sub-blocks. A loop over blocks
+  of ``s.bv`` value columns keeps the tiles small (whole [F, V] float32
+  tiles spilled tens of KB)."""
   seg_ref = refs[0] if s.seg else None
   dv_ref, da_ref = refs[1:] if s.seg else refs
   _dot, _dot_tn, _dot_nt = _dots(s)
-  c = s.chunk
+  c, bv = s.chunk, s.bv
   dt = do_ref.dtype
-  do = do_ref[...]
-  dv = (_dot_tn(a_ref[...].astype(dt), do)
-        + _dot(kd_ref[...].astype(dt), dhs_ref[...].astype(dt)))
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  a = a_ref[...].astype(dt)
+  kd = kd_ref[...].astype(dt)
+
+  def body(jv, da):
+    cols = pl.ds(pl.multiple_of(jv * bv, bv), bv)
+    do = do_ref[:, cols]
+    dv = _dot_tn(a, do) + _dot(kd, dhs_ref[:, cols].astype(dt))
+    dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+    return da + _dot_nt(do, v_ref[:, cols].astype(dt))
+
+  da = lax.fori_loop(0, do_ref.shape[-1] // bv, body,
+                     jnp.zeros((c, c), _F32)) * s.scale
   i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
   j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  da = _dot_nt(do, v_ref[...].astype(dt)) * s.scale
   keep = j <= i
   if s.seg:
     rc = seg_ref[0, pl.ds(0, c)]

@@ -65,7 +65,7 @@ def _ptxas_dir(site):
   raise SystemExit(f"no ptxas under {site}")
 
 
-def child(case, config, b, t, h=128, causal=False):
+def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
   """Compile the case's forward+backward for an H100 (runs with the
   plugin on sys.path and JAX_PLATFORMS=cpu)."""
   sys.path.insert(0, ROOT)
@@ -80,7 +80,8 @@ def child(case, config, b, t, h=128, causal=False):
                                       topology="1x1x1",
                                       target_config=target)
   sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
-  n, bf16 = 16, jnp.bfloat16
+  n = 16
+  bf16 = {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype]  # the operands
 
   def sd(shape, dt=bf16):
     return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
@@ -184,6 +185,8 @@ def main():
   ap.add_argument("--b", type=int, default=16)
   ap.add_argument("--t", type=int, default=4096)
   ap.add_argument("--h", type=int, default=128, help="mosaic head dim")
+  ap.add_argument("--dtype", default="bf16", choices=("bf16", "f32"),
+                  help="operand dtype (delta, gla, scalar)")
   ap.add_argument("--causal", action="store_true", help="mosaic: causal")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--timeout", type=int, default=600)
@@ -192,7 +195,7 @@ def main():
     fetch(a.fetch)
     return
   if a.child:
-    child(a.case, json.loads(a.config), a.b, a.t, a.h, a.causal)
+    child(a.case, json.loads(a.config), a.b, a.t, a.h, a.causal, a.dtype)
     return
   if not a.plugin:
     raise SystemExit("--plugin SITE_DIR (see --fetch) is required")
@@ -211,7 +214,8 @@ def main():
     a.b = 1
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
          a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t),
-         "--h", str(a.h)] + (["--causal"] if a.causal else [])
+         "--h", str(a.h), "--dtype", a.dtype] + (
+             ["--causal"] if a.causal else [])
   try:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True,
                        timeout=a.timeout, check=False)
@@ -224,7 +228,7 @@ def main():
     print(log[-3000:])
     raise SystemExit(f"compile failed (rc {r.returncode})")
   print(f"{a.case} {a.config}: compile {secs.group(1)} s (B={a.b}, "
-        f"T={a.t})")
+        f"T={a.t}, {a.dtype})")
   table = parse(log)
   table.update(parse_mosaic(dump))
   for name, (regs, stack, st, ld) in sorted(table.items()):

@@ -690,12 +690,29 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   dt = do_ref.dtype
   every = pl.ds(0, s.bf)
   tot = _totals(gs_ref, ns, every)
-  hs_b, dhs_b = hs_ref[...], dhs_ref[...]  # [fb, V]
-  e = jnp.sum(dhs_b.astype(_F32) * hs_b.astype(_F32), axis=1) * jnp.exp(
-      _between(tot, 0, ns))  # the state-span term of the last row
+
+  # The products with the states, per sub-chunk, in a loop over blocks of
+  # s.bv value columns (whole [fb, V] float32 tiles spill): dO_r S_in^T,
+  # v_r dS_out^T and <S_in, dS_out> per channel.
+  def vbody(jv, carry):
+    span, dqi, dki = carry
+    cols = pl.ds(pl.multiple_of(jv * s.bv, s.bv), s.bv)
+    hs_c, dhs_c = hs_ref[:, cols], dhs_ref[:, cols]
+    span = span + jnp.sum(dhs_c.astype(_F32) * hs_c.astype(_F32), axis=1)
+    hs_c, dhs_c = hs_c.astype(dt), dhs_c.astype(dt)
+    dqi = tuple(dqi[r] + _dot_nt(do_ref[_sub(r), cols], hs_c)
+                for r in range(ns))
+    dki = tuple(dki[r] + _dot_nt(v_ref[_sub(r), cols].astype(dt), dhs_c)
+                for r in range(ns))
+    return span, dqi, dki
+
+  zero = jnp.zeros((_SUB, s.bf), _F32)
+  span, dqi, dki = lax.fori_loop(
+      0, do_ref.shape[-1] // s.bv, vbody,
+      (jnp.zeros((s.bf,), _F32), (zero,) * ns, (zero,) * ns))
+  e = span * jnp.exp(_between(tot, 0, ns))  # the state-span term, last row
   if s.seg:
     e = e * _chunk_end_mask(seg_ref, s.chunk)
-  hs_b, dhs_b = hs_b.astype(dt), dhs_b.astype(dt)
   # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
   # G_b), the factors of the off-diagonal blocks up to whole totals.
   q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
@@ -708,9 +725,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
     k = k_ref[_sub(r), :].astype(_F32)
     to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]
     # Inter-chunk parts, through the states.
-    dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * _dot_nt(
-        do_ref[_sub(r), :], hs_b)
-    dk_inter = jnp.exp(to_end) * _dot_nt(v_ref[_sub(r), :].astype(dt), dhs_b)
+    dq = s.scale * jnp.exp(_between(tot, 0, r)[None, :] + gs) * dqi[r]
+    dk_inter = jnp.exp(to_end) * dki[r]
     if s.seg:
       dq = dq * _seg_row(seg_ref, 1, r)[:, None]
       dk_inter = dk_inter * _seg_row(seg_ref, 2, r)[:, None]

@@ -506,6 +506,14 @@ def _totals(gs_ref, ns, cols):
   return [_last_row(gs_ref[_sub(c), cols]) for c in range(ns)]
 
 
+def _k_to_sub_end(k_ref, gs_ref, tot, ns, cols):
+  """k_b exp(G_end(b) - G_b) for each sub-chunk b before the last (float32,
+  [16, width] each): the key factor of the off-diagonal blocks, up to
+  whole sub-chunk totals."""
+  return [k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
+      tot[b][None, :] - gs_ref[_sub(b), cols]) for b in range(ns - 1)]
+
+
 def _between(tot, lo, hi):
   """sum_{lo <= c < hi} Tot_c (zeros when empty)."""
   acc = jnp.zeros_like(tot[0])
@@ -549,15 +557,14 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   every = pl.ds(0, f)
   tot = _totals(gs_ref, ns, every)
   sub_s = dataclasses.replace(s, chunk=_SUB)
-  # k_b exp(G_end(b) - G_b), once per sub-chunk (before the last).
-  k_dec = [k_ref[_sub(b), :].astype(_F32) * jnp.exp(
-      tot[b][None, :] - gs_ref[_sub(b), :]) for b in range(ns - 1)]
+  k_dec = _k_to_sub_end(k_ref, gs_ref, tot, ns, every)
   for a in range(ns):
     gs = gs_ref[_sub(a), :]
     q = q_ref[_sub(a), :].astype(_F32)
     k = k_ref[_sub(a), :].astype(_F32)
     qd = q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
-    kd = k * jnp.exp((tot[a][None, :] - gs) + _between(tot, a + 1, ns)[None, :])
+    kd = k * jnp.exp((tot[a][None, :] - gs)
+                     + _between(tot, a + 1, ns)[None, :])
     if s.seg:
       qd = qd * _seg_row(seg_ref, 1, a)[:, None]
       kd = kd * _seg_row(seg_ref, 2, a)[:, None]
@@ -717,8 +724,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   # G_b), the factors of the off-diagonal blocks up to whole totals.
   q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
       gs_ref[_sub(a), :])).astype(dt) for a in range(1, ns)]
-  k_dec = [k_ref[_sub(b), :].astype(_F32) * jnp.exp(
-      tot[b][None, :] - gs_ref[_sub(b), :]) for b in range(ns - 1)]
+  k_dec = _k_to_sub_end(k_ref, gs_ref, tot, ns, every)
   for r in range(ns):
     gs = gs_ref[_sub(r), :]
     q = q_ref[_sub(r), :].astype(_F32)

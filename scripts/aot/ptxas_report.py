@@ -182,7 +182,8 @@ def main():
   ap.add_argument("--plugin", metavar="SITE_DIR")
   ap.add_argument("--case", default="delta")
   ap.add_argument("--config", default="{}", help="JSON config overrides")
-  ap.add_argument("--b", type=int, default=16)
+  ap.add_argument("--b", type=int, default=None,
+                  help="batch (default 16; mosaic: 1)")
   ap.add_argument("--t", type=int, default=4096)
   ap.add_argument("--h", type=int, default=128, help="mosaic head dim")
   ap.add_argument("--dtype", default="bf16", choices=("bf16", "f32"),
@@ -210,8 +211,8 @@ def main():
   import tempfile  # noqa: PLC0415
   dump = tempfile.mkdtemp(prefix="mosaic-ptxas-")
   env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
-  if a.case == "mosaic" and a.b == 16:
-    a.b = 1
+  if a.b is None:
+    a.b = 1 if a.case == "mosaic" else 16
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
          a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t),
          "--h", str(a.h), "--dtype", a.dtype] + (

@@ -149,7 +149,8 @@ def kernel_timings(seqs):
         continue
       s = channel._static(cfg, scale=H ** -0.5, t=t, rep=1, fp=H, vp=H,
                           has_s0=False, interpret=False)
-      scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(q, k, gs, None, s))
+      scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(
+          q, k, gs, None, s))
       try:
         pc.line(f"{name} T={t}: scores", b, t, pc.time(scores, q, k, gs))
         a, qd, kd, dec = scores(q, k, gs)

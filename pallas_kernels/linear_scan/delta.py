@@ -80,9 +80,10 @@ class DeltaConfig:
     num_warps_grad, num_stages_grad: the same for the backward's
       chunk-parallel gradient kernel(s); num_warps_grad None: 8 for the
       fused kernel, 4 for the split ones (the fastest on an H200 at F = V =
-      128: 4.76 ms fused at 8 warps, 6.78 at 4; split at 64 key columns
-      5.68 ms at 8 warps, 4.59 at 4;
-      docs/dev/gpu-runs/run18-h200-delta-grad-sweep.log).
+      128: 4.77 ms fused at 8 warps, 6.75 at 4; split at 64 key columns
+      4.43 ms at 8 warps, 3.65 at 4, 3.44 with 2 stages;
+      docs/dev/gpu-runs/run24-h200-delta-grad-sweep.log). bfloat16 only:
+      float32 tiles always use one stage.
     num_warps_grad_ut: warps of the split backward's second kernel (the
       UT pull-back per chunk); None: the same as the gradient kernels'.
     block_v_grad: value columns per step of the gradient kernel's loop
@@ -105,7 +106,7 @@ class DeltaConfig:
   num_stages_bwd: int = 3
   num_warps_ut: int = 2
   num_warps_grad: int | None = None
-  num_stages_grad: int = 1
+  num_stages_grad: int = 2
   num_warps_grad_ut: int | None = None
   block_v_grad: int = 64
   grad_block_k: int | None = 64

@@ -165,9 +165,9 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       q, k, a, w, wq, wk, dec, v, jnp.zeros((b, N, H, H), jnp.float32))
   fused = r(d, grad_block_k=None)
   for cfg in (fused, r(fused, num_warps_grad=4),
-              r(fused, num_stages_grad=2), r(fused, block_v_grad=32),
+              r(fused, num_stages_grad=1), r(fused, block_v_grad=32),
               r(d, num_warps_grad=8), d, r(d, num_warps_grad_ut=8),
-              r(d, grad_block_k=32), r(d, num_stages_grad=2)):
+              r(d, grad_block_k=32), r(d, num_stages_grad=1)):
     sg = _static(t, b, cfg)
     tag = (f"grad-w{sg.warps_grad}/ut-w{sg.warps_gut}/st{sg.stages_grad}"
            f"/bv{sg.bvg}/bk{sg.bkg or 'F'}")
@@ -209,7 +209,7 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False):
                   r(d, num_warps_ut=4),
                   r(d, num_warps_ut=4, num_warps_grad_ut=8),
                   r(d, grad_block_k=None),
-                  r(d, grad_block_k=32), r(d, num_stages_grad=2)]
+                  r(d, grad_block_k=32), r(d, num_stages_grad=1)]
     for cfg in configs:
       _parts(t, b, q, k, v, beta, g, cfg)
     if fla:

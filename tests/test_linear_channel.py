@@ -112,9 +112,6 @@ def test_channel_direct_call_and_errors():
   with pytest.raises(ValueError, match="resets"):
     channel.channel_gated_linear_attention(
         x, x, x, g, jnp.zeros((1, 31), bool), scale=1.0)
-  with pytest.raises(ValueError, match="config.diag"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0, config=channel.ChannelConfig(diag="cols"))
   with pytest.raises(ValueError, match="block_f_state"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0,
@@ -206,9 +203,6 @@ _SEP = dict(separate_output=True, block_f_state=16, block_v=16)
     ("c64_gqa", 64, F32, 2, 1.0, {}),
     # Strong gates (up to ~60 a step), MQA, two sub-chunks.
     ("c32_strong_mqa", 32, F32, 1, 20.0, {}),
-    # The diagonal sub-blocks as whole [16, 16, fb] tiles.
-    ("c64_gqa_pairs", 64, F32, 2, 1.0, dict(diag="pairs")),
-    ("c32_strong_mqa_pairs", 32, F32, 1, 20.0, dict(diag="pairs")),
     ("c64_bf16", 64, BF16, 2, 1.0, {}),
     # One sub-chunk per chunk (no off-diagonal blocks).
     ("c16_gqa", 16, F32, 2, 1.0, {}),

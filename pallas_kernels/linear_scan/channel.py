@@ -103,11 +103,6 @@ class ChannelConfig:
       forward sweep with ``separate_output``); None: all of them. The
       per-channel decay scales rows independently, so the rows split
       freely: at batch 1 this multiplies the sweeps' programs.
-    diag: chunk-parallel only: how the scores and gradient kernels form
-      the elementwise diagonal [16, 16] sub-blocks. "rows": a loop over
-      the sub-chunk's 16 keys, each step on [16, channels] tiles (2-D
-      only). "pairs": whole [16, 16, block_f] tiles per channel block
-      (3-D tiles and a reduction over one of their axes).
   """
   chunk: int = 32
   block_v: int = 64
@@ -119,7 +114,6 @@ class ChannelConfig:
   chunk_parallel: bool = True
   separate_output: bool = False
   block_f_state: int | None = None
-  diag: str = "rows"
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -144,7 +138,6 @@ class _S:
   sep: bool = False  # separate_output
   seg: bool = False  # resets (chunk-parallel layout only)
   fs: int = 0  # state rows per program of the state sweeps
-  rows: bool = False  # diag == "rows"
 
 
 def _params(s: _S, bwd: bool = False):
@@ -553,49 +546,6 @@ def _chunk_end_mask(seg_ref, c):
                            m, 0.0))
 
 
-def _below(j):
-  """[16, 1]: rows i >= j of a sub-chunk (key j reaches query i)."""
-  return lax.broadcasted_iota(jnp.int32, (_SUB, 1), 0) >= j
-
-
-def _diag_scores_rows(q_ref, k_ref, gs_ref, a):
-  """The diagonal [16, 16] score block of sub-chunk a (before the scale),
-  one key j per loop step: column j = sum_f q_if k_jf exp(G_if - G_jf)
-  over [16, F] tiles, with the exponents of rows i < j set to -inf."""
-  r0 = a * _SUB
-  q = q_ref[_sub(a), :].astype(_F32)
-  g = gs_ref[_sub(a), :]
-  col = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1)
-
-  def body(j, blk):
-    kj = k_ref[pl.ds(r0 + j, 1), :].astype(_F32)
-    gj = gs_ref[pl.ds(r0 + j, 1), :]
-    e = jnp.exp(jnp.where(_below(j), g - gj, -jnp.inf))
-    t = jnp.sum(q * kj * e, axis=1, keepdims=True)
-    return blk + jnp.where(col == j, t, 0.0)
-
-  return lax.fori_loop(0, _SUB, body, jnp.zeros((_SUB, _SUB), _F32))
-
-
-def _diag_grads_rows(q, k_ref, gs_ref, da_ref, r, g, dq, dk):
-  """Adds the diagonal sub-block of sub-chunk r to dq and dk ([16, fb]
-  float32), one key j per loop step: with e_ij = dA_ij exp(G_i - G_j)
-  (i >= j), dq_i += e_ij k_j and dk_j += sum_i e_ij q_i."""
-  r0 = r * _SUB
-  row = lax.broadcasted_iota(jnp.int32, (_SUB, 1), 0)
-
-  def body(j, carry):
-    dq, dk = carry
-    kj = k_ref[pl.ds(r0 + j, 1), :].astype(_F32)
-    gj = gs_ref[pl.ds(r0 + j, 1), :]
-    daj = da_ref[_sub(r), pl.ds(r0 + j, 1)]
-    e = jnp.exp(jnp.where(_below(j), g - gj, -jnp.inf)) * daj
-    dkj = jnp.sum(e * q, axis=0, keepdims=True)
-    return dq + e * kj, dk + jnp.where(row == j, dkj, 0.0)
-
-  return lax.fori_loop(0, _SUB, body, (dq, dk))
-
-
 def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   """For one chunk: A [C, C] = scale * (q k^T weighted by the pairwise
   channel decays), lower triangular; q exp(G); k exp(L - G); exp(L) (each
@@ -624,8 +574,6 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
     for b in range(ns):
       if b > a:
         blk = jnp.zeros((_SUB, _SUB), _F32)
-      elif b == a and s.rows:
-        blk = _diag_scores_rows(q_ref, k_ref, gs_ref, a)
       elif b == a:
         blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f, loop=True)
       else:
@@ -803,13 +751,10 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
             da_ref[_sub(a), _sub(r)].astype(dt), q_dec[a - 1])
       dk = dk + jnp.exp(tot[r][None, :] - gs) * acc
     # Diagonal sub-block, elementwise.
-    if s.rows:
-      dq, dk = _diag_grads_rows(q, k_ref, gs_ref, da_ref, r, gs, dq, dk)
-    else:
-      de = da_ref[_sub(r), _sub(r)][:, :, None] * _pair_decay(
-          gs, transpose=False)
-      dq = dq + jnp.sum(de * k[None, :, :], axis=1)
-      dk = dk + jnp.sum(de * q[:, None, :], axis=0)
+    de = da_ref[_sub(r), _sub(r)][:, :, None] * _pair_decay(gs,
+                                                            transpose=False)
+    dq = dq + jnp.sum(de * k[None, :, :], axis=1)
+    dk = dk + jnp.sum(de * q[:, None, :], axis=0)
     dq_ref[_sub(r), :] = dq.astype(dq_ref.dtype)
     dk_ref[_sub(r), :] = dk.astype(dk_ref.dtype)
     e = e + jnp.sum(k * dk_inter, axis=0)
@@ -1121,8 +1066,7 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             has_s0=has_s0, interpret=interpret,
             upcast=interpret and jax.default_backend() == "cpu", rep=rep,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
-            fs=min(cfg.block_f_state or fp, fp), seg=seg,
-            rows=cfg.diag == "rows")
+            fs=min(cfg.block_f_state or fp, fp), seg=seg)
 
 
 def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
@@ -1179,8 +1123,6 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                               "kernels does not take resets")
   if resets is not None and resets.shape != (b, t):
     raise ValueError(f"resets has shape {resets.shape}, expected {(b, t)}")
-  if cfg.diag not in ("rows", "pairs"):
-    raise ValueError(f"config.diag={cfg.diag!r} is not 'rows' or 'pairs'")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "

@@ -45,7 +45,6 @@ C = channel.ChannelConfig
 CONFIGS = {
     "sweep c16": C(chunk=16, chunk_parallel=False),
     "par c32 bf32 bv64 w4 (default)": C(),
-    "par c32 pairs": C(diag="pairs"),
     "par c32 bf16 bv64 w4": C(block_f=16),
     "par c32 bf64": C(block_f=64),
     "par c32 bf64 wb8": C(block_f=64, num_warps_bwd=8),

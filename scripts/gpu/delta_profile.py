@@ -1,7 +1,8 @@
 """The delta rule on the GPU: checks, then where the time goes (GPU).
 
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
-      [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--no-checks]
+      [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
+      [--no-checks]
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -179,13 +180,39 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False):
+def _ut_sweep(t, b, q, k, v, beta, g):
+  """The UT kernel alone (gated) at several warp counts and inverses."""
+  r = dataclasses.replace
+  d = kdelta.DeltaConfig()
+  bp = jnp.moveaxis(beta, 1, 2)
+  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
+  gc, wq, _, _ = _block_weights(jnp.moveaxis(g, 1, 2), None, d.chunk)
+  for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
+              r(d, num_warps_ut=4, diag_inverse="substitution")):
+    st = _static(t, b, cfg)
+    tag = f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
+    for store_t in (False, True):
+      ut = jax.jit(lambda *a, st=st, store_t=store_t: kdelta._ut_call(
+          *a, None, st, store_t=store_t))
+      try:
+        pc.line(f"UT kernel {tag}{' (+T)' if store_t else ''}", b, t,
+                pc.time(ut, q, k, v, bp, gc, wq))
+      except Exception as e:  # noqa: BLE001
+        print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}",
+              flush=True)
+
+
+def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
+            ut_sweep=False):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
     if grad_sweep:  # the gradient kernel's tilings only
       _grad_sweep(t, b, q, k, v, beta, g)
+      continue
+    if ut_sweep:  # the UT kernel's warps and inverses only
+      _ut_sweep(t, b, q, k, v, beta, g)
       continue
     for impl in ("pallas",) + (("xla_chunked",) if xla else ()):
       for gated in (True, False):
@@ -267,7 +294,8 @@ def main(argv):
     if a.startswith("--seqs="):
       seqs = tuple(int(x) for x in a[7:].split(","))
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
-          xla="--xla" in argv, grad_sweep="--grad-sweep" in argv)
+          xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
+          ut_sweep="--ut-sweep" in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

@@ -429,6 +429,9 @@ def _variant_configs(name, h):
       "bkvdq128": (None, bwd(block_kv_dq=128), bonly),
       "bqdq128": (None, bwd(block_q_dq=128), bonly),
       "bst3": (None, bwd(num_stages=3), bonly),
+      # The tiling that was the default at H <= 128 until run26.
+      "bwd64": (None, bl.BwdConfig(), bonly),
+      "bq128": (None, bwd(block_q_dkv=128, block_q_dq=128), bonly),
   }
   if name not in table:
     raise ValueError(f"unknown variant {name!r} (have {sorted(table)})")

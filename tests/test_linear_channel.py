@@ -96,6 +96,23 @@ def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
   assert_matches(fin, ref_fin, F32, name="final state")
 
 
+def test_channel_auto_layout():
+  """With no config, on a GPU whose multiprocessors the forward sweep's
+  programs fill at most half of (long sequences at batch 1), the default
+  becomes the states-only sweep split by 64 rows plus the output kernel;
+  otherwise (more programs, no SM count, the sweep layout) it stays."""
+  d = channel.ChannelConfig()
+  sep = channel._auto_layout(d, 32, 132)
+  assert sep.separate_output and sep.block_f_state == 64
+  assert sep.chunk == d.chunk and sep.block_v == d.block_v
+  assert channel._auto_layout(d, 66, 132).separate_output
+  assert channel._auto_layout(d, 67, 132) == d
+  assert channel._auto_layout(d, 512, 132) == d
+  assert channel._auto_layout(d, 32, 0) == d
+  sweep = channel.ChannelConfig(chunk=16, chunk_parallel=False)
+  assert channel._auto_layout(sweep, 32, 132) == sweep
+
+
 def test_channel_direct_call_and_errors():
   x = jnp.ones((1, 32, 1, 16))
   g = jnp.full((1, 32, 1, 16), -0.5)

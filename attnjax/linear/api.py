@@ -361,11 +361,11 @@ def _impl_pallas(p: LinearProblem):
   v, scale = _augment(p)
   if p.log_gate is not None and p.log_gate.ndim == 4:
     from pallas_kernels.linear_scan import channel
-    cfg = channel.ChannelConfig()
-    if jnp.dtype(p.q.dtype) == jnp.dtype(jnp.float32):
-      cfg = dataclasses.replace(cfg, block_f=16, block_v=32)
+    cfg = None  # the kernels' default, adapted to the dtype and the GPU
     if p.chunk_size is not None:
-      cfg = dataclasses.replace(cfg, chunk=p.chunk_size)
+      cfg = channel.ChannelConfig(chunk=p.chunk_size)
+      if jnp.dtype(p.q.dtype) == jnp.dtype(jnp.float32):
+        cfg = dataclasses.replace(cfg, block_f=16, block_v=32)
     out, state = channel.channel_gated_linear_attention(
         p.q, p.k, v, p.log_gate, p.resets, scale=scale,
         initial_state=p.initial_state, config=cfg)

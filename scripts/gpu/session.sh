@@ -9,6 +9,18 @@ mkdir -p "$OUT"
 if [ -d .whl ] && [ -f .gpu/install_wheels.sh ]; then
   eval "$(bash .gpu/install_wheels.sh 2>/dev/null)"
 fi
+# Triton's cache in a carried folder: fla caches its autotuning results
+# there (cache_results=True), so a later call that carries .gpu back skips
+# re-tuning (minutes per fla kernel at T = 64k). Only the small
+# *.autotune.json files come back, in $OUT/triton-autotune.tgz: unpack it
+# into .gpu/triton-cache here.
+export TRITON_CACHE_DIR=$PWD/.gpu/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+save_autotune() {
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 |
+     tar czf "$OUT/triton-autotune.tgz" --null -T -) 2>/dev/null
+}
+trap save_autotune EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv,noheader
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"
 i=0

@@ -129,6 +129,9 @@ def test_channel_direct_call_and_errors():
   with pytest.raises(ValueError, match="resets"):
     channel.channel_gated_linear_attention(
         x, x, x, g, jnp.zeros((1, 31), bool), scale=1.0)
+  with pytest.raises(ValueError, match="config.diag"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0, config=channel.ChannelConfig(diag="rows"))
   with pytest.raises(ValueError, match="block_f_state"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0,
@@ -163,6 +166,14 @@ def test_channel_resets_match_scan(name, opts):
                          vd=20, strength=5.0, segments=True)
     return
   check_against_scan(case, "pallas", chunk_size=chunk)
+
+
+def test_channel_factored_diag_resets():
+  """Factored diagonal blocks with packed sequences (the scores and dA
+  masks at segment boundaries apply to either branch)."""
+  cfg = channel.ChannelConfig(diag="factored", block_f=16, block_v=16)
+  _direct_matches_scan("factored_resets", cfg, b=2, t=70, n=4, kh=2, f=24,
+                       vd=20, strength=2.5, segments=True)
 
 
 def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd, strength=1.0,
@@ -220,6 +231,12 @@ _SEP = dict(separate_output=True, block_f_state=16, block_v=16)
     ("c64_gqa", 64, F32, 2, 1.0, {}),
     # Strong gates (up to ~60 a step), MQA, two sub-chunks.
     ("c32_strong_mqa", 32, F32, 1, 20.0, {}),
+    # Factored diagonal blocks: weak gates (the matmul branch), strong
+    # gates (the elementwise branch), and gates that take both.
+    ("c64_gqa_factored", 64, F32, 2, 1.0, dict(diag="factored")),
+    ("c32_strong_mqa_factored", 32, F32, 1, 20.0, dict(diag="factored")),
+    ("c32_mixed_factored", 32, F32, 2, 2.5, dict(diag="factored")),
+    ("c64_bf16_factored", 64, BF16, 2, 1.0, dict(diag="factored")),
     ("c64_bf16", 64, BF16, 2, 1.0, {}),
     # One sub-chunk per chunk (no off-diagonal blocks).
     ("c16_gqa", 16, F32, 2, 1.0, {}),
@@ -253,7 +270,8 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
     (BF16, 128, "sweep", 16), (F32, 64, "sweep", 16), (BF16, 256, "sweep", 16),
     (BF16, 128, "parallel", 32), (BF16, 256, "parallel", 32),
     (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
-    (BF16, 128, "resets", 32), (F32, 64, "resets", 64)])
+    (BF16, 128, "resets", 32), (F32, 64, "resets", 64),
+    (BF16, 128, "factored", 32)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
@@ -268,7 +286,9 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
                               block_f=32 if dtype == BF16 else 16,
                               separate_output=layout == "separate",
                               block_f_state=64 if layout == "separate"
-                              else None)
+                              else None,
+                              diag="factored" if layout == "factored"
+                              else "pairs")
   with_resets = layout == "resets"
 
   def grad(q, k, v, g, s0, resets):
@@ -281,7 +301,8 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
 
   text = _export_for_h100(grad, *args).mlir_module()
   names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
-           "resets": _PARALLEL_KERNELS, "separate": _SEPARATE_KERNELS}[layout]
+           "resets": _PARALLEL_KERNELS, "factored": _PARALLEL_KERNELS,
+           "separate": _SEPARATE_KERNELS}[layout]
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
@@ -344,7 +365,7 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
-                                    "separate32", "resets32"])
+                                    "separate32", "resets32", "factored32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -352,7 +373,8 @@ def test_gpu_channel_direct(dtype, layout):
           "parallel32": dict(chunk=32), "parallel64": dict(chunk=64),
           "separate32": dict(chunk=32, separate_output=True,
                              block_f_state=64),
-          "resets32": dict(chunk=32)}[layout]
+          "resets32": dict(chunk=32),
+          "factored32": dict(chunk=32, diag="factored")}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,

@@ -104,6 +104,14 @@ class ChannelConfig:
       forward sweep with ``separate_output``); None: all of them. The
       per-channel decay scales rows independently, so the rows split
       freely: at batch 1 this multiplies the sweeps' programs.
+    diag: chunk-parallel only: how the scores and gradient kernels form
+      the diagonal [16, 16] sub-blocks. "pairs": elementwise over
+      [16, 16, block_f] tiles, one exp per (query, key, channel), every
+      exponent <= 0. "factored": where a sub-chunk's total decay is at
+      most ``_FACTOR_BOUND`` in every channel of the block, by one matmul
+      of q exp(G - G_m) and k exp(G_m - G) (m the sub-chunk's middle row;
+      both factors within exp(+-bound)), elementwise otherwise (a runtime
+      branch per sub-chunk), so any gate stays exact.
   """
   chunk: int = 32
   block_v: int = 64
@@ -115,9 +123,15 @@ class ChannelConfig:
   chunk_parallel: bool = True
   separate_output: bool = False
   block_f_state: int | None = None
+  diag: str = "pairs"
 
 
-_SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
+_SUB = 16
+# Largest sub-chunk decay (in every channel) at which "factored" diagonal
+# blocks are formed by a matmul: the factors stay within exp(+-bound) of
+# the operands, finite in bfloat16 / float32 (and float16 at its bound).
+_FACTOR_BOUND = {"float16": 4.0}
+_FACTOR_BOUND_DEFAULT = 24.0  # secondary chunk (sub-chunk) of the chunk-parallel kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +153,7 @@ class _S:
   sep: bool = False  # separate_output
   seg: bool = False  # resets (chunk-parallel layout only)
   fs: int = 0  # state rows per program of the state sweeps
+  factor_bound: float = 0.0  # > 0: diag == "factored"
 
 
 def _params(s: _S, bwd: bool = False):
@@ -547,6 +562,26 @@ def _chunk_end_mask(seg_ref, c):
                            m, 0.0))
 
 
+def _mid_factors(gs, gs_ref, a, cols):
+  """exp(G - G_m) and exp(G_m - G) ([16, width] float32) for sub-chunk a,
+  m its middle row: the factors of the "factored" diagonal blocks."""
+  d = gs - gs_ref[pl.ds(a * _SUB + _SUB // 2, 1), cols]
+  return jnp.exp(d), jnp.exp(-d)
+
+
+def _factorable(tot_a, s: _S):
+  """Whether sub-chunk a's total decay is within the factor bound in every
+  channel (tot_a: its [width] sums of log gates, <= 0)."""
+  return jnp.min(tot_a) >= -s.factor_bound
+
+
+def _lower(x):
+  """x [16, 16] with the entries above the diagonal zeroed."""
+  i = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  j = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.where(j <= i, x, 0.0)
+
+
 def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   """For one chunk: A [C, C] = scale * (q k^T weighted by the pairwise
   channel decays), lower triangular; q exp(G); k exp(L - G); exp(L) (each
@@ -575,6 +610,15 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
     for b in range(ns):
       if b > a:
         blk = jnp.zeros((_SUB, _SUB), _F32)
+      elif b == a and s.factor_bound:
+        def by_matmul(q=q, k=k, gs=gs, a=a):
+          up, down = _mid_factors(gs, gs_ref, a, every)
+          return _lower(_dot_nt((q * up).astype(q_ref.dtype),
+                                (k * down).astype(k_ref.dtype)))
+        blk = lax.cond(
+            _factorable(tot[a], s), by_matmul,
+            lambda a=a: _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f,
+                               loop=True))
       elif b == a:
         blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f, loop=True)
       else:
@@ -751,11 +795,23 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
         acc = acc + jnp.exp(_between(tot, r + 1, a))[None, :] * _dot_tn(
             da_ref[_sub(a), _sub(r)].astype(dt), q_dec[a - 1])
       dk = dk + jnp.exp(tot[r][None, :] - gs) * acc
-    # Diagonal sub-block, elementwise.
-    de = da_ref[_sub(r), _sub(r)][:, :, None] * _pair_decay(gs,
-                                                            transpose=False)
-    dq = dq + jnp.sum(de * k[None, :, :], axis=1)
-    dk = dk + jnp.sum(de * q[:, None, :], axis=0)
+    # Diagonal sub-block: elementwise, or (factored) by two matmuls.
+    def pairs(q=q, k=k, gs=gs, r=r):
+      de = da_ref[_sub(r), _sub(r)][:, :, None] * _pair_decay(
+          gs, transpose=False)
+      return jnp.sum(de * k[None, :, :], axis=1), jnp.sum(
+          de * q[:, None, :], axis=0)
+    if s.factor_bound:
+      def by_matmul(q=q, k=k, gs=gs, r=r):
+        up, down = _mid_factors(gs, gs_ref, r, every)
+        da = da_ref[_sub(r), _sub(r)].astype(dt)
+        return (up * _dot(da, (k * down).astype(dt)),
+                down * _dot_tn(da, (q * up).astype(dt)))
+      ddq, ddk = lax.cond(_factorable(tot[r], s), by_matmul, pairs)
+    else:
+      ddq, ddk = pairs()
+    dq = dq + ddq
+    dk = dk + ddk
     dq_ref[_sub(r), :] = dq.astype(dq_ref.dtype)
     dk_ref[_sub(r), :] = dk.astype(dk_ref.dtype)
     e = e + jnp.sum(k * dk_inter, axis=0)
@@ -1057,7 +1113,7 @@ def _segments(resets, tp, c):
 
 
 def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
-            interpret, seg=False) -> _S:
+            interpret, seg=False, dtype=jnp.bfloat16) -> _S:
   """The kernels' static parameters for T = t tokens and padded feature
   and value dims fp, vp (also used by scripts/gpu/channel_profile.py)."""
   return _S(scale=float(scale), chunk=cfg.chunk, nc=-(-t // cfg.chunk),
@@ -1067,7 +1123,9 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             has_s0=has_s0, interpret=interpret,
             upcast=interpret and jax.default_backend() == "cpu", rep=rep,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
-            fs=min(cfg.block_f_state or fp, fp), seg=seg)
+            fs=min(cfg.block_f_state or fp, fp), seg=seg,
+            factor_bound=0.0 if cfg.diag == "pairs" else
+            _FACTOR_BOUND.get(jnp.dtype(dtype).name, _FACTOR_BOUND_DEFAULT))
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
@@ -1140,6 +1198,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                               "kernels does not take resets")
   if resets is not None and resets.shape != (b, t):
     raise ValueError(f"resets has shape {resets.shape}, expected {(b, t)}")
+  if cfg.diag not in ("pairs", "factored"):
+    raise ValueError(f"config.diag={cfg.diag!r} is not 'pairs' or "
+                     "'factored'")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "
@@ -1153,7 +1214,7 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                        _num_sms())
   s = _static(cfg, scale=scale, t=t, rep=n // kh, fp=fp, vp=vp,
               has_s0=initial_state is not None, interpret=bool(interpret),
-              seg=resets is not None)
+              seg=resets is not None, dtype=q.dtype)
   tp = s.nc * c
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)

@@ -45,6 +45,10 @@ C = channel.ChannelConfig
 CONFIGS = {
     "sweep c16": C(chunk=16, chunk_parallel=False),
     "par c32 bf32 bv64 w4 (default)": C(),
+    "par c32 factored": C(diag="factored"),
+    "par c32 factored sep fs64": C(diag="factored", separate_output=True,
+                                   block_f_state=64),
+    "par c64 factored": C(chunk=64, diag="factored"),
     "par c32 bf16 bv64 w4": C(block_f=16),
     "par c32 bf64": C(block_f=64),
     "par c32 bf64 wb8": C(block_f=64, num_warps_bwd=8),

@@ -17,6 +17,9 @@ elementwise over ``[16, 16, fb]`` blocks of channels on the diagonal
 16-token sub-chunks, with every exponent <= 0, and by matmuls of factors
 <= 1 between sub-chunks (the sweep layout treats its whole 16-token chunk
 as one diagonal block); everything else is matmuls on decayed operands.
+Opt-in (``ChannelConfig.diag="factored"``): a diagonal block whose
+sub-chunk decays by at most a bound in every channel is one matmul of
+factors taken relative to the sub-chunk's middle row instead.
 
 Two layouts (``ChannelConfig.chunk_parallel``):
 

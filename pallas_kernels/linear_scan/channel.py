@@ -111,10 +111,10 @@ class ChannelConfig:
       the diagonal [16, 16] sub-blocks. "pairs": elementwise over
       [16, 16, block_f] tiles, one exp per (query, key, channel), every
       exponent <= 0. "factored": where a sub-chunk's total decay is at
-      most ``_FACTOR_BOUND`` in every channel of the block, by one matmul
-      of q exp(G - G_m) and k exp(G_m - G) (m the sub-chunk's middle row;
-      both factors within exp(+-bound)), elementwise otherwise (a runtime
-      branch per sub-chunk), so any gate stays exact.
+      most 24 (4 for float16 inputs) in every channel of the block, by one
+      matmul of q exp(G - G_m) and k exp(G_m - G) (m the sub-chunk's middle
+      row; both factors within exp(+-bound)), elementwise otherwise (a
+      runtime branch per sub-chunk), so any gate stays exact.
   """
   chunk: int = 32
   block_v: int = 64
@@ -129,12 +129,15 @@ class ChannelConfig:
   diag: str = "pairs"
 
 
-_SUB = 16
-# Largest sub-chunk decay (in every channel) at which "factored" diagonal
-# blocks are formed by a matmul: the factors stay within exp(+-bound) of
-# the operands, finite in bfloat16 / float32 (and float16 at its bound).
-_FACTOR_BOUND = {"float16": 4.0}
-_FACTOR_BOUND_DEFAULT = 24.0  # secondary chunk (sub-chunk) of the chunk-parallel kernels
+_SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
+
+
+def _factor_bound(dtype) -> float:
+  """Largest sub-chunk decay (in every channel) at which "factored"
+  diagonal blocks are formed by a matmul: the factors stay within
+  exp(+-bound) of the operands, finite in bfloat16 / float32 at 24 and in
+  float16 at 4."""
+  return 4.0 if jnp.dtype(dtype) == jnp.dtype(jnp.float16) else 24.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1127,8 +1130,8 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             upcast=interpret and jax.default_backend() == "cpu", rep=rep,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
             fs=min(cfg.block_f_state or fp, fp), seg=seg,
-            factor_bound=0.0 if cfg.diag == "pairs" else
-            _FACTOR_BOUND.get(jnp.dtype(dtype).name, _FACTOR_BOUND_DEFAULT))
+            factor_bound=_factor_bound(dtype) if cfg.diag == "factored"
+            else 0.0)
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int

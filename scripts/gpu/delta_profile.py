@@ -102,14 +102,19 @@ def _static(t, b, cfg):
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
+def _kernel_inputs(beta, g, c):
+  """beta [B, N, T] and the chunk-C gate weights (gc, wq, wk, and the
+  chunk decay repeated per token) in the kernels' layout."""
+  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
+  gc, wq, wk, dec = _block_weights(jnp.moveaxis(g, 1, 2), None, c)
+  return jnp.moveaxis(beta, 1, 2), gc, wq, wk, jnp.repeat(dec, c, axis=-1)
+
+
 def _parts(t, b, q, k, v, beta, g, cfg):
   """Each kernel of one configuration alone (padded kernel layouts)."""
-  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
   st = _static(t, b, cfg)
   c = cfg.chunk
-  bp = jnp.moveaxis(beta, 1, 2)
-  gc, wq, wk, dec = _block_weights(jnp.moveaxis(g, 1, 2), None, c)
-  dec = jnp.repeat(dec, c, axis=-1)
+  bp, gc, wq, wk, dec = _kernel_inputs(beta, g, c)
   tag = (f"C{c} bv{st.bv}/{st.bvb} w{st.warps}/{st.warps_bwd} "
          f"st{st.stages}/{st.stages_bwd} ut-w{st.warps_ut} "
          f"grad-w{st.warps_grad}/ut-w{st.warps_gut}/st{st.stages_grad}"
@@ -153,10 +158,7 @@ def _grad_sweep(t, b, q, k, v, beta, g):
   r = dataclasses.replace
   d = kdelta.DeltaConfig()
   st = _static(t, b, d)
-  bp = jnp.moveaxis(beta, 1, 2)
-  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
-  gc, wq, wk, dec = _block_weights(jnp.moveaxis(g, 1, 2), None, d.chunk)
-  dec = jnp.repeat(dec, d.chunk, axis=-1)
+  bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
   w, u, a, tt = jax.jit(lambda *x: kdelta._ut_call(*x, None, st,
                                                     store_t=True))(
       q, k, v, bp, gc, wq)
@@ -184,9 +186,7 @@ def _ut_sweep(t, b, q, k, v, beta, g):
   """The UT kernel alone (gated) at several warp counts and inverses."""
   r = dataclasses.replace
   d = kdelta.DeltaConfig()
-  bp = jnp.moveaxis(beta, 1, 2)
-  from pallas_kernels.linear_scan.kernels import _block_weights  # noqa: PLC0415
-  gc, wq, _, _ = _block_weights(jnp.moveaxis(g, 1, 2), None, d.chunk)
+  bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
   for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
               r(d, num_warps_ut=4, diag_inverse="substitution")):
     st = _static(t, b, cfg)

@@ -39,6 +39,25 @@ def test_channel_interpret_matches_scan(name):
   check_against_scan(case, "pallas", chunk_size=16)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_channel_bf16_decay_gradient(seed):
+  """bf16 with the default configuration (chunk 32, factored diagonal
+  blocks), gates of every sub-chunk within the factor bound (strength 2,
+  a fixed decay of 0.1 a step), an initial state, T = 1000. The fixed
+  decay's gradient sums q dq - k dk over every token and channel, large
+  terms cancelling: with bf16 operands in the gradient kernel's
+  diagonal-block matmuls it came out 5-25% off (first seen on the H200 in
+  the H = 128 GPU test, docs/dev/gpu-runs/run31); float32 operands there
+  fix it."""
+  arrays, opts = linear_case(key_for("channel-bf16-decay", str(seed)),
+                             batch=1, length=1000, heads=4, kv_heads=2,
+                             head_dim=64, value_dim=32, gate="channel",
+                             gate_strength=2.0, log_decay=True,
+                             initial_state=True, dtype=BF16)
+  arrays["log_decay"] = jnp.full_like(arrays["log_decay"], -0.1)
+  check_against_scan((arrays, opts), "pallas")
+
+
 def test_channel_chunk_32_and_split_sequence_carries_state():
   arrays, opts = linear_case(key_for("channel-split"), length=70,
                              gate="channel", initial_state=True)
@@ -99,11 +118,12 @@ def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
 def test_channel_auto_layout():
   """With no config, on a GPU whose multiprocessors the forward sweep's
   programs fill at most half of (long sequences at batch 1), the default
-  becomes the states-only sweep split by 64 rows plus the output kernel;
-  otherwise (more programs, no SM count, the sweep layout) it stays."""
+  becomes the states-only sweep split by 64 rows plus the output kernel,
+  4 chunks per sweep iteration; otherwise (more programs, no SM count, the sweep layout) it stays."""
   d = channel.ChannelConfig()
   sep = channel._auto_layout(d, 32, 132)
   assert sep.separate_output and sep.block_f_state == 64
+  assert sep.sweep_unroll == 4
   assert sep.chunk == d.chunk and sep.block_v == d.block_v
   assert channel._auto_layout(d, 66, 132).separate_output
   assert channel._auto_layout(d, 67, 132) == d
@@ -136,6 +156,9 @@ def test_channel_direct_call_and_errors():
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0,
         config=channel.ChannelConfig(block_f_state=24))
+  with pytest.raises(ValueError, match="sweep_unroll"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0, config=channel.ChannelConfig(sweep_unroll=0))
   with pytest.raises(NotImplementedError, match="power of two"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0, config=channel.ChannelConfig(chunk=24))
@@ -224,20 +247,22 @@ def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd, strength=1.0,
 
 
 _SEP = dict(separate_output=True, block_f_state=16, block_v=16)
+_PAIRS = dict(diag="pairs")
 
 
 @pytest.mark.parametrize("name,chunk,dtype,kh,strength,opts", [
     # Four sub-chunks, GQA 4:2, F and V padded inside (24 -> 32, 20 -> 32).
-    ("c64_gqa", 64, F32, 2, 1.0, {}),
+    # Elementwise diagonal blocks (diag="pairs").
+    ("c64_gqa_pairs", 64, F32, 2, 1.0, _PAIRS),
     # Strong gates (up to ~60 a step), MQA, two sub-chunks.
-    ("c32_strong_mqa", 32, F32, 1, 20.0, {}),
+    ("c32_strong_mqa_pairs", 32, F32, 1, 20.0, _PAIRS),
     # Factored diagonal blocks: weak gates (the matmul branch), strong
     # gates (the elementwise branch), and gates that take both.
     ("c64_gqa_factored", 64, F32, 2, 1.0, dict(diag="factored")),
     ("c32_strong_mqa_factored", 32, F32, 1, 20.0, dict(diag="factored")),
     ("c32_mixed_factored", 32, F32, 2, 2.5, dict(diag="factored")),
     ("c64_bf16_factored", 64, BF16, 2, 1.0, dict(diag="factored")),
-    ("c64_bf16", 64, BF16, 2, 1.0, {}),
+    ("c64_bf16_pairs", 64, BF16, 2, 1.0, _PAIRS),
     # One sub-chunk per chunk (no off-diagonal blocks).
     ("c16_gqa", 16, F32, 2, 1.0, {}),
     # The output from stored states; state sweeps split into 2 row blocks.
@@ -245,6 +270,11 @@ _SEP = dict(separate_output=True, block_f_state=16, block_v=16)
     ("c32_separate_rows_bf16_mqa", 32, BF16, 1, 20.0, _SEP),
     # The state-gradient sweep split into row blocks, the fused forward.
     ("c32_rows_only", 32, F32, 2, 1.0, dict(block_f_state=16)),
+    # Sweeps with several chunks per loop iteration (3 chunks at 2 a
+    # step; 5 chunks at 4 a step): the loop and its remainder.
+    ("c32_unroll2_separate", 32, F32, 2, 1.0, dict(sweep_unroll=2, **_SEP)),
+    ("c16_unroll4_bf16_mqa", 16, BF16, 1, 20.0, dict(sweep_unroll=4)),
+    ("c16_unroll4_separate", 16, F32, 2, 1.0, dict(sweep_unroll=4, **_SEP)),
     # The sweep layout.
     ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, dict(chunk_parallel=False)),
     ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, dict(chunk_parallel=False))])
@@ -271,12 +301,12 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
     (BF16, 128, "parallel", 32), (BF16, 256, "parallel", 32),
     (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
     (BF16, 128, "resets", 32), (F32, 64, "resets", 64),
-    (BF16, 128, "factored", 32)])
+    (BF16, 128, "factored", 32), (BF16, 128, "unroll3", 32)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
   output from stored states and the state sweeps split by rows; with
-  resets)."""
+  resets; with 3 chunks per sweep iteration, 4 chunks: a remainder)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -284,11 +314,14 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
           sd((b, n, h, h), F32), sd((b, t), jnp.bool_))
   cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=layout != "sweep",
                               block_f=32 if dtype == BF16 else 16,
-                              separate_output=layout == "separate",
+                              separate_output=layout in ("separate",
+                                                         "unroll3"),
                               block_f_state=64 if layout == "separate"
                               else None,
                               diag="factored" if layout == "factored"
-                              else "pairs")
+                              else "pairs",
+                              **({"sweep_unroll": 3} if layout == "unroll3"
+                                 else {}))
   with_resets = layout == "resets"
 
   def grad(q, k, v, g, s0, resets):
@@ -302,7 +335,7 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   text = _export_for_h100(grad, *args).mlir_module()
   names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
            "resets": _PARALLEL_KERNELS, "factored": _PARALLEL_KERNELS,
-           "separate": _SEPARATE_KERNELS}[layout]
+           "separate": _SEPARATE_KERNELS, "unroll3": _SEPARATE_KERNELS}[layout]
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
@@ -365,16 +398,20 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
-                                    "separate32", "resets32", "factored32"])
+                                    "separate32", "resets32", "factored32",
+                                    "unroll32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
   opts = {"sweep16": dict(chunk=16, chunk_parallel=False),
-          "parallel32": dict(chunk=32), "parallel64": dict(chunk=64),
+          "parallel32": dict(chunk=32, diag="pairs"),
+          "parallel64": dict(chunk=64, diag="pairs"),
           "separate32": dict(chunk=32, separate_output=True,
                              block_f_state=64),
           "resets32": dict(chunk=32),
-          "factored32": dict(chunk=32, diag="factored")}[layout]
+          "factored32": dict(chunk=32, diag="factored"),
+          "unroll32": dict(chunk=32, separate_output=True,
+                           block_f_state=64, sweep_unroll=2)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,

@@ -17,16 +17,20 @@ elementwise over ``[16, 16, fb]`` blocks of channels on the diagonal
 16-token sub-chunks, with every exponent <= 0, and by matmuls of factors
 <= 1 between sub-chunks (the sweep layout treats its whole 16-token chunk
 as one diagonal block); everything else is matmuls on decayed operands.
-Opt-in (``ChannelConfig.diag="factored"``): a diagonal block whose
+By default (``ChannelConfig.diag="factored"``) a diagonal block whose
 sub-chunk decays by at most a bound in every channel is one matmul of
-factors taken relative to the sub-chunk's middle row instead.
+factors taken relative to the sub-chunk's middle row instead (on an H200
+at T = 4k this took the forward from 4.37 to 2.75 ms and forward+backward
+from 13.5 to 10.6 ms); ``diag="pairs"`` forms every diagonal block
+elementwise.
 
 Two layouts (``ChannelConfig.chunk_parallel``):
 
 * Chunk-parallel (the default, C = 32; fla's ``chunk_gla`` structure, see
   the section "Chunk-parallel path" below). A scores kernel per chunk
-  forms A by secondary chunking (matmuls between 16-token sub-chunks,
-  elementwise only on the diagonal ones) and writes the decayed q and k;
+  forms A by secondary chunking (matmuls between 16-token sub-chunks, and
+  on the diagonal ones where their decay allows) and writes the decayed q
+  and k;
   value-block sweeps then only carry the states, by matmuls, storing the
   state entering each chunk for the backward. Backward: a state-gradient
   sweep, a per-chunk kernel for dv and dA = scale * dO v^T, and a
@@ -114,7 +118,18 @@ class ChannelConfig:
       most 24 (4 for float16 inputs) in every channel of the block, by one
       matmul of q exp(G - G_m) and k exp(G_m - G) (m the sub-chunk's middle
       row; both factors within exp(+-bound)), elementwise otherwise (a
-      runtime branch per sub-chunk), so any gate stays exact.
+      runtime branch per sub-chunk), so any gate stays exact. The
+      default: weak gates (GLA's log-sigmoid / 16) take the matmul. The
+      gradient kernel's two diagonal matmuls take float32 operands (TF32
+      x3 on the GPU): with bf16 ones the gate gradient, a difference
+      q dq - k dk of large terms, came out 5-25% off once summed into a
+      fixed decay's gradient (run31).
+    sweep_unroll: chunk-parallel only: chunks per loop iteration of the
+      sequential sweeps (forward states and the state gradient), their
+      state-independent matmuls issued together ahead of the carried
+      updates. On an H200 (run30) 2 took the forward+backward at T = 4k
+      from 10.6 to 10.3 ms; at T = 64k, B = 1 with the separate layout 4
+      took the states sweep from 3.03 to 2.08 ms (the auto layout's).
   """
   chunk: int = 32
   block_v: int = 64
@@ -126,7 +141,8 @@ class ChannelConfig:
   chunk_parallel: bool = True
   separate_output: bool = False
   block_f_state: int | None = None
-  diag: str = "pairs"
+  diag: str = "factored"
+  sweep_unroll: int = 2
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -160,6 +176,7 @@ class _S:
   seg: bool = False  # resets (chunk-parallel layout only)
   fs: int = 0  # state rows per program of the state sweeps
   factor_bound: float = 0.0  # > 0: diag == "factored"
+  unroll: int = 1  # chunks per loop iteration of the chunk-parallel sweeps
 
 
 def _params(s: _S, bwd: bool = False):
@@ -641,6 +658,25 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   dec_ref[...] = dec
 
 
+def _unrolled_sweep(nc: int, unroll: int, pre, update, state):
+  """``state = update(i, state, pre(i))`` for i = 0 .. nc-1, ``unroll``
+  steps per loop iteration with every ``pre`` of an iteration (the
+  state-independent matmuls and loads) issued before its updates, so the
+  chain carried from chunk to chunk is only the updates."""
+  def body(j, state):
+    idx = [j * unroll + r for r in range(unroll)]
+    parts = [pre(i) for i in idx]
+    for i, part in zip(idx, parts):
+      state = update(i, state, part)
+    return state
+
+  state = lax.fori_loop(0, nc // unroll, body, state)
+  # The remainder, one chunk an iteration (a loop, not Python ints: the
+  # Triton lowering wants traced indices).
+  return lax.fori_loop(nc - nc % unroll, nc,
+                       lambda i, state: update(i, state, pre(i)), state)
+
+
 def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
   """The forward sweep over chunks for one value block (and, without
   ``output``, one block of state rows), from the decayed operands:
@@ -660,18 +696,22 @@ def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
 
-  def body(i, state):
+  def pre(i):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     v = v_ref[rows, :]
+    return rows, v, _dot_tn(kd_ref[rows, :], v)
+
+  def update(i, state, part):
+    rows, v, kv = part
     if store:
       hs_ref[i] = state.astype(hs_ref.dtype)
     if output:
       o = (_dot(a_ref[rows, :].astype(v.dtype), v)
            + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
       o_ref[rows, :] = o.astype(o_ref.dtype)
-    return state * dec_ref[i][:, None] + _dot_tn(kd_ref[rows, :], v)
+    return state * dec_ref[i][:, None] + kv
 
-  st_ref[...] = lax.fori_loop(0, s.nc, body, state)
+  st_ref[...] = _unrolled_sweep(s.nc, s.unroll, pre, update, state)
 
 
 def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, o_ref, *, s: _S):
@@ -692,15 +732,18 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
   _, _dot_tn, _ = _dots(s)
   c = s.chunk
 
-  def body(i, dstate):
-    ci = s.nc - 1 - i
-    rows = pl.ds(pl.multiple_of(ci * c, c), c)
-    dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
+  def pre(i):
+    rows = pl.ds(pl.multiple_of((s.nc - 1 - i) * c, c), c)
     do = do_ref[rows, :]
-    return (dstate * dec_ref[ci][:, None]
-            + s.scale * _dot_tn(qd_ref[rows, :].astype(do.dtype), do))
+    return _dot_tn(qd_ref[rows, :].astype(do.dtype), do)
 
-  dsout_ref[...] = lax.fori_loop(0, s.nc, body, ds_ref[...].astype(_F32))
+  def update(i, dstate, qdo):
+    ci = s.nc - 1 - i
+    dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
+    return dstate * dec_ref[ci][:, None] + s.scale * qdo
+
+  dsout_ref[...] = _unrolled_sweep(s.nc, s.unroll, pre, update,
+                                   ds_ref[...].astype(_F32))
 
 
 def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
@@ -808,11 +851,11 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
       return jnp.sum(de * k[None, :, :], axis=1), jnp.sum(
           de * q[:, None, :], axis=0)
     if s.factor_bound:
+      # float32 operands: see ChannelConfig.diag.
       def by_matmul(q=q, k=k, gs=gs, r=r):
         up, down = _mid_factors(gs, gs_ref, r, every)
-        da = da_ref[_sub(r), _sub(r)].astype(dt)
-        return (up * _dot(da, (k * down).astype(dt)),
-                down * _dot_tn(da, (q * up).astype(dt)))
+        da = da_ref[_sub(r), _sub(r)]
+        return up * _dot(da, k * down), down * _dot_tn(da, q * up)
       ddq, ddk = lax.cond(_factorable(tot[r], s), by_matmul, pairs)
     else:
       ddq, ddk = pairs()
@@ -1131,7 +1174,7 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
             fs=min(cfg.block_f_state or fp, fp), seg=seg,
             factor_bound=_factor_bound(dtype) if cfg.diag == "factored"
-            else 0.0)
+            else 0.0, unroll=cfg.sweep_unroll)
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
@@ -1140,12 +1183,15 @@ def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
   multiprocessors: when the forward sweep's ``programs`` (batch x heads x
   value blocks) fill at most half of them (long sequences at batch 1),
   the states-only sweep split by 64 state rows plus the chunk-parallel
-  output kernel. On an H200 at T = 64k, B = 1, N = 16, H = Hv = 128
-  (32 programs): forward 7.96 against 8.56 ms, forward+backward 17.9
-  against 20.4 ms; at T = 4k, B = 16 (512 programs) the forward is 12%
-  slower that way (docs/dev/gpu-runs/run24-h200-channel-kernels.log)."""
+  output kernel, the sweeps 4 chunks a loop iteration. On an H200 at
+  T = 64k, B = 1, N = 16, H = Hv = 128 (32 programs): forward 4.81
+  against 6.20 ms, forward+backward 13.6 against 16.8 ms (the fused
+  layout, 2 chunks an iteration); at T = 4k, B = 16 (512 programs) the
+  forward is 22% slower that way, 3.26 against 2.68 ms
+  (docs/dev/gpu-runs/run30-h200-channel-unroll-profile.log)."""
   if cfg.chunk_parallel and sms and 2 * programs <= sms:
-    return dataclasses.replace(cfg, separate_output=True, block_f_state=64)
+    return dataclasses.replace(cfg, separate_output=True, block_f_state=64,
+                               sweep_unroll=4)
   return cfg
 
 
@@ -1207,6 +1253,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   if cfg.diag not in ("pairs", "factored"):
     raise ValueError(f"config.diag={cfg.diag!r} is not 'pairs' or "
                      "'factored'")
+  if cfg.sweep_unroll < 1:
+    raise ValueError(f"config.sweep_unroll={cfg.sweep_unroll} is not >= 1")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "

@@ -159,6 +159,12 @@ def test_channel_direct_call_and_errors():
   with pytest.raises(ValueError, match="sweep_unroll"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0, config=channel.ChannelConfig(sweep_unroll=0))
+  with pytest.raises(ValueError, match="seq_splits"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0, config=channel.ChannelConfig(seq_splits=0))
+  with pytest.raises(ValueError, match="separate_output"):
+    channel.channel_gated_linear_attention(
+        x, x, x, g, scale=1.0, config=channel.ChannelConfig(seq_splits=2))
   with pytest.raises(NotImplementedError, match="power of two"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0, config=channel.ChannelConfig(chunk=24))
@@ -197,6 +203,15 @@ def test_channel_factored_diag_resets():
   cfg = channel.ChannelConfig(diag="factored", block_f=16, block_v=16)
   _direct_matches_scan("factored_resets", cfg, b=2, t=70, n=4, kh=2, f=24,
                        vd=20, strength=2.5, segments=True)
+
+
+def test_channel_split_resets():
+  """Sequence splits with packed sequences: a reset zeroes the decay
+  products that carry a split's entering state (and gradient) onward."""
+  cfg = channel.ChannelConfig(separate_output=True, block_f_state=16,
+                              block_f=16, block_v=16, seq_splits=3)
+  _direct_matches_scan("split_resets", cfg, b=2, t=100, n=4, kh=2, f=24,
+                       vd=20, strength=2.0, segments=True)
 
 
 def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd, strength=1.0,
@@ -275,6 +290,12 @@ _PAIRS = dict(diag="pairs")
     ("c32_unroll2_separate", 32, F32, 2, 1.0, dict(sweep_unroll=2, **_SEP)),
     ("c16_unroll4_bf16_mqa", 16, BF16, 1, 20.0, dict(sweep_unroll=4)),
     ("c16_unroll4_separate", 16, F32, 2, 1.0, dict(sweep_unroll=4, **_SEP)),
+    # The state sweeps on sequence splits (5 chunks padded to 6 in 3
+    # splits; 3 chunks padded to 4 in 2), with the initial state.
+    ("c16_split3_separate", 16, F32, 2, 1.0,
+     dict(seq_splits=3, sweep_unroll=2, **_SEP)),
+    ("c32_split2_bf16_strong_mqa", 32, BF16, 1, 20.0,
+     dict(seq_splits=2, **_SEP)),
     # The sweep layout.
     ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, dict(chunk_parallel=False)),
     ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, dict(chunk_parallel=False))])
@@ -301,12 +322,14 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
     (BF16, 128, "parallel", 32), (BF16, 256, "parallel", 32),
     (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
     (BF16, 128, "resets", 32), (F32, 64, "resets", 64),
-    (BF16, 128, "factored", 32), (BF16, 128, "unroll3", 32)])
+    (BF16, 128, "factored", 32), (BF16, 128, "unroll3", 32),
+    (BF16, 128, "split2", 32)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
   output from stored states and the state sweeps split by rows; with
-  resets; with 3 chunks per sweep iteration, 4 chunks: a remainder)."""
+  resets; with 3 chunks per sweep iteration, 4 chunks: a remainder; with
+  the state sweeps on 2 sequence splits)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -315,7 +338,8 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=layout != "sweep",
                               block_f=32 if dtype == BF16 else 16,
                               separate_output=layout in ("separate",
-                                                         "unroll3"),
+                                                         "unroll3", "split2"),
+                              seq_splits=2 if layout == "split2" else 1,
                               block_f_state=64 if layout == "separate"
                               else None,
                               diag="factored" if layout == "factored"
@@ -335,7 +359,8 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   text = _export_for_h100(grad, *args).mlir_module()
   names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
            "resets": _PARALLEL_KERNELS, "factored": _PARALLEL_KERNELS,
-           "separate": _SEPARATE_KERNELS, "unroll3": _SEPARATE_KERNELS}[layout]
+           "separate": _SEPARATE_KERNELS, "unroll3": _SEPARATE_KERNELS,
+           "split2": _SEPARATE_KERNELS}[layout]
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
@@ -399,7 +424,7 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
                                     "separate32", "resets32", "factored32",
-                                    "unroll32"])
+                                    "unroll32", "split32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -411,7 +436,9 @@ def test_gpu_channel_direct(dtype, layout):
           "resets32": dict(chunk=32),
           "factored32": dict(chunk=32, diag="factored"),
           "unroll32": dict(chunk=32, separate_output=True,
-                           block_f_state=64, sweep_unroll=2)}[layout]
+                           block_f_state=64, sweep_unroll=2),
+          "split32": dict(chunk=32, separate_output=True, block_f_state=64,
+                          sweep_unroll=4, seq_splits=4)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,

@@ -130,6 +130,14 @@ class ChannelConfig:
       updates. On an H200 (run30) 2 took the forward+backward at T = 4k
       from 10.6 to 10.3 ms; at T = 64k, B = 1 with the separate layout 4
       took the states sweep from 3.03 to 2.08 ms (the auto layout's).
+    seq_splits: with ``separate_output`` only: the state sweeps (forward
+      states and the state gradient) run on this many splits of the
+      chunks at once, each from a zero state; a short pass over the
+      splits carries the states between them and each stored state gets
+      its split's entering state (or gradient) decayed to it, an extra
+      elementwise pass over the stored states. T is padded to a multiple
+      of ``seq_splits * chunk``. For batch 1, where the sweeps have few
+      programs and each walks every chunk.
   """
   chunk: int = 32
   block_v: int = 64
@@ -143,6 +151,7 @@ class ChannelConfig:
   block_f_state: int | None = None
   diag: str = "factored"
   sweep_unroll: int = 2
+  seq_splits: int = 1
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -177,6 +186,7 @@ class _S:
   fs: int = 0  # state rows per program of the state sweeps
   factor_bound: float = 0.0  # > 0: diag == "factored"
   unroll: int = 1  # chunks per loop iteration of the chunk-parallel sweeps
+  splits: int = 1  # sequence splits of the separate layout's state sweeps
 
 
 def _params(s: _S, bwd: bool = False):
@@ -711,7 +721,8 @@ def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
       o_ref[rows, :] = o.astype(o_ref.dtype)
     return state * dec_ref[i][:, None] + kv
 
-  st_ref[...] = _unrolled_sweep(s.nc, s.unroll, pre, update, state)
+  st_ref[...] = _unrolled_sweep(s.nc // s.splits, s.unroll, pre, update,
+                                state)
 
 
 def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, o_ref, *, s: _S):
@@ -730,19 +741,19 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
   dhs[i] is the gradient of the state leaving chunk i; the gradient of
   the initial state comes out."""
   _, _dot_tn, _ = _dots(s)
-  c = s.chunk
+  c, ncl = s.chunk, s.nc // s.splits
 
   def pre(i):
-    rows = pl.ds(pl.multiple_of((s.nc - 1 - i) * c, c), c)
+    rows = pl.ds(pl.multiple_of((ncl - 1 - i) * c, c), c)
     do = do_ref[rows, :]
     return _dot_tn(qd_ref[rows, :].astype(do.dtype), do)
 
   def update(i, dstate, qdo):
-    ci = s.nc - 1 - i
+    ci = ncl - 1 - i
     dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
     return dstate * dec_ref[ci][:, None] + s.scale * qdo
 
-  dsout_ref[...] = _unrolled_sweep(s.nc, s.unroll, pre, update,
+  dsout_ref[...] = _unrolled_sweep(ncl, s.unroll, pre, update,
                                    ds_ref[...].astype(_F32))
 
 
@@ -923,23 +934,35 @@ def _per_head(s: _S, rows, cols):
 
 def _row_blocks(s: _S, f: int, vp: int, rows: int):
   """Grid axis 0 of the state sweeps: value block j % nv, row block
-  j // nv; the BlockSpecs of a [T, rows] operand of head n, of a value
-  block of kv head n // rep, of a [rows, bv] state, of the [nc, rows]
-  chunk decays and of the [nc, rows, bv] per-chunk states."""
-  nv = vp // s.bv
-  jv, jf = (lambda j: j % nv), (lambda j: j // nv)
-  tp = s.nc * s.chunk
-  return (nv * (f // rows),
-          pl.BlockSpec((None, tp, None, rows),
-                       lambda j, n_, b_: (b_, 0, n_, jf(j))),
-          pl.BlockSpec((None, tp, None, s.bv),
-                       lambda j, n_, b_: (b_, 0, n_ // s.rep, jv(j))),
-          pl.BlockSpec((None, None, rows, s.bv),
-                       lambda j, n_, b_: (b_, n_, jf(j), jv(j))),
-          pl.BlockSpec((None, None, s.nc, rows),
-                       lambda j, n_, b_: (b_, n_, 0, jf(j))),
-          pl.BlockSpec((None, None, s.nc, rows, s.bv),
-                       lambda j, n_, b_: (b_, n_, 0, jf(j), jv(j))))
+  (j // nv) % (f // rows), sequence split j // (nv * f // rows) (of
+  ``s.splits``); the BlockSpecs of a [T, rows] operand of head n, of a
+  value block of kv head n // rep and of head n, of a [rows, bv] state
+  (per split: [splits, rows, bv] arrays when s.splits > 1), of the
+  [nc, rows] chunk decays and of the [nc, rows, bv] per-chunk states."""
+  nv, nf = vp // s.bv, f // rows
+  jv, jf, jp = (lambda j: j % nv), (lambda j: (j // nv) % nf), (
+      lambda j: j // (nv * nf))
+  ncl = s.nc // s.splits
+  tl = ncl * s.chunk
+  if s.splits == 1:
+    st = pl.BlockSpec((None, None, rows, s.bv),
+                      lambda j, n_, b_: (b_, n_, jf(j), jv(j)))
+  else:
+    st = pl.BlockSpec((None, None, None, rows, s.bv),
+                      lambda j, n_, b_: (b_, n_, jp(j), jf(j), jv(j)))
+  return dict(
+      grid0=s.splits * nv * nf,
+      rows=pl.BlockSpec((None, tl, None, rows),
+                        lambda j, n_, b_: (b_, jp(j), n_, jf(j))),
+      val=pl.BlockSpec((None, tl, None, s.bv),
+                       lambda j, n_, b_: (b_, jp(j), n_ // s.rep, jv(j))),
+      val_head=pl.BlockSpec((None, tl, None, s.bv),
+                            lambda j, n_, b_: (b_, jp(j), n_, jv(j))),
+      st=st,
+      dec=pl.BlockSpec((None, None, ncl, rows),
+                       lambda j, n_, b_: (b_, n_, jp(j), jf(j))),
+      hs=pl.BlockSpec((None, None, ncl, rows, s.bv),
+                      lambda j, n_, b_: (b_, n_, jp(j), jf(j), jv(j))))
 
 
 def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
@@ -947,17 +970,18 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
   b, tp, n, f = qd.shape
   vp = v.shape[-1]
   rows = f if output else s.fs  # the output needs every row of the state
-  grid0, rows_spec, val, st, dec_spec, hs_spec = _row_blocks(s, f, vp, rows)
+  blk = _row_blocks(s, f, vp, rows)
+  rows_spec, st = blk["rows"], blk["st"]
   in_specs, args = [], []
   if output:
     in_specs.append(rows_spec)  # rows == f: all of qd
     args.append(qd)
-  in_specs += [rows_spec, val]
+  in_specs += [rows_spec, blk["val"]]
   args += [kd, v]
   if output:
     in_specs.append(_per_head(s, tp, s.chunk))
     args.append(a)
-  in_specs.append(dec_spec)
+  in_specs.append(blk["dec"])
   args.append(dec)
   if s.has_s0:
     in_specs.append(st)
@@ -967,9 +991,10 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
     out_specs.append(_blk(tp, s.bv, lambda x: x, lambda j: j))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype))
   out_specs.append(st)
-  out_shape.append(jax.ShapeDtypeStruct((b, n, f, vp), _F32))
+  out_shape.append(jax.ShapeDtypeStruct(
+      (b, n, f, vp) if s.splits == 1 else (b, n, s.splits, f, vp), _F32))
   if store:
-    out_specs.append(hs_spec)
+    out_specs.append(blk["hs"])
     out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
   name = "linear_scan_channel_sweep"
   if not output:
@@ -978,7 +1003,7 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
     name = "linear_scan_channel_sweep_states"
   return pl.pallas_call(
       functools.partial(_sweep_kernel, s=s, store=store, output=output),
-      grid=(grid0, n, b),
+      grid=(blk["grid0"], n, b),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -1018,8 +1043,7 @@ def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   """(o, final state, residuals or None) of the chunk-parallel forward."""
   a, qd, kd, dec = _scores_call(q, k, gs, seg, s)
   if s.sep:
-    final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True,
-                            output=False)
+    final, hs = _split_states(qd, kd, v, a, dec, s0, s)
     o = _output_call(qd, v, a, hs, s)
   elif store:
     o, final, hs = _sweep_call(qd, kd, v, a, dec, s0, s, store=True)
@@ -1030,24 +1054,82 @@ def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
 
 
 def _dstate_call(qd, do, dec, dfinal, s: _S):
+  """(dhs, ds0); with s.splits > 1 ``dfinal`` is [B, N, splits, F, V] (the
+  gradient at each split's end) and so is the ds0 that comes out."""
   b, tp, n, f = qd.shape
   vp = do.shape[-1]
-  grid0, rows_spec, _, st, dec_spec, hs_spec = _row_blocks(s, f, vp, s.fs)
-  nv = vp // s.bv
+  blk = _row_blocks(s, f, vp, s.fs)
+  st_shape = (b, n, f, vp) if s.splits == 1 else (b, n, s.splits, f, vp)
   return pl.pallas_call(
       functools.partial(_dstate_kernel, s=s),
-      grid=(grid0, n, b),
-      in_specs=[rows_spec,
-                pl.BlockSpec((None, tp, None, s.bv),
-                             lambda j, n_, b_: (b_, 0, n_, j % nv)),
-                dec_spec, st],
-      out_specs=[hs_spec, st],
+      grid=(blk["grid0"], n, b),
+      in_specs=[blk["rows"], blk["val_head"], blk["dec"], blk["st"]],
+      out_specs=[blk["hs"], blk["st"]],
       out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype),
-                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+                 jax.ShapeDtypeStruct(st_shape, _F32)],
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
       name="linear_scan_channel_dstate",
   )(qd, do, dec, dfinal)
+
+
+def _split_decays(dec, splits):
+  """[B, N, P, nc/P, F] products of the chunk decays within each split:
+  (before each chunk, after each chunk, over the whole split) as
+  [B, N, P, nc/P, F], [B, N, P, nc/P, F], [B, N, P, F]. Products of
+  numbers in [0, 1] (a reset makes one 0): no overflow, and underflow to
+  0 is the right limit."""
+  b, n, nc, f = dec.shape
+  d = dec.reshape(b, n, splits, nc // splits, f)
+  incl = jnp.cumprod(d, axis=3)
+  ones = jnp.ones_like(d[:, :, :, :1])
+  before = jnp.concatenate([ones, incl[:, :, :, :-1]], axis=3)
+  rincl = jnp.flip(jnp.cumprod(jnp.flip(d, 3), axis=3), 3)
+  after = jnp.concatenate([rincl[:, :, :, 1:], ones], axis=3)
+  return before, after, incl[:, :, :, -1]
+
+
+def _split_states(qd, kd, v, a, dec, s0, s: _S):
+  """(final, hs) of the separate layout's states sweep. With s.splits > 1
+  each split of the chunks is swept from a zero state in parallel, a short
+  pass over the splits carries the states between them, and each stored
+  state gets its split's entering state decayed to it."""
+  if s.splits == 1:
+    return _sweep_call(qd, kd, v, a, dec, s0, s, store=True, output=False)
+  local = dataclasses.replace(s, has_s0=False)
+  ends, hs = _sweep_call(qd, kd, v, a, dec, None, local, store=True,
+                         output=False)
+  before, _, whole = _split_decays(dec, s.splits)
+  b, n, p, f, vp = ends.shape
+  state = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
+  starts = []
+  for i in range(p):
+    starts.append(state)
+    state = whole[:, :, i, :, None] * state + ends[:, :, i]
+  starts = jnp.stack(starts, axis=2)
+  hs = hs.reshape(b, n, p, s.nc // p, f, vp).astype(_F32) + (
+      before[..., None] * starts[:, :, :, None])
+  return state, hs.reshape(b, n, s.nc, f, vp).astype(qd.dtype)
+
+
+def _split_dstate(qd, do, dec, dfinal, s: _S):
+  """(dhs, ds0): the state-gradient sweep, split as _split_states."""
+  if s.splits == 1:
+    return _dstate_call(qd, do, dec, dfinal, s)
+  b, n, f, vp = dfinal.shape
+  p = s.splits
+  dhs, ds_local = _dstate_call(qd, do, dec, jnp.zeros((b, n, p, f, vp), _F32),
+                               s)
+  _, after, whole = _split_decays(dec, p)
+  grad = dfinal
+  ends = [None] * p
+  for i in reversed(range(p)):
+    ends[i] = grad
+    grad = whole[:, :, i, :, None] * grad + ds_local[:, :, i]
+  ends = jnp.stack(ends, axis=2)
+  dhs = dhs.reshape(b, n, p, s.nc // p, f, vp).astype(_F32) + (
+      after[..., None] * ends[:, :, :, None])
+  return dhs.reshape(b, n, s.nc, f, vp).astype(qd.dtype), grad
 
 
 def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
@@ -1134,7 +1216,7 @@ def _core_par_bwd(s: _S, res, cts):
   b, tp, n, f = q.shape
   kh, vp = k.shape[2], v.shape[-1]
   do = do.astype(q.dtype)
-  dhs, ds0 = _dstate_call(qd, do, dec, dfinal.astype(_F32), s)
+  dhs, ds0 = _split_dstate(qd, do, dec, dfinal.astype(_F32), s)
   dv, da = _dadv_call(a, do, v, kd, dhs, seg, s)
   dq, dk, dgr = _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s)
   if s.rep > 1:
@@ -1165,7 +1247,9 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             interpret, seg=False, dtype=jnp.bfloat16) -> _S:
   """The kernels' static parameters for T = t tokens and padded feature
   and value dims fp, vp (also used by scripts/gpu/channel_profile.py)."""
-  return _S(scale=float(scale), chunk=cfg.chunk, nc=-(-t // cfg.chunk),
+  nc = -(-t // cfg.chunk)
+  nc = -(-nc // cfg.seq_splits) * cfg.seq_splits
+  return _S(scale=float(scale), chunk=cfg.chunk, nc=nc,
             bv=min(cfg.block_v, vp), bf=min(cfg.block_f, fp),
             warps=cfg.num_warps, stages=cfg.num_stages,
             warps_bwd=cfg.num_warps_bwd, stages_bwd=cfg.num_stages_bwd,
@@ -1174,7 +1258,7 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
             fs=min(cfg.block_f_state or fp, fp), seg=seg,
             factor_bound=_factor_bound(dtype) if cfg.diag == "factored"
-            else 0.0, unroll=cfg.sweep_unroll)
+            else 0.0, unroll=cfg.sweep_unroll, splits=cfg.seq_splits)
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
@@ -1255,6 +1339,12 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                      "'factored'")
   if cfg.sweep_unroll < 1:
     raise ValueError(f"config.sweep_unroll={cfg.sweep_unroll} is not >= 1")
+  if cfg.seq_splits < 1:
+    raise ValueError(f"config.seq_splits={cfg.seq_splits} is not >= 1")
+  if cfg.seq_splits > 1 and not (cfg.chunk_parallel and
+                                 cfg.separate_output):
+    raise ValueError(f"config.seq_splits={cfg.seq_splits} needs "
+                     "chunk_parallel=True and separate_output=True")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "

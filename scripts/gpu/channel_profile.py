@@ -53,6 +53,12 @@ CONFIGS = {
     "par c32 sep fs32 u2": C(separate_output=True, block_f_state=32,
                              sweep_unroll=2),
     "par c32 u2": C(sweep_unroll=2),
+    "par c32 sep fs64 u4 split2": C(separate_output=True, block_f_state=64,
+                                    sweep_unroll=4, seq_splits=2),
+    "par c32 sep fs64 u4 split4": C(separate_output=True, block_f_state=64,
+                                    sweep_unroll=4, seq_splits=4),
+    "par c32 sep fs64 u4 split8": C(separate_output=True, block_f_state=64,
+                                    sweep_unroll=4, seq_splits=8),
     "par c32 bf16 bv64 w4": C(block_f=16),
     "par c32 bf64": C(block_f=64),
     "par c32 bf64 wb8": C(block_f=64, num_warps_bwd=8),
@@ -164,14 +170,16 @@ def kernel_timings(seqs):
       try:
         pc.line(f"{name} T={t}: scores", b, t, pc.time(scores, q, k, gs))
         a, qd, kd, dec = scores(q, k, gs)
-        sweep = jax.jit(lambda *x, s=s: channel._sweep_call(
-            *x, None, s, store=False))
-        pc.line("  sweep (output + states)", b, t,
-                pc.time(sweep, qd, kd, v, a, dec))
-        if s.sep:
-          states = jax.jit(lambda *x, s=s: channel._sweep_call(
-              *x, None, s, store=True, output=False))
-          pc.line(f"  states sweep, storing (rows {s.fs})", b, t,
+        if s.splits == 1:
+          sweep = jax.jit(lambda *x, s=s: channel._sweep_call(
+              *x, None, s, store=False))
+          pc.line("  sweep (output + states)", b, t,
+                  pc.time(sweep, qd, kd, v, a, dec))
+        if s.sep:  # with the splits' carry and fix-up pass when split
+          states = jax.jit(lambda *x, s=s: channel._split_states(
+              *x, None, s))
+          pc.line(f"  states sweep, storing (rows {s.fs}, "
+                  f"{s.splits} splits)", b, t,
                   pc.time(states, qd, kd, v, a, dec))
           _, hs = states(qd, kd, v, a, dec)
           out = jax.jit(lambda *x, s=s: channel._output_call(*x, s))
@@ -182,7 +190,7 @@ def kernel_timings(seqs):
           pc.line("  sweep, storing states", b, t,
                   pc.time(store, qd, kd, v, a, dec))
           _, _, hs = store(qd, kd, v, a, dec)
-        dstate = jax.jit(lambda *x, s=s: channel._dstate_call(*x, s))
+        dstate = jax.jit(lambda *x, s=s: channel._split_dstate(*x, s))
         pc.line(f"  state-gradient sweep (rows {s.fs})", b, t,
                 pc.time(dstate, qd, do, dec, dfin))
         dhs, _ = dstate(qd, do, dec, dfin)

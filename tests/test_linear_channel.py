@@ -159,22 +159,14 @@ def test_channel_direct_call_and_errors():
   with pytest.raises(ValueError, match="resets"):
     channel.channel_gated_linear_attention(
         x, x, x, g, jnp.zeros((1, 31), bool), scale=1.0)
-  with pytest.raises(ValueError, match="config.diag"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0, config=channel.ChannelConfig(diag="rows"))
-  with pytest.raises(ValueError, match="block_f_state"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0,
-        config=channel.ChannelConfig(block_f_state=24))
-  with pytest.raises(ValueError, match="sweep_unroll"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0, config=channel.ChannelConfig(sweep_unroll=0))
-  with pytest.raises(ValueError, match="seq_splits"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0, config=channel.ChannelConfig(seq_splits=0))
-  with pytest.raises(ValueError, match="separate_output"):
-    channel.channel_gated_linear_attention(
-        x, x, x, g, scale=1.0, config=channel.ChannelConfig(seq_splits=2))
+  for match, bad in (("config.diag", dict(diag="rows")),
+                     ("block_f_state", dict(block_f_state=24)),
+                     ("sweep_unroll", dict(sweep_unroll=0)),
+                     ("seq_splits", dict(seq_splits=0)),
+                     ("separate_output", dict(seq_splits=2))):
+    with pytest.raises(ValueError, match=match):
+      channel.channel_gated_linear_attention(
+          x, x, x, g, scale=1.0, config=channel.ChannelConfig(**bad))
   with pytest.raises(NotImplementedError, match="power of two"):
     channel.channel_gated_linear_attention(
         x, x, x, g, scale=1.0, config=channel.ChannelConfig(chunk=24))

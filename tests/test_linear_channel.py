@@ -129,7 +129,8 @@ def test_channel_auto_layout():
   """With no config, on a GPU whose multiprocessors the forward sweep's
   programs fill at most half of (long sequences at batch 1), the default
   becomes the states-only sweep split by 64 rows plus the output kernel,
-  4 chunks per sweep iteration; otherwise (more programs, no SM count, the sweep layout) it stays."""
+  4 chunks per sweep iteration; otherwise (more programs, no SM count,
+  the sweep layout) it stays."""
   d = channel.ChannelConfig()
   sep = channel._auto_layout(d, 32, 132)
   assert sep.separate_output and sep.block_f_state == 64

@@ -1073,43 +1073,49 @@ def _dstate_call(qd, do, dec, dfinal, s: _S):
   )(qd, do, dec, dfinal)
 
 
-def _split_decays(dec, splits):
-  """[B, N, P, nc/P, F] products of the chunk decays within each split:
-  (before each chunk, after each chunk, over the whole split) as
-  [B, N, P, nc/P, F], [B, N, P, nc/P, F], [B, N, P, F]. Products of
-  numbers in [0, 1] (a reset makes one 0): no overflow, and underflow to
-  0 is the right limit."""
-  b, n, nc, f = dec.shape
-  d = dec.reshape(b, n, splits, nc // splits, f)
+def _carry_splits(x, dec, local, carry, s: _S, reverse: bool):
+  """Joins the s.splits sweeps that ran from zero. ``x`` [B, N, nc, F, V]:
+  their per-chunk states (or, ``reverse``, state gradients); ``local``
+  [B, N, P, F, V]: what each split's sweep ended with; ``carry``: the
+  initial state (the final state's gradient when ``reverse``). A pass over
+  the splits carries ``carry`` through them (each split's decay product
+  times it plus its local end), and every stored value gets the carry
+  entering its split times the product of the chunk decays between the
+  split's edge and it. Returns (x joined, the carry out of the last
+  split). Products of numbers in [0, 1] (a reset makes one 0): no
+  overflow, and underflow to 0 is the right limit."""
+  b, n, nc, f, vp = x.shape
+  p = s.splits
+  d = dec.reshape(b, n, p, nc // p, f)
+  if reverse:
+    d = jnp.flip(d, 3)
   incl = jnp.cumprod(d, axis=3)
-  ones = jnp.ones_like(d[:, :, :, :1])
-  before = jnp.concatenate([ones, incl[:, :, :, :-1]], axis=3)
-  rincl = jnp.flip(jnp.cumprod(jnp.flip(d, 3), axis=3), 3)
-  after = jnp.concatenate([rincl[:, :, :, 1:], ones], axis=3)
-  return before, after, incl[:, :, :, -1]
+  edge = jnp.concatenate([jnp.ones_like(d[:, :, :, :1]), incl[:, :, :, :-1]],
+                         axis=3)  # decays between the split's edge and it
+  if reverse:
+    edge = jnp.flip(edge, 3)
+  entering = [None] * p
+  for i in (reversed(range(p)) if reverse else range(p)):
+    entering[i] = carry
+    carry = incl[:, :, i, -1, :, None] * carry + local[:, :, i]
+  x = x.reshape(b, n, p, nc // p, f, vp).astype(_F32) + (
+      edge[..., None] * jnp.stack(entering, axis=2)[:, :, :, None])
+  return x.reshape(b, n, nc, f, vp), carry
 
 
 def _split_states(qd, kd, v, a, dec, s0, s: _S):
   """(final, hs) of the separate layout's states sweep. With s.splits > 1
-  each split of the chunks is swept from a zero state in parallel, a short
-  pass over the splits carries the states between them, and each stored
-  state gets its split's entering state decayed to it."""
+  each split of the chunks is swept from a zero state in parallel and
+  _carry_splits joins them."""
   if s.splits == 1:
     return _sweep_call(qd, kd, v, a, dec, s0, s, store=True, output=False)
-  local = dataclasses.replace(s, has_s0=False)
-  ends, hs = _sweep_call(qd, kd, v, a, dec, None, local, store=True,
+  ends, hs = _sweep_call(qd, kd, v, a, dec, None,
+                         dataclasses.replace(s, has_s0=False), store=True,
                          output=False)
-  before, _, whole = _split_decays(dec, s.splits)
-  b, n, p, f, vp = ends.shape
-  state = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
-  starts = []
-  for i in range(p):
-    starts.append(state)
-    state = whole[:, :, i, :, None] * state + ends[:, :, i]
-  starts = jnp.stack(starts, axis=2)
-  hs = hs.reshape(b, n, p, s.nc // p, f, vp).astype(_F32) + (
-      before[..., None] * starts[:, :, :, None])
-  return state, hs.reshape(b, n, s.nc, f, vp).astype(qd.dtype)
+  b, n, _, f, vp = ends.shape
+  s0 = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
+  hs, final = _carry_splits(hs, dec, ends, s0, s, reverse=False)
+  return final, hs.astype(qd.dtype)
 
 
 def _split_dstate(qd, do, dec, dfinal, s: _S):
@@ -1117,19 +1123,10 @@ def _split_dstate(qd, do, dec, dfinal, s: _S):
   if s.splits == 1:
     return _dstate_call(qd, do, dec, dfinal, s)
   b, n, f, vp = dfinal.shape
-  p = s.splits
-  dhs, ds_local = _dstate_call(qd, do, dec, jnp.zeros((b, n, p, f, vp), _F32),
-                               s)
-  _, after, whole = _split_decays(dec, p)
-  grad = dfinal
-  ends = [None] * p
-  for i in reversed(range(p)):
-    ends[i] = grad
-    grad = whole[:, :, i, :, None] * grad + ds_local[:, :, i]
-  ends = jnp.stack(ends, axis=2)
-  dhs = dhs.reshape(b, n, p, s.nc // p, f, vp).astype(_F32) + (
-      after[..., None] * ends[:, :, :, None])
-  return dhs.reshape(b, n, s.nc, f, vp).astype(qd.dtype), grad
+  dhs, ends = _dstate_call(
+      qd, do, dec, jnp.zeros((b, n, s.splits, f, vp), _F32), s)
+  dhs, ds0 = _carry_splits(dhs, dec, ends, dfinal, s, reverse=True)
+  return dhs.astype(qd.dtype), ds0
 
 
 def _dadv_call(a, do, v, kd, dhs, seg, s: _S):

@@ -129,13 +129,22 @@ def test_channel_auto_layout():
   """With no config, on a GPU whose multiprocessors the forward sweep's
   programs fill at most half of (long sequences at batch 1), the default
   becomes the states-only sweep split by 64 rows plus the output kernel,
-  4 chunks per sweep iteration; otherwise (more programs, no SM count,
+  4 chunks per sweep iteration (on 4 sequence splits when four times the
+  programs still fit and each split gets >= 128 chunks); otherwise (more programs, no SM count,
   the sweep layout) it stays."""
   d = channel.ChannelConfig()
   sep = channel._auto_layout(d, 32, 132)
   assert sep.separate_output and sep.block_f_state == 64
   assert sep.sweep_unroll == 4
   assert sep.chunk == d.chunk and sep.block_v == d.block_v
+  assert sep.seq_splits == 1  # no chunk count given: no splits
+  # 4 splits when they still fit the multiprocessors and each has at
+  # least 128 chunks.
+  assert channel._auto_layout(d, 33, 132, 2048).seq_splits == 4
+  assert channel._auto_layout(d, 34, 132, 2048).seq_splits == 1
+  assert channel._auto_layout(d, 34, 132, 2048).separate_output
+  assert channel._auto_layout(d, 32, 132, 512).seq_splits == 4
+  assert channel._auto_layout(d, 32, 132, 511).seq_splits == 1
   assert channel._auto_layout(d, 66, 132).separate_output
   assert channel._auto_layout(d, 67, 132) == d
   assert channel._auto_layout(d, 512, 132) == d

@@ -137,7 +137,9 @@ class ChannelConfig:
       its split's entering state (or gradient) decayed to it, an extra
       elementwise pass over the stored states. T is padded to a multiple
       of ``seq_splits * chunk``. For batch 1, where the sweeps have few
-      programs and each walks every chunk.
+      programs and each walks every chunk: the auto layout uses 4 when
+      4x the programs fit the multiprocessors (T = 64k, B = 1 on an
+      H200: forward+backward 13.8 -> 12.5 ms, run34).
   """
   chunk: int = 32
   block_v: int = 64
@@ -1258,8 +1260,8 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             else 0.0, unroll=cfg.sweep_unroll, splits=cfg.seq_splits)
 
 
-def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
-                 ) -> ChannelConfig:
+def _auto_layout(cfg: ChannelConfig, programs: int, sms: int,
+                 chunks: int = 0) -> ChannelConfig:
   """The default configuration, adapted to a GPU with ``sms``
   multiprocessors: when the forward sweep's ``programs`` (batch x heads x
   value blocks) fill at most half of them (long sequences at batch 1),
@@ -1269,10 +1271,18 @@ def _auto_layout(cfg: ChannelConfig, programs: int, sms: int
   against 6.20 ms, forward+backward 13.6 against 16.8 ms (the fused
   layout, 2 chunks an iteration); at T = 4k, B = 16 (512 programs) the
   forward is 22% slower that way, 3.26 against 2.68 ms
-  (docs/dev/gpu-runs/run30-h200-channel-unroll-profile.log)."""
+  (docs/dev/gpu-runs/run30-h200-channel-unroll-profile.log).
+
+  When 4 sequence splits of the sweeps still fit the multiprocessors and
+  each split walks at least 128 of the ``chunks``, the sweeps also run on
+  4 splits: at T = 64k, B = 1 (32 programs) forward 4.80 -> 4.09 ms,
+  forward+backward 13.83 -> 12.51 ms; at T = 32k, B = 2 (64 programs,
+  not split) 2 or 4 splits were 6-8% slower in the forward
+  (docs/dev/gpu-runs/run34-h200-channel-splits.log)."""
   if cfg.chunk_parallel and sms and 2 * programs <= sms:
+    splits = 4 if 4 * programs <= sms and chunks >= 4 * 128 else 1
     return dataclasses.replace(cfg, separate_output=True, block_f_state=64,
-                               sweep_unroll=4)
+                               sweep_unroll=4, seq_splits=splits)
   return cfg
 
 
@@ -1295,7 +1305,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     initial_state: None or float32 [B, N, F, V].
     config: tiling (default ``ChannelConfig()``; float32 inputs use a
       16-channel block; on a GPU that batch x heads x value blocks fill at
-      most half of, ``separate_output=True, block_f_state=64``).
+      most half of, ``separate_output=True, block_f_state=64``, and 4
+      sequence splits where they fit too: see ``_auto_layout``).
     interpret: Pallas interpret mode (default: unless on a GPU).
 
   Returns:
@@ -1352,7 +1363,7 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                               "supported by the per-channel-gate kernels")
   if config is None and not interpret:
     cfg = _auto_layout(cfg, b * n * -(-vp // min(cfg.block_v, vp)),
-                       _num_sms())
+                       _num_sms(), -(-t // cfg.chunk))
   s = _static(cfg, scale=scale, t=t, rep=n // kh, fp=fp, vp=vp,
               has_s0=initial_state is not None, interpret=bool(interpret),
               seg=resets is not None, dtype=q.dtype)

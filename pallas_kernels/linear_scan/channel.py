@@ -140,6 +140,12 @@ class ChannelConfig:
       programs and each walks every chunk: the auto layout uses 4 when
       4x the programs fit the multiprocessors (T = 64k, B = 1 on an
       H200: forward+backward 13.8 -> 12.5 ms, run34).
+    kernel_cumsum: chunk-parallel only: the scores and gradient kernels
+      sum the log gates within each 16-token sub-chunk themselves (from
+      the raw gates they read) instead of reading sums that an XLA pass
+      wrote (a read and a write of the [B, T, N, F] float32 gates saved
+      in the forward, and the same read in the backward; the residual is
+      the raw gates). Opt-in: not yet timed on a GPU.
   """
   chunk: int = 32
   block_v: int = 64
@@ -154,6 +160,7 @@ class ChannelConfig:
   diag: str = "factored"
   sweep_unroll: int = 2
   seq_splits: int = 1
+  kernel_cumsum: bool = False
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -189,6 +196,7 @@ class _S:
   factor_bound: float = 0.0  # > 0: diag == "factored"
   unroll: int = 1  # chunks per loop iteration of the chunk-parallel sweeps
   splits: int = 1  # sequence splits of the separate layout's state sweeps
+  kcs: bool = False  # kernel_cumsum: the gate refs hold raw log gates
 
 
 def _params(s: _S, bwd: bool = False):
@@ -225,13 +233,16 @@ def _pair_decay(g, transpose: bool):
 def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int, loop: bool = False):
   """A [C, C] float32: A_ij = sum_f q_if k_jf exp(G_if - G_jf), j <= i,
   accumulated over blocks of ``s.bf`` channels loaded from the refs (in a
-  loop rather than unrolled when ``loop``: a smaller Triton program)."""
+  loop rather than unrolled when ``loop``: a smaller Triton program).
+  ``gc_ref``: the cumulative log gates' ref, or a ``_Gates``."""
   c = s.chunk
+  g_of = (gc_ref.block if isinstance(gc_ref, _Gates)
+          else lambda r, cols: gc_ref[r, cols])
 
   def block(cols, a):
     qb = q_ref[rows, cols].astype(_F32)
     kb = k_ref[rows, cols].astype(_F32)
-    e = _pair_decay(gc_ref[rows, cols], transpose=False)
+    e = _pair_decay(g_of(rows, cols), transpose=False)
     return a + jnp.sum(qb[:, None, :] * kb[None, :, :] * e, axis=2)
 
   a = jnp.zeros((c, c), _F32)
@@ -552,17 +563,47 @@ def _sub(a):
   return pl.ds(a * _SUB, _SUB)
 
 
-def _totals(gs_ref, ns, cols):
-  """Tot_c for each sub-chunk ([fb] each), from the local sums' last rows."""
-  return [_last_row(gs_ref[_sub(c), cols]) for c in range(ns)]
+class _Gates:
+  """One chunk's log gates summed within each 16-token sub-chunk, G: read
+  from a ref that holds them, or (``raw``: the ref holds the per-token log
+  gates, ``ChannelConfig.kernel_cumsum``) summed here on each read."""
+
+  def __init__(self, ref, raw: bool):
+    self.ref, self.raw = ref, raw
+
+  def block(self, rows, cols):
+    """G over ``rows`` (one whole sub-chunk) and ``cols``."""
+    x = self.ref[rows, cols]
+    return jnp.cumsum(x, axis=0) if self.raw else x
+
+  def sub(self, a, cols):
+    return self.block(_sub(a), cols)
+
+  def total(self, a, cols):
+    """Sub-chunk a's last row of G, [width]."""
+    x = self.ref[_sub(a), cols]
+    return jnp.sum(x, axis=0) if self.raw else _last_row(x)
+
+  def row(self, a, r, cols):
+    """Row r of sub-chunk a's G, [1, width]."""
+    if not self.raw:
+      return self.ref[pl.ds(a * _SUB + r, 1), cols]
+    x = self.ref[_sub(a), cols]
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rows <= r, x, 0.0), axis=0)[None, :]
 
 
-def _k_to_sub_end(k_ref, gs_ref, tot, ns, cols):
+def _totals(gates: _Gates, ns, cols):
+  """Tot_c for each sub-chunk ([fb] each): G's last rows."""
+  return [gates.total(c, cols) for c in range(ns)]
+
+
+def _k_to_sub_end(k_ref, gates: _Gates, tot, ns, cols):
   """k_b exp(G_end(b) - G_b) for each sub-chunk b before the last (float32,
   [16, width] each): the key factor of the off-diagonal blocks, up to
   whole sub-chunk totals."""
   return [k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
-      tot[b][None, :] - gs_ref[_sub(b), cols]) for b in range(ns - 1)]
+      tot[b][None, :] - gates.sub(b, cols)) for b in range(ns - 1)]
 
 
 def _between(tot, lo, hi):
@@ -597,10 +638,10 @@ def _chunk_end_mask(seg_ref, c):
                            m, 0.0))
 
 
-def _mid_factors(gs, gs_ref, a, cols):
+def _mid_factors(gs, gates: _Gates, a, cols):
   """exp(G - G_m) and exp(G_m - G) ([16, width] float32) for sub-chunk a,
   m its middle row: the factors of the "factored" diagonal blocks."""
-  d = gs - gs_ref[pl.ds(a * _SUB + _SUB // 2, 1), cols]
+  d = gs - gates.row(a, _SUB // 2, cols)
   return jnp.exp(d), jnp.exp(-d)
 
 
@@ -626,11 +667,12 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   _, _, _dot_nt = _dots(s)
   ns, f = s.chunk // _SUB, q_ref.shape[-1]
   every = pl.ds(0, f)
-  tot = _totals(gs_ref, ns, every)
+  gates = _Gates(gs_ref, s.kcs)
+  tot = _totals(gates, ns, every)
   sub_s = dataclasses.replace(s, chunk=_SUB)
-  k_dec = _k_to_sub_end(k_ref, gs_ref, tot, ns, every)
+  k_dec = _k_to_sub_end(k_ref, gates, tot, ns, every)
   for a in range(ns):
-    gs = gs_ref[_sub(a), :]
+    gs = gates.sub(a, every)
     q = q_ref[_sub(a), :].astype(_F32)
     k = k_ref[_sub(a), :].astype(_F32)
     qd = q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
@@ -647,15 +689,15 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
         blk = jnp.zeros((_SUB, _SUB), _F32)
       elif b == a and s.factor_bound:
         def by_matmul(q=q, k=k, gs=gs, a=a):
-          up, down = _mid_factors(gs, gs_ref, a, every)
+          up, down = _mid_factors(gs, gates, a, every)
           return _lower(_dot_nt((q * up).astype(q_ref.dtype),
                                 (k * down).astype(k_ref.dtype)))
         blk = lax.cond(
             _factorable(tot[a], s), by_matmul,
-            lambda a=a: _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f,
+            lambda a=a: _intra(q_ref, k_ref, gates, _sub(a), sub_s, f,
                                loop=True))
       elif b == a:
-        blk = _intra(q_ref, k_ref, gs_ref, _sub(a), sub_s, f, loop=True)
+        blk = _intra(q_ref, k_ref, gates, _sub(a), sub_s, f, loop=True)
       else:
         kb = k_dec[b] * jnp.exp(_between(tot, b + 1, a))[None, :]
         blk = _dot_nt(qa, kb.astype(k_ref.dtype))
@@ -803,7 +845,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   ns = s.chunk // _SUB
   dt = do_ref.dtype
   every = pl.ds(0, s.bf)
-  tot = _totals(gs_ref, ns, every)
+  gates = _Gates(gs_ref, s.kcs)
+  tot = _totals(gates, ns, every)
 
   # The products with the states, per sub-chunk, in a loop over blocks of
   # s.bv value columns (whole [fb, V] float32 tiles spill): dO_r S_in^T,
@@ -830,10 +873,10 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
   # G_b), the factors of the off-diagonal blocks up to whole totals.
   q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
-      gs_ref[_sub(a), :])).astype(dt) for a in range(1, ns)]
-  k_dec = _k_to_sub_end(k_ref, gs_ref, tot, ns, every)
+      gates.sub(a, every))).astype(dt) for a in range(1, ns)]
+  k_dec = _k_to_sub_end(k_ref, gates, tot, ns, every)
   for r in range(ns):
-    gs = gs_ref[_sub(r), :]
+    gs = gates.sub(r, every)
     q = q_ref[_sub(r), :].astype(_F32)
     k = k_ref[_sub(r), :].astype(_F32)
     to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]
@@ -866,7 +909,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
     if s.factor_bound:
       # float32 operands: see ChannelConfig.diag.
       def by_matmul(q=q, k=k, gs=gs, r=r):
-        up, down = _mid_factors(gs, gs_ref, r, every)
+        up, down = _mid_factors(gs, gates, r, every)
         da = da_ref[_sub(r), _sub(r)]
         return up * _dot(da, k * down), down * _dot_tn(da, q * up)
       ddq, ddk = lax.cond(_factorable(tot[r], s), by_matmul, pairs)
@@ -1196,15 +1239,20 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s: _S):
   )(*args)
 
 
+def _sub_gates(g, s: _S):
+  """What the chunk-parallel kernels read as gates: the sums within each
+  sub-chunk, or with ``s.kcs`` the raw log gates (they sum them)."""
+  return g if s.kcs else _chunk_cumsum(g, _SUB)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _core_par(q, k, v, g, s0, seg, s: _S):
-  o, final, _ = _forward(q, k, v, _chunk_cumsum(g, _SUB), s0, seg, s,
-                         store=False)
+  o, final, _ = _forward(q, k, v, _sub_gates(g, s), s0, seg, s, store=False)
   return o, final
 
 
 def _core_par_fwd(q, k, v, g, s0, seg, s: _S):
-  gs = _chunk_cumsum(g, _SUB)
+  gs = _sub_gates(g, s)
   o, final, res = _forward(q, k, v, gs, s0, seg, s, store=True)
   return (o, final), (q, k, v, gs, seg) + res
 
@@ -1257,7 +1305,8 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
             fs=min(cfg.block_f_state or fp, fp), seg=seg,
             factor_bound=_factor_bound(dtype) if cfg.diag == "factored"
-            else 0.0, unroll=cfg.sweep_unroll, splits=cfg.seq_splits)
+            else 0.0, unroll=cfg.sweep_unroll, splits=cfg.seq_splits,
+            kcs=cfg.kernel_cumsum)
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int,
@@ -1353,6 +1402,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                                  cfg.separate_output):
     raise ValueError(f"config.seq_splits={cfg.seq_splits} needs "
                      "chunk_parallel=True and separate_output=True")
+  if cfg.kernel_cumsum and not cfg.chunk_parallel:
+    raise ValueError("config.kernel_cumsum=True needs chunk_parallel=True")
   fs = cfg.block_f_state
   if fs is not None and (fs < 16 or fs & (fs - 1)):
     raise ValueError(f"config.block_f_state={fs} is not a power of two "

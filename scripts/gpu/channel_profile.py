@@ -59,6 +59,10 @@ CONFIGS = {
                                     sweep_unroll=4, seq_splits=4),
     "par c32 sep fs64 u4 split8": C(separate_output=True, block_f_state=64,
                                     sweep_unroll=4, seq_splits=8),
+    "par c32 kcs": C(kernel_cumsum=True),
+    "par c32 sep fs64 u4 split4 kcs": C(separate_output=True,
+                                        block_f_state=64, sweep_unroll=4,
+                                        seq_splits=4, kernel_cumsum=True),
     "par c32 bf16 bv64 w4": C(block_f=16),
     "par c32 bf64": C(block_f=64),
     "par c32 bf64 wb8": C(block_f=64, num_warps_bwd=8),
@@ -167,9 +171,11 @@ def kernel_timings(seqs):
                           has_s0=False, interpret=False)
       scores = jax.jit(lambda q, k, gs, s=s: channel._scores_call(
           q, k, gs, None, s))
+      gates = channel._sub_gates(g, s)  # raw with kernel_cumsum
       try:
-        pc.line(f"{name} T={t}: scores", b, t, pc.time(scores, q, k, gs))
-        a, qd, kd, dec = scores(q, k, gs)
+        pc.line(f"{name} T={t}: scores", b, t,
+                pc.time(scores, q, k, gates))
+        a, qd, kd, dec = scores(q, k, gates)
         if s.splits == 1:
           sweep = jax.jit(lambda *x, s=s: channel._sweep_call(
               *x, None, s, store=False))
@@ -199,7 +205,7 @@ def kernel_timings(seqs):
         _, da = dadv(a, do, v, kd, dhs)
         grads = jax.jit(lambda *x, s=s: channel._grad_call(*x, None, s))
         pc.line(f"  gradient kernel (channel block {s.bf})", b, t,
-                pc.time(grads, q, k, v, do, gs, da, hs, dhs))
+                pc.time(grads, q, k, v, do, gates, da, hs, dhs))
         del a, qd, kd, dec, hs, dhs, da
       except Exception as e:  # noqa: BLE001
         print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}",

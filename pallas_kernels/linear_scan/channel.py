@@ -1326,7 +1326,7 @@ def _auto_layout(cfg: ChannelConfig, programs: int, sms: int,
   each split walks at least 128 of the ``chunks``, the sweeps also run on
   4 splits: at T = 64k, B = 1 (32 programs) forward 4.80 -> 4.09 ms,
   forward+backward 13.83 -> 12.51 ms; at T = 32k, B = 2 (64 programs,
-  not split) 2 or 4 splits were 6-8% slower in the forward
+  not split) 2, 4 and 8 splits were 6%, 8% and 5% slower in the forward
   (docs/dev/gpu-runs/run34-h200-channel-splits.log)."""
   if cfg.chunk_parallel and sms and 2 * programs <= sms:
     splits = 4 if 4 * programs <= sms and chunks >= 4 * 128 else 1

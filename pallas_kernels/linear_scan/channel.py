@@ -143,9 +143,10 @@ class ChannelConfig:
     kernel_cumsum: chunk-parallel only: the scores and gradient kernels
       sum the log gates within each 16-token sub-chunk themselves (from
       the raw gates they read) instead of reading sums that an XLA pass
-      wrote (a read and a write of the [B, T, N, F] float32 gates saved
-      in the forward, and the same read in the backward; the residual is
-      the raw gates). Opt-in: not yet timed on a GPU.
+      wrote, and the gradient kernel sums the gate gradient back over
+      each chunk's later rows instead of an XLA pass doing it (each pass
+      a read and a write of a [B, T, N, F] float32 array; the residual
+      is the raw gates). Opt-in: not yet timed on a GPU.
   """
   chunk: int = 32
   block_v: int = 64
@@ -836,7 +837,8 @@ def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
 def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
                  *refs, s: _S):
   """dq, dk and the per-row gradient dG of the chunk-level cumulative gates
-  (reverse-summed within the chunk outside) for one chunk and one block of
+  (reverse-summed within the chunk outside, or with ``s.kcs`` here: then
+  the raw log gates' gradient) for one chunk and one block of
   ``s.bf`` key channels, given the state entering the chunk (hs), the
   gradient of the state leaving it (dhs) and dA."""
   seg_ref = refs[0] if s.seg else None
@@ -875,6 +877,7 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
       gates.sub(a, every))).astype(dt) for a in range(1, ns)]
   k_dec = _k_to_sub_end(k_ref, gates, tot, ns, every)
+  dgs = []
   for r in range(ns):
     gs = gates.sub(r, every)
     q = q_ref[_sub(r), :].astype(_F32)
@@ -924,7 +927,21 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
     if r == ns - 1:
       is_last = lax.broadcasted_iota(jnp.int32, dg.shape, 0) == _SUB - 1
       dg = dg + jnp.where(is_last, e[None, :], 0.0)
-    dg_ref[_sub(r), :] = dg
+    dgs.append(dg)
+  if not s.kcs:
+    for r in range(ns):
+      dg_ref[_sub(r), :] = dgs[r]
+    return
+  # kernel_cumsum: the gradient of each raw log gate, the sum of dG over
+  # the rows from it to the chunk's end (the suffix sums of a sub-chunk as
+  # one float32 matmul with an upper-triangular block of ones).
+  i = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 0)
+  j = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1)
+  upper = jnp.where(j >= i, 1.0, 0.0).astype(_F32)
+  later = jnp.zeros((s.bf,), _F32)
+  for r in reversed(range(ns)):
+    dg_ref[_sub(r), :] = _dot(upper, dgs[r]) + later[None, :]
+    later = later + jnp.sum(dgs[r], axis=0)
 
 
 def _chunk_rows(s: _S, head, width):
@@ -1269,8 +1286,11 @@ def _core_par_bwd(s: _S, res, cts):
   if s.rep > 1:
     dk = dk.reshape(b, tp, kh, s.rep, f).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tp, kh, s.rep, vp).sum(3).astype(v.dtype)
-  rows = dgr.reshape(b, tp // s.chunk, s.chunk, n, f)
-  dg = jnp.flip(jnp.cumsum(jnp.flip(rows, 2), 2), 2).reshape(b, tp, n, f)
+  if s.kcs:  # the kernel summed dG back to the raw gates
+    dg = dgr
+  else:
+    rows = dgr.reshape(b, tp // s.chunk, s.chunk, n, f)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(rows, 2), 2), 2).reshape(b, tp, n, f)
   return dq, dk, dv, dg, (ds0 if s.has_s0 else None), None
 
 

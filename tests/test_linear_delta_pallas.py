@@ -150,7 +150,8 @@ def test_delta_pallas_falls_back_for_wide_features():
 @pytest.mark.parametrize("dtype,h,resets,cfg", [
     (BF16, 128, False, {}), (F32, 64, True, {}), (BF16, 256, True, {}),
     (BF16, 128, True, dict(grad_block_k=None)),
-    (F32, 128, True, dict(diag_inverse="substitution"))])
+    (F32, 128, True, dict(diag_inverse="substitution")),
+    (BF16, 128, False, dict(inverse_dots="ieee"))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -322,13 +323,15 @@ def test_delta_pallas_substitution_inverse():
   _config_grads_match_scan("delta-substitution", cfg, b=1, t=45, n=2, kh=1,
                            f=16, vd=16, segments=True)
   _assert_config_rejected(diag_inverse="newton")
+  _assert_config_rejected(inverse_dots="tf32")
 
 
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
                 "substitution": dict(diag_inverse="substitution"),
                 # Fewer register spills (scripts/aot/ptxas_report.py).
-                "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8)}
+                "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
+                "ieee_inverse": dict(inverse_dots="ieee")}
 
 
 @pytest.mark.gpu

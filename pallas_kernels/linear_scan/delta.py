@@ -96,6 +96,11 @@ class DeltaConfig:
     diag_inverse: how the UT kernel inverts the [16, 16] diagonal blocks
       of I + L: "substitution" (row by row) or "doubling" (blocks of 1, 2,
       4, 8 rows combined by 16 x 16 matmuls; see ``tril_inverse``).
+    inverse_dots: the UT kernel's float32 [16, 16] matmuls of the
+      inverse: "tf32x3" (three TF32 tensor-core passes) or "ieee" (FMA on
+      the CUDA cores, as fla's solve_tril by default). Both are about
+      float32-accurate; which is faster for these small dependent
+      matmuls is to be measured (opt-in, not yet timed on a GPU).
   """
   chunk: int = 64
   block_v: int | None = None
@@ -111,11 +116,15 @@ class DeltaConfig:
   block_v_grad: int = 64
   grad_block_k: int | None = 64
   diag_inverse: str = "doubling"
+  inverse_dots: str = "tf32x3"
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
       raise ValueError(f"config.diag_inverse={self.diag_inverse!r} is not "
                        "'substitution' or 'doubling'")
+    if self.inverse_dots not in ("tf32x3", "ieee"):
+      raise ValueError(f"config.inverse_dots={self.inverse_dots!r} is not "
+                       "'tf32x3' or 'ieee'")
     bk = self.grad_block_k
     if bk is not None and (bk < _SUB or bk & (bk - 1)):
       raise ValueError(f"config.grad_block_k={bk} is not a power of two "
@@ -151,6 +160,7 @@ class _S:
   interpret: bool
   upcast: bool
   rep: int
+  ieee_inverse: bool = False
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -171,7 +181,9 @@ def _ut_kernel(*refs, s: _S, store_t: bool):
   w_ref, u_ref, a_ref = next(it), next(it), next(it)
   t_ref = next(it) if store_t else None
   dt = k_ref.dtype
-  prec = None if s.interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  prec = None if s.interpret else (
+      lax.DotAlgorithmPreset.F32_F32_F32 if s.ieee_inverse
+      else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
   mm = lambda a, b: lax.dot_general(  # noqa: E731
       a, b, (((1,), (0,)), ((), ())), precision=prec,
       preferred_element_type=_F32)
@@ -798,6 +810,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          warps_gut=cfg.num_warps_grad_ut or cfg.grad_warps(fp),
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
+         ieee_inverse=cfg.inverse_dots == "ieee",
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

@@ -98,6 +98,7 @@ def _static(t, b, cfg):
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",
+                   ieee_inverse=cfg.inverse_dots == "ieee",
                    has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
@@ -188,9 +189,12 @@ def _ut_sweep(t, b, q, k, v, beta, g):
   d = kdelta.DeltaConfig()
   bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
   for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
-              r(d, num_warps_ut=4, diag_inverse="substitution")):
+              r(d, num_warps_ut=4, diag_inverse="substitution"),
+              r(d, inverse_dots="ieee"),
+              r(d, inverse_dots="ieee", diag_inverse="substitution")):
     st = _static(t, b, cfg)
-    tag = f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
+    tag = (f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
+           f"{' ieee' if st.ieee_inverse else ''}")
     for store_t in (False, True):
       ut = jax.jit(lambda *a, st=st, store_t=store_t: kdelta._ut_call(
           *a, None, st, store_t=store_t))

@@ -236,6 +236,50 @@ def test_channel_split_resets():
                        vd=20, strength=2.0, segments=True)
 
 
+@pytest.mark.parametrize("name,dtype,splits,strength,segments", [
+    ("f32_split3_resets", F32, 3, 2.0, True),
+    ("bf16_split2_strong", BF16, 2, 20.0, False)])
+def test_channel_split_forward_only(name, dtype, splits, strength,
+                                    segments):
+  """The forward alone with sequence splits (no residuals: the output
+  kernel adds each split's entering state itself instead of a pass over
+  the stored states): output and final state against the scan, with the
+  initial state; the same numbers as the forward under differentiation
+  up to rounding."""
+  cfg = channel.ChannelConfig(separate_output=True, block_f_state=16,
+                              block_f=16, block_v=16, seq_splits=splits)
+  b, t, n, kh, f, vd = 2, 100, 4, 2, 24, 20
+  ks = jax.random.split(key_for("split-fwd", name), 6)
+  q = jax.random.normal(ks[0], (b, t, n, f)).astype(dtype)
+  k = (jax.random.normal(ks[1], (b, t, kh, f)) / np.sqrt(f)).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, kh, vd)).astype(dtype)
+  g = -strength * jax.nn.softplus(jax.random.normal(ks[3], (b, t, n, f))
+                                  - 1.0)
+  s0 = jax.random.normal(ks[4], (b, n, f, vd))
+  seg = resets = None
+  if segments:
+    seg = testing.random_segment_ids(ks[5], b, t, num_segments=4)
+    resets = jnp.concatenate([jnp.zeros((b, 1), bool),
+                              seg[:, 1:] != seg[:, :-1]], axis=1)
+
+  def kernel(q, k, v, g, s0):
+    return channel.channel_gated_linear_attention(
+        q, k, v, g, resets, scale=0.3, initial_state=s0, config=cfg,
+        interpret=True)
+
+  out, fin = jax.jit(kernel)(q, k, v, g, s0)
+  (out_d, fin_d), _ = jax.vjp(kernel, q, k, v, g, s0)
+  ref, ref_fin = attnjax.linear_attention(
+      *(x.astype(F32) for x in (q, k, v)), gate=g, scale=0.3,
+      initial_state=s0, segment_ids=seg, return_final_state=True,
+      implementation="xla")
+  assert out.dtype == dtype
+  assert_matches(out, ref, dtype, name="out")
+  assert_matches(fin, ref_fin, dtype, name="final state")
+  assert_matches(out, out_d.astype(F32), dtype, name="out vs vjp forward")
+  np.testing.assert_array_equal(np.asarray(fin), np.asarray(fin_d))
+
+
 def _direct_matches_scan(name, cfg, *, b, t, n, kh, f, vd, strength=1.0,
                          dtype=F32, interpret=True, segments=False):
   """channel_gated_linear_attention with ``cfg``: output, final state and
@@ -397,6 +441,30 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
+
+
+def test_channel_split_forward_lowers_for_h100():
+  """The forward alone with sequence splits lowers for sm_90a as three
+  kernels (scores, states, the output kernel adding the carries), with
+  resets and an initial state."""
+  b, t, n, kh, h = 1, 300, 4, 2, 128
+  sd = jax.ShapeDtypeStruct
+  cfg = channel.ChannelConfig(separate_output=True, block_f_state=64,
+                              sweep_unroll=4, seq_splits=4)
+  rs = jnp.zeros((b, t), bool).at[:, 150].set(True)
+
+  def fwd(q, k, v, g, s0):
+    return channel.channel_gated_linear_attention(
+        q, k, v, g, rs, scale=0.1, initial_state=s0, config=cfg,
+        interpret=False)
+
+  text = _export_for_h100(
+      fwd, sd((b, t, n, h), BF16), sd((b, t, kh, h), BF16),
+      sd((b, t, kh, h), BF16), sd((b, t, n, h), F32),
+      sd((b, n, h, h), F32)).mlir_module()
+  for name in ("scores", "states", "output"):
+    assert f"linear_scan_channel_{name}" in text, name
+  assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 # ----------------------------------------------------------------------------

@@ -135,7 +135,9 @@ class ChannelConfig:
       chunks at once, each from a zero state; a short pass over the
       splits carries the states between them and each stored state gets
       its split's entering state (or gradient) decayed to it, an extra
-      elementwise pass over the stored states. T is padded to a multiple
+      elementwise pass over the stored states (the forward alone skips
+      it: its output kernel adds the decayed entering state to each
+      chunk's output, one more matmul a chunk). T is padded to a multiple
       of ``seq_splits * chunk``. For batch 1, where the sweeps have few
       programs and each walks every chunk: the auto layout uses 4 when
       4x the programs fit the multiprocessors (T = 64k, B = 1 on an
@@ -770,13 +772,22 @@ def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
                                 state)
 
 
-def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, o_ref, *, s: _S):
+def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, *refs, s: _S,
+                   carried: bool):
   """One chunk and value block of the output from the stored state
-  entering the chunk: o = A v + scale (q exp(G)) S."""
+  entering the chunk: o = A v + scale (q exp(G)) S. ``carried``: S is the
+  split's local state, and the carry is added here, S + E S_in with E the
+  chunk decays since the split's edge ([F]) and S_in the state entering
+  the split ([F, bv] float32)."""
   _dot, _, _ = _dots(s)
+  o_ref = refs[-1]
   v = v_ref[...]
   o = (_dot(a_ref[...].astype(v.dtype), v)
        + s.scale * _dot(qd_ref[...], hs_ref[...].astype(v.dtype)))
+  if carried:
+    edge_ref, in_ref = refs[0], refs[1]
+    qe = (qd_ref[...].astype(_F32) * edge_ref[...][None, :]).astype(v.dtype)
+    o = o + s.scale * _dot(qe, in_ref[...].astype(v.dtype))
   o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -1075,36 +1086,54 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
   )(*args)
 
 
-def _output_call(qd, v, a, hs, s: _S):
-  """Grid (chunk x value block, head, batch)."""
+def _output_call(qd, v, a, hs, s: _S, carry=None):
+  """Grid (chunk x value block, head, batch). ``carry``: None, or (edge
+  [B, N, nc, F], entering [B, N, splits, F, V]) when ``hs`` holds the
+  splits' local states (see _output_kernel)."""
   b, tp, n, f = qd.shape
   vp, c = v.shape[-1], s.chunk
-  nv = vp // s.bv
+  nv, ncl = vp // s.bv, s.nc // s.splits
+  in_specs = [pl.BlockSpec((None, c, None, f),
+                           lambda i, n_, b_: (b_, i // nv, n_, 0)),
+              pl.BlockSpec((None, c, None, s.bv),
+                           lambda i, n_, b_: (b_, i // nv, n_ // s.rep,
+                                              i % nv)),
+              pl.BlockSpec((None, None, c, c),
+                           lambda i, n_, b_: (b_, n_, i // nv, 0)),
+              pl.BlockSpec((None, None, None, f, s.bv),
+                           lambda i, n_, b_: (b_, n_, i // nv, 0, i % nv))]
+  args = [qd, v, a, hs]
+  if carry is not None:
+    in_specs += [pl.BlockSpec((None, None, None, f),
+                              lambda i, n_, b_: (b_, n_, i // nv, 0)),
+                 pl.BlockSpec((None, None, None, f, s.bv),
+                              lambda i, n_, b_: (b_, n_, i // nv // ncl, 0,
+                                                 i % nv))]
+    args += list(carry)
   return pl.pallas_call(
-      functools.partial(_output_kernel, s=s),
+      functools.partial(_output_kernel, s=s, carried=carry is not None),
       grid=(s.nc * nv, n, b),
-      in_specs=[pl.BlockSpec((None, c, None, f),
-                             lambda i, n_, b_: (b_, i // nv, n_, 0)),
-                pl.BlockSpec((None, c, None, s.bv),
-                             lambda i, n_, b_: (b_, i // nv, n_ // s.rep,
-                                                i % nv)),
-                pl.BlockSpec((None, None, c, c),
-                             lambda i, n_, b_: (b_, n_, i // nv, 0)),
-                pl.BlockSpec((None, None, None, f, s.bv),
-                             lambda i, n_, b_: (b_, n_, i // nv, 0, i % nv))],
+      in_specs=in_specs,
       out_specs=pl.BlockSpec((None, c, None, s.bv),
                              lambda i, n_, b_: (b_, i // nv, n_, i % nv)),
       out_shape=jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype),
       compiler_params=_params(s),
       interpret=s.interpret,
       name="linear_scan_channel_output",
-  )(qd, v, a, hs)
+  )(*args)
 
 
 def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   """(o, final state, residuals or None) of the chunk-parallel forward."""
   a, qd, kd, dec = _scores_call(q, k, gs, seg, s)
-  if s.sep:
+  if s.sep and s.splits > 1 and not store:
+    # The output kernel adds the carries itself: no pass over the states.
+    ends, hs = _split_sweep(qd, kd, v, a, dec, s)
+    edge, entering, final = _split_carries(dec, ends, _s0_or_zeros(s0, ends),
+                                           s, reverse=False)
+    o = _output_call(qd, v, a, hs, s, carry=(edge, entering))
+    hs = None
+  elif s.sep:
     final, hs = _split_states(qd, kd, v, a, dec, s0, s)
     o = _output_call(qd, v, a, hs, s)
   elif store:
@@ -1135,18 +1164,18 @@ def _dstate_call(qd, do, dec, dfinal, s: _S):
   )(qd, do, dec, dfinal)
 
 
-def _carry_splits(x, dec, local, carry, s: _S, reverse: bool):
-  """Joins the s.splits sweeps that ran from zero. ``x`` [B, N, nc, F, V]:
-  their per-chunk states (or, ``reverse``, state gradients); ``local``
-  [B, N, P, F, V]: what each split's sweep ended with; ``carry``: the
-  initial state (the final state's gradient when ``reverse``). A pass over
-  the splits carries ``carry`` through them (each split's decay product
-  times it plus its local end), and every stored value gets the carry
-  entering its split times the product of the chunk decays between the
-  split's edge and it. Returns (x joined, the carry out of the last
-  split). Products of numbers in [0, 1] (a reset makes one 0): no
-  overflow, and underflow to 0 is the right limit."""
-  b, n, nc, f, vp = x.shape
+def _split_carries(dec, local, carry, s: _S, reverse: bool):
+  """The pass over the s.splits sweeps that ran from zero. ``dec``
+  [B, N, nc, F]: the chunk decays; ``local`` [B, N, P, F, V]: what each
+  split's sweep ended with; ``carry``: the initial state (the final
+  state's gradient when ``reverse``), carried through the splits (each
+  split's decay product times it plus its local end). Returns (edge
+  [B, N, nc, F]: the product of the chunk decays between each chunk and
+  its split's edge; entering [B, N, P, F, V]: the carry entering each
+  split; the carry out of the last split). Products of numbers in [0, 1]
+  (a reset makes one 0): no overflow, and underflow to 0 is the right
+  limit."""
+  b, n, nc, f = dec.shape
   p = s.splits
   d = dec.reshape(b, n, p, nc // p, f)
   if reverse:
@@ -1160,9 +1189,34 @@ def _carry_splits(x, dec, local, carry, s: _S, reverse: bool):
   for i in (reversed(range(p)) if reverse else range(p)):
     entering[i] = carry
     carry = incl[:, :, i, -1, :, None] * carry + local[:, :, i]
+  return edge.reshape(b, n, nc, f), jnp.stack(entering, axis=2), carry
+
+
+def _carry_splits(x, dec, local, carry, s: _S, reverse: bool):
+  """Joins the s.splits sweeps that ran from zero: every per-chunk value
+  of ``x`` [B, N, nc, F, V] (states, or with ``reverse`` state gradients)
+  gets the carry entering its split times the decays between the split's
+  edge and it (see _split_carries). Returns (x joined, the carry out of
+  the last split)."""
+  b, n, nc, f, vp = x.shape
+  p = s.splits
+  edge, entering, carry = _split_carries(dec, local, carry, s, reverse)
   x = x.reshape(b, n, p, nc // p, f, vp).astype(_F32) + (
-      edge[..., None] * jnp.stack(entering, axis=2)[:, :, :, None])
+      edge.reshape(b, n, p, nc // p, f, 1) * entering[:, :, :, None])
   return x.reshape(b, n, nc, f, vp), carry
+
+
+def _split_sweep(qd, kd, v, a, dec, s: _S):
+  """(each split's end state [B, N, P, F, V], the per-chunk states from
+  each split's zero start): the split states sweep, nothing joined."""
+  return _sweep_call(qd, kd, v, a, dec, None,
+                     dataclasses.replace(s, has_s0=False), store=True,
+                     output=False)
+
+
+def _s0_or_zeros(s0, ends):
+  b, n, _, f, vp = ends.shape
+  return s0 if s0 is not None else jnp.zeros((b, n, f, vp), _F32)
 
 
 def _split_states(qd, kd, v, a, dec, s0, s: _S):
@@ -1171,12 +1225,9 @@ def _split_states(qd, kd, v, a, dec, s0, s: _S):
   _carry_splits joins them."""
   if s.splits == 1:
     return _sweep_call(qd, kd, v, a, dec, s0, s, store=True, output=False)
-  ends, hs = _sweep_call(qd, kd, v, a, dec, None,
-                         dataclasses.replace(s, has_s0=False), store=True,
-                         output=False)
-  b, n, _, f, vp = ends.shape
-  s0 = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
-  hs, final = _carry_splits(hs, dec, ends, s0, s, reverse=False)
+  ends, hs = _split_sweep(qd, kd, v, a, dec, s)
+  hs, final = _carry_splits(hs, dec, ends, _s0_or_zeros(s0, ends), s,
+                            reverse=False)
   return final, hs.astype(qd.dtype)
 
 

@@ -134,10 +134,9 @@ class ChannelConfig:
       states and the state gradient) run on this many splits of the
       chunks at once, each from a zero state; a short pass over the
       splits carries the states between them and each stored state gets
-      its split's entering state (or gradient) decayed to it, an extra
-      elementwise pass over the stored states (the forward alone skips
-      it: its output kernel adds the decayed entering state to each
-      chunk's output, one more matmul a chunk). T is padded to a multiple
+      its split's entering state (or gradient) decayed to it, added by
+      the kernels that read them as they load each tile (no pass over
+      the stored states). T is padded to a multiple
       of ``seq_splits * chunk``. For batch 1, where the sweeps have few
       programs and each walks every chunk: the auto layout uses 4 when
       4x the programs fit the multiprocessors (T = 64k, B = 1 on an
@@ -772,22 +771,30 @@ def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
                                 state)
 
 
-def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, *refs, s: _S,
-                   carried: bool):
+def _state_tile(ref, carry, cols):
+  """Columns ``cols`` of a chunk's stored state (or state gradient) block
+  ``ref`` [rows, V]; with sequence splits (``carry``: the refs of the
+  chunk's decays since its split's edge [rows] and of the state entering
+  the split [rows, V], float32) the split's local value plus the decayed
+  entering one, float32."""
+  x = ref[:, cols]
+  if carry is None:
+    return x
+  edge_ref, in_ref = carry
+  return x.astype(_F32) + edge_ref[...][:, None] * in_ref[:, cols]
+
+
+def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, *refs, s: _S):
   """One chunk and value block of the output from the stored state
-  entering the chunk: o = A v + scale (q exp(G)) S. ``carried``: S is the
-  split's local state, and the carry is added here, S + E S_in with E the
-  chunk decays since the split's edge ([F]) and S_in the state entering
-  the split ([F, bv] float32)."""
+  entering the chunk: o = A v + scale (q exp(G)) S (with sequence splits
+  S joined here, see _state_tile)."""
   _dot, _, _ = _dots(s)
   o_ref = refs[-1]
+  carry = refs[:2] if s.splits > 1 else None
   v = v_ref[...]
+  hs = _state_tile(hs_ref, carry, slice(None)).astype(v.dtype)
   o = (_dot(a_ref[...].astype(v.dtype), v)
-       + s.scale * _dot(qd_ref[...], hs_ref[...].astype(v.dtype)))
-  if carried:
-    edge_ref, in_ref = refs[0], refs[1]
-    qe = (qd_ref[...].astype(_F32) * edge_ref[...][None, :]).astype(v.dtype)
-    o = o + s.scale * _dot(qe, in_ref[...].astype(v.dtype))
+       + s.scale * _dot(qd_ref[...], hs))
   o_ref[...] = o.astype(o_ref.dtype)
 
 
@@ -819,6 +826,7 @@ def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
   channel-block gradient programs read by sub-blocks. A loop over blocks
   of ``s.bv`` value columns keeps the tiles small (whole [F, V] float32
   tiles spilled tens of KB)."""
+  carry, refs = (refs[:2], refs[2:]) if s.splits > 1 else (None, refs)
   seg_ref = refs[0] if s.seg else None
   dv_ref, da_ref = refs[1:] if s.seg else refs
   _dot, _dot_tn, _dot_nt = _dots(s)
@@ -830,7 +838,8 @@ def _dadv_kernel(a_ref, do_ref, v_ref, kd_ref, dhs_ref, *refs, s: _S):
   def body(jv, da):
     cols = pl.ds(pl.multiple_of(jv * bv, bv), bv)
     do = do_ref[:, cols]
-    dv = _dot_tn(a, do) + _dot(kd, dhs_ref[:, cols].astype(dt))
+    dv = _dot_tn(a, do) + _dot(kd, _state_tile(dhs_ref, carry, cols)
+                               .astype(dt))
     dv_ref[:, cols] = dv.astype(dv_ref.dtype)
     return da + _dot_nt(do, v_ref[:, cols].astype(dt))
 
@@ -851,7 +860,11 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   (reverse-summed within the chunk outside, or with ``s.kcs`` here: then
   the raw log gates' gradient) for one chunk and one block of
   ``s.bf`` key channels, given the state entering the chunk (hs), the
-  gradient of the state leaving it (dhs) and dA."""
+  gradient of the state leaving it (dhs) and dA (with sequence splits both
+  joined here, see _state_tile)."""
+  hcarry = dcarry = None
+  if s.splits > 1:
+    hcarry, dcarry, refs = refs[:2], refs[2:4], refs[4:]
   seg_ref = refs[0] if s.seg else None
   dq_ref, dk_ref, dg_ref = refs[1:] if s.seg else refs
   _dot, _dot_tn, _dot_nt = _dots(s)
@@ -867,7 +880,8 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   def vbody(jv, carry):
     span, dqi, dki = carry
     cols = pl.ds(pl.multiple_of(jv * s.bv, s.bv), s.bv)
-    hs_c, dhs_c = hs_ref[:, cols], dhs_ref[:, cols]
+    hs_c = _state_tile(hs_ref, hcarry, cols)
+    dhs_c = _state_tile(dhs_ref, dcarry, cols)
     span = span + jnp.sum(dhs_c.astype(_F32) * hs_c.astype(_F32), axis=1)
     hs_c, dhs_c = hs_c.astype(dt), dhs_c.astype(dt)
     dqi = tuple(dqi[r] + _dot_nt(do_ref[_sub(r), cols], hs_c)
@@ -1086,10 +1100,10 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
   )(*args)
 
 
-def _output_call(qd, v, a, hs, s: _S, carry=None):
-  """Grid (chunk x value block, head, batch). ``carry``: None, or (edge
-  [B, N, nc, F], entering [B, N, splits, F, V]) when ``hs`` holds the
-  splits' local states (see _output_kernel)."""
+def _output_call(qd, v, a, hs, s: _S):
+  """Grid (chunk x value block, head, batch). ``hs``: the per-chunk
+  states, or with sequence splits (local states, edge [B, N, nc, F],
+  entering [B, N, splits, F, V]) (see _state_tile)."""
   b, tp, n, f = qd.shape
   vp, c = v.shape[-1], s.chunk
   nv, ncl = vp // s.bv, s.nc // s.splits
@@ -1102,16 +1116,18 @@ def _output_call(qd, v, a, hs, s: _S, carry=None):
                            lambda i, n_, b_: (b_, n_, i // nv, 0)),
               pl.BlockSpec((None, None, None, f, s.bv),
                            lambda i, n_, b_: (b_, n_, i // nv, 0, i % nv))]
-  args = [qd, v, a, hs]
-  if carry is not None:
+  args = [qd, v, a]
+  if s.splits > 1:
     in_specs += [pl.BlockSpec((None, None, None, f),
                               lambda i, n_, b_: (b_, n_, i // nv, 0)),
                  pl.BlockSpec((None, None, None, f, s.bv),
                               lambda i, n_, b_: (b_, n_, i // nv // ncl, 0,
                                                  i % nv))]
-    args += list(carry)
+    args += list(hs)
+  else:
+    args.append(hs)
   return pl.pallas_call(
-      functools.partial(_output_kernel, s=s, carried=carry is not None),
+      functools.partial(_output_kernel, s=s),
       grid=(s.nc * nv, n, b),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, c, None, s.bv),
@@ -1126,14 +1142,7 @@ def _output_call(qd, v, a, hs, s: _S, carry=None):
 def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   """(o, final state, residuals or None) of the chunk-parallel forward."""
   a, qd, kd, dec = _scores_call(q, k, gs, seg, s)
-  if s.sep and s.splits > 1 and not store:
-    # The output kernel adds the carries itself: no pass over the states.
-    ends, hs = _split_sweep(qd, kd, v, a, dec, s)
-    edge, entering, final = _split_carries(dec, ends, _s0_or_zeros(s0, ends),
-                                           s, reverse=False)
-    o = _output_call(qd, v, a, hs, s, carry=(edge, entering))
-    hs = None
-  elif s.sep:
+  if s.sep:
     final, hs = _split_states(qd, kd, v, a, dec, s0, s)
     o = _output_call(qd, v, a, hs, s)
   elif store:
@@ -1192,20 +1201,6 @@ def _split_carries(dec, local, carry, s: _S, reverse: bool):
   return edge.reshape(b, n, nc, f), jnp.stack(entering, axis=2), carry
 
 
-def _carry_splits(x, dec, local, carry, s: _S, reverse: bool):
-  """Joins the s.splits sweeps that ran from zero: every per-chunk value
-  of ``x`` [B, N, nc, F, V] (states, or with ``reverse`` state gradients)
-  gets the carry entering its split times the decays between the split's
-  edge and it (see _split_carries). Returns (x joined, the carry out of
-  the last split)."""
-  b, n, nc, f, vp = x.shape
-  p = s.splits
-  edge, entering, carry = _split_carries(dec, local, carry, s, reverse)
-  x = x.reshape(b, n, p, nc // p, f, vp).astype(_F32) + (
-      edge.reshape(b, n, p, nc // p, f, 1) * entering[:, :, :, None])
-  return x.reshape(b, n, nc, f, vp), carry
-
-
 def _split_sweep(qd, kd, v, a, dec, s: _S):
   """(each split's end state [B, N, P, F, V], the per-chunk states from
   each split's zero start): the split states sweep, nothing joined."""
@@ -1221,25 +1216,27 @@ def _s0_or_zeros(s0, ends):
 
 def _split_states(qd, kd, v, a, dec, s0, s: _S):
   """(final, hs) of the separate layout's states sweep. With s.splits > 1
-  each split of the chunks is swept from a zero state in parallel and
-  _carry_splits joins them."""
+  each split of the chunks is swept from a zero state in parallel and hs
+  is (local states, edge, entering) from _split_carries: the kernels that
+  read the states join them (_state_tile), no pass over them here."""
   if s.splits == 1:
     return _sweep_call(qd, kd, v, a, dec, s0, s, store=True, output=False)
   ends, hs = _split_sweep(qd, kd, v, a, dec, s)
-  hs, final = _carry_splits(hs, dec, ends, _s0_or_zeros(s0, ends), s,
-                            reverse=False)
-  return final, hs.astype(qd.dtype)
+  edge, entering, final = _split_carries(dec, ends, _s0_or_zeros(s0, ends),
+                                         s, reverse=False)
+  return final, (hs, edge, entering)
 
 
 def _split_dstate(qd, do, dec, dfinal, s: _S):
-  """(dhs, ds0): the state-gradient sweep, split as _split_states."""
+  """(dhs, ds0): the state-gradient sweep, split as _split_states (dhs
+  then (local gradients, edge, entering), joined where read)."""
   if s.splits == 1:
     return _dstate_call(qd, do, dec, dfinal, s)
   b, n, f, vp = dfinal.shape
   dhs, ends = _dstate_call(
       qd, do, dec, jnp.zeros((b, n, s.splits, f, vp), _F32), s)
-  dhs, ds0 = _carry_splits(dhs, dec, ends, dfinal, s, reverse=True)
-  return dhs.astype(qd.dtype), ds0
+  edge, entering, ds0 = _split_carries(dec, ends, dfinal, s, reverse=True)
+  return (dhs, edge, entering), ds0
 
 
 def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
@@ -1248,12 +1245,18 @@ def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
   same, kv = (lambda x: x), (lambda x: x // s.rep)
   per_chunk = pl.BlockSpec((None, None, c, c),
                            lambda i, n_, b_: (b_, n_, i, 0))
-  in_specs, args = _with_seg(
-      s, [per_chunk, _chunk_rows(s, same, vp), _chunk_rows(s, kv, vp),
-          _chunk_rows(s, same, f),
-          pl.BlockSpec((None, None, None, f, vp),
-                       lambda i, n_, b_: (b_, n_, i, 0, 0))],
-      [a, do, v, kd, dhs], seg)
+  ncl = s.nc // s.splits
+  specs = [per_chunk, _chunk_rows(s, same, vp), _chunk_rows(s, kv, vp),
+           _chunk_rows(s, same, f),
+           pl.BlockSpec((None, None, None, f, vp),
+                        lambda i, n_, b_: (b_, n_, i, 0, 0))]
+  if s.splits > 1:  # dhs: (local, edge, entering), see _state_tile
+    specs += [pl.BlockSpec((None, None, None, f),
+                           lambda i, n_, b_: (b_, n_, i, 0)),
+              pl.BlockSpec((None, None, None, f, vp),
+                           lambda i, n_, b_: (b_, n_, i // ncl, 0, 0))]
+  dhs_args = list(dhs) if s.splits > 1 else [dhs]
+  in_specs, args = _with_seg(s, specs, [a, do, v, kd, *dhs_args], seg)
   return pl.pallas_call(
       functools.partial(_dadv_kernel, s=s),
       grid=(s.nc, n, b),
@@ -1285,13 +1288,22 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s: _S):
                         lambda i, n_, b_: (b_, i // nf, head(n_), 0))
 
   same = lambda x: x  # noqa: E731
+  ncl = s.nc // s.splits
   st = pl.BlockSpec((None, None, None, bf, vp),
                     lambda i, n_, b_: (b_, n_, i // nf, i % nf, 0))
-  in_specs, args = _with_seg(
-      s, [cols(same), cols(kv), rows(kv), rows(same), cols(same),
-          pl.BlockSpec((None, None, c, c),
-                       lambda i, n_, b_: (b_, n_, i // nf, 0)), st, st],
-      [q, k, v, do, gs, da, hs, dhs], seg, chunk_of=lambda i: i // nf)
+  specs = [cols(same), cols(kv), rows(kv), rows(same), cols(same),
+           pl.BlockSpec((None, None, c, c),
+                        lambda i, n_, b_: (b_, n_, i // nf, 0)), st, st]
+  if s.splits > 1:  # hs and dhs: (local, edge, entering), see _state_tile
+    carry = [pl.BlockSpec((None, None, None, bf),
+                          lambda i, n_, b_: (b_, n_, i // nf, i % nf)),
+             pl.BlockSpec((None, None, None, bf, vp),
+                          lambda i, n_, b_: (b_, n_, i // nf // ncl,
+                                             i % nf, 0))]
+    specs += carry + carry
+  hs_args = [hs[0], dhs[0], *hs[1:], *dhs[1:]] if s.splits > 1 else [hs, dhs]
+  in_specs, args = _with_seg(s, specs, [q, k, v, do, gs, da, *hs_args], seg,
+                             chunk_of=lambda i: i // nf)
   return pl.pallas_call(
       functools.partial(_grad_kernel, s=s),
       grid=(s.nc * nf, n, b),

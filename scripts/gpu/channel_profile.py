@@ -181,7 +181,7 @@ def kernel_timings(seqs):
               *x, None, s, store=False))
           pc.line("  sweep (output + states)", b, t,
                   pc.time(sweep, qd, kd, v, a, dec))
-        if s.sep:  # with the splits' carry and fix-up pass when split
+        if s.sep:  # with the pass over the splits when split (no fix-up)
           states = jax.jit(lambda *x, s=s: channel._split_states(
               *x, None, s))
           pc.line(f"  states sweep, storing (rows {s.fs}, "

@@ -84,24 +84,25 @@ def test_channel_forward_property(length, chunk, kv_heads, strength):
 # A case that fails with chunk-level cumulative gates (decay exponents as
 # differences of large sums) and passes with the sub-chunk-local ones.
 @example(length=62, chunk=64, kv_heads=1, strength=16.5, resets_p=0.0,
-         splits=1, unroll=1)
+         splits=1, unroll=1, kcs=False)
 # Resets on the first token, on sub-chunk and chunk boundaries and inside.
 @example(length=70, chunk=32, kv_heads=2, strength=3.0, resets_p=0.3,
-         splits=1, unroll=2)
+         splits=1, unroll=2, kcs=True)
 # Resets across sequence splits, a sweep remainder in each split.
 @example(length=200, chunk=32, kv_heads=2, strength=1.0, resets_p=0.05,
-         splits=3, unroll=3)
+         splits=3, unroll=3, kcs=False)
 @given(length=st.integers(1, 70), chunk=st.sampled_from([32, 64]),
        kv_heads=st.sampled_from([1, 2, 4]), strength=st.floats(0.01, 20.0),
        resets_p=st.sampled_from([0.0, 0.05, 0.3]),
-       splits=st.sampled_from([1, 2, 3]), unroll=st.sampled_from([1, 2, 3]))
+       splits=st.sampled_from([1, 2, 3]), unroll=st.sampled_from([1, 2, 3]),
+       kcs=st.booleans())
 def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
                                                  strength, resets_p, splits,
-                                                 unroll):
+                                                 unroll, kcs):
   """The chunk-parallel layout's output and final state against the scan
   for any length (partial sub-chunks and chunks), GQA ratio, gate strength,
-  density of resets, sweep unrolling and (in the separate layout) number
-  of sequence splits."""
+  density of resets, sweep unrolling, (in the separate layout) number of
+  sequence splits, and gate sums read or formed in the kernels."""
   key = key_for("chunk-par-prop", length, chunk, kv_heads, resets_p)
   arrays, _ = linear_case(key, length=length, kv_heads=kv_heads,
                           gate="channel", gate_strength=strength,
@@ -115,7 +116,8 @@ def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
   cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True, block_f=16,
                               block_v=16, sweep_unroll=unroll,
                               seq_splits=splits,
-                              separate_output=splits > 1)
+                              separate_output=splits > 1,
+                              kernel_cumsum=kcs)
   out, fin = jax.jit(lambda *a: channel.channel_gated_linear_attention(
       *a[:4], a[5], scale=0.5, initial_state=a[4], config=cfg,
       interpret=True))(q, k, v, g, s0, resets)

@@ -218,18 +218,22 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
     if ut_sweep:  # the UT kernel's warps and inverses only
       _ut_sweep(t, b, q, k, v, beta, g)
       continue
+    # "gated, zero gates": the gated path's inputs (three distinct weight
+    # arrays) with the ungated values: whether the gated forward's extra
+    # time comes from the values or from the arrays.
     for impl in ("pallas",) + (("xla_chunked",) if xla else ()):
-      for gated in (True, False):
+      for gated, gate in ((True, g), (False, g), ("zero", jnp.zeros_like(g))):
         f = lambda q, k, v, beta, g, impl=impl, gated=gated: (  # noqa: E731
             attnjax.delta_rule_attention(
                 q, k, v, beta, gate=g if gated else None,
                 implementation=impl))
-        name = f"{impl} {'gated' if gated else 'ungated'}"
+        name = f"{impl} " + {True: "gated", False: "ungated",
+                              "zero": "gated, zero gates"}[gated]
         try:
           pc.line(f"{name} fwd", b, t,
-                  pc.time(jax.jit(f), q, k, v, beta, g))
+                  pc.time(jax.jit(f), q, k, v, beta, gate))
           pc.line(f"{name} fwd+bwd", b, t,
-                pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
+                pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, gate))
         except Exception as e:  # noqa: BLE001
           print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}")
     configs = [kdelta.DeltaConfig()]

@@ -232,19 +232,17 @@ def _pair_decay(g, transpose: bool):
   return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 
-def _intra(q_ref, k_ref, gc_ref, rows, s: _S, f: int, loop: bool = False):
+def _intra(q_ref, k_ref, gates, rows, s: _S, f: int, loop: bool = False):
   """A [C, C] float32: A_ij = sum_f q_if k_jf exp(G_if - G_jf), j <= i,
   accumulated over blocks of ``s.bf`` channels loaded from the refs (in a
   loop rather than unrolled when ``loop``: a smaller Triton program).
-  ``gc_ref``: the cumulative log gates' ref, or a ``_Gates``."""
+  ``gates``: the cumulative log gates (a ``_Gates``)."""
   c = s.chunk
-  g_of = (gc_ref.block if isinstance(gc_ref, _Gates)
-          else lambda r, cols: gc_ref[r, cols])
 
   def block(cols, a):
     qb = q_ref[rows, cols].astype(_F32)
     kb = k_ref[rows, cols].astype(_F32)
-    e = _pair_decay(g_of(rows, cols), transpose=False)
+    e = _pair_decay(gates.block(rows, cols), transpose=False)
     return a + jnp.sum(qb[:, None, :] * kb[None, :, :] * e, axis=2)
 
   a = jnp.zeros((c, c), _F32)
@@ -276,7 +274,7 @@ def _fwd_kernel(*refs, s: _S):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g = gc_ref[rows, :]
-    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
+    a = _intra(q_ref, k_ref, _Gates(gc_ref, raw=False), rows, s, f)
     o = _dot((a * s.scale).astype(v.dtype), v)
     qd = (q.astype(_F32) * jnp.exp(g)).astype(q.dtype)
     o = o + s.scale * _dot(qd, state.astype(q.dtype))
@@ -371,7 +369,7 @@ def _dv_kernel(*refs, s: _S):
     rows = pl.ds(pl.multiple_of((s.nc - 1 - i) * c, c), c)
     q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
     g = gc_ref[rows, :]
-    a = _intra(q_ref, k_ref, gc_ref, rows, s, f)
+    a = _intra(q_ref, k_ref, _Gates(gc_ref, raw=False), rows, s, f)
     last = _last_row(g)
     kd = (k.astype(_F32) * jnp.exp(last[None, :] - g)).astype(k.dtype)
     dv = _dot_tn((a * s.scale).astype(do.dtype), do) + _dot(
@@ -574,7 +572,7 @@ class _Gates:
     self.ref, self.raw = ref, raw
 
   def block(self, rows, cols):
-    """G over ``rows`` (one whole sub-chunk) and ``cols``."""
+    """G over ``rows`` (one whole sub-chunk when ``raw``) and ``cols``."""
     x = self.ref[rows, cols]
     return jnp.cumsum(x, axis=0) if self.raw else x
 
@@ -1116,16 +1114,13 @@ def _output_call(qd, v, a, hs, s: _S):
                            lambda i, n_, b_: (b_, n_, i // nv, 0)),
               pl.BlockSpec((None, None, None, f, s.bv),
                            lambda i, n_, b_: (b_, n_, i // nv, 0, i % nv))]
-  args = [qd, v, a]
-  if s.splits > 1:
+  if s.splits > 1:  # hs: (local, edge, entering), see _state_tile
     in_specs += [pl.BlockSpec((None, None, None, f),
                               lambda i, n_, b_: (b_, n_, i // nv, 0)),
                  pl.BlockSpec((None, None, None, f, s.bv),
                               lambda i, n_, b_: (b_, n_, i // nv // ncl, 0,
                                                  i % nv))]
-    args += list(hs)
-  else:
-    args.append(hs)
+  args = [qd, v, a, *(hs if s.splits > 1 else [hs])]
   return pl.pallas_call(
       functools.partial(_output_kernel, s=s),
       grid=(s.nc * nv, n, b),
@@ -1201,19 +1196,6 @@ def _split_carries(dec, local, carry, s: _S, reverse: bool):
   return edge.reshape(b, n, nc, f), jnp.stack(entering, axis=2), carry
 
 
-def _split_sweep(qd, kd, v, a, dec, s: _S):
-  """(each split's end state [B, N, P, F, V], the per-chunk states from
-  each split's zero start): the split states sweep, nothing joined."""
-  return _sweep_call(qd, kd, v, a, dec, None,
-                     dataclasses.replace(s, has_s0=False), store=True,
-                     output=False)
-
-
-def _s0_or_zeros(s0, ends):
-  b, n, _, f, vp = ends.shape
-  return s0 if s0 is not None else jnp.zeros((b, n, f, vp), _F32)
-
-
 def _split_states(qd, kd, v, a, dec, s0, s: _S):
   """(final, hs) of the separate layout's states sweep. With s.splits > 1
   each split of the chunks is swept from a zero state in parallel and hs
@@ -1221,9 +1203,12 @@ def _split_states(qd, kd, v, a, dec, s0, s: _S):
   read the states join them (_state_tile), no pass over them here."""
   if s.splits == 1:
     return _sweep_call(qd, kd, v, a, dec, s0, s, store=True, output=False)
-  ends, hs = _split_sweep(qd, kd, v, a, dec, s)
-  edge, entering, final = _split_carries(dec, ends, _s0_or_zeros(s0, ends),
-                                         s, reverse=False)
+  ends, hs = _sweep_call(qd, kd, v, a, dec, None,
+                         dataclasses.replace(s, has_s0=False), store=True,
+                         output=False)
+  b, n, _, f, vp = ends.shape
+  s0 = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
+  edge, entering, final = _split_carries(dec, ends, s0, s, reverse=False)
   return final, (hs, edge, entering)
 
 
@@ -1255,8 +1240,8 @@ def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
                            lambda i, n_, b_: (b_, n_, i, 0)),
               pl.BlockSpec((None, None, None, f, vp),
                            lambda i, n_, b_: (b_, n_, i // ncl, 0, 0))]
-  dhs_args = list(dhs) if s.splits > 1 else [dhs]
-  in_specs, args = _with_seg(s, specs, [a, do, v, kd, *dhs_args], seg)
+  in_specs, args = _with_seg(
+      s, specs, [a, do, v, kd, *(dhs if s.splits > 1 else [dhs])], seg)
   return pl.pallas_call(
       functools.partial(_dadv_kernel, s=s),
       grid=(s.nc, n, b),

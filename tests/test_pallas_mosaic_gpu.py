@@ -249,6 +249,16 @@ class TestMosaicGPUFusedBackward:
     check_against_reference(self.impl, inputs("fused", t=450, s=390, h=h),
                             dtype=BF16, is_causal=causal)
 
+  def test_default_without_determinism_flags(self, monkeypatch):
+    # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
+    # H = 128 is this backward (conftest sets the flag for the rest).
+    monkeypatch.setenv("XLA_FLAGS", "")
+    inp = inputs("fused_default", t=390, n=4, kh=2, h=128)
+    p, _ = make_problem(inp.q, inp.k, inp.v, is_causal=True)
+    assert pallas_mosaic.make_plan(p).bwd.fused_dq
+    check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
+                            dtype=BF16, is_causal=True)
+
   def test_everything_at_once(self):
     inp = inputs("fused_all", t=510, n=6, kh=3, h=128)
     seg = testing.random_segment_ids(_key("falls"), 2, 510, 3)

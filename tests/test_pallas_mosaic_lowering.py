@@ -114,6 +114,41 @@ def test_lowers_fused_backward(h, causal):
          bwd_config=bwd_lib.BwdConfig(fused_dq=True))
 
 
+@pytest.mark.parametrize("flags,deterministic", [
+    ("", False),
+    ("--xla_force_host_platform_device_count=8", False),
+    ("--xla_gpu_deterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops", True),
+    ("--xla_gpu_deterministic_ops=1 --xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_deterministic_ops=false", False),
+    ("--xla_gpu_exclude_nondeterministic_ops=true", True),
+    ("--xla_gpu_deterministic_ops=False "
+     "--xla_gpu_exclude_nondeterministic_ops", True),
+])
+def test_default_backward_follows_determinism_flags(monkeypatch, flags,
+                                                    deterministic):
+  # Only H = 128 has a faster backward that is not bitwise repeatable.
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert pallas_mosaic.deterministic_ops() is deterministic
+  for h in (64, 128, 256):
+    q = jnp.zeros((1, 100, 2, h), jnp.bfloat16)
+    p, _ = make_problem(q, q, q, is_causal=True)
+    bwd = pallas_mosaic.make_plan(p).bwd
+    assert bwd.fused_dq is (h == 128 and not deterministic), h
+    if not bwd.fused_dq:
+      assert bwd == bwd_lib.default_bwd_config(h), h
+
+
+def test_lowers_default_nondeterministic_backward(monkeypatch):
+  # The plan's fused tiling lowers through the default path (no config).
+  monkeypatch.setenv("XLA_FLAGS", "")
+  text = _lower(h=128, n=4, kh=2, t=333, is_causal=True).mlir_module()
+  assert text.count("mosaic_gpu") < _lower(
+      h=128, n=4, kh=2, t=333, is_causal=True,
+      bwd_config=bwd_lib.default_bwd_config(128)).mlir_module().count(
+          "mosaic_gpu")
+
+
 @pytest.mark.parametrize("case", ["f32", "bias", "h80", "h256_hv128",
                                   "dense_mask",
                                   "block_sparse", "per_head"])

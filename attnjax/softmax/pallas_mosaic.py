@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -198,13 +199,37 @@ def _attention_bwd(plan, res, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+_DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops",
+                      "--xla_gpu_exclude_nondeterministic_ops")
+
+
+def deterministic_ops() -> bool:
+  """Whether ``XLA_FLAGS`` asks XLA for deterministic GPU ops.
+
+  ``--xla_gpu_deterministic_ops`` or ``--xla_gpu_exclude_nondeterministic_ops``
+  (bare, ``=true`` or ``=1``; the last mention of each wins), read when a
+  plan is made. Then the backward keeps its bitwise-repeatable two-kernel
+  form at every head dim; otherwise H = 128 takes the faster fused
+  backward, whose dQ sums land in a varying order. Set the flag before the
+  first call: jit caches the plan with the traced function.
+  """
+  on = dict.fromkeys(_DETERMINISM_FLAGS, False)
+  for tok in os.environ.get("XLA_FLAGS", "").split():
+    name, eq, val = tok.partition("=")
+    if name in on:
+      on[name] = not eq or val.lower() in ("true", "1")
+  return any(on.values())
+
+
 def make_plan(p: Problem, *, fwd_config: fwd_lib.FwdConfig | None = None,
               bwd_config: bwd_lib.BwdConfig | None = None) -> _Plan:
-  """The static plan of a (supported) problem; tiles default per head dim."""
+  """The static plan of a (supported) problem; tiles default per head dim,
+  the backward's also on :func:`deterministic_ops`."""
   _, t, s, _, _, h, _ = p.shape
   causal = p.mask is not None
   fwd = fwd_config or fwd_lib.default_fwd_config(h, causal)
-  bwd = bwd_config or bwd_lib.default_bwd_config(h)
+  bwd = bwd_config or bwd_lib.default_bwd_config(
+      h, deterministic=deterministic_ops())
   tp = _round_up(t, _lcm(fwd.tile_q, bwd.block_q_dkv, bwd.tile_q))
   sp = _round_up(s, _lcm(fwd.block_kv, bwd.tile_kv, bwd.block_kv_dq))
   return _Plan(mask=p.mask, scale=float(p.scale), soft_cap=p.logits_soft_cap,

@@ -119,19 +119,31 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
     raise NotImplementedError(f"backward tiling needs {total} bytes of SMEM")
 
 
-def default_bwd_config(head_dim: int) -> BwdConfig:
+def default_bwd_config(head_dim: int, deterministic: bool = True
+                       ) -> BwdConfig:
   """The tiling used when the caller gives none.
 
-  The deterministic two-kernel backward, with the tilings measured fastest
-  among those that compile without register spills for an H100
-  (scripts/aot/ptxas_report.py --case mosaic): H200, B*T = 16k, T = 4k,
-  forward+backward, docs/dev/gpu-runs/run25-h200-mosaic-tune-h128.log and
+  The tilings measured fastest among those that compile without register
+  spills for an H100 (scripts/aot/ptxas_report.py --case mosaic): H200,
+  B*T = 16k, T = 4k, forward+backward,
+  docs/dev/gpu-runs/run25-h200-mosaic-tune-h128.log and
   run26-h200-mosaic-tune-h64.log.
+
+  Args:
+    head_dim: H.
+    deterministic: keep the two-kernel backward, whose results are bitwise
+      repeatable. With False, H = 128 takes the fused backward
+      (``fused_dq``: 453 -> 468 TFLOP/s full, 417 -> 435 causal), whose dQ
+      sums land in a varying order. At H = 64 and 256 the choice is the same
+      either way (H = 64 fused: +1.5% full but -1% causal; H = 256 splits
+      the head, which the fused kernel does not).
   """
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
     return BwdConfig(block_kv_dq=32, split_head=True)
   if head_dim > 64:
+    if not deterministic:
+      return BwdConfig(fused_dq=True)
     # 128-key blocks streamed by the dQ kernel: 441 -> 453 TFLOP/s full,
     # 408 -> 417 causal.
     return BwdConfig(block_kv_dq=128)

@@ -584,6 +584,15 @@ class _Gates:
     x = self.ref[_sub(a), cols]
     return jnp.sum(x, axis=0) if self.raw else _last_row(x)
 
+  def subs(self, ns, cols):
+    """``a -> G`` of sub-chunk a over ``cols``: when ``raw`` every sub-chunk
+    is summed once here (the kernels use each two or three times, and
+    stores between the uses keep the compiler from merging the sums), else
+    each is read where it is used."""
+    if self.raw:
+      return [self.sub(a, cols) for a in range(ns)].__getitem__
+    return lambda a: self.sub(a, cols)
+
   def row(self, a, r, cols):
     """Row r of sub-chunk a's G, [1, width]."""
     if not self.raw:
@@ -598,12 +607,12 @@ def _totals(gates: _Gates, ns, cols):
   return [gates.total(c, cols) for c in range(ns)]
 
 
-def _k_to_sub_end(k_ref, gates: _Gates, tot, ns, cols):
+def _k_to_sub_end(k_ref, gsub, tot, ns, cols):
   """k_b exp(G_end(b) - G_b) for each sub-chunk b before the last (float32,
-  [16, width] each): the key factor of the off-diagonal blocks, up to
-  whole sub-chunk totals."""
+  [16, width] each; gsub from _Gates.subs): the key factor of the
+  off-diagonal blocks, up to whole sub-chunk totals."""
   return [k_ref[_sub(b), cols].astype(_F32) * jnp.exp(
-      tot[b][None, :] - gates.sub(b, cols)) for b in range(ns - 1)]
+      tot[b][None, :] - gsub(b)) for b in range(ns - 1)]
 
 
 def _between(tot, lo, hi):
@@ -669,10 +678,11 @@ def _scores_kernel(q_ref, k_ref, gs_ref, *refs, s: _S):
   every = pl.ds(0, f)
   gates = _Gates(gs_ref, s.kcs)
   tot = _totals(gates, ns, every)
+  gsub = gates.subs(ns, every)
   sub_s = dataclasses.replace(s, chunk=_SUB)
-  k_dec = _k_to_sub_end(k_ref, gates, tot, ns, every)
+  k_dec = _k_to_sub_end(k_ref, gsub, tot, ns, every)
   for a in range(ns):
-    gs = gates.sub(a, every)
+    gs = gsub(a)
     q = q_ref[_sub(a), :].astype(_F32)
     k = k_ref[_sub(a), :].astype(_F32)
     qd = q * jnp.exp(_between(tot, 0, a)[None, :] + gs)
@@ -897,12 +907,13 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
     e = e * _chunk_end_mask(seg_ref, s.chunk)
   # Per sub-chunk, once: q_a exp(G_a - G_ref(a)) and k_b exp(G_end(b) -
   # G_b), the factors of the off-diagonal blocks up to whole totals.
-  q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(
-      gates.sub(a, every))).astype(dt) for a in range(1, ns)]
-  k_dec = _k_to_sub_end(k_ref, gates, tot, ns, every)
+  gsub = gates.subs(ns, every)
+  q_dec = [(q_ref[_sub(a), :].astype(_F32) * jnp.exp(gsub(a))).astype(dt)
+           for a in range(1, ns)]
+  k_dec = _k_to_sub_end(k_ref, gsub, tot, ns, every)
   dgs = []
   for r in range(ns):
-    gs = gates.sub(r, every)
+    gs = gsub(r)
     q = q_ref[_sub(r), :].astype(_F32)
     k = k_ref[_sub(r), :].astype(_F32)
     to_end = (tot[r][None, :] - gs) + _between(tot, r + 1, ns)[None, :]

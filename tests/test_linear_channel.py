@@ -222,10 +222,10 @@ def test_channel_factored_diag_resets():
                        vd=20, strength=2.5, segments=True)
 
 
-def test_channel_kernel_cumsum_resets():
-  """Gates summed in the kernels with packed sequences."""
-  cfg = channel.ChannelConfig(kernel_cumsum=True, block_f=16, block_v=16)
-  _direct_matches_scan("kcs_resets", cfg, b=2, t=70, n=4, kh=2, f=24,
+def test_channel_xla_gate_sums_resets():
+  """Gates summed by XLA passes (not the kernels) with packed sequences."""
+  cfg = channel.ChannelConfig(kernel_cumsum=False, block_f=16, block_v=16)
+  _direct_matches_scan("xla_sums_resets", cfg, b=2, t=70, n=4, kh=2, f=24,
                        vd=20, strength=2.5, segments=True)
 
 
@@ -364,14 +364,16 @@ _PAIRS = dict(diag="pairs")
      dict(seq_splits=3, sweep_unroll=2, **_SEP)),
     ("c32_split2_bf16_strong_mqa", 32, BF16, 1, 20.0,
      dict(seq_splits=2, **_SEP)),
-    # The kernels sum the gates within sub-chunks themselves: factored
-    # with both branches (mixed gates), pairs with strong gates in bf16,
-    # four sub-chunks with the separate layout on splits.
-    ("c32_kcs_mixed_factored", 32, F32, 2, 2.5, dict(kernel_cumsum=True)),
-    ("c32_kcs_bf16_strong_pairs", 32, BF16, 1, 20.0,
-     dict(kernel_cumsum=True, **_PAIRS)),
-    ("c64_kcs_split2_separate", 64, F32, 2, 1.0,
-     dict(kernel_cumsum=True, seq_splits=2, **_SEP)),
+    # The gates summed within sub-chunks by XLA passes (kernel_cumsum=False;
+    # the cases above sum them in the kernels): factored with both
+    # branches (mixed gates), pairs with strong gates in bf16, four
+    # sub-chunks with the separate layout on splits.
+    ("c32_xla_sums_mixed_factored", 32, F32, 2, 2.5,
+     dict(kernel_cumsum=False)),
+    ("c32_xla_sums_bf16_strong_pairs", 32, BF16, 1, 20.0,
+     dict(kernel_cumsum=False, **_PAIRS)),
+    ("c64_xla_sums_split2_separate", 64, F32, 2, 1.0,
+     dict(kernel_cumsum=False, seq_splits=2, **_SEP)),
     # The sweep layout.
     ("sweep_c16_strong_gqa", 16, F32, 2, 20.0, dict(chunk_parallel=False)),
     ("sweep_c16_bf16_mqa", 16, BF16, 1, 1.0, dict(chunk_parallel=False))])
@@ -399,14 +401,14 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
     (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
     (BF16, 128, "resets", 32), (F32, 64, "resets", 64),
     (BF16, 128, "factored", 32), (BF16, 128, "unroll3", 32),
-    (BF16, 128, "split2", 32), (BF16, 128, "kcs", 32)])
+    (BF16, 128, "split2", 32), (BF16, 128, "xla_sums", 32)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
   output from stored states and the state sweeps split by rows; with
   resets; with 3 chunks per sweep iteration, 4 chunks: a remainder; with
-  the state sweeps on 2 sequence splits; with the gates summed in the
-  kernels)."""
+  the state sweeps on 2 sequence splits; with the gates summed by XLA
+  passes, not the kernels)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -421,7 +423,8 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
                               else None,
                               diag="factored" if layout == "factored"
                               else "pairs",
-                              kernel_cumsum=layout == "kcs",
+                              kernel_cumsum=(False if layout == "xla_sums"
+                                             else None),
                               **({"sweep_unroll": 3} if layout == "unroll3"
                                  else {}))
   with_resets = layout == "resets"
@@ -437,7 +440,7 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   text = _export_for_h100(grad, *args).mlir_module()
   names = {"sweep": _SWEEP_KERNELS, "parallel": _PARALLEL_KERNELS,
            "resets": _PARALLEL_KERNELS, "factored": _PARALLEL_KERNELS,
-           "kcs": _PARALLEL_KERNELS,
+           "xla_sums": _PARALLEL_KERNELS,
            "separate": _SEPARATE_KERNELS, "unroll3": _SEPARATE_KERNELS,
            "split2": _SEPARATE_KERNELS}[layout]
   for name in names:
@@ -527,7 +530,7 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
                                     "separate32", "resets32", "factored32",
-                                    "unroll32", "split32", "kcs32"])
+                                    "unroll32", "split32", "xla_sums32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -542,9 +545,9 @@ def test_gpu_channel_direct(dtype, layout):
                            block_f_state=64, sweep_unroll=2),
           "split32": dict(chunk=32, separate_output=True, block_f_state=64,
                           sweep_unroll=4, seq_splits=4),
-          "kcs32": dict(chunk=32, kernel_cumsum=True)}[layout]
+          "xla_sums32": dict(chunk=32, kernel_cumsum=False)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,
                        vd=128, dtype=dtype, interpret=False,
-                       segments=layout in ("resets32", "kcs32"))
+                       segments=layout in ("resets32", "xla_sums32"))

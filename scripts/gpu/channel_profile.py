@@ -59,10 +59,11 @@ CONFIGS = {
                                     sweep_unroll=4, seq_splits=4),
     "par c32 sep fs64 u4 split8": C(separate_output=True, block_f_state=64,
                                     sweep_unroll=4, seq_splits=8),
-    "par c32 kcs": C(kernel_cumsum=True),
-    "par c32 sep fs64 u4 split4 kcs": C(separate_output=True,
-                                        block_f_state=64, sweep_unroll=4,
-                                        seq_splits=4, kernel_cumsum=True),
+    "par c32 xla sums": C(kernel_cumsum=False),
+    "par c32 sep fs64 u4 split4 xla sums": C(separate_output=True,
+                                             block_f_state=64,
+                                             sweep_unroll=4, seq_splits=4,
+                                             kernel_cumsum=False),
     "par c32 bf16 bv64 w4": C(block_f=16),
     "par c32 bf64": C(block_f=64),
     "par c32 bf64 wb8": C(block_f=64, num_warps_bwd=8),
@@ -189,7 +190,15 @@ def kernel_timings(seqs):
                   pc.time(states, qd, kd, v, a, dec))
           _, hs = states(qd, kd, v, a, dec)
           out = jax.jit(lambda *x, s=s: channel._output_call(*x, s))
-          pc.line("  output kernel", b, t, pc.time(out, qd, v, a, hs))
+          pc.line("  output kernel" + (" (joining the splits)"
+                                       if s.splits > 1 else ""), b, t,
+                  pc.time(out, qd, v, a, hs))
+          if s.splits > 1:  # the backward's states: joined by XLA
+            join = jax.jit(lambda *x, dt=qd.dtype: channel._join_splits(
+                *x, dt))
+            pc.line("  XLA join of the split states", b, t,
+                    pc.time(join, *hs))
+            hs = join(*hs)
         else:
           store = jax.jit(lambda *x, s=s: channel._sweep_call(
               *x, None, s, store=True))
@@ -197,7 +206,8 @@ def kernel_timings(seqs):
                   pc.time(store, qd, kd, v, a, dec))
           _, _, hs = store(qd, kd, v, a, dec)
         dstate = jax.jit(lambda *x, s=s: channel._split_dstate(*x, s))
-        pc.line(f"  state-gradient sweep (rows {s.fs})", b, t,
+        pc.line(f"  state-gradient sweep (rows {s.fs}"
+                + (", + XLA join)" if s.splits > 1 else ")"), b, t,
                 pc.time(dstate, qd, do, dec, dfin))
         dhs, _ = dstate(qd, do, dec, dfin)
         dadv = jax.jit(lambda *x, s=s: channel._dadv_call(*x, None, s))

@@ -134,9 +134,11 @@ class ChannelConfig:
       states and the state gradient) run on this many splits of the
       chunks at once, each from a zero state; a short pass over the
       splits carries the states between them and each stored state gets
-      its split's entering state (or gradient) decayed to it, added by
-      the kernels that read them as they load each tile (no pass over
-      the stored states). T is padded to a multiple
+      its split's entering state (or gradient) decayed to it: added by
+      the output kernel as it loads each tile in a forward without
+      gradient, by one XLA pass over the stored states and one over the
+      state gradients for the backward (adding it in the dv/dA and
+      gradient kernels was slower, run38). T is padded to a multiple
       of ``seq_splits * chunk``. For batch 1, where the sweeps have few
       programs and each walks every chunk: the auto layout uses 4 when
       4x the programs fit the multiprocessors (T = 64k, B = 1 on an

@@ -86,25 +86,28 @@ def test_channel_forward_property(length, chunk, kv_heads, strength):
 # A case that fails with chunk-level cumulative gates (decay exponents as
 # differences of large sums) and passes with the sub-chunk-local ones.
 @example(length=62, chunk=64, kv_heads=1, strength=16.5, resets_p=0.0,
-         splits=1, unroll=1, kcs=False)
+         splits=1, unroll=1, kcs=False, separate=False)
 # Resets on the first token, on sub-chunk and chunk boundaries and inside.
 @example(length=70, chunk=32, kv_heads=2, strength=3.0, resets_p=0.3,
-         splits=1, unroll=2, kcs=True)
-# Resets across sequence splits, a sweep remainder in each split.
+         splits=1, unroll=2, kcs=True, separate=False)
+# Resets across sequence splits, a sweep remainder in each split, in
+# either layout.
 @example(length=200, chunk=32, kv_heads=2, strength=1.0, resets_p=0.05,
-         splits=3, unroll=3, kcs=False)
+         splits=3, unroll=3, kcs=False, separate=True)
+@example(length=200, chunk=32, kv_heads=2, strength=1.0, resets_p=0.05,
+         splits=3, unroll=3, kcs=True, separate=False)
 @given(length=st.integers(1, 70), chunk=st.sampled_from([32, 64]),
        kv_heads=st.sampled_from([1, 2, 4]), strength=st.floats(0.01, 20.0),
        resets_p=st.sampled_from([0.0, 0.05, 0.3]),
        splits=st.sampled_from([1, 2, 3]), unroll=st.sampled_from([1, 2, 3]),
-       kcs=st.booleans())
+       kcs=st.booleans(), separate=st.booleans())
 def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
                                                  strength, resets_p, splits,
-                                                 unroll, kcs):
+                                                 unroll, kcs, separate):
   """The chunk-parallel layout's output and final state against the scan
   for any length (partial sub-chunks and chunks), GQA ratio, gate strength,
-  density of resets, sweep unrolling, (in the separate layout) number of
-  sequence splits, and gate sums read or formed in the kernels."""
+  density of resets, sweep unrolling, number of sequence splits, fused or
+  separate output, and gate sums read or formed in the kernels."""
   key = key_for("chunk-par-prop", length, chunk, kv_heads, resets_p)
   arrays, _ = linear_case(key, length=length, kv_heads=kv_heads,
                           gate="channel", gate_strength=strength,
@@ -118,7 +121,7 @@ def test_channel_chunk_parallel_forward_property(length, chunk, kv_heads,
   cfg = channel.ChannelConfig(chunk=chunk, chunk_parallel=True, block_f=16,
                               block_v=16, sweep_unroll=unroll,
                               seq_splits=splits,
-                              separate_output=splits > 1,
+                              separate_output=separate,
                               kernel_cumsum=kcs)
   out, fin = jax.jit(lambda *a: channel.channel_gated_linear_attention(
       *a[:4], a[5], scale=0.5, initial_state=a[4], config=cfg,
@@ -177,7 +180,8 @@ def test_channel_direct_call_and_errors():
                      ("block_f_state", dict(block_f_state=24)),
                      ("sweep_unroll", dict(sweep_unroll=0)),
                      ("seq_splits", dict(seq_splits=0)),
-                     ("separate_output", dict(seq_splits=2)),
+                     ("chunk_parallel", dict(seq_splits=2, chunk=16,
+                                             chunk_parallel=False)),
                      ("kernel_cumsum", dict(kernel_cumsum=True,
                                             chunk_parallel=False,
                                             chunk=16))):
@@ -231,26 +235,31 @@ def test_channel_xla_gate_sums_resets():
                        vd=20, strength=2.5, segments=True)
 
 
-def test_channel_split_resets():
+@pytest.mark.parametrize("separate", [True, False])
+def test_channel_split_resets(separate):
   """Sequence splits with packed sequences: a reset zeroes the decay
-  products that carry a split's entering state (and gradient) onward."""
-  cfg = channel.ChannelConfig(separate_output=True, block_f_state=16,
+  products that carry a split's entering state (and gradient) onward;
+  joined into the stored states (separate layout) or carried into a
+  second sweep (fused layout)."""
+  cfg = channel.ChannelConfig(separate_output=separate, block_f_state=16,
                               block_f=16, block_v=16, seq_splits=3)
-  _direct_matches_scan("split_resets", cfg, b=2, t=100, n=4, kh=2, f=24,
-                       vd=20, strength=2.0, segments=True)
+  _direct_matches_scan(f"split_resets_{separate}", cfg, b=2, t=100, n=4,
+                       kh=2, f=24, vd=20, strength=2.0, segments=True)
 
 
+@pytest.mark.parametrize("separate", [True, False])
 @pytest.mark.parametrize("name,dtype,splits,strength,segments", [
     ("f32_split3_resets", F32, 3, 2.0, True),
     ("bf16_split2_strong", BF16, 2, 20.0, False)])
 def test_channel_split_forward_only(name, dtype, splits, strength,
-                                    segments):
-  """The forward alone with sequence splits (no residuals: the output
-  kernel adds each split's entering state itself instead of a pass over
-  the stored states): output and final state against the scan, with the
-  initial state; the same numbers as the forward under differentiation
-  up to rounding."""
-  cfg = channel.ChannelConfig(separate_output=True, block_f_state=16,
+                                    segments, separate):
+  """The forward alone with sequence splits (no residuals; separate
+  layout: the output kernel adds each split's entering state itself
+  instead of a pass over the stored states; fused layout: the second
+  sweep starts from it): output and final state against the scan, with
+  the initial state; the same numbers as the forward under
+  differentiation up to rounding."""
+  cfg = channel.ChannelConfig(separate_output=separate, block_f_state=16,
                               block_f=16, block_v=16, seq_splits=splits)
   b, t, n, kh, f, vd = 2, 100, 4, 2, 24, 20
   ks = jax.random.split(key_for("split-fwd", name), 6)
@@ -366,6 +375,13 @@ _PAIRS = dict(diag="pairs")
      dict(seq_splits=3, sweep_unroll=2, **_SEP)),
     ("c32_split2_bf16_strong_mqa", 32, BF16, 1, 20.0,
      dict(seq_splits=2, **_SEP)),
+    # The fused sweep on sequence splits: a states-only sweep of each
+    # split for its end, the carries, then the fused sweep from them (and
+    # the state-gradient sweep the same way backwards).
+    ("c16_split3_fused", 16, F32, 2, 1.0,
+     dict(seq_splits=3, sweep_unroll=2)),
+    ("c32_split2_bf16_strong_mqa_fused", 32, BF16, 1, 20.0,
+     dict(seq_splits=2, block_f_state=16)),
     # The gates summed within sub-chunks by XLA passes (kernel_cumsum=False;
     # the cases above sum them in the kernels): factored with both
     # branches (mixed gates), pairs with strong gates in bf16, four
@@ -395,6 +411,9 @@ _PARALLEL_KERNELS = ("scores", "sweep_states", "dstate", "dadv", "grads")
 
 
 _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
+# The fused layout on sequence splits: each sweep twice (ends, then stores).
+_FUSED_SPLIT_KERNELS = ("scores", "states_ends", "sweep_states",
+                        "dstate_ends", "dstate", "dadv", "grads")
 
 
 @pytest.mark.parametrize("dtype,h,layout,chunk", [
@@ -403,14 +422,15 @@ _SEPARATE_KERNELS = ("scores", "states", "output", "dstate", "dadv", "grads")
     (F32, 64, "parallel", 64), (BF16, 128, "separate", 32),
     (BF16, 128, "resets", 32), (F32, 64, "resets", 64),
     (BF16, 128, "factored", 32), (BF16, 128, "unroll3", 32),
-    (BF16, 128, "split2", 32), (BF16, 128, "xla_sums", 32)])
+    (BF16, 128, "split2", 32), (BF16, 128, "fused_split2", 32),
+    (BF16, 128, "xla_sums", 32)])
 def test_channel_lowers_for_h100(dtype, h, layout, chunk):
   """Forward and backward lower for sm_90a, in either layout (the sweep
   one at chunk 16; the chunk-parallel default at 32, and at 64; with the
   output from stored states and the state sweeps split by rows; with
   resets; with 3 chunks per sweep iteration, 4 chunks: a remainder; with
-  the state sweeps on 2 sequence splits; with the gates summed by XLA
-  passes, not the kernels)."""
+  the state sweeps on 2 sequence splits, in either layout; with the gates
+  summed by XLA passes, not the kernels)."""
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), dtype), sd((b, t, kh, h), dtype),
@@ -420,7 +440,7 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
                               block_f=32 if dtype == BF16 else 16,
                               separate_output=layout in ("separate",
                                                          "unroll3", "split2"),
-                              seq_splits=2 if layout == "split2" else 1,
+                              seq_splits=2 if "split2" in layout else 1,
                               block_f_state=64 if layout == "separate"
                               else None,
                               diag="factored" if layout == "factored"
@@ -444,19 +464,22 @@ def test_channel_lowers_for_h100(dtype, h, layout, chunk):
            "resets": _PARALLEL_KERNELS, "factored": _PARALLEL_KERNELS,
            "xla_sums": _PARALLEL_KERNELS,
            "separate": _SEPARATE_KERNELS, "unroll3": _SEPARATE_KERNELS,
-           "split2": _SEPARATE_KERNELS}[layout]
+           "split2": _SEPARATE_KERNELS,
+           "fused_split2": _FUSED_SPLIT_KERNELS}[layout]
   for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == len(names)
 
 
-def test_channel_split_forward_lowers_for_h100():
+@pytest.mark.parametrize("separate", [True, False])
+def test_channel_split_forward_lowers_for_h100(separate):
   """The forward alone with sequence splits lowers for sm_90a as three
-  kernels (scores, states, the output kernel adding the carries), with
-  resets and an initial state."""
+  kernels (separate layout: scores, states, the output kernel adding the
+  carries; fused: scores, the split ends, the fused sweep from the
+  carries), with resets and an initial state."""
   b, t, n, kh, h = 1, 300, 4, 2, 128
   sd = jax.ShapeDtypeStruct
-  cfg = channel.ChannelConfig(separate_output=True, block_f_state=64,
+  cfg = channel.ChannelConfig(separate_output=separate, block_f_state=64,
                               sweep_unroll=4, seq_splits=4)
   rs = jnp.zeros((b, t), bool).at[:, 150].set(True)
 
@@ -469,7 +492,9 @@ def test_channel_split_forward_lowers_for_h100():
       fwd, sd((b, t, n, h), BF16), sd((b, t, kh, h), BF16),
       sd((b, t, kh, h), BF16), sd((b, t, n, h), F32),
       sd((b, n, h, h), F32)).mlir_module()
-  for name in ("scores", "states", "output"):
+  names = (("scores", "states", "output") if separate else
+           ("scores", "states_ends", "sweep"))
+  for name in names:
     assert f"linear_scan_channel_{name}" in text, name
   assert text.count("__gpu$xla.gpu.triton") == 3
 
@@ -564,7 +589,8 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
                                     "separate32", "resets32", "factored32",
-                                    "unroll32", "split32", "xla_sums32"])
+                                    "unroll32", "split32", "fsplit32",
+                                    "xla_sums32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -579,9 +605,11 @@ def test_gpu_channel_direct(dtype, layout):
                            block_f_state=64, sweep_unroll=2),
           "split32": dict(chunk=32, separate_output=True, block_f_state=64,
                           sweep_unroll=4, seq_splits=4),
+          "fsplit32": dict(chunk=32, sweep_unroll=2, seq_splits=4),
           "xla_sums32": dict(chunk=32, kernel_cumsum=False)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,
                        vd=128, dtype=dtype, interpret=False,
-                       segments=layout in ("resets32", "xla_sums32"))
+                       segments=layout in ("resets32", "xla_sums32",
+                                           "fsplit32"))

@@ -203,7 +203,7 @@ class _S:
   fs: int = 0  # state rows per program of the state sweeps
   factor_bound: float = 0.0  # > 0: diag == "factored"
   unroll: int = 1  # chunks per loop iteration of the chunk-parallel sweeps
-  splits: int = 1  # sequence splits of the separate layout's state sweeps
+  splits: int = 1  # sequence splits of the chunk-parallel sweeps
   kcs: bool = False  # kernel_cumsum: the gate refs hold raw log gates
 
 
@@ -814,11 +814,12 @@ def _output_kernel(qd_ref, v_ref, a_ref, hs_ref, *refs, s: _S,
   o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
-                   s: _S):
+def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, *refs, s: _S,
+                   store: bool):
   """The state gradient, swept backwards over chunks for one value block:
-  dhs[i] is the gradient of the state leaving chunk i; the gradient of
-  the initial state comes out."""
+  with ``store`` dhs[i] is the gradient of the state leaving chunk i; the
+  gradient of the state entering the (split's) first chunk comes out."""
+  dhs_ref, dsout_ref = refs if store else (None, refs[0])
   _, _dot_tn, _ = _dots(s)
   c, ncl = s.chunk, s.nc // s.splits
 
@@ -829,7 +830,8 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, dhs_ref, dsout_ref, *,
 
   def update(i, dstate, qdo):
     ci = ncl - 1 - i
-    dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
+    if store:
+      dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
     return dstate * dec_ref[ci][:, None] + s.scale * qdo
 
   dsout_ref[...] = _unrolled_sweep(ncl, s.unroll, pre, update,
@@ -1023,19 +1025,14 @@ def _scores_call(q, k, gs, seg, s: _S):
   )(*args)
 
 
-def _per_head(s: _S, rows, cols):
-  """The [rows, cols] block of head n (grid: value block, head, batch)."""
-  return pl.BlockSpec((None, None, rows, cols),
-                      lambda j, n_, b_: (b_, n_, 0, 0))
-
-
 def _row_blocks(s: _S, f: int, vp: int, rows: int):
   """Grid axis 0 of the state sweeps: value block j % nv, row block
   (j // nv) % (f // rows), sequence split j // (nv * f // rows) (of
   ``s.splits``); the BlockSpecs of a [T, rows] operand of head n, of a
   value block of kv head n // rep and of head n, of a [rows, bv] state
   (per split: [splits, rows, bv] arrays when s.splits > 1), of the
-  [nc, rows] chunk decays and of the [nc, rows, bv] per-chunk states."""
+  [nc, rows] chunk decays, of the [nc, rows, bv] per-chunk states and of
+  the split's [T / splits, C] scores."""
   nv, nf = vp // s.bv, f // rows
   jv, jf, jp = (lambda j: j % nv), (lambda j: (j // nv) % nf), (
       lambda j: j // (nv * nf))
@@ -1058,6 +1055,8 @@ def _row_blocks(s: _S, f: int, vp: int, rows: int):
       st=st,
       dec=pl.BlockSpec((None, None, ncl, rows),
                        lambda j, n_, b_: (b_, n_, jp(j), jf(j))),
+      scores=pl.BlockSpec((None, None, tl, s.chunk),
+                          lambda j, n_, b_: (b_, n_, jp(j), 0)),
       hs=pl.BlockSpec((None, None, ncl, rows, s.bv),
                       lambda j, n_, b_: (b_, n_, jp(j), jf(j), jv(j))))
 
@@ -1076,7 +1075,7 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
   in_specs += [rows_spec, blk["val"]]
   args += [kd, v]
   if output:
-    in_specs.append(_per_head(s, tp, s.chunk))
+    in_specs.append(blk["scores"])
     args.append(a)
   in_specs.append(blk["dec"])
   args.append(dec)
@@ -1085,7 +1084,7 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
     args.append(s0)
   out_specs, out_shape = [], []
   if output:
-    out_specs.append(_blk(tp, s.bv, lambda x: x, lambda j: j))
+    out_specs.append(blk["val_head"])
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, vp), qd.dtype))
   out_specs.append(st)
   out_shape.append(jax.ShapeDtypeStruct(
@@ -1095,7 +1094,7 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
     out_shape.append(jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
   name = "linear_scan_channel_sweep"
   if not output:
-    name = "linear_scan_channel_states"
+    name = "linear_scan_channel_states" + ("" if store else "_ends")
   elif store:
     name = "linear_scan_channel_sweep_states"
   return pl.pallas_call(
@@ -1150,7 +1149,22 @@ def _output_call(qd, v, a, hs, s: _S):
 def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   """(o, final state, residuals or None) of the chunk-parallel forward."""
   a, qd, kd, dec = _scores_call(q, k, gs, seg, s)
-  if s.sep:
+  if s.splits > 1 and not s.sep:
+    # The fused sweep on sequence splits, in two passes: the states-only
+    # sweep of each split from zero, keeping only its end; the carries
+    # through the splits; then the fused sweep of each split from the
+    # state that really enters it (outputs and stored states need no join).
+    (ends,) = _sweep_call(qd, kd, v, None, dec, None,
+                          dataclasses.replace(s, has_s0=False), store=False,
+                          output=False)
+    b, n, _, f, vp = ends.shape
+    s0 = s0 if s.has_s0 else jnp.zeros((b, n, f, vp), _F32)
+    entering, final = _carry_through(_split_decays(dec, s), ends, s0,
+                                     reverse=False)
+    outs = _sweep_call(qd, kd, v, a, dec, entering,
+                       dataclasses.replace(s, has_s0=True), store=store)
+    o, hs = outs[0], (outs[2] if store else None)
+  elif s.sep:
     final, hs = _split_states(qd, kd, v, a, dec, s0, s)
     if store and s.splits > 1:
       hs = _join_splits(*hs, qd.dtype)
@@ -1163,24 +1177,51 @@ def _forward(q, k, v, gs, s0, seg, s: _S, store: bool):
   return o, final, ((a, qd, kd, dec, hs) if store else None)
 
 
-def _dstate_call(qd, do, dec, dfinal, s: _S):
-  """(dhs, ds0); with s.splits > 1 ``dfinal`` is [B, N, splits, F, V] (the
-  gradient at each split's end) and so is the ds0 that comes out."""
+def _dstate_call(qd, do, dec, dfinal, s: _S, store: bool = True):
+  """(dhs, ds0), or without ``store`` (ds0,); with s.splits > 1 ``dfinal``
+  is [B, N, splits, F, V] (the gradient at each split's end) and so is the
+  ds0 that comes out."""
   b, tp, n, f = qd.shape
   vp = do.shape[-1]
   blk = _row_blocks(s, f, vp, s.fs)
   st_shape = (b, n, f, vp) if s.splits == 1 else (b, n, s.splits, f, vp)
+  out_specs = [blk["st"]]
+  out_shape = [jax.ShapeDtypeStruct(st_shape, _F32)]
+  if store:
+    out_specs.insert(0, blk["hs"])
+    out_shape.insert(0, jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
   return pl.pallas_call(
-      functools.partial(_dstate_kernel, s=s),
+      functools.partial(_dstate_kernel, s=s, store=store),
       grid=(blk["grid0"], n, b),
       in_specs=[blk["rows"], blk["val_head"], blk["dec"], blk["st"]],
-      out_specs=[blk["hs"], blk["st"]],
-      out_shape=[jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype),
-                 jax.ShapeDtypeStruct(st_shape, _F32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(s, bwd=True),
       interpret=s.interpret,
-      name="linear_scan_channel_dstate",
+      name="linear_scan_channel_dstate" + ("" if store else "_ends"),
   )(qd, do, dec, dfinal)
+
+
+def _split_decays(dec, s: _S):
+  """[B, N, P, F]: the product of each split's chunk decays (``dec``
+  [B, N, nc, F]; numbers in [0, 1], so it can only underflow, to the
+  right limit 0)."""
+  b, n, nc, f = dec.shape
+  return jnp.prod(dec.reshape(b, n, s.splits, nc // s.splits, f), axis=3)
+
+
+def _carry_through(decays, ends, carry, reverse: bool):
+  """The pass over the splits: ``ends`` [B, N, P, F, V] is what each
+  split's sweep ended with from zero, ``decays`` [B, N, P, F] the product
+  of its chunk decays, ``carry`` the initial state (the final state's
+  gradient when ``reverse``). Returns (the carry entering each split
+  [B, N, P, F, V], the carry out of the last one)."""
+  p = ends.shape[2]
+  entering = [None] * p
+  for i in (reversed(range(p)) if reverse else range(p)):
+    entering[i] = carry
+    carry = decays[:, :, i, :, None] * carry + ends[:, :, i]
+  return jnp.stack(entering, axis=2), carry
 
 
 def _split_carries(dec, local, carry, s: _S, reverse: bool):
@@ -1204,11 +1245,8 @@ def _split_carries(dec, local, carry, s: _S, reverse: bool):
                          axis=3)  # decays between the split's edge and it
   if reverse:
     edge = jnp.flip(edge, 3)
-  entering = [None] * p
-  for i in (reversed(range(p)) if reverse else range(p)):
-    entering[i] = carry
-    carry = incl[:, :, i, -1, :, None] * carry + local[:, :, i]
-  return edge.reshape(b, n, nc, f), jnp.stack(entering, axis=2), carry
+  entering, carry = _carry_through(incl[:, :, :, -1], local, carry, reverse)
+  return edge.reshape(b, n, nc, f), entering, carry
 
 
 def _join_splits(local, edge, entering, dtype):
@@ -1241,13 +1279,22 @@ def _split_states(qd, kd, v, a, dec, s0, s: _S):
 
 
 def _split_dstate(qd, do, dec, dfinal, s: _S):
-  """(dhs, ds0): the state-gradient sweep, split as _split_states and
-  joined by _join_splits."""
+  """(dhs, ds0): the state-gradient sweep, split as the forward's sweeps:
+  joined by _join_splits (separate layout) or swept twice (fused layout:
+  each split's gradient at its start from zero, the carries through the
+  splits, then the storing sweep from the gradient that really enters
+  each split)."""
   if s.splits == 1:
     return _dstate_call(qd, do, dec, dfinal, s)
   b, n, f, vp = dfinal.shape
-  dhs, ends = _dstate_call(
-      qd, do, dec, jnp.zeros((b, n, s.splits, f, vp), _F32), s)
+  zeros = jnp.zeros((b, n, s.splits, f, vp), _F32)
+  if not s.sep:
+    (ends,) = _dstate_call(qd, do, dec, zeros, s, store=False)
+    entering, ds0 = _carry_through(_split_decays(dec, s), ends, dfinal,
+                                   reverse=True)
+    dhs, _ = _dstate_call(qd, do, dec, entering, s)
+    return dhs, ds0
+  dhs, ends = _dstate_call(qd, do, dec, zeros, s)
   edge, entering, ds0 = _split_carries(dec, ends, dfinal, s, reverse=True)
   return _join_splits(dhs, edge, entering, dhs.dtype), ds0
 
@@ -1479,10 +1526,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     raise ValueError(f"config.sweep_unroll={cfg.sweep_unroll} is not >= 1")
   if cfg.seq_splits < 1:
     raise ValueError(f"config.seq_splits={cfg.seq_splits} is not >= 1")
-  if cfg.seq_splits > 1 and not (cfg.chunk_parallel and
-                                 cfg.separate_output):
+  if cfg.seq_splits > 1 and not cfg.chunk_parallel:
     raise ValueError(f"config.seq_splits={cfg.seq_splits} needs "
-                     "chunk_parallel=True and separate_output=True")
+                     "chunk_parallel=True")
   if cfg.kernel_cumsum and not cfg.chunk_parallel:
     raise ValueError("config.kernel_cumsum=True needs chunk_parallel=True")
   fs = cfg.block_f_state

@@ -24,6 +24,7 @@ for each chunk-parallel configuration, before the whole-call timings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -60,6 +61,14 @@ CONFIGS = {
     "par c32 sep fs64 u4 split8": C(separate_output=True, block_f_state=64,
                                     sweep_unroll=4, seq_splits=8),
     "par c32 xla sums": C(kernel_cumsum=False),
+    # The fused sweep on sequence splits (two passes: each split's end from
+    # zero, the carries, the fused sweep from the entering states).
+    "par c32 fsplit4 u2": C(seq_splits=4),
+    "par c32 fsplit8 u2": C(seq_splits=8),
+    "par c32 fsplit16 u2": C(seq_splits=16),
+    "par c32 fsplit16 u2 fs64": C(seq_splits=16, block_f_state=64),
+    "par c32 fsplit16 u4 fs64": C(seq_splits=16, block_f_state=64,
+                                  sweep_unroll=4),
     "par c32 sep fs64 u4 split4 xla sums": C(separate_output=True,
                                              block_f_state=64,
                                              sweep_unroll=4, seq_splits=4,
@@ -182,7 +191,31 @@ def kernel_timings(seqs):
               *x, None, s, store=False))
           pc.line("  sweep (output + states)", b, t,
                   pc.time(sweep, qd, kd, v, a, dec))
-        if s.sep:  # with the pass over the splits when split (no fix-up)
+        if s.splits > 1 and not s.sep:  # fused on splits: two passes
+          s1 = dataclasses.replace(s, has_s0=False)
+          ends = jax.jit(lambda qd, kd, v, dec, s=s1: channel._sweep_call(
+              qd, kd, v, None, dec, None, s, store=False, output=False)[0])
+          pc.line(f"  split ends sweep (rows {s.fs}, {s.splits} splits)",
+                  b, t, pc.time(ends, qd, kd, v, dec))
+          carry = jax.jit(lambda e, dec, s=s: channel._carry_through(
+              channel._split_decays(dec, s), e, jnp.zeros_like(e[:, :, 0]),
+              reverse=False)[0])
+          e = ends(qd, kd, v, dec)
+          pc.line("  XLA carries through the splits", b, t,
+                  pc.time(carry, e, dec))
+          ent = carry(e, dec)
+          s2 = dataclasses.replace(s, has_s0=True)
+          sweep = jax.jit(lambda *x, s=s2: channel._sweep_call(
+              *x, s, store=False))
+          pc.line("  sweep from the carries (output + states)", b, t,
+                  pc.time(sweep, qd, kd, v, a, dec, ent))
+          store = jax.jit(lambda *x, s=s2: channel._sweep_call(
+              *x, s, store=True))
+          pc.line("  the same, storing states", b, t,
+                  pc.time(store, qd, kd, v, a, dec, ent))
+          _, _, hs = store(qd, kd, v, a, dec, ent)
+          del e, ent
+        elif s.sep:  # with the pass over the splits when split (no fix-up)
           states = jax.jit(lambda *x, s=s: channel._split_states(
               *x, None, s))
           pc.line(f"  states sweep, storing (rows {s.fs}, "
@@ -207,7 +240,8 @@ def kernel_timings(seqs):
           _, _, hs = store(qd, kd, v, a, dec)
         dstate = jax.jit(lambda *x, s=s: channel._split_dstate(*x, s))
         pc.line(f"  state-gradient sweep (rows {s.fs}"
-                + (", + XLA join)" if s.splits > 1 else ")"), b, t,
+                + ((", + XLA join)" if s.sep else ", two passes)")
+                   if s.splits > 1 else ")"), b, t,
                 pc.time(dstate, qd, do, dec, dfin))
         dhs, _ = dstate(qd, do, dec, dfin)
         dadv = jax.jit(lambda *x, s=s: channel._dadv_call(*x, None, s))

@@ -130,19 +130,30 @@ class ChannelConfig:
       updates. On an H200 (run30) 2 took the forward+backward at T = 4k
       from 10.6 to 10.3 ms; at T = 64k, B = 1 with the separate layout 4
       took the states sweep from 3.03 to 2.08 ms (the auto layout's).
-    seq_splits: with ``separate_output`` only: the state sweeps (forward
-      states and the state gradient) run on this many splits of the
-      chunks at once, each from a zero state; a short pass over the
-      splits carries the states between them and each stored state gets
-      its split's entering state (or gradient) decayed to it: added by
-      the output kernel as it loads each tile in a forward without
-      gradient, by one XLA pass over the stored states and one over the
-      state gradients for the backward (adding it in the dv/dA and
-      gradient kernels was slower, run38). T is padded to a multiple
-      of ``seq_splits * chunk``. For batch 1, where the sweeps have few
-      programs and each walks every chunk: the auto layout uses 4 when
-      4x the programs fit the multiprocessors (T = 64k, B = 1 on an
-      H200: forward+backward 13.8 -> 12.5 ms, run34).
+    seq_splits: chunk-parallel only: the sweeps (forward and state
+      gradient) run on this many splits of the chunks at once, for batch
+      1, where they have few programs and each walks every chunk. T is
+      padded to a multiple of ``seq_splits * chunk``. How the splits are
+      joined depends on the layout:
+
+      * ``separate_output=True``: the state sweeps run each split from a
+        zero state; a short pass over the splits carries the states
+        between them and each stored state gets its split's entering
+        state (or gradient) decayed to it: added by the output kernel as
+        it loads each tile in a forward without gradient, by one XLA pass
+        over the stored states and one over the state gradients for the
+        backward (adding it in the dv/dA and gradient kernels was slower,
+        run38). The auto layout uses 4 when 4x the programs fit the
+        multiprocessors (T = 64k, B = 1 on an H200: forward+backward
+        13.8 -> 12.5 ms, run34).
+      * ``separate_output=False`` (the fused sweep): two passes. A
+        states-only sweep of each split from zero keeps just its end
+        state; the short pass carries them; then the fused sweep runs
+        each split from the state that really enters it, so the outputs
+        and stored states need no join; the state-gradient sweep the same
+        way backwards. The extra pass reads k and v once more but stores
+        nothing. Not yet timed on a GPU (scripts/gpu/channel_profile.py,
+        ``fsplit`` configurations).
     kernel_cumsum: chunk-parallel only: the scores and gradient kernels
       sum the log gates within each 16-token sub-chunk themselves (from
       the raw gates they read) instead of reading sums that an XLA pass

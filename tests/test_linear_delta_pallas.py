@@ -154,7 +154,8 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, False, dict(inverse_dots="ieee")),
     (BF16, 128, True, dict(ut_kernels=2)),
     (F32, 64, False, dict(ut_kernels=2, ut_reload=True)),
-    (BF16, 128, True, dict(ut_reload=True))])
+    (BF16, 128, True, dict(ut_reload=True)),
+    (BF16, 128, True, dict(grad_ut_block_k=32))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -281,16 +282,20 @@ def _assert_config_rejected(**field):
                      interpret=True, config=delta.DeltaConfig(**field))
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_delta_pallas_split_gradient_kernels(segments):
+@pytest.mark.parametrize("segments,ut_cols", [(False, None), (True, None),
+                                              (True, 16), (False, 32)])
+def test_delta_pallas_split_gradient_kernels(segments, ut_cols):
   """grad_block_k: the backward's state products per [C, 16] key columns
   (F = 40, padded to 64: four key blocks, partial per-token sums added
-  over them) then the UT pull-back, against autodiff of the scan, with a
-  gate, GQA, resets and an initial state."""
-  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16, grad_block_k=16)
-  _config_grads_match_scan("delta-split-grads", cfg, b=2, t=37, n=4, kh=2,
-                           f=40, vd=24, segments=segments)
+  over them) then the UT pull-back (whole, or with grad_ut_block_k by 16
+  or 32 key columns), against autodiff of the scan, with a gate, GQA,
+  resets and an initial state."""
+  cfg = delta.DeltaConfig(chunk=16, block_v_grad=16, grad_block_k=16,
+                          grad_ut_block_k=ut_cols)
+  _config_grads_match_scan(f"delta-split-grads-{ut_cols}", cfg, b=2, t=37,
+                           n=4, kh=2, f=40, vd=24, segments=segments)
   _assert_config_rejected(grad_block_k=24)
+  _assert_config_rejected(grad_ut_block_k=8)
 
 
 def test_diag_inverse_doubling_matches_substitution():
@@ -372,7 +377,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
                 "ut_kernels2": dict(ut_kernels=2),
-                "ut_reload": dict(ut_reload=True)}
+                "ut_reload": dict(ut_reload=True),
+                "ut_cols64": dict(grad_ut_block_k=64)}
 
 
 @pytest.mark.gpu

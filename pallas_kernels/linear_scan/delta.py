@@ -119,6 +119,13 @@ class DeltaConfig:
       from 280 to 52. Fewer spills did not always mean faster here (the
       UT kernel at 4 warps spills 24 bytes and was slower than at 2), so
       it is opt-in until timed on a GPU.
+    grad_ut_block_k: None, or a power of two >= 16: with the split
+      backward (``grad_block_k`` below F), its second kernel (the UT
+      pull-back per chunk) works by blocks of this many key columns, so
+      no [C, F] float32 tile is whole (two loops over the blocks; T^T dW
+      formed twice). Compiled for an H100 (C = 64, F = V = 128, bf16, 4
+      warps) the kernel spills 944 / 1080 bytes as a whole (see
+      scripts/aot/ptxas_report.py). Opt-in, not yet timed on a GPU.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -138,6 +145,7 @@ class DeltaConfig:
   ut_kernels: int = 1
   num_warps_uwa: int = 4
   ut_reload: bool = False
+  grad_ut_block_k: int | None = None
 
   def __post_init__(self):
     if self.ut_kernels not in (1, 2):
@@ -148,10 +156,10 @@ class DeltaConfig:
     if self.inverse_dots not in ("tf32x3", "ieee"):
       raise ValueError(f"config.inverse_dots={self.inverse_dots!r} is not "
                        "'tf32x3' or 'ieee'")
-    bk = self.grad_block_k
-    if bk is not None and (bk < _SUB or bk & (bk - 1)):
-      raise ValueError(f"config.grad_block_k={bk} is not a power of two "
-                       ">= 16")
+    for name in ("grad_block_k", "grad_ut_block_k"):
+      bk = getattr(self, name)
+      if bk is not None and (bk < _SUB or bk & (bk - 1)):
+        raise ValueError(f"config.{name}={bk} is not a power of two >= 16")
 
   def grad_warps(self, f: int) -> int:
     """Warps of the gradient kernel(s) at padded feature dim ``f``."""
@@ -187,6 +195,7 @@ class _S:
   ut_kernels: int = 1
   warps_uwa: int = 4
   reload: bool = False
+  bku: int = 0  # grad_ut_block_k (0: whole F)
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -729,6 +738,83 @@ def _grad_ut_kernel(*refs, s: _S):
   dwq_ref[...] = dwq
 
 
+def _grad_ut_cols_kernel(*refs, s: _S):
+  """``_grad_ut_kernel`` by blocks of ``s.bku`` key columns
+  (``DeltaConfig.grad_ut_block_k``): the same products as
+  ``_ut_key_side``, but no [C, F] float32 tile is ever whole. A first
+  loop over the column blocks accumulates dT's key part dW rk^T, the row
+  sums of (T^T dW) o k, k k^T and q k^T ([C, C] and [C] float32); the
+  [C, C] pull-back through L and A follows; a second loop forms and
+  stores each block of dq and dk (T^T dW again per block, instead of
+  keeping it)."""
+  it = iter(refs)
+  (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, t_ref, do_ref, gv_ref,
+   vn_ref, dqs_ref, dks_ref, dw_ref) = (next(it) for _ in range(13))
+  rc = next(it)[...] if s.has_seg else None
+  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref = (
+      next(it) for _ in range(6))
+  _dot, _dot_tn, _dot_nt = _dots(s)
+  c, dt, bk = s.chunk, k_ref.dtype, s.bku
+  beta, wq = beta_ref[...], wq_ref[...]
+  bw = beta * wq
+  tf = t_ref[...]
+  tb = tf.astype(dt)
+  acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
+                    beta, tb, state=False, ut=True)
+  ncol = k_ref.shape[-1] // bk
+
+  def col(j):
+    return pl.ds(pl.multiple_of(j * bk, bk), bk)
+
+  def first(j, carry):
+    d_t, sk, kk, qk = carry
+    kc = k_ref[:, col(j)]
+    kcf = kc.astype(_F32)
+    dwc = dw_ref[:, col(j)]
+    d_t = d_t + _dot_nt(dwc, (kcf * bw[:, None]).astype(dt))
+    sk = sk + jnp.sum(_dot_tn(tb, dwc) * kcf, axis=1)
+    return (d_t, sk, kk + _dot_nt(kc, kc),
+            qk + _dot_nt(q_ref[:, col(j)], kc))
+
+  zero = jnp.zeros((c, c), _F32)
+  d_t, sk, kk, qk = lax.fori_loop(
+      0, ncol, first, (acc["d_tv"], jnp.zeros((c,), _F32), zero, zero))
+  dbeta = acc["dbeta"] + wq * sk
+  dwq = beta * sk
+  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  strict, incl = cols < rows, cols <= rows
+  if rc is not None:
+    same = rc[:, None] == rc[None, :]
+    strict = jnp.logical_and(strict, same)
+    incl = jnp.logical_and(incl, same)
+  g = gc_ref[...]
+  diff = g[:, None] - g[None, :]
+  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
+  dlk = dl * kk
+  dbeta = dbeta + jnp.sum(dlk, axis=1)
+  dkk = (dl * beta[:, None]).astype(dt)
+  dqk = acc["da"] * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
+  p = dlk * beta[:, None] + dqk * qk
+  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+  dqk = dqk.astype(dt)
+
+  def second(j, carry):
+    kc, qc = k_ref[:, col(j)], q_ref[:, col(j)]
+    dq = dqs_ref[:, col(j)] + _dot(dqk, kc)
+    dk = (dks_ref[:, col(j)] + _dot_tn(tb, dw_ref[:, col(j)]) * bw[:, None]
+          + _dot(dkk, kc) + _dot_tn(dkk, kc) + _dot_tn(dqk, qc))
+    dq_ref[:, col(j)] = dq.astype(dq_ref.dtype)
+    dk_ref[:, col(j)] = dk.astype(dk_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, ncol, second, 0)
+  dbeta_ref[...] = dbeta
+  dgc_ref[...] = dgc
+  dwq_ref[...] = dwq
+
+
 def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
   """dq, dk, dv (per query head), dbeta, dgc, dwq, dwk, ddec: one fused
   kernel, or with ``s.bkg`` the two-kernel split."""
@@ -792,7 +878,8 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
       name="delta_rule_grads_state",
   )(q, k, wq, wk, h, lam, do, gv, vn)
   dq, dk, dv, dbeta, dgc, dwq = per_chunk(
-      _grad_ut_kernel, "delta_rule_grads_ut",
+      _grad_ut_cols_kernel if s.bku and s.bku < f else _grad_ut_kernel,
+      "delta_rule_grads_ut",
       [own(f), kv(f), kv(vp), tok, tok, tok, own(c), own(vp), own(vp),
        own(vp), own(f), own(f), own(f)],
       [q, k, v, beta, gc, wq, t, do, gv, vn, dqs, dks, dw], 3, s.warps_gut)
@@ -926,7 +1013,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          doubling=cfg.diag_inverse == "doubling",
          ieee_inverse=cfg.inverse_dots == "ieee",
          ut_kernels=cfg.ut_kernels, warps_uwa=cfg.num_warps_uwa,
-         reload=cfg.ut_reload,
+         reload=cfg.ut_reload, bku=cfg.grad_ut_block_k or 0,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

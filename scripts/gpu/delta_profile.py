@@ -100,7 +100,8 @@ def _static(t, b, cfg):
                    doubling=cfg.diag_inverse == "doubling",
                    ieee_inverse=cfg.inverse_dots == "ieee",
                    ut_kernels=cfg.ut_kernels, warps_uwa=cfg.num_warps_uwa,
-                   reload=cfg.ut_reload, has_s0=False,
+                   reload=cfg.ut_reload, bku=cfg.grad_ut_block_k or 0,
+                   has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -172,10 +173,13 @@ def _grad_sweep(t, b, q, k, v, beta, g):
   for cfg in (fused, r(fused, num_warps_grad=4),
               r(fused, num_stages_grad=1), r(fused, block_v_grad=32),
               r(d, num_warps_grad=8), d, r(d, num_warps_grad_ut=8),
-              r(d, grad_block_k=32), r(d, num_stages_grad=1)):
+              r(d, grad_block_k=32), r(d, num_stages_grad=1),
+              r(d, grad_ut_block_k=64), r(d, grad_ut_block_k=32),
+              r(d, grad_ut_block_k=64, num_warps_grad_ut=8)):
     sg = _static(t, b, cfg)
     tag = (f"grad-w{sg.warps_grad}/ut-w{sg.warps_gut}/st{sg.stages_grad}"
-           f"/bv{sg.bvg}/bk{sg.bkg or 'F'}")
+           f"/bv{sg.bvg}/bk{sg.bkg or 'F'}"
+           f"{f'/ut-cols{sg.bku}' if sg.bku else ''}")
     try:
       grads = jax.jit(lambda *x, sg=sg: kdelta._grad_call(*x, None, sg))
       pc.line(f"gradient kernel {tag}", b, t,

@@ -235,9 +235,10 @@ def test_delta_pallas_grads_over_value_slices():
 
 def _config_grads_match_scan(name, cfg, *, b, t, n, kh, f, vd, segments,
                              dtype=F32, interpret=True):
-  """delta_rule with ``cfg``: the gradients of every input (gate, GQA,
-  initial state, optional resets) against autodiff of the scan on the same
-  rounded values in float32."""
+  """delta_rule with ``cfg``: the forward alone (output and final state;
+  no residuals stored) and the gradients of every input (gate, GQA,
+  initial state, optional resets) against the scan and its autodiff on the
+  same rounded values in float32."""
   ks = jax.random.split(key_for(name, segments, str(dtype)), 8)
   q = jax.random.normal(ks[0], (b, t, n, f))
   k = jax.random.normal(ks[1], (b, t, kh, f))
@@ -266,6 +267,14 @@ def _config_grads_match_scan(name, cfg, *, b, t, n, kh, f, vd, segments,
     return jnp.sum(out * ct) + jnp.sum(fin * s0)
 
   args = (q, k, v, beta, g, s0)
+  out, fin = jax.jit(lambda *a: delta.delta_rule(
+      *(x.astype(dtype) for x in a[:3]), *a[3:5], resets, scale=0.3,
+      initial_state=a[5], config=cfg, interpret=interpret))(*args)
+  ref, ref_fin = attnjax.delta_rule_attention(
+      q, k, v, beta, gate=g, scale=0.3, initial_state=s0,
+      segment_ids=seg_ids, return_final_state=True, implementation="xla")
+  assert_matches(out, ref, dtype, name="out")
+  assert_matches(fin, ref_fin, dtype, name="final state")
   got = jax.jit(jax.grad(kernel, argnums=range(6)))(*args)
   want = jax.jit(jax.grad(reference, argnums=range(6)))(*args)
   for gname, a, r in zip(("q", "k", "v", "beta", "gate", "state"), got,
@@ -349,24 +358,6 @@ def test_delta_pallas_ut_variants(name, chunk, dtype, segments, opts):
   cfg = delta.DeltaConfig(chunk=chunk, **opts)
   _config_grads_match_scan(f"delta-ut2-{name}", cfg, b=2, t=77, n=4, kh=2,
                            f=24, vd=20, segments=segments, dtype=dtype)
-  # The forward alone (no stored T): output and final state.
-  ks = jax.random.split(key_for("delta-ut2-fwd", name), 6)
-  b, t, n, kh, f, vd = 2, 77, 4, 2, 24, 20
-  q = jax.random.normal(ks[0], (b, t, n, f)).astype(dtype)
-  k = jax.random.normal(ks[1], (b, t, kh, f))
-  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
-  v = jax.random.normal(ks[2], (b, t, kh, vd)).astype(dtype)
-  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, n)))
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, t, n)) + 2.0)
-  s0 = jax.random.normal(ks[5], (b, n, f, vd))
-  out, fin = jax.jit(lambda *a: delta.delta_rule(
-      *a, scale=0.3, initial_state=s0, config=cfg, interpret=True))(
-          q, k, v, beta, g)
-  ref, ref_fin = attnjax.delta_rule_attention(
-      *(x.astype(F32) for x in (q, k, v)), beta, gate=g, scale=0.3,
-      initial_state=s0, return_final_state=True, implementation="xla")
-  assert_matches(out, ref, dtype, name="out")
-  assert_matches(fin, ref_fin, dtype, name="final state")
   _assert_config_rejected(ut_kernels=3)
 
 

@@ -615,6 +615,37 @@ def _state_terms(s: _S, acc, qf, kf, wq, wk):
   return dq, dk, dwq, dwk, -acc["gh"], ddec
 
 
+def _pull_back_scores(s: _S, acc, d_t, sk, tf, kk, qk, g, rc, beta, wq, dt):
+  """The [C, C] part of the UT pull-back: from dT (``d_t``), the row sums
+  ``sk`` of (T^T dW) o k and the loop's dA and dbeta, through
+  dL = -tril(T^T dT T^T, -1), L = beta (k k^T o D) and A = scale
+  (q k^T o D). ``kk``, ``qk``: callables giving k k^T and q k^T (float32)
+  where they are needed. Returns dbeta, wq's part, dL o D o beta and the
+  decayed dA (operand dtype, for the matmuls with k and q) and the
+  cumulative log gates' gradient."""
+  _, _dot_tn, _dot_nt = _dots(s)
+  c = s.chunk
+  dbeta = acc["dbeta"] + wq * sk
+  dwq = beta * sk
+  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  strict, incl = cols < rows, cols <= rows
+  if rc is not None:
+    same = rc[:, None] == rc[None, :]
+    strict = jnp.logical_and(strict, same)
+    incl = jnp.logical_and(incl, same)
+  diff = g[:, None] - g[None, :]
+  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
+  dlk = dl * kk()
+  dbeta = dbeta + jnp.sum(dlk, axis=1)
+  dkk = (dl * beta[:, None]).astype(dt)
+  dqk = acc["da"] * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
+  p = dlk * beta[:, None] + dqk * qk()
+  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
+  return dbeta, dwq, dkk, dqk.astype(dt), dgc
+
+
 def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
                  dk):
   """The key side of the UT pull-back from dW ([C, F], operand dtype) and
@@ -629,25 +660,9 @@ def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
   d_rk = _dot_tn(tb, dw)
   dk = d_rk * bw[:, None] if dk is None else dk + d_rk * bw[:, None]
   sk = jnp.sum(d_rk * kf, axis=1)
-  dbeta = acc["dbeta"] + wq * sk
-  dwq = beta * sk
-  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
-  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  strict, incl = cols < rows, cols <= rows
-  if rc is not None:
-    same = rc[:, None] == rc[None, :]
-    strict = jnp.logical_and(strict, same)
-    incl = jnp.logical_and(incl, same)
-  diff = g[:, None] - g[None, :]
-  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
-  dlk = dl * _dot_nt(k, k)
-  dbeta = dbeta + jnp.sum(dlk, axis=1)
-  dkk = (dl * beta[:, None]).astype(dt)
-  dqk = acc["da"] * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
-  p = dlk * beta[:, None] + dqk * _dot_nt(q, k)
-  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
-  dqk = dqk.astype(dt)
+  dbeta, dwq, dkk, dqk, dgc = _pull_back_scores(
+      s, acc, d_t, sk, tf, lambda: _dot_nt(k, k), lambda: _dot_nt(q, k), g,
+      rc, beta, wq, dt)
   dq = _dot(dqk, k) if dq is None else dq + _dot(dqk, k)
   dk = dk + _dot(dkk, k) + _dot_tn(dkk, k) + _dot_tn(dqk, q)
   return dq, dk, dbeta, dwq, dgc
@@ -714,54 +729,51 @@ def _grad_state_kernel(q_ref, k_ref, wq_ref, wk_ref, h_ref, lam_ref, do_ref,
 
 def _grad_ut_kernel(*refs, s: _S):
   """Split backward, second half: the UT pull-back of one chunk, adding
-  to the first half's dq and dk."""
+  to the first half's dq and dk (whole, or with ``s.bku`` below F by
+  blocks of key columns: ``_ut_key_side_cols``)."""
   it = iter(refs)
   (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, t_ref, do_ref, gv_ref,
    vn_ref, dqs_ref, dks_ref, dw_ref) = (next(it) for _ in range(13))
   rc = next(it)[...] if s.has_seg else None
   dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref = (
       next(it) for _ in range(6))
-  q, k = q_ref[...], k_ref[...]
+  cols = s.bku and s.bku < k_ref.shape[-1]
+  if not cols:
+    q, k = q_ref[...], k_ref[...]
   beta, wq = beta_ref[...], wq_ref[...]
   tf = t_ref[...]
-  tb = tf.astype(k.dtype)
+  tb = tf.astype(k_ref.dtype)
   acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
                     beta, tb, state=False, ut=True)
-  # The first half's dq and dk join at the store (not live through here).
-  dq, dk, dbeta, dwq, dgc = _ut_key_side(
-      s, acc, q, k, k.astype(_F32), beta, gc_ref[...], wq, tf, tb, rc,
-      dw_ref[...], None, None)
-  dq_ref[...] = (dq + dqs_ref[...]).astype(dq_ref.dtype)
-  dk_ref[...] = (dk + dks_ref[...]).astype(dk_ref.dtype)
+  if cols:
+    dbeta, dwq, dgc = _ut_key_side_cols(
+        s, acc, (q_ref, k_ref, dw_ref, dqs_ref, dks_ref, dq_ref, dk_ref,
+                 gc_ref), beta, wq, tf, tb, rc)
+  else:
+    # The first half's dq and dk join at the store (not live through here).
+    dq, dk, dbeta, dwq, dgc = _ut_key_side(
+        s, acc, q, k, k.astype(_F32), beta, gc_ref[...], wq, tf, tb, rc,
+        dw_ref[...], None, None)
+    dq_ref[...] = (dq + dqs_ref[...]).astype(dq_ref.dtype)
+    dk_ref[...] = (dk + dks_ref[...]).astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
   dgc_ref[...] = dgc
   dwq_ref[...] = dwq
 
 
-def _grad_ut_cols_kernel(*refs, s: _S):
-  """``_grad_ut_kernel`` by blocks of ``s.bku`` key columns
-  (``DeltaConfig.grad_ut_block_k``): the same products as
-  ``_ut_key_side``, but no [C, F] float32 tile is ever whole. A first
-  loop over the column blocks accumulates dT's key part dW rk^T, the row
-  sums of (T^T dW) o k, k k^T and q k^T ([C, C] and [C] float32); the
-  [C, C] pull-back through L and A follows; a second loop forms and
-  stores each block of dq and dk (T^T dW again per block, instead of
-  keeping it)."""
-  it = iter(refs)
-  (q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref, t_ref, do_ref, gv_ref,
-   vn_ref, dqs_ref, dks_ref, dw_ref) = (next(it) for _ in range(13))
-  rc = next(it)[...] if s.has_seg else None
-  dq_ref, dk_ref, dv_ref, dbeta_ref, dgc_ref, dwq_ref = (
-      next(it) for _ in range(6))
+def _ut_key_side_cols(s: _S, acc, refs, beta, wq, tf, tb, rc):
+  """``_ut_key_side`` by blocks of ``s.bku`` key columns
+  (``DeltaConfig.grad_ut_block_k``) for the split backward: the same
+  products, but no [C, F] float32 tile is ever whole. A first loop over
+  the column blocks accumulates dT's key part dW rk^T, the row sums of
+  (T^T dW) o k, k k^T and q k^T ([C, C] and [C] float32); the [C, C]
+  pull-back follows; a second loop forms each block of dq and dk (T^T dW
+  again per block, instead of keeping it), adds the first half's and
+  stores it. Returns dbeta, wq's part and the log gates' gradient."""
+  q_ref, k_ref, dw_ref, dqs_ref, dks_ref, dq_ref, dk_ref, gc_ref = refs
   _dot, _dot_tn, _dot_nt = _dots(s)
   c, dt, bk = s.chunk, k_ref.dtype, s.bku
-  beta, wq = beta_ref[...], wq_ref[...]
   bw = beta * wq
-  tf = t_ref[...]
-  tb = tf.astype(dt)
-  acc = _value_loop(s, (None, None, do_ref, gv_ref, vn_ref, v_ref, dv_ref),
-                    beta, tb, state=False, ut=True)
-  ncol = k_ref.shape[-1] // bk
 
   def col(j):
     return pl.ds(pl.multiple_of(j * bk, bk), bk)
@@ -776,29 +788,13 @@ def _grad_ut_cols_kernel(*refs, s: _S):
     return (d_t, sk, kk + _dot_nt(kc, kc),
             qk + _dot_nt(q_ref[:, col(j)], kc))
 
+  ncol = k_ref.shape[-1] // bk
   zero = jnp.zeros((c, c), _F32)
   d_t, sk, kk, qk = lax.fori_loop(
       0, ncol, first, (acc["d_tv"], jnp.zeros((c,), _F32), zero, zero))
-  dbeta = acc["dbeta"] + wq * sk
-  dwq = beta * sk
-  x = _dot_nt(_dot_tn(tf, d_t), tf)  # T^T dT T^T (float32 operands)
-  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  strict, incl = cols < rows, cols <= rows
-  if rc is not None:
-    same = rc[:, None] == rc[None, :]
-    strict = jnp.logical_and(strict, same)
-    incl = jnp.logical_and(incl, same)
-  g = gc_ref[...]
-  diff = g[:, None] - g[None, :]
-  dl = -x * jnp.exp(jnp.where(strict, diff, -jnp.inf))  # dL o D
-  dlk = dl * kk
-  dbeta = dbeta + jnp.sum(dlk, axis=1)
-  dkk = (dl * beta[:, None]).astype(dt)
-  dqk = acc["da"] * (jnp.exp(jnp.where(incl, diff, -jnp.inf)) * s.scale)
-  p = dlk * beta[:, None] + dqk * qk
-  dgc = jnp.sum(p, axis=1) - jnp.sum(p, axis=0)
-  dqk = dqk.astype(dt)
+  dbeta, dwq, dkk, dqk, dgc = _pull_back_scores(
+      s, acc, d_t, sk, tf, lambda: kk, lambda: qk, gc_ref[...], rc, beta,
+      wq, dt)
 
   def second(j, carry):
     kc, qc = k_ref[:, col(j)], q_ref[:, col(j)]
@@ -810,9 +806,7 @@ def _grad_ut_cols_kernel(*refs, s: _S):
     return carry
 
   lax.fori_loop(0, ncol, second, 0)
-  dbeta_ref[...] = dbeta
-  dgc_ref[...] = dgc
-  dwq_ref[...] = dwq
+  return dbeta, dwq, dgc
 
 
 def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
@@ -878,8 +872,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
       name="delta_rule_grads_state",
   )(q, k, wq, wk, h, lam, do, gv, vn)
   dq, dk, dv, dbeta, dgc, dwq = per_chunk(
-      _grad_ut_cols_kernel if s.bku and s.bku < f else _grad_ut_kernel,
-      "delta_rule_grads_ut",
+      _grad_ut_kernel, "delta_rule_grads_ut",
       [own(f), kv(f), kv(vp), tok, tok, tok, own(c), own(vp), own(vp),
        own(vp), own(f), own(f), own(f)],
       [q, k, v, beta, gc, wq, t, do, gv, vn, dqs, dks, dw], 3, s.warps_gut)

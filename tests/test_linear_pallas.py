@@ -131,6 +131,25 @@ def test_pallas_interpret_gate_gradient_h128_bf16():
   check_against_scan(case, "pallas")
 
 
+@pytest.mark.parametrize("n,b", [(3, 1), (1, 2), (1, 1), (2, 3)])
+def test_flat_call_keeps_the_grid_indices(n, b):
+  """_flat_call: with one head or one batch the (g0, heads, batch) grid
+  runs on two axes (no constant program id at batch 1); every program
+  still gets its own (g0, head, batch) blocks, in and out."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  g0 = 4
+  x = jnp.arange(b * n * g0 * 8, dtype=F32).reshape(b, n, g0 * 8)
+  spec = pl.BlockSpec((None, None, 8), lambda i, n_, b_: (b_, n_, i))
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2.0 + 1.0
+
+  out = kernels._flat_call(
+      kernel, grid=(g0, n, b), in_specs=[spec], out_specs=spec,
+      out_shape=jax.ShapeDtypeStruct(x.shape, F32), interpret=True)(x)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(x * 2.0 + 1.0))
+
+
 def test_auto_splits():
   # Enough (batch, head) programs to fill whole waves: no split.
   assert kernels._auto_splits(256, 64, 132) == 1

@@ -72,8 +72,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.linear_scan.kernels import (_dots, _num_sms, _pad_axis,
-                                                _padded_dim)
+from pallas_kernels.linear_scan.kernels import (_dots, _flat_call, _num_sms,
+                                                _pad_axis, _padded_dim)
 
 __all__ = ["ChannelConfig", "channel_gated_linear_attention"]
 
@@ -429,7 +429,7 @@ def _fwd_call(q, k, v, gc, s0, s: _S):
   if s.has_s0:
     in_specs.append(_state(f, s.bv, by_row=False))
     args.append(s0)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_fwd_kernel, s=s),
       grid=(vp // s.bv, n, b),
       in_specs=in_specs,
@@ -459,7 +459,7 @@ def _dq_call(q, k, v, do, gc, s0, s: _S):
     in_specs.append(_state(s.bf, vp, by_row=True))
     args.append(s0)
   blk = _blk(tp, s.bf, lambda x: x, lambda j: j)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dq_kernel, s=s),
       grid=(f // s.bf, n, b),
       in_specs=in_specs,
@@ -483,7 +483,7 @@ def _dk_call(q, k, v, do, gc, hs, dfinal, s: _S):
                _state(s.bf, vp, by_row=True)]
   args += [hs, dfinal]
   blk = _blk(tp, s.bf, lambda x: x, lambda j: j)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dk_kernel, s=s),
       grid=(f // s.bf, n, b),
       in_specs=in_specs,
@@ -503,7 +503,7 @@ def _dv_call(q, k, do, gc, dfinal, s: _S):
   in_specs = [_blk(tp, f, same, zero), _blk(tp, f, kv, zero),
               _blk(tp, s.bv, same, col), _blk(tp, f, same, zero),
               _state(f, s.bv, by_row=False)]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dv_kernel, s=s),
       grid=(vp // s.bv, n, b),
       in_specs=in_specs,
@@ -1017,7 +1017,7 @@ def _scores_call(q, k, gs, seg, s: _S):
   in_specs, args = _with_seg(
       s, [_chunk_rows(s, same, f), _chunk_rows(s, kv, f),
           _chunk_rows(s, same, f)], [q, k, gs], seg)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_scores_kernel, s=s),
       grid=(s.nc, n, b),
       in_specs=in_specs,
@@ -1108,7 +1108,7 @@ def _sweep_call(qd, kd, v, a, dec, s0, s: _S, store: bool,
     name = "linear_scan_channel_states" + ("" if store else "_ends")
   elif store:
     name = "linear_scan_channel_sweep_states"
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_sweep_kernel, s=s, store=store, output=output),
       grid=(blk["grid0"], n, b),
       in_specs=in_specs,
@@ -1144,7 +1144,7 @@ def _output_call(qd, v, a, hs, s: _S):
                               lambda i, n_, b_: (b_, n_, i // nv // ncl, 0,
                                                  i % nv))]
   args = [qd, v, a, *(hs if carried else [hs])]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_output_kernel, s=s, carried=carried),
       grid=(s.nc * nv, n, b),
       in_specs=in_specs,
@@ -1201,7 +1201,7 @@ def _dstate_call(qd, do, dec, dfinal, s: _S, store: bool = True):
   if store:
     out_specs.insert(0, blk["hs"])
     out_shape.insert(0, jax.ShapeDtypeStruct((b, n, s.nc, f, vp), qd.dtype))
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dstate_kernel, s=s, store=store),
       grid=(blk["grid0"], n, b),
       in_specs=[blk["rows"], blk["val_head"], blk["dec"], blk["st"]],
@@ -1322,7 +1322,7 @@ def _dadv_call(a, do, v, kd, dhs, seg, s: _S):
           pl.BlockSpec((None, None, None, f, vp),
                        lambda i, n_, b_: (b_, n_, i, 0, 0))],
       [a, do, v, kd, dhs], seg)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dadv_kernel, s=s),
       grid=(s.nc, n, b),
       in_specs=in_specs,
@@ -1360,7 +1360,7 @@ def _grad_call(q, k, v, do, gs, da, hs, dhs, seg, s: _S):
                         lambda i, n_, b_: (b_, n_, i // nf, 0)), st, st]
   in_specs, args = _with_seg(s, specs, [q, k, v, do, gs, da, hs, dhs], seg,
                              chunk_of=lambda i: i // nf)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_grad_kernel, s=s),
       grid=(s.nc * nf, n, b),
       in_specs=in_specs,

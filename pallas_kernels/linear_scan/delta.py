@@ -56,7 +56,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_scan import tril_inverse
 from pallas_kernels.linear_scan.kernels import (
-    _block_weights, _dots, _last, _num_sms, _pad_axis, _padded_dim)
+    _block_weights, _dots, _flat_call, _last, _num_sms, _pad_axis,
+    _padded_dim)
 
 __all__ = ["DeltaConfig", "delta_rule"]
 
@@ -387,7 +388,7 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
           jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
           jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)]
   segs = ([seg], [rc]) if s.has_seg else ([], [])
-  call = functools.partial(pl.pallas_call, grid=(s.nc, n, b),
+  call = functools.partial(_flat_call, grid=(s.nc, n, b),
                            interpret=s.interpret)
   if s.ut_kernels == 2:
     t = call(
@@ -524,7 +525,7 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool):
     out_specs = [col, _state_spec(f, bv)]
     out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_fwd_kernel, s=s, store=store),
       grid=(vp // bv, n, b),
       in_specs=specs,
@@ -544,7 +545,7 @@ def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
   specs += [col, _state_spec(f, bv)]
   args += [do, dfin]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_bwd_kernel, s=s),
       grid=(vp // bv, n, b),
       in_specs=specs,
@@ -828,7 +829,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
     """One program per (chunk, head, batch): dq, dk, dv, n_tok [C] rows."""
     if s.has_seg:
       in_specs, args = in_specs + [seg], args + [rc]
-    return pl.pallas_call(
+    return _flat_call(
         functools.partial(kernel, s=s),
         grid=(s.nc, n, b),
         in_specs=in_specs,
@@ -859,7 +860,7 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
   part = pl.BlockSpec((None, None, None, c),
                       lambda i, n_, b_: (b_, i % nk, n_, i // nk))
   parts = jax.ShapeDtypeStruct((b, nk, n, tp), _F32)
-  dqs, dks, dw, dwq_s, dwk, ddec = pl.pallas_call(
+  dqs, dks, dw, dwq_s, dwk, ddec = _flat_call(
       functools.partial(_grad_state_kernel, s=s),
       grid=(s.nc * nk, n, b),
       in_specs=[cols(lambda n_: n_), cols(lambda n_: n_ // s.rep), tok_k,

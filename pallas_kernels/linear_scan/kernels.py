@@ -850,6 +850,39 @@ def _pad_axis(x, axis, size):
   return jnp.pad(x, widths)
 
 
+def _flat_call(kernel, *, grid, in_specs, out_specs, **kwargs):
+  """``pl.pallas_call`` over a (g0, heads, batch) ``grid``; when heads or
+  batch is 1, launched on two axes, (g0, heads * batch).
+
+  Pallas' Triton lowering makes the program id of a grid axis of size 1 a
+  constant 0, and the kernels compiled that way took many more registers:
+  compiled for an H100 at batch 1, the GLA scores kernel used 255
+  registers against 168 at any larger batch (and took 1.08 against 0.87
+  ms on an H200 for the same work, run38), the GLA forward sweep 248
+  against 184, the delta rule's forward sweep 254 against 184 and its
+  reverse sweep 255 (spilling) against 198. With heads and batch on one
+  axis the batch is not a constant, and at batch 1 they compile as at
+  larger batches (168, 212, 184, 200). Larger grids keep three axes (the
+  form the measured kernels were compiled in: merging there changed the
+  registers by a few either way). One flat axis for the whole grid
+  compiled worse at every batch (the scores kernel at 255). The index
+  maps take (g0, head, batch) indices either way; kernels must not read
+  ``pl.program_id`` themselves.
+  """
+  g0, n, b = (int(x) for x in grid)
+  if n > 1 and b > 1:
+    return pl.pallas_call(kernel, grid=(g0, n, b), in_specs=in_specs,
+                          out_specs=out_specs, **kwargs)
+
+  def flat(spec):
+    return dataclasses.replace(
+        spec, index_map=lambda i, j, m=spec.index_map: m(i, j % n, j // n))
+
+  return pl.pallas_call(kernel, grid=(g0, n * b),
+                        in_specs=jax.tree.map(flat, in_specs),
+                        out_specs=jax.tree.map(flat, out_specs), **kwargs)
+
+
 def _num_sms() -> int:
   try:
     dev = jax.devices()[0]

@@ -131,23 +131,35 @@ def test_pallas_interpret_gate_gradient_h128_bf16():
   check_against_scan(case, "pallas")
 
 
+@pytest.mark.parametrize("splits", [None, 2])
 @pytest.mark.parametrize("n,b", [(3, 1), (1, 2), (1, 1), (2, 3)])
-def test_flat_call_keeps_the_grid_indices(n, b):
-  """_flat_call: with one head or one batch the (g0, heads, batch) grid
-  runs on two axes (no constant program id at batch 1); every program
-  still gets its own (g0, head, batch) blocks, in and out."""
+def test_flat_call_keeps_the_grid_indices(n, b, splits):
+  """_flat_call: with one head or one batch the (g0, heads, [splits,]
+  batch) grid runs as (g0, heads * batch[, splits]) (no constant program
+  id at batch 1); every program still gets its own blocks, in and out,
+  and the splits stay grid axis 2 (pl.program_id(2))."""
   from jax.experimental import pallas as pl  # noqa: PLC0415
   g0 = 4
-  x = jnp.arange(b * n * g0 * 8, dtype=F32).reshape(b, n, g0 * 8)
-  spec = pl.BlockSpec((None, None, 8), lambda i, n_, b_: (b_, n_, i))
+  ns = splits or 1
+  x = jnp.arange(b * n * ns * g0 * 8, dtype=F32).reshape(b, n, ns, g0 * 8)
+  if splits:
+    grid = (g0, n, splits, b)
+    spec = pl.BlockSpec((None, None, None, 8),
+                        lambda i, n_, sp, b_: (b_, n_, sp, i))
+  else:
+    grid = (g0, n, b)
+    spec = pl.BlockSpec((None, None, None, 8),
+                        lambda i, n_, b_: (b_, n_, 0, i))
 
   def kernel(x_ref, o_ref):
-    o_ref[...] = x_ref[...] * 2.0 + 1.0
+    sp = pl.program_id(2).astype(F32) if splits else 0.0
+    o_ref[...] = x_ref[...] * 2.0 + 1000.0 * sp
 
   out = kernels._flat_call(
-      kernel, grid=(g0, n, b), in_specs=[spec], out_specs=spec,
+      kernel, grid=grid, in_specs=[spec], out_specs=spec,
       out_shape=jax.ShapeDtypeStruct(x.shape, F32), interpret=True)(x)
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(x * 2.0 + 1.0))
+  want = x * 2.0 + 1000.0 * jnp.arange(ns, dtype=F32)[:, None]
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
 def test_auto_splits():

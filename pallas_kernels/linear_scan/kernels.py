@@ -507,7 +507,7 @@ def _fwd_call(q, k, v, prep, starts, s: _Static):
     in_specs.append(_state_spec(f, bv))
     args.append(starts)
   grid = (vp // bv, n, s.splits, b)
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_fwd_kernel, s=s),
       grid=grid,
       in_specs=in_specs,
@@ -532,7 +532,7 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int):
       _blk(tp, bv, lambda x: x // b_rep, lambda j: j),
       pl.BlockSpec((None, None, tp), lambda j, n_, sp, b: (b, n_, 0)),
   ]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_gram_kernel, s=s),
       grid=(vp // bv, n, s.splits, bsz),
       in_specs=in_specs,
@@ -577,7 +577,7 @@ def _dq_call(q, k, v, do, prep, starts, s: _Static):
     out_shape += [jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32),
                   jax.ShapeDtypeStruct((b, n, s.splits * s.cps, f, vp),
                                        q.dtype)]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dq_kernel, s=s),
       grid=(f // bf, n, s.splits, b),
       in_specs=in_specs,
@@ -601,7 +601,7 @@ def _dv_call(q, k, do, prep, ds_end, s: _Static):
               _blk(tp, bv, same, col)] + _specs_tokens(tp, s)
   in_specs.append(_state_spec(f, bv))
   args = [q, k, do] + _token_args(prep, s) + [ds_end]
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dv_kernel, s=s),
       grid=(vp // bv, n, s.splits, b),
       in_specs=in_specs,
@@ -631,7 +631,7 @@ def _dk_call(q, k, v, do, prep, chunk_states, ds_end, s: _Static):
     out_specs.append(pl.BlockSpec((None, None, None, tp),
                                   lambda j, n_, sp, b_: (j, b_, n_, 0)))
     out_shape.append(jax.ShapeDtypeStruct((f // bf, b, n, tp), _F32))
-  return pl.pallas_call(
+  return _flat_call(
       functools.partial(_dk_kernel, s=s),
       grid=(f // bf, n, s.splits, b),
       in_specs=in_specs,
@@ -851,8 +851,8 @@ def _pad_axis(x, axis, size):
 
 
 def _flat_call(kernel, *, grid, in_specs, out_specs, **kwargs):
-  """``pl.pallas_call`` over a (g0, heads, batch) ``grid``; when heads or
-  batch is 1, launched on two axes, (g0, heads * batch).
+  """``pl.pallas_call`` over a (g0, heads, [splits,] batch) ``grid``; when
+  heads or batch is 1, launched as (g0, heads * batch[, splits]).
 
   Pallas' Triton lowering makes the program id of a grid axis of size 1 a
   constant 0, and the kernels compiled that way took many more registers:
@@ -860,25 +860,28 @@ def _flat_call(kernel, *, grid, in_specs, out_specs, **kwargs):
   registers against 168 at any larger batch (and took 1.08 against 0.87
   ms on an H200 for the same work, run38), the GLA forward sweep 248
   against 184, the delta rule's forward sweep 254 against 184 and its
-  reverse sweep 255 (spilling) against 198. With heads and batch on one
-  axis the batch is not a constant, and at batch 1 they compile as at
-  larger batches (168, 212, 184, 200). Larger grids keep three axes (the
-  form the measured kernels were compiled in: merging there changed the
+  reverse sweep 255 (spilling) against 198, the scalar-gate forward 255
+  (spilling) against 254 and its dk kernel 254 against 238. With heads and
+  batch on one axis the batch is not a constant, and at batch 1 they
+  compile as at larger batches. Larger grids keep their axes (the form
+  the measured kernels were compiled in: merging there changed the
   registers by a few either way). One flat axis for the whole grid
   compiled worse at every batch (the scores kernel at 255). The index
-  maps take (g0, head, batch) indices either way; kernels must not read
-  ``pl.program_id`` themselves.
+  maps take the original indices either way, and the splits stay grid
+  axis 2 (``pl.program_id(2)``); kernels must not read the other program
+  ids.
   """
-  g0, n, b = (int(x) for x in grid)
+  g0, n, *mid, b = (int(x) for x in grid)
   if n > 1 and b > 1:
-    return pl.pallas_call(kernel, grid=(g0, n, b), in_specs=in_specs,
+    return pl.pallas_call(kernel, grid=tuple(grid), in_specs=in_specs,
                           out_specs=out_specs, **kwargs)
 
   def flat(spec):
     return dataclasses.replace(
-        spec, index_map=lambda i, j, m=spec.index_map: m(i, j % n, j // n))
+        spec, index_map=lambda i, j, *rest, m=spec.index_map: m(
+            i, j % n, *rest, j // n))
 
-  return pl.pallas_call(kernel, grid=(g0, n * b),
+  return pl.pallas_call(kernel, grid=(g0, n * b, *mid),
                         in_specs=jax.tree.map(flat, in_specs),
                         out_specs=jax.tree.map(flat, out_specs), **kwargs)
 

@@ -220,12 +220,14 @@ def test_channel_resets_match_scan(name, opts):
   check_against_scan(case, "pallas", chunk_size=chunk)
 
 
-def test_channel_factored_diag_resets():
+@pytest.mark.parametrize("diag", ["factored", "factored_rows"])
+def test_channel_factored_diag_resets(diag):
   """Factored diagonal blocks with packed sequences (the scores and dA
-  masks at segment boundaries apply to either branch)."""
-  cfg = channel.ChannelConfig(diag="factored", block_f=16, block_v=16)
-  _direct_matches_scan("factored_resets", cfg, b=2, t=70, n=4, kh=2, f=24,
-                       vd=20, strength=2.5, segments=True)
+  masks at segment boundaries apply to either branch, and to either
+  fallback)."""
+  cfg = channel.ChannelConfig(diag=diag, block_f=16, block_v=16)
+  _direct_matches_scan(f"factored_resets_{diag}", cfg, b=2, t=70, n=4, kh=2,
+                       f=24, vd=20, strength=2.5, segments=True)
 
 
 def test_channel_xla_gate_sums_resets():
@@ -356,6 +358,14 @@ _PAIRS = dict(diag="pairs")
     ("c32_strong_mqa_factored", 32, F32, 1, 20.0, dict(diag="factored")),
     ("c32_mixed_factored", 32, F32, 2, 2.5, dict(diag="factored")),
     ("c64_bf16_factored", 64, BF16, 2, 1.0, dict(diag="factored")),
+    # The same with the elementwise fallback as a loop over key rows
+    # (diag="factored_rows"): strong gates (the fallback everywhere),
+    # mixed, bf16 strong with four sub-chunks.
+    ("c32_strong_mqa_factored_rows", 32, F32, 1, 20.0,
+     dict(diag="factored_rows")),
+    ("c32_mixed_factored_rows", 32, F32, 2, 2.5, dict(diag="factored_rows")),
+    ("c64_bf16_strong_factored_rows", 64, BF16, 2, 20.0,
+     dict(diag="factored_rows")),
     ("c64_bf16_pairs", 64, BF16, 2, 1.0, _PAIRS),
     # One sub-chunk per chunk (no off-diagonal blocks).
     ("c16_gqa", 16, F32, 2, 1.0, {}),
@@ -590,7 +600,7 @@ def test_gpu_channel_long_sequence_deterministic():
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
                                     "separate32", "resets32", "factored32",
                                     "unroll32", "split32", "fsplit32",
-                                    "xla_sums32"])
+                                    "xla_sums32", "rows32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -606,10 +616,14 @@ def test_gpu_channel_direct(dtype, layout):
           "split32": dict(chunk=32, separate_output=True, block_f_state=64,
                           sweep_unroll=4, seq_splits=4),
           "fsplit32": dict(chunk=32, sweep_unroll=2, seq_splits=4),
+          "rows32": dict(chunk=32, diag="factored_rows"),
           "xla_sums32": dict(chunk=32, kernel_cumsum=False)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
+  # rows32: gates strong enough that some diagonal blocks take the
+  # fallback (the loop over key rows) and some the matmul.
   _direct_matches_scan(f"gpu-{layout}", cfg, b=2, t=300, n=8, kh=2, f=128,
                        vd=128, dtype=dtype, interpret=False,
+                       strength=2.5 if layout == "rows32" else 1.0,
                        segments=layout in ("resets32", "xla_sums32",
                                            "fsplit32"))

@@ -123,7 +123,14 @@ class ChannelConfig:
       gradient kernel's two diagonal matmuls take float32 operands (TF32
       x3 on the GPU): with bf16 ones the gate gradient, a difference
       q dq - k dk of large terms, came out 5-25% off once summed into a
-      fixed decay's gradient (run31).
+      fixed decay's gradient (run31). "factored_rows": the same, but the
+      gradient kernel's elementwise fallback loops over the 16 key rows
+      (one [16, block_f] tile of exponentials a step, used for both dq
+      and dk) instead of forming a [16, 16, block_f] tile. The rarely
+      taken fallback set the kernel's register count: compiled for an
+      H100 (block_f 32, 4 warps) 255 registers, 168 with the loop, so 3
+      programs fit a multiprocessor instead of 2 (and block_f 64 no longer
+      spills). Opt-in, not yet timed on a GPU.
     sweep_unroll: chunk-parallel only: chunks per loop iteration of the
       sequential sweeps (forward states and the state gradient), their
       state-independent matmuls issued together ahead of the carried
@@ -216,6 +223,7 @@ class _S:
   unroll: int = 1  # chunks per loop iteration of the chunk-parallel sweeps
   splits: int = 1  # sequence splits of the chunk-parallel sweeps
   kcs: bool = False  # kernel_cumsum: the gate refs hold raw log gates
+  rows_fallback: bool = False  # diag == "factored_rows"
 
 
 def _params(s: _S, bwd: bool = False):
@@ -963,7 +971,11 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
         up, down = _mid_factors(gs, gates, r, every)
         da = da_ref[_sub(r), _sub(r)]
         return up * _dot(da, k * down), down * _dot_tn(da, q * up)
-      ddq, ddk = lax.cond(_factorable(tot[r], s), by_matmul, pairs)
+      fallback = pairs
+      if s.rows_fallback:
+        fallback = functools.partial(_diag_by_rows, da_ref[_sub(r), _sub(r)],
+                                     q, k, gs)
+      ddq, ddk = lax.cond(_factorable(tot[r], s), by_matmul, fallback)
     else:
       ddq, ddk = pairs()
     dq = dq + ddq
@@ -990,6 +1002,32 @@ def _grad_kernel(q_ref, k_ref, v_ref, do_ref, gs_ref, da_ref, hs_ref, dhs_ref,
   for r in reversed(range(ns)):
     dg_ref[_sub(r), :] = _dot(upper, dgs[r]) + later[None, :]
     later = later + jnp.sum(dgs[r], axis=0)
+
+
+def _diag_by_rows(da, q, k, gs):
+  """The diagonal [16, 16] sub-block's dq and dk contributions,
+  ddq_i = sum_{j <= i} da_ij exp(G_i - G_j) k_j and ddk_j = sum_{i >= j}
+  da_ij exp(G_i - G_j) q_i, in a loop over the key row j (one [16, fb]
+  tile of exponentials per step, each used for both) instead of as one
+  [16, 16, fb] tile (``ChannelConfig.diag="factored_rows"``'s fallback:
+  that tile set the gradient kernel's register count)."""
+  rows = lax.broadcasted_iota(jnp.int32, q.shape, 0)
+  cols = lax.broadcasted_iota(jnp.int32, da.shape, 1)
+
+  def row(x, m):  # row m of x [16, fb] as [1, fb]
+    return jnp.sum(jnp.where(rows == m, x, 0.0), axis=0)[None, :]
+
+  def body(m, carry):
+    ddq, ddk = carry
+    da_m = jnp.sum(jnp.where(cols == m, da, 0.0), axis=1)  # da[:, m]
+    e = jnp.exp(jnp.where(rows >= m, gs - row(gs, m), -jnp.inf))
+    w = da_m[:, None] * e  # da_im exp(G_i - G_m), i >= m
+    ddq = ddq + w * row(k, m)
+    ddk = jnp.where(rows == m, jnp.sum(w * q, axis=0)[None, :], ddk)
+    return ddq, ddk
+
+  zero = jnp.zeros(q.shape, _F32)
+  return lax.fori_loop(0, q.shape[0], body, (zero, zero))
 
 
 def _chunk_rows(s: _S, head, width):
@@ -1443,8 +1481,9 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             upcast=interpret and jax.default_backend() == "cpu", rep=rep,
             par=cfg.chunk_parallel, sep=cfg.separate_output,
             fs=min(cfg.block_f_state or fp, fp), seg=seg,
-            factor_bound=_factor_bound(dtype) if cfg.diag == "factored"
-            else 0.0, unroll=cfg.sweep_unroll, splits=cfg.seq_splits,
+            factor_bound=_factor_bound(dtype) if cfg.diag != "pairs"
+            else 0.0, rows_fallback=cfg.diag == "factored_rows",
+            unroll=cfg.sweep_unroll, splits=cfg.seq_splits,
             kcs=cfg.chunk_parallel and cfg.kernel_cumsum is not False)
 
 
@@ -1530,9 +1569,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
                               "kernels does not take resets")
   if resets is not None and resets.shape != (b, t):
     raise ValueError(f"resets has shape {resets.shape}, expected {(b, t)}")
-  if cfg.diag not in ("pairs", "factored"):
-    raise ValueError(f"config.diag={cfg.diag!r} is not 'pairs' or "
-                     "'factored'")
+  if cfg.diag not in ("pairs", "factored", "factored_rows"):
+    raise ValueError(f"config.diag={cfg.diag!r} is not 'pairs', "
+                     "'factored' or 'factored_rows'")
   if cfg.sweep_unroll < 1:
     raise ValueError(f"config.sweep_unroll={cfg.sweep_unroll} is not >= 1")
   if cfg.seq_splits < 1:

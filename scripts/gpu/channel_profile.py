@@ -69,6 +69,12 @@ CONFIGS = {
     "par c32 fsplit16 u2 fs64": C(seq_splits=16, block_f_state=64),
     "par c32 fsplit16 u4 fs64": C(seq_splits=16, block_f_state=64,
                                   sweep_unroll=4),
+    # The gradient kernel's elementwise fallback as a loop over key rows
+    # (diag="factored_rows"): 168 registers instead of 255 (H100 compile).
+    "par c32 rows": C(diag="factored_rows"),
+    "par c32 rows wb8": C(diag="factored_rows", num_warps_bwd=8),
+    "par c32 rows bf64": C(diag="factored_rows", block_f=64),
+    "par c32 rows fsplit16": C(diag="factored_rows", seq_splits=16),
     "par c32 sep fs64 u4 split4 xla sums": C(separate_output=True,
                                              block_f_state=64,
                                              sweep_unroll=4, seq_splits=4,

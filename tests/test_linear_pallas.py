@@ -162,6 +162,37 @@ def test_flat_call_keeps_the_grid_indices(n, b, splits):
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
+@pytest.mark.parametrize("family", ["scalar", "channel", "delta"])
+def test_batch_one_kernels_under_vmap(family):
+  """Each kernel family at batch 1 (heads and batch on one grid axis)
+  under jax.vmap, whose batching rule adds a grid axis of its own: the
+  same outputs as calling it per element."""
+  from pallas_kernels.linear_scan import channel, delta  # noqa: PLC0415
+  ks = jax.random.split(key_for("vmap-batch-one", family), 5)
+  lead, b, t, n, f = 2, 1, 40, 3, 16
+  q = jax.random.normal(ks[0], (lead, b, t, n, f))
+  k = jax.random.normal(ks[1], (lead, b, t, n, f))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (lead, b, t, n, f))
+  g = -jax.nn.softplus(jax.random.normal(ks[3], (lead, b, t, n, f)))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[4], (lead, b, t, n)))
+
+  def fn(q, k, v, g, beta):
+    if family == "scalar":
+      return kernels.chunked_linear_attention(q, k, v, g[..., 0], scale=0.3,
+                                              interpret=True)[0]
+    if family == "channel":
+      return channel.channel_gated_linear_attention(
+          q, k, v, g, scale=0.3, interpret=True)[0]
+    return delta.delta_rule(q, k, v, beta, g[..., 0], scale=0.3,
+                            interpret=True)[0]
+
+  out = jax.vmap(fn)(q, k, v, g, beta)
+  want = jnp.stack([fn(q[i], k[i], v[i], g[i], beta[i]) for i in range(lead)])
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_auto_splits():
   # Enough (batch, head) programs to fill whole waves: no split.
   assert kernels._auto_splits(256, 64, 132) == 1

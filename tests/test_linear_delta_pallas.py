@@ -152,9 +152,6 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(grad_block_k=None)),
     (F32, 128, True, dict(diag_inverse="substitution")),
     (BF16, 128, False, dict(inverse_dots="ieee")),
-    (BF16, 128, True, dict(ut_kernels=2)),
-    (F32, 64, False, dict(ut_kernels=2, ut_reload=True)),
-    (BF16, 128, True, dict(ut_reload=True)),
     (BF16, 128, True, dict(grad_ut_block_k=32))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
@@ -176,12 +173,10 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   bk = delta.DeltaConfig(**cfg).grad_block_k
   grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
            if bk and bk < h else ("delta_rule_grads",))
-  ut = (("delta_rule_inverse", "delta_rule_uwa")
-        if cfg.get("ut_kernels") == 2 else ("delta_rule_ut",))
-  for name in ut + ("delta_rule_fwd", "delta_rule_fwd_states",
-                    "delta_rule_bwd") + grads:
+  for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
+               "delta_rule_bwd") + grads:
     assert name in text, name
-  assert text.count("__gpu$xla.gpu.triton") == 3 + len(ut) + len(grads)
+  assert text.count("__gpu$xla.gpu.triton") == 4 + len(grads)
 
 
 # ----------------------------------------------------------------------------
@@ -345,30 +340,12 @@ def test_delta_pallas_substitution_inverse():
   _assert_config_rejected(inverse_dots="tf32")
 
 
-@pytest.mark.parametrize("name,chunk,dtype,segments,opts", [
-    ("c64_f32_resets", 64, F32, True, dict(ut_kernels=2)),
-    ("c32_bf16_reload", 32, BF16, False, dict(ut_kernels=2, ut_reload=True)),
-    ("c64_f32_resets_reload", 64, F32, True, dict(ut_reload=True))])
-def test_delta_pallas_ut_variants(name, chunk, dtype, segments, opts):
-  """ut_kernels=2 (the inverse in its own kernel, then U, W as whole-chunk
-  matmuls of T, and the scores) and ut_reload (operand blocks loaded where
-  used), against autodiff of the scan (forward and every gradient; chunk
-  64: four diagonal blocks and six below), with gates, GQA, resets and an
-  initial state."""
-  cfg = delta.DeltaConfig(chunk=chunk, **opts)
-  _config_grads_match_scan(f"delta-ut2-{name}", cfg, b=2, t=77, n=4, kh=2,
-                           f=24, vd=20, segments=segments, dtype=dtype)
-  _assert_config_rejected(ut_kernels=3)
-
-
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
                 "substitution": dict(diag_inverse="substitution"),
                 # Fewer register spills (scripts/aot/ptxas_report.py).
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
-                "ut_kernels2": dict(ut_kernels=2),
-                "ut_reload": dict(ut_reload=True),
                 "ut_cols64": dict(grad_ut_block_k=64)}
 
 

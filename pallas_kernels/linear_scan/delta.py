@@ -102,24 +102,6 @@ class DeltaConfig:
       the CUDA cores, as fla's solve_tril by default). Both are about
       float32-accurate; which is faster for these small dependent
       matmuls is to be measured (opt-in, not yet timed on a GPU).
-    ut_kernels: 1: the UT transform in one kernel per chunk (T, then U and
-      W as sums of [16, 16] x [16, D] products of its blocks, then the
-      scores). 2: two kernels, the inverse T (written in float32, as the
-      backward stores it anyway) and then U, W (whole [C, C] x [C, D]
-      matmuls of T) and the scores: each holds fewer live tiles (compiled
-      for an H100 at C = 64, F = V = 128, the one kernel at 2 warps uses
-      255 registers and spills 724 / 1040 bytes; see
-      scripts/aot/ptxas_report.py), at the cost of writing and reading T.
-      Opt-in, not yet timed on a GPU.
-    num_warps_uwa: warps of the second kernel when ``ut_kernels=2``.
-    ut_reload: the UT kernel loads each [16, D] block of k, beta, the
-      gates (and forms beta v, beta g_in k) where it uses it instead of
-      once per chunk, so fewer tiles stay live: compiled for an H100 (C =
-      64, F = V = 128, bf16, 2 warps) its spills go from 724 / 1040 bytes
-      (stores / loads) to 0, and the inverse kernel's of ``ut_kernels=2``
-      from 280 to 52. Fewer spills did not always mean faster here (the
-      UT kernel at 4 warps spills 24 bytes and was slower than at 2), so
-      it is opt-in until timed on a GPU.
     grad_ut_block_k: None, or a power of two >= 16: with the split
       backward (``grad_block_k`` below F), its second kernel (the UT
       pull-back per chunk) works by blocks of this many key columns, so
@@ -143,14 +125,9 @@ class DeltaConfig:
   grad_block_k: int | None = 64
   diag_inverse: str = "doubling"
   inverse_dots: str = "tf32x3"
-  ut_kernels: int = 1
-  num_warps_uwa: int = 4
-  ut_reload: bool = False
   grad_ut_block_k: int | None = None
 
   def __post_init__(self):
-    if self.ut_kernels not in (1, 2):
-      raise ValueError(f"config.ut_kernels={self.ut_kernels} is not 1 or 2")
     if self.diag_inverse not in ("substitution", "doubling"):
       raise ValueError(f"config.diag_inverse={self.diag_inverse!r} is not "
                        "'substitution' or 'doubling'")
@@ -193,9 +170,6 @@ class _S:
   upcast: bool
   rep: int
   ieee_inverse: bool = False
-  ut_kernels: int = 1
-  warps_uwa: int = 4
-  reload: bool = False
   bku: int = 0  # grad_ut_block_k (0: whole F)
 
 
@@ -209,47 +183,35 @@ def _params(s: _S, warps: int, stages: int):
 # UT transform.
 
 
-def _inverse_mm(s: _S):
-  """The float32 [16, 16] matmul of the inverse (TF32 x3 or IEEE)."""
+def _ut_kernel(*refs, s: _S, store_t: bool):
+  _dot, _, _dot_nt = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
+  rc_ref = next(it) if s.has_seg else None
+  w_ref, u_ref, a_ref = next(it), next(it), next(it)
+  t_ref = next(it) if store_t else None
+  dt = k_ref.dtype
   prec = None if s.interpret else (
       lax.DotAlgorithmPreset.F32_F32_F32 if s.ieee_inverse
       else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
-  return lambda a, b: lax.dot_general(  # noqa: E731
+  mm = lambda a, b: lax.dot_general(  # noqa: E731
       a, b, (((1,), (0,)), ((), ())), precision=prec,
       preferred_element_type=_F32)
-
-
-def _blk(i):
-  return pl.ds(i * _SUB, _SUB)
-
-
-def _blocks(s: _S, ref, nb):
-  """``i -> ref``'s rows of block i: loaded once here and held, or with
-  ``s.reload`` loaded at each use (None for a missing ref)."""
-  if ref is None:
-    return None
-  if s.reload:
-    return lambda i: ref[_blk(i)]
-  return [ref[_blk(i)] for i in range(nb)].__getitem__
-
-
-def _inverse_blocks(s: _S, k, beta, g, rc):
-  """T = (I + L)^{-1} of one chunk by [16, 16] blocks: {(i, j): T_ij} for
-  j <= i (float32), with L = diag(beta) (k k^T o exp(G_i - G_j)) strictly
-  below the diagonal (and within one segment). k, beta, g, rc: the
-  operands' blocks (``_blocks``)."""
-  _, _, _dot_nt = _dots(s)
-  mm = _inverse_mm(s)
   nb = s.chunk // _SUB
+  blk = lambda i: pl.ds(i * _SUB, _SUB)  # noqa: E731
   rows = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 0)
   cols = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1)
+  k = [k_ref[blk(i), :] for i in range(nb)]
+  beta = [beta_ref[blk(i)] for i in range(nb)]
+  g = [gc_ref[blk(i)] for i in range(nb)]
+  rc = [rc_ref[blk(i)] for i in range(nb)] if s.has_seg else None
 
   def lower(i, m):  # block (i, m), m <= i, of L
     mask = (cols < rows) if m == i else (rows >= 0)
     if s.has_seg:
-      mask = jnp.logical_and(mask, rc(i)[:, None] == rc(m)[None, :])
-    d = jnp.exp(jnp.where(mask, g(i)[:, None] - g(m)[None, :], -jnp.inf))
-    return beta(i)[:, None] * _dot_nt(k(i), k(m)) * d
+      mask = jnp.logical_and(mask, rc[i][:, None] == rc[m][None, :])
+    d = jnp.exp(jnp.where(mask, g[i][:, None] - g[m][None, :], -jnp.inf))
+    return beta[i][:, None] * _dot_nt(k[i], k[m]) * d
 
   t = {}
   for i in range(nb):
@@ -263,100 +225,33 @@ def _inverse_blocks(s: _S, k, beta, g, rc):
       for m in range(j, i):
         acc = acc + mm(low[m], t[m, j])
       t[i, j] = -mm(t[i, i], acc)
-  return t
-
-
-def _store_inverse(t, t_ref, nb):
-  for i in range(nb):
-    for j in range(nb):
-      t_ref[_blk(i), _blk(j)] = (t[i, j] if j <= i
+  if store_t:  # for the backward pass (float32)
+    for i in range(nb):
+      for j in range(nb):
+        t_ref[blk(i), blk(j)] = (t[i, j] if j <= i
                                  else jnp.zeros((_SUB, _SUB), _F32))
-
-
-def _chunk_scores(s: _S, q_ref, k_ref, gc_ref, rc_ref, a_ref, g, rc):
-  """The chunk's scores for the sweep, scale (q k^T o D) with D the
-  causal decays, by blocks of 16 rows (a whole [C, C] tile spills
-  registers); g, rc: the rows' blocks (``_blocks``)."""
-  _, _, _dot_nt = _dots(s)
+  rv = [(v_ref[blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
+        for j in range(nb)]
+  rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[blk(j)])[:, None]).astype(dt)
+        for j in range(nb)]
+  for i in range(nb):
+    u = sum(_dot(t[i, j].astype(dt), rv[j]) for j in range(i + 1))
+    w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
+    u_ref[blk(i), :] = u.astype(u_ref.dtype)
+    w_ref[blk(i), :] = w.astype(w_ref.dtype)
+  # The chunk's scores for the sweep, scale (q k^T o D) with D the causal
+  # decays, by blocks of 16 rows (a whole [C, C] tile spills registers).
   k_all, g_all = k_ref[...], gc_ref[...]
   rc_all = rc_ref[...] if s.has_seg else None
   cols_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 1)
   rows_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 0)
-  for i in range(s.chunk // _SUB):
+  for i in range(nb):
     mask = cols_c <= rows_c + i * _SUB
     if s.has_seg:
-      mask = jnp.logical_and(mask, rc(i)[:, None] == rc_all[None, :])
-    d = jnp.exp(jnp.where(mask, g(i)[:, None] - g_all[None, :], -jnp.inf))
-    a = _dot_nt(q_ref[_blk(i), :], k_all) * d
-    a_ref[_blk(i), :] = (a * s.scale).astype(a_ref.dtype)
-
-
-def _ut_kernel(*refs, s: _S, store_t: bool):
-  """One chunk's UT transform in one kernel: T by blocks, U and W by
-  [16, 16] x [16, D] products of its blocks, the scores."""
-  _dot, _, _ = _dots(s)
-  it = iter(refs)
-  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
-  rc_ref = next(it) if s.has_seg else None
-  w_ref, u_ref, a_ref = next(it), next(it), next(it)
-  t_ref = next(it) if store_t else None
-  dt = k_ref.dtype
-  nb = s.chunk // _SUB
-  # Each operand block loaded once and held, or with s.reload loaded again
-  # where used (fewer live registers).
-  k, beta, g, rc = (_blocks(s, ref, nb) for ref in (k_ref, beta_ref, gc_ref,
-                                                      rc_ref))
-  t = _inverse_blocks(s, k, beta, g, rc)
-  if store_t:  # for the backward pass (float32)
-    _store_inverse(t, t_ref, nb)
-
-  # beta v and beta g_in k by blocks (formed once and held, or with
-  # s.reload where used).
-  def rv(j):
-    return (v_ref[_blk(j), :].astype(_F32) * beta(j)[:, None]).astype(dt)
-
-  def rk(j):
-    return (k(j).astype(_F32) * (beta(j) * wq_ref[_blk(j)])[:, None]
-            ).astype(dt)
-  if not s.reload:
-    rv, rk = ([f(j) for j in range(nb)].__getitem__ for f in (rv, rk))
-  for i in range(nb):
-    u = sum(_dot(t[i, j].astype(dt), rv(j)) for j in range(i + 1))
-    w = sum(_dot(t[i, j].astype(dt), rk(j)) for j in range(i + 1))
-    u_ref[_blk(i), :] = u.astype(u_ref.dtype)
-    w_ref[_blk(i), :] = w.astype(w_ref.dtype)
-  _chunk_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref, g, rc)
-
-
-def _inverse_kernel(*refs, s: _S):
-  """``DeltaConfig.ut_kernels=2``, first kernel: one chunk's T (float32)."""
-  k_ref, beta_ref, gc_ref = refs[:3]
-  rc_ref = refs[3] if s.has_seg else None
-  nb = s.chunk // _SUB
-  ops = (_blocks(s, ref, nb) for ref in (k_ref, beta_ref, gc_ref, rc_ref))
-  _store_inverse(_inverse_blocks(s, *ops), refs[-1], nb)
-
-
-def _uwa_kernel(*refs, s: _S):
-  """``DeltaConfig.ut_kernels=2``, second kernel: U = T diag(beta) v and
-  W = T diag(beta g_in) k as whole [C, C] x [C, D] matmuls of T in the
-  operand dtype (the same products as the one-kernel form's sums of
-  [16, 16] blocks), and the scores."""
-  _dot, _, _ = _dots(s)
-  it = iter(refs)
-  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
-  rc_ref = next(it) if s.has_seg else None
-  t_ref, w_ref, u_ref, a_ref = (next(it) for _ in range(4))
-  dt = k_ref.dtype
-  tb = t_ref[...].astype(dt)
-  beta = beta_ref[...]
-  rv = (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)
-  u_ref[...] = _dot(tb, rv).astype(u_ref.dtype)
-  rk = (k_ref[...].astype(_F32) * (beta * wq_ref[...])[:, None]).astype(dt)
-  w_ref[...] = _dot(tb, rk).astype(w_ref.dtype)
-  nb = s.chunk // _SUB
-  _chunk_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref, _blocks(s, gc_ref, nb),
-                _blocks(s, rc_ref, nb))
+      mask = jnp.logical_and(mask, rc[i][:, None] == rc_all[None, :])
+    d = jnp.exp(jnp.where(mask, g[i][:, None] - g_all[None, :], -jnp.inf))
+    a = _dot_nt(q_ref[blk(i), :], k_all) * d
+    a_ref[blk(i), :] = (a * s.scale).astype(a_ref.dtype)
 
 
 def _chunk_specs(s: _S):
@@ -383,37 +278,28 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
   vp = v.shape[-1]
   c = s.chunk
   own, kv, tok, seg, _ = _chunk_specs(s)
-  t_shape = jax.ShapeDtypeStruct((b, tp, n, c), _F32)
-  outs = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
-          jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
-          jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)]
-  segs = ([seg], [rc]) if s.has_seg else ([], [])
-  call = functools.partial(_flat_call, grid=(s.nc, n, b),
-                           interpret=s.interpret)
-  if s.ut_kernels == 2:
-    t = call(
-        functools.partial(_inverse_kernel, s=s),
-        in_specs=[kv(f), tok, tok] + segs[0], out_specs=own(c),
-        out_shape=t_shape, compiler_params=_params(s, s.warps_ut, 1),
-        name="delta_rule_inverse",
-    )(k, beta, gc, *segs[1])
-    w, u, a = call(
-        functools.partial(_uwa_kernel, s=s),
-        in_specs=[own(f), kv(f), kv(vp), tok, tok, tok] + segs[0]
-        + [own(c)],
-        out_specs=[own(f), own(vp), own(c)], out_shape=outs,
-        compiler_params=_params(s, s.warps_uwa, 1),
-        name="delta_rule_uwa",
-    )(q, k, v, beta, gc, wq, *segs[1], t)
-    return (w, u, a, t) if store_t else (w, u, a)
-  return call(
+  in_specs = [own(f), kv(f), kv(vp), tok, tok, tok]
+  args = [q, k, v, beta, gc, wq]
+  if s.has_seg:
+    in_specs.append(seg)
+    args.append(rc)
+  out_specs = [own(f), own(vp), own(c)]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
+               jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
+               jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)]
+  if store_t:
+    out_specs.append(own(c))
+    out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), _F32))
+  return _flat_call(
       functools.partial(_ut_kernel, s=s, store_t=store_t),
-      in_specs=[own(f), kv(f), kv(vp), tok, tok, tok] + segs[0],
-      out_specs=[own(f), own(vp), own(c)] + ([own(c)] if store_t else []),
-      out_shape=outs + ([t_shape] if store_t else []),
+      grid=(s.nc, n, b),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(s, s.warps_ut, 1),
+      interpret=s.interpret,
       name="delta_rule_ut",
-  )(q, k, v, beta, gc, wq, *segs[1])
+  )(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -1006,8 +892,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          ieee_inverse=cfg.inverse_dots == "ieee",
-         ut_kernels=cfg.ut_kernels, warps_uwa=cfg.num_warps_uwa,
-         reload=cfg.ut_reload, bku=cfg.grad_ut_block_k or 0,
+         bku=cfg.grad_ut_block_k or 0,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

@@ -99,9 +99,7 @@ def _static(t, b, cfg):
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",
                    ieee_inverse=cfg.inverse_dots == "ieee",
-                   ut_kernels=cfg.ut_kernels, warps_uwa=cfg.num_warps_uwa,
-                   reload=cfg.ut_reload, bku=cfg.grad_ut_block_k or 0,
-                   has_s0=False,
+                   bku=cfg.grad_ut_block_k or 0, has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -189,25 +187,17 @@ def _grad_sweep(t, b, q, k, v, beta, g):
 
 
 def _ut_sweep(t, b, q, k, v, beta, g):
-  """The UT kernel alone (gated) at several warp counts, inverses,
-  operand reloads and as two kernels."""
+  """The UT kernel alone (gated) at several warp counts and inverses."""
   r = dataclasses.replace
   d = kdelta.DeltaConfig()
   bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
   for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
               r(d, num_warps_ut=4, diag_inverse="substitution"),
               r(d, inverse_dots="ieee"),
-              r(d, inverse_dots="ieee", diag_inverse="substitution"),
-              r(d, ut_reload=True), r(d, ut_reload=True, num_warps_ut=4),
-              r(d, ut_reload=True, inverse_dots="ieee"),
-              r(d, ut_kernels=2), r(d, ut_kernels=2, ut_reload=True),
-              r(d, ut_kernels=2, ut_reload=True, num_warps_ut=4),
-              r(d, ut_kernels=2, ut_reload=True, num_warps_uwa=8)):
+              r(d, inverse_dots="ieee", diag_inverse="substitution")):
     st = _static(t, b, cfg)
     tag = (f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
-           f"{' ieee' if st.ieee_inverse else ''}"
-           f"{' reload' if st.reload else ''}"
-           f"{f' 2 kernels uwa-w{st.warps_uwa}' if st.ut_kernels == 2 else ''}")
+           f"{' ieee' if st.ieee_inverse else ''}")
     for store_t in (False, True):
       ut = jax.jit(lambda *a, st=st, store_t=store_t: kdelta._ut_call(
           *a, None, st, store_t=store_t))

@@ -540,7 +540,7 @@ def _ut_key_side(s: _S, acc, q, k, kf, beta, g, wq, tf, tb, rc, dw, dq,
   operand dtype): returns dq, dk (added to; None: from zero), dbeta, the
   gate weight wq's part and the cumulative log gates' gradient."""
   _dot, _dot_tn, _dot_nt = _dots(s)
-  c, dt = s.chunk, k.dtype
+  dt = k.dtype
   bw = beta * wq
   rk = (kf * bw[:, None]).astype(dt)
   d_t = acc["d_tv"] + _dot_nt(dw, rk)

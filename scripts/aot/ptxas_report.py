@@ -22,7 +22,8 @@ downloads jax-cuda13-plugin / jax-cuda13-pjrt 0.11.2 and nvidia-cuda-nvcc
 Cases (bf16, N = 16, H = Hv = 128, the benchmark's shapes, forward and
 backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 (per-channel gates, ``ChannelConfig``), ``scalar`` (scalar gates,
-``KernelConfig``), ``mosaic`` (the Hopper flash attention kernels, B = 1,
+``KernelConfig``), ``triton`` (the portable flash attention kernels,
+full attention), ``mosaic`` (the Hopper flash attention kernels, B = 1,
 ``--h`` 64 or 128, ``--causal``; ``--config`` holds ``BwdConfig`` fields,
 e.g. ``{"fused_dq": true}``; Mosaic GPU runs ptxas itself and its
 ``MOSAIC_GPU_DUMP_PTXAS`` files are read). Prints one line per Pallas
@@ -41,7 +42,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-PALLAS_PREFIXES = ("linear_scan", "delta_rule", "flash", "mosaic")
+PALLAS_PREFIXES = ("linear_scan", "delta_rule", "flash", "attnjax_flash",
+                   "mosaic")
 
 
 def fetch(dest):
@@ -113,6 +115,12 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
     def fwd(q, k, v, g):
       return kernels.chunked_linear_attention(
           q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
+  elif case == "triton":
+    from pallas_kernels.flash import triton as ftriton  # noqa: PLC0415
+    args = (sd(x), sd(x), sd(x))
+
+    def fwd(q, k, v):
+      return ftriton.flash_attention(q, k, v, mask=None)[0]
   elif case == "mosaic":
     from attnjax.softmax import pallas_mosaic  # noqa: PLC0415
     from attnjax.softmax.problem import make_problem  # noqa: PLC0415

@@ -237,6 +237,17 @@ def test_channel_xla_gate_sums_resets():
                        vd=20, strength=2.5, segments=True)
 
 
+@pytest.mark.parametrize("opts", [{}, dict(seq_splits=3)],
+                         ids=["fused", "fused_split3"])
+def test_channel_batch_one_matches_scan(opts):
+  """Batch 1 (heads and batch on one grid axis, kernels._flat_call), the
+  fused layout with and without sequence splits: output, final state and
+  every gradient against autodiff of the scan."""
+  cfg = channel.ChannelConfig(block_f=16, block_v=16, **opts)
+  _direct_matches_scan(f"batch-one-{opts}", cfg, b=1, t=100, n=4, kh=2,
+                       f=24, vd=20, strength=1.5, segments=True)
+
+
 @pytest.mark.parametrize("separate", [True, False])
 def test_channel_split_resets(separate):
   """Sequence splits with packed sequences: a reset zeroes the decay
@@ -593,6 +604,21 @@ def test_gpu_channel_long_sequence_deterministic():
       f(q, k, v, g)[0].astype(F32)), argnums=(0, 1, 2, 3)))(q, k, v, g)
   for x in grads:
     assert np.isfinite(np.asarray(x, np.float32)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [{}, dict(seq_splits=4),
+                                  dict(separate_output=True, block_f_state=64,
+                                       sweep_unroll=4, seq_splits=4)],
+                         ids=["fused", "fused_split4", "separate_split4"])
+def test_gpu_channel_batch_one(opts):
+  """Batch 1 compiled (heads and batch on one grid axis) at H = 128, bf16,
+  in the fused layout, on fused splits and in the batch-1 auto layout's
+  form: output, final state and every gradient against the scan."""
+  cfg = channel.ChannelConfig(block_f=32, block_v=64, **opts)
+  _direct_matches_scan(f"gpu-batch-one-{opts}", cfg, b=1, t=300, n=8, kh=2,
+                       f=128, vd=128, dtype=BF16, interpret=False,
+                       segments=True)
 
 
 @pytest.mark.gpu

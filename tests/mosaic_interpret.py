@@ -8,7 +8,13 @@ for tests only:
 * ``wgmma_accumulator_store`` (``acc_ref[...] = x``: the rescale of O kept in
   a WGMMA accumulator across a loop);
 * ``wgmma`` whose A operand is a register array (``P @ V``), where the
-  interpreter expects a shared-memory ref.
+  interpreter expects a shared-memory ref;
+* the fused backward's two extras (``BwdConfig(fused_dq=True)``): TMA
+  stores that add into global memory (``copy_smem_to_gmem(...,
+  reduction_op="add")``, done here as a locked read-add-write) and the
+  named barrier that joins its two consumer warpgroups
+  (``mosaic_gpu_bwd._pair_barrier``), modelled with the interpreter's own
+  named barriers (the other inline PTX stays ignored).
 
 The interpreter runs every matmul synchronously and ignores the inline PTX
 named barriers (ping-pong), so it checks the data flow, the block tables,
@@ -22,6 +28,7 @@ import contextlib
 import functools
 import inspect
 import textwrap
+import threading
 
 import jax
 import numpy as np
@@ -118,8 +125,78 @@ def _make_interpret_wgmma(original):
   return interpret_wgmma
 
 
+# The interpreter runs warpgroups and CTAs as threads; reductions into one
+# global buffer must not interleave their read-add-write.
+_REDUCE_LOCK = threading.Lock()
+
+
+def _reduce_add_task(gc):
+  class ReduceAddTask(gc.AsyncCopySmemToGmemTask):
+    """``cp.reduce.async.bulk ... add``: dst += src, in bounds only."""
+
+    def __call__(self, tma_thread_id):
+      sm = gc._get_shared_memory()  # pylint: disable=protected-access
+      self.pre_read(tma_thread_id, sm)
+      val, _, _ = sm.get_buffer_content(
+          self.src_allocation_key, self.src_access, self.thread,
+          logging_info=self.logging_info)
+      self.post_read(tma_thread_id, sm)
+      with _REDUCE_LOCK:
+        cur, _, _ = sm.get_buffer_content(
+            self.dst_allocation_key, self.dst_access, self.thread,
+            logging_info=self.logging_info)
+        if cur is None or cur.shape != val.shape:
+          raise IndexError("reduce-add out of bounds: "
+                           f"[{self.dst_access}] of {self.dst_allocation_key}")
+        sm.store_buffer_content(self.dst_allocation_key, self.dst_access,
+                                np.asarray(cur + val, cur.dtype), self.thread,
+                                logging_info=self.logging_info)
+      self.post_write(tma_thread_id, sm)
+  return ReduceAddTask
+
+
+def _make_copy_smem_to_gmem(gc, original):
+  task_cls = _reduce_add_task(gc)
+
+  def copy_smem_to_gmem(*, reduction_op, **kw):
+    if reduction_op is None:
+      return original(reduction_op=None, **kw)
+    if reduction_op != "add" or kw["predicate"] is not None:
+      raise NotImplementedError(f"reduction_op={reduction_op!r}")
+    noop = gc._remove_noop_transforms  # pylint: disable=protected-access
+    src_key = gc.HostAllocationKey.from_array(kw["src_allocation_key_as_array"])
+    dst_key = gc.HostAllocationKey.from_array(kw["dst_allocation_key_as_array"])
+    src_t = jax.tree.map(int, noop(kw["src_transforms"]))
+    dst_t = jax.tree.map(int, noop(kw["dst_transforms"]))
+    sm = gc._get_shared_memory()  # pylint: disable=protected-access
+    clock = sm.incr_clock(kw["thread"]) if sm.detect_races else None
+    sm.execute_async_task(task_cls(
+        mesh_location=kw["mesh_location"], thread=kw["thread"],
+        src_allocation_key=src_key, src_access=sm.access(src_key, src_t),
+        dst_allocation_key=dst_key, dst_access=sm.access(dst_key, dst_t),
+        source_info=kw["source_info"], clock=clock))
+    return kw["token"]
+  return copy_smem_to_gmem
+
+
+def _is_pair_barrier(fn):
+  return (fn.__module__ == "pallas_kernels.flash.mosaic_gpu_bwd"
+          and fn.__qualname__ == "_pair_barrier.<locals>.emit")
+
+
+def _make_inline_mgpu(gc, original):
+  def interpret_inline_mgpu(self, eqn, token, get_invals):
+    if _is_pair_barrier(eqn.params["mgpu_fn"]):
+      # ``bar.sync 10, 256``: both consumer warpgroups.
+      return gc.call_named_barrier(
+          token, self.mesh_location, self.thread, 10, num_threads=256,
+          sync=True, source_info=eqn.source_info), []
+    return original(self, eqn, token, get_invals)
+  return interpret_inline_mgpu
+
+
 def _patch():
-  _, _, ji, _, _ = _modules()
+  _, gc, ji, _, _ = _modules()
   cls = ji.JaxprInterpreter
   if getattr(cls, "_attnjax_patched", False):
     return
@@ -137,6 +214,10 @@ def _patch():
   cls._interpret_acc_store = _interpret_acc_store  # pylint: disable=protected-access
   cls._interpret_wgmma_ref_p = _make_interpret_wgmma(  # pylint: disable=protected-access
       cls._interpret_wgmma_ref_p)  # pylint: disable=protected-access
+  cls._interpret_inline_mgpu_p = _make_inline_mgpu(  # pylint: disable=protected-access
+      gc, cls._interpret_inline_mgpu_p)  # pylint: disable=protected-access
+  gc.copy_smem_to_gmem = gc.fail_on_exception(
+      _make_copy_smem_to_gmem(gc, gc.copy_smem_to_gmem))
   cls._attnjax_patched = True
 
 

@@ -21,6 +21,7 @@ import mosaic_interpret
 from attnjax import masks, testing
 from attnjax.softmax import pallas_mosaic
 from pallas_kernels.flash import mosaic_gpu as fwd_lib
+from pallas_kernels.flash import mosaic_gpu_bwd as mosaic_bwd
 from softmax_suite import BF16, F16, _key, check_against_reference
 
 _WHY_NOT = mosaic_interpret.available()
@@ -184,3 +185,32 @@ def test_gradients_head_dim_256_everything():
          is_causal=True, local_window_size=(150, 0),
          arrays={"segment_ids": seg,
                  "kv_lengths": jnp.array([300, 250], jnp.int32)})
+
+
+def _fused(h):
+  return mosaic_bwd.BwdConfig(fused_dq=True) if h > 64 else (
+      mosaic_bwd.BwdConfig(block_q_dkv=64, fused_dq=True))
+
+
+@pytest.mark.parametrize("h", [64, 128])
+def test_gradients_fused_dq_gqa_causal(h):
+  # The fused backward (the H = 128 default without XLA's determinism
+  # flags): dS^T exchanged through SMEM behind the consumers' named
+  # barrier, dQ TMA-reduce-added into the float32 accumulator. H = 128
+  # splits dQ's columns over the two consumers, H = 64 alternates whole
+  # blocks. Causal GQA with 3 query blocks per key tile on a ragged T.
+  _check(f"fused{h}", shape=dict(t=170, n=4, kh=2, h=h),
+         fwd_config=_fwd_cfg(h, num_ctas=3), bwd_config=_fused(h),
+         is_causal=True)
+
+
+@pytest.mark.long
+def test_gradients_fused_dq_everything():
+  seg = testing.random_segment_ids(_key("fusedall"), 2, 300, 3)
+  _check("fusedall", shape=dict(t=300, s=330, n=4, kh=1, h=128), dtype=F16,
+         bwd_config=_fused(128),
+         sinks=jax.random.normal(_key("fusedk"), (4,)), logits_soft_cap=5.0,
+         local_window_size=(150, 40),
+         arrays={"segment_ids": (seg, jnp.pad(seg, ((0, 0), (0, 30)),
+                                              constant_values=2)),
+                 "kv_lengths": jnp.array([330, 250], jnp.int32)})

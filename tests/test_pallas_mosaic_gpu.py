@@ -122,6 +122,22 @@ class TestMosaicGPU:
         inputs("grid", t=1500, n=4, kh=2, h=128), dtype=BF16,
         arrays={"segment_ids": seg}, is_causal=True)
 
+  @pytest.mark.parametrize("block_kv,stages,causal",
+                           [(128, 3, True), (64, 4, False)])
+  def test_three_consumer_warpgroups(self, block_kv, stages, causal):
+    # The wg3 / wg3kv64 variants of scripts/gpu/mosaic_check.py (H = 64):
+    # the ping-pong barrier handed round three consumers, with wgmma
+    # running asynchronously (the CPU interpreter runs it synchronously).
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = fwd_lib.FwdConfig(block_kv=block_kv, num_stages=stages,
+                            num_compute_wgs=3, consumer_regs=160,
+                            producer_regs=32)
+    seg = testing.random_segment_ids(_key("wg3"), 2, 1500, 5)
+    check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("wg3", t=1500, n=4, kh=2, h=64), dtype=BF16,
+        arrays={"segment_ids": seg}, is_causal=causal)
+
   @pytest.mark.parametrize("causal", [False, True])
   def test_head_dim_256_forward(self, causal):
     inp = inputs("h256", t=700, s=900 if not causal else 700, h=256)

@@ -214,3 +214,17 @@ def test_gradients_fused_dq_everything():
          arrays={"segment_ids": (seg, jnp.pad(seg, ((0, 0), (0, 30)),
                                               constant_values=2)),
                  "kv_lengths": jnp.array([330, 250], jnp.int32)})
+
+
+@pytest.mark.parametrize("block_kv,stages,causal", [(128, 3, True),
+                                                    (64, 4, False)])
+def test_three_consumer_warpgroups(block_kv, stages, causal):
+  # FA3's H = 64 forward tile: 3 x 64 query rows per CTA, each consumer
+  # handing the scheduling barrier on to the next (the `wg3` variants of
+  # scripts/gpu/mosaic_check.py; both compile without spills for an H100).
+  seg = testing.random_segment_ids(_key("wg3"), 2, 430, 3)
+  _check("wg3", shape=dict(t=430, n=4, kh=2), grads=False,
+         fwd_config=_fwd_cfg(64, block_kv=block_kv, num_stages=stages,
+                             num_compute_wgs=3, consumer_regs=160,
+                             producer_regs=32, num_ctas=3),
+         is_causal=causal, arrays={"segment_ids": seg})

@@ -25,7 +25,7 @@ backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 ``KernelConfig``), ``triton`` (the portable flash attention kernels,
 full attention), ``mosaic`` (the Hopper flash attention kernels, B = 1,
 ``--h`` 64 or 128, ``--causal``; ``--config`` holds ``BwdConfig`` fields,
-e.g. ``{"fused_dq": true}``; Mosaic GPU runs ptxas itself and its
+e.g. ``{"fused_dq": true}``, and ``FwdConfig`` fields under ``"fwd"``; Mosaic GPU runs ptxas itself and its
 ``MOSAIC_GPU_DUMP_PTXAS`` files are read). Prints one line per Pallas
 kernel and the compile time.
 """
@@ -124,17 +124,20 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
   elif case == "mosaic":
     from attnjax.softmax import pallas_mosaic  # noqa: PLC0415
     from attnjax.softmax.problem import make_problem  # noqa: PLC0415
-    from pallas_kernels.flash import mosaic_gpu_bwd  # noqa: PLC0415
-    bcfg = mosaic_gpu_bwd.default_bwd_config(h)
-    if config:
-      import dataclasses  # noqa: PLC0415
-      bcfg = dataclasses.replace(bcfg, **config)
+    import dataclasses  # noqa: PLC0415
+
+    from pallas_kernels.flash import mosaic_gpu, mosaic_gpu_bwd  # noqa: PLC0415
+    config = dict(config or {})
+    fcfg = dataclasses.replace(mosaic_gpu.default_fwd_config(h),
+                               **config.pop("fwd", {}))
+    bcfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h), **config)
     x = (b, t, n, h)
     args = (sd(x), sd(x), sd(x))
 
     def fwd(q, k, v):
       p, _ = make_problem(q, k, v, is_causal=causal)
-      return pallas_mosaic.mosaic_attention(p, bwd_config=bcfg)[0]
+      return pallas_mosaic.mosaic_attention(p, fwd_config=fcfg,
+                                          bwd_config=bcfg)[0]
   else:
     raise SystemExit(f"unknown case {case}")
 

@@ -421,6 +421,14 @@ def _variant_configs(name, h):
       "kv64": (fwd(block_kv=64, num_stages=4 if h <= 128 else 2), None,
                fonly),
       "fused": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
+      # (no spills for an H100 causal; "wg3kv64" also full;
+      # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.
+      "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
+                  num_stages=3), None, fonly),
+      "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
+                      producer_regs=32, block_kv=64, num_stages=4), None,
+                  fonly),
       # Backward tilings that compile without spills for an H100
       # (scripts/aot/ptxas_report.py --case mosaic, 2026-12-04): all four
       # at H = 64; "bkvdq128" and "bst3" at H = 128 (the others spill
@@ -669,7 +677,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

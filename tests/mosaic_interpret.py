@@ -1,9 +1,8 @@
 """Run the Mosaic GPU attention kernels on CPU in Pallas' GPU interpreter.
 
 Pallas (jax 0.11.2) simulates Mosaic GPU kernels on CPU: warpgroups as
-threads, shared memory, mbarriers with phase checks, TMA copies. Two things
-our kernels use are missing from its dispatcher, and this module adds them
-for tests only:
+threads, shared memory, mbarriers with phase checks, TMA copies. What our
+kernels use beyond its dispatcher, this module adds, for tests only:
 
 * ``wgmma_accumulator_store`` (``acc_ref[...] = x``: the rescale of O kept in
   a WGMMA accumulator across a loop);
@@ -13,13 +12,17 @@ for tests only:
   stores that add into global memory (``copy_smem_to_gmem(...,
   reduction_op="add")``, done here as a locked read-add-write) and the
   named barrier that joins its two consumer warpgroups
-  (``mosaic_gpu_bwd._pair_barrier``), modelled with the interpreter's own
-  named barriers (the other inline PTX stays ignored).
+  (``mosaic_gpu_bwd._pair_barrier``);
+* the forward's ping-pong named barriers (``mosaic_gpu._sched_barrier``:
+  each consumer's turn handed to the next, 2 or 3 consumers).
 
-The interpreter runs every matmul synchronously and ignores the inline PTX
-named barriers (ping-pong), so it checks the data flow, the block tables,
-the masks, the mbarrier protocol (deadlocks, unobserved phases) and the
-persistent schedule, but not wgmma asynchrony or timing.
+Both kinds of named barrier are modelled with the interpreter's own named
+barriers (other inline PTX stays ignored). The interpreter runs every
+matmul synchronously, so it checks the data flow, the block tables, the
+masks, the barrier protocols (deadlocks, unobserved phases) and the
+persistent schedule, but not wgmma asynchrony or timing. A deadlock would
+hang the interpreter's threads: a watchdog fails the kernel instead after
+``DEADLOCK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import textwrap
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_JAX = ("0.11.2",)
@@ -184,13 +189,32 @@ def _is_pair_barrier(fn):
           and fn.__qualname__ == "_pair_barrier.<locals>.emit")
 
 
+def _is_sched_barrier(fn):
+  return (fn.__module__ == "pallas_kernels.flash.mosaic_gpu"
+          and fn.__qualname__ == "_sched_barrier.<locals>.emit")
+
+
 def _make_inline_mgpu(gc, original):
   def interpret_inline_mgpu(self, eqn, token, get_invals):
-    if _is_pair_barrier(eqn.params["mgpu_fn"]):
+    fn = eqn.params["mgpu_fn"]
+    if _is_pair_barrier(fn):
       # ``bar.sync 10, 256``: both consumer warpgroups.
       return gc.call_named_barrier(
           token, self.mesh_location, self.thread, 10, num_threads=256,
           sync=True, source_info=eqn.source_info), []
+    if _is_sched_barrier(fn):
+      # The forward's ping-pong: ``bar.{sync,arrive} BASE + w, 256`` on
+      # this consumer's barrier, or on the next one's with ``other``.
+      from pallas_kernels.flash import mosaic_gpu  # pylint: disable=g-import-not-at-top
+      env = inspect.getclosurevars(fn).nonlocals
+      wg = jnp.asarray(self.thread.warpgroup_id, jnp.int32)
+      if env["other"]:
+        wg = (wg + 1) % env["num_wgs"]
+      return gc.call_named_barrier(
+          token, self.mesh_location, self.thread,
+          mosaic_gpu._SCHED_BARRIER_BASE + wg,  # pylint: disable=protected-access
+          num_threads=256, sync=env["op"] == "sync",
+          source_info=eqn.source_info), []
     return original(self, eqn, token, get_invals)
   return interpret_inline_mgpu
 
@@ -221,12 +245,37 @@ def _patch():
   cls._attnjax_patched = True
 
 
+# A kernel whose barriers never complete would hang the test run: after
+# this many seconds the watchdog fails the kernel instead (the cases here
+# take 5-15 s on two cores).
+DEADLOCK_SECONDS = float(os.environ.get("ATTNJAX_INTERPRET_DEADLOCK_S", 300))
+
+
+def _abort_all(seconds):
+  _, gc, _, _, _ = _modules()
+  sm = gc._shared_memory  # pylint: disable=protected-access
+  if sm is None:
+    return
+  sm.set_failed(TimeoutError(
+      f"Mosaic GPU kernel still running in the interpreter after {seconds} "
+      "s: a barrier that never completes (deadlock)?"), None, top_level=False)
+  # Named barriers live outside the allocations set_failed aborts.
+  with sm.lock:
+    named = list(sm.named_barriers.values())
+  for barrier in named:
+    barrier.abort()
+
+
 @contextlib.contextmanager
-def interpret_mode():
+def interpret_mode(deadlock_seconds=None):
   """Kernels traced inside run in the GPU interpreter (shim applied)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   _patch()
+  seconds = deadlock_seconds or DEADLOCK_SECONDS
   params = plgpu.InterpretGPUParams(inline_mgpu="ignore")
+  watchdog = threading.Timer(seconds, _abort_all, (seconds,))
+  watchdog.daemon = True
+  watchdog.start()
   try:
     with plgpu.force_gpu_interpret_mode(params):
       yield
@@ -235,3 +284,5 @@ def interpret_mode():
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
     interpret_pallas_call.reset_gpu_interpret_mode_state()
     raise
+  finally:
+    watchdog.cancel()

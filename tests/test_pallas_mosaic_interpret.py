@@ -228,3 +228,25 @@ def test_three_consumer_warpgroups(block_kv, stages, causal):
                              num_compute_wgs=3, consumer_regs=160,
                              producer_regs=32, num_ctas=3),
          is_causal=causal, arrays={"segment_ids": seg})
+
+
+def test_deadlock_fails_instead_of_hanging():
+  # A warpgroup that waits for a turn nobody hands it (the ping-pong's
+  # named barrier, modelled by the shim): the watchdog fails the kernel,
+  # and the interpreter runs the next kernel normally.
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def make(wait):
+    def kernel(x_ref, o_ref):
+      if wait:
+        fwd_lib._sched_barrier("sync", other=False, num_wgs=2)  # pylint: disable=protected-access
+      o_ref[...] = x_ref[...] + 1.0
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(
+        (128,), jnp.float32), num_threads=1, thread_name="wg")
+
+  x = jnp.arange(128, dtype=jnp.float32)
+  with pytest.raises(Exception, match="deadlock"):
+    with mosaic_interpret.interpret_mode(deadlock_seconds=5):
+      jax.block_until_ready(make(True)(x))
+  with mosaic_interpret.interpret_mode():
+    np.testing.assert_array_equal(make(False)(x), x + 1.0)

@@ -223,9 +223,12 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       continue
     # "gated, zero gates": the gated path's inputs (three distinct weight
     # arrays) with the ungated values: whether the gated forward's extra
-    # time comes from the values or from the arrays.
+    # time comes from the values or from the arrays. "gated" runs again
+    # last (drift), and each line ends with the SM clock and power draw
+    # read right after it (a power-capped clock would be data-dependent).
     for impl in ("pallas",) + (("xla_chunked",) if xla else ()):
-      for gated, gate in ((True, g), (False, g), ("zero", jnp.zeros_like(g))):
+      for gated, gate in ((True, g), (False, g), ("zero", jnp.zeros_like(g)),
+                          (True, g)):
         f = lambda q, k, v, beta, g, impl=impl, gated=gated: (  # noqa: E731
             attnjax.delta_rule_attention(
                 q, k, v, beta, gate=g if gated else None,
@@ -233,10 +236,10 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
         name = f"{impl} " + {True: "gated", False: "ungated",
                               "zero": "gated, zero gates"}[gated]
         try:
-          pc.line(f"{name} fwd", b, t,
-                  pc.time(jax.jit(f), q, k, v, beta, gate))
-          pc.line(f"{name} fwd+bwd", b, t,
-                pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, gate))
+          sec = pc.time(jax.jit(f), q, k, v, beta, gate)
+          pc.line(f"{name} fwd {pc.clocks()}", b, t, sec)
+          sec = pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, gate)
+          pc.line(f"{name} fwd+bwd {pc.clocks()}", b, t, sec)
         except Exception as e:  # noqa: BLE001
           print(f"  {name} FAILED {type(e).__name__}: {str(e)[:300]}")
     configs = [kdelta.DeltaConfig()]

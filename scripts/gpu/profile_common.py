@@ -3,6 +3,8 @@ sys.path): the GPU-vs-scan check line, the timing line, the timer."""
 
 from __future__ import annotations
 
+import subprocess
+
 import jax.numpy as jnp
 
 from attnjax.bench import common
@@ -32,3 +34,19 @@ def line(label, b, t, sec, width=46):
 
 def time(fn, *args):
   return common.time_fn(fn, *args, min_seconds=0.1, repeats=3)
+
+
+def clocks():
+  """The GPU's SM clock and power draw now (nvidia-smi), or ''.
+
+  Printed beside timings whose gap might come from the data rather than
+  the code: tensor-core power depends on the operands' bits, and a
+  power-capped GPU lowers its clock."""
+  try:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
+         "--format=csv,noheader"], capture_output=True, text=True,
+        timeout=10, check=True).stdout.strip().splitlines()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+  return f"[{out[0]}]" if out else ""

@@ -696,6 +696,42 @@ def _ut_key_side_cols(s: _S, acc, refs, beta, wq, tf, tb, rc):
   return dbeta, dwq, dgc
 
 
+def _grad_state_call(q, k, wq, wk, h, lam, do, gv, vn, s: _S):
+  """The split backward's first kernel: the state products per [C, bkg]
+  key columns, grid (chunk * key block, head, batch), key blocks fastest.
+  Returns the state terms of dq and dk (float32) and dw, each program
+  writing its key columns, and per key block the partial sums of dwq, dwk
+  and ddec ([B, F / bkg, N, Tp]); the UT pull-back kernel adds the rest."""
+  b, tp, n, f = q.shape
+  vp = gv.shape[-1]
+  c = s.chunk
+  bk = s.bkg
+  nk = f // bk
+  cols = lambda head: pl.BlockSpec(  # noqa: E731
+      (None, c, None, bk),
+      lambda i, n_, b_: (b_, i // nk, head(n_), i % nk))
+  rows = pl.BlockSpec((None, c, None, vp),
+                      lambda i, n_, b_: (b_, i // nk, n_, 0))
+  tok_k = pl.BlockSpec((None, None, c), lambda i, n_, b_: (b_, n_, i // nk))
+  st_k = pl.BlockSpec((None, None, None, bk, vp),
+                      lambda i, n_, b_: (b_, n_, i // nk, i % nk, 0))
+  part = pl.BlockSpec((None, None, None, c),
+                      lambda i, n_, b_: (b_, i % nk, n_, i // nk))
+  parts = jax.ShapeDtypeStruct((b, nk, n, tp), _F32)
+  return _flat_call(
+      functools.partial(_grad_state_kernel, s=s),
+      grid=(s.nc * nk, n, b),
+      in_specs=[cols(lambda n_: n_), cols(lambda n_: n_ // s.rep), tok_k,
+                tok_k, st_k, st_k, rows, rows, rows],
+      out_specs=[cols(lambda n_: n_)] * 3 + [part] * 3,
+      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32)] * 2
+      + [jax.ShapeDtypeStruct((b, tp, n, f), gv.dtype)] + [parts] * 3,
+      compiler_params=_params(s, s.warps_grad, s.stages_grad),
+      interpret=s.interpret,
+      name="delta_rule_grads_state",
+  )(q, k, wq, wk, h, lam, do, gv, vn)
+
+
 def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
   """dq, dk, dv (per query head), dbeta, dgc, dwq, dwk, ddec: one fused
   kernel, or with ``s.bkg`` the two-kernel split."""
@@ -732,32 +768,8 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
         [own(f), kv(f), kv(vp), tok, tok, tok, tok, own(c), state(f, vp),
          state(f, vp), own(vp), own(vp), own(vp)],
         [q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn], 5, s.warps_grad)
-  # Split: grid (chunk * key block, head, batch), key blocks fastest.
-  bk = s.bkg
-  nk = f // bk
-  cols = lambda head: pl.BlockSpec(  # noqa: E731
-      (None, c, None, bk),
-      lambda i, n_, b_: (b_, i // nk, head(n_), i % nk))
-  rows = pl.BlockSpec((None, c, None, vp),
-                      lambda i, n_, b_: (b_, i // nk, n_, 0))
-  tok_k = pl.BlockSpec((None, None, c), lambda i, n_, b_: (b_, n_, i // nk))
-  st_k = pl.BlockSpec((None, None, None, bk, vp),
-                      lambda i, n_, b_: (b_, n_, i // nk, i % nk, 0))
-  part = pl.BlockSpec((None, None, None, c),
-                      lambda i, n_, b_: (b_, i % nk, n_, i // nk))
-  parts = jax.ShapeDtypeStruct((b, nk, n, tp), _F32)
-  dqs, dks, dw, dwq_s, dwk, ddec = _flat_call(
-      functools.partial(_grad_state_kernel, s=s),
-      grid=(s.nc * nk, n, b),
-      in_specs=[cols(lambda n_: n_), cols(lambda n_: n_ // s.rep), tok_k,
-                tok_k, st_k, st_k, rows, rows, rows],
-      out_specs=[cols(lambda n_: n_)] * 3 + [part] * 3,
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, f), _F32)] * 2
-      + [jax.ShapeDtypeStruct((b, tp, n, f), gv.dtype)] + [parts] * 3,
-      compiler_params=_params(s, s.warps_grad, s.stages_grad),
-      interpret=s.interpret,
-      name="delta_rule_grads_state",
-  )(q, k, wq, wk, h, lam, do, gv, vn)
+  dqs, dks, dw, dwq_s, dwk, ddec = _grad_state_call(
+      q, k, wq, wk, h, lam, do, gv, vn, s)
   dq, dk, dv, dbeta, dgc, dwq = per_chunk(
       _grad_ut_kernel, "delta_rule_grads_ut",
       [own(f), kv(f), kv(vp), tok, tok, tok, own(c), own(vp), own(vp),

@@ -182,6 +182,12 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       grads = jax.jit(lambda *x, sg=sg: kdelta._grad_call(*x, None, sg))
       pc.line(f"gradient kernel {tag}", b, t,
             pc.time(grads, q, k, v, bp, gc, wq, wk, tt, h, lam, v, gv, vn))
+      if sg.bkg and sg.bkg < H:
+        # The split's first kernel alone; the rest is the UT pull-back
+        # (and the partials' sums).
+        first = jax.jit(lambda *x, sg=sg: kdelta._grad_state_call(*x, sg))
+        pc.line(f"  of which state products {tag}", b, t,
+                pc.time(first, q, k, wq, wk, h, lam, v, gv, vn))
     except Exception as e:  # noqa: BLE001
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 

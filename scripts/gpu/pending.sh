@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# What was prepared without a GPU (2026-12-04 night .. 2026-12-05) and not
+# yet run, as four calls of under 10 minutes on one H200 (nvidia-h200),
+# in order of what they unblock. Each call goes through session.sh (wheels,
+# Triton cache, one log per step in $OUT/stepN.log); every step has its own
+# time limit so that a slow one cannot take the others' logs with it.
+# SESSION=other.sh replaces session.sh (e.g. one that echoes the steps).
+#
+#   run(command="export ATTNJAX_BENCH_ROWS=$OUT/rows.jsonl; \
+#                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
+#
+# call1  GPU tests of the untested kernels: GLA fused splits, factored_rows,
+#        batch-1 grids, H = 128 compiles; delta ut_cols64 and the ieee
+#        inverse; Mosaic three consumer warpgroups (H = 64).
+# call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
+#        T = 4k factored_rows.
+# call3  delta profiles (gradient halves, UT pull-back by columns, the
+#        gated-vs-ungated clocks at 32k); Mosaic H = 64 forward with three
+#        consumers beside cuDNN and tokamax.
+# call4  the linear benchmark rows for the docs (GLA and both delta rules).
+set -u
+cd "$(dirname "$0")/../.."
+S=${SESSION:-scripts/gpu/session.sh}
+PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
+case "${1:-}" in
+  call1)
+    bash $S \
+      "timeout 330 $PYTEST tests/test_linear_channel.py \
+         tests/test_linear_delta_pallas.py -k '(gpu_channel_direct and \
+         (split32 or fsplit32 or rows32 or xla_sums32 or parallel32)) or \
+         channel_long or h128 or batch_one or (gpu_delta_kernel_configs and \
+         (default or ut_cols64 or ieee))'" \
+      "timeout 200 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         three_consumer"
+    ;;
+  call2)
+    bash $S \
+      "cd scripts/gpu && timeout 330 python3 channel_profile.py --no-checks \
+         --kernels --no-fla --seqs=65536 \
+         '--configs=(default),u4 split4,fsplit16,rows fsplit16'" \
+      "cd scripts/gpu && timeout 200 python3 channel_profile.py --no-checks \
+         --no-fla --seqs=4096 '--configs=(default),rows'"
+    ;;
+  call3)
+    bash $S \
+      "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --grad-sweep" \
+      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768" \
+      "timeout 230 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
+64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
+    ;;
+  call4)
+    bash $S \
+      "timeout 560 python3 -m attnjax.bench.linear --variants \
+         channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
+    ;;
+  *)
+    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4" >&2
+    exit 2
+    ;;
+esac

@@ -43,9 +43,14 @@ def _fwd_bwd(kw, *, b=2, t=1024, s=None, n=8, kh=2, h=128, hv=None,
     kwargs = dict(kw)
     for name, x in zip(extra, arrays):
       kwargs[name] = x
-    mask = dense if dense is not None else kw.get("mask")
-    kwargs.pop("mask", None)
-    p, _ = make_problem(q, k, v, bias, mask, **kwargs)
+    static = kwargs.pop("mask", None)
+    p, _ = make_problem(q, k, v, bias, dense if dense is not None else static,
+                        **kwargs)
+    if dense is not None and static is not None:
+      # make_problem takes one mask argument: keep the static one (its
+      # block skipping) beside the dense array, as the kernel takes both.
+      p = p.replace(mask=static if p.mask is None else p.mask & static)
+      assert p.mask_array is not None and p.mask is not None
     return flash_triton.flash_attention(
         p.q, p.k, p.v, bias=p.bias, mask_array=p.mask_array,
         q_segment_ids=p.q_segment_ids, kv_segment_ids=p.kv_segment_ids,

@@ -167,13 +167,53 @@ def test_classification_property(m, t, s, bq, bk):
   _check_classification(m, t, s, bq, bk)
 
 
-@given(a=mask_trees(depth=1), b=mask_trees(depth=1), t=st.integers(1, 24),
-       s=st.integers(1, 24))
-def test_composition_property(a, b, t, s):
-  np.testing.assert_array_equal(dense(a & b, t, s),
-                                dense(a, t, s) & dense(b, t, s))
-  np.testing.assert_array_equal(dense(a | b, t, s),
-                                dense(a, t, s) | dense(b, t, s))
+def numpy_visibility(m, t, s):
+  """The documented definition of each mask, written again in NumPy
+  (independent of ``Mask.__call__``, which ``as_array`` and the
+  reference evaluate): bool [T, S], or [N, T, S] with a BlockSparse."""
+  i, j = np.arange(t)[:, None], np.arange(s)[None, :]
+  if isinstance(m, masks.And):
+    return numpy_visibility(m.left, t, s) & numpy_visibility(m.right, t, s)
+  if isinstance(m, masks.Or):
+    return numpy_visibility(m.left, t, s) | numpy_visibility(m.right, t, s)
+  if isinstance(m, masks.Full):
+    return np.ones((t, s), bool)
+  if isinstance(m, masks.Causal):
+    return j - i <= m.offset
+  if isinstance(m, masks.LocalWindow):
+    lo = np.ones((t, s), bool) if m.left is None else j >= i - m.left
+    hi = np.ones((t, s), bool) if m.right is None else j <= i + m.right
+    return lo & hi
+  if isinstance(m, masks.ChunkedCausal):
+    return (j <= i) & (i // m.chunk == j // m.chunk)
+  if isinstance(m, masks.Prefix):
+    return np.broadcast_to(j < m.n, (t, s))
+  if isinstance(m, masks.BlockSparse):
+    bq, bk = m.block_shape
+    return np.asarray(m.layout)[:, i // bq, j // bk]
+  if isinstance(m, masks.FromFunction):
+    return np.broadcast_to(np.vectorize(
+        lambda a, b: bool(m.fn(a, b)))(i, j), (t, s))
+  raise TypeError(type(m))
+
+
+@pytest.mark.parametrize("m", LEAVES + [masks.BlockSparse(
+    np.random.default_rng(0).random((2, 3, 4)) < 0.5, (8, 6))],
+                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("t,s", [(1, 1), (7, 19), (19, 7), (24, 24)])
+def test_each_mask_matches_numpy_definition(m, t, s):
+  want = numpy_visibility(m, t, s)
+  got = dense(m, t, s)
+  np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+
+
+@given(m=mask_trees(), t=st.integers(1, 24), s=st.integers(1, 24))
+def test_masks_match_numpy_definitions(m, t, s):
+  # Every leaf and every And/Or tree of them against the NumPy definitions
+  # (negative Causal offsets, one-sided windows, prefixes, block layouts).
+  want = numpy_visibility(m, t, s)
+  got = dense(m, t, s)
+  np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
 
 
 def test_causal_tiles_are_sparse():

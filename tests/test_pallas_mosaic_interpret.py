@@ -5,9 +5,11 @@
 gradients are checked) on small shapes and compares them with autodiff of the
 float32 reference through the shared suite's ``check_against_reference``.
 Persistent grids are shrunk (``num_ctas``) so that every CTA walks several
-work items, as on a GPU with many more tiles than SMs. The interpreter runs
-matmuls synchronously and ignores the ping-pong named barriers, so timing
-hazards stay the GPU tests' business (``tests/test_pallas_mosaic_gpu.py``).
+work items, as on a GPU with many more tiles than SMs. The shim models the
+named barriers (the forward's ping-pong, the fused backward's pair
+barrier), so a protocol bug deadlocks and the watchdog fails the test. The
+interpreter runs matmuls synchronously, so timing hazards stay the GPU
+tests' business (``tests/test_pallas_mosaic_gpu.py``).
 """
 
 from __future__ import annotations
@@ -137,7 +139,6 @@ def test_q_buffers_and_grid(qbufs, persistent):
                              num_ctas=3), is_causal=True)
 
 
-@pytest.mark.long
 def test_fully_masked_rows_and_zero_length():
   qs = jnp.zeros((2, 240), jnp.int32).at[0, :100].set(7)
   out, lse = _check("empty", shape=dict(t=240),

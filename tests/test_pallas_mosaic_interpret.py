@@ -1,6 +1,6 @@
 """The Mosaic GPU kernels run on CPU in Pallas' GPU interpreter.
 
-``tests/mosaic_interpret.py`` adds the two operations the interpreter lacks
+``tests/mosaic_interpret.py`` adds what the interpreter lacks
 (see there). Each case runs the real kernels (forward, and dK/dV + dQ where
 gradients are checked) on small shapes and compares them with autodiff of the
 float32 reference through the shared suite's ``check_against_reference``.

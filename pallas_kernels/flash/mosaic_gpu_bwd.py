@@ -490,6 +490,10 @@ def flash_backward_dkv(
 
       dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, h), jnp.float32),
                              plgpu.ACC((bk, hv), jnp.float32))
+      if fused:
+        # The other consumer's last dQ product may still read this
+        # consumer's K tile: wait for it before dK overwrites K here.
+        _pair_barrier()
       k_w[...] = (dk * scale).astype(dtype)
       v_w[...] = dv.astype(dtype)
       plgpu.commit_smem()

@@ -11,7 +11,8 @@
 #
 # call1  GPU tests of the untested kernels: GLA fused splits, factored_rows,
 #        batch-1 grids, H = 128 compiles; delta ut_cols64 and the ieee
-#        inverse; Mosaic three consumer warpgroups (H = 64).
+#        inverse; Mosaic three consumer warpgroups (H = 64) and the fused
+#        backward after its end-of-kernel race fix (2026-12-05).
 # call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
 #        T = 4k factored_rows.
 # call3  delta profiles (gradient halves, UT pull-back by columns, the
@@ -31,7 +32,7 @@ case "${1:-}" in
          channel_long or h128 or batch_one or (gpu_delta_kernel_configs and \
          (default or ut_cols64 or ieee))'" \
       "timeout 200 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         three_consumer"
+         'three_consumer or FusedBackward'"
     ;;
   call2)
     bash $S \

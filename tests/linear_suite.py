@@ -133,10 +133,25 @@ def _mag(x):
   return float(jnp.max(jnp.abs(jnp.asarray(x, F32))))
 
 
-def assert_matches(actual, expected, dtype, *, grad=False, name="value"):
-  """assert_close with the tolerance scaled to the reference's magnitude."""
-  testing.assert_close(actual, expected, dtype, grad=grad, name=name,
-                       scale=_mag(expected))
+def assert_matches(actual, expected, dtype, *, grad=False, name="value",
+                   axis=None):
+  """assert_close with the tolerance scaled to the reference's magnitude.
+
+  ``axis``: compare each slice along it on its own scale (e.g. the heads
+  axis when heads differ in magnitude by orders: a whole-tensor scale would
+  let a weak head's large values set the tolerance of a strong head's small
+  ones)."""
+  if axis is None:
+    testing.assert_close(actual, expected, dtype, grad=grad, name=name,
+                         scale=_mag(expected))
+    return
+  actual, expected = jnp.asarray(actual), jnp.asarray(expected)
+  assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+  for i in range(expected.shape[axis]):
+    a = jnp.take(actual, i, axis=axis)
+    e = jnp.take(expected, i, axis=axis)
+    testing.assert_close(a, e, dtype, grad=grad, name=f"{name}[{axis}={i}]",
+                         scale=_mag(e))
 
 
 def check_against_scan(case, implementation, *, grads=True, dtype=None,

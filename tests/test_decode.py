@@ -59,14 +59,40 @@ def test_window_and_split_gradients():
   testing.assert_close(g, g_ref, F32, grad=True)
 
 
-def test_empty_cache_row_is_zero_and_bf16():
-  inp = testing.attention_inputs(jax.random.key(6), q_len=1, kv_len=16,
-                                 dtype=jnp.bfloat16)
-  out = attnjax.decode_attention(inp.q[:, 0], inp.k, inp.v,
-                                 kv_lengths=jnp.array([0, 16], jnp.int32))
-  assert out.dtype == jnp.bfloat16
+@pytest.mark.parametrize("impl", ["xla", "xla_split"])
+@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
+def test_empty_cache_row_is_zero(impl, dtype):
+  """A sequence with an empty cache: zero output and zero (never NaN)
+  gradients, with sinks and four splits; the other row and its gradients
+  match the masked reference, in float32 and bf16."""
+  inp = testing.attention_inputs(jax.random.key(6), q_len=1, kv_len=70,
+                                 num_heads=4, num_kv_heads=2, dtype=dtype)
+  lengths = jnp.array([0, 53], jnp.int32)
+  sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+  q = inp.q[:, 0]
+  d_out = inp.d_out[:, 0]
+
+  def run(q, k, v, sinks):
+    return attnjax.decode_attention(q, k, v, kv_lengths=lengths, sinks=sinks,
+                                    num_splits=4, implementation=impl)
+
+  def ref(q, k, v, sinks):
+    return _reference(q[:, None], k, v, lengths, sinks=sinks)[:, 0]
+
+  out = run(q, inp.k, inp.v, sinks)
+  assert out.dtype == dtype
   np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
-  testing.assert_finite(out)
+  testing.assert_close(out[1], ref(q, inp.k, inp.v, sinks)[1], dtype)
+  loss = lambda fn: lambda *a: jnp.sum(  # noqa: E731
+      fn(*a).astype(F32) * d_out.astype(F32))
+  g = jax.grad(loss(run), (0, 1, 2, 3))(q, inp.k, inp.v, sinks)
+  g_ref = jax.grad(loss(ref), (0, 1, 2, 3))(q, inp.k, inp.v, sinks)
+  testing.assert_finite(g)
+  for x in g[:3]:  # dq, dk, dv of the empty sequence
+    np.testing.assert_array_equal(np.asarray(x[0], np.float32), 0.0)
+  for name, x, y in zip(("dq", "dk", "dv", "dsinks"), g, g_ref):
+    testing.assert_close(x, y, dtype, grad=True, name=name,
+                         scale=float(jnp.max(jnp.abs(y.astype(F32)))))
 
 
 @pytest.mark.parametrize("kw,arg", [

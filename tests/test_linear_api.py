@@ -11,6 +11,7 @@ import pytest
 
 import attnjax
 from attnjax.linear import api
+from linear_suite import assert_matches, key_for, linear_case
 
 B, T, N, K, H, HV = 2, 6, 4, 2, 8, 5
 
@@ -117,20 +118,24 @@ def test_log_decay_is_only_checked_when_concrete():
 
 def test_pallas_per_channel_gate_with_segments():
   """segment_ids reach the per-channel-gate kernels (chunk-parallel
-  layout) as resets."""
-  q, k, v = _qkv()
-  gate = -jnp.ones((B, T, N, H))
-  seg = jnp.zeros((B, T), jnp.int32).at[:, T // 2:].set(1)
+  layout) as resets: random inputs, a boundary inside a chunk."""
+  arrays, _ = linear_case(key_for("api-channel-segments"), length=40,
+                          gate="channel")
+  q, k, v, gate = (arrays[n] for n in ("query", "key", "value", "gate"))
+  cut = 17
+  seg = jnp.zeros(q.shape[:2], jnp.int32).at[:, cut:].set(1)
   out = attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
                                  implementation="pallas")
   ref = attnjax.linear_attention(q, k, v, gate=gate, segment_ids=seg,
                                  implementation="xla")
-  assert jnp.allclose(out, ref, atol=1e-5)
-  # The second segment does not see the first.
-  alone = attnjax.linear_attention(q[:, T // 2:], k[:, T // 2:],
-                                   v[:, T // 2:], gate=gate[:, T // 2:],
-                                   implementation="xla")
-  assert jnp.allclose(out[:, T // 2:], alone, atol=1e-5)
+  assert_matches(out, ref, jnp.float32, name="out")
+  # The second segment does not see the first; without the reset it would.
+  alone = attnjax.linear_attention(q[:, cut:], k[:, cut:], v[:, cut:],
+                                   gate=gate[:, cut:], implementation="xla")
+  assert_matches(out[:, cut:], alone, jnp.float32, name="second segment")
+  joined = attnjax.linear_attention(q, k, v, gate=gate,
+                                    implementation="xla")
+  assert not jnp.allclose(joined[:, cut:], alone, atol=1e-2)
 
 
 def test_default_implementation_order():

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import attnjax
 from attnjax import testing
 from linear_suite import (BF16, F32, assert_matches, call, check_against_scan,
-                          key_for, linear_case, run_in_two_parts)
+                          key_for, linear_case, run_in_two_parts, vjp_of)
 from pallas_kernels.linear_scan import channel, reference
 from test_linear_pallas import _export_for_h100
 
@@ -58,6 +58,17 @@ def test_channel_bf16_decay_gradient(seed):
                              initial_state=True, dtype=BF16)
   arrays["log_decay"] = jnp.full_like(arrays["log_decay"], -0.1)
   check_against_scan((arrays, opts), "pallas")
+  # The bf16 gradient tolerance (0.04 of the largest entry) leaves a thin
+  # margin for this regression, so the decay gradient gets its own bound.
+  # On CPU (interpret) the three seeds are within 0.9% of the largest
+  # head's gradient; with bf16 operands in the diagonal matmuls, 7-12%.
+  ref_case = ({k: (v.astype(F32) if jnp.issubdtype(v.dtype, jnp.floating)
+                   else v) for k, v in arrays.items()}, opts)
+  ck = key_for("channel-bf16-decay-cotangent", str(seed))
+  got = vjp_of((arrays, opts), "pallas", ck, BF16)[2]["log_decay"]
+  want = vjp_of(ref_case, "xla", ck, BF16)[2]["log_decay"]
+  err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+  assert err < 0.02, err
 
 
 def test_channel_chunk_32_and_split_sequence_carries_state():
@@ -596,10 +607,8 @@ def test_gpu_channel_long_sequence_deterministic():
   ref, ref_state = jax.jit(lambda q, k, v, g: attnjax.linear_attention(
       q, k, v, gate=g, implementation="xla", return_final_state=True))(
           q, k, v, g)
-  testing.assert_close(out, ref, BF16,
-                       scale=float(jnp.max(jnp.abs(ref.astype(F32)))))
-  testing.assert_close(state, ref_state, BF16,
-                       scale=float(jnp.max(jnp.abs(ref_state))))
+  assert_matches(out, ref, BF16, name="out", axis=2)
+  assert_matches(state, ref_state, BF16, name="final_state", axis=1)
   grads = jax.jit(jax.grad(lambda q, k, v, g: jnp.sum(
       f(q, k, v, g)[0].astype(F32)), argnums=(0, 1, 2, 3)))(q, k, v, g)
   for x in grads:

@@ -34,9 +34,9 @@ _VARIANTS = {
 }
 
 
-@settings(max_examples=8)
-@given(variant=st.sampled_from(sorted(_VARIANTS)),
-       length=st.integers(1, 40),
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+@settings(max_examples=3, deadline=None)
+@given(length=st.integers(1, 40),
        chunk=st.integers(1, 48),
        segments=st.booleans(),
        initial_state=st.booleans())
@@ -49,7 +49,8 @@ def test_chunked_equals_scan_every_chunk_size(variant, length, chunk,
 
 
 @pytest.mark.parametrize("variant", ["normalize", "gate_and_decay",
-                                     "channel_gate"])
+                                     "channel_gate", "relu",
+                                     "channel_gate_elu", "fixed_decay"])
 def test_chunked_gradients_match_scan(variant):
   """d(q, k, v, gate, log_decay, initial_state), with resets, chunk 8."""
   case = linear_case(key_for("grad", variant), length=29, segments=True,
@@ -163,10 +164,8 @@ def test_long_sequence_strong_and_weak_decay(gate):
   out, state = run("xla_chunked")
   ref, ref_state = run("xla")
   testing.assert_finite(out, "out")
-  for head in range(n):
-    assert_matches(out[..., head, :], ref[..., head, :], F32,
-                   name=f"out head {head}")
-  assert_matches(state, ref_state, F32, name="final_state")
+  assert_matches(out, ref, F32, name="out", axis=2)
+  assert_matches(state, ref_state, F32, name="final_state", axis=1)
 
 
 def test_scan_reference_weak_fixed_decay_against_float64():

@@ -5,6 +5,8 @@ on a GPU (``-m gpu``)."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,7 +164,8 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(grad_block_k=None)),
     (F32, 128, True, dict(diag_inverse="substitution")),
     (BF16, 128, False, dict(inverse_dots="ieee")),
-    (BF16, 128, True, dict(grad_ut_block_k=32))])
+    (BF16, 128, True, dict(grad_ut_block_k=32)),
+    (BF16, 128, True, dict(forward_states=True))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -183,10 +186,13 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   bk = delta.DeltaConfig(**cfg).grad_block_k
   grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
            if bk and bk < h else ("delta_rule_grads",))
-  for name in ("delta_rule_ut", "delta_rule_fwd", "delta_rule_fwd_states",
-               "delta_rule_bwd") + grads:
-    assert name in text, name
-  assert text.count("__gpu$xla.gpu.triton") == 4 + len(grads)
+  # forward_states: one forward sweep writing outputs and states, no
+  # storing sweep in the backward.
+  sweeps = (("delta_rule_fwd_states_out",) if cfg.get("forward_states")
+            else ("delta_rule_fwd", "delta_rule_fwd_states"))
+  found = set(re.findall(r"delta_rule_\w+", text))
+  assert found == {"delta_rule_ut", "delta_rule_bwd", *sweeps, *grads}, found
+  assert text.count("__gpu$xla.gpu.triton") == 2 + len(sweeps) + len(grads)
 
 
 # ----------------------------------------------------------------------------
@@ -312,6 +318,17 @@ def test_delta_pallas_split_gradient_kernels(segments, ut_cols):
   _assert_config_rejected(grad_ut_block_k=8)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_delta_pallas_forward_states(segments):
+  """forward_states: the forward sweep also stores the backward's states
+  and new values (no storing sweep in the backward); forward and every
+  gradient against autodiff of the scan, with a gate, GQA, resets and an
+  initial state."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, forward_states=True)
+  _config_grads_match_scan(f"delta-forward-states-{segments}", cfg, b=2,
+                           t=45, n=4, kh=2, f=24, vd=40, segments=segments)
+
+
 def test_diag_inverse_doubling_matches_substitution():
   """The UT kernel's two inverses of a [16, 16] diagonal block of I + L:
   equal to a triangular solve on random blocks (beta k k^T o decays, and
@@ -356,7 +373,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 # Fewer register spills (scripts/aot/ptxas_report.py).
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
-                "ut_cols64": dict(grad_ut_block_k=64)}
+                "ut_cols64": dict(grad_ut_block_k=64),
+                "forward_states": dict(forward_states=True)}
 
 
 @pytest.mark.gpu

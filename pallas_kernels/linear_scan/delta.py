@@ -109,6 +109,15 @@ class DeltaConfig:
       formed twice). Compiled for an H100 (C = 64, F = V = 128, bf16, 4
       warps) the kernel spills 944 / 1080 bytes as a whole (see
       scripts/aot/ptxas_report.py). Opt-in, not yet timed on a GPU.
+    forward_states: under differentiation, the forward sweep also writes
+      the state entering each chunk and the chunk's new values (bf16
+      [B, N, T / C, F, V] and [B, T, N, V]) as residuals, so the backward
+      skips its state-storing sweep (a sequential pass over every chunk,
+      0.59 ms of the 6.7 ms forward+backward at T = 4k on an H200, more at
+      long T where the sweeps are latency-bound). Costs the residuals'
+      memory (the states: 2 F V / C bytes a token and head, 512 bytes at
+      F = V = 128, C = 64; twice q's) and their writes in the forward.
+      Opt-in, not yet timed on a GPU.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -126,6 +135,7 @@ class DeltaConfig:
   diag_inverse: str = "doubling"
   inverse_dots: str = "tf32x3"
   grad_ut_block_k: int | None = None
+  forward_states: bool = False
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -171,6 +181,7 @@ class _S:
   rep: int
   ieee_inverse: bool = False
   bku: int = 0  # grad_ut_block_k (0: whole F)
+  fwd_states: bool = False  # forward_states
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -308,18 +319,20 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
 # [B, Tp]; states [B, N, F, V].
 
 
-def _fwd_kernel(*refs, s: _S, store: bool):
-  """Forward sweep. ``store``: the backward pass's recomputation, writing
-  the state entering each chunk and the new values instead of outputs."""
+def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True):
+  """Forward sweep. ``store``: write the state entering each chunk and the
+  new values (the backward's residuals); ``out``: the outputs and the
+  final state. The backward's recomputation stores only; the forward of
+  ``forward_states`` does both."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
   q_ref, k_ref, a_ref, w_ref, u_ref, wq_ref, wk_ref, dec_ref = (
       next(it) for _ in range(8))
   s0_ref = next(it) if s.has_s0 else None
+  if out:
+    o_ref, st_ref = next(it), next(it)
   if store:
     h_ref, vn_ref = next(it), next(it)
-  else:
-    o_ref, st_ref = next(it), next(it)
   c = s.chunk
   dt = w_ref.dtype
   shape = (w_ref.shape[-1], u_ref.shape[-1])
@@ -333,7 +346,7 @@ def _fwd_kernel(*refs, s: _S, store: bool):
     if store:
       h_ref[i] = sb
       vn_ref[rows, :] = vb
-    else:
+    if out:
       o = (_dot(q_ref[rows, :], sb) * (wq_ref[rows] * s.scale)[:, None]
            + _dot(a_ref[rows, :], vb))
       o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -341,7 +354,7 @@ def _fwd_kernel(*refs, s: _S, store: bool):
     return state * _last(dec_ref[rows]) + _dot_tn(k_ref[rows, :], vw)
 
   final = lax.fori_loop(0, s.nc, body, state)
-  if not store:
+  if out:
     st_ref[...] = final
 
 
@@ -392,7 +405,11 @@ def _chunk_states_spec(nc, f, bv):
                       lambda j, n, b: (b, n, 0, 0, j))
 
 
-def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool):
+def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
+              out: bool | None = None):
+  """(out, final state) without ``store``; (h, vn) with it; (out, final
+  state, h, vn) with both ``store`` and ``out``."""
+  out = not store if out is None else out
   b, tp, n, f = q.shape
   vp = u.shape[-1]
   bv = min(s.bv, vp)
@@ -403,23 +420,25 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool):
   if s.has_s0:
     specs.append(_state_spec(f, bv))
     args.append(s0)
+  out_specs, out_shape = [], []
+  if out:
+    out_specs += [col, _state_spec(f, bv)]
+    out_shape += [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
   if store:
-    out_specs = [_chunk_states_spec(s.nc, f, bv), col]
-    out_shape = [jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
-                 jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype)]
-  else:
-    out_specs = [col, _state_spec(f, bv)]
-    out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
-                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
+    out_specs += [_chunk_states_spec(s.nc, f, bv), col]
+    out_shape += [jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
+                  jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype)]
   return _flat_call(
-      functools.partial(_fwd_kernel, s=s, store=store),
+      functools.partial(_fwd_kernel, s=s, store=store, out=out),
       grid=(vp // bv, n, b),
       in_specs=specs,
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=_params(s, s.warps, s.stages),
       interpret=s.interpret,
-      name="delta_rule_fwd" + ("_states" if store else ""),
+      name="delta_rule_fwd" + ("_states" if store else "")
+      + ("_out" if store and out else ""),
   )(*args)
 
 
@@ -787,17 +806,24 @@ def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
 
 def _core_fwd(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
   w, u, a, t = _ut_call(q, k, v, beta, gc, wq, rc, s, store_t=True)
+  if s.fwd_states:  # the backward's states and new values too
+    o, final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
+                                out=True)
+    return (o, final), (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, None,
+                        a, t, h, vn)
   out = tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
-  return out, (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t)
+  return out, (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t, None,
+               None)
 
 
 def _core_bwd(s: _S, res, cts):
-  q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t = res
+  q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t, h, vn = res
   do, dfin = cts
   b, tp, n, f = q.shape
   kh, vp = k.shape[2], v.shape[-1]
   dt = w.dtype
-  h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True)
+  if h is None:
+    h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True)
   do = do.astype(dt)
   gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
                            s)
@@ -904,7 +930,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          ieee_inverse=cfg.inverse_dots == "ieee",
-         bku=cfg.grad_ut_block_k or 0,
+         bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

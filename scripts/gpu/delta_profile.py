@@ -2,7 +2,7 @@
 
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
-      [--no-checks]
+      [--no-checks] [--forward-states]
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -99,7 +99,8 @@ def _static(t, b, cfg):
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",
                    ieee_inverse=cfg.inverse_dots == "ieee",
-                   bku=cfg.grad_ut_block_k or 0, has_s0=False,
+                   bku=cfg.grad_ut_block_k or 0,
+                   fwd_states=cfg.forward_states, has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -150,6 +151,33 @@ def _parts(t, b, q, k, v, beta, g, cfg):
                 dec))
   except Exception as e:  # noqa: BLE001
     print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}")
+
+
+def _forward_states(t, b, q, k, v, beta, g):
+  """DeltaConfig(forward_states=True) beside the default: the forward
+  sweep writing outputs and the backward's states in one pass, and the
+  core's forward and forward+backward (no storing sweep)."""
+  d = kdelta.DeltaConfig()
+  bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
+  for cfg in (d, dataclasses.replace(d, forward_states=True)):
+    st = _static(t, b, cfg)
+    tag = "forward_states" if cfg.forward_states else "default"
+    core = lambda *a, st=st: kdelta._core(*a, None, None, st)  # noqa: E731
+    try:
+      if cfg.forward_states:
+        w, u, a, _ = jax.jit(lambda *x: kdelta._ut_call(
+            *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
+        both = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
+                                                   out=True))
+        pc.line("sweep fwd, outputs and states", b, t,
+                pc.time(both, q, k, a, w, u, wq, wk, dec))
+        del w, u, a
+      pc.line(f"core fwd+bwd {tag} {pc.clocks()}", b, t,
+              pc.time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc, wq,
+                      wk, dec))
+    except Exception as e:  # noqa: BLE001
+      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
+            flush=True)
 
 
 def _grad_sweep(t, b, q, k, v, beta, g):
@@ -216,7 +244,7 @@ def _ut_sweep(t, b, q, k, v, beta, g):
 
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
-            ut_sweep=False):
+            ut_sweep=False, forward_states=False):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
@@ -227,6 +255,8 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
     if ut_sweep:  # the UT kernel's warps and inverses only
       _ut_sweep(t, b, q, k, v, beta, g)
       continue
+    if forward_states:
+      _forward_states(t, b, q, k, v, beta, g)
     # "gated, zero gates": the gated path's inputs (three distinct weight
     # arrays) with the ungated values: whether the gated forward's extra
     # time comes from the values or from the arrays. "gated" runs again
@@ -315,7 +345,8 @@ def main(argv):
       seqs = tuple(int(x) for x in a[7:].split(","))
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
-          ut_sweep="--ut-sweep" in argv)
+          ut_sweep="--ut-sweep" in argv,
+          forward_states="--forward-states" in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

@@ -9,15 +9,16 @@
 #   run(command="export ATTNJAX_BENCH_ROWS=$OUT/rows.jsonl; \
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
-# call1  GPU tests of the untested kernels: GLA fused splits, factored_rows,
-#        batch-1 grids, H = 128 compiles; delta ut_cols64 and the ieee
-#        inverse; Mosaic three consumer warpgroups (H = 64) and the fused
-#        backward after its end-of-kernel race fix (2026-12-05).
+# call1  GPU tests of the untested linear kernels: GLA fused splits,
+#        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64,
+#        the ieee inverse and forward_states.
+# mosaic Mosaic three consumer warpgroups (H = 64) and the fused backward
+#        after its end-of-kernel race fix (2026-12-05) on the GPU; the H = 64
+#        forward with three consumers beside cuDNN and tokamax.
 # call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
 #        T = 4k factored_rows.
 # call3  delta profiles (gradient halves, UT pull-back by columns, the
-#        gated-vs-ungated clocks at 32k); Mosaic H = 64 forward with three
-#        consumers beside cuDNN and tokamax.
+#        gated-vs-ungated clocks at 32k, forward_states at 4k and 32k).
 # call4  the linear benchmark rows for the docs (GLA and both delta rules).
 set -u
 cd "$(dirname "$0")/../.."
@@ -26,13 +27,20 @@ PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
   call1)
     bash $S \
-      "timeout 330 $PYTEST tests/test_linear_channel.py \
+      "timeout 400 $PYTEST tests/test_linear_channel.py \
          tests/test_linear_delta_pallas.py -k '(gpu_channel_direct and \
          (split32 or fsplit32 or rows32 or xla_sums32 or parallel32)) or \
          channel_long or h128 or batch_one or (gpu_delta_kernel_configs and \
-         (default or ut_cols64 or ieee))'" \
+         (default or ut_cols64 or ieee or forward_states))'"
+    ;;
+  mosaic)
+    # The default path's GPU test first (fused backward), then timings.
+    bash $S \
       "timeout 200 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         'three_consumer or FusedBackward'"
+         'three_consumer or FusedBackward'" \
+      "timeout 230 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
+64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
     ;;
   call2)
     bash $S \
@@ -48,9 +56,8 @@ case "${1:-}" in
          --no-fla --seqs=4096 --grad-sweep" \
       "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768" \
-      "timeout 230 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
-64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
+      "cd scripts/gpu && timeout 200 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096,32768 --forward-states"
     ;;
   call4)
     bash $S \
@@ -58,7 +65,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4" >&2
+    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

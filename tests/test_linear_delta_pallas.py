@@ -165,7 +165,9 @@ def test_delta_pallas_falls_back_for_wide_features():
     (F32, 128, True, dict(diag_inverse="substitution")),
     (BF16, 128, False, dict(inverse_dots="ieee")),
     (BF16, 128, True, dict(grad_ut_block_k=32)),
-    (BF16, 128, True, dict(forward_states=True))])
+    (BF16, 128, True, dict(forward_states=True)),
+    (BF16, 128, False, dict(separate_output=True)),
+    (BF16, 128, True, dict(separate_output=True, forward_states=True))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -187,9 +189,16 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
            if bk and bk < h else ("delta_rule_grads",))
   # forward_states: one forward sweep writing outputs and states, no
-  # storing sweep in the backward.
-  sweeps = (("delta_rule_fwd_states_out",) if cfg.get("forward_states")
-            else ("delta_rule_fwd", "delta_rule_fwd_states"))
+  # storing sweep in the backward. separate_output: the forward sweep
+  # stores states (and the final state), the output kernel reads them.
+  if cfg.get("separate_output"):
+    sweeps = ("delta_rule_fwd_states_final", "delta_rule_out")
+    if not cfg.get("forward_states"):
+      sweeps += ("delta_rule_fwd_states",)
+  elif cfg.get("forward_states"):
+    sweeps = ("delta_rule_fwd_states_out",)
+  else:
+    sweeps = ("delta_rule_fwd", "delta_rule_fwd_states")
   found = set(re.findall(r"delta_rule_\w+", text))
   assert found == {"delta_rule_ut", "delta_rule_bwd", *sweeps, *grads}, found
   assert text.count("__gpu$xla.gpu.triton") == 2 + len(sweeps) + len(grads)
@@ -318,15 +327,21 @@ def test_delta_pallas_split_gradient_kernels(segments, ut_cols):
   _assert_config_rejected(grad_ut_block_k=8)
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_delta_pallas_forward_states(segments):
+@pytest.mark.parametrize("segments,separate", [(False, False),
+                                               (True, False), (True, True),
+                                               (False, True)])
+def test_delta_pallas_forward_states(segments, separate):
   """forward_states: the forward sweep also stores the backward's states
-  and new values (no storing sweep in the backward); forward and every
-  gradient against autodiff of the scan, with a gate, GQA, resets and an
-  initial state."""
-  cfg = delta.DeltaConfig(chunk=16, block_v=16, forward_states=True)
-  _config_grads_match_scan(f"delta-forward-states-{segments}", cfg, b=2,
-                           t=45, n=4, kh=2, f=24, vd=40, segments=segments)
+  and new values (no storing sweep in the backward); separate_output (with
+  and without forward_states): the sweep stores states only and a
+  chunk-parallel kernel forms the outputs. Forward and every gradient
+  against autodiff of the scan, with a gate, GQA, an initial state and
+  optional resets."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=separate,
+                          forward_states=segments or not separate)
+  _config_grads_match_scan(f"delta-forward-states-{segments}-{separate}",
+                           cfg, b=2, t=45, n=4, kh=2, f=24, vd=40,
+                           segments=segments)
 
 
 def test_diag_inverse_doubling_matches_substitution():
@@ -374,7 +389,9 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
                 "ut_cols64": dict(grad_ut_block_k=64),
-                "forward_states": dict(forward_states=True)}
+                "forward_states": dict(forward_states=True),
+                "separate_output": dict(separate_output=True,
+                                        forward_states=True)}
 
 
 @pytest.mark.gpu

@@ -118,6 +118,13 @@ class DeltaConfig:
       memory (the states: 2 F V / C bytes a token and head, 512 bytes at
       F = V = 128, C = 64; twice q's) and their writes in the forward.
       Opt-in, not yet timed on a GPU.
+    separate_output: the forward sweep stores the states entering each
+      chunk and the new values only (the backward's storing sweep), and a
+      chunk-parallel kernel forms the outputs q S + A v_new from them, as
+      fla's forward does: the sequential sweep does half the matmuls (the
+      state chain only), at the cost of writing and reading the states.
+      With ``forward_states`` the backward takes them as residuals.
+      Opt-in, not yet timed on a GPU.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -136,6 +143,7 @@ class DeltaConfig:
   inverse_dots: str = "tf32x3"
   grad_ut_block_k: int | None = None
   forward_states: bool = False
+  separate_output: bool = False
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -182,6 +190,7 @@ class _S:
   ieee_inverse: bool = False
   bku: int = 0  # grad_ut_block_k (0: whole F)
   fwd_states: bool = False  # forward_states
+  sep_out: bool = False  # separate_output
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -319,7 +328,8 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
 # [B, Tp]; states [B, N, F, V].
 
 
-def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True):
+def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True,
+                final: bool | None = None):
   """Forward sweep. ``store``: write the state entering each chunk and the
   new values (the backward's residuals); ``out``: the outputs and the
   final state. The backward's recomputation stores only; the forward of
@@ -330,7 +340,9 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True):
       next(it) for _ in range(8))
   s0_ref = next(it) if s.has_s0 else None
   if out:
-    o_ref, st_ref = next(it), next(it)
+    o_ref = next(it)
+  if out or final:
+    st_ref = next(it)
   if store:
     h_ref, vn_ref = next(it), next(it)
   c = s.chunk
@@ -353,9 +365,9 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True):
     vw = (vn * wk_ref[rows][:, None]).astype(dt)
     return state * _last(dec_ref[rows]) + _dot_tn(k_ref[rows, :], vw)
 
-  final = lax.fori_loop(0, s.nc, body, state)
-  if out:
-    st_ref[...] = final
+  last = lax.fori_loop(0, s.nc, body, state)
+  if out or final:
+    st_ref[...] = last
 
 
 def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
@@ -406,9 +418,10 @@ def _chunk_states_spec(nc, f, bv):
 
 
 def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
-              out: bool | None = None):
+              out: bool | None = None, final: bool = False):
   """(out, final state) without ``store``; (h, vn) with it; (out, final
-  state, h, vn) with both ``store`` and ``out``."""
+  state, h, vn) with both ``store`` and ``out``; (final state, h, vn) with
+  ``store`` and ``final``."""
   out = not store if out is None else out
   b, tp, n, f = q.shape
   vp = u.shape[-1]
@@ -422,15 +435,18 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
     args.append(s0)
   out_specs, out_shape = [], []
   if out:
-    out_specs += [col, _state_spec(f, bv)]
-    out_shape += [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
-                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)]
+    out_specs.append(col)
+    out_shape.append(jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype))
+  if out or final:
+    out_specs.append(_state_spec(f, bv))
+    out_shape.append(jax.ShapeDtypeStruct((b, n, f, vp), _F32))
   if store:
     out_specs += [_chunk_states_spec(s.nc, f, bv), col]
     out_shape += [jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
                   jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype)]
   return _flat_call(
-      functools.partial(_fwd_kernel, s=s, store=store, out=out),
+      functools.partial(_fwd_kernel, s=s, store=store, out=out,
+                        final=final),
       grid=(vp // bv, n, b),
       in_specs=specs,
       out_specs=out_specs,
@@ -438,8 +454,48 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
       compiler_params=_params(s, s.warps, s.stages),
       interpret=s.interpret,
       name="delta_rule_fwd" + ("_states" if store else "")
-      + ("_out" if store and out else ""),
+      + ("_out" if store and out else "") + ("_final" if final else ""),
   )(*args)
+
+
+def _out_kernel(q_ref, a_ref, wq_ref, h_ref, vn_ref, o_ref, *, s: _S):
+  """One chunk's outputs from its entering state and new values:
+  (q S) * wq * scale + A v_new (A already scaled)."""
+  _dot, _, _ = _dots(s)
+  o = (_dot(q_ref[...], h_ref[...]) * (wq_ref[...] * s.scale)[:, None]
+       + _dot(a_ref[...], vn_ref[...]))
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _out_call(q, a, wq, h, vn, s: _S):
+  """The outputs [B, Tp, N, V] chunk-parallel (``separate_output``)."""
+  b, tp, n, f = q.shape
+  vp = vn.shape[-1]
+  own, _, tok, _, state = _chunk_specs(s)
+  return _flat_call(
+      functools.partial(_out_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=[own(f), own(s.chunk), tok, state(f, vp), own(vp)],
+      out_specs=own(vp),
+      out_shape=jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+      compiler_params=_params(s, s.warps, 1),
+      interpret=s.interpret,
+      name="delta_rule_out",
+  )(q, a, wq, h, vn)
+
+
+def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool):
+  """(out, final state, h, vn): h and vn only where ``residuals`` or
+  ``separate_output`` form them (else None)."""
+  if s.sep_out:
+    final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
+                             out=False, final=True)
+    return _out_call(q, a, wq, h, vn, s), final, h, vn
+  if residuals:
+    return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
+                           out=True))
+  return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False)) + (
+      None, None)
 
 
 def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
@@ -801,19 +857,17 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
   w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s)
-  return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
+  return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False)[:2]
 
 
 def _core_fwd(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
   w, u, a, t = _ut_call(q, k, v, beta, gc, wq, rc, s, store_t=True)
-  if s.fwd_states:  # the backward's states and new values too
-    o, final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
-                                out=True)
-    return (o, final), (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, None,
-                        a, t, h, vn)
-  out = tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False))
-  return out, (q, k, v, beta, gc, wq, wk, dec, s0, rc, w, u, a, t, None,
-               None)
+  o, final, h, vn = _forward(q, k, a, w, u, wq, wk, dec, s0, s,
+                             s.fwd_states)
+  if not s.fwd_states:  # the backward recomputes them
+    h = vn = None
+  return (o, final), (q, k, v, beta, gc, wq, wk, dec, s0, rc, w,
+                      u if h is None else None, a, t, h, vn)
 
 
 def _core_bwd(s: _S, res, cts):
@@ -931,6 +985,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          doubling=cfg.diag_inverse == "doubling",
          ieee_inverse=cfg.inverse_dots == "ieee",
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
+         sep_out=cfg.separate_output,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

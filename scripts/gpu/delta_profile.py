@@ -100,7 +100,8 @@ def _static(t, b, cfg):
                    doubling=cfg.diag_inverse == "doubling",
                    ieee_inverse=cfg.inverse_dots == "ieee",
                    bku=cfg.grad_ut_block_k or 0,
-                   fwd_states=cfg.forward_states, has_s0=False,
+                   fwd_states=cfg.forward_states,
+                   sep_out=cfg.separate_output, has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -154,24 +155,43 @@ def _parts(t, b, q, k, v, beta, g, cfg):
 
 
 def _forward_states(t, b, q, k, v, beta, g):
-  """DeltaConfig(forward_states=True) beside the default: the forward
-  sweep writing outputs and the backward's states in one pass, and the
-  core's forward and forward+backward (no storing sweep)."""
-  d = kdelta.DeltaConfig()
+  """DeltaConfig(forward_states=True) and separate_output beside the
+  default: the forward sweep writing outputs and the backward's states in
+  one pass; the storing sweep plus the chunk-parallel output kernel; the
+  core's forward and forward+backward."""
+  r, d = dataclasses.replace, kdelta.DeltaConfig()
   bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
-  for cfg in (d, dataclasses.replace(d, forward_states=True)):
+  st = _static(t, b, d)
+  w, u, a, _ = jax.jit(lambda *x: kdelta._ut_call(
+      *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
+  try:
+    both = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
+                                               out=True))
+    pc.line("sweep fwd, outputs and states", b, t,
+            pc.time(both, q, k, a, w, u, wq, wk, dec))
+    store = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
+                                                out=False, final=True))
+    pc.line("sweep fwd, states and final state", b, t,
+            pc.time(store, q, k, a, w, u, wq, wk, dec))
+    _, h, vn = store(q, k, a, w, u, wq, wk, dec)
+    outk = jax.jit(lambda *x: kdelta._out_call(*x, st))
+    pc.line("output kernel (separate_output)", b, t,
+            pc.time(outk, q, a, wq, h, vn))
+    del h, vn
+  except Exception as e:  # noqa: BLE001
+    print(f"  sweeps FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+  del w, u, a
+  for cfg in (d, r(d, forward_states=True), r(d, separate_output=True),
+              r(d, separate_output=True, forward_states=True)):
     st = _static(t, b, cfg)
-    tag = "forward_states" if cfg.forward_states else "default"
+    tag = ("forward_states " if cfg.forward_states else "") + (
+        "separate_output" if cfg.separate_output else "")
+    tag = tag or "default"
     core = lambda *a, st=st: kdelta._core(*a, None, None, st)  # noqa: E731
     try:
-      if cfg.forward_states:
-        w, u, a, _ = jax.jit(lambda *x: kdelta._ut_call(
-            *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
-        both = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
-                                                   out=True))
-        pc.line("sweep fwd, outputs and states", b, t,
-                pc.time(both, q, k, a, w, u, wq, wk, dec))
-        del w, u, a
+      if not cfg.forward_states:  # the forward is the same with it
+        pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
+                pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
       pc.line(f"core fwd+bwd {tag} {pc.clocks()}", b, t,
               pc.time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc, wq,
                       wk, dec))

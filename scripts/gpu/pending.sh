@@ -42,6 +42,18 @@ case "${1:-}" in
          --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
 64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
     ;;
+  delta)
+    # The delta rule's opt-in layouts: GPU tests, then timings beside the
+    # default at 4k and 32k (gated), then the 32k whole-path clocks.
+    bash $S \
+      "timeout 200 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (forward_states or separate_output \
+          or default)'" \
+      "cd scripts/gpu && timeout 220 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096,32768 --forward-states" \
+      "cd scripts/gpu && timeout 120 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768"
+    ;;
   call2)
     bash $S \
       "cd scripts/gpu && timeout 330 python3 channel_profile.py --no-checks \
@@ -65,7 +77,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic|delta" >&2
     exit 2
     ;;
 esac

@@ -8,6 +8,7 @@
   block backward by recomputation, which must agree with the residual one.
 """
 
+import dataclasses
 import zlib
 
 import jax
@@ -95,8 +96,12 @@ def test_residual_backward_from_global_residuals():
                        name="dv")
 
 
-def test_merge_of_partials_equals_whole_and_handles_empty():
+@pytest.mark.parametrize("q_scale", [1.0, 30.0])
+def test_merge_of_partials_equals_whole_and_handles_empty(q_scale):
+  """Three key blocks merged == the whole; q_scale 30 makes lse ~ 110
+  (exp(lse) overflows float32: the merge must work relative to the max)."""
   inp = testing.attention_inputs(_key("merge"), q_len=16, kv_len=30)
+  inp = dataclasses.replace(inp, q=inp.q * q_scale)
   qs = jnp.zeros((2, 16), jnp.int32).at[0, :4].set(5)  # rows 0-3 empty
   ks = jnp.zeros((2, 30), jnp.int32).at[:, 20:].set(5)  # ...except here
 
@@ -113,6 +118,8 @@ def test_merge_of_partials_equals_whole_and_handles_empty():
     return full, o, lse
 
   full, o, lse = run(inp.q, inp.k, inp.v)
+  if q_scale > 1:
+    assert float(jnp.max(lse)) > 89.0  # exp(lse) overflows float32
   testing.assert_finite(o, "merged out")
   testing.assert_close(o, full[0], F32, name="out")
   testing.assert_close(lse, full[1], F32, name="lse")

@@ -17,9 +17,9 @@ LINEAR = dict(feature_map="elu_plus_one", gate="scalar", short_conv=3)
 
 def _model(pattern, **kw):
   kw.setdefault("linear_kwargs", LINEAR)
-  return LanguageModel(vocab_size=23, d_model=16, num_heads=2,
-                       pattern=pattern, window_size=3, rngs=nnx.Rngs(0),
-                       **kw)
+  kw.setdefault("num_heads", 2)
+  return LanguageModel(vocab_size=23, d_model=16, pattern=pattern,
+                       window_size=3, rngs=nnx.Rngs(0), **kw)
 
 
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -117,34 +117,37 @@ def test_pattern_and_tied_embeddings():
   assert count(untied) - count(tied) == 16 * 23
 
 
-def test_mesh_step_equals_single_device_step():
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "all_gather",
+                                      None])
+def test_mesh_step_equals_single_device_step(strategy):
   """One SGD step on a 2 (data) x 4 (seq) mesh of fake CPU devices.
 
-  Both with the softmax layers routed through attnjax.parallel (ring /
-  Ulysses over "seq") and with XLA partitioning everything itself.
+  With the attention layers routed through attnjax.parallel by each
+  strategy over "seq" (4 heads: Ulysses splits them over the 4 devices;
+  the linear layers take LASP-2), and (None) with XLA partitioning
+  everything itself.
   """
   assert len(jax.devices()) >= 8
   mesh = mesh_lib.make_mesh(data=2, seq=4)
   tx = optax.sgd(0.5)
   tokens = jax.random.randint(jax.random.key(4), (4, 33), 0, 23)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  graphdef, state = train.init_train_state(_model("LA"), tx)
+  graphdef, state = train.init_train_state(_model("LA", num_heads=4), tx)
   s1, m1 = train.make_train_step(graphdef, tx)(state, batch)
-  for sequence_parallel in (True, False):
-    model = _model("LA")
-    if sequence_parallel:
-      mesh_lib.enable_sequence_parallel(model, mesh)
-    graphdef, state = train.init_train_state(model, tx)
-    step = mesh_lib.make_sharded_train_step(graphdef, tx, mesh)
-    s8, m8 = step(mesh_lib.replicate(state, mesh),
-                  mesh_lib.shard_batch(batch, mesh))
-    what = f"sequence_parallel={sequence_parallel}"
-    testing.assert_close(m8["loss"], m1["loss"], F32, name=f"loss {what}")
-    testing.assert_close(m8["grad_norm"], m1["grad_norm"], F32, grad=True,
-                         name=f"grad norm {what}")
-    testing.assert_close(s8.params, s1.params, F32, grad=True,
-                         name=f"params {what}")
-    assert len(jax.tree.leaves(s8.params)[0].sharding.device_set) == 8
+  model = _model("LA", num_heads=4)
+  if strategy is not None:
+    mesh_lib.enable_sequence_parallel(model, mesh, strategy=strategy)
+  graphdef, state = train.init_train_state(model, tx)
+  step = mesh_lib.make_sharded_train_step(graphdef, tx, mesh)
+  s8, m8 = step(mesh_lib.replicate(state, mesh),
+                mesh_lib.shard_batch(batch, mesh))
+  what = f"strategy={strategy}"
+  testing.assert_close(m8["loss"], m1["loss"], F32, name=f"loss {what}")
+  testing.assert_close(m8["grad_norm"], m1["grad_norm"], F32, grad=True,
+                       name=f"grad norm {what}")
+  testing.assert_close(s8.params, s1.params, F32, grad=True,
+                       name=f"params {what}")
+  assert len(jax.tree.leaves(s8.params)[0].sharding.device_set) == 8
 
 
 @pytest.mark.gpu

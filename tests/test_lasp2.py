@@ -19,7 +19,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from attnjax.parallel import lasp2
-from linear_suite import F32, assert_matches, key_for, linear_case, vjp_of
+from linear_suite import (BF16, F32, assert_matches, key_for, linear_case,
+                          vjp_of)
 
 _NONDIFF = ("segment_ids",)
 
@@ -66,11 +67,14 @@ _MESH_FOR = {"decay_gate_resets": "explicit", "channel_normalize": "auto",
              "delta": "data_seq"}
 
 
-@pytest.mark.parametrize("name", sorted(_CASES))
-def test_lasp2_matches_single_device(name):
+@pytest.mark.parametrize("name,dtype", [(n, F32) for n in sorted(_CASES)]
+                         + [("decay_gate_resets", BF16), ("delta", BF16)])
+def test_lasp2_matches_single_device(name, dtype):
+  """bf16: the inputs rounded, the reference in float32 on the same
+  values, bf16 tolerances."""
   length = 64
   arrays, opts = linear_case(key_for("lasp2", name), length=length,
-                             **_CASES[name])
+                             dtype=dtype, **_CASES[name])
   if name != "channel_normalize":
     # Segment changes at a shard boundary (16 = 2 shards of 8) and inside.
     seg = jnp.zeros((2, length), jnp.int32)
@@ -87,18 +91,21 @@ def test_lasp2_matches_single_device(name):
   def run(d):
     (out, state), pull = jax.vjp(lasp, d)
     k1, k2 = jax.random.split(ck)
-    cts = (jax.random.normal(k1, out.shape, F32),
+    cts = (jax.random.normal(k1, out.shape, F32).astype(out.dtype),
            jax.random.normal(k2, state.shape, F32))
     return out, state, pull(cts)[0]
 
   out, state, grads = run(diff)
   assert out.sharding.spec[1] == "seq"
-  rout, rstate, rgrads = vjp_of(case, "xla", ck)
-  assert_matches(out, rout, F32, name="out")
-  assert_matches(state, rstate, F32, name="final_state")
+  assert out.dtype == dtype
+  ref_case = ({k: (v.astype(F32) if jnp.issubdtype(v.dtype, jnp.floating)
+                   else v) for k, v in arrays.items()}, opts)
+  rout, rstate, rgrads = vjp_of(ref_case, "xla", ck, ct_dtype=dtype)
+  assert_matches(out, rout, dtype, name="out")
+  assert_matches(state, rstate, dtype, name="final_state")
   assert set(grads) == set(rgrads)
   for k in rgrads:
-    assert_matches(grads[k], rgrads[k], F32, grad=True, name=f"d{k}")
+    assert_matches(grads[k], rgrads[k], dtype, grad=True, name=f"d{k}")
 
 
 def test_lasp2_eager_inputs_already_sharded():

@@ -243,8 +243,19 @@ def test_ring_with_pallas_triton_interpret():
         implementation="pallas_triton")
 
 
-def test_ring_bf16():
-  check("ring", mesh_kind="auto4", dtype=BF16, is_causal=True, k=2)
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "all_gather"])
+def test_bf16(strategy):
+  check(strategy, mesh_kind="auto4", dtype=BF16, is_causal=True, k=2)
+
+
+@pytest.mark.parametrize("strategy,t,mesh_kind", [
+    ("ring", 40, "auto"), ("all_gather", 40, "auto"),
+    ("ring", 48, "auto4"), ("all_gather", 48, "auto4")])
+def test_odd_rows_per_device(strategy, t, mesh_kind):
+  """5 rows a device (T = 40 over 8: contiguous shards) and 6 (T = 48 over
+  4: zigzag halves of 6, odd block sizes inside each device)."""
+  check(strategy, mesh_kind=mesh_kind, t=t, is_causal=True, k=2,
+        seg=testing.random_segment_ids(_key("odd-seg", t), 2, t, 3))
 
 
 def test_explicit_mesh_replicated_input_is_resharded():

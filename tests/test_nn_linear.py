@@ -46,31 +46,117 @@ def test_linear_attention_decode_equals_forward(config):
   assert cache.state.shape == layer.state_shape(2)
 
 
-def test_linear_attention_is_the_gated_recurrence():
-  """Scalar gate + normalisation against a hand-written token loop."""
-  layer = ann.LinearAttention(in_features=12, num_heads=3, gate="scalar",
-                              feature_map="elu_plus_one", normalize=True,
-                              output_norm=False, rngs=nnx.Rngs(2))
-  x = jax.random.normal(jax.random.key(3), (1, 9, 12))
-  h = 4
-  proj = lambda lin: (x @ lin.kernel[...]).reshape(1, 9, 3, -1)[0]
-  q = jax.nn.elu(proj(layer.q_proj)) + 1
-  k = jax.nn.elu(proj(layer.k_proj)) + 1
-  v = proj(layer.v_proj)
-  g = jax.nn.log_sigmoid(x[0] @ layer.gate_proj.kernel[...]
-                         + layer.gate_proj.bias[...]) / 16.0
-  s = np.zeros((3, h, h))
-  z = np.zeros((3, h))
+def _assert_grads_close(actual, expected, name):
+  """Gradient pytrees compared leaf by leaf, each against its own magnitude.
+
+  Gradients sum O(1) products over all B * T tokens, so entries exceed 1:
+  each leaf's tolerance scales with the largest entry of that leaf's own
+  reference gradient (at least 1), never with another leaf's.
+  """
+  a_flat = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
+  e_flat = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  assert a_flat.keys() == e_flat.keys(), (a_flat.keys(), e_flat.keys())
+  for path, e in e_flat.items():
+    testing.assert_close(a_flat[path], e, F32, grad=True,
+                         name=f"{name}{jax.tree_util.keystr(path)}",
+                         scale=float(jnp.abs(e).max()))
+
+
+def _recurrence_ref(p, x, *, num_heads, feature_map, decay, gate,
+                    normalize, temperature=16.0, norm_eps=None):
+  """Hand-written token loop of S_t = diag(a_t) S_{t-1} + phi(k_t)^T v_t.
+
+  a_t per head: RetNet's fixed 1 - 2^(-5-h) (decay="retnet"), or
+  sigmoid(x_t W_g + b)^(1/temperature), one per head ("scalar") or per key
+  channel ("vector", head-major channels). o_t = phi(q_t) S_t / sqrt(H)
+  (linear_attention's default scale), or phi(q_t) S_t / (phi(q_t) z_t +
+  1e-6) (z_t the decayed key sum; the scale cancels) when normalising; then a
+  per-head RMSNorm (if p has "out_norm") and W_o.
+  """
+  b, t, _ = x.shape
+  n = num_heads
+  phi = {None: lambda a: a,
+         "elu_plus_one": lambda a: jnp.where(a > 0, a + 1.0, jnp.exp(a)),
+         "relu": lambda a: jnp.maximum(a, 0.0)}[feature_map]
+  split = lambda a: a.reshape(b, t, n, -1)
+  q = phi(split(x @ p["q_proj"]["kernel"]))
+  k = phi(split(x @ p["k_proj"]["kernel"]))
+  v = split(x @ p["v_proj"]["kernel"])
+  h, hv = q.shape[-1], v.shape[-1]
+  if decay == "retnet":
+    heads = np.arange(n, dtype=np.float64)
+    a = jnp.broadcast_to(jnp.asarray(1.0 - 2.0 ** (-5.0 - heads), F32)
+                         [:, None], (b, t, n, 1))
+  else:
+    z = x @ p["gate_proj"]["kernel"] + p["gate_proj"]["bias"]
+    a = (1.0 / (1.0 + jnp.exp(-z))) ** (1.0 / temperature)
+    a = a[..., None] if gate == "scalar" else split(a)  # [B, T, N, 1 or H]
+  s = jnp.zeros((b, n, h, hv))
+  zsum = jnp.zeros((b, n, h))
   outs = []
-  for t in range(9):
-    decay = np.exp(np.asarray(g[t]))[:, None]
-    s = decay[..., None] * s + np.einsum("nf,nv->nfv", k[t], v[t])
-    z = decay * z + np.asarray(k[t])
-    num = np.einsum("nf,nfv->nv", q[t], s)
-    outs.append(num / (np.einsum("nf,nf->n", q[t], z)[:, None] + 1e-6))
-  o = jnp.asarray(np.stack(outs)).reshape(1, 9, 12)
-  expected = o @ layer.o_proj.kernel[...]
-  testing.assert_close(_call(layer, x), expected, F32)
+  for i in range(t):
+    s = a[:, i, :, :, None] * s + k[:, i, :, :, None] * v[:, i, :, None, :]
+    o = jnp.einsum("bnf,bnfv->bnv", q[:, i], s)
+    if normalize:
+      zsum = a[:, i] * zsum + k[:, i]
+      o = o / (jnp.einsum("bnf,bnf->bn", q[:, i], zsum)[..., None] + 1e-6)
+    else:
+      o = o / np.sqrt(h)
+    outs.append(o)
+  o = jnp.stack(outs, axis=1)  # [B, T, N, Hv]
+  if "out_norm" in p:
+    o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + norm_eps)
+    o = o * p["out_norm"]["scale"]
+  return o.reshape(b, t, n * hv) @ p["o_proj"]["kernel"]
+
+
+RECURRENCE_CONFIGS = {
+    # Scalar gate + normalisation, no output norm.
+    "scalar_gate_elu_normalize": dict(
+        num_heads=3, gate="scalar", feature_map="elu_plus_one",
+        normalize=True, output_norm=False),
+    # RetNet's fixed per-head decays (4 heads: 1 - 2^-5 ... 1 - 2^-8).
+    "retnet_decay": dict(num_heads=4, decay="retnet", output_norm=False),
+    # GLA's per-key-channel gate, a sharper temperature.
+    "vector_gate_relu": dict(num_heads=3, gate="vector", feature_map="relu",
+                             gate_temperature=4.0, output_norm=False),
+    # Vector gate with the normaliser and the per-head output RMSNorm.
+    "vector_gate_normalize_out_norm": dict(
+        num_heads=3, gate="vector", feature_map="elu_plus_one",
+        normalize=True, output_norm=True),
+}
+
+
+@pytest.mark.parametrize("config", sorted(RECURRENCE_CONFIGS))
+def test_linear_attention_is_the_gated_recurrence(config):
+  """The layer against a hand-written token loop: forward and gradients."""
+  kw = RECURRENCE_CONFIGS[config]
+  layer = ann.LinearAttention(in_features=12, rngs=nnx.Rngs(2), **kw)
+  keys = jax.random.split(jax.random.key(3), 4)
+  # Random where init is constant: gate bias (zeros), output norm (ones).
+  if layer.gate_proj is not None:
+    bias = layer.gate_proj.bias
+    bias[...] = jax.random.normal(keys[0], bias.shape)
+  if layer.out_norm is not None:
+    scale = layer.out_norm.scale
+    scale[...] = 1.0 + 0.5 * jax.random.normal(keys[1], scale.shape)
+  x = jax.random.normal(keys[2], (2, 9, 12))
+  p = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  ref = jax.jit(lambda p, x: _recurrence_ref(
+      p, x, num_heads=kw["num_heads"], feature_map=kw.get("feature_map"),
+      decay=kw.get("decay"), gate=kw.get("gate"),
+      normalize=kw.get("normalize", False),
+      temperature=kw.get("gate_temperature", 16.0),
+      norm_eps=None if layer.out_norm is None else layer.out_norm.eps))
+  expected = ref(p, x)
+  testing.assert_close(_call(layer, x), expected, F32, name="forward")
+  ct = jax.random.normal(keys[3], expected.shape)
+  loss = lambda model, x: (model(x) * ct).sum()
+  g_layer, g_x = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
+  e_p, e_x = jax.jit(jax.grad(lambda p, x: (ref(p, x) * ct).sum(),
+                              argnums=(0, 1)))(p, x)
+  _assert_grads_close(g_x, e_x, "d x")
+  _assert_grads_close(nnx.to_pure_dict(g_layer), e_p, "d params")
 
 
 def test_linear_attention_causal_and_validates():

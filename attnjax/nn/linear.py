@@ -83,7 +83,9 @@ class LinearAttention(nnx.Module):
       simple GLA) | "vector" (one per key channel: GLA). Gates are
       ``log_sigmoid(x W + b) / gate_temperature`` (GLA's parametrisation;
       the temperature keeps early forgetting slow).
-    normalize: divide by the running key sum (Katharopoulos et al.).
+    normalize: divide by the running key sum (Katharopoulos et al.);
+      without it the outputs carry ``attnjax.linear_attention``'s default
+      scale 1/sqrt(H) (which the output RMSNorm, when on, cancels).
     rule: "linear" (additive update) or "delta" (the delta rule; needs
       ``feature_map=None``, no fixed decay, at most a scalar gate, no
       ``normalize``).

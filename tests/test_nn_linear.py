@@ -8,6 +8,7 @@ from flax import nnx
 
 import attnjax.nn as ann
 from attnjax import testing
+from test_nn import _assert_grads_close
 
 F32 = jnp.float32
 
@@ -44,22 +45,6 @@ def test_linear_attention_decode_equals_forward(config):
   testing.assert_close(jnp.concatenate(outs, axis=1), full, F32)
   assert cache.state.dtype == jnp.float32
   assert cache.state.shape == layer.state_shape(2)
-
-
-def _assert_grads_close(actual, expected, name):
-  """Gradient pytrees compared leaf by leaf, each against its own magnitude.
-
-  Gradients sum O(1) products over all B * T tokens, so entries exceed 1:
-  each leaf's tolerance scales with the largest entry of that leaf's own
-  reference gradient (at least 1), never with another leaf's.
-  """
-  a_flat = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
-  e_flat = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  assert a_flat.keys() == e_flat.keys(), (a_flat.keys(), e_flat.keys())
-  for path, e in e_flat.items():
-    testing.assert_close(a_flat[path], e, F32, grad=True,
-                         name=f"{name}{jax.tree_util.keystr(path)}",
-                         scale=float(jnp.abs(e).max()))
 
 
 def _recurrence_ref(p, x, *, num_heads, feature_map, decay, gate,

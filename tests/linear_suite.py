@@ -157,7 +157,8 @@ def assert_matches(actual, expected, dtype, *, grad=False, name="value",
 def check_against_scan(case, implementation, *, grads=True, dtype=None,
                        nondiff=(), **extra):
   """Forward, final state and (optionally) VJP against the scan reference
-  (``nondiff``: arrays not differentiated, see ``vjp_of``)."""
+  (``nondiff``: arrays not differentiated, see ``vjp_of``). Returns the
+  two gradient dicts (ours, the reference's) when ``grads``."""
   dtype = dtype or case[0]["query"].dtype
   ref_case = case
   if dtype != F32:  # the reference runs on the same (rounded) values in f32
@@ -180,6 +181,8 @@ def check_against_scan(case, implementation, *, grads=True, dtype=None,
     for name in rg:
       testing.assert_finite(g[name], name=f"d{name}")
       assert_matches(g[name], rg[name], dtype, grad=True, name=f"d{name}")
+    return g, rg
+  return None
 
 
 def run_in_two_parts(case, implementation, at, **extra):

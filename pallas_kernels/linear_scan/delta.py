@@ -328,12 +328,11 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
 # [B, Tp]; states [B, N, F, V].
 
 
-def _fwd_kernel(*refs, s: _S, store: bool, out: bool = True,
-                final: bool | None = None):
+def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   """Forward sweep. ``store``: write the state entering each chunk and the
   new values (the backward's residuals); ``out``: the outputs and the
-  final state. The backward's recomputation stores only; the forward of
-  ``forward_states`` does both."""
+  final state; ``final``: the final state. The backward's recomputation
+  stores only; the forward of ``forward_states`` does both."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
   q_ref, k_ref, a_ref, w_ref, u_ref, wq_ref, wk_ref, dec_ref = (

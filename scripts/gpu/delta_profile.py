@@ -275,8 +275,9 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
     if ut_sweep:  # the UT kernel's warps and inverses only
       _ut_sweep(t, b, q, k, v, beta, g)
       continue
-    if forward_states:
+    if forward_states:  # the opt-in sweep layouts only
       _forward_states(t, b, q, k, v, beta, g)
+      continue
     # "gated, zero gates": the gated path's inputs (three distinct weight
     # arrays) with the ungated values: whether the gated forward's extra
     # time comes from the values or from the arrays. "gated" runs again

@@ -10,15 +10,18 @@
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
 # call1  GPU tests of the untested linear kernels: GLA fused splits,
-#        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64,
-#        the ieee inverse and forward_states.
+#        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64
+#        and the ieee inverse.
 # mosaic Mosaic three consumer warpgroups (H = 64) and the fused backward
 #        after its end-of-kernel race fix (2026-12-05) on the GPU; the H = 64
 #        forward with three consumers beside cuDNN and tokamax.
 # call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
 #        T = 4k factored_rows.
-# call3  delta profiles (gradient halves, UT pull-back by columns, the
-#        gated-vs-ungated clocks at 32k, forward_states at 4k and 32k).
+# delta  the delta rule's opt-in sweep layouts (forward_states,
+#        separate_output): GPU tests, timings at 4k and 32k beside the
+#        default, the gated-vs-ungated clocks at 32k.
+# call3  delta gradient-kernel sweep (gradient halves, UT pull-back by
+#        columns) at 4k.
 # call4  the linear benchmark rows for the docs (GLA and both delta rules).
 set -u
 cd "$(dirname "$0")/../.."
@@ -31,7 +34,7 @@ case "${1:-}" in
          tests/test_linear_delta_pallas.py -k '(gpu_channel_direct and \
          (split32 or fsplit32 or rows32 or xla_sums32 or parallel32)) or \
          channel_long or h128 or batch_one or (gpu_delta_kernel_configs and \
-         (default or ut_cols64 or ieee or forward_states))'"
+         (default or ut_cols64 or ieee))'"
     ;;
   mosaic)
     # The default path's GPU test first (fused backward), then timings.
@@ -65,11 +68,7 @@ case "${1:-}" in
   call3)
     bash $S \
       "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --grad-sweep" \
-      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=32768" \
-      "cd scripts/gpu && timeout 200 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096,32768 --forward-states"
+         --no-fla --seqs=4096 --grad-sweep"
     ;;
   call4)
     bash $S \

@@ -165,6 +165,9 @@ def _forward_states(t, b, q, k, v, beta, g):
   w, u, a, _ = jax.jit(lambda *x: kdelta._ut_call(
       *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
   try:
+    default = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, False))
+    pc.line(f"sweep fwd (default, bv {st.bv})", b, t,
+            pc.time(default, q, k, a, w, u, wq, wk, dec))
     both = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
                                                out=True))
     pc.line("sweep fwd, outputs and states", b, t,

@@ -201,6 +201,23 @@ def _forward_states(t, b, q, k, v, beta, g):
     except Exception as e:  # noqa: BLE001
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
             flush=True)
+  # Forward only, last (a time limit takes these first): the states-only
+  # sweep with fla's 32 value columns a program, and 128-token chunks
+  # (half the sequential steps, each twice the work).
+  for tag, cfg in (("separate_output bv32",
+                    r(d, separate_output=True, block_v=32)),
+                   ("chunk 128", r(d, chunk=128)),
+                   ("separate_output chunk 128",
+                    r(d, separate_output=True, chunk=128))):
+    st = _static(t, b, cfg)
+    bp, gc, wq, wk, dec = _kernel_inputs(beta, g, cfg.chunk)
+    core = lambda *a, st=st: kdelta._core(*a, None, None, st)  # noqa: E731
+    try:
+      pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
+              pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
+    except Exception as e:  # noqa: BLE001
+      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
+            flush=True)
 
 
 def _grad_sweep(t, b, q, k, v, beta, g):

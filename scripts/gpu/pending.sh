@@ -22,8 +22,6 @@
 # call3  delta gradient-kernel sweep (gradient halves, UT pull-back by
 #        columns) at 4k.
 # call4  the linear benchmark rows for the docs (GLA and both delta rules).
-# first  for a session with time for one call only: the GPU tests of mosaic
-#        and delta, and the delta layouts' timing at T = 32k.
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
@@ -58,19 +56,6 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 120 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768"
     ;;
-  first)
-    # When device time is short (one call): the fused-backward race fix's
-    # GPU tests, the delta layouts' GPU tests, and their T = 32k timing
-    # (where the sequential sweep dominates) beside the default.
-    bash $S \
-      "timeout 190 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         'three_consumer or FusedBackward'" \
-      "timeout 150 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and (forward_states or separate_output \
-          or default)'" \
-      "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=32768 --forward-states"
-    ;;
   call2)
     bash $S \
       "cd scripts/gpu && timeout 330 python3 channel_profile.py --no-checks \
@@ -90,7 +75,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh first|call1|call2|call3|call4|mosaic|delta" >&2
+    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic|delta" >&2
     exit 2
     ;;
 esac

@@ -165,8 +165,8 @@ def test_delta_pallas_falls_back_for_wide_features():
     (F32, 128, True, dict(diag_inverse="substitution")),
     (BF16, 128, False, dict(inverse_dots="ieee")),
     (BF16, 128, True, dict(grad_ut_block_k=32)),
-    (BF16, 128, True, dict(forward_states=True)),
-    (BF16, 128, False, dict(separate_output=True)),
+    (BF16, 128, True, dict(forward_states=False)),
+    (BF16, 128, False, dict(separate_output=True, forward_states=False)),
     (BF16, 128, True, dict(separate_output=True, forward_states=True))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
@@ -188,14 +188,19 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   bk = delta.DeltaConfig(**cfg).grad_block_k
   grads = (("delta_rule_grads_state", "delta_rule_grads_ut")
            if bk and bk < h else ("delta_rule_grads",))
-  # forward_states: one forward sweep writing outputs and states, no
-  # storing sweep in the backward. separate_output: the forward sweep
-  # stores states (and the final state), the output kernel reads them.
-  if cfg.get("separate_output"):
+  # forward_states (the default): one forward sweep writing outputs and
+  # states, no storing sweep in the backward. separate_output: the forward
+  # sweep stores states (and the final state), the output kernel reads
+  # them; None (the default) follows the grid (no GPU here: off).
+  c = delta.DeltaConfig(**cfg)
+  sep = c.separate_output
+  if sep is None:
+    sep = delta._auto_separate_output(b * n, h, delta._num_sms())
+  if sep:
     sweeps = ("delta_rule_fwd_states_final", "delta_rule_out")
-    if not cfg.get("forward_states"):
+    if not c.forward_states:
       sweeps += ("delta_rule_fwd_states",)
-  elif cfg.get("forward_states"):
+  elif c.forward_states:
     sweeps = ("delta_rule_fwd_states_out",)
   else:
     sweeps = ("delta_rule_fwd", "delta_rule_fwd_states")
@@ -327,21 +332,35 @@ def test_delta_pallas_split_gradient_kernels(segments, ut_cols):
   _assert_config_rejected(grad_ut_block_k=8)
 
 
-@pytest.mark.parametrize("segments,separate", [(False, False),
-                                               (True, False), (True, True),
-                                               (False, True)])
-def test_delta_pallas_forward_states(segments, separate):
-  """forward_states: the forward sweep also stores the backward's states
-  and new values (no storing sweep in the backward); separate_output (with
-  and without forward_states): the sweep stores states only and a
-  chunk-parallel kernel forms the outputs. Forward and every gradient
-  against autodiff of the scan, with a gate, GQA, an initial state and
-  optional resets."""
+@pytest.mark.parametrize("segments,separate,states", [
+    (False, False, False), (True, False, False), (False, False, True),
+    (True, False, True), (True, True, True), (False, True, False)])
+def test_delta_pallas_forward_states(segments, separate, states):
+  """forward_states (default on): the forward sweep also stores the
+  backward's states and new values (no storing sweep in the backward);
+  off: the backward's sweep stores them. separate_output (with and without
+  forward_states): the sweep stores states only and a chunk-parallel
+  kernel forms the outputs. Forward and every gradient against autodiff
+  of the scan, with a gate, GQA, an initial state and optional resets."""
   cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=separate,
-                          forward_states=segments or not separate)
-  _config_grads_match_scan(f"delta-forward-states-{segments}-{separate}",
+                          forward_states=states)
+  _config_grads_match_scan(
+      f"delta-forward-states-{segments}-{separate}-{states}",
                            cfg, b=2, t=45, n=4, kh=2, f=24, vd=40,
                            segments=segments)
+
+
+def test_delta_auto_separate_output():
+  """separate_output=None follows the sweeps' automatic value block: off
+  where (batch, head) programs fill the GPU at 64 value columns (T = 4k,
+  B = 16, N = 16 on 132 SMs: slower there, run40), on where the block
+  shrinks (T = 32k, B = 2: faster, run39) and never without a GPU count."""
+  auto = delta._auto_separate_output
+  assert not auto(16 * 16, 128, 132)
+  assert auto(2 * 16, 128, 132) and auto(4 * 16, 128, 132)
+  assert not auto(4, 128, 0) and not auto(1, 16, 132)
+  assert delta.DeltaConfig().separate_output is None
+  assert delta.DeltaConfig().forward_states
 
 
 def test_diag_inverse_doubling_matches_substitution():
@@ -389,9 +408,13 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
                 "ut_cols64": dict(grad_ut_block_k=64),
-                "forward_states": dict(forward_states=True),
+                # The layouts; the default (forward_states, and
+                # separate_output by the grid: on here, 4 programs).
+                "neither": dict(forward_states=False,
+                                separate_output=False),
+                "forward_states": dict(separate_output=False),
                 "separate_output": dict(separate_output=True,
-                                        forward_states=True)}
+                                        forward_states=False)}
 
 
 @pytest.mark.gpu

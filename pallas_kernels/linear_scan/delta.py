@@ -112,23 +112,25 @@ class DeltaConfig:
     forward_states: under differentiation, the forward sweep also writes
       the state entering each chunk and the chunk's new values (bf16
       [B, N, T / C, F, V] and [B, T, N, V]) as residuals, so the backward
-      skips its state-storing sweep (a sequential pass over every chunk,
-      0.59 ms of the 6.7 ms forward+backward at T = 4k on an H200, more at
-      long T where the sweeps are latency-bound). Costs the residuals'
-      memory (the states: 2 F V / C bytes a token and head, 512 bytes at
-      F = V = 128, C = 64; twice q's) and their writes in the forward.
-      Opt-in; on an H100 at T = 32k (B = 2, gated) forward+backward 10.52
-      ms against 11.01, 9.56 with ``separate_output`` (run39).
+      skips its state-storing sweep (a sequential pass over every chunk).
+      Costs the residuals' memory (the states: 2 F V / C bytes a token and
+      head, 512 bytes at F = V = 128, C = 64; twice q's) and their writes
+      in the forward. On by default: forward+backward took 6.75 ms
+      against 7.13 at T = 4k (B = 16, H200, run40) and 10.52 against
+      11.01 at T = 32k (B = 2, H100, run39). False trades that time back
+      for the memory.
     separate_output: the forward sweep stores the states entering each
-      chunk and the new values only (the backward's storing sweep), and a
-      chunk-parallel kernel forms the outputs q S + A v_new from them, as
-      fla's forward does: the sequential sweep does half the matmuls (the
-      state chain only), at the cost of writing and reading the states.
-      With ``forward_states`` the backward takes them as residuals.
-      Opt-in; on an H100 at T = 32k (B = 2, gated), where the sweep is
-      latency-bound, the forward took 2.88 ms against 3.45 (run39,
-      docs/linear/delta_rule.md); not yet timed at short T, and its GPU
-      tests have not yet finished on a GPU.
+      chunk and the new values only, and a chunk-parallel kernel forms the
+      outputs q S + A v_new from them, as fla's forward does: the
+      sequential sweep does half the matmuls (the state chain only), at
+      the cost of writing and reading the states. With ``forward_states``
+      the backward takes them as residuals. None (the default) turns it
+      on where the grid is latency-bound: where too few (batch, head)
+      programs make the automatic value block shrink below 64 columns
+      (``_auto_separate_output``). At T = 32k (B = 2, gated, H100) the
+      forward took 2.88 ms against 3.45 and forward+backward 9.56 against
+      10.52 (run39); at T = 4k (B = 16, H200), where the value block stays
+      64, the forward took 2.27 ms against 1.95 (run40): off there.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -146,8 +148,8 @@ class DeltaConfig:
   diag_inverse: str = "doubling"
   inverse_dots: str = "tf32x3"
   grad_ut_block_k: int | None = None
-  forward_states: bool = False
-  separate_output: bool = False
+  forward_states: bool = True
+  separate_output: bool | None = None
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -923,6 +925,15 @@ def _auto_block_v(programs: int, vp: int, sms: int) -> int:
   return bv
 
 
+def _auto_separate_output(programs: int, vp: int, sms: int) -> bool:
+  """``separate_output=None``: on where the automatic value block of the
+  sweeps is narrower than 64 columns (or V), i.e. where the (batch, head)
+  programs alone do not fill the GPU and the sequential sweep is
+  latency-bound; there halving its matmuls pays for storing and reading
+  the states (run39/run40, see ``DeltaConfig``)."""
+  return _auto_block_v(programs, vp, sms) < min(64, vp)
+
+
 def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
                initial_state=None, config: DeltaConfig | None = None,
                chunk: int | None = None, interpret: bool | None = None):
@@ -988,7 +999,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          doubling=cfg.diag_inverse == "doubling",
          ieee_inverse=cfg.inverse_dots == "ieee",
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
-         sep_out=cfg.separate_output,
+         sep_out=(_auto_separate_output(b * n, vp, sms)
+                  if cfg.separate_output is None else cfg.separate_output),
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

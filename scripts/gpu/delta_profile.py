@@ -101,7 +101,10 @@ def _static(t, b, cfg):
                    ieee_inverse=cfg.inverse_dots == "ieee",
                    bku=cfg.grad_ut_block_k or 0,
                    fwd_states=cfg.forward_states,
-                   sep_out=cfg.separate_output, has_s0=False,
+                   sep_out=(kdelta._auto_separate_output(
+                       b * N, H, kdelta._num_sms())
+                            if cfg.separate_output is None
+                            else cfg.separate_output), has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -158,15 +161,17 @@ def _forward_states(t, b, q, k, v, beta, g):
   """DeltaConfig(forward_states=True) and separate_output beside the
   default: the forward sweep writing outputs and the backward's states in
   one pass; the storing sweep plus the chunk-parallel output kernel; the
-  core's forward and forward+backward."""
-  r, d = dataclasses.replace, kdelta.DeltaConfig()
+  core's forward and forward+backward. ``d`` is the layout without
+  either (the default before run40)."""
+  r = dataclasses.replace
+  d = kdelta.DeltaConfig(forward_states=False, separate_output=False)
   bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
   st = _static(t, b, d)
   w, u, a, _ = jax.jit(lambda *x: kdelta._ut_call(
       *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
   try:
     default = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, False))
-    pc.line(f"sweep fwd (default, bv {st.bv})", b, t,
+    pc.line(f"sweep fwd (outputs only, bv {st.bv})", b, t,
             pc.time(default, q, k, a, w, u, wq, wk, dec))
     both = jax.jit(lambda *x: kdelta._fwd_call(*x, None, st, True,
                                                out=True))
@@ -189,7 +194,7 @@ def _forward_states(t, b, q, k, v, beta, g):
     st = _static(t, b, cfg)
     tag = ("forward_states " if cfg.forward_states else "") + (
         "separate_output" if cfg.separate_output else "")
-    tag = tag or "default"
+    tag = tag or "neither"
     core = lambda *a, st=st: kdelta._core(*a, None, None, st)  # noqa: E731
     try:
       if not cfg.forward_states:  # the forward is the same with it

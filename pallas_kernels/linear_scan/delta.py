@@ -129,8 +129,10 @@ class DeltaConfig:
       programs make the automatic value block shrink below 64 columns
       (``_auto_separate_output``). At T = 32k (B = 2, gated, H100) the
       forward took 2.88 ms against 3.45 and forward+backward 9.56 against
-      10.52 (run39); at T = 4k (B = 16, H200), where the value block stays
-      64, the forward took 2.27 ms against 1.95 (run40): off there.
+      10.52 (run39); at T = 16k (B = 4, H100: value block 32) 2.66 against
+      2.58 and 8.43 against 8.64 (run41); at T = 4k (B = 16, H200), where
+      the value block stays 64, the forward took 2.27 ms against 1.95
+      (run40): off there.
   """
   chunk: int = 64
   block_v: int | None = None

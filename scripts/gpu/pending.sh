@@ -16,12 +16,10 @@
 #        tokamax (its GPU tests and the fused backward's passed in run39).
 # call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
 #        T = 4k factored_rows.
-# delta  the delta rule's opt-in sweep layouts (forward_states,
-#        separate_output): GPU tests, timings at 4k and 32k beside the
-#        default, the gated-vs-ungated clocks at 32k.
 # call3  delta gradient-kernel sweep (gradient halves, UT pull-back by
 #        columns) at 4k.
-# call4  the linear benchmark rows for the docs (GLA and both delta rules).
+# call4  the linear benchmark rows for the docs (GLA and both delta rules;
+#        the H100 delta rows are from run41 with today's defaults).
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
@@ -43,19 +41,6 @@ case "${1:-}" in
          --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
 64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
     ;;
-  delta)
-    # The delta rule's opt-in layouts: GPU tests, then timings beside the
-    # default at 4k and 32k (gated), then the 32k whole-path clocks.
-    # run39 (H100) timed 32k only (separate_output forward 0.84x, both
-    # layouts forward+backward 0.87x); the tests ran out of time compiling.
-    bash $S \
-      "timeout 260 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and (forward_states or separate_output)'" \
-      "cd scripts/gpu && timeout 200 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --forward-states" \
-      "cd scripts/gpu && timeout 120 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=32768"
-    ;;
   call2)
     bash $S \
       "cd scripts/gpu && timeout 330 python3 channel_profile.py --no-checks \
@@ -75,7 +60,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic|delta" >&2
+    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -167,7 +167,8 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(grad_ut_block_k=32)),
     (BF16, 128, True, dict(forward_states=False)),
     (BF16, 128, False, dict(separate_output=True, forward_states=False)),
-    (BF16, 128, True, dict(separate_output=True, forward_states=True))])
+    (BF16, 128, True, dict(separate_output=True, forward_states=True)),
+    (BF16, 128, True, dict(prefetch_weights=True, forward_states=False))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -350,6 +351,19 @@ def test_delta_pallas_forward_states(segments, separate, states):
                            segments=segments)
 
 
+@pytest.mark.parametrize("separate,states", [(False, False), (True, True),
+                                             (False, True)])
+def test_delta_pallas_prefetch_weights(separate, states):
+  """prefetch_weights: the sweeps carry the next chunk's weights through
+  their loops (the last step loads its own chunk again). Forward and every
+  gradient against autodiff of the scan with a gate, resets, GQA and an
+  initial state, three chunks and a ragged tail."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=separate,
+                          forward_states=states, prefetch_weights=True)
+  _config_grads_match_scan(f"delta-prefetch-{separate}-{states}", cfg, b=2,
+                           t=45, n=4, kh=2, f=24, vd=40, segments=True)
+
+
 def test_delta_auto_separate_output():
   """separate_output=None follows the sweeps' automatic value block: off
   where (batch, head) programs fill the GPU at 64 value columns (T = 4k,
@@ -414,7 +428,11 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                                 separate_output=False),
                 "forward_states": dict(separate_output=False),
                 "separate_output": dict(separate_output=True,
-                                        forward_states=False)}
+                                        forward_states=False),
+                "prefetch": dict(prefetch_weights=True),
+                "prefetch_neither": dict(prefetch_weights=True,
+                                         forward_states=False,
+                                         separate_output=False)}
 
 
 @pytest.mark.gpu

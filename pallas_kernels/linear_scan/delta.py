@@ -133,6 +133,14 @@ class DeltaConfig:
       2.58 and 8.43 against 8.64 (run41); at T = 4k (B = 16, H200), where
       the value block stays 64, the forward took 2.27 ms against 1.95
       (run40): off there.
+    prefetch_weights: the sequential sweeps (forward and reverse) load
+      each chunk's per-token weights (the gate products wq, wk and the
+      chunk decay) one chunk ahead, carried through the loop. Triton's
+      pipeliner leaves two of these [C] float32 loads synchronous inside
+      the loop (the compiled TTGIR of ``delta_rule_fwd``, read without a
+      GPU), so each sequential step waits on memory for them; the
+      ungated rule, whose three weight arrays XLA folds into one buffer,
+      ran 0.66 ms faster at T = 32k (run40). Opt-in, not yet timed.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -152,6 +160,7 @@ class DeltaConfig:
   grad_ut_block_k: int | None = None
   forward_states: bool = True
   separate_output: bool | None = None
+  prefetch_weights: bool = False
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -199,6 +208,7 @@ class _S:
   bku: int = 0  # grad_ut_block_k (0: whole F)
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
+  prefetch: bool = False  # prefetch_weights
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -357,7 +367,13 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   shape = (w_ref.shape[-1], u_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
-  def body(i, state):
+  def weights(i):  # chunk i's (wq * scale, wk, decay)
+    rows = _chunk_rows(i, c)
+    wq = wq_ref[rows] * s.scale if out else None
+    return wq, wk_ref[rows], _last(dec_ref[rows])
+
+  def step(i, state, wts):
+    wq, wk, dec = wts
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     sb = state.astype(dt)
     vn = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], sb)
@@ -366,13 +382,13 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
       h_ref[i] = sb
       vn_ref[rows, :] = vb
     if out:
-      o = (_dot(q_ref[rows, :], sb) * (wq_ref[rows] * s.scale)[:, None]
+      o = (_dot(q_ref[rows, :], sb) * wq[:, None]
            + _dot(a_ref[rows, :], vb))
       o_ref[rows, :] = o.astype(o_ref.dtype)
-    vw = (vn * wk_ref[rows][:, None]).astype(dt)
-    return state * _last(dec_ref[rows]) + _dot_tn(k_ref[rows, :], vw)
+    vw = (vn * wk[:, None]).astype(dt)
+    return state * dec + _dot_tn(k_ref[rows, :], vw)
 
-  last = lax.fori_loop(0, s.nc, body, state)
+  last = _sweep_loop(s, step, weights, state)
   if out or final:
     st_ref[...] = last
 
@@ -384,21 +400,51 @@ def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
   c = s.chunk
   dt = w_ref.dtype
 
-  def body(i, lam):
+  def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay)
+    rows = _chunk_rows(s.nc - 1 - i, c)
+    return wq_ref[rows] * s.scale, wk_ref[rows], _last(dec_ref[rows])
+
+  def step(i, lam, wts):
+    wq, wk, dec = wts
     ci = s.nc - 1 - i
     rows = pl.ds(pl.multiple_of(ci * c, c), c)
     do = do_ref[rows, :]
     lb = lam.astype(dt)
     lam_ref[ci] = lb
     gv = (_dot_tn(a_ref[rows, :], do)
-          + _dot(k_ref[rows, :], lb) * wk_ref[rows][:, None])
+          + _dot(k_ref[rows, :], lb) * wk[:, None])
     gb = gv.astype(dt)
     gv_ref[rows, :] = gb
-    dow = (do.astype(_F32) * (wq_ref[rows] * s.scale)[:, None]).astype(dt)
-    return (_dot_tn(q_ref[rows, :], dow) + _last(dec_ref[rows]) * lam
+    dow = (do.astype(_F32) * wq[:, None]).astype(dt)
+    return (_dot_tn(q_ref[rows, :], dow) + dec * lam
             - _dot_tn(w_ref[rows, :], gb))
 
-  ds0_ref[...] = lax.fori_loop(0, s.nc, body, dfin_ref[...].astype(_F32))
+  ds0_ref[...] = _sweep_loop(s, step, weights, dfin_ref[...].astype(_F32))
+
+
+def _chunk_rows(i, c: int):
+  """Rows of chunk ``i`` (traced, or a Python int for the prefetch's first
+  load: ``pl.multiple_of`` takes traced values only)."""
+  if isinstance(i, int):
+    return pl.ds(i * c, c)
+  return pl.ds(pl.multiple_of(i * c, c), c)
+
+
+def _sweep_loop(s: _S, step, weights, carry):
+  """``carry = step(i, carry, weights(i))`` for i in [0, nc). With
+  ``s.prefetch`` the weights of step i + 1 are loaded at the top of step
+  i and carried, so their (unpipelined) loads overlap step i's work
+  instead of stalling step i + 1."""
+  if not s.prefetch:
+    return lax.fori_loop(0, s.nc, lambda i, x: step(i, x, weights(i)),
+                         carry)
+
+  def body(i, x):
+    carry, wts = x
+    nxt = weights(jnp.minimum(i + 1, s.nc - 1))
+    return step(i, carry, wts), nxt
+
+  return lax.fori_loop(0, s.nc, body, (carry, weights(0)))[0]
 
 
 def _seq(tp, d, head, col):
@@ -1003,6 +1049,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
          sep_out=(_auto_separate_output(b * n, vp, sms)
                   if cfg.separate_output is None else cfg.separate_output),
+         prefetch=cfg.prefetch_weights,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

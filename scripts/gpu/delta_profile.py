@@ -2,7 +2,7 @@
 
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
-      [--no-checks] [--forward-states]
+      [--no-checks] [--forward-states] [--prefetch]
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -104,7 +104,8 @@ def _static(t, b, cfg):
                    sep_out=(kdelta._auto_separate_output(
                        b * N, H, kdelta._num_sms())
                             if cfg.separate_output is None
-                            else cfg.separate_output), has_s0=False,
+                            else cfg.separate_output),
+                   prefetch=cfg.prefetch_weights, has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -225,6 +226,50 @@ def _forward_states(t, b, q, k, v, beta, g):
             flush=True)
 
 
+def _prefetch(t, b, q, k, v, beta, g):
+  """DeltaConfig(prefetch_weights=True) against the default: the forward
+  sweep alone (outputs; states only), then the core's forward and
+  forward+backward; gated, with zero gates (wq, wk and the decay all
+  ones, in three buffers as in the gated path) and with zero gates in one
+  buffer (as XLA folds the ungated path's): if the sweeps' unpipelined
+  weight loads are the gated path's extra time, the one-buffer case runs
+  faster without prefetch and all three match with it."""
+  r = dataclasses.replace
+  d = kdelta.DeltaConfig()
+  for gated, gate in (("gated", g), ("zero gates", jnp.zeros_like(g))):
+    bp, gc, wq, wk, dec = _kernel_inputs(beta, gate, d.chunk)
+    st = _static(t, b, d)
+    w, u, a, _ = jax.jit(lambda *x, st=st: kdelta._ut_call(
+        *x, None, st, store_t=True))(q, k, v, bp, gc, wq)
+    weights = [(gated, (wq, wk, dec))]
+    if gate is not g:
+      weights.append(("zero gates, one buffer", (wq, wq, wq)))
+    for name, wts in weights:
+      for cfg in (d, r(d, prefetch_weights=True)):
+        st = _static(t, b, cfg)
+        tag = f"{name}{' prefetch' if st.prefetch else ''}"
+        try:
+          outs = jax.jit(lambda *x, st=st: kdelta._fwd_call(*x, None, st,
+                                                            False))
+          pc.line(f"sweep fwd outputs (bv {st.bv}) {tag}", b, t,
+                  pc.time(outs, q, k, a, w, u, *wts))
+          store = jax.jit(lambda *x, st=st: kdelta._fwd_call(
+              *x, None, st, True, out=False, final=True))
+          pc.line(f"sweep fwd states {tag}", b, t,
+                  pc.time(store, q, k, a, w, u, *wts))
+          core = lambda *x, st=st: kdelta._core(  # noqa: E731
+              *x, None, None, st)
+          pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
+                  pc.time(jax.jit(core), q, k, v, bp, gc, *wts))
+          pc.line(f"core fwd+bwd {tag} {pc.clocks()}", b, t,
+                  pc.time(_grad_of(core, tuple(range(8))), q, k, v, bp, gc,
+                          *wts))
+        except Exception as e:  # noqa: BLE001
+          print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
+                flush=True)
+    del w, u, a
+
+
 def _grad_sweep(t, b, q, k, v, beta, g):
   """The gradient kernel alone at several tilings: its inputs come once
   from the default configuration (they do not depend on the gradient
@@ -289,7 +334,7 @@ def _ut_sweep(t, b, q, k, v, beta, g):
 
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
-            ut_sweep=False, forward_states=False):
+            ut_sweep=False, forward_states=False, prefetch=False):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
@@ -302,6 +347,9 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       continue
     if forward_states:  # the opt-in sweep layouts only
       _forward_states(t, b, q, k, v, beta, g)
+      continue
+    if prefetch:  # prefetch_weights against the default only
+      _prefetch(t, b, q, k, v, beta, g)
       continue
     # "gated, zero gates": the gated path's inputs (three distinct weight
     # arrays) with the ungated values: whether the gated forward's extra
@@ -392,7 +440,8 @@ def main(argv):
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,
-          forward_states="--forward-states" in argv)
+          forward_states="--forward-states" in argv,
+          prefetch="--prefetch" in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

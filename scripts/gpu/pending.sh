@@ -9,6 +9,11 @@
 #   run(command="export ATTNJAX_BENCH_ROWS=$OUT/rows.jsonl; \
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
+# prefetch  the delta rule's sweeps with prefetch_weights (next chunk's
+#        weights carried through the loop) against the default: timings
+#        at 32k and 4k (gated, zero gates in three buffers and in one),
+#        then its GPU tests. If it wins, make it the default and rerun
+#        the delta rows (call4 without channel_gate).
 # call1  GPU tests of the untested linear kernels: GLA fused splits,
 #        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64
 #        and the ieee inverse.
@@ -25,6 +30,15 @@ cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
+  prefetch)
+    bash $S \
+      "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768 --prefetch" \
+      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --prefetch" \
+      "timeout 240 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and prefetch'"
+    ;;
   call1)
     bash $S \
       "timeout 400 $PYTEST tests/test_linear_channel.py \
@@ -60,7 +74,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh prefetch|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -58,6 +58,20 @@ def test_pallas_interpret_matches_scan(name, monkeypatch):
   check_against_scan(case, "pallas", chunk_size=16)
 
 
+@pytest.mark.parametrize("name,splits", [("gated_segments", 1), ("bf16", 2),
+                                         ("plain_gqa", 1), ("normalize", 1)])
+def test_pallas_prefetch_weights_matches_scan(name, splits, monkeypatch):
+  """KernelConfig(prefetch_weights=True): the sweeps carry the next chunk's
+  weights through their loops (none without gates or resets). 100 tokens
+  in chunks of 16: 7 (4) chunks a split, so a weight off by one chunk
+  shows. Forward and gradients against the scan."""
+  kw, _ = _CASES[name]
+  _with_config(monkeypatch, num_splits=splits, prefetch_weights=True)
+  case = linear_case(key_for("pallas-prefetch", name),
+                     **{**kw, "length": 100})
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
 def test_pallas_split_sequence_and_carry_state(monkeypatch):
   _with_config(monkeypatch, num_splits=2)
   arrays, opts = linear_case(key_for("pallas-split"), length=48,
@@ -251,6 +265,9 @@ _LOWERING = {
     # The gate held constant: the backward without the gate-gradient outputs.
     "bf16_fixed_gate_4splits": dict(dtype=BF16, gate=True, fixed=True,
                                     splits=4),
+    "bf16_gate_segments_prefetch": dict(dtype=BF16, gate=True,
+                                        segments=True, splits=2,
+                                        prefetch=True),
 }
 
 
@@ -267,7 +284,8 @@ def test_pallas_lowers_for_h100(name):
           sd(lead + (b, t, kh, h), dt),
           sd(lead + (b, t, n), F32)]
   cfg = kernels.default_config(dt, h, h + 1 if opt.get("normalize") else h,
-                               num_splits=opt.get("splits"))
+                               num_splits=opt.get("splits"),
+                               prefetch_weights=opt.get("prefetch", False))
   extra = {}
   if opt.get("state"):
     args.append(sd(lead + (b, n, h, h), F32))
@@ -340,6 +358,20 @@ def test_gpu_pallas_matches_scan_h128(dtype, splits, monkeypatch):
   """Production head size (H = Hv = 128), GQA 8:2, gates, resets, state."""
   _with_config(monkeypatch, num_splits=splits)
   case = linear_case(key_for("gpu-h128", str(dtype), splits), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, gate="scalar", log_decay=True,
+                     segments=True, initial_state=True, dtype=dtype)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gpu_pallas_prefetch_weights_h128(dtype, monkeypatch):
+  """KernelConfig(prefetch_weights=True) compiled at H = 128 with gates,
+  resets, a fixed decay, an initial state and 5 splits, against the
+  scan."""
+  _with_config(monkeypatch, num_splits=5, prefetch_weights=True)
+  case = linear_case(key_for("gpu-prefetch", str(dtype)), batch=2,
                      length=1000, heads=8, kv_heads=2, head_dim=128,
                      value_dim=128, gate="scalar", log_decay=True,
                      segments=True, initial_state=True, dtype=dtype)

@@ -56,8 +56,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_scan import tril_inverse
 from pallas_kernels.linear_scan.kernels import (
-    _block_weights, _dots, _flat_call, _last, _num_sms, _pad_axis,
-    _padded_dim)
+    _block_weights, _chunk_rows, _dots, _flat_call, _last, _num_sms,
+    _pad_axis, _padded_dim, sweep_loop)
 
 __all__ = ["DeltaConfig", "delta_rule"]
 
@@ -368,7 +368,7 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
   def weights(i):  # chunk i's (wq * scale, wk, decay)
-    rows = _chunk_rows(i, c)
+    rows = _chunk_rows(i * c, c)
     wq = wq_ref[rows] * s.scale if out else None
     return wq, wk_ref[rows], _last(dec_ref[rows])
 
@@ -388,7 +388,7 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
     vw = (vn * wk[:, None]).astype(dt)
     return state * dec + _dot_tn(k_ref[rows, :], vw)
 
-  last = _sweep_loop(s, step, weights, state)
+  last = sweep_loop(s.nc, step, weights, state, s.prefetch)
   if out or final:
     st_ref[...] = last
 
@@ -401,7 +401,7 @@ def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
   dt = w_ref.dtype
 
   def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay)
-    rows = _chunk_rows(s.nc - 1 - i, c)
+    rows = _chunk_rows((s.nc - 1 - i) * c, c)
     return wq_ref[rows] * s.scale, wk_ref[rows], _last(dec_ref[rows])
 
   def step(i, lam, wts):
@@ -419,32 +419,8 @@ def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
     return (_dot_tn(q_ref[rows, :], dow) + dec * lam
             - _dot_tn(w_ref[rows, :], gb))
 
-  ds0_ref[...] = _sweep_loop(s, step, weights, dfin_ref[...].astype(_F32))
-
-
-def _chunk_rows(i, c: int):
-  """Rows of chunk ``i`` (traced, or a Python int for the prefetch's first
-  load: ``pl.multiple_of`` takes traced values only)."""
-  if isinstance(i, int):
-    return pl.ds(i * c, c)
-  return pl.ds(pl.multiple_of(i * c, c), c)
-
-
-def _sweep_loop(s: _S, step, weights, carry):
-  """``carry = step(i, carry, weights(i))`` for i in [0, nc). With
-  ``s.prefetch`` the weights of step i + 1 are loaded at the top of step
-  i and carried, so their (unpipelined) loads overlap step i's work
-  instead of stalling step i + 1."""
-  if not s.prefetch:
-    return lax.fori_loop(0, s.nc, lambda i, x: step(i, x, weights(i)),
-                         carry)
-
-  def body(i, x):
-    carry, wts = x
-    nxt = weights(jnp.minimum(i + 1, s.nc - 1))
-    return step(i, carry, wts), nxt
-
-  return lax.fori_loop(0, s.nc, body, (carry, weights(0)))[0]
+  ds0_ref[...] = sweep_loop(s.nc, step, weights,
+                            dfin_ref[...].astype(_F32), s.prefetch)
 
 
 def _seq(tp, d, head, col):

@@ -93,6 +93,12 @@ class KernelConfig:
       GPU.
     num_sms: streaming multiprocessors to plan for (None: the device's
       count; 132, an H100, where the device does not say).
+    prefetch_weights: the sweeps (forward, dq, dv, dk) load each chunk's
+      per-token weights (wq, wk) one chunk ahead, carried through the
+      loop: Triton's pipeliner leaves these [C] float32 loads synchronous
+      inside the sequential loop (the forward's compiled TTGIR for an
+      H100, read without a GPU), so every step waits on memory for them.
+      Opt-in, not yet timed (as ``DeltaConfig.prefetch_weights``).
   """
   chunk: int = 64
   block_v: int = 64
@@ -109,6 +115,7 @@ class KernelConfig:
   num_splits: int | None = None
   split_programs_per_sm: float = 0.5
   num_sms: int | None = None
+  prefetch_weights: bool = False
 
 
 def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
@@ -182,6 +189,7 @@ class _Static:
   # The gate's gradient is wanted (the backward pass sets it from whether
   # log_gate is perturbed, e.g. False for a fixed decay that is not learned).
   gate_grad: bool = True
+  prefetch: bool = False  # KernelConfig.prefetch_weights
 
   @property
   def has_w(self):
@@ -237,6 +245,33 @@ def _last(x):
   return jnp.sum(jnp.where(jnp.arange(n) == n - 1, x, 0.0))
 
 
+def _chunk_rows(r0, c: int):
+  """``pl.ds`` of the ``c`` rows from ``r0`` (traced: marked a multiple
+  of ``c``; a Python int as is, since ``pl.multiple_of`` takes traced
+  values only)."""
+  if isinstance(r0, int):
+    return pl.ds(r0, c)
+  return pl.ds(pl.multiple_of(r0, c), c)
+
+
+def sweep_loop(n: int, step, weights, carry, prefetch: bool):
+  """``carry = step(i, carry, weights(i))`` for i in [0, n), as a
+  ``fori_loop``. With ``prefetch`` the weights of step i + 1 are loaded at
+  the top of step i and carried through the loop, so that their loads
+  (small per-token vectors, which Triton's pipeliner leaves synchronous)
+  overlap step i's work instead of stalling step i + 1; the last step
+  loads its own weights again."""
+  if not prefetch:
+    return lax.fori_loop(0, n, lambda i, x: step(i, x, weights(i)), carry)
+
+  def body(i, x):
+    carry, wts = x
+    nxt = weights(jnp.minimum(i + 1, n - 1))
+    return step(i, carry, wts), nxt
+
+  return lax.fori_loop(0, n, body, (carry, weights(0)))[0]
+
+
 def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
   """D [C, C]: causal mask * exp(G_i - G_j) * same-segment (or its T)."""
   c = s.chunk
@@ -274,23 +309,28 @@ def _fwd_kernel(*refs, s: _Static):
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
 
-  def body(i, state):
-    r0 = pl.multiple_of(base + i * c, c)
-    rows = pl.ds(r0, c)
+  def weights(i):  # chunk i's (wq, wk)
+    if not s.has_w:
+      return ()
+    rows = _chunk_rows(base + i * c, c)
+    return wq_ref[rows], wk_ref[rows]
+
+  def step(i, state, wts):
+    rows = _chunk_rows(base + i * c, c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     a = _dot_nt(q, k) * _intra_weights(s, gc_ref, rc_ref, rows, False)
     o = _dot((a * s.scale).astype(v.dtype), v)
     qs = _dot(q, state.astype(q.dtype))
     if s.has_w:
-      wq = wq_ref[rows]
+      wq, wk = wts
       qs = qs * wq[:, None]
     o_ref[rows, :] = (o + s.scale * qs).astype(o_ref.dtype)
     if s.has_w:  # k_j's decay to the chunk end, applied to the narrower v
-      vw = (v.astype(_F32) * wk_ref[rows][:, None]).astype(v.dtype)
+      vw = (v.astype(_F32) * wk[:, None]).astype(v.dtype)
       return state * _last(wq) + _dot_tn(k, vw)
     return state + _dot_tn(k, v)
 
-  st_ref[...] = lax.fori_loop(0, s.cps, body, state)
+  st_ref[...] = sweep_loop(s.cps, step, weights, state, s.prefetch)
 
 
 def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static):
@@ -324,9 +364,14 @@ def _dq_kernel(*refs, s: _Static):
   shape = (k_ref.shape[-1], v_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
-  def body(i, state):
-    r0 = pl.multiple_of(base + i * c, c)
-    rows = pl.ds(r0, c)
+  def weights(i):  # chunk i's (wq, wk)
+    if not s.has_w:
+      return ()
+    rows = _chunk_rows(base + i * c, c)
+    return wq_ref[rows], wk_ref[rows]
+
+  def step(i, state, wts):
+    rows = _chunk_rows(base + i * c, c)
     k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     da = _dot_nt(do, v) * _intra_weights(s, gc_ref, rc_ref, rows, False)
     dq = _dot((da * s.scale).astype(k.dtype), k)
@@ -335,18 +380,18 @@ def _dq_kernel(*refs, s: _Static):
       hs_ref[i] = state_in.astype(hs_ref.dtype)
     dqs = _dot_nt(do, state_in)
     if s.has_w:
-      wq = wq_ref[rows]
+      wq, wk = wts
       dqs = dqs * wq[:, None]
     dq = dq + s.scale * dqs
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     if s.needs_dg:
       dgq_ref[rows] = jnp.sum(q_ref[rows, :].astype(_F32) * dq, axis=1)
     if s.has_w:
-      kw = (k.astype(_F32) * wk_ref[rows][:, None]).astype(k.dtype)
+      kw = (k.astype(_F32) * wk[:, None]).astype(k.dtype)
       return state * _last(wq) + _dot_tn(kw, v)
     return state + _dot_tn(k, v)
 
-  lax.fori_loop(0, s.cps, body, state)
+  sweep_loop(s.cps, step, weights, state, s.prefetch)
 
 
 def _dv_kernel(*refs, s: _Static):
@@ -362,9 +407,14 @@ def _dv_kernel(*refs, s: _Static):
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  def body(i, dstate):
-    r0 = pl.multiple_of(base + (s.cps - 1 - i) * c, c)
-    rows = pl.ds(r0, c)
+  def weights(i):  # chunk cps - 1 - i's (wq, wk)
+    if not s.has_w:
+      return ()
+    rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
+    return wq_ref[rows], wk_ref[rows]
+
+  def step(i, dstate, wts):
+    rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
     q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
     # Transposed intra-chunk weights: row j (key), column i (query).
     at = _dot_nt(k, q) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
@@ -373,16 +423,17 @@ def _dv_kernel(*refs, s: _Static):
     # [C, F] tile (which would cost registers).
     ks = _dot(k, dstate.astype(k.dtype))
     if s.has_w:  # k_j's decay to the chunk end
-      ks = ks * wk_ref[rows][:, None]
+      wq, wk = wts
+      ks = ks * wk[:, None]
     dv = _dot(at.astype(do.dtype), do) + ks
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     if s.has_w:
-      wq = wq_ref[rows]
       dow = (do.astype(_F32) * (wq * s.scale)[:, None]).astype(do.dtype)
       return dstate * _last(wq) + _dot_tn(q, dow)
     return dstate + _dot_tn(q, (do * s.scale).astype(do.dtype))
 
-  dsout_ref[...] = lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
+  dsout_ref[...] = sweep_loop(s.cps, step, weights,
+                              ds_ref[...].astype(_F32), s.prefetch)
 
 
 def _dk_kernel(*refs, s: _Static):
@@ -400,20 +451,24 @@ def _dk_kernel(*refs, s: _Static):
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  def body(i, dstate):
+  def weights(i):  # chunk cps - 1 - i's (wq, wk)
+    if not s.has_w:
+      return ()
+    rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
+    return wq_ref[rows], wk_ref[rows]
+
+  def step(i, dstate, wts):
     ci = s.cps - 1 - i
-    r0 = pl.multiple_of(base + ci * c, c)
-    rows = pl.ds(r0, c)
+    rows = _chunk_rows(base + ci * c, c)
     q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
     dat = _dot_nt(v, do) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
                             * s.scale)
     vs = _dot_nt(v, dstate.astype(v.dtype))
     if s.has_w:  # k_j's decay to the chunk end, on the narrow [C, BF]
-      vs = vs * wk_ref[rows][:, None]
+      wq, wk = wts
+      vs = vs * wk[:, None]
     dk = _dot(dat.astype(q.dtype), q) + vs
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    if s.has_w:
-      wq = wq_ref[rows]
     if s.needs_dg:
       # Row terms k_j.dk_j, minus (on the chunk's last row, so that the
       # chunk-local reverse cumsum in _core_bwd adds it to every row) the
@@ -432,7 +487,7 @@ def _dk_kernel(*refs, s: _Static):
       return dstate * _last(wq) + _dot_tn(qw, do)
     return dstate + _dot_tn((q * s.scale).astype(q.dtype), do)
 
-  lax.fori_loop(0, s.cps, body, ds_ref[...].astype(_F32))
+  sweep_loop(s.cps, step, weights, ds_ref[...].astype(_F32), s.prefetch)
 
 
 # ----------------------------------------------------------------------------
@@ -997,7 +1052,7 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               has_s0=initial_state is not None or splits > 1,
               interpret=bool(interpret),
               upcast=bool(interpret) and jax.default_backend() == "cpu",
-              rep=n // kh)
+              rep=n // kh, prefetch=cfg.prefetch_weights)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

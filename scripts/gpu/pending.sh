@@ -14,6 +14,9 @@
 #        at 32k and 4k (gated, zero gates in three buffers and in one),
 #        then its GPU tests. If it wins, make it the default and rerun
 #        the delta rows (call4 without channel_gate).
+# prefetch2  the same for the scalar-gate kernels (KernelConfig
+#        prefetch_weights, through ATTNJAX_LINEAR_SCAN_CONFIG): benchmark
+#        rows without and with it at 4k and 16k, then its GPU tests.
 # call1  GPU tests of the untested linear kernels: GLA fused splits,
 #        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64
 #        and the ieee inverse.
@@ -38,6 +41,15 @@ case "${1:-}" in
          --no-fla --seqs=4096 --prefetch" \
       "timeout 240 $PYTEST tests/test_linear_delta_pallas.py -k \
          'gpu_delta_kernel_configs and prefetch'"
+    ;;
+  prefetch2)
+    B="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
+       --impls pallas --no-fla --no-softmax --seqs 4096,16384"
+    bash $S \
+      "timeout 220 $B" \
+      "ATTNJAX_LINEAR_SCAN_CONFIG='{\"prefetch_weights\": true}' \
+         timeout 220 $B" \
+      "timeout 120 $PYTEST tests/test_linear_pallas.py -k prefetch"
     ;;
   call1)
     bash $S \
@@ -74,7 +86,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh prefetch|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh prefetch|prefetch2|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -255,6 +255,21 @@ def test_channel_batch_one_matches_scan(opts):
                        f=24, vd=20, strength=1.5, segments=True)
 
 
+@pytest.mark.parametrize("opts", [
+    dict(), dict(separate_output=True, block_f_state=16, sweep_unroll=3),
+    dict(seq_splits=2, sweep_unroll=1)], ids=["fused", "separate_u3",
+                                              "fsplit2_u1"])
+def test_channel_early_decay_matches_scan(opts):
+  """early_decay: the sweeps load each chunk's decay with its
+  state-independent work (unrolled 1, 2 or 3 chunks, with a remainder
+  loop). 100 tokens in chunks of 16 (7 chunks), resets: output, final
+  state and every gradient against autodiff of the scan."""
+  cfg = channel.ChannelConfig(chunk=16, block_f=16, block_v=16,
+                              early_decay=True, **opts)
+  _direct_matches_scan(f"early-decay-{sorted(opts)}", cfg, b=2, t=100, n=4,
+                       kh=2, f=24, vd=20, strength=1.5, segments=True)
+
+
 @pytest.mark.parametrize("separate", [True, False])
 def test_channel_split_resets(separate):
   """Sequence splits with packed sequences: a reset zeroes the decay
@@ -631,7 +646,8 @@ def test_gpu_channel_batch_one(opts):
 @pytest.mark.parametrize("layout", ["sweep16", "parallel32", "parallel64",
                                     "separate32", "resets32", "factored32",
                                     "unroll32", "split32", "fsplit32",
-                                    "xla_sums32", "rows32"])
+                                    "xla_sums32", "rows32", "early32",
+                                    "early_split32"])
 def test_gpu_channel_direct(dtype, layout):
   """Each layout's kernels compiled at the benchmark's head size
   (H = Hv = 128), GQA 8:2, T = 300, against the scan."""
@@ -648,7 +664,11 @@ def test_gpu_channel_direct(dtype, layout):
                           sweep_unroll=4, seq_splits=4),
           "fsplit32": dict(chunk=32, sweep_unroll=2, seq_splits=4),
           "rows32": dict(chunk=32, diag="factored_rows"),
-          "xla_sums32": dict(chunk=32, kernel_cumsum=False)}[layout]
+          "xla_sums32": dict(chunk=32, kernel_cumsum=False),
+          "early32": dict(chunk=32, early_decay=True),
+          "early_split32": dict(chunk=32, separate_output=True,
+                                block_f_state=64, sweep_unroll=4,
+                                seq_splits=4, early_decay=True)}[layout]
   cfg = channel.ChannelConfig(block_f=32 if dtype == BF16 else 16,
                               block_v=64 if dtype == BF16 else 32, **opts)
   # rows32: gates strong enough that some diagonal blocks take the
@@ -657,4 +677,4 @@ def test_gpu_channel_direct(dtype, layout):
                        vd=128, dtype=dtype, interpret=False,
                        strength=2.5 if layout == "rows32" else 1.0,
                        segments=layout in ("resets32", "xla_sums32",
-                                           "fsplit32"))
+                                           "fsplit32", "early32"))

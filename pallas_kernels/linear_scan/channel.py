@@ -172,6 +172,14 @@ class ChannelConfig:
       forward at T = 4k from 2.64 to 1.44 ms (the scores kernel 1.43 ->
       0.87 ms, and no XLA pass) and the forward+backward from 10.37 to
       8.58 ms; False keeps the XLA passes.
+    early_decay: chunk-parallel only: the sequential sweeps (forward
+      states and state gradient) load each chunk's [F] decay with the
+      chunk's state-independent loads and matmuls (``sweep_unroll`` of
+      them ahead of the updates) instead of inside the carried update,
+      where the load sat on the chain from chunk to chunk: Triton's
+      pipeliner leaves it (and one more [F] load) synchronous inside the
+      loop (the states sweep's compiled TTGIR for an H100, T = 16k, read
+      without a GPU). Opt-in, not yet timed.
   """
   chunk: int = 32
   block_v: int = 64
@@ -187,6 +195,7 @@ class ChannelConfig:
   sweep_unroll: int = 2
   seq_splits: int = 1
   kernel_cumsum: bool | None = None
+  early_decay: bool = False
 
 
 _SUB = 16  # secondary chunk (sub-chunk) of the chunk-parallel kernels
@@ -224,6 +233,7 @@ class _S:
   splits: int = 1  # sequence splits of the chunk-parallel sweeps
   kcs: bool = False  # kernel_cumsum: the gate refs hold raw log gates
   rows_fallback: bool = False  # diag == "factored_rows"
+  early: bool = False  # early_decay
 
 
 def _params(s: _S, bwd: bool = False):
@@ -787,18 +797,21 @@ def _sweep_kernel(*refs, s: _S, store: bool, output: bool):
 
   def pre(i):
     rows = pl.ds(pl.multiple_of(i * c, c), c)
+    dec = dec_ref[i] if s.early else None
     v = v_ref[rows, :]
-    return rows, v, _dot_tn(kd_ref[rows, :], v)
+    return rows, v, _dot_tn(kd_ref[rows, :], v), dec
 
   def update(i, state, part):
-    rows, v, kv = part
+    rows, v, kv, dec = part
     if store:
       hs_ref[i] = state.astype(hs_ref.dtype)
     if output:
       o = (_dot(a_ref[rows, :].astype(v.dtype), v)
            + s.scale * _dot(qd_ref[rows, :], state.astype(v.dtype)))
       o_ref[rows, :] = o.astype(o_ref.dtype)
-    return state * dec_ref[i][:, None] + kv
+    if dec is None:
+      dec = dec_ref[i]
+    return state * dec[:, None] + kv
 
   st_ref[...] = _unrolled_sweep(s.nc // s.splits, s.unroll, pre, update,
                                 state)
@@ -844,14 +857,18 @@ def _dstate_kernel(qd_ref, do_ref, dec_ref, ds_ref, *refs, s: _S,
 
   def pre(i):
     rows = pl.ds(pl.multiple_of((ncl - 1 - i) * c, c), c)
+    dec = dec_ref[ncl - 1 - i] if s.early else None
     do = do_ref[rows, :]
-    return _dot_tn(qd_ref[rows, :].astype(do.dtype), do)
+    return _dot_tn(qd_ref[rows, :].astype(do.dtype), do), dec
 
-  def update(i, dstate, qdo):
+  def update(i, dstate, part):
+    qdo, dec = part
     ci = ncl - 1 - i
     if store:
       dhs_ref[ci] = dstate.astype(dhs_ref.dtype)
-    return dstate * dec_ref[ci][:, None] + s.scale * qdo
+    if dec is None:
+      dec = dec_ref[ci]
+    return dstate * dec[:, None] + s.scale * qdo
 
   dsout_ref[...] = _unrolled_sweep(ncl, s.unroll, pre, update,
                                    ds_ref[...].astype(_F32))
@@ -1484,7 +1501,8 @@ def _static(cfg: ChannelConfig, *, scale, t, rep, fp, vp, has_s0,
             factor_bound=_factor_bound(dtype) if cfg.diag != "pairs"
             else 0.0, rows_fallback=cfg.diag == "factored_rows",
             unroll=cfg.sweep_unroll, splits=cfg.seq_splits,
-            kcs=cfg.chunk_parallel and cfg.kernel_cumsum is not False)
+            kcs=cfg.chunk_parallel and cfg.kernel_cumsum is not False,
+            early=cfg.early_decay)
 
 
 def _auto_layout(cfg: ChannelConfig, programs: int, sms: int,

@@ -91,6 +91,14 @@ CONFIGS = {
     "par c32 sep fs128": C(separate_output=True),
     "par c32 fs64": C(block_f_state=64),
     "par c64 sep fs64": C(chunk=64, separate_output=True, block_f_state=64),
+    # early_decay: each chunk's decay loaded with its state-independent
+    # work, not inside the carried update (beside the default at 16k and
+    # beside the auto layout at 32k, B = 2: "A:" selects that pair).
+    "par c32 early": C(early_decay=True),
+    "A: sep fs64 u4": C(separate_output=True, block_f_state=64,
+                        sweep_unroll=4),
+    "A: sep fs64 u4 early": C(separate_output=True, block_f_state=64,
+                              sweep_unroll=4, early_decay=True),
 }
 
 

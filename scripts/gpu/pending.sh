@@ -17,6 +17,8 @@
 # prefetch2  the same for the scalar-gate kernels (KernelConfig
 #        prefetch_weights, through ATTNJAX_LINEAR_SCAN_CONFIG): benchmark
 #        rows without and with it at 4k and 16k, then its GPU tests.
+# prefetch3  GLA's ChannelConfig(early_decay=True) beside the default at
+#        16k and beside the auto layout at 32k, then its GPU tests.
 # call1  GPU tests of the untested linear kernels: GLA fused splits,
 #        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64
 #        and the ieee inverse.
@@ -50,6 +52,15 @@ case "${1:-}" in
       "ATTNJAX_LINEAR_SCAN_CONFIG='{\"prefetch_weights\": true}' \
          timeout 220 $B" \
       "timeout 120 $PYTEST tests/test_linear_pallas.py -k prefetch"
+    ;;
+  prefetch3)
+    bash $S \
+      "cd scripts/gpu && timeout 200 python3 channel_profile.py --no-checks \
+         --no-fla --seqs=16384 '--configs=(default),c32 early'" \
+      "cd scripts/gpu && timeout 200 python3 channel_profile.py --no-checks \
+         --no-fla --seqs=32768 '--configs=A: sep'" \
+      "timeout 150 $PYTEST tests/test_linear_channel.py -k \
+         'gpu_channel_direct and early'"
     ;;
   call1)
     bash $S \
@@ -86,7 +97,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh prefetch|prefetch2|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

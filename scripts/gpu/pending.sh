@@ -9,6 +9,11 @@
 #   run(command="export ATTNJAX_BENCH_ROWS=$OUT/rows.jsonl; \
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
+# The three prefetch calls test kernels' loads of small per-chunk vectors
+# that Triton leaves unpipelined in the sequential sweeps (read without a
+# GPU from the compiled TTGIR). If one call is all a session gets, take
+# "pftimes": the timing steps of all three (no tests); "pftests" then runs
+# their GPU tests, which must pass before any default changes.
 # prefetch  the delta rule's sweeps with prefetch_weights (next chunk's
 #        weights carried through the loop) against the default: timings
 #        at 32k and 4k (gated, zero gates in three buffers and in one),
@@ -35,6 +40,26 @@ cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
+  pftimes)
+    B="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
+       --impls pallas --no-fla --no-softmax --seqs 16384"
+    bash $S \
+      "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768 --prefetch" \
+      "timeout 110 $B" \
+      "ATTNJAX_LINEAR_SCAN_CONFIG='{\"prefetch_weights\": true}' \
+         timeout 110 $B" \
+      "cd scripts/gpu && timeout 160 python3 channel_profile.py --no-checks \
+         --no-fla --seqs=16384 '--configs=(default),c32 early'"
+    ;;
+  pftests)
+    bash $S \
+      "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and prefetch'" \
+      "timeout 100 $PYTEST tests/test_linear_pallas.py -k prefetch" \
+      "timeout 180 $PYTEST tests/test_linear_channel.py -k \
+         'gpu_channel_direct and early'"
+    ;;
   prefetch)
     bash $S \
       "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
@@ -88,7 +113,7 @@ case "${1:-}" in
     ;;
   call3)
     bash $S \
-      "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
+      "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --grad-sweep"
     ;;
   call4)
@@ -97,7 +122,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -168,7 +168,8 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(forward_states=False)),
     (BF16, 128, False, dict(separate_output=True, forward_states=False)),
     (BF16, 128, True, dict(separate_output=True, forward_states=True)),
-    (BF16, 128, True, dict(prefetch_weights=True, forward_states=False))])
+    (BF16, 128, True, dict(prefetch_weights=True, forward_states=False)),
+    (BF16, 128, True, dict(separate_output=True, output_scores=True))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -208,6 +209,29 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   found = set(re.findall(r"delta_rule_\w+", text))
   assert found == {"delta_rule_ut", "delta_rule_bwd", *sweeps, *grads}, found
   assert text.count("__gpu$xla.gpu.triton") == 2 + len(sweeps) + len(grads)
+
+
+@pytest.mark.parametrize("resets", [False, True])
+def test_delta_forward_output_scores_lowers_for_h100(resets):
+  """The forward without gradient with output_scores lowers for an H100:
+  the UT kernel, the states-only sweep and the output kernel (which forms
+  the scores), nothing else."""
+  b, t, n, kh, h = 1, 100, 4, 2, 128
+  sd = jax.ShapeDtypeStruct
+  args = (sd((b, t, n, h), BF16), sd((b, t, kh, h), BF16),
+          sd((b, t, kh, h), BF16), sd((b, t, n), F32), sd((b, t, n), F32))
+  rs = jnp.zeros((b, t), bool).at[:, 50].set(True) if resets else None
+  cfg = delta.DeltaConfig(separate_output=True, output_scores=True)
+
+  def fwd(q, k, v, beta, g):
+    return delta.delta_rule(q, k, v, beta, g, rs, scale=0.1,
+                            interpret=False, config=cfg)
+
+  text = _export_for_h100(fwd, *args).mlir_module()
+  found = set(re.findall(r"delta_rule_\w+", text))
+  assert found == {"delta_rule_ut", "delta_rule_fwd_states_final",
+                   "delta_rule_out"}, found
+  assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 # ----------------------------------------------------------------------------
@@ -364,6 +388,18 @@ def test_delta_pallas_prefetch_weights(separate, states):
                            t=45, n=4, kh=2, f=24, vd=40, segments=True)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_delta_pallas_output_scores(segments):
+  """output_scores: in the forward without gradient the output kernel
+  forms the scores itself (gates, optional resets, GQA, an initial state,
+  three chunks and a ragged tail); the forward here is that path, the
+  gradients the stored-scores one."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=True,
+                          output_scores=True)
+  _config_grads_match_scan(f"delta-output-scores-{segments}", cfg, b=2,
+                           t=45, n=4, kh=2, f=24, vd=40, segments=segments)
+
+
 def test_delta_auto_separate_output():
   """separate_output=None follows the sweeps' automatic value block: off
   where (batch, head) programs fill the GPU at 64 value columns (T = 4k,
@@ -430,6 +466,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "separate_output": dict(separate_output=True,
                                         forward_states=False),
                 "prefetch": dict(prefetch_weights=True),
+                "output_scores": dict(separate_output=True,
+                                      output_scores=True),
                 "prefetch_neither": dict(prefetch_weights=True,
                                          forward_states=False,
                                          separate_output=False)}

@@ -141,6 +141,16 @@ class DeltaConfig:
       GPU), so each sequential step waits on memory for them; the
       ungated rule, whose three weight arrays XLA folds into one buffer,
       ran 0.66 ms faster at T = 32k (run40). Opt-in, not yet timed.
+    output_scores: with ``separate_output``, in the forward without
+      gradient, the chunk-parallel output kernel forms the chunk's scores
+      (q k^T with the causal decays and resets) itself, as fla's output
+      kernel does, instead of the UT kernel forming and storing them: the
+      UT kernel, about two thirds of the forward at T = 4k and the
+      largest part at every T, then skips a third of its matmuls, its q
+      reads and the [B, T, N, C] score writes; the output kernel reads k
+      instead of the scores. Under differentiation the backward needs the
+      stored scores, so the UT kernel still forms them there. Opt-in, not
+      yet timed.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -161,6 +171,7 @@ class DeltaConfig:
   forward_states: bool = True
   separate_output: bool | None = None
   prefetch_weights: bool = False
+  output_scores: bool = False
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -209,6 +220,7 @@ class _S:
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
   prefetch: bool = False  # prefetch_weights
+  out_scores: bool = False  # output_scores
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -221,12 +233,13 @@ def _params(s: _S, warps: int, stages: int):
 # UT transform.
 
 
-def _ut_kernel(*refs, s: _S, store_t: bool):
+def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
   _dot, _, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
   rc_ref = next(it) if s.has_seg else None
-  w_ref, u_ref, a_ref = next(it), next(it), next(it)
+  w_ref, u_ref = next(it), next(it)
+  a_ref = next(it) if scores else None
   t_ref = next(it) if store_t else None
   dt = k_ref.dtype
   prec = None if s.interpret else (
@@ -277,6 +290,8 @@ def _ut_kernel(*refs, s: _S, store_t: bool):
     w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
     u_ref[blk(i), :] = u.astype(u_ref.dtype)
     w_ref[blk(i), :] = w.astype(w_ref.dtype)
+  if not scores:  # the output kernel forms them (output_scores)
+    return
   # The chunk's scores for the sweep, scale (q k^T o D) with D the causal
   # decays, by blocks of 16 rows (a whole [C, C] tile spills registers).
   k_all, g_all = k_ref[...], gc_ref[...]
@@ -309,8 +324,10 @@ def _chunk_specs(s: _S):
   return own, kv, tok, seg, state
 
 
-def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
-  """W, U, A (and T, float32, when ``store_t``), each [B, Tp, N, .]."""
+def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False,
+             scores: bool = True):
+  """W, U, A (and T, float32, when ``store_t``), each [B, Tp, N, .]; A
+  is None without ``scores``."""
   b, tp, kh, f = k.shape
   n = beta.shape[1]
   vp = v.shape[-1]
@@ -321,15 +338,17 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
   if s.has_seg:
     in_specs.append(seg)
     args.append(rc)
-  out_specs = [own(f), own(vp), own(c)]
+  out_specs = [own(f), own(vp)]
   out_shape = [jax.ShapeDtypeStruct((b, tp, n, f), k.dtype),
-               jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype),
-               jax.ShapeDtypeStruct((b, tp, n, c), k.dtype)]
+               jax.ShapeDtypeStruct((b, tp, n, vp), k.dtype)]
+  if scores:
+    out_specs.append(own(c))
+    out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), k.dtype))
   if store_t:
     out_specs.append(own(c))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), _F32))
-  return _flat_call(
-      functools.partial(_ut_kernel, s=s, store_t=store_t),
+  res = _flat_call(
+      functools.partial(_ut_kernel, s=s, store_t=store_t, scores=scores),
       grid=(s.nc, n, b),
       in_specs=in_specs,
       out_specs=out_specs,
@@ -338,6 +357,10 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False):
       interpret=s.interpret,
       name="delta_rule_ut",
   )(*args)
+  res = list(res)
+  if not scores:
+    res.insert(2, None)
+  return tuple(res)
 
 
 # ----------------------------------------------------------------------------
@@ -432,8 +455,11 @@ def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S):
   tp, f, c = q.shape[1], q.shape[-1], s.chunk
   same, kv, zero = (lambda n: n), (lambda n: n // s.rep), (lambda j: 0)
   tok = pl.BlockSpec((None, None, tp), lambda j, n, b: (b, n, 0))
-  specs = [_seq(tp, f, same, zero), _seq(tp, f, kv, zero),
-           _seq(tp, c, same, zero), _seq(tp, f, same, zero), tok, tok, tok]
+  a_spec = _seq(tp, c, same, zero)
+  if a is None:  # a sweep that forms no outputs never reads the scores:
+    a, a_spec = q, _seq(tp, f, same, zero)  # any operand holds the place
+  specs = [_seq(tp, f, same, zero), _seq(tp, f, kv, zero), a_spec,
+           _seq(tp, f, same, zero), tok, tok, tok]
   return specs, [q, k, a, w, wq, wk, dec]
 
 
@@ -487,39 +513,76 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
   )(*args)
 
 
-def _out_kernel(q_ref, a_ref, wq_ref, h_ref, vn_ref, o_ref, *, s: _S):
+def _out_kernel(*refs, s: _S, scores: bool):
   """One chunk's outputs from its entering state and new values:
-  (q S) * wq * scale + A v_new (A already scaled)."""
-  _dot, _, _ = _dots(s)
-  o = (_dot(q_ref[...], h_ref[...]) * (wq_ref[...] * s.scale)[:, None]
-       + _dot(a_ref[...], vn_ref[...]))
+  (q S) * wq * scale + A v_new, A the stored scaled scores or, with
+  ``scores``, formed here: scale (q k^T o D), D the causal decays (zero
+  across resets), as the UT kernel forms them."""
+  _dot, _, _dot_nt = _dots(s)
+  it = iter(refs)
+  q_ref = next(it)
+  if scores:
+    k_ref, gc_ref = next(it), next(it)
+    rc_ref = next(it) if s.has_seg else None
+  else:
+    a_ref = next(it)
+  wq_ref, h_ref, vn_ref, o_ref = next(it), next(it), next(it), next(it)
+  q, vn = q_ref[...], vn_ref[...]
+  if scores:
+    rows = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 1)
+    mask = cols <= rows
+    if s.has_seg:
+      rc = rc_ref[...]
+      mask = jnp.logical_and(mask, rc[:, None] == rc[None, :])
+    g = gc_ref[...]
+    d = jnp.exp(jnp.where(mask, g[:, None] - g[None, :], -jnp.inf))
+    a = ((_dot_nt(q, k_ref[...]) * d) * s.scale).astype(vn.dtype)
+  else:
+    a = a_ref[...]
+  o = (_dot(q, h_ref[...]) * (wq_ref[...] * s.scale)[:, None]
+       + _dot(a, vn))
   o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _out_call(q, a, wq, h, vn, s: _S):
-  """The outputs [B, Tp, N, V] chunk-parallel (``separate_output``)."""
+def _out_call(q, a, wq, h, vn, s: _S, k=None, gc=None, rc=None):
+  """The outputs [B, Tp, N, V] chunk-parallel (``separate_output``): from
+  the stored scores ``a``, or (``a`` None) scores formed from q, k, the
+  chunk-local cumulative log gates ``gc`` and the reset counts ``rc``."""
   b, tp, n, f = q.shape
   vp = vn.shape[-1]
-  own, _, tok, _, state = _chunk_specs(s)
+  own, kv, tok, seg, state = _chunk_specs(s)
+  scores = a is None
+  if scores:
+    specs, args = [own(f), kv(f), tok], [q, k, gc]
+    if s.has_seg:
+      specs.append(seg)
+      args.append(rc)
+  else:
+    specs, args = [own(f), own(s.chunk)], [q, a]
   return _flat_call(
-      functools.partial(_out_kernel, s=s),
+      functools.partial(_out_kernel, s=s, scores=scores),
       grid=(s.nc, n, b),
-      in_specs=[own(f), own(s.chunk), tok, state(f, vp), own(vp)],
+      in_specs=specs + [tok, state(f, vp), own(vp)],
       out_specs=own(vp),
       out_shape=jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
       compiler_params=_params(s, s.warps, 1),
       interpret=s.interpret,
       name="delta_rule_out",
-  )(q, a, wq, h, vn)
+  )(*args, wq, h, vn)
 
 
-def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool):
+def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool,
+             gc=None, rc=None):
   """(out, final state, h, vn): h and vn only where ``residuals`` or
-  ``separate_output`` form them (else None)."""
+  ``separate_output`` form them (else None). ``a`` None (only with
+  ``separate_output``): the output kernel forms the scores from q, k,
+  ``gc`` and ``rc``."""
   if s.sep_out:
     final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
                              out=False, final=True)
-    return _out_call(q, a, wq, h, vn, s), final, h, vn
+    return (_out_call(q, a, wq, h, vn, s, k=k, gc=gc, rc=rc), final, h,
+            vn)
   if residuals:
     return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
                            out=True))
@@ -885,8 +948,12 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
-  w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s)
-  return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False)[:2]
+  # output_scores: the output kernel forms the scores (only the backward
+  # needs them stored, so _core_fwd keeps the UT kernel's).
+  scores = not (s.sep_out and s.out_scores)
+  w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s, scores=scores)
+  return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False, gc=gc,
+                  rc=rc)[:2]
 
 
 def _core_fwd(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
@@ -1025,7 +1092,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
          sep_out=(_auto_separate_output(b * n, vp, sms)
                   if cfg.separate_output is None else cfg.separate_output),
-         prefetch=cfg.prefetch_weights,
+         prefetch=cfg.prefetch_weights, out_scores=cfg.output_scores,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

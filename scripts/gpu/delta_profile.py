@@ -2,7 +2,7 @@
 
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
-      [--no-checks] [--forward-states] [--prefetch]
+      [--no-checks] [--forward-states] [--prefetch] [--output-scores]
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -105,7 +105,8 @@ def _static(t, b, cfg):
                        b * N, H, kdelta._num_sms())
                             if cfg.separate_output is None
                             else cfg.separate_output),
-                   prefetch=cfg.prefetch_weights, has_s0=False,
+                   prefetch=cfg.prefetch_weights,
+                   out_scores=cfg.output_scores, has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 
@@ -270,6 +271,50 @@ def _prefetch(t, b, q, k, v, beta, g):
     del w, u, a
 
 
+def _output_scores(t, b, q, k, v, beta, g):
+  """DeltaConfig(output_scores=True) beside separate_output without it
+  (the forward without gradient): the UT kernel with and without the
+  scores, the output kernel reading or forming them, the core forward
+  (and with prefetch_weights too), gated."""
+  r = dataclasses.replace
+  d = kdelta.DeltaConfig(separate_output=True)
+  bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
+  st = _static(t, b, d)
+  try:
+    for scores in (True, False):
+      ut = jax.jit(lambda *x, sc=scores: kdelta._ut_call(
+          *x, None, st, scores=sc))
+      pc.line(f"UT kernel {'with' if scores else 'without'} scores", b, t,
+              pc.time(ut, q, k, v, bp, gc, wq))
+    w, u, a = jax.jit(lambda *x: kdelta._ut_call(*x, None, st))(
+        q, k, v, bp, gc, wq)
+    _, h, vn = jax.jit(lambda *x: kdelta._fwd_call(
+        *x, None, st, True, out=False, final=True))(
+            q, k, a, w, u, wq, wk, dec)
+    outk = jax.jit(lambda *x: kdelta._out_call(*x, st))
+    pc.line("output kernel, stored scores", b, t,
+            pc.time(outk, q, a, wq, h, vn))
+    outs = jax.jit(lambda q, wq, h, vn, k, gc: kdelta._out_call(
+        q, None, wq, h, vn, st, k=k, gc=gc))
+    pc.line("output kernel, forming scores", b, t,
+            pc.time(outs, q, wq, h, vn, k, gc))
+    del w, u, a, h, vn
+  except Exception as e:  # noqa: BLE001
+    print(f"  kernels FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+  for tag, cfg in (("separate_output", d),
+                   ("output_scores", r(d, output_scores=True)),
+                   ("output_scores prefetch",
+                    r(d, output_scores=True, prefetch_weights=True))):
+    st = _static(t, b, cfg)
+    core = lambda *x, st=st: kdelta._core(*x, None, None, st)  # noqa: E731
+    try:
+      pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
+              pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
+    except Exception as e:  # noqa: BLE001
+      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
+            flush=True)
+
+
 def _grad_sweep(t, b, q, k, v, beta, g):
   """The gradient kernel alone at several tilings: its inputs come once
   from the default configuration (they do not depend on the gradient
@@ -334,7 +379,8 @@ def _ut_sweep(t, b, q, k, v, beta, g):
 
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
-            ut_sweep=False, forward_states=False, prefetch=False):
+            ut_sweep=False, forward_states=False, prefetch=False,
+            output_scores=False):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
@@ -350,6 +396,9 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       continue
     if prefetch:  # prefetch_weights against the default only
       _prefetch(t, b, q, k, v, beta, g)
+      continue
+    if output_scores:  # output_scores against separate_output only
+      _output_scores(t, b, q, k, v, beta, g)
       continue
     # "gated, zero gates": the gated path's inputs (three distinct weight
     # arrays) with the ungated values: whether the gated forward's extra
@@ -441,7 +490,8 @@ def main(argv):
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
-          prefetch="--prefetch" in argv)
+          prefetch="--prefetch" in argv,
+          output_scores="--output-scores" in argv)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

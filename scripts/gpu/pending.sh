@@ -14,6 +14,11 @@
 # GPU from the compiled TTGIR). If one call is all a session gets, take
 # "pftimes": the timing steps of all three (no tests); "pftests" then runs
 # their GPU tests, which must pass before any default changes.
+# oscores  the delta rule's DeltaConfig(output_scores=True) (the output
+#        kernel forms the scores; the UT kernel's spills 764/832 ->
+#        264/264 B in an H100 compile) beside separate_output at 16k and
+#        32k, then its GPU tests. If it wins, default on with
+#        separate_output.
 # prefetch  the delta rule's sweeps with prefetch_weights (next chunk's
 #        weights carried through the loop) against the default: timings
 #        at 32k and 4k (gated, zero gates in three buffers and in one),
@@ -51,6 +56,15 @@ case "${1:-}" in
          timeout 110 $B" \
       "cd scripts/gpu && timeout 160 python3 channel_profile.py --no-checks \
          --no-fla --seqs=16384 '--configs=(default),c32 early'"
+    ;;
+  oscores)
+    bash $S \
+      "cd scripts/gpu && timeout 150 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=16384 --output-scores" \
+      "cd scripts/gpu && timeout 130 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768 --output-scores" \
+      "timeout 200 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and output_scores'"
     ;;
   pftests)
     bash $S \
@@ -122,7 +136,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

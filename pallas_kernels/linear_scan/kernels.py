@@ -272,6 +272,19 @@ def sweep_loop(n: int, step, weights, carry, prefetch: bool):
   return lax.fori_loop(0, n, body, (carry, weights(0)))[0]
 
 
+def _step_weights(s: _Static, wq_ref, wk_ref, base, reverse: bool):
+  """``weights(i)`` for ``sweep_loop``: step i's chunk's (wq, wk) rows
+  (chunk i of the split from ``base``, or cps - 1 - i when ``reverse``),
+  () without per-token weights."""
+  def weights(i):
+    if not s.has_w:
+      return ()
+    ci = s.cps - 1 - i if reverse else i
+    rows = _chunk_rows(base + ci * s.chunk, s.chunk)
+    return wq_ref[rows], wk_ref[rows]
+  return weights
+
+
 def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
   """D [C, C]: causal mask * exp(G_i - G_j) * same-segment (or its T)."""
   c = s.chunk
@@ -309,11 +322,7 @@ def _fwd_kernel(*refs, s: _Static):
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
 
-  def weights(i):  # chunk i's (wq, wk)
-    if not s.has_w:
-      return ()
-    rows = _chunk_rows(base + i * c, c)
-    return wq_ref[rows], wk_ref[rows]
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
 
   def step(i, state, wts):
     rows = _chunk_rows(base + i * c, c)
@@ -364,11 +373,7 @@ def _dq_kernel(*refs, s: _Static):
   shape = (k_ref.shape[-1], v_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
-  def weights(i):  # chunk i's (wq, wk)
-    if not s.has_w:
-      return ()
-    rows = _chunk_rows(base + i * c, c)
-    return wq_ref[rows], wk_ref[rows]
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
 
   def step(i, state, wts):
     rows = _chunk_rows(base + i * c, c)
@@ -407,11 +412,7 @@ def _dv_kernel(*refs, s: _Static):
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  def weights(i):  # chunk cps - 1 - i's (wq, wk)
-    if not s.has_w:
-      return ()
-    rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
-    return wq_ref[rows], wk_ref[rows]
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=True)
 
   def step(i, dstate, wts):
     rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
@@ -451,11 +452,7 @@ def _dk_kernel(*refs, s: _Static):
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  def weights(i):  # chunk cps - 1 - i's (wq, wk)
-    if not s.has_w:
-      return ()
-    rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
-    return wq_ref[rows], wk_ref[rows]
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=True)
 
   def step(i, dstate, wts):
     ci = s.cps - 1 - i

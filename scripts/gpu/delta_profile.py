@@ -216,15 +216,19 @@ def _forward_states(t, b, q, k, v, beta, g):
                    ("chunk 128", r(d, chunk=128)),
                    ("separate_output chunk 128",
                     r(d, separate_output=True, chunk=128))):
-    st = _static(t, b, cfg)
     bp, gc, wq, wk, dec = _kernel_inputs(beta, g, cfg.chunk)
-    core = lambda *a, st=st: kdelta._core(*a, None, None, st)  # noqa: E731
-    try:
-      pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
-              pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
-    except Exception as e:  # noqa: BLE001
-      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
-            flush=True)
+    _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
+
+
+def _core_fwd_line(t, b, tag, cfg, *args):
+  """One line: the core's forward (no gradient) with ``cfg``."""
+  st = _static(t, b, cfg)
+  core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
+  try:
+    pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
+            pc.time(jax.jit(core), *args))
+  except Exception as e:  # noqa: BLE001
+    print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
 
 
 def _prefetch(t, b, q, k, v, beta, g):
@@ -305,14 +309,7 @@ def _output_scores(t, b, q, k, v, beta, g):
                    ("output_scores", r(d, output_scores=True)),
                    ("output_scores prefetch",
                     r(d, output_scores=True, prefetch_weights=True))):
-    st = _static(t, b, cfg)
-    core = lambda *x, st=st: kdelta._core(*x, None, None, st)  # noqa: E731
-    try:
-      pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
-              pc.time(jax.jit(core), q, k, v, bp, gc, wq, wk, dec))
-    except Exception as e:  # noqa: BLE001
-      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
-            flush=True)
+    _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
 
 
 def _grad_sweep(t, b, q, k, v, beta, g):

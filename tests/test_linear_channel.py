@@ -270,6 +270,33 @@ def test_channel_early_decay_matches_scan(opts):
                        kh=2, f=24, vd=20, strength=1.5, segments=True)
 
 
+def test_channel_config_environment_override(monkeypatch):
+  """ATTNJAX_CHANNEL_CONFIG (JSON fields over the defaults) reaches the
+  kernels where no config is given: the separate layout's output kernel
+  appears, and the forward still matches the scan; a bad field value is
+  a ValueError naming it."""
+  arrays, _ = linear_case(key_for("channel-env"), length=40, head_dim=16,
+                          value_dim=16, gate="channel")
+  args = (arrays["query"], arrays["key"], arrays["value"])
+
+  def run(impl):
+    return attnjax.linear_attention(*args, gate=arrays["gate"],
+                                    implementation=impl)
+
+  def names():
+    return set(re.findall(r"linear_scan_channel_\w+",
+                          str(jax.make_jaxpr(lambda: run("pallas"))())))
+
+  assert "linear_scan_channel_output" not in names()
+  monkeypatch.setenv("ATTNJAX_CHANNEL_CONFIG", '{"separate_output": true, '
+                     '"block_f_state": 16, "early_decay": true}')
+  assert "linear_scan_channel_output" in names()
+  assert_matches(run("pallas"), run("xla"), F32)
+  monkeypatch.setenv("ATTNJAX_CHANNEL_CONFIG", '{"sweep_unroll": 0}')
+  with pytest.raises(ValueError, match="sweep_unroll"):
+    run("pallas")
+
+
 @pytest.mark.parametrize("separate", [True, False])
 def test_channel_split_resets(separate):
   """Sequence splits with packed sequences: a reset zeroes the decay

@@ -400,6 +400,33 @@ def test_delta_pallas_output_scores(segments):
                            t=45, n=4, kh=2, f=24, vd=40, segments=segments)
 
 
+def test_delta_config_environment_override(monkeypatch):
+  """ATTNJAX_DELTA_CONFIG (JSON fields over the defaults; for benchmarking
+  a candidate default) reaches the kernels where no config is given: here
+  the output-kernel layout, its forward against the scan; a bad field
+  value is still a ValueError."""
+  arrays, opts = linear_case(key_for("delta-env"), delta=True, length=40,
+                             gate="scalar", segments=True)
+  args = (arrays["query"], arrays["key"], arrays["value"], arrays["beta"])
+  kw = dict(gate=arrays["gate"], segment_ids=arrays["segment_ids"])
+
+  def names(**extra):
+    text = str(jax.make_jaxpr(lambda *a: attnjax.delta_rule_attention(
+        *a, **kw, implementation="pallas", **extra))(*args))
+    return set(re.findall(r"delta_rule_\w+", text))
+
+  assert "delta_rule_out" not in names()
+  monkeypatch.setenv("ATTNJAX_DELTA_CONFIG",
+                     '{"separate_output": true, "output_scores": true}')
+  assert "delta_rule_out" in names()
+  out = attnjax.delta_rule_attention(*args, **kw, implementation="pallas")
+  ref = attnjax.delta_rule_attention(*args, **kw, implementation="xla")
+  assert_matches(out, ref, F32)
+  monkeypatch.setenv("ATTNJAX_DELTA_CONFIG", '{"diag_inverse": "lu"}')
+  with pytest.raises(ValueError, match="diag_inverse"):
+    attnjax.delta_rule_attention(*args, **kw, implementation="pallas")
+
+
 def test_delta_auto_separate_output():
   """separate_output=None follows the sweeps' automatic value block: off
   where (batch, head) programs fill the GPU at 64 value columns (T = 4k,

@@ -398,8 +398,10 @@ def main(argv=None):
     add_ratios(rows)
   else:
     info = common.device_info()
-    if os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG"):  # a tuning override
-      info["linear_scan_config"] = os.environ["ATTNJAX_LINEAR_SCAN_CONFIG"]
+    for var in ("ATTNJAX_LINEAR_SCAN_CONFIG", "ATTNJAX_CHANNEL_CONFIG",
+                "ATTNJAX_DELTA_CONFIG"):  # tuning overrides of the defaults
+      if os.environ.get(var):
+        info[var[len("ATTNJAX_"):].lower()] = os.environ[var]
     common.append_row({"_info": info})
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     rows = run(quick=args.quick, seqs=ints(args.seqs),

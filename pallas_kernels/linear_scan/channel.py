@@ -73,7 +73,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_scan.kernels import (_dots, _flat_call, _num_sms,
-                                                _pad_axis, _padded_dim)
+                                                _pad_axis, _padded_dim,
+                                                env_overrides)
 
 __all__ = ["ChannelConfig", "channel_gated_linear_attention"]
 
@@ -1551,7 +1552,9 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
     config: tiling (default ``ChannelConfig()``; float32 inputs use a
       16-channel block; on a GPU that batch x heads x value blocks fill at
       most half of, ``separate_output=True, block_f_state=64``, and 4
-      sequence splits where they fit too: see ``_auto_layout``).
+      sequence splits where they fit too: see ``_auto_layout``; the
+      fields of the JSON object in ``ATTNJAX_CHANNEL_CONFIG`` replace the
+      defaults' if that is set: a tuning override).
     interpret: Pallas interpret mode (default: unless on a GPU).
 
   Returns:
@@ -1576,7 +1579,8 @@ def channel_gated_linear_attention(q, k, v, log_gate, resets=None, *,
   kh, vd = k.shape[2], v.shape[-1]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  cfg = config or ChannelConfig()
+  # No config: the defaults, with any ATTNJAX_CHANNEL_CONFIG (JSON) fields.
+  cfg = config or env_overrides(ChannelConfig(), "ATTNJAX_CHANNEL_CONFIG")
   if config is None and jnp.dtype(q.dtype) == jnp.dtype(jnp.float32):
     cfg = dataclasses.replace(cfg, block_f=16, block_v=32)
   c = cfg.chunk

@@ -57,7 +57,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.linear_scan import tril_inverse
 from pallas_kernels.linear_scan.kernels import (
     _block_weights, _chunk_rows, _dots, _flat_call, _last, _num_sms,
-    _pad_axis, _padded_dim, sweep_loop)
+    _pad_axis, _padded_dim, env_overrides, sweep_loop)
 
 __all__ = ["DeltaConfig", "delta_rule"]
 
@@ -1039,7 +1039,9 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
     resets: None or bool [B, T]: the state is zeroed before token t.
     scale: output scale.
     initial_state: None or float32 [B, N, F, V].
-    config: tiling (default ``DeltaConfig()``).
+    config: tiling (default ``DeltaConfig()``, with the fields of the
+      JSON object in ``ATTNJAX_DELTA_CONFIG`` if that is set: a tuning
+      override).
     chunk: overrides ``config.chunk``.
     interpret: Pallas interpret mode (default: unless on a GPU).
 
@@ -1061,7 +1063,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   """
   b, t, n, f = q.shape
   kh, vd = k.shape[2], v.shape[-1]
-  cfg = config or DeltaConfig()
+  # No config: the defaults, with any ATTNJAX_DELTA_CONFIG (JSON) fields.
+  cfg = config or env_overrides(DeltaConfig(), "ATTNJAX_DELTA_CONFIG")
   if chunk is not None:
     cfg = dataclasses.replace(cfg, chunk=int(chunk))
   c = cfg.chunk

@@ -147,10 +147,19 @@ def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
                         num_warps=8 if wide_f else 4,
                         block_v_gram=64 if wide_f else 128,
                         num_stages_gram=2 if wide_f or wide_v else 3)
-  env = os.environ.get("ATTNJAX_LINEAR_SCAN_CONFIG")
-  if env:
-    base = dataclasses.replace(base, **json.loads(env))
+  base = env_overrides(base, "ATTNJAX_LINEAR_SCAN_CONFIG")
   return dataclasses.replace(base, **overrides)
+
+
+def env_overrides(cfg, var: str):
+  """``cfg`` with the fields of the JSON object in environment variable
+  ``var`` (if set) replaced: a tuning override of a default
+  configuration, e.g. for benchmarking a candidate default beside the
+  other libraries without editing code."""
+  env = os.environ.get(var)
+  if not env:
+    return cfg
+  return dataclasses.replace(cfg, **json.loads(env))
 
 
 def _pow2(x: int, lo: int = 16) -> int:

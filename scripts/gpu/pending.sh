@@ -14,6 +14,11 @@
 # GPU from the compiled TTGIR). If one call is all a session gets, take
 # "pftimes": the timing steps of all three (no tests); "pftests" then runs
 # their GPU tests, which must pass before any default changes.
+# deltacand  one call for both delta options at once: their GPU tests,
+#        then the delta rows beside fla with both on as a candidate default
+#        (ATTNJAX_DELTA_CONFIG; the report's info line records it). Take
+#        it when the session has room for one call only; the per-option
+#        timings (oscores, pftimes) say which of the two made the gain.
 # oscores  the delta rule's DeltaConfig(output_scores=True) (the output
 #        kernel forms the scores; the UT kernel's spills 764/832 ->
 #        264/264 B in an H100 compile) beside separate_output at 16k and
@@ -56,6 +61,15 @@ case "${1:-}" in
          timeout 110 $B" \
       "cd scripts/gpu && timeout 160 python3 channel_profile.py --no-checks \
          --no-fla --seqs=16384 '--configs=(default),c32 early'"
+    ;;
+  deltacand)
+    bash $S \
+      "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (output_scores or prefetch-bf)'" \
+      "ATTNJAX_DELTA_CONFIG='{\"output_scores\": true, \
+         \"prefetch_weights\": true}' timeout 300 python3 -m \
+         attnjax.bench.linear --variants delta,gated_delta --impls pallas \
+         --no-softmax --seqs 4096,16384,32768"
     ;;
   oscores)
     bash $S \
@@ -136,7 +150,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

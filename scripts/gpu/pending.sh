@@ -38,7 +38,10 @@
 #        factored_rows, batch-1 grids, H = 128 compiles; delta ut_cols64
 #        and the ieee inverse.
 # mosaic the H = 64 forward with three consumer warpgroups beside cuDNN and
-#        tokamax (its GPU tests and the fused backward's passed in run39).
+#        tokamax (its GPU tests and the fused backward's passed in run39),
+#        then the H = 128 grid with today's defaults (the fused dK/dV
+#        backward has not been timed in the grid since it became the
+#        default), 16k first.
 # call2  GLA profiles: T = 64k kernels (batch-1 grid, fused splits) and
 #        T = 4k factored_rows.
 # call3  delta gradient-kernel sweep (gradient halves, UT pull-back by
@@ -129,7 +132,9 @@ case "${1:-}" in
     bash $S \
       "timeout 230 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
-64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64"
+64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64" \
+      "timeout 330 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 320 --configs '128:16384:*:*,128:4096:*:*,128:1024:*:*'"
     ;;
   call2)
     bash $S \

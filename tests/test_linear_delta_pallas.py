@@ -169,7 +169,9 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, False, dict(separate_output=True, forward_states=False)),
     (BF16, 128, True, dict(separate_output=True, forward_states=True)),
     (BF16, 128, True, dict(prefetch_weights=True, forward_states=False)),
-    (BF16, 128, True, dict(separate_output=True, output_scores=True))])
+    (BF16, 128, True, dict(separate_output=True, output_scores=True)),
+    (BF16, 128, True, dict(separate_output=False, forward_states=False,
+                           output_scores=True))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -388,16 +390,21 @@ def test_delta_pallas_prefetch_weights(separate, states):
                            t=45, n=4, kh=2, f=24, vd=40, segments=True)
 
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_delta_pallas_output_scores(segments):
-  """output_scores: in the forward without gradient the output kernel
-  forms the scores itself (gates, optional resets, GQA, an initial state,
-  three chunks and a ragged tail); the forward here is that path, the
-  gradients the stored-scores one."""
-  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=True,
-                          output_scores=True)
-  _config_grads_match_scan(f"delta-output-scores-{segments}", cfg, b=2,
-                           t=45, n=4, kh=2, f=24, vd=40, segments=segments)
+@pytest.mark.parametrize("segments,separate,states", [
+    (False, True, True), (True, True, True), (True, False, True),
+    (True, False, False), (False, True, False)])
+def test_delta_pallas_output_scores(segments, separate, states):
+  """output_scores: the output kernel or the fused forward sweep, and the
+  backward's reverse sweep, form the scores themselves (the UT kernel
+  does not store them), in both sweep layouts, with and without the
+  forward's stored states; gates, optional resets, GQA, an initial state,
+  three chunks and a ragged tail. Forward and every gradient against the
+  scan."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=separate,
+                          forward_states=states, output_scores=True)
+  _config_grads_match_scan(
+      f"delta-output-scores-{segments}-{separate}-{states}", cfg, b=2, t=45,
+      n=4, kh=2, f=24, vd=40, segments=segments)
 
 
 def test_delta_config_environment_override(monkeypatch):
@@ -495,6 +502,9 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "prefetch": dict(prefetch_weights=True),
                 "output_scores": dict(separate_output=True,
                                       output_scores=True),
+                "output_scores_fused": dict(separate_output=False,
+                                            forward_states=False,
+                                            output_scores=True),
                 "prefetch_neither": dict(prefetch_weights=True,
                                          forward_states=False,
                                          separate_output=False)}

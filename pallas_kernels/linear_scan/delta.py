@@ -141,16 +141,16 @@ class DeltaConfig:
       GPU), so each sequential step waits on memory for them; the
       ungated rule, whose three weight arrays XLA folds into one buffer,
       ran 0.66 ms faster at T = 32k (run40). Opt-in, not yet timed.
-    output_scores: with ``separate_output``, in the forward without
-      gradient, the chunk-parallel output kernel forms the chunk's scores
-      (q k^T with the causal decays and resets) itself, as fla's output
-      kernel does, instead of the UT kernel forming and storing them: the
-      UT kernel, about two thirds of the forward at T = 4k and the
-      largest part at every T, then skips a third of its matmuls, its q
-      reads and the [B, T, N, C] score writes; the output kernel reads k
-      instead of the scores. Under differentiation the backward needs the
-      stored scores, so the UT kernel still forms them there. Opt-in, not
-      yet timed.
+    output_scores: the kernels that use the chunk scores scale (q k^T o
+      D) (D the causal decays, zero across resets) form them from the q
+      and k tiles they already read, as fla's output kernel does: the
+      output kernel (``separate_output``) or the fused forward sweep, and
+      the backward's reverse sweep. The UT kernel, the largest part of the
+      forward at every T (about 1.3 ms of 1.95 at T = 4k on an H200), then
+      skips a third of its matmuls, its q reads and the [B, T, N, C] score
+      writes, and the scores are no residual. The sweeps do one more
+      [C, F] x [F, C] matmul a chunk (off the chain carried from chunk to
+      chunk) per value block. Opt-in, not yet timed.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -231,6 +231,21 @@ def _params(s: _S, warps: int, stages: int):
 
 # ----------------------------------------------------------------------------
 # UT transform.
+
+
+def _scores(s: _S, q, k, g, rc):
+  """A chunk's scaled scores scale (q k^T o D), float32 [C, C]: D the
+  causal decays exp(g_i - g_j) for j <= i (g the chunk-local cumulative
+  log gates [C]), zero across resets (rc the reset counts [C], or None);
+  what the UT kernel stores without ``output_scores``."""
+  _, _, _dot_nt = _dots(s)
+  rows = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 1)
+  mask = cols <= rows
+  if rc is not None:
+    mask = jnp.logical_and(mask, rc[:, None] == rc[None, :])
+  d = jnp.exp(jnp.where(mask, g[:, None] - g[None, :], -jnp.inf))
+  return (_dot_nt(q, k) * d) * s.scale
 
 
 def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
@@ -378,6 +393,7 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   it = iter(refs)
   q_ref, k_ref, a_ref, w_ref, u_ref, wq_ref, wk_ref, dec_ref = (
       next(it) for _ in range(8))
+  gc_ref, rc_ref = _score_refs(s, it)
   s0_ref = next(it) if s.has_s0 else None
   if out:
     o_ref = next(it)
@@ -390,13 +406,14 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   shape = (w_ref.shape[-1], u_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
-  def weights(i):  # chunk i's (wq * scale, wk, decay)
+  def weights(i):  # chunk i's (wq * scale, wk, decay, score weights)
     rows = _chunk_rows(i * c, c)
     wq = wq_ref[rows] * s.scale if out else None
-    return wq, wk_ref[rows], _last(dec_ref[rows])
+    sw = _score_weights(s, gc_ref, rc_ref, rows) if out else None
+    return wq, wk_ref[rows], _last(dec_ref[rows]), sw
 
   def step(i, state, wts):
-    wq, wk, dec = wts
+    wq, wk, dec, sw = wts
     rows = pl.ds(pl.multiple_of(i * c, c), c)
     sb = state.astype(dt)
     vn = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], sb)
@@ -405,8 +422,12 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
       h_ref[i] = sb
       vn_ref[rows, :] = vb
     if out:
-      o = (_dot(q_ref[rows, :], sb) * wq[:, None]
-           + _dot(a_ref[rows, :], vb))
+      q = q_ref[rows, :]
+      if s.out_scores:
+        a = _scores(s, q, k_ref[rows, :], *sw).astype(dt)
+      else:
+        a = a_ref[rows, :]
+      o = _dot(q, sb) * wq[:, None] + _dot(a, vb)
       o_ref[rows, :] = o.astype(o_ref.dtype)
     vw = (vn * wk[:, None]).astype(dt)
     return state * dec + _dot_tn(k_ref[rows, :], vw)
@@ -416,25 +437,34 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
     st_ref[...] = last
 
 
-def _bwd_kernel(q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref, do_ref,
-                dfin_ref, gv_ref, lam_ref, ds0_ref, *, s: _S):
+def _bwd_kernel(*refs, s: _S):
   """Reverse sweep: Gv and Lam per chunk (see the module docstring)."""
   _dot, _dot_tn, _ = _dots(s)
+  it = iter(refs)
+  q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref = (
+      next(it) for _ in range(7))
+  gc_ref, rc_ref = _score_refs(s, it)
+  do_ref, dfin_ref, gv_ref, lam_ref, ds0_ref = (next(it) for _ in range(5))
   c = s.chunk
   dt = w_ref.dtype
 
-  def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay)
+  def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay, scores')
     rows = _chunk_rows((s.nc - 1 - i) * c, c)
-    return wq_ref[rows] * s.scale, wk_ref[rows], _last(dec_ref[rows])
+    return (wq_ref[rows] * s.scale, wk_ref[rows], _last(dec_ref[rows]),
+            _score_weights(s, gc_ref, rc_ref, rows))
 
   def step(i, lam, wts):
-    wq, wk, dec = wts
+    wq, wk, dec, sw = wts
     ci = s.nc - 1 - i
     rows = pl.ds(pl.multiple_of(ci * c, c), c)
     do = do_ref[rows, :]
     lb = lam.astype(dt)
     lam_ref[ci] = lb
-    gv = (_dot_tn(a_ref[rows, :], do)
+    if s.out_scores:
+      a = _scores(s, q_ref[rows, :], k_ref[rows, :], *sw).astype(dt)
+    else:
+      a = a_ref[rows, :]
+    gv = (_dot_tn(a, do)
           + _dot(k_ref[rows, :], lb) * wk[:, None])
     gb = gv.astype(dt)
     gv_ref[rows, :] = gb
@@ -451,16 +481,49 @@ def _seq(tp, d, head, col):
                       lambda j, n, b: (b, 0, head(n), col(j)))
 
 
-def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S):
+def _sweep_stages(s: _S, stages: int) -> int:
+  """Pipeline stages of a sweep: at most 2 with ``output_scores``, whose
+  q k^T operands took the forward sweep at 3 stages (T = 4k, B = 16,
+  F = V = 128, bf16) to 247,296 bytes of shared memory against the
+  H100's 232,448 (compiled without a GPU)."""
+  return min(stages, 2) if s.out_scores else stages
+
+
+def _score_refs(s: _S, it):
+  """(gc_ref, rc_ref) of a sweep: the log-gate sums and reset counts it
+  forms the scores from (``output_scores``), else None."""
+  gc_ref = next(it) if s.out_scores else None
+  rc_ref = next(it) if s.out_scores and s.has_seg else None
+  return gc_ref, rc_ref
+
+
+def _score_weights(s: _S, gc_ref, rc_ref, rows):
+  """A chunk's (g, rc) for ``_scores`` (None without output_scores)."""
+  if not s.out_scores:
+    return None
+  return gc_ref[rows], (rc_ref[rows] if rc_ref is not None else None)
+
+
+def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S, gc=None, rc=None):
+  """The sweeps' common inputs: q, k, the scores, w, the per-token
+  weights, and with ``output_scores`` the log-gate sums and reset counts
+  the scores are formed from (``a`` is then None)."""
   tp, f, c = q.shape[1], q.shape[-1], s.chunk
   same, kv, zero = (lambda n: n), (lambda n: n // s.rep), (lambda j: 0)
   tok = pl.BlockSpec((None, None, tp), lambda j, n, b: (b, n, 0))
   a_spec = _seq(tp, c, same, zero)
-  if a is None:  # a sweep that forms no outputs never reads the scores:
+  if a is None:  # the scores are formed (output_scores) or not used:
     a, a_spec = q, _seq(tp, f, same, zero)  # any operand holds the place
   specs = [_seq(tp, f, same, zero), _seq(tp, f, kv, zero), a_spec,
            _seq(tp, f, same, zero), tok, tok, tok]
-  return specs, [q, k, a, w, wq, wk, dec]
+  args = [q, k, a, w, wq, wk, dec]
+  if s.out_scores:
+    specs.append(tok)
+    args.append(gc)
+    if s.has_seg:
+      specs.append(pl.BlockSpec((None, tp), lambda j, n, b: (b, 0)))
+      args.append(rc)
+  return specs, args
 
 
 def _state_spec(f, bv):
@@ -473,7 +536,8 @@ def _chunk_states_spec(nc, f, bv):
 
 
 def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
-              out: bool | None = None, final: bool = False):
+              out: bool | None = None, final: bool = False, gc=None,
+              rc=None):
   """(out, final state) without ``store``; (h, vn) with it; (out, final
   state, h, vn) with both ``store`` and ``out``; (final state, h, vn) with
   ``store`` and ``final``."""
@@ -481,7 +545,7 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
   b, tp, n, f = q.shape
   vp = u.shape[-1]
   bv = min(s.bv, vp)
-  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s)
+  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s, gc, rc)
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
   specs = specs[:4] + [col] + specs[4:]
   args = args[:4] + [u] + args[4:]
@@ -506,7 +570,7 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
       in_specs=specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_params(s, s.warps, s.stages),
+      compiler_params=_params(s, s.warps, _sweep_stages(s, s.stages)),
       interpret=s.interpret,
       name="delta_rule_fwd" + ("_states" if store else "")
       + ("_out" if store and out else "") + ("_final" if final else ""),
@@ -518,7 +582,7 @@ def _out_kernel(*refs, s: _S, scores: bool):
   (q S) * wq * scale + A v_new, A the stored scaled scores or, with
   ``scores``, formed here: scale (q k^T o D), D the causal decays (zero
   across resets), as the UT kernel forms them."""
-  _dot, _, _dot_nt = _dots(s)
+  _dot, _, _ = _dots(s)
   it = iter(refs)
   q_ref = next(it)
   if scores:
@@ -529,15 +593,8 @@ def _out_kernel(*refs, s: _S, scores: bool):
   wq_ref, h_ref, vn_ref, o_ref = next(it), next(it), next(it), next(it)
   q, vn = q_ref[...], vn_ref[...]
   if scores:
-    rows = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 1)
-    mask = cols <= rows
-    if s.has_seg:
-      rc = rc_ref[...]
-      mask = jnp.logical_and(mask, rc[:, None] == rc[None, :])
-    g = gc_ref[...]
-    d = jnp.exp(jnp.where(mask, g[:, None] - g[None, :], -jnp.inf))
-    a = ((_dot_nt(q, k_ref[...]) * d) * s.scale).astype(vn.dtype)
+    a = _scores(s, q, k_ref[...], gc_ref[...],
+                rc_ref[...] if s.has_seg else None).astype(vn.dtype)
   else:
     a = a_ref[...]
   o = (_dot(q, h_ref[...]) * (wq_ref[...] * s.scale)[:, None]
@@ -575,26 +632,26 @@ def _out_call(q, a, wq, h, vn, s: _S, k=None, gc=None, rc=None):
 def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool,
              gc=None, rc=None):
   """(out, final state, h, vn): h and vn only where ``residuals`` or
-  ``separate_output`` form them (else None). ``a`` None (only with
-  ``separate_output``): the output kernel forms the scores from q, k,
-  ``gc`` and ``rc``."""
+  ``separate_output`` form them (else None). ``a`` None
+  (``output_scores``): the output kernel or the sweep forms the scores
+  from q, k, ``gc`` and ``rc``."""
+  sc = dict(gc=gc, rc=rc)
   if s.sep_out:
     final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
-                             out=False, final=True)
-    return (_out_call(q, a, wq, h, vn, s, k=k, gc=gc, rc=rc), final, h,
-            vn)
+                             out=False, final=True, **sc)
+    return (_out_call(q, a, wq, h, vn, s, k=k, **sc), final, h, vn)
   if residuals:
     return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
-                           out=True))
-  return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False)) + (
-      None, None)
+                           out=True, **sc))
+  return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, False,
+                         **sc)) + (None, None)
 
 
-def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
+def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None):
   b, tp, n, f = q.shape
   vp = do.shape[-1]
   bv = min(s.bvb, vp)
-  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s)
+  specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s, gc, rc)
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
   specs += [col, _state_spec(f, bv)]
   args += [do, dfin]
@@ -606,7 +663,8 @@ def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S):
       out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype),
                  jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
                  jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
-      compiler_params=_params(s, s.warps_bwd, s.stages_bwd),
+      compiler_params=_params(s, s.warps_bwd,
+                              _sweep_stages(s, s.stages_bwd)),
       interpret=s.interpret,
       name="delta_rule_bwd",
   )(*args)
@@ -948,18 +1006,17 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
-  # output_scores: the output kernel forms the scores (only the backward
-  # needs them stored, so _core_fwd keeps the UT kernel's).
-  scores = not (s.sep_out and s.out_scores)
-  w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s, scores=scores)
+  # output_scores: the kernels that use the scores form them (a is None).
+  w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s, scores=not s.out_scores)
   return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False, gc=gc,
                   rc=rc)[:2]
 
 
 def _core_fwd(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
-  w, u, a, t = _ut_call(q, k, v, beta, gc, wq, rc, s, store_t=True)
+  w, u, a, t = _ut_call(q, k, v, beta, gc, wq, rc, s, store_t=True,
+                        scores=not s.out_scores)
   o, final, h, vn = _forward(q, k, a, w, u, wq, wk, dec, s0, s,
-                             s.fwd_states)
+                             s.fwd_states, gc=gc, rc=rc)
   if not s.fwd_states:  # the backward recomputes them
     h = vn = None
   return (o, final), (q, k, v, beta, gc, wq, wk, dec, s0, rc, w,
@@ -972,11 +1029,12 @@ def _core_bwd(s: _S, res, cts):
   b, tp, n, f = q.shape
   kh, vp = k.shape[2], v.shape[-1]
   dt = w.dtype
+  sc = dict(gc=gc, rc=rc)  # output_scores: the reverse sweep forms them
   if h is None:
-    h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True)
+    h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True, **sc)
   do = do.astype(dt)
   gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
-                           s)
+                           s, **sc)
   dq, dk, dv, dbeta, dgc, dwq, dwk, ddec = _grad_call(
       q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s)
   if s.rep > 1:  # per query head -> per key/value head

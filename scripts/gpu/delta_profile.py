@@ -276,12 +276,13 @@ def _prefetch(t, b, q, k, v, beta, g):
 
 
 def _output_scores(t, b, q, k, v, beta, g):
-  """DeltaConfig(output_scores=True) beside separate_output without it
-  (the forward without gradient): the UT kernel with and without the
-  scores, the output kernel reading or forming them, the core forward
-  (and with prefetch_weights too), gated."""
+  """DeltaConfig(output_scores=True) beside the default layout at this T:
+  the UT kernel with and without the scores; with separate_output the
+  output kernel reading or forming them; then the core forward and
+  forward+backward without and with it (and with prefetch_weights too),
+  gated."""
   r = dataclasses.replace
-  d = kdelta.DeltaConfig(separate_output=True)
+  d = kdelta.DeltaConfig()
   bp, gc, wq, wk, dec = _kernel_inputs(beta, g, d.chunk)
   st = _static(t, b, d)
   try:
@@ -290,26 +291,40 @@ def _output_scores(t, b, q, k, v, beta, g):
           *x, None, st, scores=sc))
       pc.line(f"UT kernel {'with' if scores else 'without'} scores", b, t,
               pc.time(ut, q, k, v, bp, gc, wq))
-    w, u, a = jax.jit(lambda *x: kdelta._ut_call(*x, None, st))(
-        q, k, v, bp, gc, wq)
-    _, h, vn = jax.jit(lambda *x: kdelta._fwd_call(
-        *x, None, st, True, out=False, final=True))(
-            q, k, a, w, u, wq, wk, dec)
-    outk = jax.jit(lambda *x: kdelta._out_call(*x, st))
-    pc.line("output kernel, stored scores", b, t,
-            pc.time(outk, q, a, wq, h, vn))
-    outs = jax.jit(lambda q, wq, h, vn, k, gc: kdelta._out_call(
-        q, None, wq, h, vn, st, k=k, gc=gc))
-    pc.line("output kernel, forming scores", b, t,
-            pc.time(outs, q, wq, h, vn, k, gc))
-    del w, u, a, h, vn
+    if st.sep_out:
+      w, u, a = jax.jit(lambda *x: kdelta._ut_call(*x, None, st))(
+          q, k, v, bp, gc, wq)
+      _, h, vn = jax.jit(lambda *x: kdelta._fwd_call(
+          *x, None, st, True, out=False, final=True))(
+              q, k, a, w, u, wq, wk, dec)
+      outk = jax.jit(lambda *x: kdelta._out_call(*x, st))
+      pc.line("output kernel, stored scores", b, t,
+              pc.time(outk, q, a, wq, h, vn))
+      outs = jax.jit(lambda q, wq, h, vn, k, gc: kdelta._out_call(
+          q, None, wq, h, vn, st, k=k, gc=gc))
+      pc.line("output kernel, forming scores", b, t,
+              pc.time(outs, q, wq, h, vn, k, gc))
+      del w, u, a, h, vn
   except Exception as e:  # noqa: BLE001
     print(f"  kernels FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
-  for tag, cfg in (("separate_output", d),
-                   ("output_scores", r(d, output_scores=True)),
-                   ("output_scores prefetch",
+  layout = "separate_output" if st.sep_out else "fused sweep"
+  for tag, cfg in ((layout, d),
+                   (f"{layout} output_scores", r(d, output_scores=True)),
+                   (f"{layout} output_scores prefetch",
                     r(d, output_scores=True, prefetch_weights=True))):
     _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
+    _core_fwdbwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
+
+
+def _core_fwdbwd_line(t, b, tag, cfg, *args):
+  """One line: the core's forward+backward with ``cfg``."""
+  st = _static(t, b, cfg)
+  core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
+  try:
+    pc.line(f"core fwd+bwd {tag} {pc.clocks()}", b, t,
+            pc.time(_grad_of(core, tuple(range(8))), *args))
+  except Exception as e:  # noqa: BLE001
+    print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
 
 
 def _grad_sweep(t, b, q, k, v, beta, g):

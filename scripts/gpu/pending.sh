@@ -19,11 +19,11 @@
 #        (ATTNJAX_DELTA_CONFIG; the report's info line records it). Take
 #        it when the session has room for one call only; the per-option
 #        timings (oscores, pftimes) say which of the two made the gain.
-# oscores  the delta rule's DeltaConfig(output_scores=True) (the output
-#        kernel forms the scores; the UT kernel's spills 764/832 ->
-#        264/264 B in an H100 compile) beside separate_output at 16k and
-#        32k, then its GPU tests. If it wins, default on with
-#        separate_output.
+# oscores  the delta rule's DeltaConfig(output_scores=True) (the kernels
+#        that use the scores form them; the UT kernel's spills 696/760 ->
+#        292/292 B in an H100 compile) beside the default at 4k (fused
+#        sweep) and 32k (separate_output), forward and forward+backward,
+#        then its GPU tests.
 # prefetch  the delta rule's sweeps with prefetch_weights (next chunk's
 #        weights carried through the loop) against the default: timings
 #        at 32k and 4k (gated, zero gates in three buffers and in one),
@@ -68,7 +68,8 @@ case "${1:-}" in
   deltacand)
     bash $S \
       "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and (output_scores or prefetch-bf)'" \
+         'gpu_delta_kernel_configs and (output_scores-bf or \
+         output_scores_fused-bf or prefetch-bf)'" \
       "ATTNJAX_DELTA_CONFIG='{\"output_scores\": true, \
          \"prefetch_weights\": true}' timeout 300 python3 -m \
          attnjax.bench.linear --variants delta,gated_delta --impls pallas \
@@ -76,11 +77,11 @@ case "${1:-}" in
     ;;
   oscores)
     bash $S \
-      "cd scripts/gpu && timeout 150 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=16384 --output-scores" \
-      "cd scripts/gpu && timeout 130 python3 delta_profile.py --no-checks \
+      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --output-scores" \
+      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768 --output-scores" \
-      "timeout 200 $PYTEST tests/test_linear_delta_pallas.py -k \
+      "timeout 240 $PYTEST tests/test_linear_delta_pallas.py -k \
          'gpu_delta_kernel_configs and output_scores'"
     ;;
   pftests)

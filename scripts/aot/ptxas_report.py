@@ -19,6 +19,17 @@ downloads jax-cuda13-plugin / jax-cuda13-pjrt 0.11.2 and nvidia-cuda-nvcc
   python scripts/aot/ptxas_report.py --plugin /tmp/cudaplug/site \\
       --case gla --config '{"chunk": 64}'
 
+``--loads`` also dumps each Triton kernel's IR (``--xla_dump_to``) and
+lists, per loop of its final TTGIR (before the lowering to LLVM), the
+loads that Triton's pipeliner left synchronous (``tt.load``, with their
+tensor types) beside the count it turned into asynchronous copies: a
+small per-chunk vector loaded synchronously inside a sequential loop
+waits on memory every step (the delta sweeps' weights, run40; see
+``DeltaConfig.prefetch_weights``; with it the same loads are listed,
+still synchronous, but their values are used only one step later). The
+dump makes the compile several times slower (T = 32k delta: 113 s
+against 20).
+
 Cases (bf16, N = 16, H = Hv = 128, the benchmark's shapes, forward and
 backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 (per-channel gates, ``ChannelConfig``), ``scalar`` (scalar gates,
@@ -155,6 +166,51 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
   print(f"COMPILE_SECONDS {time.time() - t0:.1f}", flush=True)
 
 
+def loop_loads(text):
+  """[(loop number, [sync load tensor types], async copies)] of one
+  kernel's TTGIR text (generic MLIR form): a loop's body runs from its
+  ``"scf.for"`` line until the region nesting (``({`` opens a region,
+  ``})`` closes one) is back at that line's depth. Loads in a nested
+  loop count for the outer one too."""
+  out, active, depth = [], [], 0
+  for line in text.splitlines():
+    if '"scf.for"' in line:
+      active.append((len(out), depth))
+      out.append([len(out), [], 0])
+    for entry, _ in active:
+      if '"tt.load"' in line:
+        m = re.search(r"-> (tensor<.*>) \"", line) or re.search(
+            r"-> (tensor<[^\n]*)$", line)
+        out[entry][1].append(m.group(1) if m else "?")
+      elif "async_copy_global_to_local" in line:
+        out[entry][2] += 1
+    depth += line.count("({") - line.count("})")
+    while active and depth <= active[-1][1]:
+      active.pop()
+  return [tuple(e) for e in out]
+
+
+def report_loads(folder):
+  """Prints ``loop_loads`` for every Triton kernel dumped in ``folder``
+  (``<module>.<kernel>.triton-to-llvm.txt``), from its IR just before
+  SCFToControlFlowPass: the final TTGIR, loops still structured."""
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".triton-to-llvm.txt"):
+      continue
+    with open(os.path.join(folder, name)) as fh:
+      text = fh.read()
+    dumps = re.split(r"^// -----// IR Dump ", text, flags=re.M)
+    final = next((d for d in dumps if d.startswith(
+        "Before SCFToControlFlowPass")), "")
+    kernel = name.split(".")[1] if name.count(".") >= 3 else name
+    loops = loop_loads(final)
+    if not loops:
+      print(f"  {kernel}: no loops")
+    for i, sync, n_async in loops:
+      print(f"  {kernel} loop {i}: {n_async} async copies, "
+            f"{len(sync)} synchronous loads {sorted(set(sync))}")
+
+
 def parse_mosaic(folder):
   """The same table from Mosaic GPU's dumped ptxas logs, one entry per
   kernel in compile order (every kernel's entry is called the same)."""
@@ -202,6 +258,9 @@ def main():
   ap.add_argument("--causal", action="store_true", help="mosaic: causal")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--timeout", type=int, default=600)
+  ap.add_argument("--loads", action="store_true",
+                  help="also list the loads each kernel's loops leave "
+                  "synchronous (from the Triton IR dump)")
   a = ap.parse_args()
   if a.fetch:
     fetch(a.fetch)
@@ -220,6 +279,9 @@ def main():
       XLA_FLAGS=("--xla_gpu_ptx_compiler_extra_flags=-v "
                  "--xla_gpu_enable_libnvptxcompiler=false"))
   import tempfile  # noqa: PLC0415
+  ir_dump = tempfile.mkdtemp(prefix="triton-ir-")
+  if a.loads:
+    env["XLA_FLAGS"] += f" --xla_dump_to={ir_dump} --xla_dump_emitter_re=.*"
   dump = tempfile.mkdtemp(prefix="mosaic-ptxas-")
   env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
   if a.b is None:
@@ -248,6 +310,8 @@ def main():
       flag = "  SPILLS" if st or ld else ""
       print(f"  {name:36s} {regs:4d} regs  stack {stack:5d}  spill "
             f"st/ld {st:5d}/{ld:5d}{flag}")
+  if a.loads:
+    report_loads(ir_dump)
 
 
 if __name__ == "__main__":

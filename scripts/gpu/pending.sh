@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# What was prepared without a GPU (2026-12-04 night .. 2026-12-05) and not
-# yet run, as four calls of under 10 minutes on one H200 (nvidia-h200),
-# in order of what they unblock. Each call goes through session.sh (wheels,
+# What was prepared without a GPU and not yet run (as of 2026-12-05, after
+# run41), as calls of under 10 minutes on one GPU, most decisive first:
+# deltacand, oscores, pftimes, pftests, mosaic, call4, call1, call2, call3
+# (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
+# with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
 # time limit so that a slow one cannot take the others' logs with it.
 # SESSION=other.sh replaces session.sh (e.g. one that echoes the steps).

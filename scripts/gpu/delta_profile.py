@@ -220,13 +220,15 @@ def _forward_states(t, b, q, k, v, beta, g):
     _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
 
 
-def _core_fwd_line(t, b, tag, cfg, *args):
-  """One line: the core's forward (no gradient) with ``cfg``."""
+def _core_fwd_line(t, b, tag, cfg, *args, grad: bool = False):
+  """One line: the core's forward (no gradient), or with ``grad`` its
+  forward+backward, with ``cfg``."""
   st = _static(t, b, cfg)
   core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
+  fn = _grad_of(core, tuple(range(8))) if grad else jax.jit(core)
   try:
-    pc.line(f"core fwd {tag} {pc.clocks()}", b, t,
-            pc.time(jax.jit(core), *args))
+    pc.line(f"core fwd{'+bwd' if grad else ''} {tag} {pc.clocks()}", b, t,
+            pc.time(fn, *args))
   except Exception as e:  # noqa: BLE001
     print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
 
@@ -313,18 +315,7 @@ def _output_scores(t, b, q, k, v, beta, g):
                    (f"{layout} output_scores prefetch",
                     r(d, output_scores=True, prefetch_weights=True))):
     _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
-    _core_fwdbwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec)
-
-
-def _core_fwdbwd_line(t, b, tag, cfg, *args):
-  """One line: the core's forward+backward with ``cfg``."""
-  st = _static(t, b, cfg)
-  core = lambda *a: kdelta._core(*a, None, None, st)  # noqa: E731
-  try:
-    pc.line(f"core fwd+bwd {tag} {pc.clocks()}", b, t,
-            pc.time(_grad_of(core, tuple(range(8))), *args))
-  except Exception as e:  # noqa: BLE001
-    print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+    _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec, grad=True)
 
 
 def _grad_sweep(t, b, q, k, v, beta, g):

@@ -233,18 +233,23 @@ def _params(s: _S, warps: int, stages: int):
 # UT transform.
 
 
-def _scores(s: _S, q, k, g, rc):
-  """A chunk's scaled scores scale (q k^T o D), float32 [C, C]: D the
-  causal decays exp(g_i - g_j) for j <= i (g the chunk-local cumulative
-  log gates [C]), zero across resets (rc the reset counts [C], or None);
-  what the UT kernel stores without ``output_scores``."""
+def _scores(s: _S, q, k, g, rc, gk=None, rck=None, row0: int = 0):
+  """Scaled scores scale (q k^T o D) of a chunk, float32 [R, C], for the
+  R query rows from chunk row ``row0`` (q [R, F]) against the chunk's C
+  keys (k [C, F]): D the causal decays exp(g_i - g_j) for j <= i (g, gk
+  the chunk-local cumulative log gates of the rows and of the keys; gk
+  defaults to g, for R = C), zero across resets (rc, rck the rows' and
+  keys' reset counts, or None)."""
   _, _, _dot_nt = _dots(s)
-  rows = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (s.chunk, s.chunk), 1)
+  gk = g if gk is None else gk
+  rck = rc if rck is None else rck
+  shape = (q.shape[0], k.shape[0])
+  rows = lax.broadcasted_iota(jnp.int32, shape, 0) + row0
+  cols = lax.broadcasted_iota(jnp.int32, shape, 1)
   mask = cols <= rows
   if rc is not None:
-    mask = jnp.logical_and(mask, rc[:, None] == rc[None, :])
-  d = jnp.exp(jnp.where(mask, g[:, None] - g[None, :], -jnp.inf))
+    mask = jnp.logical_and(mask, rc[:, None] == rck[None, :])
+  d = jnp.exp(jnp.where(mask, g[:, None] - gk[None, :], -jnp.inf))
   return (_dot_nt(q, k) * d) * s.scale
 
 
@@ -305,21 +310,16 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
     w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
     u_ref[blk(i), :] = u.astype(u_ref.dtype)
     w_ref[blk(i), :] = w.astype(w_ref.dtype)
-  if not scores:  # the output kernel forms them (output_scores)
+  if not scores:  # the kernels that use them form them (output_scores)
     return
-  # The chunk's scores for the sweep, scale (q k^T o D) with D the causal
-  # decays, by blocks of 16 rows (a whole [C, C] tile spills registers).
+  # The chunk's scores for the sweep, by blocks of 16 rows (a whole [C, C]
+  # tile spills registers).
   k_all, g_all = k_ref[...], gc_ref[...]
   rc_all = rc_ref[...] if s.has_seg else None
-  cols_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 1)
-  rows_c = lax.broadcasted_iota(jnp.int32, (_SUB, s.chunk), 0)
   for i in range(nb):
-    mask = cols_c <= rows_c + i * _SUB
-    if s.has_seg:
-      mask = jnp.logical_and(mask, rc[i][:, None] == rc_all[None, :])
-    d = jnp.exp(jnp.where(mask, g[i][:, None] - g_all[None, :], -jnp.inf))
-    a = _dot_nt(q_ref[blk(i), :], k_all) * d
-    a_ref[blk(i), :] = (a * s.scale).astype(a_ref.dtype)
+    a = _scores(s, q_ref[blk(i), :], k_all, g[i],
+                rc[i] if s.has_seg else None, g_all, rc_all, i * _SUB)
+    a_ref[blk(i), :] = a.astype(a_ref.dtype)
 
 
 def _chunk_specs(s: _S):
@@ -414,7 +414,7 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
 
   def step(i, state, wts):
     wq, wk, dec, sw = wts
-    rows = pl.ds(pl.multiple_of(i * c, c), c)
+    rows = _chunk_rows(i * c, c)
     sb = state.astype(dt)
     vn = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], sb)
     vb = vn.astype(dt)
@@ -456,7 +456,7 @@ def _bwd_kernel(*refs, s: _S):
   def step(i, lam, wts):
     wq, wk, dec, sw = wts
     ci = s.nc - 1 - i
-    rows = pl.ds(pl.multiple_of(ci * c, c), c)
+    rows = _chunk_rows(ci * c, c)
     do = do_ref[rows, :]
     lb = lam.astype(dt)
     lam_ref[ci] = lb

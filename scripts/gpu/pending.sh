@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run41), as calls of under 10 minutes on one GPU, most decisive first:
-# deltacand, oscores, pftimes, pftests, mosaic, call4, call1, call2, call3
+# recheck, deltacand, oscores, pftimes, pftests, mosaic, call4, call1, call2, call3
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -55,6 +55,16 @@ cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
+  recheck)
+    # The default delta / scalar-gate / GLA kernels after the sweep-loop
+    # restructuring (7a0a820 onward; not GPU-tested since run41).
+    bash $S \
+      "timeout 280 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and default'" \
+      "timeout 150 $PYTEST tests/test_linear_pallas.py -k h128" \
+      "timeout 150 $PYTEST tests/test_linear_channel.py -k \
+         'gpu_channel_direct and (parallel32 or split32)'"
+    ;;
   pftimes)
     B="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
        --impls pallas --no-fla --no-softmax --seqs 16384"
@@ -158,7 +168,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -140,17 +140,26 @@ class DeltaConfig:
       the loop (the compiled TTGIR of ``delta_rule_fwd``, read without a
       GPU), so each sequential step waits on memory for them; the
       ungated rule, whose three weight arrays XLA folds into one buffer,
-      ran 0.66 ms faster at T = 32k (run40). Opt-in, not yet timed.
+      ran 0.66 ms faster at T = 32k (run40). Off by default: on an H100
+      (run42, gated, T = 32k, B = 2) it changed nothing measurable (the
+      forward 2.976 ms against 2.988, forward+backward 9.70 against 9.62).
     output_scores: the kernels that use the chunk scores scale (q k^T o
       D) (D the causal decays, zero across resets) form them from the q
       and k tiles they already read, as fla's output kernel does: the
       output kernel (``separate_output``) or the fused forward sweep, and
       the backward's reverse sweep. The UT kernel, the largest part of the
-      forward at every T (about 1.3 ms of 1.95 at T = 4k on an H200), then
-      skips a third of its matmuls, its q reads and the [B, T, N, C] score
-      writes, and the scores are no residual. The sweeps do one more
-      [C, F] x [F, C] matmul a chunk (off the chain carried from chunk to
-      chunk) per value block. Opt-in, not yet timed.
+      forward at every T (1.45 ms of 2.18 at T = 4k, B = 16 on an H100),
+      then skips a third of its matmuls, its q reads and the [B, T, N, C]
+      score writes (0.89 ms instead of 1.45), and the scores are no
+      residual. The sweeps do one more [C, F] x [F, C] matmul a chunk (off
+      the chain carried from chunk to chunk) per value block. True: in
+      every pass; False: in none; None (the default): in the forward
+      without differentiation only. Measured on an H100 (run42, gated,
+      B T = 64k): the forward took 1.89 ms against 2.18 at T = 4k and 2.67
+      against 2.99 at 32k, but forward+backward 7.92 against 7.86 at 4k
+      (the reverse sweep's extra matmuls outweigh the UT kernel's saving),
+      so under differentiation the UT kernel stores the scores for the
+      backward by default.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -171,7 +180,7 @@ class DeltaConfig:
   forward_states: bool = True
   separate_output: bool | None = None
   prefetch_weights: bool = False
-  output_scores: bool = False
+  output_scores: bool | None = None
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -220,7 +229,8 @@ class _S:
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
   prefetch: bool = False  # prefetch_weights
-  out_scores: bool = False  # output_scores
+  out_scores: bool = False  # output_scores, under differentiation
+  out_scores_fwd: bool = False  # output_scores, forward alone
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -482,10 +492,13 @@ def _seq(tp, d, head, col):
 
 
 def _sweep_stages(s: _S, stages: int) -> int:
-  """Pipeline stages of a sweep: at most 2 with ``output_scores``, whose
-  q k^T operands took the forward sweep at 3 stages (T = 4k, B = 16,
-  F = V = 128, bf16) to 247,296 bytes of shared memory against the
-  H100's 232,448 (compiled without a GPU)."""
+  """Pipeline stages of a sweep: at most 2 where it forms the scores
+  (``output_scores``), whose q k^T operands took the forward sweep at 3
+  stages (T = 4k, B = 16, F = V = 128, bf16) to 247,296 bytes of shared
+  memory against the H100's 232,448 (compiled without a GPU). The
+  states-only sweeps keep their stages (``_fwd_call``): capped as well,
+  the forward at T = 64k, B = 1 (where that sequential sweep is most of
+  the time) took 3.35 ms against 2.99 (H100, run41 / run42)."""
   return min(stages, 2) if s.out_scores else stages
 
 
@@ -542,6 +555,8 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
   state, h, vn) with both ``store`` and ``out``; (final state, h, vn) with
   ``store`` and ``final``."""
   out = not store if out is None else out
+  if not out:  # a states-only sweep forms no scores: none of their inputs
+    s = dataclasses.replace(s, out_scores=False)  # nor their stage cap
   b, tp, n, f = q.shape
   vp = u.shape[-1]
   bv = min(s.bv, vp)
@@ -1006,7 +1021,9 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
 def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
-  # output_scores: the kernels that use the scores form them (a is None).
+  # The forward alone. output_scores (None or True): the kernels that use
+  # the scores form them (a is None).
+  s = dataclasses.replace(s, out_scores=s.out_scores_fwd)
   w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s, scores=not s.out_scores)
   return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False, gc=gc,
                   rc=rc)[:2]
@@ -1153,7 +1170,9 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
          sep_out=(_auto_separate_output(b * n, vp, sms)
                   if cfg.separate_output is None else cfg.separate_output),
-         prefetch=cfg.prefetch_weights, out_scores=cfg.output_scores,
+         prefetch=cfg.prefetch_weights,
+         out_scores=cfg.output_scores is True,
+         out_scores_fwd=cfg.output_scores is not False,
          has_s0=initial_state is not None, has_seg=resets is not None,
          interpret=bool(interpret),
          upcast=bool(interpret) and jax.default_backend() == "cpu",

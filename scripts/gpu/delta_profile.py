@@ -106,7 +106,9 @@ def _static(t, b, cfg):
                             if cfg.separate_output is None
                             else cfg.separate_output),
                    prefetch=cfg.prefetch_weights,
-                   out_scores=cfg.output_scores, has_s0=False,
+                   out_scores=cfg.output_scores is True,
+                   out_scores_fwd=cfg.output_scores is not False,
+                   has_s0=False,
                    has_seg=False, interpret=False, upcast=False, rep=1)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
-# run41), as calls of under 10 minutes on one GPU, most decisive first:
-# recheck, deltacand, oscores, pftimes, pftests, mosaic, call4, call1, call2, call3
+# run42), as calls of under 10 minutes on one GPU, most decisive first:
+# fwdrows, pftimes, pftests, mosaic, call4, call1, call2, call3
+# (recheck, deltacand and oscores ran in run42: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -16,6 +17,11 @@
 # GPU from the compiled TTGIR). If one call is all a session gets, take
 # "pftimes": the timing steps of all three (no tests); "pftests" then runs
 # their GPU tests, which must pass before any default changes.
+# fwdrows the delta rule's default forward (output_scores=None: the forward
+#        alone forms the scores) in float32 on the GPU (the bf16 output_scores
+#        tests passed in run42), then the forward rows beside fla at 16k-64k
+#        with the states-only sweep back at 3 stages (run42 measured them
+#        with it capped at 2; 4k was unaffected).
 # deltacand  one call for both delta options at once: their GPU tests,
 #        then the delta rows beside fla with both on as a candidate default
 #        (ATTNJAX_DELTA_CONFIG; the report's info line records it). Take
@@ -64,6 +70,15 @@ case "${1:-}" in
       "timeout 150 $PYTEST tests/test_linear_pallas.py -k h128" \
       "timeout 150 $PYTEST tests/test_linear_channel.py -k \
          'gpu_channel_direct and (parallel32 or split32)'"
+    ;;
+  fwdrows)
+    bash $S \
+      "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
+         '(gpu_delta_kernel_configs and default-float32) or \
+         gpu_delta_matches_scan'" \
+      "timeout 240 python3 -m attnjax.bench.linear --variants \
+         delta,gated_delta --impls pallas --no-softmax --modes fwd \
+         --seqs 16384,32768,65536"
     ;;
   pftimes)
     B="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
@@ -168,7 +183,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh fwdrows|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -361,7 +361,8 @@ def _grad_sweep(t, b, q, k, v, beta, g):
 
 
 def _ut_sweep(t, b, q, k, v, beta, g):
-  """The UT kernel alone (gated) at several warp counts and inverses."""
+  """The UT kernel alone (gated) at several warp counts and inverses,
+  with and without the scores (run24/26 timed it with them only)."""
   r = dataclasses.replace
   d = kdelta.DeltaConfig()
   bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
@@ -372,11 +373,15 @@ def _ut_sweep(t, b, q, k, v, beta, g):
     st = _static(t, b, cfg)
     tag = (f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
            f"{' ieee' if st.ieee_inverse else ''}")
-    for store_t in (False, True):
-      ut = jax.jit(lambda *a, st=st, store_t=store_t: kdelta._ut_call(
-          *a, None, st, store_t=store_t))
+    # (store T, form scores): the forward alone without the scores (the
+    # output_scores=None default), with them, and under differentiation.
+    for store_t, scores in ((False, False), (False, True), (True, True)):
+      ut = jax.jit(lambda *a, st=st, store_t=store_t, scores=scores:
+                   kdelta._ut_call(*a, None, st, store_t=store_t,
+                                   scores=scores))
       try:
-        pc.line(f"UT kernel {tag}{' (+T)' if store_t else ''}", b, t,
+        pc.line(f"UT kernel {tag}{' (+T)' if store_t else ''}"
+                f"{' (+scores)' if scores else ''}", b, t,
                 pc.time(ut, q, k, v, bp, gc, wq))
       except Exception as e:  # noqa: BLE001
         print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}",

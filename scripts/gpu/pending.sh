@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run42), as calls of under 10 minutes on one GPU, most decisive first:
-# fwdrows, pftimes, pftests, mosaic, call4, call1, call2, call3
+# fwdrows, utsweep, pftimes, pftests, mosaic, call4, call1, call2, call3
 # (recheck, deltacand and oscores ran in run42: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
@@ -22,6 +22,11 @@
 #        tests passed in run42), then the forward rows beside fla at 16k-64k
 #        with the states-only sweep back at 3 stages (run42 measured them
 #        with it capped at 2; 4k was unaffected).
+# utsweep the UT kernel alone at 2, 4 and 8 warps (and the inverses), now
+#        also without the scores (the forward's UT kernel since run42):
+#        compiled for an H100 under differentiation without scores it
+#        spills 292 B at 2 warps (the default), 12 B at 4, none at 8.
+#        If more warps win, num_warps_ut's default follows.
 # deltacand  one call for both delta options at once: their GPU tests,
 #        then the delta rows beside fla with both on as a candidate default
 #        (ATTNJAX_DELTA_CONFIG; the report's info line records it). Take
@@ -79,6 +84,13 @@ case "${1:-}" in
       "timeout 240 python3 -m attnjax.bench.linear --variants \
          delta,gated_delta --impls pallas --no-softmax --modes fwd \
          --seqs 16384,32768,65536"
+    ;;
+  utsweep)
+    bash $S \
+      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --ut-sweep" \
+      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=65536 --ut-sweep"
     ;;
   pftimes)
     B="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
@@ -183,7 +195,7 @@ case "${1:-}" in
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh fwdrows|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -23,13 +23,16 @@ Kernels (one ``pallas_call`` each; Triton on GPUs, interpret mode on CPU):
 * ``_ut_kernel``: one program per chunk: ``L`` from ``k k^T``, ``T`` by
   blocks of 16 rows (diagonal blocks by forward substitution, the others
   by 16 x 16 matmuls: no powers of ``L``, so nearly aligned keys lose no
-  accuracy), then ``U``, ``W`` and the scores ``A = scale (q k^T o D)``;
-  under differentiation it also stores ``T`` (float32).
+  accuracy), then ``U``, ``W`` and, under differentiation, the scores
+  ``A = scale (q k^T o D)`` and ``T`` (float32). In the forward alone
+  the kernel that uses ``A`` forms it (``DeltaConfig.output_scores``).
 * ``_fwd_kernel``: one program per (value block, head, batch) sweeping the
-  chunks with the state in float32 registers, reading ``A``, ``W``, ``U``.
-* backward (custom_vjp): the forward sweep again, storing the state
-  entering each chunk and the new values (states recomputed, not saved),
-  then ``_bwd_kernel`` sweeping backwards with ``Lam``, the gradient of
+  chunks with the state in float32 registers, reading ``W``, ``U`` (and
+  ``A``); or, where the grid is latency-bound (``separate_output``), only
+  the states, the outputs then from ``_out_kernel``, chunk-parallel.
+* backward (custom_vjp): the states entering each chunk and the new
+  values, stored by the forward sweep (``forward_states``, the default)
+  or recomputed by a storing sweep, then ``_bwd_kernel`` sweeping backwards with ``Lam``, the gradient of
   the state leaving the chunk:
 
     Gv  = (q k^T o D)^T dO scale + g_out o (k Lam)     (gradient of v_c)

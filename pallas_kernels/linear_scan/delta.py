@@ -32,8 +32,8 @@ Kernels (one ``pallas_call`` each; Triton on GPUs, interpret mode on CPU):
   the states, the outputs then from ``_out_kernel``, chunk-parallel.
 * backward (custom_vjp): the states entering each chunk and the new
   values, stored by the forward sweep (``forward_states``, the default)
-  or recomputed by a storing sweep, then ``_bwd_kernel`` sweeping backwards with ``Lam``, the gradient of
-  the state leaving the chunk:
+  or recomputed by a storing sweep, then ``_bwd_kernel`` sweeping
+  backwards with ``Lam``, the gradient of the state leaving the chunk:
 
     Gv  = (q k^T o D)^T dO scale + g_out o (k Lam)     (gradient of v_c)
     Lam <- scale q^T (g_in o dO) + exp(G_C) Lam - W^T Gv,

@@ -302,7 +302,8 @@ def _pallas_eqns(fn, *args):
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "pallas_call":
-        found[eqn.params["name"]] = (len(eqn.invars), eqn.params["compiler_params"])
+        found[eqn.params["name"]] = (len(eqn.invars),
+                                     eqn.params["compiler_params"])
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)
 

@@ -238,21 +238,26 @@ def test_delta_forward_output_scores_lowers_for_h100(resets, scores):
   assert text.count("__gpu$xla.gpu.triton") == 3
 
 
-def _ut_output_counts(fn, *args):
-  """Outputs of each delta_rule_ut pallas_call in fn's jaxpr (nested
-  jaxprs included), in order."""
-  counts = []
+def _pallas_calls(fn, *args):
+  """The pallas_call equations of fn's jaxpr (nested jaxprs included), in
+  order."""
+  calls = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if (eqn.primitive.name == "pallas_call"
-          and eqn.params["name"] == "delta_rule_ut"):
-        counts.append(len(eqn.outvars))
+      if eqn.primitive.name == "pallas_call":
+        calls.append(eqn)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return counts
+  return calls
+
+
+def _ut_output_counts(fn, *args):
+  """Outputs of each delta_rule_ut pallas_call in fn's jaxpr, in order."""
+  return [len(e.outvars) for e in _pallas_calls(fn, *args)
+          if e.params["name"] == "delta_rule_ut"]
 
 
 @pytest.mark.parametrize("output_scores", [None, True, False])
@@ -297,18 +302,8 @@ def test_delta_output_scores_passes(output_scores):
 
 def _pallas_eqns(fn, *args):
   """{kernel name: (number of inputs, compiler params)} of fn's jaxpr."""
-  found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        found[eqn.params["name"]] = (len(eqn.invars),
-                                     eqn.params["compiler_params"])
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return {e.params["name"]: (len(e.invars), e.params["compiler_params"])
+          for e in _pallas_calls(fn, *args)}
 
 
 def test_delta_states_sweep_ignores_output_scores():

@@ -224,12 +224,13 @@ def deterministic_ops() -> bool:
 def make_plan(p: Problem, *, fwd_config: fwd_lib.FwdConfig | None = None,
               bwd_config: bwd_lib.BwdConfig | None = None) -> _Plan:
   """The static plan of a (supported) problem; tiles default per head dim,
-  the backward's also on :func:`deterministic_ops`."""
-  _, t, s, _, _, h, _ = p.shape
+  the backward's also on :func:`deterministic_ops` and the shape."""
+  _, t, s, n, kh, h, _ = p.shape
   causal = p.mask is not None
   fwd = fwd_config or fwd_lib.default_fwd_config(h, causal)
   bwd = bwd_config or bwd_lib.default_bwd_config(
-      h, deterministic=deterministic_ops())
+      h, deterministic=deterministic_ops(), q_len=t, groups=n // kh,
+      masked=causal)
   tp = _round_up(t, _lcm(fwd.tile_q, bwd.block_q_dkv, bwd.tile_q))
   sp = _round_up(s, _lcm(fwd.block_kv, bwd.tile_kv, bwd.block_kv_dq))
   return _Plan(mask=p.mask, scale=float(p.scale), soft_cap=p.logits_soft_cap,

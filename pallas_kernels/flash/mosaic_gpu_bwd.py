@@ -119,8 +119,19 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
     raise NotImplementedError(f"backward tiling needs {total} bytes of SMEM")
 
 
-def default_bwd_config(head_dim: int, deterministic: bool = True
-                       ) -> BwdConfig:
+# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "fusednj"):
+# False drops the fused kernel's final consumer join, which brings back the
+# race it fixes (a last-block dQ may read dK for K). Read when tracing.
+_FUSED_FINAL_JOIN = True
+
+# The fused backward's shapes (H = 128, without determinism): at least this
+# many query rows per dK/dV CTA (GQA group x T), and masked only from this T.
+FUSED_MIN_ROWS = 16384
+
+
+def default_bwd_config(head_dim: int, deterministic: bool = True, *,
+                       q_len: int | None = None, groups: int = 1,
+                       masked: bool = False) -> BwdConfig:
   """The tiling used when the caller gives none.
 
   The tilings measured fastest among those that compile without register
@@ -132,19 +143,33 @@ def default_bwd_config(head_dim: int, deterministic: bool = True
   Args:
     head_dim: H.
     deterministic: keep the two-kernel backward, whose results are bitwise
-      repeatable. With False, H = 128 takes the fused backward
-      (``fused_dq``: 453 -> 468 TFLOP/s full, 417 -> 435 causal), whose dQ
-      sums land in a varying order; it is the one default that spills
-      (80 / 112 bytes of stores / loads at H = 128), measured faster all
-      the same. At H = 64 and 256 the choice is the same
-      either way (H = 64 fused: +1.5% full but -1% causal; H = 256 splits
-      the head, which the fused kernel does not).
+      repeatable. With False, H = 128 may take the fused backward
+      (``fused_dq``), whose dQ sums land in a varying order; it is the one
+      default that spills (80 / 112 bytes of stores / loads at H = 128).
+      At H = 64 and 256 the choice is the same either way (H = 64 fused:
+      +1.5% full but -1% causal, H200; H = 256 splits the head, which the
+      fused kernel does not).
+    q_len, groups, masked: the problem's T, query heads per K/V head and
+      whether a mask (causal, window, ...) skips blocks; they decide
+      between the two forms at H = 128 without determinism: fused when
+      each dK/dV CTA visits at least ``FUSED_MIN_ROWS`` query rows
+      (``groups * q_len``), and under a mask only from
+      ``q_len >= FUSED_MIN_ROWS``. Measured on an H100
+      (run43, B*T = 16k, forward+backward TFLOP/s, fused / two kernels):
+      T = 16k full MHA 548 / 504; T = 4k full GQA 4:1 501 / 480; but T = 4k
+      full MHA 318 / 470, causal MHA 355 / 414, causal GQA 417 / 458, and
+      T = 1k full MHA 268 / 371, GQA 326 / 436 (H200, run25, T = 4k full
+      MHA: 468 / 453). T = 16k causal took the fused form (558 MHA, 515
+      GQA against cuDNN's 543 / 537); the two kernels are untimed there on
+      the H100. Unknown ``q_len``: two kernels.
   """
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
     return BwdConfig(block_kv_dq=32, split_head=True)
   if head_dim > 64:
-    if not deterministic:
+    if not deterministic and q_len is not None and (
+        q_len >= FUSED_MIN_ROWS
+        or (not masked and groups * q_len >= FUSED_MIN_ROWS)):
       return BwdConfig(fused_dq=True)
     # 128-key blocks streamed by the dQ kernel: 441 -> 453 TFLOP/s full,
     # 408 -> 417 causal.
@@ -490,7 +515,7 @@ def flash_backward_dkv(
 
       dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, h), jnp.float32),
                              plgpu.ACC((bk, hv), jnp.float32))
-      if fused:
+      if fused and _FUSED_FINAL_JOIN:
         # The other consumer's last dQ product may still read this
         # consumer's K tile: wait for it before dK overwrites K here.
         _pair_barrier()

@@ -421,6 +421,10 @@ def _variant_configs(name, h):
       "kv64": (fwd(block_kv=64, num_stages=4 if h <= 128 else 2), None,
                fonly),
       "fused": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # Racy, timing only: the fused kernel without its final consumer join
+      # (the 2026-12-05 race fix), to see what the join costs (run43: fused
+      # 318 against 470 TFLOP/s for two kernels at T = 4k full MHA, H100).
+      "fusednj": (None, bl.BwdConfig(fused_dq=True), bonly),
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
       # (no spills for an H100 causal; "wg3kv64" also full;
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.
@@ -495,9 +499,15 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
           outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
-          def fb(q, k, v, do, fn=fn):
-            _, vjp = jax.vjp(fn, q, k, v)
-            return vjp(do)
+          def fb(q, k, v, do, fn=fn, join=name != "fusednj"):
+            # The backward is traced here (vjp), so the switch spans it.
+            from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
+            bl._FUSED_FINAL_JOIN = join  # pylint: disable=protected-access
+            try:
+              _, vjp = jax.vjp(fn, q, k, v)
+              return vjp(do)
+            finally:
+              bl._FUSED_FINAL_JOIN = True  # pylint: disable=protected-access
           sec, _ = _time(jax.jit(fb), q, k, v, do)
           row[key] = round(3.5 * flops / sec / 1e12, 1)
         row[key + "_ms"] = round(sec * 1e3, 3)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
-# run42), as calls of under 10 minutes on one GPU, most decisive first:
-# fwdrows, utsweep, pftimes, pftests, mosaic, call4, call1, call2, call3
-# (recheck, deltacand and oscores ran in run42: kept for reruns)
+# run43), as calls of under 10 minutes on one GPU, most decisive first:
+# fusedwhy, pftimes, pftests, call4, call1, call2, call3
+# (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
+# in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -17,6 +18,14 @@
 # GPU from the compiled TTGIR). If one call is all a session gets, take
 # "pftimes": the timing steps of all three (no tests); "pftests" then runs
 # their GPU tests, which must pass before any default changes.
+# fusedwhy the Mosaic backward after run43's per-shape default (fused only
+#        where each dK/dV CTA visits >= 16k query rows): its GPU test
+#        (the default at T = 4100 full GQA 4:1), then the fused kernel with
+#        and without its final consumer join ("fusednj", racy, timing only)
+#        beside the default where the fused form lost (T = 4k / 1k full
+#        MHA) and won (16k), then the T = 1k causal rows with the two
+#        kernels (the default there now; untimed) beside cuDNN/tokamax and
+#        H = 64's three-consumer forward (wg3) at 16k causal and full.
 # fwdrows the delta rule's default forward (output_scores=None: the forward
 #        alone forms the scores) in float32 on the GPU (the bf16 output_scores
 #        tests passed in run42), then the forward rows beside fla at 16k-64k
@@ -84,6 +93,20 @@ case "${1:-}" in
       "timeout 240 python3 -m attnjax.bench.linear --variants \
          delta,gated_delta --impls pallas --no-softmax --modes fwd \
          --seqs 16384,32768,65536"
+    ;;
+  fusedwhy)
+    bash $S \
+      "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         default_without_determinism_flags" \
+      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 190 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha,128:16384:full:mha' \
+         --variants ours,fused,fusednj" \
+      "timeout 100 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 90 --configs '128:1024:causal:*'" \
+      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
+         --variants ours,wg3"
     ;;
   utsweep)
     bash $S \

@@ -165,6 +165,7 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(grad_block_k=None)),
     (F32, 128, True, dict(diag_inverse="substitution")),
     (BF16, 128, False, dict(inverse_dots="ieee")),
+    (BF16, 128, False, dict(inverse_dots="tf32")),
     (BF16, 128, True, dict(grad_ut_block_k=32)),
     (BF16, 128, True, dict(forward_states=False)),
     (BF16, 128, False, dict(separate_output=True, forward_states=False)),
@@ -577,7 +578,7 @@ def test_delta_pallas_substitution_inverse():
   _config_grads_match_scan("delta-substitution", cfg, b=1, t=45, n=2, kh=1,
                            f=16, vd=16, segments=True)
   _assert_config_rejected(diag_inverse="newton")
-  _assert_config_rejected(inverse_dots="tf32")
+  _assert_config_rejected(inverse_dots="bf16")
 
 
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
@@ -586,6 +587,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 # Fewer register spills (scripts/aot/ptxas_report.py).
                 "warps_ut4_gut8": dict(num_warps_ut=4, num_warps_grad_ut=8),
                 "ieee_inverse": dict(inverse_dots="ieee"),
+                # One TF32 pass (opt-in, untimed): the same tolerances.
+                "tf32_inverse": dict(inverse_dots="tf32"),
                 "ut_cols64": dict(grad_ut_block_k=64),
                 # The layouts; the default (forward_states, and
                 # separate_output by the grid: on here, 4 programs).

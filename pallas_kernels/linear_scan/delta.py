@@ -66,6 +66,10 @@ __all__ = ["DeltaConfig", "delta_rule"]
 
 _F32 = jnp.float32
 _SUB = 16  # rows per block of the triangular inverse
+# DeltaConfig.inverse_dots: the dot algorithm of each choice.
+_INVERSE_DOTS = {"tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+                 "ieee": lax.DotAlgorithmPreset.F32_F32_F32,
+                 "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +105,15 @@ class DeltaConfig:
       of I + L: "substitution" (row by row) or "doubling" (blocks of 1, 2,
       4, 8 rows combined by 16 x 16 matmuls; see ``tril_inverse``).
     inverse_dots: the UT kernel's float32 [16, 16] matmuls of the
-      inverse: "tf32x3" (three TF32 tensor-core passes) or "ieee" (FMA on
-      the CUDA cores, as fla's solve_tril by default). Both are about
-      float32-accurate; which is faster for these small dependent
-      matmuls is to be measured (opt-in, not yet timed on a GPU).
+      inverse: "tf32x3" (three TF32 tensor-core passes), "ieee" (FMA on
+      the CUDA cores, as fla's solve_tril by default) or "tf32" (one TF32
+      pass: about 1e-3 relative error per product, against the 4e-3 of
+      the bf16 rounding the forward applies to T before its U and W
+      products; the stored float32 T of the backward carries it too).
+      "tf32x3" and "ieee" are about float32-accurate; on an H100 the UT
+      kernel took 0.88 ms with "tf32x3" and 1.78 with "ieee" (T = 4k,
+      B = 16, no scores, run43), so the inverse's matmuls are much of
+      its time. "tf32" is opt-in and not yet timed or GPU-tested.
     grad_ut_block_k: None, or a power of two >= 16: with the split
       backward (``grad_block_k`` below F), its second kernel (the UT
       pull-back per chunk) works by blocks of this many key columns, so
@@ -189,9 +198,9 @@ class DeltaConfig:
     if self.diag_inverse not in ("substitution", "doubling"):
       raise ValueError(f"config.diag_inverse={self.diag_inverse!r} is not "
                        "'substitution' or 'doubling'")
-    if self.inverse_dots not in ("tf32x3", "ieee"):
+    if self.inverse_dots not in _INVERSE_DOTS:
       raise ValueError(f"config.inverse_dots={self.inverse_dots!r} is not "
-                       "'tf32x3' or 'ieee'")
+                       "one of " + ", ".join(map(repr, _INVERSE_DOTS)))
     for name in ("grad_block_k", "grad_ut_block_k"):
       bk = getattr(self, name)
       if bk is not None and (bk < _SUB or bk & (bk - 1)):
@@ -227,7 +236,7 @@ class _S:
   interpret: bool
   upcast: bool
   rep: int
-  ieee_inverse: bool = False
+  inverse_dots: str = "tf32x3"
   bku: int = 0  # grad_ut_block_k (0: whole F)
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
@@ -275,9 +284,7 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
   a_ref = next(it) if scores else None
   t_ref = next(it) if store_t else None
   dt = k_ref.dtype
-  prec = None if s.interpret else (
-      lax.DotAlgorithmPreset.F32_F32_F32 if s.ieee_inverse
-      else lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+  prec = None if s.interpret else _INVERSE_DOTS[s.inverse_dots]
   mm = lambda a, b: lax.dot_general(  # noqa: E731
       a, b, (((1,), (0,)), ((), ())), precision=prec,
       preferred_element_type=_F32)
@@ -1169,7 +1176,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          warps_gut=cfg.num_warps_grad_ut or cfg.grad_warps(fp),
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
-         ieee_inverse=cfg.inverse_dots == "ieee",
+         inverse_dots=cfg.inverse_dots,
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
          sep_out=(_auto_separate_output(b * n, vp, sms)
                   if cfg.separate_output is None else cfg.separate_output),

@@ -3,6 +3,7 @@
   PYTHONPATH=$PWD python3 scripts/gpu/delta_profile.py [--quick] [--sweep]
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
       [--no-checks] [--forward-states] [--prefetch] [--output-scores]
+      [--ut-dots=tf32x3,tf32]  (--ut-sweep: only these inverse_dots)
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -98,7 +99,7 @@ def _static(t, b, cfg):
                    stages_grad=cfg.num_stages_grad, bvg=cfg.block_v_grad,
                    bkg=cfg.grad_block_k or 0,
                    doubling=cfg.diag_inverse == "doubling",
-                   ieee_inverse=cfg.inverse_dots == "ieee",
+                   inverse_dots=cfg.inverse_dots,
                    bku=cfg.grad_ut_block_k or 0,
                    fwd_states=cfg.forward_states,
                    sep_out=(kdelta._auto_separate_output(
@@ -360,7 +361,7 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-def _ut_sweep(t, b, q, k, v, beta, g):
+def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
   """The UT kernel alone (gated) at several warp counts and inverses,
   with and without the scores (run24/26 timed it with them only)."""
   r = dataclasses.replace
@@ -369,10 +370,14 @@ def _ut_sweep(t, b, q, k, v, beta, g):
   for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
               r(d, num_warps_ut=4, diag_inverse="substitution"),
               r(d, inverse_dots="ieee"),
-              r(d, inverse_dots="ieee", diag_inverse="substitution")):
+              r(d, inverse_dots="ieee", diag_inverse="substitution"),
+              r(d, inverse_dots="tf32"),
+              r(d, inverse_dots="tf32", diag_inverse="substitution")):
+    if dots and cfg.inverse_dots not in dots:
+      continue
     st = _static(t, b, cfg)
     tag = (f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
-           f"{' ieee' if st.ieee_inverse else ''}")
+           f"{'' if st.inverse_dots == 'tf32x3' else ' ' + st.inverse_dots}")
     # (store T, form scores): the forward alone without the scores (the
     # output_scores=None default), with them, and under differentiation.
     for store_t, scores in ((False, False), (False, True), (True, True)):
@@ -390,7 +395,7 @@ def _ut_sweep(t, b, q, k, v, beta, g):
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
             ut_sweep=False, forward_states=False, prefetch=False,
-            output_scores=False):
+            output_scores=False, ut_dots=None):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
@@ -399,7 +404,7 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       _grad_sweep(t, b, q, k, v, beta, g)
       continue
     if ut_sweep:  # the UT kernel's warps and inverses only
-      _ut_sweep(t, b, q, k, v, beta, g)
+      _ut_sweep(t, b, q, k, v, beta, g, ut_dots)
       continue
     if forward_states:  # the opt-in sweep layouts only
       _forward_states(t, b, q, k, v, beta, g)
@@ -493,15 +498,18 @@ def main(argv):
   ok = True if "--no-checks" in argv else checks()
   t0 = time.time()
   seqs = (4096,) if quick else (4096, 16384, 65536)
+  ut_dots = None
   for a in argv:
     if a.startswith("--seqs="):
       seqs = tuple(int(x) for x in a[7:].split(","))
+    if a.startswith("--ut-dots="):
+      ut_dots = tuple(a[len("--ut-dots="):].split(","))
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
           prefetch="--prefetch" in argv,
-          output_scores="--output-scores" in argv)
+          output_scores="--output-scores" in argv, ut_dots=ut_dots)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# fusedwhy, pftimes, pftests, call4, call1, call2, call3
+# fusedwhy, tf32ut, pftimes, pftests, call4, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -26,6 +26,14 @@
 #        MHA) and won (16k), then the T = 1k causal rows with the two
 #        kernels (the default there now; untimed) beside cuDNN/tokamax and
 #        H = 64's three-consumer forward (wg3) at 16k causal and full.
+# tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
+#        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
+#        GPU tests (the default's tolerances), then the UT kernel alone
+#        beside the default (tf32x3) at 4k. The inverse's passes
+#        are much of the kernel's time ("ieee": 1.78 ms against 0.88,
+#        run43), and the UT kernel is a third of the gated forward. If it
+#        wins, time the gated rows beside fla (fwdrows with
+#        ATTNJAX_DELTA_CONFIG='{"inverse_dots": "tf32"}').
 # fwdrows the delta rule's default forward (output_scores=None: the forward
 #        alone forms the scores) in float32 on the GPU (the bf16 output_scores
 #        tests passed in run42), then the forward rows beside fla at 16k-64k
@@ -107,6 +115,13 @@ case "${1:-}" in
       "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
+    ;;
+  tf32ut)
+    bash $S \
+      "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and tf32_inverse'" \
+      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
   utsweep)
     bash $S \

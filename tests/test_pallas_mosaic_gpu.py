@@ -265,6 +265,20 @@ class TestMosaicGPUFusedBackward:
     check_against_reference(self.impl, inputs("fused", t=450, s=390, h=h),
                             dtype=BF16, is_causal=causal)
 
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_staggered(self, causal):
+    # BwdConfig(stagger_q=True) (opt-in): key tiles start their unmasked
+    # query blocks at offsets of their own.
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True,
+                                                       stagger_q=True))
+    check_against_reference(impl, inputs("fused_st", t=1100, n=4, kh=2,
+                                         h=128),
+                            dtype=BF16, is_causal=causal)
+
   def test_default_without_determinism_flags(self, monkeypatch):
     # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
     # H = 128 takes this backward where each dK/dV CTA visits >= 16k query

@@ -205,6 +205,20 @@ def test_gradients_fused_dq_gqa_causal(h):
          is_causal=True)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True)],
+                         ids=["full", "causal"])
+def test_gradients_fused_dq_staggered(kw):
+  # BwdConfig(stagger_q=True): each key tile walks its unmasked query
+  # blocks from an offset of its own (producer and consumers through the
+  # same step_coords). Full GQA, and causal, whose key tiles start with
+  # masked diagonal blocks before the unmasked ones that are rotated (a
+  # rotation over the masked blocks too fails the causal case).
+  _check("fusedst", shape=dict(t=430, n=4, kh=2, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3),
+         bwd_config=mosaic_bwd.BwdConfig(fused_dq=True, stagger_q=True),
+         **kw)
+
+
 @pytest.mark.long
 def test_gradients_fused_dq_everything():
   seg = testing.random_segment_ids(_key("fusedall"), 2, 300, 3)

@@ -119,6 +119,13 @@ def test_lowers_other_tilings():
          bwd_config=bwd_lib.BwdConfig(block_kv_dq=128, num_stages=2))
 
 
+def test_lowers_staggered_fused_backward():
+  _lower(h=128, t=700, is_causal=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, stagger_q=True))
+  with pytest.raises(ValueError, match="stagger_q"):
+    bwd_lib.BwdConfig(stagger_q=True)
+
+
 @pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
 def test_lowers_fused_backward(h, causal):
   # dQ inside the dK/dV kernel: two Mosaic GPU kernels (forward, dK/dV/dQ).

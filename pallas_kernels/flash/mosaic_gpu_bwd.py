@@ -73,6 +73,13 @@ class BwdConfig:
       and split the head dim of dK/dV (and the query columns of S^T, dP^T),
       exchanging P^T and dS^T through shared memory: H = 256, whose dK and
       dV accumulators do not fit one warpgroup's registers.
+    stagger_q: with ``fused_dq``, each key tile starts its unmasked query
+      blocks at an offset proportional to its index (then wraps around),
+      so the CTAs of one head, which start together, reduce-add into
+      different dQ rows instead of the same ones in lockstep. Opt-in, not
+      yet timed: the fused form lost to the two kernels on an H100 where
+      CTAs are short (run43); contention on the dQ rows is one candidate
+      cause.
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -84,6 +91,7 @@ class BwdConfig:
   producer_regs: int = 24
   fused_dq: bool = False
   split_head: bool = False
+  stagger_q: bool = False
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -95,6 +103,8 @@ class BwdConfig:
                        "of 32")
     if self.num_stages < 2:
       raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+    if self.stagger_q and not self.fused_dq:
+      raise ValueError("stagger_q needs fused_dq=True")
     regs = (self.num_compute_wgs * self.consumer_regs
             + self.producer_regs) * 128
     if regs > 65536:
@@ -227,14 +237,21 @@ def _dkv_tables(ranges, nkt):
   return jnp.asarray(np.concatenate([ranges, order[None]], 0))
 
 
-def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups):
+def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
+                  stagger: bool = False):
   """A dK/dV CTA's work: ``(kt, kvh, b, wg, lo, a, c, hi, kv_limit, nq,
   steps, step_coords)``.
 
   Key tile ``kt`` (of ``tile`` keys) sees query blocks ``[lo, hi)`` (``[a,
   c)`` of them need no element mask), clipped to the key length; it walks
   them once per query head of its group: ``steps`` steps, step ``i`` at
-  ``step_coords(i) = (query head, query block)``.
+  ``step_coords(i) = (query head, query block)``. Step ``g * nq + j``
+  visits the ``j``-th block of ``[lo, hi)`` in order, except that with
+  ``stagger`` the unmasked ones ``[a, c)`` are visited from
+  ``a + kt mod (c - a)`` on and wrap around: neighbouring key tiles,
+  which run at the same time, visit different blocks at each step, and
+  the masked and unmasked steps keep their places, so the consumers'
+  three loops stay as they are.
   """
   kt = tab_ref[4, lax.axis_index("kv")]
   kvh = lax.axis_index("h")
@@ -247,6 +264,10 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups):
   def step_coords(i):
     g = lax.div(i, jnp.maximum(nq, 1))
     qb = lo + lax.rem(i, jnp.maximum(nq, 1))
+    if stagger:
+      mid = jnp.maximum(c - a, 1)
+      rot = a + lax.rem(qb - a + lax.rem(kt, mid), mid)
+      qb = jnp.where((qb >= a) & (qb < c), rot, qb)
     return kvh * groups + g, qb
 
   return (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, nq * groups,
@@ -385,7 +406,7 @@ def flash_backward_dkv(
              do_free):
     (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
      step_coords) = _dkv_schedule(
-        tab_ref, kvlen_ref, s_limit, tk, groups)
+        tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q)
 
     @pl.when(wg == wgs)
     def _producer():

@@ -425,6 +425,9 @@ def _variant_configs(name, h):
       # (the 2026-12-05 race fix), to see what the join costs (run43: fused
       # 318 against 470 TFLOP/s for two kernels at T = 4k full MHA, H100).
       "fusednj": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # Each key tile starts its query blocks at its own offset (dQ rows
+      # reduce-added by one CTA at a time rather than all of a head's).
+      "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
       # (no spills for an H100 causal; "wg3kv64" also full;
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.

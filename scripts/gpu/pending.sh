@@ -19,13 +19,15 @@
 # "pftimes": the timing steps of all three (no tests); "pftests" then runs
 # their GPU tests, which must pass before any default changes.
 # fusedwhy the Mosaic backward after run43's per-shape default (fused only
-#        where each dK/dV CTA visits >= 16k query rows): its GPU test
-#        (the default at T = 4100 full GQA 4:1), then the fused kernel with
-#        and without its final consumer join ("fusednj", racy, timing only)
-#        beside the default where the fused form lost (T = 4k / 1k full
-#        MHA) and won (16k), then the T = 1k causal rows with the two
-#        kernels (the default there now; untimed) beside cuDNN/tokamax and
-#        H = 64's three-consumer forward (wg3) at 16k causal and full.
+#        where each dK/dV CTA visits >= 16k query rows): its GPU tests (the
+#        default at T = 4100 full GQA 4:1, and BwdConfig(stagger_q)), then
+#        the fused kernel as is, without its final consumer join
+#        ("fusednj", racy, timing only) and with staggered query blocks
+#        ("fusedst") beside the default where the fused form lost (T = 4k
+#        and 1k full MHA) and won (16k); then the T = 1k causal rows with
+#        the two kernels (the default there now; untimed) beside
+#        cuDNN/tokamax, and H = 64's three-consumer forward (wg3) at 16k
+#        causal and full.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
 #        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
 #        GPU tests (the default's tolerances), then the UT kernel alone
@@ -105,11 +107,11 @@ case "${1:-}" in
   fusedwhy)
     bash $S \
       "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         default_without_determinism_flags" \
+         'default_without_determinism_flags or staggered'" \
       "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 190 --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha,128:16384:full:mha' \
-         --variants ours,fused,fusednj" \
+         --variants ours,fused,fusednj,fusedst" \
       "timeout 100 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 90 --configs '128:1024:causal:*'" \
       "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \

@@ -79,7 +79,9 @@ class BwdConfig:
       different dQ rows instead of the same ones in lockstep. Opt-in, not
       yet timed: the fused form lost to the two kernels on an H100 where
       CTAs are short (run43); contention on the dQ rows is one candidate
-      cause.
+      cause. Compiled for an H100 (H = 128, T = 4k) it spills 136 / 224
+      bytes against the fused kernel's 80 / 112; neither shows wgmma
+      serialisation (scripts/aot/ptxas_report.py --case mosaic).
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64

@@ -36,9 +36,10 @@ backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 ``KernelConfig``), ``triton`` (the portable flash attention kernels,
 full attention), ``mosaic`` (the Hopper flash attention kernels, B = 1,
 ``--h`` 64 or 128, ``--causal``; ``--config`` holds ``BwdConfig`` fields,
-e.g. ``{"fused_dq": true}``, and ``FwdConfig`` fields under ``"fwd"``; Mosaic GPU runs ptxas itself and its
-``MOSAIC_GPU_DUMP_PTXAS`` files are read). Prints one line per Pallas
-kernel and the compile time.
+e.g. ``{"fused_dq": true}``, and ``FwdConfig`` fields under ``"fwd"``;
+Mosaic GPU runs ptxas itself and its ``MOSAIC_GPU_DUMP_PTXAS`` files are
+read, warnings included: a wgmma serialisation would show there). Prints
+one line per Pallas kernel and the compile time.
 """
 
 from __future__ import annotations
@@ -224,6 +225,21 @@ def parse_mosaic(folder):
   return out
 
 
+def mosaic_warnings(folder):
+  """{kernel: ptxas warnings} of the dumped Mosaic GPU logs, e.g. wgmma
+  serialisation ("Potential Performance Loss: wgmma.mma_async
+  instructions are serialized"), which registers and spills do not show."""
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    if name.endswith(".ptxas"):
+      with open(os.path.join(folder, name)) as fh:
+        lines = [ln.strip() for ln in fh if "warning" in ln.lower()
+                 or "serializ" in ln.lower()]
+      if lines:
+        out[f"mosaic:{name[:-len('.ptxas')]}"] = sorted(set(lines))
+  return out
+
+
 def parse(log):
   """{kernel: (registers, stack bytes, spill stores, spill loads)}."""
   out, name = {}, None
@@ -310,6 +326,9 @@ def main():
       flag = "  SPILLS" if st or ld else ""
       print(f"  {name:36s} {regs:4d} regs  stack {stack:5d}  spill "
             f"st/ld {st:5d}/{ld:5d}{flag}")
+  for name, lines in sorted(mosaic_warnings(dump).items()):
+    for line in lines:
+      print(f"  {name}: {line}")
   if a.loads:
     report_loads(ir_dump)
 

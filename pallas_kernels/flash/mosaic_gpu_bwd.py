@@ -73,8 +73,8 @@ class BwdConfig:
       and split the head dim of dK/dV (and the query columns of S^T, dP^T),
       exchanging P^T and dS^T through shared memory: H = 256, whose dK and
       dV accumulators do not fit one warpgroup's registers.
-    stagger_q: with ``fused_dq``, each key tile starts its unmasked query
-      blocks at an offset proportional to its index (then wraps around),
+    stagger_q: with ``fused_dq``, key tile ``kt`` starts its unmasked
+      query blocks at offset ``kt mod (their count)`` (then wraps around),
       so the CTAs of one head, which start together, reduce-add into
       different dQ rows instead of the same ones in lockstep. Opt-in, not
       yet timed: the fused form lost to the two kernels on an H100 where

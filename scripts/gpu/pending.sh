@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# fusedwhy, tf32ut, pftimes, pftests, call4, call1, call2, call3
+# fusedwhy, tf32ut, gap64k, pftimes, pftests, call4, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -36,6 +36,11 @@
 #        run43), and the UT kernel is a third of the gated forward. If it
 #        wins, time the gated rows beside fla (fwdrows with
 #        ATTNJAX_DELTA_CONFIG='{"inverse_dots": "tf32"}').
+# gap64k  where the gated delta forward loses its time at T = 64k, B = 1:
+#        run43 measured it 0.42 ms slower than the ungated one there (3.35
+#        against 2.93 ms) but only 0.02-0.04 ms at 16k-32k. The sweeps
+#        with and without prefetch_weights, gated, zero gates in three
+#        buffers and in one (run42 ran this at 32k only: no difference).
 # fwdrows the delta rule's default forward (output_scores=None: the forward
 #        alone forms the scores) in float32 on the GPU (the bf16 output_scores
 #        tests passed in run42), then the forward rows beside fla at 16k-64k
@@ -124,6 +129,11 @@ case "${1:-}" in
          'gpu_delta_kernel_configs and tf32_inverse'" \
       "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
+    ;;
+  gap64k)
+    bash $S \
+      "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=65536 --prefetch"
     ;;
   utsweep)
     bash $S \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# fusedwhy, tf32ut, gap64k, pftimes, pftests, call4, call1, call2, call3
+# fusedwhy, tf32ut, call4, gap64k, pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -84,7 +84,10 @@
 # call3  delta gradient-kernel sweep (gradient halves, UT pull-back by
 #        columns) at 4k.
 # call4  the linear benchmark rows for the docs (GLA and both delta rules;
-#        the H100 delta rows are from run41 with today's defaults).
+#        the H100 GLA rows are run12's, from before the GLA kernels'
+#        retuning; the delta fwd+bwd rows are run41's, the fwd rows run43's).
+#        If tf32ut made inverse_dots="tf32" the default, this reruns the
+#        delta rows with it.
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}

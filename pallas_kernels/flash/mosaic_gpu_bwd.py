@@ -267,6 +267,9 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
     g = lax.div(i, jnp.maximum(nq, 1))
     qb = lo + lax.rem(i, jnp.maximum(nq, 1))
     if stagger:
+      # Recomputed each step on purpose: hoisted out of the loop, the two
+      # scalars stay live across it and the fused kernel spills more
+      # (152 / 268 bytes against 136 / 224, H100 compile).
       mid = jnp.maximum(c - a, 1)
       rot = a + lax.rem(qb - a + lax.rem(kt, mid), mid)
       qb = jnp.where((qb >= a) & (qb < c), rot, qb)

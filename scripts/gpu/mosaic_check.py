@@ -459,6 +459,7 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
   jax, jnp = _imports()
   from attnjax.softmax import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from attnjax.softmax.problem import make_problem  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   q, k, v, do, _ = _inputs(jax.random.key(0), b, t, t, n, kh, h,
                            jnp.bfloat16)
   flops = 4.0 * b * n * t * t * h / (2 if causal else 1)
@@ -504,7 +505,6 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
         else:
           def fb(q, k, v, do, fn=fn, join=name != "fusednj"):
             # The backward is traced here (vjp), so the switch spans it.
-            from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
             bl._FUSED_FINAL_JOIN = join  # pylint: disable=protected-access
             try:
               _, vjp = jax.vjp(fn, q, k, v)

@@ -126,6 +126,13 @@ def test_lowers_staggered_fused_backward():
     bwd_lib.BwdConfig(stagger_q=True)
 
 
+@pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}])
+def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
+  # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq variants.
+  monkeypatch.setattr(bwd_lib, "_FUSED_DROP", frozenset(drop))
+  _lower(h=128, t=400, bwd_config=bwd_lib.BwdConfig(fused_dq=True))
+
+
 @pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
 def test_lowers_fused_backward(h, causal):
   # dQ inside the dK/dV kernel: two Mosaic GPU kernels (forward, dK/dV/dQ).

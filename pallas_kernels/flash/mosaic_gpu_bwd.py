@@ -131,10 +131,14 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
     raise NotImplementedError(f"backward tiling needs {total} bytes of SMEM")
 
 
-# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "fusednj"):
-# False drops the fused kernel's final consumer join, which brings back the
-# race it fixes (a last-block dQ may read dK for K). Read when tracing.
-_FUSED_FINAL_JOIN = True
+# Timing diagnostics only (scripts/gpu/mosaic_check.py variants "fusednj",
+# "fusednr", "fusednodq"): parts of the fused kernel to leave out, read when
+# tracing. "join": the final consumer join (brings back the race it fixes:
+# a last-block dQ may read dK for K); "reduce": dQ is copied, not
+# reduce-added (wrong dQ); "dq": no dQ at all (no dS through SMEM, no pair
+# barrier, no dQ product; dQ stays zero). Results are wrong without "join"
+# alone at best: never set outside timing.
+_FUSED_DROP: frozenset[str] = frozenset()
 
 # The fused backward's shapes (H = 128, without determinism): at least this
 # many query rows per dK/dV CTA (GQA group x T), and masked only from this T.
@@ -482,7 +486,7 @@ def flash_backward_dkv(
           dst = dst * (1.0 - st * st)
         dst16 = dst.astype(dtype)
         plgpu.wgmma(dk_acc, dst16, q_smem.at[slot])
-        if fused:
+        if fused and "dq" not in _FUSED_DROP:
           fused_dq(i, qb, dst16)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(q_free.at[slot])
@@ -517,7 +521,7 @@ def flash_backward_dkv(
           plgpu.copy_smem_to_gmem(
               dq_smem.at[w],
               dqacc_ref.at[bb, pl.ds(qb * bq, bq), hh, pl.ds(col0, dq_cols)],
-              reduction_op="add")
+              reduction_op=None if "reduce" in _FUSED_DROP else "add")
 
         for w in range(wgs):
           turn = (wg == w) & (lax.rem(i, 2) == w) if alternate else wg == w
@@ -541,7 +545,7 @@ def flash_backward_dkv(
 
       dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, h), jnp.float32),
                              plgpu.ACC((bk, hv), jnp.float32))
-      if fused and _FUSED_FINAL_JOIN:
+      if fused and "join" not in _FUSED_DROP:
         # The other consumer's last dQ product may still read this
         # consumer's K tile: wait for it before dK overwrites K here.
         _pair_barrier()

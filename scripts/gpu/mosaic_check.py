@@ -425,6 +425,10 @@ def _variant_configs(name, h):
       # (the 2026-12-05 race fix), to see what the join costs (run43: fused
       # 318 against 470 TFLOP/s for two kernels at T = 4k full MHA, H100).
       "fusednj": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # Racy or wrong, timing only (see _FUSED_DROP): dQ copied instead of
+      # reduce-added; no dQ at all (the dK/dV part of the fused kernel).
+      "fusednr": (None, bl.BwdConfig(fused_dq=True), bonly),
+      "fusednodq": (None, bl.BwdConfig(fused_dq=True), bonly),
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),
@@ -503,14 +507,17 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
           outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
-          def fb(q, k, v, do, fn=fn, join=name != "fusednj"):
+          drop = {"fusednj": {"join"}, "fusednr": {"reduce"},
+                  "fusednodq": {"dq"}}.get(name, set())
+
+          def fb(q, k, v, do, fn=fn, drop=frozenset(drop)):
             # The backward is traced here (vjp), so the switch spans it.
-            bl._FUSED_FINAL_JOIN = join  # pylint: disable=protected-access
+            bl._FUSED_DROP = drop  # pylint: disable=protected-access
             try:
               _, vjp = jax.vjp(fn, q, k, v)
               return vjp(do)
             finally:
-              bl._FUSED_FINAL_JOIN = True  # pylint: disable=protected-access
+              bl._FUSED_DROP = frozenset()  # pylint: disable=protected-access
           sec, _ = _time(jax.jit(fb), q, k, v, do)
           row[key] = round(3.5 * flops / sec / 1e12, 1)
         row[key + "_ms"] = round(sec * 1e3, 3)

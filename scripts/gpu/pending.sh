@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# fusedwhy, tf32ut, call4, gap64k, pftimes, pftests, call1, call2, call3
+# short (or fusedwhy, tf32ut), call4, gap64k, pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -28,6 +28,11 @@
 #        the two kernels (the default there now; untimed) beside
 #        cuDNN/tokamax, and H = 64's three-consumer forward (wg3) at 16k
 #        causal and full.
+# short   one call of the essentials of fusedwhy and tf32ut (when the
+#        device budget allows one call): the Mosaic GPU tests, the fused
+#        diagnostics at T = 4k and 1k full MHA (also "fusednr": dQ copied,
+#        not reduce-added; "fusednodq": no dQ at all; both wrong, timing
+#        only), the tf32 inverse's GPU tests and its UT timing.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
 #        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
 #        GPU tests (the default's tolerances), then the UT kernel alone
@@ -119,12 +124,25 @@ case "${1:-}" in
       "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 190 --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha,128:16384:full:mha' \
-         --variants ours,fused,fusednj,fusedst" \
+         --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
       "timeout 100 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 90 --configs '128:1024:causal:*'" \
       "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
+    ;;
+  short)
+    bash $S \
+      "timeout 130 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'default_without_determinism_flags or staggered'" \
+      "timeout 150 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 140 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha' \
+         --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
+      "timeout 110 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and tf32_inverse'" \
+      "cd scripts/gpu && timeout 130 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
   tf32ut)
     bash $S \

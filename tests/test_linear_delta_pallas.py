@@ -173,7 +173,9 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(prefetch_weights=True, forward_states=False)),
     (BF16, 128, True, dict(separate_output=True, output_scores=True)),
     (BF16, 128, True, dict(separate_output=False, forward_states=False,
-                           output_scores=True))])
+                           output_scores=True)),
+    (BF16, 128, True, dict(sweep_splits=2)),
+    (F32, 64, False, dict(sweep_splits=2, forward_states=False))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
   sd = jax.ShapeDtypeStruct
@@ -202,7 +204,14 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   sep = c.separate_output
   if sep is None:
     sep = delta._auto_separate_output(b * n, h, delta._num_sms())
-  if sep:
+  calls = 0
+  if c.sweep_splits > 1:  # T = 100: two chunks, two splits
+    # The transition pass, the storing pass and the output kernel; without
+    # forward_states the backward reruns both passes.
+    sweeps = ("delta_rule_fwd_final", "delta_rule_fwd_states",
+              "delta_rule_out")
+    calls = 0 if c.forward_states else 2
+  elif sep:
     sweeps = ("delta_rule_fwd_states_final", "delta_rule_out")
     if not c.forward_states:
       sweeps += ("delta_rule_fwd_states",)
@@ -212,7 +221,8 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
     sweeps = ("delta_rule_fwd", "delta_rule_fwd_states")
   found = set(re.findall(r"delta_rule_\w+", text))
   assert found == {"delta_rule_ut", "delta_rule_bwd", *sweeps, *grads}, found
-  assert text.count("__gpu$xla.gpu.triton") == 2 + len(sweeps) + len(grads)
+  assert text.count("__gpu$xla.gpu.triton") == (
+      2 + len(sweeps) + len(grads) + calls)
 
 
 @pytest.mark.parametrize("scores", [True, None])
@@ -473,6 +483,48 @@ def test_delta_pallas_forward_states(segments, separate, states):
                            segments=segments)
 
 
+@pytest.mark.parametrize("segments,splits,states", [
+    (True, 3, True), (False, 2, False), (True, 4, False), (False, 5, True)])
+def test_delta_pallas_sweep_splits(segments, splits, states):
+  """sweep_splits: the states-only sweep over sequence splits (a first
+  pass carrying each split's transition, a scan linking the splits, a
+  second pass from the linked states). t = 93 at chunk 16: 6 chunks, so 3
+  and 2 split evenly, 4 is lowered to 3 and 5 to 2. Forward (output and
+  final state) and every gradient against the scan, with gates, GQA, an
+  initial state, optional resets, F != V (the transition's F columns
+  before V's) and a ragged tail; with forward_states the forward stores
+  the split sweep's states, without it the backward reruns it."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, forward_states=states,
+                          sweep_splits=splits)
+  _config_grads_match_scan(f"delta-sweep-splits-{segments}-{splits}", cfg,
+                           b=2, t=93, n=4, kh=2, f=16, vd=48,
+                           segments=segments)
+
+
+def test_delta_sweep_splits_pass_structure():
+  """With sweep_splits the forward runs two states-only sweeps (the
+  transition pass with F more columns, then the storing pass) and the
+  output kernel; splits that do not divide the chunks are lowered, 1 is
+  the single sweep, and a bad value is a ValueError naming the field."""
+  z = jnp.zeros((1, 128, 2, 32), BF16)
+  beta = jnp.ones((1, 128, 2))
+
+  def names(splits):
+    cfg = delta.DeltaConfig(chunk=16, sweep_splits=splits)
+    return [str(e.params["name"]) for e in _pallas_calls(
+        lambda q: delta.delta_rule(q, z, z, beta, scale=1.0, config=cfg,
+                                   interpret=True), z)]
+
+  four = names(4)
+  assert four.count("delta_rule_fwd_final") == 1, four
+  assert "delta_rule_fwd_states_final" not in four, four
+  assert "delta_rule_fwd_states" in four and "delta_rule_out" in four, four
+  assert names(3) == names(2)  # 8 chunks: 3 is lowered to 2
+  single = names(1)
+  assert "delta_rule_fwd_final" not in single, single
+  _assert_config_rejected(sweep_splits=0)
+
+
 @pytest.mark.parametrize("separate,states", [(False, False), (True, True),
                                              (False, True)])
 def test_delta_pallas_prefetch_weights(separate, states):
@@ -598,6 +650,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "separate_output": dict(separate_output=True,
                                         forward_states=False),
                 "prefetch": dict(prefetch_weights=True),
+                # Opt-in, untimed: 5 chunks (T = 300, C = 64) in 5 splits.
+                "sweep_splits": dict(sweep_splits=5),
                 "output_scores": dict(separate_output=True,
                                       output_scores=True),
                 "output_scores_fused": dict(separate_output=False,

@@ -172,6 +172,15 @@ class DeltaConfig:
       (the reverse sweep's extra matmuls outweigh the UT kernel's saving),
       so under differentiation the UT kernel stores the scores for the
       backward by default.
+    sweep_splits: the states-only sweep (``separate_output``; a value
+      above 1 turns that on) runs over this many sequence splits in
+      parallel, in two passes (``_states_sweep``): the first carries each
+      split's chunk-to-chunk transition (F more state columns) and its
+      state from zero, a float32 scan over the splits links them, the
+      second reruns every split from its true entering state. For long T
+      at small batches, where the one sequential sweep has too few
+      programs: 1 (the default) is the single sweep. Lowered to the
+      largest divisor of the chunk count. Opt-in, not yet timed on a GPU.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -193,6 +202,7 @@ class DeltaConfig:
   separate_output: bool | None = None
   prefetch_weights: bool = False
   output_scores: bool | None = None
+  sweep_splits: int = 1
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -201,6 +211,9 @@ class DeltaConfig:
     if self.inverse_dots not in _INVERSE_DOTS:
       raise ValueError(f"config.inverse_dots={self.inverse_dots!r} is not "
                        "one of " + ", ".join(map(repr, _INVERSE_DOTS)))
+    if int(self.sweep_splits) < 1:
+      raise ValueError(f"config.sweep_splits={self.sweep_splits} is not a "
+                       "positive integer")
     for name in ("grad_block_k", "grad_ut_block_k"):
       bk = getattr(self, name)
       if bk is not None and (bk < _SUB or bk & (bk - 1)):
@@ -243,6 +256,9 @@ class _S:
   prefetch: bool = False  # prefetch_weights
   out_scores: bool = False  # output_scores, under differentiation
   out_scores_fwd: bool = False  # output_scores, forward alone
+  splits: int = 1  # sweep_splits (the states-only sweep's splits)
+  bva: int = 64  # value block of a split sweep's first pass
+  aug: int = 0  # leading transition columns of a split sweep's first pass
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -425,6 +441,10 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   dt = w_ref.dtype
   shape = (w_ref.shape[-1], u_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
+  # A split sweep's first pass (s.aug): the value blocks below s.aug
+  # columns carry the transition (their U is zero), the others the state.
+  keep = ((pl.program_id(0) * shape[1] >= s.aug).astype(_F32) if s.aug
+          else None)
 
   def weights(i):  # chunk i's (wq * scale, wk, decay, score weights)
     rows = _chunk_rows(i * c, c)
@@ -436,7 +456,10 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
     wq, wk, dec, sw = wts
     rows = _chunk_rows(i * c, c)
     sb = state.astype(dt)
-    vn = u_ref[rows, :].astype(_F32) - _dot(w_ref[rows, :], sb)
+    u = u_ref[rows, :].astype(_F32)
+    if keep is not None:
+      u = u * keep
+    vn = u - _dot(w_ref[rows, :], sb)
     vb = vn.astype(dt)
     if store:
       h_ref[i] = sb
@@ -496,9 +519,16 @@ def _bwd_kernel(*refs, s: _S):
                             dfin_ref[...].astype(_F32), s.prefetch)
 
 
-def _seq(tp, d, head, col):
-  return pl.BlockSpec((None, tp, None, d),
-                      lambda j, n, b: (b, 0, head(n), col(j)))
+def _seq(tp, d, head, col, splits: int = 1):
+  """[B, Tp, heads, d] operands; with ``splits`` the grid's batch axis
+  runs over B * splits and program ``b`` takes split ``b % splits`` (Tp /
+  splits rows) of batch ``b // splits``."""
+  if splits == 1:
+    return pl.BlockSpec((None, tp, None, d),
+                        lambda j, n, b: (b, 0, head(n), col(j)))
+  return pl.BlockSpec((None, tp // splits, None, d),
+                      lambda j, n, b: (b // splits, b % splits, head(n),
+                                       col(j)))
 
 
 def _sweep_stages(s: _S, stages: int) -> int:
@@ -531,20 +561,23 @@ def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S, gc=None, rc=None):
   """The sweeps' common inputs: q, k, the scores, w, the per-token
   weights, and with ``output_scores`` the log-gate sums and reset counts
   the scores are formed from (``a`` is then None)."""
-  tp, f, c = q.shape[1], q.shape[-1], s.chunk
+  tp, f, c, ns = q.shape[1], q.shape[-1], s.chunk, s.splits
   same, kv, zero = (lambda n: n), (lambda n: n // s.rep), (lambda j: 0)
-  tok = pl.BlockSpec((None, None, tp), lambda j, n, b: (b, n, 0))
-  a_spec = _seq(tp, c, same, zero)
+  tok = pl.BlockSpec((None, None, tp // ns),
+                     lambda j, n, b: (b // ns, n, b % ns))
+  seq = functools.partial(_seq, splits=ns)
+  a_spec = seq(tp, c, same, zero)
   if a is None:  # the scores are formed (output_scores) or not used:
-    a, a_spec = q, _seq(tp, f, same, zero)  # any operand holds the place
-  specs = [_seq(tp, f, same, zero), _seq(tp, f, kv, zero), a_spec,
-           _seq(tp, f, same, zero), tok, tok, tok]
+    a, a_spec = q, seq(tp, f, same, zero)  # any operand holds the place
+  specs = [seq(tp, f, same, zero), seq(tp, f, kv, zero), a_spec,
+           seq(tp, f, same, zero), tok, tok, tok]
   args = [q, k, a, w, wq, wk, dec]
   if s.out_scores:
     specs.append(tok)
     args.append(gc)
     if s.has_seg:
-      specs.append(pl.BlockSpec((None, tp), lambda j, n, b: (b, 0)))
+      specs.append(pl.BlockSpec((None, tp // ns),
+                                lambda j, n, b: (b // ns, b % ns)))
       args.append(rc)
   return specs, args
 
@@ -553,9 +586,9 @@ def _state_spec(f, bv):
   return pl.BlockSpec((None, None, f, bv), lambda j, n, b: (b, n, 0, j))
 
 
-def _chunk_states_spec(nc, f, bv):
-  return pl.BlockSpec((None, None, nc, f, bv),
-                      lambda j, n, b: (b, n, 0, 0, j))
+def _chunk_states_spec(nc, f, bv, splits: int = 1):
+  return pl.BlockSpec((None, None, nc // splits, f, bv),
+                      lambda j, n, b: (b // splits, n, b % splits, 0, j))
 
 
 def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
@@ -567,12 +600,19 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
   out = not store if out is None else out
   if not out:  # a states-only sweep forms no scores: none of their inputs
     s = dataclasses.replace(s, out_scores=False)  # nor their stage cap
+  ns = s.splits
+  if ns > 1 and out:
+    raise ValueError("a split sweep stores states only")
+  if s.aug and store:
+    raise ValueError("a split sweep's first pass stores nothing")
   b, tp, n, f = q.shape
-  vp = u.shape[-1]
+  vp = s.aug + u.shape[-1]  # state columns (the transition's first)
   bv = min(s.bv, vp)
   specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s, gc, rc)
-  col = _seq(tp, bv, lambda n_: n_, lambda j: j)
-  specs = specs[:4] + [col] + specs[4:]
+  col = _seq(tp, bv, lambda n_: n_, lambda j: j, ns)
+  ucol = col if not s.aug else _seq(
+      tp, bv, lambda n_: n_, lambda j: jnp.maximum(j - s.aug // bv, 0), ns)
+  specs = specs[:4] + [ucol] + specs[4:]
   args = args[:4] + [u] + args[4:]
   if s.has_s0:
     specs.append(_state_spec(f, bv))
@@ -583,15 +623,15 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype))
   if out or final:
     out_specs.append(_state_spec(f, bv))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, f, vp), _F32))
+    out_shape.append(jax.ShapeDtypeStruct((b * ns, n, f, vp), _F32))
   if store:
-    out_specs += [_chunk_states_spec(s.nc, f, bv), col]
+    out_specs += [_chunk_states_spec(s.nc, f, bv, ns), col]
     out_shape += [jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
                   jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype)]
   return _flat_call(
-      functools.partial(_fwd_kernel, s=s, store=store, out=out,
-                        final=final),
-      grid=(vp // bv, n, b),
+      functools.partial(_fwd_kernel, s=dataclasses.replace(s, nc=s.nc // ns),
+                        store=store, out=out, final=final),
+      grid=(vp // bv, n, b * ns),
       in_specs=specs,
       out_specs=out_specs,
       out_shape=out_shape,
@@ -600,6 +640,49 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
       name="delta_rule_fwd" + ("_states" if store else "")
       + ("_out" if store and out else "") + ("_final" if final else ""),
   )(*args)
+
+
+def _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s: _S, final: bool):
+  """``(final state or None, h, vn)``: the states-only sweep, over
+  ``s.splits`` sequence splits in parallel when that is above 1.
+
+  The sweep is linear in the state: a chunk maps S to A S + B with A =
+  exp(G_C) I - (g_out o k)^T W. A first pass runs every split from
+  [I | 0] with U = [0 | U] (``s.aug`` = F leading transition columns) and
+  returns each split's [M | S0]: M the product of its chunks' A, S0 its
+  state from zero. A scan over the splits in float32 then gives the state
+  entering each, S_{p+1} = M_p S_p + S0_p, and a second pass runs every
+  split from its entering state, storing the states and new values as the
+  one long sweep would. The first pass does (F + V) / V of the long
+  sweep's work and the second all of it, but with ``splits`` times the
+  programs, each ``splits`` times shorter: a trade for grids whose
+  sequential sweep is latency-bound (long T, small batch)."""
+  ns = s.splits
+  if ns == 1:
+    res = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True,
+                    out=False, final=final)
+    return (res[0] if final else None,) + tuple(res[-2:])
+  b, _, n, f = q.shape
+  vp = u.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(f, vp + f, dtype=_F32), (b * ns, n, f,
+                                                          f + vp))
+  first = dataclasses.replace(s, aug=f, has_s0=True, bv=s.bva)
+  ends = _fwd_call(q, k, a, w, u, wq, wk, dec, eye, first, store=False,
+                   out=False, final=True)[0]
+  ends = jnp.moveaxis(ends.reshape(b, ns, n, f, f + vp), 1, 0)
+  start = s0 if s0 is not None else jnp.zeros((b, n, f, vp), _F32)
+
+  def link(state, end):
+    nxt = jnp.matmul(end[..., :f], state,
+                     precision=lax.Precision.HIGHEST) + end[..., f:]
+    return nxt, state
+
+  last, starts = lax.scan(link, start, ends)
+  starts = jnp.moveaxis(starts, 0, 1).reshape(b * ns, n, f, vp)
+  h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, starts,
+                    dataclasses.replace(s, has_s0=True), store=True,
+                    out=False)
+  return (last if final else None), h, vn
 
 
 def _out_kernel(*refs, s: _S, scores: bool):
@@ -662,8 +745,7 @@ def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool,
   from q, k, ``gc`` and ``rc``."""
   sc = dict(gc=gc, rc=rc)
   if s.sep_out:
-    final, h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
-                             out=False, final=True, **sc)
+    final, h, vn = _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s, True)
     return (_out_call(q, a, wq, h, vn, s, k=k, **sc), final, h, vn)
   if residuals:
     return tuple(_fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, True,
@@ -676,6 +758,7 @@ def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None):
   b, tp, n, f = q.shape
   vp = do.shape[-1]
   bv = min(s.bvb, vp)
+  s = dataclasses.replace(s, splits=1)  # the reverse sweep is one sweep
   specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s, gc, rc)
   col = _seq(tp, bv, lambda n_: n_, lambda j: j)
   specs += [col, _state_spec(f, bv)]
@@ -1058,7 +1141,7 @@ def _core_bwd(s: _S, res, cts):
   dt = w.dtype
   sc = dict(gc=gc, rc=rc)  # output_scores: the reverse sweep forms them
   if h is None:
-    h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s, store=True, **sc)
+    _, h, vn = _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s, False)
   do = do.astype(dt)
   gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
                            s, **sc)
@@ -1166,7 +1249,12 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   nc = -(-t // c)
   tp = nc * c
   sms = _num_sms()
-  bv = cfg.block_v or _auto_block_v(b * n, vp, sms)
+  splits = max(x for x in range(1, min(int(cfg.sweep_splits), nc) + 1)
+               if nc % x == 0)
+  bv = cfg.block_v or _auto_block_v(b * n * splits, vp, sms)
+  # The split sweep's first pass: F transition columns before the V.
+  bva = max(x for x in (16, 32, 64) if fp % x == 0 and vp % x == 0
+            and x <= _auto_block_v(b * n * splits, fp + vp, sms))
   bvb = cfg.block_v_bwd or _auto_block_v(b * n, vp, sms)
   s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(bv, vp),
          bvb=min(bvb, vp), warps=cfg.num_warps,
@@ -1178,8 +1266,10 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          doubling=cfg.diag_inverse == "doubling",
          inverse_dots=cfg.inverse_dots,
          bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
-         sep_out=(_auto_separate_output(b * n, vp, sms)
-                  if cfg.separate_output is None else cfg.separate_output),
+         sep_out=splits > 1 or (
+             _auto_separate_output(b * n, vp, sms)
+             if cfg.separate_output is None else cfg.separate_output),
+         splits=splits, bva=bva,
          prefetch=cfg.prefetch_weights,
          out_scores=cfg.output_scores is True,
          out_scores_fwd=cfg.output_scores is not False,

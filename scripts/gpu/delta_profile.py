@@ -4,6 +4,7 @@
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
       [--no-checks] [--forward-states] [--prefetch] [--output-scores]
       [--ut-dots=tf32x3,tf32]  (--ut-sweep: only these inverse_dots)
+      [--splits=1,4,8,16]  (DeltaConfig.sweep_splits only)
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -361,6 +362,28 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
+def _splits(t, b, q, k, v, beta, g, splits):
+  """DeltaConfig(sweep_splits=P) for each P (1: the one long sweep): the
+  forward, gated and ungated; forward+backward gated at the first and
+  the largest P."""
+  for p in splits:
+    cfg = kdelta.DeltaConfig(sweep_splits=p)
+    for gated in (True, False):
+      f = lambda q, k, v, beta, g, cfg=cfg, gated=gated: kdelta.delta_rule(  # noqa: E731
+          q, k, v, beta, g if gated else None, scale=1 / math.sqrt(H),
+          config=cfg)
+      tag = f"splits {p} {'gated' if gated else 'ungated'}"
+      try:
+        pc.line(f"fwd {tag} {pc.clocks()}", b, t,
+                pc.time(jax.jit(f), q, k, v, beta, g))
+        if gated and p in (splits[0], splits[-1]):
+          pc.line(f"fwd+bwd {tag} {pc.clocks()}", b, t,
+                  pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
+      except Exception as e:  # noqa: BLE001
+        print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
+              flush=True)
+
+
 def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
   """The UT kernel alone (gated) at several warp counts and inverses,
   with and without the scores (run24/26 timed it with them only)."""
@@ -395,11 +418,14 @@ def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
             ut_sweep=False, forward_states=False, prefetch=False,
-            output_scores=False, ut_dots=None):
+            output_scores=False, ut_dots=None, splits=None):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
+    if splits:  # sweep_splits only
+      _splits(t, b, q, k, v, beta, g, splits)
+      continue
     if grad_sweep:  # the gradient kernel's tilings only
       _grad_sweep(t, b, q, k, v, beta, g)
       continue
@@ -498,8 +524,10 @@ def main(argv):
   ok = True if "--no-checks" in argv else checks()
   t0 = time.time()
   seqs = (4096,) if quick else (4096, 16384, 65536)
-  ut_dots = None
+  ut_dots = splits = None
   for a in argv:
+    if a.startswith("--splits="):
+      splits = tuple(int(x) for x in a[len("--splits="):].split(","))
     if a.startswith("--seqs="):
       seqs = tuple(int(x) for x in a[7:].split(","))
     if a.startswith("--ut-dots="):
@@ -509,7 +537,8 @@ def main(argv):
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
           prefetch="--prefetch" in argv,
-          output_scores="--output-scores" in argv, ut_dots=ut_dots)
+          output_scores="--output-scores" in argv, ut_dots=ut_dots,
+          splits=splits)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

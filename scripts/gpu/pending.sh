@@ -28,11 +28,13 @@
 #        the two kernels (the default there now; untimed) beside
 #        cuDNN/tokamax, and H = 64's three-consumer forward (wg3) at 16k
 #        causal and full.
-# short   one call of the essentials of fusedwhy and tf32ut (when the
-#        device budget allows one call): the Mosaic GPU tests, the fused
-#        diagnostics at T = 4k and 1k full MHA (also "fusednr": dQ copied,
-#        not reduce-added; "fusednodq": no dQ at all; both wrong, timing
-#        only), the tf32 inverse's GPU tests and its UT timing.
+# short   one call of the essentials (when the device budget allows one
+#        call): the fused Mosaic backward's diagnostics at T = 4k and 1k
+#        full MHA (also "fusednr": dQ copied, not reduce-added;
+#        "fusednodq": no dQ at all; both wrong, timing only), the GPU
+#        tests of the tf32 inverse and of DeltaConfig(sweep_splits), the
+#        tf32 UT timing, and the delta forward with the states sweep split
+#        over 1, 4, 8 and 16 sequence splits at T = 64k and 16k.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
 #        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
 #        GPU tests (the default's tolerances), then the UT kernel alone
@@ -133,16 +135,16 @@ case "${1:-}" in
     ;;
   short)
     bash $S \
-      "timeout 130 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         'default_without_determinism_flags or staggered'" \
-      "timeout 150 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 140 --no-cudnn --no-tokamax --configs \
+      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 120 --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
-      "timeout 110 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and tf32_inverse'" \
-      "cd scripts/gpu && timeout 130 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
+      "timeout 120 $PYTEST tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (tf32_inverse or sweep_splits)'" \
+      "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32" \
+      "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=65536,16384 --splits=1,4,8,16"
     ;;
   tf32ut)
     bash $S \

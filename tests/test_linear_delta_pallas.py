@@ -209,7 +209,7 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
     # The transition pass, the storing pass and the output kernel; without
     # forward_states the backward reruns both passes.
     sweeps = ("delta_rule_fwd_final", "delta_rule_fwd_states",
-              "delta_rule_out")
+              "delta_rule_out", "delta_rule_bwd_final")
     calls = 0 if c.forward_states else 2
   elif sep:
     sweeps = ("delta_rule_fwd_states_final", "delta_rule_out")
@@ -488,12 +488,14 @@ def test_delta_pallas_forward_states(segments, separate, states):
 def test_delta_pallas_sweep_splits(segments, splits, states):
   """sweep_splits: the states-only sweep over sequence splits (a first
   pass carrying each split's transition, a scan linking the splits, a
-  second pass from the linked states). t = 93 at chunk 16: 6 chunks, so 3
-  and 2 split evenly, 4 is lowered to 3 and 5 to 2. Forward (output and
-  final state) and every gradient against the scan, with gates, GQA, an
-  initial state, optional resets, F != V (the transition's F columns
-  before V's) and a ragged tail; with forward_states the forward stores
-  the split sweep's states, without it the backward reruns it."""
+  second pass from the linked states), and the backward's reverse sweep
+  split alike. t = 93 at chunk 16: 6 chunks, so 3 and 2 split evenly, 4
+  is lowered to 3 and 5 to 2. Forward (output and final state) and every
+  gradient (the initial state's is the first split's linked Lam) against
+  the scan, with gates, GQA, an initial state, optional resets, F != V
+  (the transition's F columns before V's) and a ragged tail; with
+  forward_states the forward stores the split sweep's states, without it
+  the backward reruns it."""
   cfg = delta.DeltaConfig(chunk=16, block_v=16, forward_states=states,
                           sweep_splits=splits)
   _config_grads_match_scan(f"delta-sweep-splits-{segments}-{splits}", cfg,
@@ -522,6 +524,16 @@ def test_delta_sweep_splits_pass_structure():
   assert names(3) == names(2)  # 8 chunks: 3 is lowered to 2
   single = names(1)
   assert "delta_rule_fwd_final" not in single, single
+  # The backward: the reverse sweep's transition pass, then its storing
+  # pass (the forward stored the states: no forward sweep reruns).
+  grads = [str(e.params["name"]) for e in _pallas_calls(
+      jax.grad(lambda q: jnp.sum(delta.delta_rule(
+          q, z, z, beta, scale=1.0, interpret=True,
+          config=delta.DeltaConfig(chunk=16, sweep_splits=4))[0].astype(
+              F32))), z)]
+  assert grads.count("delta_rule_bwd_final") == 1, grads
+  assert grads.count("delta_rule_bwd") == 1, grads
+  assert grads.count("delta_rule_fwd_final") == 1, grads
   _assert_config_rejected(sweep_splits=0)
 
 

@@ -172,15 +172,17 @@ class DeltaConfig:
       (the reverse sweep's extra matmuls outweigh the UT kernel's saving),
       so under differentiation the UT kernel stores the scores for the
       backward by default.
-    sweep_splits: the states-only sweep (``separate_output``; a value
-      above 1 turns that on) runs over this many sequence splits in
-      parallel, in two passes (``_states_sweep``): the first carries each
-      split's chunk-to-chunk transition (F more state columns) and its
-      state from zero, a float32 scan over the splits links them, the
-      second reruns every split from its true entering state. For long T
-      at small batches, where the one sequential sweep has too few
-      programs: 1 (the default) is the single sweep. Lowered to the
-      largest divisor of the chunk count. Opt-in, not yet timed on a GPU.
+    sweep_splits: the sequential sweeps, the states-only forward one
+      (``separate_output``; a value above 1 turns that on) and the
+      backward's reverse one, run over this many sequence splits in
+      parallel, each in two passes (``_states_sweep``, ``_lam_sweep``):
+      the first carries each split's chunk-to-chunk transition (F more
+      state columns) and its state (or Lam) from zero, a float32 scan
+      over the splits links them, the second reruns every split from its
+      true entering state. For long T at small batches, where one
+      sequential sweep has too few programs: 1 (the default) is the
+      single sweep. Lowered to the largest divisor of the chunk count.
+      Opt-in, not yet timed on a GPU.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -480,16 +482,22 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
     st_ref[...] = last
 
 
-def _bwd_kernel(*refs, s: _S):
-  """Reverse sweep: Gv and Lam per chunk (see the module docstring)."""
+def _bwd_kernel(*refs, s: _S, store: bool = True):
+  """Reverse sweep: Gv and Lam per chunk (see the module docstring);
+  without ``store`` only the final Lam (a split sweep's first pass, whose
+  value blocks below ``s.aug`` columns carry the transition: dO zero)."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
   q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref = (
       next(it) for _ in range(7))
   gc_ref, rc_ref = _score_refs(s, it)
-  do_ref, dfin_ref, gv_ref, lam_ref, ds0_ref = (next(it) for _ in range(5))
+  do_ref, dfin_ref = next(it), next(it)
+  gv_ref, lam_ref = (next(it), next(it)) if store else (None, None)
+  ds0_ref = next(it)
   c = s.chunk
   dt = w_ref.dtype
+  keep = ((pl.program_id(0) * do_ref.shape[-1] >= s.aug).astype(dt)
+          if s.aug else None)
 
   def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay, scores')
     rows = _chunk_rows((s.nc - 1 - i) * c, c)
@@ -501,8 +509,11 @@ def _bwd_kernel(*refs, s: _S):
     ci = s.nc - 1 - i
     rows = _chunk_rows(ci * c, c)
     do = do_ref[rows, :]
+    if keep is not None:
+      do = do * keep
     lb = lam.astype(dt)
-    lam_ref[ci] = lb
+    if store:
+      lam_ref[ci] = lb
     if s.out_scores:
       a = _scores(s, q_ref[rows, :], k_ref[rows, :], *sw).astype(dt)
     else:
@@ -510,7 +521,8 @@ def _bwd_kernel(*refs, s: _S):
     gv = (_dot_tn(a, do)
           + _dot(k_ref[rows, :], lb) * wk[:, None])
     gb = gv.astype(dt)
-    gv_ref[rows, :] = gb
+    if store:
+      gv_ref[rows, :] = gb
     dow = (do.astype(_F32) * wq[:, None]).astype(dt)
     return (_dot_tn(q_ref[rows, :], dow) + dec * lam
             - _dot_tn(w_ref[rows, :], gb))
@@ -754,28 +766,74 @@ def _forward(q, k, a, w, u, wq, wk, dec, s0, s: _S, residuals: bool,
                          **sc)) + (None, None)
 
 
-def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None):
+def _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None,
+              store: bool = True):
+  """(Gv, Lam per chunk, final Lam); without ``store`` (a split sweep's
+  first pass) the final Lam only. Over ``s.splits`` splits (``dfin`` then
+  one [F, V] per split) when that is above 1."""
   b, tp, n, f = q.shape
-  vp = do.shape[-1]
+  ns = s.splits
+  if s.aug and store:
+    raise ValueError("a split sweep's first pass stores nothing")
+  vp = s.aug + do.shape[-1]
   bv = min(s.bvb, vp)
-  s = dataclasses.replace(s, splits=1)  # the reverse sweep is one sweep
   specs, args = _sweep_inputs(q, k, a, w, wq, wk, dec, s, gc, rc)
-  col = _seq(tp, bv, lambda n_: n_, lambda j: j)
-  specs += [col, _state_spec(f, bv)]
+  col = _seq(tp, bv, lambda n_: n_, lambda j: j, ns)
+  docol = col if not s.aug else _seq(
+      tp, bv, lambda n_: n_, lambda j: jnp.maximum(j - s.aug // bv, 0), ns)
+  specs += [docol, _state_spec(f, bv)]
   args += [do, dfin]
+  out_specs, out_shape = [], []
+  if store:
+    out_specs += [col, _chunk_states_spec(s.nc, f, bv, ns)]
+    out_shape += [jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype),
+                  jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype)]
+  out_specs.append(_state_spec(f, bv))
+  out_shape.append(jax.ShapeDtypeStruct((b * ns, n, f, vp), _F32))
   return _flat_call(
-      functools.partial(_bwd_kernel, s=s),
-      grid=(vp // bv, n, b),
+      functools.partial(_bwd_kernel, s=dataclasses.replace(s, nc=s.nc // ns),
+                        store=store),
+      grid=(vp // bv, n, b * ns),
       in_specs=specs,
-      out_specs=[col, _chunk_states_spec(s.nc, f, bv), _state_spec(f, bv)],
-      out_shape=[jax.ShapeDtypeStruct((b, tp, n, vp), w.dtype),
-                 jax.ShapeDtypeStruct((b, n, s.nc, f, vp), w.dtype),
-                 jax.ShapeDtypeStruct((b, n, f, vp), _F32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_params(s, s.warps_bwd,
                               _sweep_stages(s, s.stages_bwd)),
       interpret=s.interpret,
-      name="delta_rule_bwd",
+      name="delta_rule_bwd" + ("" if store else "_final"),
   )(*args)
+
+
+def _lam_sweep(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None):
+  """(Gv, Lam per chunk, final Lam): the reverse sweep, over ``s.splits``
+  sequence splits when that is above 1, as ``_states_sweep`` splits the
+  forward one. Lam maps linearly too: a chunk takes it to
+  exp(G_C) Lam - W^T ((k Lam) o g_out) plus terms of dO. The first pass
+  runs every split backwards from [I | 0] with dO = [0 | dO]; a scan
+  from the last split links them (the gradient leaving split p is
+  M_{p+1} Lam_{p+1} + L_{p+1}, the last split's the final state's); the
+  second pass reruns every split from its own, storing Gv and Lam."""
+  ns = s.splits
+  if ns == 1:
+    return _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s, gc, rc)
+  b, _, n, f = q.shape
+  vp = do.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(f, vp + f, dtype=_F32),
+                         (b * ns, n, f, f + vp))
+  first = dataclasses.replace(s, aug=f, bvb=s.bva)
+  ends = _bwd_call(q, k, a, w, wq, wk, dec, do, eye, first, gc, rc,
+                   store=False)[0]
+  ends = jnp.moveaxis(ends.reshape(b, ns, n, f, f + vp), 1, 0)
+
+  def link(lam, end):
+    nxt = jnp.matmul(end[..., :f], lam,
+                     precision=lax.Precision.HIGHEST) + end[..., f:]
+    return nxt, lam
+
+  ds0, starts = lax.scan(link, dfin, ends, reverse=True)
+  starts = jnp.moveaxis(starts, 0, 1).reshape(b * ns, n, f, vp)
+  gv, lam, _ = _bwd_call(q, k, a, w, wq, wk, dec, do, starts, s, gc, rc)
+  return gv, lam, ds0
 
 
 def _value_loop(s: _S, refs, beta, tb, *, state: bool, ut: bool):
@@ -1143,8 +1201,8 @@ def _core_bwd(s: _S, res, cts):
   if h is None:
     _, h, vn = _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s, False)
   do = do.astype(dt)
-  gv, lam, ds0 = _bwd_call(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
-                           s, **sc)
+  gv, lam, ds0 = _lam_sweep(q, k, a, w, wq, wk, dec, do, dfin.astype(_F32),
+                            s, **sc)
   dq, dk, dv, dbeta, dgc, dwq, dwk, ddec = _grad_call(
       q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s)
   if s.rep > 1:  # per query head -> per key/value head
@@ -1255,7 +1313,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   # The split sweep's first pass: F transition columns before the V.
   bva = max(x for x in (16, 32, 64) if fp % x == 0 and vp % x == 0
             and x <= _auto_block_v(b * n * splits, fp + vp, sms))
-  bvb = cfg.block_v_bwd or _auto_block_v(b * n, vp, sms)
+  bvb = cfg.block_v_bwd or _auto_block_v(b * n * splits, vp, sms)
   s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(bv, vp),
          bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,

@@ -210,6 +210,33 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, t, n, kh, causal,
     assert window.bwd.fused_dq is (t >= 16384)
 
 
+@pytest.mark.parametrize("h,t,s,kw,wgs", [
+    (64, 16384, 16384, {}, 3),          # full 16k: 475 / 420 TFLOP/s
+    (64, 16384, 16384, dict(is_causal=True), 2),
+    (64, 16384, 16384, dict(local_window_size=(512, 512)), 2),
+    (64, 16384, 16384, dict(logits_soft_cap=20.0), 2),
+    (64, 16383, 16384, {}, 2),          # one query row short
+    (64, 16384, 4096, {}, 2),           # short keys
+    (64, 4096, 4096, {}, 2),            # full 4k: 419 / 413, kept
+    (128, 16384, 16384, {}, 2),
+], ids=["h64-16k", "causal", "window", "soft-cap", "t-short", "s-short", "h64-4k",
+        "h128-16k"])
+def test_default_forward_picks_three_consumers_by_shape(h, t, s, kw, wgs):
+  fwd = _plan((1, t, 2, h), (1, s, 2, h), **kw).fwd
+  assert fwd.num_compute_wgs == wgs, fwd
+  if wgs == 3:
+    assert (fwd.consumer_regs, fwd.producer_regs, fwd.num_stages) == (
+        160, 32, 3)
+  else:
+    assert fwd == fwd_lib.default_fwd_config(h)
+
+
+def test_lowers_default_three_consumer_forward():
+  # The plan's three-consumer forward through the default path, with the
+  # backward over the 384-row padding (lcm of the 192-row tile and 128).
+  _lower(h=64, n=2, kh=2, b=1, t=16384)
+
+
 def test_lowers_default_nondeterministic_backward(monkeypatch):
   # The plan's fused tiling lowers through the default path (no config):
   # full GQA 4:1 at T = 4096 (16384 query rows per dK/dV CTA).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# short (or fusedwhy, tf32ut), call4, gap64k, pftimes, pftests, call1, call2, call3
+# short, splits, call4 (fusedwhy, tf32ut: longer forms of short), gap64k,
+# pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -28,13 +29,18 @@
 #        the two kernels (the default there now; untimed) beside
 #        cuDNN/tokamax, and H = 64's three-consumer forward (wg3) at 16k
 #        causal and full.
-# short   one call of the essentials (when the device budget allows one
-#        call): the fused Mosaic backward's diagnostics at T = 4k and 1k
-#        full MHA (also "fusednr": dQ copied, not reduce-added;
-#        "fusednodq": no dQ at all; both wrong, timing only), the GPU
-#        tests of the tf32 inverse and of DeltaConfig(sweep_splits), the
-#        tf32 UT timing, and the delta forward with the states sweep split
-#        over 1, 4, 8 and 16 sequence splits at T = 64k and 16k.
+# short   the essentials, first: the GPU tests of the per-shape Mosaic
+#        defaults (fused backward at T = 4100 full GQA, stagger_q, the
+#        three-consumer H = 64 forward at T = 16434 with segments), the
+#        fused backward's diagnostics at T = 4k and 1k full MHA ("fusednj"
+#        no final join, "fusedst" staggered, "fusednr" dQ copied not
+#        reduce-added, "fusednodq" no dQ; the last two wrong, timing
+#        only), the GPU tests of the tf32 inverse and of
+#        DeltaConfig(sweep_splits), and the tf32 UT timing.
+# splits  the delta forward (gated and not) and gated forward+backward
+#        with the sweeps split over 1, 4, 8 and 16 sequence splits at
+#        T = 64k and 16k; then H = 64 at 16k full (the default now takes
+#        wg3 there) and causal beside cuDNN / tokamax.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
 #        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
 #        GPU tests (the default's tolerances), then the UT kernel alone
@@ -135,6 +141,9 @@ case "${1:-}" in
     ;;
   short)
     bash $S \
+      "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'default_without_determinism_flags or staggered or \
+          default_three_consumer'" \
       "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 120 --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
@@ -142,9 +151,15 @@ case "${1:-}" in
       "timeout 120 $PYTEST tests/test_linear_delta_pallas.py -k \
          'gpu_delta_kernel_configs and (tf32_inverse or sweep_splits)'" \
       "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32" \
-      "cd scripts/gpu && timeout 170 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=65536,16384 --splits=1,4,8,16"
+         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
+    ;;
+  splits)
+    bash $S \
+      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=65536,16384 --splits=1,4,8,16" \
+      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 190 --configs '64:16384:full:mha,64:16384:causal:mha' \
+         --variants ours,wg3"
     ;;
   tf32ut)
     bash $S \

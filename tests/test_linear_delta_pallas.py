@@ -503,6 +503,41 @@ def test_delta_pallas_sweep_splits(segments, splits, states):
                            segments=segments)
 
 
+@settings(max_examples=6)
+@given(length=st.integers(17, 130), splits=st.integers(2, 9),
+       kv_heads=st.sampled_from([1, 2]), gated=st.booleans(),
+       segments=st.booleans(), state=st.booleans())
+def test_delta_sweep_splits_property(length, splits, kv_heads, gated,
+                                     segments, state):
+  """The split sweeps' forward (outputs and final state) equals the scan
+  for any length, split count (lowered to a divisor of the chunk count),
+  GQA, gate, resets and initial state."""
+  ks = jax.random.split(key_for("delta-splits-prop", length, splits,
+                                kv_heads, gated, segments, state), 7)
+  b, n, f, vd = 2, 2, 16, 24
+  q = jax.random.normal(ks[0], (b, length, n, f))
+  k = jax.random.normal(ks[1], (b, length, kv_heads, f))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (b, length, kv_heads, vd))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, length, n)))
+  g = (jax.nn.log_sigmoid(jax.random.normal(ks[4], (b, length, n)) + 2.0)
+       if gated else None)
+  s0 = jax.random.normal(ks[5], (b, n, f, vd)) if state else None
+  resets = None
+  if segments:
+    resets = (jax.random.uniform(ks[6], (b, length)) < 0.1).at[:, 0].set(
+        False)
+  out, fin = delta.delta_rule(
+      q, k, v, beta, g, resets, scale=0.3, initial_state=s0, interpret=True,
+      config=delta.DeltaConfig(chunk=16, sweep_splits=splits))
+  ref, ref_fin = attnjax.delta_rule_attention(
+      q, k, v, beta, gate=g, scale=0.3, initial_state=s0,
+      segment_ids=None if resets is None else jnp.cumsum(resets, axis=1),
+      return_final_state=True, implementation="xla")
+  assert_matches(out, ref, F32, name="out")
+  assert_matches(fin, ref_fin, F32, name="final state")
+
+
 def test_delta_sweep_splits_pass_structure():
   """With sweep_splits the forward runs two states-only sweeps (the
   transition pass with F more columns, then the storing pass) and the

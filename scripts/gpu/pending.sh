@@ -38,7 +38,7 @@
 #        only), the GPU tests of the tf32 inverse and of
 #        DeltaConfig(sweep_splits), and the tf32 UT timing.
 # splits  the delta forward (gated and not) and gated forward+backward
-#        with the sweeps split over 1, 4, 8 and 16 sequence splits at
+#        with the sweeps split over 1, 2, 4, 8 and 16 sequence splits at
 #        T = 64k and 16k; then H = 64 at 16k full (the default now takes
 #        wg3 there) and causal beside cuDNN / tokamax.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
@@ -155,10 +155,10 @@ case "${1:-}" in
     ;;
   splits)
     bash $S \
-      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=65536,16384 --splits=1,4,8,16" \
-      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 190 --configs '64:16384:full:mha,64:16384:causal:mha' \
+      "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=65536,16384 --splits=1,2,4,8,16" \
+      "timeout 180 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 170 --configs '64:16384:full:mha,64:16384:causal:mha' \
          --variants ours,wg3"
     ;;
   tf32ut)

@@ -140,6 +140,22 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
 # alone at best: never set outside timing.
 _FUSED_DROP: frozenset[str] = frozenset()
 
+# Profiling diagnostics only (scripts/gpu/mosaic_profile.py): (events, dir)
+# turns on Mosaic GPU's in-kernel profiler for the dK/dV kernel (H <= 128),
+# read when tracing: each consumer warpgroup records its named regions
+# ("prologue", "step" per query block, "dq" inside a fused step,
+# "epilogue") and a trace JSON lands in dir after the first run.
+_PROFILE: tuple[int, str] | None = None
+
+
+def _dkv_params():
+  """The dK/dV kernel's compiler params (with the profiler when asked)."""
+  if _PROFILE is None:
+    return plgpu.CompilerParams(approx_math=True)
+  space, path = _PROFILE
+  return plgpu.CompilerParams(approx_math=True, profile_space=space,
+                              profile_dir=path, profile_bounds_check=True)
+
 # The fused backward's shapes (H = 128, without determinism): at least this
 # many query rows per dK/dV CTA (GQA group x T), and masked only from this T.
 FUSED_MIN_ROWS = 16384
@@ -433,12 +449,13 @@ def flash_backward_dkv(
       k_base = kt * tk + wg * bk
       ks = pl.ds(k_base, bk)
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
-      plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh], k_w, kv_bar.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh], v_w, kv_bar.at[wg])
-      if segments:
-        kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
-                           optimized=False)
-      plgpu.barrier_wait(kv_bar.at[wg])
+      with jax.named_scope("prologue"):
+        plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh], k_w, kv_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh], v_w, kv_bar.at[wg])
+        if segments:
+          kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
+                             optimized=False)
+        plgpu.barrier_wait(kv_bar.at[wg])
       col = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
 
       def iota(dim):
@@ -487,7 +504,8 @@ def flash_backward_dkv(
         dst16 = dst.astype(dtype)
         plgpu.wgmma(dk_acc, dst16, q_smem.at[slot])
         if fused and "dq" not in _FUSED_DROP:
-          fused_dq(i, qb, dst16)
+          with jax.named_scope("dq"):
+            fused_dq(i, qb, dst16)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(q_free.at[slot])
         plgpu.barrier_arrive(do_free.at[slot])
@@ -532,7 +550,8 @@ def flash_backward_dkv(
         # masked unless qb lies in [a, c).
         def head(g, _):
           def run(qb, masked):
-            body(g * nq + qb - lo, masked, dk_acc, dv_acc)
+            with jax.named_scope("step"):
+              body(g * nq + qb - lo, masked, dk_acc, dv_acc)
             return ()
 
           lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
@@ -545,17 +564,20 @@ def flash_backward_dkv(
 
       dk, dv = pl.run_scoped(all_steps, plgpu.ACC((bk, h), jnp.float32),
                              plgpu.ACC((bk, hv), jnp.float32))
-      if fused and "join" not in _FUSED_DROP:
-        # The other consumer's last dQ product may still read this
-        # consumer's K tile: wait for it before dK overwrites K here.
-        _pair_barrier()
-      k_w[...] = (dk * scale).astype(dtype)
-      v_w[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_w, dk_ref.at[bb, ks, kvh], commit_group=False)
-      plgpu.copy_smem_to_gmem(v_w, dv_ref.at[bb, ks, kvh], commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      with jax.named_scope("epilogue"):
+        if fused and "join" not in _FUSED_DROP:
+          # The other consumer's last dQ product may still read this
+          # consumer's K tile: wait for it before dK overwrites K here.
+          _pair_barrier()
+        k_w[...] = (dk * scale).astype(dtype)
+        v_w[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_w, dk_ref.at[bb, ks, kvh],
+                                commit_group=False)
+        plgpu.copy_smem_to_gmem(v_w, dv_ref.at[bb, ks, kvh],
+                                commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   q_arrivals = 2 + (1 if segments else 0)
   scratch = [
@@ -587,7 +609,7 @@ def flash_backward_dkv(
       grid_names=("kv", "h", "b"),
       num_threads=wgs + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_dkv_params(),
   )
   dk, dv = call(q, k, v, do, lse2, delta, tables, q_segment_ids,
                 kv_segment_ids, kv_lengths, dq_acc)

@@ -358,6 +358,11 @@ def _time(f, *args, target=0.15, samples=3):
   return times[len(times) // 2], first
 
 
+# Variants of the fused backward that leave parts out (timing only; see
+# mosaic_gpu_bwd._FUSED_DROP).
+FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
+               "fusednodq": {"dq"}}
+
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
 
@@ -507,8 +512,7 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
           outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
-          drop = {"fusednj": {"join"}, "fusednr": {"reduce"},
-                  "fusednodq": {"dq"}}.get(name, set())
+          drop = FUSED_DROPS.get(name, set())
 
           def fb(q, k, v, do, fn=fn, drop=frozenset(drop)):
             # The backward is traced here (vjp), so the switch spans it.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# short, splits, call4 (fusedwhy, tf32ut: longer forms of short), gap64k,
-# pftimes, pftests, call1, call2, call3
+# short, splits, profile, call4 (fusedwhy, tf32ut: longer forms of short),
+# gap64k, pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -41,6 +41,12 @@
 #        with the sweeps split over 1, 2, 4, 8 and 16 sequence splits at
 #        T = 64k and 16k; then H = 64 at 16k full (the default now takes
 #        wg3 there) and causal beside cuDNN / tokamax.
+# profile the dK/dV kernel under Mosaic GPU's in-kernel profiler
+#        (scripts/gpu/mosaic_profile.py): the fused backward where it lost
+#        (T = 4k full MHA, 64 query blocks per CTA; T = 1k) and where it
+#        won (4k full GQA 4:1, 256 per CTA), beside the two-kernel form's
+#        dK/dV kernel: per-step times, the time outside the steps, the
+#        gaps between CTAs on an SM.
 # tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
 #        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
 #        GPU tests (the default's tolerances), then the UT kernel alone
@@ -160,6 +166,13 @@ case "${1:-}" in
       "timeout 180 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 170 --configs '64:16384:full:mha,64:16384:causal:mha' \
          --variants ours,wg3"
+    ;;
+  profile)
+    bash $S \
+      "timeout 300 python3 scripts/gpu/mosaic_profile.py --configs \
+         128:4096:full:mha,128:4096:full:gqa --variants fused,bkvdq128" \
+      "timeout 200 python3 scripts/gpu/mosaic_profile.py --configs \
+         128:1024:full:mha --variants fused,bkvdq128,fusednr"
     ;;
   tf32ut)
     bash $S \

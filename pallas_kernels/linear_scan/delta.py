@@ -1310,9 +1310,11 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   splits = max(x for x in range(1, min(int(cfg.sweep_splits), nc) + 1)
                if nc % x == 0)
   bv = cfg.block_v or _auto_block_v(b * n * splits, vp, sms)
-  # The split sweep's first pass: F transition columns before the V.
-  bva = max(x for x in (16, 32, 64) if fp % x == 0 and vp % x == 0
-            and x <= _auto_block_v(b * n * splits, fp + vp, sms))
+  # The split sweep's first pass: F transition columns before the V, in
+  # blocks no wider than a given block_v (float32's 32: shared memory).
+  wide = cfg.block_v or _auto_block_v(b * n * splits, fp + vp, sms)
+  bva = max((x for x in (16, 32, 64)
+             if fp % x == 0 and vp % x == 0 and x <= wide), default=16)
   bvb = cfg.block_v_bwd or _auto_block_v(b * n * splits, vp, sms)
   s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(bv, vp),
          bvb=min(bvb, vp), warps=cfg.num_warps,

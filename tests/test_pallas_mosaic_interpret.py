@@ -205,18 +205,34 @@ def test_gradients_fused_dq_gqa_causal(h):
          is_causal=True)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(is_causal=True)],
+@pytest.mark.parametrize("t,kw", [(384, dict()), (430, dict(is_causal=True))],
                          ids=["full", "causal"])
-def test_gradients_fused_dq_staggered(kw):
+def test_gradients_fused_dq_staggered(t, kw):
   # BwdConfig(stagger_q=True): each key tile walks its unmasked query
-  # blocks from an offset of its own (producer and consumers through the
-  # same step_coords). Full GQA, and causal, whose key tiles start with
-  # masked diagonal blocks before the unmasked ones that are rotated (a
-  # rotation over the masked blocks too fails the causal case).
-  _check("fusedst", shape=dict(t=430, n=4, kh=2, h=128),
+  # blocks from an offset of its own (the producer's step_coords, the
+  # consumers' loop wrapping around). Full GQA on whole tiles (3 key
+  # tiles, offsets 0, 1, 2 of 6 query blocks; no masked loop compiled),
+  # and causal, whose key tiles start with masked diagonal blocks before
+  # the unmasked ones that are rotated (a rotation over the masked blocks
+  # too fails the causal case).
+  _check("fusedst", shape=dict(t=t, n=4, kh=2, h=128),
          fwd_config=_fwd_cfg(128, num_ctas=3),
          bwd_config=mosaic_bwd.BwdConfig(fused_dq=True, stagger_q=True),
          **kw)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two", "fused"])
+@pytest.mark.parametrize("lengths", [False, True], ids=["", "lengths"])
+def test_gradients_full_whole_tiles(fused, lengths):
+  # Full attention on whole key tiles: without segments or lengths no
+  # block needs the element mask, so the backward kernels compile no
+  # masked loop (the ragged cases keep them for the padded key block).
+  # Key lengths that cut a tile bring them back at run time: dK/dV masks
+  # the whole tile, dQ the blocks from the cut on.
+  arrays = {"kv_lengths": jnp.array([256, 150], jnp.int32)} if lengths else {}
+  _check(f"whole{fused}{lengths}", shape=dict(t=256, n=4, kh=2, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3),
+         bwd_config=mosaic_bwd.BwdConfig(fused_dq=fused), arrays=arrays)
 
 
 @pytest.mark.long

@@ -79,9 +79,13 @@ class BwdConfig:
       different dQ rows instead of the same ones in lockstep. Opt-in, not
       yet timed: the fused form lost to the two kernels on an H100 where
       CTAs are short (run43); contention on the dQ rows is one candidate
-      cause. Compiled for an H100 (H = 128, T = 4k) it spills 136 / 224
-      bytes against the fused kernel's 80 / 112; neither shows wgmma
-      serialisation (scripts/aot/ptxas_report.py --case mosaic).
+      cause. The producer rotates its step order; the consumers' loop
+      over the unmasked blocks runs shifted by the offset and wraps with
+      one select (a per-step remainder, as the producer's, spilled more).
+      Compiled for an H100 (H = 128, T = 4k, B = 4) it spills nothing
+      full (like the fused kernel) and 256 / 320 bytes causal (the fused
+      kernel 152 / 184; the per-step remainder 304 / 424); none shows
+      wgmma serialisation (scripts/aot/ptxas_report.py --case mosaic).
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -176,8 +180,9 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
     head_dim: H.
     deterministic: keep the two-kernel backward, whose results are bitwise
       repeatable. With False, H = 128 may take the fused backward
-      (``fused_dq``), whose dQ sums land in a varying order; it is the one
-      default that spills (80 / 112 bytes of stores / loads at H = 128).
+      (``fused_dq``), whose dQ sums land in a varying order (under a
+      causal mask it spills 152 / 184 bytes of stores / loads at H = 128;
+      full attention on whole tiles, none).
       At H = 64 and 256 the choice is the same either way (H = 64 fused:
       +1.5% full but -1% causal, H200; H = 256 splits the head, which the
       fused kernel does not).
@@ -245,6 +250,16 @@ def _drain(steps, stages, *free_barriers):
         plgpu.barrier_wait(bar.at[x])
 
 
+def _masked_loops(ranges, *, lead: bool = False, trail: bool = False):
+  """(lead, trail): whether a kernel needs its masked loop before the
+  unmasked blocks [a, c) (some range has lo < a) and after them (c < hi),
+  from the static ranges; ``lead`` / ``trail`` force one on (key lengths
+  move the bounds at run time)."""
+  rg = np.asarray(ranges)
+  return (lead or bool(np.any(rg[0] < rg[1])),
+          trail or bool(np.any(rg[2] < rg[3])))
+
+
 def _dkv_tables(ranges, nkt):
   """Per-key-tile query ranges plus a longest-first tile order, as one table.
 
@@ -287,9 +302,7 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
     g = lax.div(i, jnp.maximum(nq, 1))
     qb = lo + lax.rem(i, jnp.maximum(nq, 1))
     if stagger:
-      # Recomputed each step on purpose: hoisted out of the loop, the two
-      # scalars stay live across it and the fused kernel spills more
-      # (152 / 268 bytes against 136 / 224, H100 compile).
+      # The producer's order (the consumers' loop wraps with a select).
       mid = jnp.maximum(c - a, 1)
       rot = a + lax.rem(qb - a + lax.rem(kt, mid), mid)
       qb = jnp.where((qb >= a) & (qb < c), rot, qb)
@@ -419,6 +432,11 @@ def flash_backward_dkv(
               jnp.dtype(dtype).itemsize,
               extra=stages * 3 * 1024 + 1024 + fused_extra)
   tables = _dkv_tables(ranges, nkt)
+  # The masked loops before and after a key tile's unmasked query blocks
+  # are compiled only where some tile has such blocks (fewer spills: none
+  # for full attention on whole tiles, no trailing loop under a causal
+  # mask); a key length cutting a tile masks all of it (_dkv_bounds).
+  lead, trail = _masked_loops(ranges, lead=kv_lengths is not None)
   groups = n // kh
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
@@ -461,9 +479,8 @@ def flash_backward_dkv(
       def iota(dim):
         return plgpu.broadcasted_iota(jnp.int32, (bk, bq), dim, layout=_WGMMA)
 
-      def body(i, masked, dk_acc, dv_acc):
+      def body(i, qb, masked, dk_acc, dv_acc):
         slot = lax.rem(i, jnp.int32(stages))
-        _, qb = step_coords(i)
         # K/V descriptors formed in the loop, not hoisted (see _opaque_zero).
         z = _opaque_zero(i, steps)
         k_w, v_w = k_smem.at[wg + z], v_smem.at[wg + z]
@@ -551,12 +568,29 @@ def flash_backward_dkv(
         def head(g, _):
           def run(qb, masked):
             with jax.named_scope("step"):
-              body(g * nq + qb - lo, masked, dk_acc, dv_acc)
+              body(g * nq + qb - lo, qb, masked, dk_acc, dv_acc)
             return ()
 
-          lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
-          lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
-          lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
+          if lead:
+            lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
+          if cfg.stagger_q:
+            # Step a + j - lo visits block a + (j + off) mod (c - a): the
+            # loop runs j + off over [a + off, c + off) and wraps it with
+            # one select (a per-step remainder spilled more).
+            mid = c - a
+            off = lax.rem(kt, jnp.maximum(mid, 1))
+
+            def wrapped(x, _):
+              with jax.named_scope("step"):
+                body(g * nq + x - off - lo, jnp.where(x >= c, x - mid, x),
+                     False, dk_acc, dv_acc)
+              return ()
+
+            lax.fori_loop(a + off, c + off, wrapped, ())
+          else:
+            lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
+          if trail:
+            lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
           return ()
 
         lax.fori_loop(0, groups, head, ())
@@ -861,6 +895,9 @@ def flash_backward_dq(
   work = ranges[3] - ranges[0]
   order = np.argsort(-work, kind="stable").astype(np.int32)
   tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  # Masked loops only where needed (as in dK/dV); a key length cuts the
+  # unmasked run short, so its blocks after it are masked.
+  lead, trail = _masked_loops(ranges, trail=kv_lengths is not None)
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
@@ -973,9 +1010,11 @@ def flash_backward_dq(
       def all_blocks(dq_acc):
         masked = lambda j, _: (body(j, True, dq_acc), ())[1]
         full = lambda j, _: (body(j, False, dq_acc), ())[1]
-        lax.fori_loop(lo, a, masked, ())
+        if lead:
+          lax.fori_loop(lo, a, masked, ())
         lax.fori_loop(a, c, full, ())
-        lax.fori_loop(c, hi, masked, ())
+        if trail:
+          lax.fori_loop(c, hi, masked, ())
         return dq_acc[...]
 
       dq = pl.run_scoped(all_blocks, plgpu.ACC((bq, h), jnp.float32))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# short, splits, profile, call4 (fusedwhy, tf32ut: longer forms of short),
-# gap64k, pftimes, pftests, call1, call2, call3
+# mosaictests, short, splits, profile, call4 (fusedwhy, tf32ut: longer
+# forms of short), gap64k, pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -29,6 +29,10 @@
 #        the two kernels (the default there now; untimed) beside
 #        cuDNN/tokamax, and H = 64's three-consumer forward (wg3) at 16k
 #        causal and full.
+# mosaictests  the whole Mosaic GPU suite: the backward kernels compile
+#        their masked loops only where the static ranges need them (since
+#        the evening of 2026-12-05; CPU-interpreter-tested), the stagger
+#        loop changed and the H = 64 forward default is per shape.
 # short   the essentials, first: the GPU tests of the per-shape Mosaic
 #        defaults (fused backward at T = 4100 full GQA, stagger_q, the
 #        three-consumer H = 64 forward at T = 16434 with segments), the
@@ -144,6 +148,13 @@ case "${1:-}" in
       "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
+    ;;
+  mosaictests)
+    bash $S \
+      "timeout 280 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_shapes_gqa" \
+      "timeout 300 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'not test_shapes_gqa'"
     ;;
   short)
     bash $S \

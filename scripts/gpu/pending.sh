@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# mosaictests, short, splits, profile, call4 (fusedwhy, tf32ut: longer
-# forms of short), gap64k, pftimes, pftests, call1, call2, call3
+# mosaictests, short, splits, profile, call4 (fusedwhy: a longer form of
+# short's Mosaic part), gap64k, pftimes, pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -51,14 +51,12 @@
 #        won (4k full GQA 4:1, 256 per CTA), beside the two-kernel form's
 #        dK/dV kernel: per-step times, the time outside the steps, the
 #        gaps between CTAs on an SM.
-# tf32ut  the delta rule's UT kernel with one TF32 pass for the inverse's
-#        float32 matmuls (DeltaConfig(inverse_dots="tf32"), opt-in): its
-#        GPU tests (the default's tolerances), then the UT kernel alone
-#        beside the default (tf32x3) at 4k. The inverse's passes
-#        are much of the kernel's time ("ieee": 1.78 ms against 0.88,
-#        run43), and the UT kernel is a third of the gated forward. If it
-#        wins, time the gated rows beside fla (fwdrows with
-#        ATTNJAX_DELTA_CONFIG='{"inverse_dots": "tf32"}').
+#        (short also holds the tf32 inverse's tests and UT timing:
+#        DeltaConfig(inverse_dots="tf32"), one TF32 pass for the inverse's
+#        float32 matmuls, whose passes are much of the UT kernel's time,
+#        "ieee" 1.78 ms against 0.88 in run43; the UT kernel is a third of
+#        the gated forward. If it wins, time the gated rows beside fla:
+#        fwdrows with ATTNJAX_DELTA_CONFIG='{"inverse_dots": "tf32"}'.)
 # gap64k  where the gated delta forward loses its time at T = 64k, B = 1:
 #        run43 measured it 0.42 ms slower than the ungated one there (3.35
 #        against 2.93 ms) but only 0.02-0.04 ms at 16k-32k. The sweeps
@@ -109,8 +107,8 @@
 # call4  the linear benchmark rows for the docs (GLA and both delta rules;
 #        the H100 GLA rows are run12's, from before the GLA kernels'
 #        retuning; the delta fwd+bwd rows are run41's, the fwd rows run43's).
-#        If tf32ut made inverse_dots="tf32" the default, this reruns the
-#        delta rows with it.
+#        If short's tf32 timing made inverse_dots="tf32" the default, this
+#        reruns the delta rows with it.
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
@@ -184,13 +182,6 @@ case "${1:-}" in
          128:4096:full:mha,128:4096:full:gqa --variants fused,bkvdq128" \
       "timeout 200 python3 scripts/gpu/mosaic_profile.py --configs \
          128:1024:full:mha --variants fused,bkvdq128,fusednr"
-    ;;
-  tf32ut)
-    bash $S \
-      "timeout 250 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and tf32_inverse'" \
-      "cd scripts/gpu && timeout 250 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
   gap64k)
     bash $S \

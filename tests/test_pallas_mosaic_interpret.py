@@ -235,6 +235,15 @@ def test_gradients_full_whole_tiles(fused, lengths):
          bwd_config=mosaic_bwd.BwdConfig(fused_dq=fused), arrays=arrays)
 
 
+@pytest.mark.parametrize("lengths", [False, True], ids=["", "lengths"])
+def test_gradients_head_dim_256_whole_tiles(lengths):
+  # The split-head dK/dV kernel on whole key tiles: its masked loops too
+  # are compiled only where the ranges or key lengths need them.
+  arrays = {"kv_lengths": jnp.array([128, 70], jnp.int32)} if lengths else {}
+  _check(f"w256{lengths}", shape=dict(t=128, n=2, kh=1, h=256),
+         arrays=arrays)
+
+
 @pytest.mark.long
 def test_gradients_fused_dq_everything():
   seg = testing.random_segment_ids(_key("fusedall"), 2, 300, 3)

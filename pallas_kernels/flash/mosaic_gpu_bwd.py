@@ -688,6 +688,7 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
+  lead, trail = _masked_loops(ranges, lead=kv_lengths is not None)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
              qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
@@ -804,9 +805,11 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
             body(g * nq + qb - lo, masked, dk_acc, dv_acc)
             return ()
 
-          lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
+          if lead:
+            lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
           lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
-          lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
+          if trail:
+            lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
           return ()
 
         lax.fori_loop(0, groups, head, ())

@@ -145,8 +145,8 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
     soft_cap: whether a logits soft cap applies (more live registers).
     q_len, kv_len: T and S, where known. At H <= 64 without a mask or a
       soft cap and with both at least ``WG3_MIN_LEN``, three consumer
-      warpgroups of 64
-      rows (FA3's 192-row tile, 160 registers each, 3 stages). Measured
+      warpgroups of 64 rows (FA3's 192-row tile, 160 registers each, 3
+      stages). Measured
       on an H100 (run43, B T = 16k, N = 32, forward TFLOP/s, three
       against two consumers): T = 16k full 475 / 420 (cuDNN 464, tokamax
       492); T = 4k full 419 / 413; but T = 4k causal 357 / 383 and T = 1k
@@ -158,8 +158,7 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
   """
   if head_dim <= 64:
     if (not causal and not soft_cap and q_len is not None
-        and kv_len is not None
-        and min(q_len, kv_len) >= WG3_MIN_LEN):
+        and kv_len is not None and min(q_len, kv_len) >= WG3_MIN_LEN):
       return FwdConfig(block_q=64, block_kv=128, num_stages=3,
                        num_compute_wgs=3, consumer_regs=160,
                        producer_regs=32)

@@ -140,8 +140,8 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
 # tracing. "join": the final consumer join (brings back the race it fixes:
 # a last-block dQ may read dK for K); "reduce": dQ is copied, not
 # reduce-added (wrong dQ); "dq": no dQ at all (no dS through SMEM, no pair
-# barrier, no dQ product; dQ stays zero). Results are wrong without "join"
-# alone at best: never set outside timing.
+# barrier, no dQ product; dQ stays zero). Each leaves the results wrong or
+# racy: never set outside timing.
 _FUSED_DROP: frozenset[str] = frozenset()
 
 # Profiling diagnostics only (scripts/gpu/mosaic_profile.py): (events, dir)
@@ -566,31 +566,25 @@ def flash_backward_dkv(
         # Step i = g * nq + (qb - lo) visits query block qb of head g; it is
         # masked unless qb lies in [a, c).
         def head(g, _):
-          def run(qb, masked):
+          def run(i, qb, masked):
             with jax.named_scope("step"):
-              body(g * nq + qb - lo, qb, masked, dk_acc, dv_acc)
+              body(g * nq + i - lo, qb, masked, dk_acc, dv_acc)
             return ()
 
           if lead:
-            lax.fori_loop(lo, a, lambda qb, _: run(qb, True), ())
+            lax.fori_loop(lo, a, lambda qb, _: run(qb, qb, True), ())
           if cfg.stagger_q:
             # Step a + j - lo visits block a + (j + off) mod (c - a): the
-            # loop runs j + off over [a + off, c + off) and wraps it with
-            # one select (a per-step remainder spilled more).
+            # loop runs x = a + j + off over [a + off, c + off) and wraps
+            # it with one select (a per-step remainder spilled more).
             mid = c - a
             off = lax.rem(kt, jnp.maximum(mid, 1))
-
-            def wrapped(x, _):
-              with jax.named_scope("step"):
-                body(g * nq + x - off - lo, jnp.where(x >= c, x - mid, x),
-                     False, dk_acc, dv_acc)
-              return ()
-
-            lax.fori_loop(a + off, c + off, wrapped, ())
+            lax.fori_loop(a + off, c + off, lambda x, _: run(
+                x - off, jnp.where(x >= c, x - mid, x), False), ())
           else:
-            lax.fori_loop(a, c, lambda qb, _: run(qb, False), ())
+            lax.fori_loop(a, c, lambda qb, _: run(qb, qb, False), ())
           if trail:
-            lax.fori_loop(c, hi, lambda qb, _: run(qb, True), ())
+            lax.fori_loop(c, hi, lambda qb, _: run(qb, qb, True), ())
           return ()
 
         lax.fori_loop(0, groups, head, ())

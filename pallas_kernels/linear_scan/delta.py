@@ -258,7 +258,7 @@ class _S:
   prefetch: bool = False  # prefetch_weights
   out_scores: bool = False  # output_scores, under differentiation
   out_scores_fwd: bool = False  # output_scores, forward alone
-  splits: int = 1  # sweep_splits (the states-only sweep's splits)
+  splits: int = 1  # sweep_splits (both sequential sweeps' splits)
   bva: int = 64  # value block of a split sweep's first pass
   aug: int = 0  # leading transition columns of a split sweep's first pass
 
@@ -654,6 +654,32 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
   )(*args)
 
 
+def _split_starts(b, ns, n, f, vp):
+  """[I | 0], float32 [B * ns, N, F, F + V]: what every split's first
+  pass starts from (the transition columns first)."""
+  return jnp.broadcast_to(jnp.eye(f, f + vp, dtype=_F32),
+                          (b * ns, n, f, f + vp))
+
+
+def _link_splits(ends, start, *, reverse: bool):
+  """``(last, starts)`` from the first pass's per-split ends [B * ns, N,
+  F, F + V] = [M | L]: a float32 scan over the splits (backwards with
+  ``reverse``) from ``start`` [B, N, F, V], each next = M prev + L;
+  ``starts`` [B * ns, N, F, V] is what enters each split, ``last`` what
+  leaves the final one."""
+  b, _, f, vp = start.shape
+  ns = ends.shape[0] // b
+  ends = jnp.moveaxis(ends.reshape(b, ns, *ends.shape[1:]), 1, 0)
+
+  def link(x, end):
+    nxt = jnp.matmul(end[..., :f], x,
+                     precision=lax.Precision.HIGHEST) + end[..., f:]
+    return nxt, x
+
+  last, starts = lax.scan(link, start, ends, reverse=reverse)
+  return last, jnp.moveaxis(starts, 0, 1).reshape(b * ns, *start.shape[1:])
+
+
 def _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s: _S, final: bool):
   """``(final state or None, h, vn)``: the states-only sweep, over
   ``s.splits`` sequence splits in parallel when that is above 1.
@@ -676,21 +702,11 @@ def _states_sweep(q, k, a, w, u, wq, wk, dec, s0, s: _S, final: bool):
     return (res[0] if final else None,) + tuple(res[-2:])
   b, _, n, f = q.shape
   vp = u.shape[-1]
-  eye = jnp.broadcast_to(jnp.eye(f, vp + f, dtype=_F32), (b * ns, n, f,
-                                                          f + vp))
   first = dataclasses.replace(s, aug=f, has_s0=True, bv=s.bva)
-  ends = _fwd_call(q, k, a, w, u, wq, wk, dec, eye, first, store=False,
-                   out=False, final=True)[0]
-  ends = jnp.moveaxis(ends.reshape(b, ns, n, f, f + vp), 1, 0)
+  ends = _fwd_call(q, k, a, w, u, wq, wk, dec, _split_starts(b, ns, n, f, vp),
+                   first, store=False, out=False, final=True)[0]
   start = s0 if s0 is not None else jnp.zeros((b, n, f, vp), _F32)
-
-  def link(state, end):
-    nxt = jnp.matmul(end[..., :f], state,
-                     precision=lax.Precision.HIGHEST) + end[..., f:]
-    return nxt, state
-
-  last, starts = lax.scan(link, start, ends)
-  starts = jnp.moveaxis(starts, 0, 1).reshape(b * ns, n, f, vp)
+  last, starts = _link_splits(ends, start, reverse=False)
   h, vn = _fwd_call(q, k, a, w, u, wq, wk, dec, starts,
                     dataclasses.replace(s, has_s0=True), store=True,
                     out=False)
@@ -817,21 +833,11 @@ def _lam_sweep(q, k, a, w, wq, wk, dec, do, dfin, s: _S, gc=None, rc=None):
   if ns == 1:
     return _bwd_call(q, k, a, w, wq, wk, dec, do, dfin, s, gc, rc)
   b, _, n, f = q.shape
-  vp = do.shape[-1]
-  eye = jnp.broadcast_to(jnp.eye(f, vp + f, dtype=_F32),
-                         (b * ns, n, f, f + vp))
   first = dataclasses.replace(s, aug=f, bvb=s.bva)
-  ends = _bwd_call(q, k, a, w, wq, wk, dec, do, eye, first, gc, rc,
+  ends = _bwd_call(q, k, a, w, wq, wk, dec, do,
+                   _split_starts(b, ns, n, f, do.shape[-1]), first, gc, rc,
                    store=False)[0]
-  ends = jnp.moveaxis(ends.reshape(b, ns, n, f, f + vp), 1, 0)
-
-  def link(lam, end):
-    nxt = jnp.matmul(end[..., :f], lam,
-                     precision=lax.Precision.HIGHEST) + end[..., f:]
-    return nxt, lam
-
-  ds0, starts = lax.scan(link, dfin, ends, reverse=True)
-  starts = jnp.moveaxis(starts, 0, 1).reshape(b * ns, n, f, vp)
+  ds0, starts = _link_splits(ends, dfin, reverse=True)
   gv, lam, _ = _bwd_call(q, k, a, w, wq, wk, dec, do, starts, s, gc, rc)
   return gv, lam, ds0
 

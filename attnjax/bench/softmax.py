@@ -176,6 +176,7 @@ def run(quick: bool = False, heads=None, seqs=None, modes=("fwd", "fwd+bwd"),
         if not isinstance(e, NotImplementedError | ExceptionGroup):
           traceback.print_exception(e, limit=2)
       rows.append(row)
+      common.append_row(row)  # survives a run cut short by a time limit
       tf = row.get("tflops")
       print(f"{cfg.label():44s} {mode:8s} {name:26s} "
             f"{'%8.1f TFLOP/s' % tf if tf else row.get('error', '')[:60]}",

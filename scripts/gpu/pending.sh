@@ -147,6 +147,24 @@ case "${1:-}" in
          --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
     ;;
+  grid)
+    # The Mosaic column of the H100 softmax report with today's defaults,
+    # beside cuDNN and tokamax mosaic in the same process (the report's
+    # Mosaic rows are from 2026-11-22). Merged into a copy of the report
+    # under $OUT/bench (--append); rows also in $ATTNJAX_BENCH_ROWS.
+    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
+       --append --out $OUT/bench"
+    mkdir -p "$OUT/bench"
+    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    bash $S "timeout 280 $R --heads 128" "timeout 280 $R --heads 128gqa"
+    ;;
+  grid2)
+    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
+       --append --out $OUT/bench"
+    mkdir -p "$OUT/bench"
+    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    bash $S "timeout 280 $R --heads 64" "timeout 280 $R --heads 256"
+    ;;
   mosaictests)
     bash $S \
       "timeout 280 $PYTEST tests/test_pallas_mosaic_gpu.py -k \

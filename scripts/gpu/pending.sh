@@ -147,6 +147,25 @@ case "${1:-}" in
          --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
     ;;
+  first)
+    # One call with the most at stake, for a session that may get only one:
+    # the GPU tests of what changed in the backward kernels since their last
+    # GPU run (pruned masked loops, the stagger, the H = 64 default), then
+    # the fused dK/dV kernel under its profiler and its timing diagnostics
+    # where it loses (T = 4k / 1k full MHA). run43's timings fit a fixed
+    # ~190 us per CTA in the fused form (64 q-blocks a CTA: 329 us, 256:
+    # 749 us; per step ~2.2 us either way); the profile says where.
+    bash $S \
+      "timeout 170 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'TestMosaicGPUFusedBackward or head_dim_256_gradients or \
+          test_seq_lengths or test_shapes_gqa and 190-450-4-2'" \
+      "timeout 180 python3 scripts/gpu/mosaic_profile.py --configs \
+         128:4096:full:mha --variants fused,bkvdq128,fusednj" \
+      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 120 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha' \
+         --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
+    ;;
   grid)
     # The Mosaic column of the H100 softmax report with today's defaults,
     # beside cuDNN and tokamax mosaic in the same process (the report's

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# mosaictests, short, splits, profile, call4 (fusedwhy: a longer form of
-# short's Mosaic part), gap64k, pftimes, pftests, call1, call2, call3
+# first (one call for a session that may get only one: the changed
+# backward kernels' GPU tests, the fused profile and diagnostics), then
+# mosaictests, short, splits, profile, grid and grid2 (the H100 softmax
+# report's Mosaic column), call4 and call5 (the H100 linear report's rows;
+# fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
+# pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
@@ -166,23 +170,18 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
-  grid)
+  grid|grid2)
     # The Mosaic column of the H100 softmax report with today's defaults,
     # beside cuDNN and tokamax mosaic in the same process (the report's
-    # Mosaic rows are from 2026-11-22). Merged into a copy of the report
-    # under $OUT/bench (--append); rows also in $ATTNJAX_BENCH_ROWS.
+    # Mosaic rows are from 2026-11-22): grid H = 128 MHA and GQA, grid2
+    # H = 64 and 256. Merged into a copy of the report under $OUT/bench
+    # (--append); rows also in $ATTNJAX_BENCH_ROWS as they come.
     R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
-       --append --out $OUT/bench"
+       --append --out $OUT/bench --heads"
+    if [ "$1" = grid ]; then H="128 128gqa"; else H="64 256"; fi
     mkdir -p "$OUT/bench"
     cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
-    bash $S "timeout 280 $R --heads 128" "timeout 280 $R --heads 128gqa"
-    ;;
-  grid2)
-    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
-       --append --out $OUT/bench"
-    mkdir -p "$OUT/bench"
-    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
-    bash $S "timeout 280 $R --heads 64" "timeout 280 $R --heads 256"
+    bash $S "timeout 280 $R ${H% *}" "timeout 280 $R ${H#* }"
     ;;
   mosaictests)
     bash $S \
@@ -344,7 +343,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh first|mosaictests|short|splits|profile|grid|grid2|call5|fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

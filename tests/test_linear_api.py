@@ -34,9 +34,13 @@ _BAD_LINEAR = [
     ("feature_map", dict(feature_map=3)),
     ("log_decay", dict(log_decay=jnp.array([-0.1, 0.2, -0.1, -0.1]))),
     ("log_decay", dict(log_decay=jnp.zeros((N + 1,)))),
+    ("log_decay", dict(log_decay=jnp.array([-0.1, jnp.nan, -0.1, -0.1]))),
     ("gate", dict(gate=jnp.zeros((B, T, N, H + 1)))),
     ("gate", dict(gate=jnp.zeros((B, T, K)))),
     ("gate", dict(gate=jnp.zeros((B, T)))),
+    # Log-space decays must be <= 0: one positive or NaN entry is refused.
+    ("gate", dict(gate=jnp.zeros((B, T, N)).at[1, 3, 2].set(0.1))),
+    ("gate", dict(gate=jnp.zeros((B, T, N, H)).at[0, 5, 1, 7].set(jnp.nan))),
     ("initial_state", dict(initial_state=jnp.zeros((B, N, H, HV + 1)))),
     ("initial_state", dict(initial_state=jnp.zeros((B, N, H, HV)),
                            normalize=True)),
@@ -79,6 +83,7 @@ _BAD_DELTA = [
     ("beta", dict(beta=jnp.ones((B, T, K)))),
     ("beta", dict(beta=jnp.ones((B, T, N), jnp.int32))),
     ("gate", dict(gate=jnp.zeros((B, T, N, H)))),
+    ("gate", dict(gate=jnp.zeros((B, T, N)).at[0, 0, 0].set(2.0))),
     ("initial_state", dict(initial_state=jnp.zeros((B, N, H + 1, HV)))),
     ("segment_ids", dict(segment_ids=jnp.zeros((B, 1), jnp.int32))),
 ]
@@ -103,8 +108,33 @@ def test_step_bad_input_names_the_argument():
     attnjax.linear_attention_step(q, k, v, state, gate=jnp.zeros((B, K)))
   with pytest.raises(ValueError, match="log_decay"):
     attnjax.linear_attention_step(q, k, v, state, log_decay=jnp.ones((N,)))
+  with pytest.raises(ValueError, match="gate"):
+    attnjax.linear_attention_step(q, k, v, state,
+                                  gate=jnp.full((B, N), 0.5))
+  with pytest.raises(ValueError, match="key"):
+    attnjax.linear_attention_step(q, k[:, :, :-1], v, state)
   with pytest.raises(ValueError, match="beta"):
     api.delta_rule_step(q, k, v, jnp.ones((B,)), state)
+  beta = jnp.ones((B, N))
+  with pytest.raises(ValueError, match="gate"):
+    api.delta_rule_step(q, k, v, beta, state, gate=jnp.zeros((B, N, H)))
+  with pytest.raises(ValueError, match="gate"):
+    api.delta_rule_step(q, k, v, beta, state, gate=jnp.ones((B, N)))
+  with pytest.raises(ValueError, match="state"):
+    api.delta_rule_step(q, k, v, beta, state[:, :, :-1])
+
+
+def test_gate_values_are_only_checked_when_concrete():
+  """Under jit a gate's values are unknown (not checked); its shape is."""
+  q, k, v = _qkv()
+  f = jax.jit(lambda g: attnjax.linear_attention(q, k, v, gate=g))
+  assert f(jnp.full((B, T, N), 0.1)).shape == (B, T, N, HV)
+  with pytest.raises(ValueError, match="gate"):
+    f(jnp.zeros((B, T, K)))
+  # Zero (no decay) and negative gates are accepted eagerly.
+  out = attnjax.linear_attention(q, k, v, gate=jnp.zeros((B, T, N)).at[
+      0, 1, 1].set(-3.0))
+  assert out.shape == (B, T, N, HV)
 
 
 def test_log_decay_is_only_checked_when_concrete():

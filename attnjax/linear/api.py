@@ -205,6 +205,14 @@ def _check_gate(gate, shape_scalar, feature_dim, *, allow_channel=True):
                      "scalar" + (" or [B, T, N, F] per key channel, F the "
                                  "feature dim" if allow_channel else "")
                      + f"), got {list(gate.shape)}")
+  # Concrete gates (constants under jit too) are checked on their device,
+  # one boolean coming back; traced ones cannot be.
+  if _is_concrete(gate):
+    with jax.ensure_compile_time_eval():
+      bad = bool(jnp.any(~(jnp.asarray(gate) <= 0)))
+    if bad:
+      raise ValueError("gate must be <= 0 (a log-space decay, exp(gate) <= "
+                       "1) and not NaN; it has positive or NaN entries")
   return gate.astype(jnp.float32)
 
 
@@ -461,8 +469,10 @@ def linear_attention(query, key, value, *, feature_map=None, log_decay=None,
     log_decay: float [N], <= 0: a fixed per-head decay ``exp(log_decay)``
       (RetNet, Lightning Attention-2, TransNormerLLM).
     gate: log-space data-dependent decay, [B, T, N] (Mamba-2, simple GLA) or
-      [B, T, N, F] per key channel (GLA). Should be <= 0 (a decay); larger
-      values are not checked (they may be traced) but can overflow.
+      [B, T, N, F] per key channel (GLA). Must be <= 0 (a decay): a
+      concrete gate with positive or NaN entries raises ValueError; a
+      traced one (under jit) cannot be checked, and positive values can
+      overflow.
     normalize: divide by the running key sum (use a positive feature map).
     scale: default ``1 / sqrt(H)`` (1 for "taylor2", which has its own).
     initial_state: float32 [B, N, F, Hv] ([B, N, F, Hv + 1] with

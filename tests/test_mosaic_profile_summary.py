@@ -53,3 +53,20 @@ def test_summary_of_a_known_trace():
 
 def test_summary_without_events():
   assert mosaic_profile.summarize([], 3) == dict(error="no events")
+
+
+def test_steps_by_place_in_the_walk():
+  """One warpgroup of ten steps: the first four take 5 us, the middle two
+  1 us, the last four 2 us."""
+  events = []
+  t = 0.0
+  for i, d in enumerate([5.0] * 4 + [1.0] * 2 + [2.0] * 4):
+    events.append(dict(name="step", ph="B", ts=t, pid=1, tid=1))
+    events.append(dict(name="step", ph="E", ts=t + d, pid=1, tid=1))
+    t += d + 1
+  s = mosaic_profile.summarize(events, traces_per_block=3)
+  assert mosaic_profile.EDGE_STEPS == 4
+  by = s["step_by_place"]
+  assert by["first"] == dict(n=4, mean=5.0, p50=5.0, p90=5.0)
+  assert by["middle"] == dict(n=2, mean=1.0, p50=1.0, p90=1.0)
+  assert by["last"] == dict(n=4, mean=2.0, p50=2.0, p90=2.0)

@@ -76,10 +76,11 @@ class BwdConfig:
     stagger_q: with ``fused_dq``, key tile ``kt`` starts its unmasked
       query blocks at offset ``kt mod (their count)`` (then wraps around),
       so the CTAs of one head, which start together, reduce-add into
-      different dQ rows instead of the same ones in lockstep. Opt-in, not
-      yet timed: the fused form lost to the two kernels on an H100 where
-      CTAs are short (run43); contention on the dQ rows is one candidate
-      cause. The producer rotates its step order; the consumers' loop
+      different dQ rows instead of the same ones in lockstep. Opt-in; it
+      did not help where the fused form loses (H100, run44, forward +
+      backward TFLOP/s, T = 4k full MHA 338.8 against 336.0, T = 1k
+      275.6 / 275.4): the cost there is the reduce-add itself, not
+      contention on the same rows. The producer rotates its step order; the consumers' loop
       over the unmasked blocks runs shifted by the offset and wraps with
       one select (a per-step remainder, as the producer's, spilled more).
       Compiled for an H100 (H = 128, T = 4k, B = 4) it spills nothing

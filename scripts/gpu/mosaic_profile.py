@@ -20,6 +20,8 @@ is summarised here and deleted unless ``--keep``:
 * ``kernel_us``: first to last event;
 * per region: count, mean, median and 90th percentile (us);
 * ``step_interval``: start to start of consecutive steps of a warpgroup;
+* ``step_by_place``: step durations among each warpgroup's first
+  ``EDGE_STEPS`` steps, its last ones and those between;
 * ``cta_span``: a CTA's first to last event; ``cta_outside_steps``: the
   part of it before its first step and after its last;
 * ``sm_gap``: on one SM, from a CTA's last event to the next CTA's first
@@ -57,6 +59,10 @@ def _stats(xs):
               p90=round(float(np.percentile(a, 90)), 3))
 
 
+# Steps counted as a warpgroup's first (last) ones in ``step_by_place``.
+EDGE_STEPS = 4
+
+
 def ranges(events):
   """{tid: [(name, start_us, end_us), ...]} from B/E trace events."""
   out, stacks = {}, {}
@@ -78,6 +84,7 @@ def summarize(events, traces_per_block: int):
   if not by_tid:
     return dict(error="no events")
   regions, intervals = {}, []
+  by_pos = {"first": [], "middle": [], "last": []}
   ctas = {}  # block -> [start, end, pid, step_start, step_end]
   for tid, rs in by_tid.items():
     block = (tid - 1) // traces_per_block
@@ -85,6 +92,12 @@ def summarize(events, traces_per_block: int):
     for name, b, e, _ in rs:
       regions.setdefault(name, []).append(e - b)
     intervals += list(np.diff([r[1] for r in steps]))
+    # Step durations by place in the warpgroup's walk: a cost that only the
+    # first (or last) steps of a CTA pay shows here, not in the mean.
+    for j, r in enumerate(steps):
+      pos = ("first" if j < EDGE_STEPS else
+             "last" if j >= len(steps) - EDGE_STEPS else "middle")
+      by_pos[pos].append(r[2] - r[1])
     c = ctas.setdefault(block, [np.inf, -np.inf, rs[0][3], np.inf, -np.inf])
     c[0] = min(c[0], rs[0][1])
     c[1] = max(c[1], max(r[2] for r in rs))
@@ -110,7 +123,9 @@ def summarize(events, traces_per_block: int):
   return dict(
       kernel_us=round(t1 - t0, 2), ctas=len(ctas), sms=len(by_sm),
       regions={k: _stats(v) for k, v in sorted(regions.items())},
-      step_interval=_stats(intervals), cta_span=_stats(list(spans.values())),
+      step_interval=_stats(intervals),
+      step_by_place={k: _stats(v) for k, v in by_pos.items()},
+      cta_span=_stats(list(spans.values())),
       cta_outside_steps=_stats(outside), sm_gap=_stats(gaps),
       first_wave_span=_stats(wave1), later_span=_stats(rest))
 

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-05, after
 # run43), as calls of under 10 minutes on one GPU, most decisive first:
-# first (one call for a session that may get only one: the changed
-# backward kernels' GPU tests, the fused profile and diagnostics), then
+# reduce (first ran in run44), then
 # mosaictests, short, splits, profile, grid and grid2 (the H100 softmax
 # report's Mosaic column), call4 and call5 (the H100 linear report's rows;
 # fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
@@ -169,6 +168,22 @@ case "${1:-}" in
          --budget 120 --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
+    ;;
+  reduce)
+    # run44: the fused backward's cost at T = 4k full MHA is the dQ
+    # reduce-add (fused 336, dQ copied 500, no dQ 654 TFLOP/s; stagger_q
+    # and the join change nothing). Why is it cheap at 16k MHA and 4k
+    # GQA 4:1 (256 query blocks a CTA)? The profile of fused and copied dQ
+    # at the three shapes (step times by place in the walk), then the
+    # timings of the same variants there.
+    bash $S \
+      "timeout 200 python3 scripts/gpu/mosaic_profile.py --configs \
+         128:4096:full:mha,128:4096:full:gqa,128:16384:full:mha \
+         --variants fused,fusednr" \
+      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 190 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:gqa,128:16384:full:mha' \
+         --variants ours,fused,fusednr,fusednodq"
     ;;
   grid|grid2)
     # The Mosaic column of the H100 softmax report with today's defaults,
@@ -343,7 +358,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh first|mosaictests|short|splits|profile|grid|grid2|call5|fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh first|reduce|mosaictests|short|splits|profile|grid|grid2|call5|fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
     exit 2
     ;;
 esac

@@ -209,7 +209,7 @@ def _check_gate(gate, shape_scalar, feature_dim, *, allow_channel=True):
   # one boolean coming back; traced ones cannot be.
   if _is_concrete(gate):
     with jax.ensure_compile_time_eval():
-      bad = bool(jnp.any(~(jnp.asarray(gate) <= 0)))
+      bad = bool(jnp.any(~(gate <= 0)))
     if bad:
       raise ValueError("gate must be <= 0 (a log-space decay, exp(gate) <= "
                        "1) and not NaN; it has positive or NaN entries")

@@ -80,9 +80,10 @@ class BwdConfig:
       did not help where the fused form loses (H100, run44, forward +
       backward TFLOP/s, T = 4k full MHA 338.8 against 336.0, T = 1k
       275.6 / 275.4): the cost there is the reduce-add itself, not
-      contention on the same rows. The producer rotates its step order; the consumers' loop
-      over the unmasked blocks runs shifted by the offset and wraps with
-      one select (a per-step remainder, as the producer's, spilled more).
+      contention on the same rows. The producer rotates its step order;
+      the consumers' loop over the unmasked blocks runs shifted by the
+      offset and wraps with one select (a per-step remainder, as the
+      producer's, spilled more).
       Compiled for an H100 (H = 128, T = 4k, B = 4) it spills nothing
       full (like the fused kernel) and 256 / 320 bytes causal (the fused
       kernel 152 / 184; the per-step remainder 304 / 424); none shows

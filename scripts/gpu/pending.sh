@@ -155,9 +155,8 @@ case "${1:-}" in
     # the GPU tests of what changed in the backward kernels since their last
     # GPU run (pruned masked loops, the stagger, the H = 64 default), then
     # the fused dK/dV kernel under its profiler and its timing diagnostics
-    # where it loses (T = 4k / 1k full MHA). run43's timings fit a fixed
-    # ~190 us per CTA in the fused form (64 q-blocks a CTA: 329 us, 256:
-    # 749 us; per step ~2.2 us either way); the profile says where.
+    # where it loses (T = 4k / 1k full MHA). Ran as run44: the cost is
+    # the dQ reduce-add in every step, not a cost per CTA (see reduce).
     bash $S \
       "timeout 170 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
          'TestMosaicGPUFusedBackward or head_dim_256_gradients or \

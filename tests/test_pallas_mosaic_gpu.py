@@ -279,6 +279,22 @@ class TestMosaicGPUFusedBackward:
                                          h=128),
                             dtype=BF16, is_causal=causal)
 
+  @pytest.mark.parametrize("layout", ["nth", "nct"])
+  @pytest.mark.parametrize("h", [64, 128])
+  def test_dq_layouts(self, layout, h):
+    # The float32 dQ accumulator head-major ("nth") or in contiguous
+    # per-consumer column blocks ("nct"), converted back after the kernel:
+    # GQA with ragged lengths, causal, forward and gradients.
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(fused_dq=True,
+                                                       dq_layout=layout))
+    check_against_reference(impl, inputs(f"fused_{layout}", t=450, s=390,
+                                         n=6, kh=2, h=h),
+                            dtype=BF16, is_causal=True)
+
   def test_default_without_determinism_flags(self, monkeypatch):
     # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
     # H = 128 takes this backward where each dK/dV CTA visits >= 16k query

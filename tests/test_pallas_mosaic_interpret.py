@@ -14,6 +14,8 @@ tests' business (``tests/test_pallas_mosaic_gpu.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,6 +205,20 @@ def test_gradients_fused_dq_gqa_causal(h):
   _check(f"fused{h}", shape=dict(t=170, n=4, kh=2, h=h),
          fwd_config=_fwd_cfg(h, num_ctas=3), bwd_config=_fused(h),
          is_causal=True)
+
+
+@pytest.mark.parametrize("layout", ["nth", "nct"])
+@pytest.mark.parametrize("h", [64, 128])
+def test_gradients_fused_dq_layouts(h, layout):
+  # BwdConfig(dq_layout): the float32 dQ accumulator head-major ("nth") or
+  # in contiguous per-consumer column blocks ("nct", H = 128: two blocks of
+  # 64 columns; H = 64: one), read back into [B, T, N, H] after the kernel.
+  # Causal GQA on a ragged T with segment ids.
+  seg = testing.random_segment_ids(_key(f"lay{h}{layout}"), 2, 170, 2)
+  cfg = dataclasses.replace(_fused(h), dq_layout=layout)
+  _check(f"fused{h}{layout}", shape=dict(t=170, n=4, kh=2, h=h),
+         fwd_config=_fwd_cfg(h, num_ctas=3), bwd_config=cfg,
+         is_causal=True, arrays={"segment_ids": seg})
 
 
 @pytest.mark.parametrize("t,kw", [(384, dict()), (430, dict(is_causal=True))],

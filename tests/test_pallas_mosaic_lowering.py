@@ -126,6 +126,14 @@ def test_lowers_staggered_fused_backward():
     bwd_lib.BwdConfig(stagger_q=True)
 
 
+@pytest.mark.parametrize("layout", ["nth", "nct"])
+def test_lowers_fused_dq_layouts(layout):
+  _lower(h=128, t=400, is_causal=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, dq_layout=layout))
+  with pytest.raises(ValueError, match="dq_layout"):
+    bwd_lib.BwdConfig(fused_dq=True, dq_layout="bad")
+
+
 @pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq variants.

@@ -43,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash import mosaic_gpu as fwd_lib
 
 __all__ = ["BwdConfig", "default_bwd_config", "flash_backward_dkv",
-           "flash_backward_dq", "flash_backward_fused", "SUPPORTED_HEAD_DIMS"]
+           "flash_backward_dq", "SUPPORTED_HEAD_DIMS", "DQ_LAYOUTS"]
 
 LOG2E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -51,6 +51,10 @@ _WGMMA = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
 _tiled_smem = fwd_lib._tiled_smem  # pylint: disable=protected-access
+
+
+# Layouts of the fused backward's float32 dQ accumulator (BwdConfig.dq_layout).
+DQ_LAYOUTS = ("tnh", "nth", "nct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +92,22 @@ class BwdConfig:
       full (like the fused kernel) and 256 / 320 bytes causal (the fused
       kernel 152 / 184; the per-step remainder 304 / 424); none shows
       wgmma serialisation (scripts/aot/ptxas_report.py --case mosaic).
+    dq_layout: with ``fused_dq``, the float32 dQ accumulator's layout in
+      global memory: "tnh" ([B, Tp, N, H], the layout of dQ itself: a
+      consumer's [block, columns] tile is one 256-byte piece per row, rows
+      N * H * 4 bytes apart, and the heads a wave of CTAs walks at once
+      sit side by side in every row), "nth" ([B, N, Tp, H]: a head's rows
+      contiguous) or "nct" ([B, N, H / C, Tp, C] for a consumer's C
+      columns: each reduce-add one contiguous block, as FlashAttention-3's
+      accumulator). Converted to [B, Tp, N, H] afterwards (one transpose
+      fused with the scale and cast). Measured on an H100 (run46, forward
+      + backward TFLOP/s, tnh / nth / nct): T = 4k full MHA 330 / 329 /
+      330, T = 1k full MHA 274 / 275 / 275, T = 16k full MHA 546 / 545 /
+      545, T = 4k full GQA 4:1 521 / 519 / 514, H = 64 T = 4k full MHA
+      284 / 284 / 285; T = 4k causal MHA 352 / 336 / 376. So the layout
+      is not why the reduce-add costs where a CTA walks few query blocks
+      (run45: 6.2 against 4.2 us a step at T = 4k full MHA, equal at
+      16k); "nct" gains under a causal mask only.
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -100,6 +120,7 @@ class BwdConfig:
   fused_dq: bool = False
   split_head: bool = False
   stagger_q: bool = False
+  dq_layout: str = "tnh"
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -113,6 +134,9 @@ class BwdConfig:
       raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
     if self.stagger_q and not self.fused_dq:
       raise ValueError("stagger_q needs fused_dq=True")
+    if self.dq_layout not in DQ_LAYOUTS:
+      raise ValueError(f"dq_layout={self.dq_layout!r}: want one of "
+                       f"{DQ_LAYOUTS}")
     regs = (self.num_compute_wgs * self.consumer_regs
             + self.producer_regs) * 128
     if regs > 65536:
@@ -555,9 +579,15 @@ def flash_backward_dkv(
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
+          rows = pl.ds(qb * bq, bq)
+          if cfg.dq_layout == "tnh":
+            dst = dqacc_ref.at[bb, rows, hh, pl.ds(col0, dq_cols)]
+          elif cfg.dq_layout == "nth":
+            dst = dqacc_ref.at[bb, hh, rows, pl.ds(col0, dq_cols)]
+          else:
+            dst = dqacc_ref.at[bb, hh, col0 // dq_cols, rows]
           plgpu.copy_smem_to_gmem(
-              dq_smem.at[w],
-              dqacc_ref.at[bb, pl.ds(qb * bq, bq), hh, pl.ds(col0, dq_cols)],
+              dq_smem.at[w], dst,
               reduction_op=None if "reduce" in _FUSED_DROP else "add")
 
         for w in range(wgs):
@@ -628,8 +658,9 @@ def flash_backward_dkv(
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
   ]
-  dq_acc = jax.new_ref(jnp.zeros((b, tp, n, h), jnp.float32)) if fused else (
-      None)
+  acc_shape = {"tnh": (b, tp, n, h), "nth": (b, n, tp, h),
+               "nct": (b, n, h // dq_cols, tp, dq_cols)}[cfg.dq_layout]
+  dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32)) if fused else None
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
@@ -644,9 +675,13 @@ def flash_backward_dkv(
   dk, dv = call(q, k, v, do, lse2, delta, tables, q_segment_ids,
                 kv_segment_ids, kv_lengths, dq_acc)
   if fused:
-    return dk, dv, dq_acc[...]
+    acc = dq_acc[...]
+    if cfg.dq_layout == "nth":
+      acc = acc.transpose(0, 2, 1, 3)
+    elif cfg.dq_layout == "nct":
+      acc = acc.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)
+    return dk, dv, acc
   return dk, dv
-
 
 
 def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,

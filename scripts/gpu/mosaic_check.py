@@ -437,6 +437,10 @@ def _variant_configs(name, h):
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),
+      # The dQ accumulator head-major ("nth") or in FA3's contiguous
+      # per-consumer column blocks ("nct") instead of dQ's own layout.
+      "fusedhm": (None, bl.BwdConfig(fused_dq=True, dq_layout="nth"), bonly),
+      "fusedhc": (None, bl.BwdConfig(fused_dq=True, dq_layout="nct"), bonly),
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
       # (no spills for an H100 causal; "wg3kv64" also full;
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.

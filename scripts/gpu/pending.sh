@@ -168,6 +168,22 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
+  layouts)
+    # run45: the reduce-add is cheap where a wave's CTAs reduce into one
+    # head or heads N/K apart (16k MHA, 4k GQA 4:1: fused = copied dQ) but
+    # not where they reduce into adjacent heads of dQ's [B, T, N, H] rows
+    # (4k MHA: 6.2 against 4.2 us a step). The accumulator head-major
+    # ("fusedhm") and in FA3's contiguous column blocks ("fusedhc"): GPU
+    # tests, then timings where the fused form lost and won. (run46: all
+    # passed; no layout changes the full rows, "nct" +7% at 4k causal.)
+    bash $S \
+      "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'test_dq_layouts or test_gqa_ragged'" \
+      "timeout 330 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 320 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:4096:full:gqa,128:16384:full:mha,64:4096:full:mha' \
+         --variants ours,fused,fusedhm,fusedhc"
+    ;;
   reduce)
     # run44: the fused backward's cost at T = 4k full MHA is the dQ
     # reduce-add (fused 336, dQ copied 500, no dQ 654 TFLOP/s; stagger_q

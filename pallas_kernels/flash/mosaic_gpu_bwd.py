@@ -173,7 +173,10 @@ _FUSED_DROP: frozenset[str] = frozenset()
 # Profiling diagnostics only (scripts/gpu/mosaic_profile.py): (events, dir)
 # turns on Mosaic GPU's in-kernel profiler for the dK/dV kernel (H <= 128),
 # read when tracing: each consumer warpgroup records its named regions
-# ("prologue", "step" per query block, "dq" inside a fused step,
+# ("prologue", "step" per query block; inside a step "wait_q" and
+# "wait_do" (the producer's stages), "wait_mma" (the step's last wgmma),
+# in a fused step "dq", inside it "dq_pair" (the consumers' join on dS) and
+# "dq_tma_wait" (the previous dQ reduce reading its buffer);
 # "epilogue") and a trace JSON lands in dir after the first run.
 _PROFILE: tuple[int, str] | None = None
 
@@ -510,7 +513,8 @@ def flash_backward_dkv(
         # K/V descriptors formed in the loop, not hoisted (see _opaque_zero).
         z = _opaque_zero(i, steps)
         k_w, v_w = k_smem.at[wg + z], v_smem.at[wg + z]
-        plgpu.barrier_wait(q_ready.at[slot])
+        with jax.named_scope("wait_q"):
+          plgpu.barrier_wait(q_ready.at[slot])
 
         def s_scope(acc):
           plgpu.wgmma(acc, k_w, q_smem.at[slot].T)
@@ -532,7 +536,8 @@ def flash_backward_dkv(
             vis = vis & (lax.broadcast_in_dim(kvseg, (bk, bq), [0])
                          == col(qseg))
           pt = jnp.where(vis, pt, 0.0)
-        plgpu.barrier_wait(do_ready.at[slot])
+        with jax.named_scope("wait_do"):
+          plgpu.barrier_wait(do_ready.at[slot])
 
         def dp_scope(acc):
           plgpu.wgmma(acc, v_w, do_smem.at[slot].T)
@@ -549,7 +554,8 @@ def flash_backward_dkv(
         if fused and "dq" not in _FUSED_DROP:
           with jax.named_scope("dq"):
             fused_dq(i, qb, dst16)
-        plgpu.wgmma_wait(0)
+        with jax.named_scope("wait_mma"):
+          plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(q_free.at[slot])
         plgpu.barrier_arrive(do_free.at[slot])
 
@@ -560,7 +566,8 @@ def flash_backward_dkv(
         # Generic-proxy stores, then wgmma reads: fence, and wait for the
         # other consumer's half of dS.
         plgpu.commit_smem()
-        _pair_barrier()
+        with jax.named_scope("dq_pair"):
+          _pair_barrier()
         hh = kvh * groups + lax.div(i, jnp.maximum(nq, 1))
 
         def emit(w):
@@ -576,7 +583,8 @@ def flash_backward_dkv(
 
           dq = pl.run_scoped(scope, plgpu.ACC((bq, dq_cols), jnp.float32))
           # The previous reduce from this buffer must have read it.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          with jax.named_scope("dq_tma_wait"):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
           rows = pl.ds(qb * bq, bq)

@@ -168,6 +168,21 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
+  waits)
+    # run46 ruled out the accumulator's layout. Where does a fused step at
+    # T = 4k full MHA spend the 2 us that the reduce-add adds outside the
+    # dQ region? The profiler's new regions (wait_q, wait_do: the
+    # producer's stages; wait_mma; dq_pair, dq_tma_wait), reduce-added
+    # against copied, beside 4k GQA 4:1 (its traces truncated to the
+    # first steps by the profiler's SMEM buffer); then the Mosaic GPU
+    # suite but test_shapes_gqa.
+    bash $S \
+      "timeout 150 python3 scripts/gpu/mosaic_profile.py --space 500 \
+         --configs 128:4096:full:mha,128:4096:full:gqa \
+         --variants fused,fusednr" \
+      "timeout 330 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'not test_shapes_gqa'"
+    ;;
   layouts)
     # run45: the reduce-add is cheap where a wave's CTAs reduce into one
     # head or heads N/K apart (16k MHA, 4k GQA 4:1: fused = copied dQ) but

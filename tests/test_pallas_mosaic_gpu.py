@@ -295,6 +295,21 @@ class TestMosaicGPUFusedBackward:
                                          n=6, kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
+  @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
+  def test_one_ds_buffer(self, h, stages):
+    # BwdConfig(ds_buffers=1): one dS^T buffer behind a second consumer
+    # join per step (wgmma reads it asynchronously here, unlike in the
+    # CPU interpreter), at H = 128 with a third Q/dO stage.
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
+              fused_dq=True, ds_buffers=1, num_stages=stages))
+    check_against_reference(impl, inputs(f"fused_1ds{h}", t=1100, n=4,
+                                         kh=2, h=h),
+                            dtype=BF16, is_causal=True)
+
   def test_default_without_determinism_flags(self, monkeypatch):
     # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
     # H = 128 takes this backward where each dK/dV CTA visits >= 16k query

@@ -221,6 +221,18 @@ def test_gradients_fused_dq_layouts(h, layout):
          is_causal=True, arrays={"segment_ids": seg})
 
 
+@pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
+def test_gradients_fused_dq_one_ds_buffer(h, stages):
+  # BwdConfig(ds_buffers=1): one dS^T buffer, the consumers joined a second
+  # time per step before it is overwritten (H = 64: one consumer's dQ
+  # product reads both halves each step, alternating), and at H = 128 the
+  # freed SMEM spent on a third Q/dO stage. Causal GQA, ragged T.
+  cfg = dataclasses.replace(_fused(h), ds_buffers=1, num_stages=stages)
+  _check(f"fused1ds{h}", shape=dict(t=170, n=4, kh=2, h=h),
+         fwd_config=_fwd_cfg(h, num_ctas=3), bwd_config=cfg,
+         is_causal=True)
+
+
 @pytest.mark.parametrize("t,kw", [(384, dict()), (430, dict(is_causal=True))],
                          ids=["full", "causal"])
 def test_gradients_fused_dq_staggered(t, kw):

@@ -134,6 +134,19 @@ def test_lowers_fused_dq_layouts(layout):
     bwd_lib.BwdConfig(fused_dq=True, dq_layout="bad")
 
 
+def test_lowers_fused_one_ds_buffer_three_stages():
+  # 16 KB of dS^T freed for a third Q/dO stage: fits 227 KB at H = 128;
+  # two dS^T buffers with three stages do not.
+  _lower(h=128, t=400, is_causal=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, ds_buffers=1,
+                                      num_stages=3))
+  with pytest.raises(NotImplementedError, match="SMEM"):
+    _lower(h=128, t=400,
+           bwd_config=bwd_lib.BwdConfig(fused_dq=True, num_stages=3))
+  with pytest.raises(ValueError, match="ds_buffers"):
+    bwd_lib.BwdConfig(fused_dq=True, ds_buffers=3)
+
+
 @pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq variants.

@@ -108,6 +108,11 @@ class BwdConfig:
       is not why the reduce-add costs where a CTA walks few query blocks
       (run45: 6.2 against 4.2 us a step at T = 4k full MHA, equal at
       16k); "nct" gains under a causal mask only.
+    ds_buffers: with ``fused_dq``, shared-memory buffers for the
+      consumers' dS^T (2: a step writes one while the other consumer's dQ
+      product may still read the other; 1: 16 KB less, for a third Q/dO
+      stage at H = 128, paid with a second consumer join per step, before
+      dS^T is overwritten).
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -121,6 +126,7 @@ class BwdConfig:
   split_head: bool = False
   stagger_q: bool = False
   dq_layout: str = "tnh"
+  ds_buffers: int = 2
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -134,6 +140,8 @@ class BwdConfig:
       raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
     if self.stagger_q and not self.fused_dq:
       raise ValueError("stagger_q needs fused_dq=True")
+    if self.ds_buffers not in (1, 2):
+      raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
       raise ValueError(f"dq_layout={self.dq_layout!r}: want one of "
                        f"{DQ_LAYOUTS}")
@@ -456,7 +464,8 @@ def flash_backward_dkv(
   alternate = h < 128
   if fused and wgs != 2:
     raise NotImplementedError("fused dQ needs 2 consumer warpgroups")
-  fused_extra = (2 * wgs * bk * bq * 2 + wgs * bq * dq_cols * 4) if fused else 0
+  nds = cfg.ds_buffers
+  fused_extra = (nds * wgs * bk * bq * 2 + wgs * bq * dq_cols * 4) if fused else 0
   _smem_check([wgs * bk * h, wgs * bk * hv], [bq * h, bq * hv], stages,
               jnp.dtype(dtype).itemsize,
               extra=stages * 3 * 1024 + 1024 + fused_extra)
@@ -561,7 +570,14 @@ def flash_backward_dkv(
 
       def fused_dq(i, qb, dst16):
         """dQ[qb] += dS K for this CTA's keys (FA3's in-kernel dQ)."""
-        buf = lax.rem(i, 2)
+        if nds == 1:
+          # One dS^T buffer: both consumers' dQ products of the previous
+          # step (each waited for its own) must be done reading it.
+          buf = 0
+          with jax.named_scope("dq_pair"):
+            _pair_barrier()
+        else:
+          buf = lax.rem(i, 2)
         ds_smem.at[buf, wg][...] = dst16
         # Generic-proxy stores, then wgmma reads: fence, and wait for the
         # other consumer's half of dS.
@@ -656,7 +672,7 @@ def flash_backward_dkv(
       plgpu.SMEM((stages, bq), jnp.float32),
       plgpu.SMEM((stages, bq), jnp.float32),
       plgpu.SMEM((stages, bq), jnp.int32) if segments else None,
-      _tiled_smem((2, wgs, bk, bq), dtype) if fused else None,
+      _tiled_smem((nds, wgs, bk, bq), dtype) if fused else None,
       plgpu.SMEM((wgs, bq, dq_cols), jnp.float32, transforms=(
           plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
       if fused else None,

@@ -441,6 +441,14 @@ def _variant_configs(name, h):
       # per-consumer column blocks ("nct") instead of dQ's own layout.
       "fusedhm": (None, bl.BwdConfig(fused_dq=True, dq_layout="nth"), bonly),
       "fusedhc": (None, bl.BwdConfig(fused_dq=True, dq_layout="nct"), bonly),
+      # One dS^T buffer (a second consumer join per step), with the freed
+      # 16 KB spent on a third Q/dO stage: run47 found the fused steps at
+      # T = 4k full MHA waiting on the producer's Q (1.9 against 0.14 us).
+      "fused1": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1), bonly),
+      "fused3": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1,
+                                    num_stages=3), bonly),
+      "fused3hc": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1,
+                                      num_stages=3, dq_layout="nct"), bonly),
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
       # (no spills for an H100 causal; "wg3kv64" also full;
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.

@@ -168,6 +168,20 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
+  stages)
+    # run47: at T = 4k full MHA the fused steps wait on the producer's Q
+    # (wait_q 1.92 us a step reduce-added, 0.14 copied; 0.08 at 4k GQA).
+    # One dS^T buffer frees 16 KB for a third Q/dO stage: GPU tests, then
+    # the fused kernel with one buffer (fused1), with three stages
+    # (fused3) and with the column-block accumulator (fused3hc).
+    bash $S \
+      "timeout 100 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_one_ds_buffer" \
+      "timeout 280 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 270 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha,128:4096:full:gqa,128:16384:full:mha,128:16384:causal:mha' \
+         --variants ours,fused,fused1,fused3,fused3hc"
+    ;;
   waits)
     # run46 ruled out the accumulator's layout. Where does a fused step at
     # T = 4k full MHA spend the 2 us that the reduce-add adds outside the

@@ -295,6 +295,21 @@ class TestMosaicGPUFusedBackward:
                                          n=6, kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
+  @pytest.mark.parametrize("h", [64, 128])
+  def test_early_release(self, h):
+    # BwdConfig(early_release=True): Q and dO slots freed after the dQ
+    # product, before the reduce-add (the producer's next loads overwrite
+    # them while the step's dQ is still being stored).
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
+              fused_dq=True, early_release=True))
+    check_against_reference(impl, inputs(f"fused_el{h}", t=1100, n=4,
+                                         kh=2, h=h),
+                            dtype=BF16, is_causal=True)
+
   @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
   def test_one_ds_buffer(self, h, stages):
     # BwdConfig(ds_buffers=1): one dS^T buffer behind a second consumer

@@ -147,6 +147,14 @@ def test_lowers_fused_one_ds_buffer_three_stages():
     bwd_lib.BwdConfig(fused_dq=True, ds_buffers=3)
 
 
+@pytest.mark.parametrize("h", [64, 128])
+def test_lowers_fused_early_release(h):
+  _lower(h=h, t=400, is_causal=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, early_release=True))
+  with pytest.raises(ValueError, match="early_release"):
+    bwd_lib.BwdConfig(early_release=True)
+
+
 @pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq variants.

@@ -447,6 +447,13 @@ def _variant_configs(name, h):
       "fused1": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1), bonly),
       "fused3": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1,
                                     num_stages=3), bonly),
+      # Q/dO slots released right after the dQ product, before the
+      # reduce-add is issued (the producer's loads ahead of it).
+      "fusedel": (None, bl.BwdConfig(fused_dq=True, early_release=True),
+                  bonly),
+      "fused3el": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1,
+                                      num_stages=3, early_release=True),
+                   bonly),
       "fused3hc": (None, bl.BwdConfig(fused_dq=True, ds_buffers=1,
                                       num_stages=3, dq_layout="nct"), bonly),
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers

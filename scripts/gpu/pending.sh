@@ -173,14 +173,18 @@ case "${1:-}" in
     # (wait_q 1.92 us a step reduce-added, 0.14 copied; 0.08 at 4k GQA).
     # One dS^T buffer frees 16 KB for a third Q/dO stage: GPU tests, then
     # the fused kernel with one buffer (fused1), with three stages
-    # (fused3); "fused3hc" adds the column-block accumulator (untimed).
+    # (fused3), and with the Q/dO slots released before the reduce-add is
+    # issued (fusedel, fused3el: the producer's loads ahead of it in the
+    # TMA unit); "fused3hc" adds the column-block accumulator (untimed).
+    # Compiled for an H100 (T = 4k, B = 4): fused3 / fused3el spill 32 / 20
+    # bytes, fusedel none.
     bash $S \
-      "timeout 100 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
-         test_one_ds_buffer" \
-      "timeout 170 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 160 --no-cudnn --no-tokamax --configs \
-         '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha,128:16384:full:mha' \
-         --variants ours,fused,fused1,fused3"
+      "timeout 120 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'test_one_ds_buffer or test_early_release'" \
+      "timeout 300 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 290 --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha,128:16384:full:mha,128:4096:full:gqa' \
+         --variants ours,fused,fused1,fused3,fusedel,fused3el"
     ;;
   waits)
     # run46 ruled out the accumulator's layout. Where does a fused step at

@@ -16,9 +16,10 @@ of an H100 at long T and small batch. The sequence is then also cut into
 ``num_splits`` splits processed in parallel, in two phases: a matmul kernel
 (``_gram_kernel``) computes each split's own state contribution
 ``sum_j w_j k_j^T v_j`` (one [F, V] matrix per split, with large row blocks,
-so it runs near matmul speed), a short scan over splits in jnp gives the
-state entering every split, and the chunked kernel then runs every split
-from its own starting state.
+so it runs near matmul speed; not for the last split, whose sum no later
+split needs: the final state comes from the sweep), a short chain over
+splits gives the state entering every split, and the chunked kernel then
+runs every split from its own starting state.
 
 Backward pass (custom_vjp): the forward stores no per-chunk states; they
 are recomputed. ``_dq_kernel`` sweeps forward from the split starting states
@@ -351,11 +352,12 @@ def _fwd_kernel(*refs, s: _Static):
   st_ref[...] = sweep_loop(s.cps, step, weights, state, s.prefetch)
 
 
-def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static):
-  """o = sum over the split's rows of (w * a)^T b."""
+def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
+  """o = sum over the split's rows of (w * a)^T b (program ``sp`` takes
+  split ``first + sp``)."""
   _, _dot_tn, _ = _dots(s)
   r = s.rows
-  base = pl.program_id(2) * s.split_len
+  base = (pl.program_id(2) + first) * s.split_len
 
   def body(i, acc):
     rows = pl.ds(pl.multiple_of(base + i * r, r), r)
@@ -581,8 +583,14 @@ def _fwd_call(q, k, v, prep, starts, s: _Static):
   )(*args)
 
 
-def _gram_call(a, bmat, w, s: _Static, a_rep: int):
-  """Per-split sum of (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w [B,N,Tp]."""
+def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False):
+  """Per-split sum of (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w [B,N,Tp].
+
+  Only the splits whose sums the chain over splits reads (``_chain_splits``):
+  all but the last one (forward) or all but the first (``reverse``), so
+  [B, N, splits - 1, F, V]; the one left out would cost a pass over a
+  split's a and b (half the Gram pass at two splits).
+  """
   bsz, tp, _, f = a.shape
   vp = bmat.shape[-1]
   n = w.shape[1]
@@ -594,11 +602,11 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int):
       pl.BlockSpec((None, None, tp), lambda j, n_, sp, b: (b, n_, 0)),
   ]
   return _flat_call(
-      functools.partial(_gram_kernel, s=s),
-      grid=(vp // bv, n, s.splits, bsz),
+      functools.partial(_gram_kernel, s=s, first=int(reverse)),
+      grid=(vp // bv, n, s.splits - 1, bsz),
       in_specs=in_specs,
       out_specs=_state_spec(f, bv),
-      out_shape=jax.ShapeDtypeStruct((bsz, n, s.splits, f, vp), _F32),
+      out_shape=jax.ShapeDtypeStruct((bsz, n, s.splits - 1, f, vp), _F32),
       compiler_params=_params(s, gram=True),
       interpret=s.interpret,
       name="linear_scan_split_state",
@@ -782,9 +790,11 @@ def _chain_kernel(local_ref, dec_ref, s0_ref, out_ref, *, splits: int,
   def body(i, acc):
     sp = (splits - 1 - i) if reverse else i
     out_ref[sp] = acc
-    return dec_ref[sp] * acc + local_ref[sp]
+    # local_ref holds splits 1.. (reverse) or ..splits - 2 (forward).
+    return dec_ref[sp] * acc + local_ref[sp - 1 if reverse else sp]
 
-  lax.fori_loop(0, splits, body, s0_ref[...])
+  out_ref[0 if reverse else splits - 1] = lax.fori_loop(
+      0, splits - 1, body, s0_ref[...])
 
 
 def _chain_splits(local, sdec, s0, s: _Static, reverse: bool):
@@ -792,24 +802,26 @@ def _chain_splits(local, sdec, s0, s: _Static, reverse: bool):
 
   Forward: out[0] = s0, out[s] = sdec[s-1] * out[s-1] + local[s-1].
   Reverse (state gradients at split ends): out[-1] = s0 and
-  out[s-1] = sdec[s] * out[s] + local[s].
-  local [B, N, ns, F, V] float32, sdec [B, N, ns], s0 [B, N, F, V]. A
+  out[s-1] = sdec[s] * out[s] + local[s - 1] (``local`` of splits 1..).
+  local [B, N, ns - 1, F, V] float32 (``_gram_call``: the splits the
+  chain reads), sdec [B, N, ns], s0 [B, N, F, V]; out [B, N, ns, F, V]. A
   Pallas kernel, parallel over (batch, head, F, V tiles): a lax.scan over
   splits would cost a loop iteration (~10 us) per split on a GPU.
   """
-  b, n, ns, f, v = local.shape
+  b, n, nl, f, v = local.shape
+  ns = nl + 1
   bf, bv = min(32, f), min(64, v)
   tile = lambda j, n_, i, b_: (b_, n_, 0, i, j)  # noqa: E731
   return pl.pallas_call(
       functools.partial(_chain_kernel, splits=ns, reverse=reverse),
       grid=(v // bv, n, f // bf, b),
-      in_specs=[pl.BlockSpec((None, None, ns, bf, bv), tile),
+      in_specs=[pl.BlockSpec((None, None, nl, bf, bv), tile),
                 pl.BlockSpec((None, None, ns), lambda j, n_, i, b_: (
                     b_, n_, 0)),
                 pl.BlockSpec((None, None, bf, bv), lambda j, n_, i, b_: (
                     b_, n_, i, j))],
       out_specs=pl.BlockSpec((None, None, ns, bf, bv), tile),
-      out_shape=jax.ShapeDtypeStruct(local.shape, _F32),
+      out_shape=jax.ShapeDtypeStruct((b, n, ns, f, v), _F32),
       compiler_params=(None if s.interpret else plgpu.CompilerParams(
           num_warps=4, num_stages=2)),
       interpret=s.interpret,
@@ -872,7 +884,8 @@ def _core_bwd(s: _Static, res, cts):
   outs = _dq_call(q, k, v, do, prep, starts, s)
   dq = outs[0]
   if s.splits > 1:
-    dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1)
+    dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1,
+                        reverse=True)
     ds_end = _chain_splits(dlocal, prep["sdec"], dfinal, s, reverse=True)
   else:
     ds_end = dfinal[:, :, None]
@@ -963,13 +976,16 @@ def _auto_splits(heads: int, chunks: int, sms: int,
 
   With B * N programs filling whole waves of SMs (>= 90%) there is work
   enough: one split, no split-state pass. Otherwise aim at ``per_sm``
-  programs per SM for the kernel with one program per (batch, head, split),
-  the extra cost of splitting (the Gram pass over k^T v) does not grow
-  with the number of splits, the chain over splits (float32 states) does.
+  programs per SM for the kernel with one program per (batch, head, split).
+  The extra cost of splitting is the Gram pass over k^T v, which covers
+  all splits but the last ((splits - 1) / splits of the sequence, since
+  2026-12-06: before, all of it), and the chain over splits (float32
+  states), which grows with the number of splits.
   The default 0.5 (one forward program per SM with two value blocks) was
   the fastest on an H100 against 1, 2 and 4, forward and forward+backward
   at T = 16k and 64k (scripts/gpu/linear_profile.py --sweep: e.g. the
-  forward at T = 64k, B = 1, N = 16: 0.75 ms at 0.5, 0.88 ms at 4). Prefers a split count
+  forward at T = 64k, B = 1, N = 16: 0.75 ms at 0.5, 0.88 ms at 4; timed
+  with the Gram pass over every split). Prefers a split count
   dividing the chunk count (no padding), keeps >= 2 chunks per split.
   """
   waves = -(-heads // sms)

@@ -2,7 +2,9 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run47), as calls of under 10 minutes on one GPU, most decisive first:
 # stages (the fused backward's third Q/dO stage and early slot release),
-# mosaictests and mosaictests2 (the whole Mosaic GPU suite), then
+# mosaictests and mosaictests2 (the whole Mosaic GPU suite), gram (the
+# scalar-gate kernels' Gram pass without its unread split: GPU tests and
+# the 4k-64k rows; replaces call5), then
 # short, splits, profile, grid and grid2 (the H100 softmax
 # report's Mosaic column), call4 and call5 (the H100 linear report's rows;
 # fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
@@ -407,6 +409,17 @@ case "${1:-}" in
       "timeout 560 python3 -m attnjax.bench.linear --variants \
          channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
+  gram)
+    # Since 2026-12-06 the scalar-gate kernels' Gram pass skips the split
+    # whose sum no chain reads (the forward's last, the backward's first):
+    # half the pass at 2 splits (T = 16k, B = 4), 1/8 at 8 (64k, B = 1).
+    # Their GPU tests, then call5's rows (4k-64k beside fla).
+    bash $S \
+      "timeout 150 $PYTEST tests/test_linear_pallas.py" \
+      "timeout 420 python3 -m attnjax.bench.linear --variants \
+         no_decay,fixed_decay,scalar_gate --impls pallas \
+         --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
+    ;;
   call5)
     # The scalar-gate family's rows of the H100 linear report at all four
     # T (the report has no fixed_decay / scalar_gate row at 32k, where the
@@ -417,7 +430,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh first|reduce|mosaictests|short|splits|profile|grid|grid2|call5|fwdrows|utsweep|recheck|deltacand|oscores|pftimes|pftests|prefetch|prefetch2|prefetch3|call1|call2|call3|call4|mosaic" >&2
+    echo "usage: bash scripts/gpu/pending.sh recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

@@ -119,6 +119,12 @@
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
+# A mosaic_check.py timing step under a time limit of $1 seconds (its own
+# budget 10 s less, so that it prints its summary before the limit).
+mc_time() {
+  echo "timeout $1 python3 scripts/gpu/mosaic_check.py --sections time \
+--budget $(($1 - 10))"
+}
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
   recheck)
@@ -144,14 +150,14 @@ case "${1:-}" in
     bash $S \
       "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
          'default_without_determinism_flags or staggered'" \
-      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 190 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 200) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha,128:16384:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
-      "timeout 100 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 90 --configs '128:1024:causal:*'" \
-      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 120 --configs '64:16384:causal:mha,64:16384:full:mha' \
+      "$(mc_time 100) \
+         --configs '128:1024:causal:*'" \
+      "$(mc_time 130) \
+         --configs '64:16384:causal:mha,64:16384:full:mha' \
          --variants ours,wg3"
     ;;
   first)
@@ -167,8 +173,8 @@ case "${1:-}" in
           test_seq_lengths or test_shapes_gqa and 190-450-4-2'" \
       "timeout 180 python3 scripts/gpu/mosaic_profile.py --configs \
          128:4096:full:mha --variants fused,bkvdq128,fusednj" \
-      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 120 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 130) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
@@ -185,8 +191,8 @@ case "${1:-}" in
     bash $S \
       "timeout 120 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
          'test_one_ds_buffer or test_early_release'" \
-      "timeout 300 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 290 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 300) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha,128:16384:full:mha,128:4096:full:gqa' \
          --variants ours,fused,fused1,fused3,fusedel,fused3el"
     ;;
@@ -216,8 +222,8 @@ case "${1:-}" in
     bash $S \
       "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
          'test_dq_layouts or test_gqa_ragged'" \
-      "timeout 330 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 320 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 330) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:4096:full:gqa,128:16384:full:mha,64:4096:full:mha' \
          --variants ours,fused,fusedhm,fusedhc"
     ;;
@@ -232,8 +238,8 @@ case "${1:-}" in
       "timeout 200 python3 scripts/gpu/mosaic_profile.py --configs \
          128:4096:full:mha,128:4096:full:gqa,128:16384:full:mha \
          --variants fused,fusednr" \
-      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 190 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 200) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:gqa,128:16384:full:mha' \
          --variants ours,fused,fusednr,fusednodq"
     ;;
@@ -271,8 +277,8 @@ case "${1:-}" in
       "timeout 150 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
          'default_without_determinism_flags or staggered or \
           default_three_consumer'" \
-      "timeout 130 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 120 --no-cudnn --no-tokamax --configs \
+      "$(mc_time 130) \
+         --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
          --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
       "timeout 120 $PYTEST tests/test_linear_delta_pallas.py -k \
@@ -284,8 +290,8 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
          --no-fla --seqs=65536,16384 --splits=1,2,4,8,16" \
-      "timeout 180 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 170 --configs '64:16384:full:mha,64:16384:causal:mha' \
+      "$(mc_time 180) \
+         --configs '64:16384:full:mha,64:16384:causal:mha' \
          --variants ours,wg3"
     ;;
   profile)
@@ -385,11 +391,11 @@ case "${1:-}" in
     # The fused backward and three-consumer GPU tests passed in run39
     # (H100, after the race fix): timings only.
     bash $S \
-      "timeout 230 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 220 --configs 64:4096:full:mha,64:4096:causal:mha,\
+      "$(mc_time 230) \
+         --configs 64:4096:full:mha,64:4096:causal:mha,\
 64:16384:full:mha,64:1024:full:mha --variants ours,wg3,wg3kv64" \
-      "timeout 330 python3 scripts/gpu/mosaic_check.py --sections time \
-         --budget 320 --configs '128:16384:*:*,128:4096:*:*,128:1024:*:*'"
+      "$(mc_time 330) \
+         --configs '128:16384:*:*,128:4096:*:*,128:1024:*:*'"
     ;;
   call2)
     bash $S \

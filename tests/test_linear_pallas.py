@@ -225,6 +225,33 @@ def test_auto_splits():
   assert kernels._auto_splits(16, 997, 132, per_sm=1.0) == 9
 
 
+def test_default_forward_stages_follow_the_gate(monkeypatch):
+  """Four pipeline stages only in the ungated bf16/f16 forward (run49);
+  the public call tells default_config whether a gate is present."""
+  monkeypatch.delenv("ATTNJAX_LINEAR_SCAN_CONFIG", raising=False)
+  dc = kernels.default_config
+  assert dc(BF16, 128, 128, gated=False).num_stages == 4
+  assert dc(jnp.float16, 64, 64, gated=False).num_stages == 4
+  assert dc(BF16, 128, 128, gated=True).num_stages == 2
+  assert dc(BF16, 128, 128).num_stages == 2
+  assert dc(F32, 128, 128, gated=False).num_stages == 2
+  assert dc(BF16, 256, 256, gated=False).num_stages == 2
+  seen = []
+
+  def spy(*a, **kw):
+    seen.append(kw.get("gated"))
+    return dc(*a, **kw)
+
+  monkeypatch.setattr(kernels, "default_config", spy)
+  x = jnp.ones((1, 32, 1, 16), BF16)
+  g = jnp.full((1, 32, 1), -0.1)
+  attnjax.linear_attention(x, x, x, implementation="pallas")
+  attnjax.linear_attention(x, x, x, gate=g, implementation="pallas")
+  kernels.chunked_linear_attention(x, x, x, scale=1.0)
+  kernels.chunked_linear_attention(x, x, x, g, scale=1.0)
+  assert seen == [False, True, False, True]
+
+
 def test_pallas_rejects_what_it_cannot_serve():
   q = jnp.ones((1, 32, 1, 16))
   with pytest.raises(NotImplementedError):  # not a power of two
@@ -284,6 +311,7 @@ def test_pallas_lowers_for_h100(name):
           sd(lead + (b, t, kh, h), dt),
           sd(lead + (b, t, n), F32)]
   cfg = kernels.default_config(dt, h, h + 1 if opt.get("normalize") else h,
+                               gated=bool(opt.get("gate")),
                                num_splits=opt.get("splits"),
                                prefetch_weights=opt.get("prefetch", False))
   extra = {}
@@ -361,6 +389,18 @@ def test_gpu_pallas_matches_scan_h128(dtype, splits, monkeypatch):
                      length=1000, heads=8, kv_heads=2, head_dim=128,
                      value_dim=128, gate="scalar", log_decay=True,
                      segments=True, initial_state=True, dtype=dtype)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None])
+def test_gpu_pallas_ungated_h128(splits, monkeypatch):
+  """H = 128 bf16 without a gate: the default's 4-stage forward."""
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("gpu-h128-ungated", splits), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, segments=True, initial_state=True,
+                     dtype=BF16)
   check_against_scan(case, "pallas")
 
 

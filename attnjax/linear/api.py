@@ -379,7 +379,8 @@ def _impl_pallas(p: LinearProblem):
         initial_state=p.initial_state, config=cfg)
     return _normalise_out(p, out), state
   from pallas_kernels.linear_scan import kernels
-  cfg = kernels.default_config(p.q.dtype, p.q.shape[-1], v.shape[-1])
+  cfg = kernels.default_config(p.q.dtype, p.q.shape[-1], v.shape[-1],
+                               gated=p.log_gate is not None)
   if p.chunk_size is not None:
     cfg = dataclasses.replace(cfg, chunk=p.chunk_size)
     if p.chunk_size > 64:  # [C, C] tiles: 4 warps would spill registers

@@ -223,6 +223,32 @@ def test_auto_splits():
   assert kernels._auto_splits(4, 6, 132) == 3
   assert kernels._auto_splits(4, 1, 132) == 1
   assert kernels._auto_splits(16, 997, 132, per_sm=1.0) == 9
+  # Value blocks count as programs (run49): T = 16k, B = 4, N = 16 with
+  # two value blocks is 128 programs on 132 SMs, unsplit; 64k, B = 1 not.
+  assert kernels._auto_splits(64, 256, 132, blocks=2) == 1
+  assert kernels._auto_splits(16, 1024, 132, blocks=2) == 8
+  assert kernels._auto_splits(32, 256, 132, blocks=2) == 4  # 64: want 3
+
+
+@pytest.mark.parametrize("b,t,v,splits", [(4, 16384, 128, 1),
+                                          (1, 65536, 128, 8),
+                                          (4, 16384, 64, 2)])
+def test_auto_splits_count_value_blocks(b, t, v, splits, monkeypatch):
+  """The public call passes its value blocks to the split heuristic."""
+  monkeypatch.delenv("ATTNJAX_LINEAR_SCAN_CONFIG", raising=False)
+  box = {}
+  orig = kernels._core
+
+  def spy(*a):
+    box["s"] = a[-1]
+    return orig(*a)
+
+  monkeypatch.setattr(kernels, "_core", spy)
+  x = jax.ShapeDtypeStruct((b, t, 16, 128), BF16)
+  y = jax.ShapeDtypeStruct((b, t, 16, v), BF16)
+  jax.eval_shape(lambda q, k, w: kernels.chunked_linear_attention(
+      q, k, w, scale=1.0, interpret=True), x, x, y)
+  assert box["s"].splits == splits
 
 
 def test_default_forward_stages_follow_the_gate(monkeypatch):

@@ -112,14 +112,18 @@ class BwdConfig:
       consumers' dS^T (2: a step writes one while the other consumer's dQ
       product may still read the other; 1: 16 KB less, for a third Q/dO
       stage at H = 128, paid with a second consumer join per step, before
-      dS^T is overwritten).
+      dS^T is overwritten). Not faster (run48, H100, T = 4k full MHA:
+      364.5 with 2 stages, 353.7 with 3, against 364.8 forward+backward
+      TFLOP/s; 4k causal 327.8 / 315.4 against 389.3).
     early_release: with ``fused_dq``, a consumer releases the step's Q and
       dO slots as soon as its dQ product has completed (every wgmma that
       reads them is done by then), before it stores dQ and issues the
       reduce-add, so that the producer's next loads reach the TMA unit
       ahead of the reduce rather than behind it (run47, H100, T = 4k full
       MHA: the fused steps wait 1.9 us a step for Q, against 0.14 with dQ
-      copied instead of reduce-added).
+      copied instead of reduce-added). Not faster (run48: 358.5 against
+      364.8 at 4k full MHA, 384.6 / 389.3 causal): the wait is not for a
+      free slot.
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64

@@ -977,12 +977,13 @@ def _num_sms() -> int:
 
 
 def _auto_splits(heads: int, chunks: int, sms: int,
-                 per_sm: float = 0.5) -> int:
+                 per_sm: float = 0.5, blocks: int = 1) -> int:
   """Sequence splits so that the kernels fill the GPU.
 
-  With B * N programs filling whole waves of SMs (>= 90%) there is work
-  enough: one split, no split-state pass. Otherwise aim at ``per_sm``
-  programs per SM for the kernel with one program per (batch, head, split).
+  With the forward's B * N * ``blocks`` programs (``blocks`` value blocks
+  per head) filling whole waves of SMs (>= 90%) there is work enough: one
+  split, no split-state pass. Otherwise aim at ``per_sm`` programs per SM
+  for the kernel with one program per (batch, head, split).
   The extra cost of splitting is the Gram pass over k^T v, which covers
   all splits but the last ((splits - 1) / splits of the sequence, since
   2026-12-06: before, all of it), and the chain over splits (float32
@@ -991,11 +992,18 @@ def _auto_splits(heads: int, chunks: int, sms: int,
   the fastest on an H100 against 1, 2 and 4, forward and forward+backward
   at T = 16k and 64k (scripts/gpu/linear_profile.py --sweep: e.g. the
   forward at T = 64k, B = 1, N = 16: 0.75 ms at 0.5, 0.88 ms at 4; timed
-  with the Gram pass over every split). Prefers a split count
-  dividing the chunk count (no padding), keeps >= 2 chunks per split.
+  with the Gram pass over every split). Counting the value blocks (since
+  run49) leaves T = 16k, B = 4, N = 16 (128 programs on 132 SMs) unsplit:
+  one split against two, M tokens/s forward / forward+backward, no decay
+  116 / 22.2 against 110 / 20.7, scalar gate 89 / 13.6 against 91 / 13.1
+  (H100, docs/dev/gpu-runs/run49-linear-fwd-sweeps.log). Prefers a split
+  count dividing the chunk count (no padding), keeps >= 2 chunks per
+  split.
   """
-  waves = -(-heads // sms)
-  if heads >= 4 * sms or (heads >= sms and heads >= 0.9 * waves * sms):
+  programs = heads * max(1, blocks)
+  waves = -(-programs // sms)
+  if programs >= 4 * sms or (programs >= 0.9 * sms
+                             and programs >= 0.9 * waves * sms):
     return 1
   want = max(2, math.ceil(per_sm * sms / heads))
   cap = max(1, chunks // 2)
@@ -1062,7 +1070,8 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
     splits = max(1, min(int(cfg.num_splits), nc))
   else:
     sms = cfg.num_sms or (0 if interpret else _num_sms()) or 132
-    splits = _auto_splits(b * n, nc, sms, cfg.split_programs_per_sm)
+    splits = _auto_splits(b * n, nc, sms, cfg.split_programs_per_sm,
+                          blocks=-(-_padded_dim(vd) // cfg.block_v))
   cps = -(-nc // splits)
   splits = -(-nc // cps)
   # Rows per Gram step: a power of two (Triton) dividing the split length.

@@ -2,6 +2,7 @@
 
   PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py     # ~4 min
   PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --sweep best.json
+  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --occupancy
 
 Shapes as the benchmark (bf16, N = 16, H = Hv = 128, B*T = 65536): T = 4096
 (one split) against T = 16384 / 65536 (split path). Times, per shape: the
@@ -157,8 +158,30 @@ def sweep(out_json):
       json.dump(chosen, f)
 
 
+def occupancy():
+  """Is the one-split forward's rate set by the number of programs or by
+  their length? run49 (H100): T = 4k, B = 16 (512 programs of 64 chunks)
+  runs 156 M tokens/s, T = 16k, B = 4 without a split (128 programs of
+  256 chunks) 116; both fill the GPU in whole waves. Here the same
+  program count at both lengths (B = 4 and B = 16 at T = 4k and 16k), one
+  split, forward only, gated and not, at the defaults."""
+  print("== occupancy (one split, forward)")
+  for gate in (False, True):
+    base = kernels.default_config(jnp.bfloat16, H, H, gated=gate,
+                                  num_splits=1)
+    print(f"-- gate={gate} stages={base.num_stages}")
+    for b, t in ((16, 4096), (16, 16384), (4, 4096), (4, 16384),
+                 (1, 16384), (1, 65536)):
+      _whole(b, t, gate, base, f"B={b:2d} T={t:5d} programs="
+             f"{b * N * (H // base.block_v)} chunks={t // base.chunk}",
+             bwd=False)
+
+
 def main():
   print(common.device_info(), flush=True)
+  if "--occupancy" in sys.argv:
+    occupancy()
+    return 0
   if "--sweep" in sys.argv:
     sweep(sys.argv[sys.argv.index("--sweep") + 1]
           if len(sys.argv) > sys.argv.index("--sweep") + 1 else None)

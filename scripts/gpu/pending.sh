@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run47), as calls of under 10 minutes on one GPU, most decisive first:
-# stages (the fused backward's third Q/dO stage and early slot release),
-# mosaictests and mosaictests2 (the whole Mosaic GPU suite), gram (the
-# scalar-gate kernels' Gram pass without its unread split: GPU tests and
-# the 4k-64k rows; replaces call5), then
+# run49), as calls of under 10 minutes on one GPU, most decisive first:
+# linstages (the ungated linear forward's 4-stage default: its GPU test,
+# the one-split occupancy probe, the no-decay rows beside fla at 4k-64k),
+# mosaictests and mosaictests2 (the whole Mosaic GPU suite), linfla64 (fla
+# beside the fixed-decay / scalar-gate rows at 32k and 64k), then
 # short, splits, profile, grid and grid2 (the H100 softmax
-# report's Mosaic column), call4 and call5 (the H100 linear report's rows;
-# fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
+# report's Mosaic column), call4 (the H100 linear report's GLA and delta
+# rows; fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
 # pftests, call1, call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
-# in run43; reduce in run45, layouts in run46, waits in run47: kept for
-# reruns)
+# in run43; reduce in run45, layouts in run46, waits in run47, stages in
+# run48, gram and call5 in run49: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -255,6 +255,28 @@ case "${1:-}" in
     mkdir -p "$OUT/bench"
     cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
     bash $S "timeout 280 $R ${H% *}" "timeout 280 $R ${H#* }"
+    ;;
+  linstages)
+    # run49: 4 pipeline stages took the ungated forward from 156 to 176 M
+    # tokens/s at 4k (109 -> 119 at 64k) and became its default; the gated
+    # forwards keep 2. Its GPU test (H = 128, GQA, resets, initial state,
+    # 1 and auto splits) with the small cases; the one-split occupancy
+    # probe (is 16k's lower rate the program count or the length?); then
+    # the no-decay rows beside fla at all four T.
+    bash $S \
+      "timeout 100 $PYTEST tests/test_linear_pallas.py -k \
+         'ungated or matches_scan_small'" \
+      "timeout 110 python3 scripts/gpu/linear_profile.py --occupancy" \
+      "timeout 330 python3 -m attnjax.bench.linear --variants no_decay \
+         --impls pallas --seqs 4096,16384,32768,65536 --no-softmax"
+    ;;
+  linfla64)
+    # run49's bench stopped at its limit before fla at 32k (scalar gate)
+    # and 64k: the fixed-decay and scalar-gate rows there beside fla.
+    bash $S \
+      "timeout 450 python3 -m attnjax.bench.linear --variants \
+         fixed_decay,scalar_gate --impls pallas --seqs 32768,65536 \
+         --no-softmax"
     ;;
   mosaictests)
     # The Mosaic GPU suite in two calls (run47: the suite but

@@ -175,6 +175,13 @@ def occupancy():
       _whole(b, t, gate, base, f"B={b:2d} T={t:5d} programs="
              f"{b * N * (H // base.block_v)} chunks={t // base.chunk}",
              bwd=False)
+    # Value blocks instead of sequence splits at T = 64k, B = 1 (no Gram
+    # pass; q and k re-read per value block, from L2 if a head's programs
+    # keep pace): 128 and 256 programs.
+    for over in (dict(block_v=16), dict(block_v=16, num_splits=2),
+                 dict(block_v=32, num_splits=4)):
+      _whole(1, 65536, gate, dataclasses.replace(base, **over),
+             f"B= 1 T=65536 {over}", bwd=False)
 
 
 def main():

@@ -117,14 +117,18 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
       return channel.channel_gated_linear_attention(
           q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
   elif case == "scalar":
+    # ``"gate": false`` in --config: no gate (the ungated default tiling).
     from pallas_kernels.linear_scan import kernels  # noqa: PLC0415
-    cfg = kernels.default_config(bf16, h, h)
+    config = dict(config)
+    gated = config.pop("gate", True)
+    cfg = kernels.default_config(bf16, h, h, gated=gated)
     if config:
       import dataclasses  # noqa: PLC0415
       cfg = dataclasses.replace(cfg, **config)
-    args = (sd(x), sd(x), sd(x), sd((b, t, n), jnp.float32))
+    args = (sd(x), sd(x), sd(x)) + ((sd((b, t, n), jnp.float32),)
+                                    if gated else ())
 
-    def fwd(q, k, v, g):
+    def fwd(q, k, v, g=None):
       return kernels.chunked_linear_attention(
           q, k, v, g, scale=h ** -0.5, config=cfg, interpret=False)[0]
   elif case == "triton":

@@ -3,6 +3,8 @@
 # run49), as calls of under 10 minutes on one GPU, most decisive first:
 # linstages (the ungated linear forward's 4-stage default: its GPU test,
 # the one-split occupancy probe, the no-decay rows beside fla at 4k-64k),
+# fusedlen (the fused backward at 128 query blocks a CTA: where its
+# per-shape rule should start; short, so on the same warm machine),
 # mosaictests and mosaictests2 (the whole Mosaic GPU suite), linfla64 (fla
 # beside the fixed-decay / scalar-gate rows at 32k and 64k), then
 # short, splits, profile, grid and grid2 (the H100 softmax
@@ -269,6 +271,20 @@ case "${1:-}" in
       "timeout 110 python3 scripts/gpu/linear_profile.py --occupancy" \
       "timeout 330 python3 -m attnjax.bench.linear --variants no_decay \
          --impls pallas --seqs 4096,16384,32768,65536 --no-softmax"
+    ;;
+  fusedlen)
+    # Where does the fused backward start to win? run43-run48: it loses at
+    # 64 query blocks a dK/dV CTA (4k MHA: 365 against 459 two kernels)
+    # and ties or wins at 256 (16k MHA, 4k GQA 4:1); the default takes it
+    # from 16k query rows a CTA (FUSED_MIN_ROWS). Here 128 blocks a CTA
+    # (8k MHA full and causal, 2k GQA 4:1), the default (two kernels
+    # there) beside the fused form and the fused form with dQ copied
+    # (fusednr, wrong, timing only: its bound).
+    bash $S \
+      "$(mc_time 240) \
+         --no-cudnn --no-tokamax --configs \
+         '128:8192:full:mha,128:2048:full:gqa,128:8192:causal:mha' \
+         --variants ours,fused,fusednr"
     ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)

@@ -87,7 +87,7 @@ class KernelConfig:
       V up to this, so that each key (query) tile is read once.
     num_warps, num_stages: Triton launch parameters (forward).
       ``default_config`` pipelines 4 stages in the ungated bf16/f16
-      forward (H100, run49: 156 -> 176 M tokens/s at T = 4k, 109 -> 118
+      forward (H100, run49: 156 -> 176 M tokens/s at T = 4k, 109 -> 119
       at 64k) and 2 where a gate or decay is present (3 or 4 stages made
       the fixed-decay and scalar-gate forwards 12-16% slower).
     num_warps_gram, num_stages_gram: the same for the Gram kernel.

@@ -223,6 +223,17 @@ def test_gradients_fused_dq_layouts(h, layout):
          is_causal=True, arrays={"segment_ids": seg})
 
 
+@pytest.mark.long  # a timing diagnostic's indexing (mosaic_check "fusedsl")
+def test_fused_dq_slots_diagnostic_indexing(monkeypatch):
+  # _FUSED_DROP "slots" sends head hh of batch bb to accumulator head
+  # (bb * N + hh) mod 8 of batch 0: with B = 1 and N <= 8 that is hh
+  # itself, so dQ must still be right (any other B is wrong by design).
+  monkeypatch.setattr(mosaic_bwd, "_FUSED_DROP", frozenset({"slots"}))
+  _check("slots", shape=dict(b=1, t=170, n=4, kh=2, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3), bwd_config=_fused(128),
+         is_causal=True)
+
+
 @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
 def test_gradients_fused_dq_early_release(h, stages):
   # BwdConfig(early_release=True): a consumer frees the step's Q and dO

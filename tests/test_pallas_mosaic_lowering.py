@@ -155,9 +155,9 @@ def test_lowers_fused_early_release(h):
     bwd_lib.BwdConfig(early_release=True)
 
 
-@pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}])
+@pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}, {"slots"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
-  # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq variants.
+  # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq / fusedsl.
   monkeypatch.setattr(bwd_lib, "_FUSED_DROP", frozenset(drop))
   _lower(h=128, t=400, bwd_config=bwd_lib.BwdConfig(fused_dq=True))
 

@@ -188,9 +188,14 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
 # tracing. "join": the final consumer join (brings back the race it fixes:
 # a last-block dQ may read dK for K); "reduce": dQ is copied, not
 # reduce-added (wrong dQ); "dq": no dQ at all (no dS through SMEM, no pair
-# barrier, no dQ product; dQ stays zero). Each leaves the results wrong or
-# racy: never set outside timing.
+# barrier, no dQ product; dQ stays zero); "slots": every (batch, head)
+# reduce-adds its dQ into one of _DQ_SLOTS heads of batch 0 (wrong dQ; the
+# same reduce-adds and the same contention between a head's CTAs, but an
+# accumulator that stays in L2: does the reduce cost where CTAs are short
+# come from dQ lines evicted between a head's CTAs?). Each leaves the
+# results wrong or racy: never set outside timing.
 _FUSED_DROP: frozenset[str] = frozenset()
+_DQ_SLOTS = 8
 
 # Profiling diagnostics only (scripts/gpu/mosaic_profile.py): (events, dir)
 # turns on Mosaic GPU's in-kernel profiler for the dK/dV kernel (H <= 128),
@@ -631,7 +636,13 @@ def flash_backward_dkv(
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
           rows = pl.ds(qb * bq, bq)
-          if cfg.dq_layout == "tnh":
+          if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
+            # Timing only (wrong dQ): every (batch, head) reduce-adds into
+            # one of _DQ_SLOTS heads of batch 0, so the accumulator the
+            # kernel touches stays small enough to live in L2.
+            slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
+            dst = dqacc_ref.at[0, rows, slot, pl.ds(col0, dq_cols)]
+          elif cfg.dq_layout == "tnh":
             dst = dqacc_ref.at[bb, rows, hh, pl.ds(col0, dq_cols)]
           elif cfg.dq_layout == "nth":
             dst = dqacc_ref.at[bb, hh, rows, pl.ds(col0, dq_cols)]

@@ -361,7 +361,7 @@ def _time(f, *args, target=0.15, samples=3):
 # Variants of the fused backward that leave parts out (timing only; see
 # mosaic_gpu_bwd._FUSED_DROP).
 FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
-               "fusednodq": {"dq"}}
+               "fusednodq": {"dq"}, "fusedsl": {"slots"}}
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -434,6 +434,9 @@ def _variant_configs(name, h):
       # reduce-added; no dQ at all (the dK/dV part of the fused kernel).
       "fusednr": (None, bl.BwdConfig(fused_dq=True), bonly),
       "fusednodq": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # Wrong, timing only: dQ reduce-added into 8 heads' accumulator
+      # (L2-resident) instead of B x N heads'.
+      "fusedsl": (None, bl.BwdConfig(fused_dq=True), bonly),
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),

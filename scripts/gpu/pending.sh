@@ -4,7 +4,8 @@
 # linstages (the ungated linear forward's 4-stage default: its GPU test,
 # the one-split occupancy probe, the no-decay rows beside fla at 4k-64k),
 # fusedlen (the fused backward at 128 query blocks a CTA: where its
-# per-shape rule should start; short, so on the same warm machine),
+# per-shape rule should start; and at 4k MHA with an L2-resident dQ
+# accumulator: is the lost time dQ lines evicted between CTAs?),
 # mosaictests and mosaictests2 (the whole Mosaic GPU suite), linfla64 (fla
 # beside the fixed-decay / scalar-gate rows at 32k and 64k), then
 # short, splits, profile, grid and grid2 (the H100 softmax
@@ -278,13 +279,17 @@ case "${1:-}" in
     # and ties or wins at 256 (16k MHA, 4k GQA 4:1); the default takes it
     # from 16k query rows a CTA (FUSED_MIN_ROWS). Here 128 blocks a CTA
     # (8k MHA full and causal, 2k GQA 4:1), the default (two kernels
-    # there) beside the fused form and the fused form with dQ copied
-    # (fusednr, wrong, timing only: its bound).
+    # there) beside the fused form, the fused form with dQ copied
+    # (fusednr, wrong, timing only: its bound) and with every head's dQ
+    # reduce-added into 8 heads' accumulator (fusedsl, wrong, timing only:
+    # the same reduce-adds into an L2-resident accumulator; if it matches
+    # fusednr at 4k MHA, dQ lines evicted between a head's CTAs are the
+    # cost, and the fix is to keep them in L2, as FA3's EVICT_LAST hints).
     bash $S \
-      "$(mc_time 240) \
+      "$(mc_time 330) \
          --no-cudnn --no-tokamax --configs \
-         '128:8192:full:mha,128:2048:full:gqa,128:8192:causal:mha' \
-         --variants ours,fused,fusednr"
+         '128:4096:full:mha,128:8192:full:mha,128:2048:full:gqa,128:8192:causal:mha' \
+         --variants ours,fused,fusednr,fusedsl"
     ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)

@@ -310,6 +310,22 @@ class TestMosaicGPUFusedBackward:
                                          kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
+  @pytest.mark.parametrize("h,layout", [(64, "tnh"), (128, "tnh"),
+                                        (128, "nct")])
+  def test_dq_evict_last(self, h, layout):
+    # BwdConfig(dq_evict_last=True): the dQ reduce-add emitted through
+    # inline Mosaic GPU with an L2 cache policy (its coordinates computed
+    # there, not by Pallas).
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
+              fused_dq=True, dq_evict_last=True, dq_layout=layout))
+    check_against_reference(impl, inputs(f"fused_ev{h}{layout}", t=1100,
+                                         n=4, kh=2, h=h),
+                            dtype=BF16, is_causal=True)
+
   @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
   def test_one_ds_buffer(self, h, stages):
     # BwdConfig(ds_buffers=1): one dS^T buffer behind a second consumer

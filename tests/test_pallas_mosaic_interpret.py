@@ -223,6 +223,16 @@ def test_gradients_fused_dq_layouts(h, layout):
          is_causal=True, arrays={"segment_ids": seg})
 
 
+def test_gradients_fused_dq_evict_last():
+  # BwdConfig(dq_evict_last=True) emits its dQ reduce-add through inline
+  # Mosaic GPU, which the interpreter skips: under the interpreter the kernel
+  # must take the plain reduce-add (else dQ stays zero). GQA, causal, ragged.
+  cfg = dataclasses.replace(_fused(128), dq_evict_last=True)
+  _check("fusedev", shape=dict(t=170, n=4, kh=2, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3), bwd_config=cfg,
+         is_causal=True)
+
+
 @pytest.mark.long  # a timing diagnostic's indexing (mosaic_check "fusedsl")
 def test_fused_dq_slots_diagnostic_indexing(monkeypatch):
   # _FUSED_DROP "slots" sends head hh of batch bb to accumulator head

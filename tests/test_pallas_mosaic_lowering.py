@@ -155,6 +155,34 @@ def test_lowers_fused_early_release(h):
     bwd_lib.BwdConfig(early_release=True)
 
 
+@pytest.mark.parametrize("h,layout", [(64, "tnh"), (128, "tnh"),
+                                      (128, "nct")])
+def test_lowers_fused_dq_evict_last(h, layout):
+  # BwdConfig(dq_evict_last=True): the dQ reduce-add emitted through
+  # inline Mosaic GPU with an L2 policy (causal, segment ids).
+  _lower(h=h, t=400, is_causal=True, segs=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, dq_evict_last=True,
+                                      dq_layout=layout))
+  with pytest.raises(ValueError, match="dq_evict_last"):
+    bwd_lib.BwdConfig(dq_evict_last=True)
+
+
+def test_hinted_reduce_instruction():
+  # The rewrite of Mosaic GPU's TMA reduce-add (jax 0.11's form): the
+  # L2::cache_hint qualifier, the policy operand and its createpolicy.
+  asm = ("@$0 cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile"
+         ".bulk_group [$2,{$3,$4}], [$1];")
+  assert bwd_lib._hinted_reduce(asm) == (
+      "{ .reg .b64 attnjax_l2p; createpolicy.fractional.L2::evict_last.b64 "
+      "attnjax_l2p, 1.0; @$0 cp.reduce.async.bulk.tensor.2d.global."
+      "shared::cta.add.tile.bulk_group.L2::cache_hint [$2,{$3,$4}], [$1], "
+      "attnjax_l2p; }")
+  for other in (asm[4:], asm.replace(".bulk_group", ""), asm[:-1],
+                bwd_lib._hinted_reduce(asm)):
+    with pytest.raises(NotImplementedError, match="TMA reduce-add"):
+      bwd_lib._hinted_reduce(other)
+
+
 @pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}, {"slots"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq / fusedsl.

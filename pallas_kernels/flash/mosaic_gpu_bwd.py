@@ -108,6 +108,14 @@ class BwdConfig:
       is not why the reduce-add costs where a CTA walks few query blocks
       (run45: 6.2 against 4.2 us a step at T = 4k full MHA, equal at
       16k); "nct" gains under a causal mask only.
+    dq_evict_last: with ``fused_dq``, the dQ reduce-adds carry the L2
+      cache policy ``evict_last`` (FlashAttention-3 gives its dQ
+      reduce-adds, and its Q and dO loads, this hint): the accumulator's
+      lines, which every key tile's CTA adds into, are kept in L2 over
+      other lines. Mosaic GPU's copies take no hint, so the reduce-add is
+      emitted through ``plgpu.inline_mgpu`` (``_dq_reduce``), its
+      instruction given the policy; in Pallas' CPU interpreter it is the
+      plain reduce-add. Opt-in, untimed.
     ds_buffers: with ``fused_dq``, shared-memory buffers for the
       consumers' dS^T (2: a step writes one while the other consumer's dQ
       product may still read the other; 1: 16 KB less, for a third Q/dO
@@ -139,6 +147,7 @@ class BwdConfig:
   dq_layout: str = "tnh"
   ds_buffers: int = 2
   early_release: bool = False
+  dq_evict_last: bool = False
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -154,6 +163,8 @@ class BwdConfig:
       raise ValueError("stagger_q needs fused_dq=True")
     if self.early_release and not self.fused_dq:
       raise ValueError("early_release needs fused_dq=True")
+    if self.dq_evict_last and not self.fused_dq:
+      raise ValueError("dq_evict_last needs fused_dq=True")
     if self.ds_buffers not in (1, 2):
       raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
@@ -284,6 +295,85 @@ def _pair_barrier():
                           has_side_effects=True, convergent=True)
 
   emit()
+
+
+_POLICY = "attnjax_l2p"
+
+
+def _hinted_reduce(asm: str) -> str:
+  """Mosaic GPU's TMA reduce-add instruction ``asm`` (inline PTX, jax 0.11)
+  with an ``L2::evict_last`` cache policy, created in the same block."""
+  head = "@$0 cp.reduce.async.bulk.tensor."
+  if (not asm.startswith(head) or ".bulk_group " not in asm
+      or not asm.endswith(";") or "cache_hint" in asm):
+    raise NotImplementedError(f"unexpected TMA reduce-add form: {asm!r}")
+  body = asm[:-1].replace(".bulk_group ", ".bulk_group.L2::cache_hint ", 1)
+  return (f"{{ .reg .b64 {_POLICY}; "
+          f"createpolicy.fractional.L2::evict_last.b64 {_POLICY}, 1.0; "
+          f"{body}, {_POLICY}; }}")
+
+
+class _HintingLLVM:
+  """Stands in for Mosaic GPU's ``launch_context.llvm`` while one copy is
+  emitted: its TMA reduce-add gets the cache policy, all else passes."""
+
+  def __init__(self, real):
+    self._real = real
+
+  def __getattr__(self, name):
+    return getattr(self._real, name)
+
+  def inline_asm(self, res, operands, asm, constraints, *args, **kw):
+    if "cp.reduce.async.bulk" in asm:
+      asm = _hinted_reduce(asm)
+    return self._real.inline_asm(res, operands, asm, constraints, *args, **kw)
+
+
+def _interpreting() -> bool:
+  """Whether kernels traced now run in Pallas' GPU interpreter."""
+  from jax._src import config  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=g-import-not-at-top
+  return isinstance(config.pallas_tpu_interpret_mode_context_manager.value,
+                    params.InterpretGPUParams)
+
+
+def _dq_reduce(src, acc_ref, index, *, evict_last):
+  """TMA reduce-add of a consumer's float32 dQ tile ``src`` (SMEM, tiled
+  8 x 32, 128-byte swizzle) into ``acc_ref.at[index]`` (scalar indices and
+  two ``pl.ds`` slices). ``evict_last``: with the L2 policy (inline Mosaic
+  GPU, the same instruction otherwise; the plain reduce-add in Pallas' CPU
+  interpreter, which skips inline Mosaic GPU)."""
+  if not evict_last or _interpreting():
+    plgpu.copy_smem_to_gmem(src, acc_ref.at[index], reduction_op="add")
+    return
+  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.mosaic.gpu import launch_context  # pylint: disable=g-import-not-at-top
+  from jaxlib.mlir import ir  # pylint: disable=g-import-not-at-top
+  from jaxlib.mlir.dialects import arith  # pylint: disable=g-import-not-at-top
+  sizes = [x.size if isinstance(x, pl.Slice) else None for x in index]
+  starts = [jnp.asarray(x.start if isinstance(x, pl.Slice) else x, jnp.int32)
+            for x in index]
+  any_layout = plgpu.Layout.WGMMA  # scalars: the layout is not read
+
+  @plgpu.inline_mgpu(arg_types=(
+      plgpu.RefType(transforms=(plgpu.TilingTransform((8, 32)),
+                                plgpu.SwizzleTransform(128))),
+      plgpu.RefType()) + (any_layout,) * len(starts))
+  def emit(ctx, smem, gmem, *idx):
+    ix = [arith.index_cast(ir.IndexType.get(), v.registers.flat[0])
+          for v in idx]
+    gmem_slice = tuple(i if n is None else mgpu.ds(i, n)
+                       for i, n in zip(ix, sizes))
+    real = launch_context.llvm
+    launch_context.llvm = _HintingLLVM(real)
+    try:
+      ctx.async_copy(src_ref=smem, dst_ref=gmem, gmem_slice=gmem_slice,
+                     gmem_transform=mgpu.TileTransform((8, 32)),
+                     swizzle=128, reduction_op="add", arrive=True)
+    finally:
+      launch_context.llvm = real
+
+  emit(src, acc_ref, *starts)
 
 
 def _opaque_zero(i, bound):
@@ -636,21 +726,24 @@ def flash_backward_dkv(
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
           rows = pl.ds(qb * bq, bq)
+          cols = pl.ds(col0, dq_cols)
           if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
             # Timing only (wrong dQ): every (batch, head) reduce-adds into
             # one of _DQ_SLOTS heads of batch 0, so the accumulator the
             # kernel touches stays small enough to live in L2.
             slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
-            dst = dqacc_ref.at[0, rows, slot, pl.ds(col0, dq_cols)]
+            index = (0, rows, slot, cols)
           elif cfg.dq_layout == "tnh":
-            dst = dqacc_ref.at[bb, rows, hh, pl.ds(col0, dq_cols)]
+            index = (bb, rows, hh, cols)
           elif cfg.dq_layout == "nth":
-            dst = dqacc_ref.at[bb, hh, rows, pl.ds(col0, dq_cols)]
+            index = (bb, hh, rows, cols)
           else:
-            dst = dqacc_ref.at[bb, hh, col0 // dq_cols, rows]
-          plgpu.copy_smem_to_gmem(
-              dq_smem.at[w], dst,
-              reduction_op=None if "reduce" in _FUSED_DROP else "add")
+            index = (bb, hh, col0 // dq_cols, rows, pl.ds(0, dq_cols))
+          if "reduce" in _FUSED_DROP:
+            plgpu.copy_smem_to_gmem(dq_smem.at[w], dqacc_ref.at[index])
+          else:
+            _dq_reduce(dq_smem.at[w], dqacc_ref, index,
+                       evict_last=cfg.dq_evict_last)
 
         for w in range(wgs):
           turn = (wg == w) & (lax.rem(i, 2) == w) if alternate else wg == w

@@ -437,6 +437,12 @@ def _variant_configs(name, h):
       # Wrong, timing only: dQ reduce-added into 8 heads' accumulator
       # (L2-resident) instead of B x N heads'.
       "fusedsl": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # The dQ reduce-adds with the L2 policy evict_last (FA3's hint);
+      # "fusedevhc" with the column-block accumulator.
+      "fusedev": (None, bl.BwdConfig(fused_dq=True, dq_evict_last=True),
+                  bonly),
+      "fusedevhc": (None, bl.BwdConfig(fused_dq=True, dq_evict_last=True,
+                                       dq_layout="nct"), bonly),
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),

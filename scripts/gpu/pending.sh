@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run49), as calls of under 10 minutes on one GPU, most decisive first:
-# linstages (the ungated linear forward's 4-stage default: its GPU test,
-# the one-split occupancy probe, the no-decay rows beside fla at 4k-64k),
 # fusedlen (the fused backward at 128 query blocks a CTA: where its
-# per-shape rule should start; and at 4k MHA with an L2-resident dQ
-# accumulator: is the lost time dQ lines evicted between CTAs?),
+# per-shape rule should start; at 4k MHA with an L2-resident dQ
+# accumulator: is the lost time dQ lines evicted between CTAs?; and
+# BwdConfig(dq_evict_last), FA3's L2 hint on the dQ reduce-adds, with its
+# GPU tests), linstages (the ungated linear forward's 4-stage default: its
+# GPU test, the one-split occupancy probe, the no-decay rows beside fla at
+# 4k-64k; both short, so on the same warm machine),
 # mosaictests and mosaictests2 (the whole Mosaic GPU suite), linfla64 (fla
 # beside the fixed-decay / scalar-gate rows at 32k and 64k), then
 # short, splits, profile, grid and grid2 (the H100 softmax
@@ -284,12 +286,16 @@ case "${1:-}" in
     # reduce-added into 8 heads' accumulator (fusedsl, wrong, timing only:
     # the same reduce-adds into an L2-resident accumulator; if it matches
     # fusednr at 4k MHA, dQ lines evicted between a head's CTAs are the
-    # cost, and the fix is to keep them in L2, as FA3's EVICT_LAST hints).
+    # cost, and the fix is to keep them in L2, as FA3's EVICT_LAST hints);
+    # then that fix (fusedev: BwdConfig(dq_evict_last=True); fusedevhc with
+    # the column-block accumulator), after its GPU tests.
     bash $S \
-      "$(mc_time 330) \
+      "timeout 90 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_dq_evict_last" \
+      "$(mc_time 440) \
          --no-cudnn --no-tokamax --configs \
-         '128:4096:full:mha,128:8192:full:mha,128:2048:full:gqa,128:8192:causal:mha' \
-         --variants ours,fused,fusednr,fusedsl"
+         '128:4096:full:mha,128:8192:full:mha,128:2048:full:gqa,128:4096:causal:mha,128:1024:full:mha' \
+         --variants ours,fused,fusednr,fusedsl,fusedev,fusedevhc"
     ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)

@@ -203,8 +203,9 @@ def _smem_check(tiles, stages_tiles, stages, itemsize, extra=0):
 # reduce-adds its dQ into one of _DQ_SLOTS heads of batch 0 (wrong dQ; the
 # same reduce-adds and the same contention between a head's CTAs, but an
 # accumulator that stays in L2: does the reduce cost where CTAs are short
-# come from dQ lines evicted between a head's CTAs?). Each leaves the
-# results wrong or racy: never set outside timing.
+# come from dQ lines evicted between a head's CTAs?; dq_layout "tnh" only,
+# the other layouts ignore it). Each leaves the results wrong or racy:
+# never set outside timing.
 _FUSED_DROP: frozenset[str] = frozenset()
 _DQ_SLOTS = 8
 

@@ -326,6 +326,22 @@ class TestMosaicGPUFusedBackward:
                                          n=4, kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
+  @pytest.mark.parametrize("h,layout,ahead", [(64, "tnh", 0),
+                                              (128, "tnh", 2),
+                                              (128, "nct", 1)])
+  def test_dq_prefetch(self, h, layout, ahead):
+    # BwdConfig(dq_prefetch): the producer's TMA prefetches of the dQ
+    # accumulator rows into L2 (a no-op in the CPU interpreter).
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
+              fused_dq=True, dq_prefetch=ahead, dq_layout=layout))
+    check_against_reference(impl, inputs(f"fused_pf{h}{layout}", t=1100,
+                                         n=4, kh=2, h=h),
+                            dtype=BF16, is_causal=True)
+
   @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
   def test_one_ds_buffer(self, h, stages):
     # BwdConfig(ds_buffers=1): one dS^T buffer behind a second consumer

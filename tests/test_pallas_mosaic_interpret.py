@@ -233,6 +233,18 @@ def test_gradients_fused_dq_evict_last():
          is_causal=True)
 
 
+def test_gradients_fused_dq_prefetch():
+  # BwdConfig(dq_prefetch): the producer prefetches the dQ rows of a later
+  # step into L2. The prefetch itself is a no-op in the interpreter (and
+  # cannot change results on the GPU); this checks that the producer's
+  # extra work leaves its rings' barrier phases and the dQ indexing (shared
+  # with the reduce-add) intact. Causal GQA on a ragged T, column blocks.
+  cfg = dataclasses.replace(_fused(128), dq_prefetch=2, dq_layout="nct")
+  _check("fusedpf", shape=dict(t=170, n=4, kh=2, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3), bwd_config=cfg,
+         is_causal=True)
+
+
 @pytest.mark.long  # a timing diagnostic's indexing (mosaic_check "fusedsl")
 def test_fused_dq_slots_diagnostic_indexing(monkeypatch):
   # _FUSED_DROP "slots" sends head hh of batch bb to accumulator head

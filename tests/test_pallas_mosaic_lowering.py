@@ -167,6 +167,20 @@ def test_lowers_fused_dq_evict_last(h, layout):
     bwd_lib.BwdConfig(dq_evict_last=True)
 
 
+@pytest.mark.parametrize("h,layout,ahead", [
+    (64, "tnh", 0), (128, "tnh", 2), (128, "nth", 1), (128, "nct", 2)])
+def test_lowers_fused_dq_prefetch(h, layout, ahead):
+  # BwdConfig(dq_prefetch): the producer's TMA prefetch of the dQ
+  # accumulator rows `ahead` steps on (causal, segment ids).
+  _lower(h=h, t=400, is_causal=True, segs=True,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, dq_prefetch=ahead,
+                                      dq_layout=layout))
+  with pytest.raises(ValueError, match="dq_prefetch"):
+    bwd_lib.BwdConfig(dq_prefetch=0)
+  with pytest.raises(ValueError, match="dq_prefetch"):
+    bwd_lib.BwdConfig(fused_dq=True, dq_prefetch=-1)
+
+
 def test_hinted_reduce_instruction():
   # The rewrite of Mosaic GPU's TMA reduce-add (jax 0.11's form): the
   # L2::cache_hint qualifier, the policy operand and its createpolicy.

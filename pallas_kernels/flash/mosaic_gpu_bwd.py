@@ -115,7 +115,23 @@ class BwdConfig:
       other lines. Mosaic GPU's copies take no hint, so the reduce-add is
       emitted through ``plgpu.inline_mgpu`` (``_dq_reduce``), its
       instruction given the policy; in Pallas' CPU interpreter it is the
-      plain reduce-add. Opt-in, untimed.
+      plain reduce-add. Not faster (run50, H100, forward + backward
+      TFLOP/s: T = 4k full MHA 369.7 against 369.0, 1k 278.3 / 278.0):
+      the reduce-adds do not lose lines kept in L2, they miss lines not yet
+      there (see ``dq_prefetch``).
+    dq_prefetch: with ``fused_dq``, the producer prefetches into L2
+      (``plgpu.async_prefetch``, a TMA prefetch of the whole [block, H]
+      tile) the dQ accumulator rows that step ``i + dq_prefetch`` will
+      reduce-add into when it loads step ``i``'s Q (None: no prefetch).
+      run50 (H100, T = 4k full MHA, forward + backward TFLOP/s): every
+      head's dQ reduce-added into an accumulator of 8 heads that stays in
+      L2 (timing only, "slots") 501.0 against 369.0, dQ copied instead of
+      reduce-added 494.5, so the fused kernel's lost time is its
+      reduce-adds reading accumulator lines from DRAM: the zeroed
+      accumulator (B N T H float32, 128 MB there) is far larger than L2,
+      and a step's reduce-add stalls the TMA unit that then loads the next
+      Q (run47: 1.9 us a step waiting for Q). The prefetch brings the
+      lines in before the adds. Opt-in.
     ds_buffers: with ``fused_dq``, shared-memory buffers for the
       consumers' dS^T (2: a step writes one while the other consumer's dQ
       product may still read the other; 1: 16 KB less, for a third Q/dO
@@ -148,6 +164,7 @@ class BwdConfig:
   ds_buffers: int = 2
   early_release: bool = False
   dq_evict_last: bool = False
+  dq_prefetch: int | None = None
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -165,6 +182,11 @@ class BwdConfig:
       raise ValueError("early_release needs fused_dq=True")
     if self.dq_evict_last and not self.fused_dq:
       raise ValueError("dq_evict_last needs fused_dq=True")
+    if self.dq_prefetch is not None:
+      if not self.fused_dq:
+        raise ValueError("dq_prefetch needs fused_dq=True")
+      if self.dq_prefetch < 0:
+        raise ValueError(f"dq_prefetch must be >= 0, got {self.dq_prefetch}")
     if self.ds_buffers not in (1, 2):
       raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
@@ -478,17 +500,32 @@ def _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit, tile):
 
 
 def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
-                  bars):
+                  bars, prefetch=None):
   """The producer warpgroup of a dK/dV kernel: streams Q (+ lse, segment
   ids) and dO (+ delta) blocks of each step into the ``stages``-slot rings.
+
+  ``prefetch``: ``(distance, where)``: with step ``i``'s loads, prefetch
+  into L2 the GMEM ref ``where(head, query block)`` of step ``i +
+  distance`` (the first ``distance`` steps' before the loop).
   """
   plgpu.set_max_registers(regs, action="decrease")
   q_ref, lse_ref, qseg_ref, do_ref, delta_ref = refs
   q_smem, lse_smem, qseg_smem, do_smem, delta_smem = smem
   q_ready, do_ready, q_free, do_free = bars
 
+  def fetch_ahead(j):
+    @pl.when(j < steps)
+    def _():
+      plgpu.async_prefetch(prefetch[1](*step_coords(j)))
+
+  if prefetch is not None:
+    for j in range(prefetch[0]):
+      fetch_ahead(jnp.int32(j))
+
   @pl.loop(0, steps)
   def _(i):
+    if prefetch is not None:
+      fetch_ahead(i + prefetch[0])
     slot = lax.rem(i, jnp.int32(stages))
     hh, qb = step_coords(i)
     qs = pl.ds(qb * bq, bq)
@@ -599,15 +636,36 @@ def flash_backward_dkv(
      step_coords) = _dkv_schedule(
         tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q)
 
+    def dq_index(hh, qb, col0, cols):
+      """The dQ accumulator's index of head hh, query block qb, columns
+      [col0, col0 + cols) (a multiple of dq_cols in the "nct" layout)."""
+      rows = pl.ds(qb * bq, bq)
+      if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
+        # Timing only (wrong dQ): every (batch, head) reduce-adds into
+        # one of _DQ_SLOTS heads of batch 0, so the accumulator the
+        # kernel touches stays small enough to live in L2.
+        slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
+        return (0, rows, slot, pl.ds(col0, cols))
+      if cfg.dq_layout == "tnh":
+        return (bb, rows, hh, pl.ds(col0, cols))
+      if cfg.dq_layout == "nth":
+        return (bb, hh, rows, pl.ds(col0, cols))
+      return (bb, hh, pl.ds(col0 // dq_cols, cols // dq_cols), rows,
+              pl.ds(0, dq_cols))
+
     @pl.when(wg == wgs)
     def _producer():
+      prefetch = None
+      if fused and cfg.dq_prefetch is not None:
+        prefetch = (cfg.dq_prefetch,
+                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)])
       _dkv_producer(
           step_coords, steps, bb=bb, bq=bq, stages=stages,
           regs=cfg.producer_regs,
           refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                 delta_ref),
           smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free))
+          bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -726,20 +784,9 @@ def flash_backward_dkv(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
-          rows = pl.ds(qb * bq, bq)
-          cols = pl.ds(col0, dq_cols)
-          if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
-            # Timing only (wrong dQ): every (batch, head) reduce-adds into
-            # one of _DQ_SLOTS heads of batch 0, so the accumulator the
-            # kernel touches stays small enough to live in L2.
-            slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
-            index = (0, rows, slot, cols)
-          elif cfg.dq_layout == "tnh":
-            index = (bb, rows, hh, cols)
-          elif cfg.dq_layout == "nth":
-            index = (bb, hh, rows, cols)
-          else:
-            index = (bb, hh, col0 // dq_cols, rows, pl.ds(0, dq_cols))
+          index = dq_index(hh, qb, col0, dq_cols)
+          if cfg.dq_layout == "nct":
+            index = (*index[:2], col0 // dq_cols, *index[3:])
           if "reduce" in _FUSED_DROP:
             plgpu.copy_smem_to_gmem(dq_smem.at[w], dqacc_ref.at[index])
           else:
@@ -885,15 +932,36 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
      step_coords) = _dkv_schedule(
         tab_ref, kvlen_ref, s_limit, bk, groups)
 
+    def dq_index(hh, qb, col0, cols):
+      """The dQ accumulator's index of head hh, query block qb, columns
+      [col0, col0 + cols) (a multiple of dq_cols in the "nct" layout)."""
+      rows = pl.ds(qb * bq, bq)
+      if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
+        # Timing only (wrong dQ): every (batch, head) reduce-adds into
+        # one of _DQ_SLOTS heads of batch 0, so the accumulator the
+        # kernel touches stays small enough to live in L2.
+        slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
+        return (0, rows, slot, pl.ds(col0, cols))
+      if cfg.dq_layout == "tnh":
+        return (bb, rows, hh, pl.ds(col0, cols))
+      if cfg.dq_layout == "nth":
+        return (bb, hh, rows, pl.ds(col0, cols))
+      return (bb, hh, pl.ds(col0 // dq_cols, cols // dq_cols), rows,
+              pl.ds(0, dq_cols))
+
     @pl.when(wg == wgs)
     def _producer():
+      prefetch = None
+      if fused and cfg.dq_prefetch is not None:
+        prefetch = (cfg.dq_prefetch,
+                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)])
       _dkv_producer(
           step_coords, steps, bb=bb, bq=bq, stages=stages,
           regs=cfg.producer_regs,
           refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                 delta_ref),
           smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free))
+          bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch)
 
     @pl.when(wg < wgs)
     def _consumer():

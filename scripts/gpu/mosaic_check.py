@@ -443,6 +443,14 @@ def _variant_configs(name, h):
                   bonly),
       "fusedevhc": (None, bl.BwdConfig(fused_dq=True, dq_evict_last=True,
                                        dq_layout="nct"), bonly),
+      # The producer's L2 prefetch of the dQ rows 0 / 2 / 4 steps ahead
+      # (run50: "fusedsl" 501 against "fused" 369 at T = 4k full MHA: the
+      # reduce-adds miss in L2); "fusedpfhc" with the column blocks.
+      "fusedpf0": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=0), bonly),
+      "fusedpf2": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=2), bonly),
+      "fusedpf4": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=4), bonly),
+      "fusedpfhc": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=2,
+                                       dq_layout="nct"), bonly),
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),

@@ -297,6 +297,22 @@ case "${1:-}" in
          '128:4096:full:mha,128:8192:full:mha,128:2048:full:gqa,128:4096:causal:mha,128:1024:full:mha' \
          --variants ours,fused,fusednr,fusedsl,fusedev,fusedevhc"
     ;;
+  dqprefetch)
+    # run50 (fusedlen): the fused backward with every head's dQ reduce-added
+    # into 8 heads' L2-resident accumulator (fusedsl) reached 501 TFLOP/s
+    # at 4k full MHA against 369 (dQ copied: 494.5; evict_last: 369.7):
+    # the reduce-adds miss in L2 on the zeroed 128 MB accumulator. The fix
+    # BwdConfig(dq_prefetch): the producer prefetches the dQ rows into L2
+    # 0 / 2 / 4 steps ahead; GPU tests first, then the timing where the
+    # fused form lost (4k full / causal, 1k) and won (8k, 16k).
+    bash $S \
+      "timeout 90 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_dq_prefetch" \
+      "$(mc_time 460) \
+         --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:16384:full:mha' \
+         --variants ours,fused,fusedsl,fusedpf0,fusedpf2,fusedpf4,fusedpfhc"
+    ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)
     # and 64k: the fixed-decay and scalar-gate rows there beside fla.

@@ -326,10 +326,11 @@ class TestMosaicGPUFusedBackward:
                                          n=4, kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
-  @pytest.mark.parametrize("h,layout,ahead", [(64, "tnh", 0),
-                                              (128, "tnh", 2),
-                                              (128, "nct", 1)])
-  def test_dq_prefetch(self, h, layout, ahead):
+  @pytest.mark.parametrize("h,layout,ahead,every", [(64, "tnh", 0, 1),
+                                                    (128, "tnh", 2, 1),
+                                                    (128, "nct", 1, 1),
+                                                    (128, "tnh", 1, 4)])
+  def test_dq_prefetch(self, h, layout, ahead, every):
     # BwdConfig(dq_prefetch): the producer's TMA prefetches of the dQ
     # accumulator rows into L2 (a no-op in the CPU interpreter).
     from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
@@ -337,7 +338,8 @@ class TestMosaicGPUFusedBackward:
     def impl(problem):
       return pallas_mosaic.mosaic_attention(
           problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
-              fused_dq=True, dq_prefetch=ahead, dq_layout=layout))
+              fused_dq=True, dq_prefetch=ahead, dq_layout=layout,
+              dq_prefetch_every=every))
     check_against_reference(impl, inputs(f"fused_pf{h}{layout}", t=1100,
                                          n=4, kh=2, h=h),
                             dtype=BF16, is_causal=True)

@@ -179,6 +179,12 @@ def test_lowers_fused_dq_prefetch(h, layout, ahead):
     bwd_lib.BwdConfig(dq_prefetch=0)
   with pytest.raises(ValueError, match="dq_prefetch"):
     bwd_lib.BwdConfig(fused_dq=True, dq_prefetch=-1)
+  with pytest.raises(ValueError, match="dq_prefetch_every"):
+    bwd_lib.BwdConfig(fused_dq=True, dq_prefetch=1, dq_prefetch_every=0)
+  # Only every 3rd key tile's CTA prefetching.
+  _lower(h=h, t=400, bwd_config=bwd_lib.BwdConfig(
+      fused_dq=True, dq_prefetch=ahead, dq_prefetch_every=3,
+      dq_layout=layout))
 
 
 def test_hinted_reduce_instruction():

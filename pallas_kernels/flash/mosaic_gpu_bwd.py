@@ -132,6 +132,17 @@ class BwdConfig:
       and a step's reduce-add stalls the TMA unit that then loads the next
       Q (run47: 1.9 us a step waiting for Q). The prefetch brings the
       lines in before the adds. Opt-in.
+      run51 (H100, forward + backward TFLOP/s, every key tile's CTA
+      prefetching): 0 steps ahead T = 4k full MHA 403.2 against 370.1
+      (two kernels 468.5), 4k causal 441.7 / 396.4 (421.5), 1k 271.7 /
+      278.2, 8k 512.1 / 520.1, 16k 544.5 / 538.9; 2 and 4 steps ahead
+      slower everywhere but 16k (4k full: 307.1, 294.9): the prefetches
+      of a head's many CTAs, which walk the same rows, crowd the TMA unit
+      (see ``dq_prefetch_every``).
+    dq_prefetch_every: with ``dq_prefetch``, only key tiles ``kt`` with
+      ``kt % dq_prefetch_every == 0`` prefetch (a head's CTAs walk the
+      same query blocks at about the same time: one prefetch of a row block
+      serves all of them).
     ds_buffers: with ``fused_dq``, shared-memory buffers for the
       consumers' dS^T (2: a step writes one while the other consumer's dQ
       product may still read the other; 1: 16 KB less, for a third Q/dO
@@ -165,6 +176,7 @@ class BwdConfig:
   early_release: bool = False
   dq_evict_last: bool = False
   dq_prefetch: int | None = None
+  dq_prefetch_every: int = 1
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -187,6 +199,9 @@ class BwdConfig:
         raise ValueError("dq_prefetch needs fused_dq=True")
       if self.dq_prefetch < 0:
         raise ValueError(f"dq_prefetch must be >= 0, got {self.dq_prefetch}")
+    if self.dq_prefetch_every < 1:
+      raise ValueError("dq_prefetch_every must be >= 1, got "
+                       f"{self.dq_prefetch_every}")
     if self.ds_buffers not in (1, 2):
       raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
@@ -504,9 +519,10 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
   """The producer warpgroup of a dK/dV kernel: streams Q (+ lse, segment
   ids) and dO (+ delta) blocks of each step into the ``stages``-slot rings.
 
-  ``prefetch``: ``(distance, where)``: with step ``i``'s loads, prefetch
-  into L2 the GMEM ref ``where(head, query block)`` of step ``i +
-  distance`` (the first ``distance`` steps' before the loop).
+  ``prefetch``: ``(distance, where, enabled)``: with step ``i``'s loads,
+  prefetch into L2 the GMEM ref ``where(head, query block)`` of step ``i +
+  distance`` (the first ``distance`` steps' before the loop) where the
+  scalar ``enabled`` holds.
   """
   plgpu.set_max_registers(regs, action="decrease")
   q_ref, lse_ref, qseg_ref, do_ref, delta_ref = refs
@@ -514,7 +530,7 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
   q_ready, do_ready, q_free, do_free = bars
 
   def fetch_ahead(j):
-    @pl.when(j < steps)
+    @pl.when((j < steps) & prefetch[2])
     def _():
       plgpu.async_prefetch(prefetch[1](*step_coords(j)))
 
@@ -658,7 +674,8 @@ def flash_backward_dkv(
       prefetch = None
       if fused and cfg.dq_prefetch is not None:
         prefetch = (cfg.dq_prefetch,
-                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)])
+                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)],
+                    lax.rem(kt, cfg.dq_prefetch_every) == 0)
       _dkv_producer(
           step_coords, steps, bb=bb, bq=bq, stages=stages,
           regs=cfg.producer_regs,
@@ -954,7 +971,8 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
       prefetch = None
       if fused and cfg.dq_prefetch is not None:
         prefetch = (cfg.dq_prefetch,
-                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)])
+                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)],
+                    lax.rem(kt, cfg.dq_prefetch_every) == 0)
       _dkv_producer(
           step_coords, steps, bb=bb, bq=bq, stages=stages,
           regs=cfg.producer_regs,

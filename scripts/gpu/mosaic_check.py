@@ -451,6 +451,12 @@ def _variant_configs(name, h):
       "fusedpf4": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=4), bonly),
       "fusedpfhc": (None, bl.BwdConfig(fused_dq=True, dq_prefetch=2,
                                        dq_layout="nct"), bonly),
+      # Only every 8th key tile's CTA prefetches (run51: prefetches from
+      # every CTA 2-4 steps ahead were slower); "e1k": tile 0's alone.
+      **{f"fusedpf{d}e{e}": (None, bl.BwdConfig(
+          fused_dq=True, dq_prefetch=d,
+          dq_prefetch_every=1000 if e == "1k" else int(e)), bonly)
+         for d in (0, 1, 2, 4) for e in ("8", "1k")},
       # Each key tile starts its query blocks at its own offset (dQ rows
       # reduce-added by one CTA at a time rather than all of a head's).
       "fusedst": (None, bl.BwdConfig(fused_dq=True, stagger_q=True), bonly),

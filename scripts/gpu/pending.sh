@@ -313,6 +313,18 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:16384:full:mha' \
          --variants ours,fused,fusedsl,fusedpf0,fusedpf2,fusedpf4,fusedpfhc"
     ;;
+  dqprefetch2)
+    # run51: the dQ prefetch from every key tile's CTA helped 0 steps ahead
+    # (4k full 370 -> 403, causal 396 -> 442) and hurt 2-4 ahead; here
+    # only every 8th tile's CTA (e8) or tile 0's (e1k) prefetches.
+    bash $S \
+      "timeout 60 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'test_dq_prefetch and 128-tnh-1-4'" \
+      "$(mc_time 330) \
+         --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha' \
+         --variants ours,fused,fusedpf0,fusedpf0e8,fusedpf1e8,fusedpf2e8,fusedpf1e1k,fusedpf2e1k,fusedpf4e1k"
+    ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)
     # and 64k: the fixed-decay and scalar-gate rows there beside fla.

@@ -275,6 +275,14 @@ case "${1:-}" in
       "timeout 330 python3 -m attnjax.bench.linear --variants no_decay \
          --impls pallas --seqs 4096,16384,32768,65536 --no-softmax"
     ;;
+  linstages2)
+    # linstages without the occupancy probe (a short device budget).
+    bash $S \
+      "timeout 100 $PYTEST tests/test_linear_pallas.py -k \
+         'ungated or matches_scan_small'" \
+      "timeout 330 python3 -m attnjax.bench.linear --variants no_decay \
+         --impls pallas --seqs 4096,16384,32768,65536 --no-softmax"
+    ;;
   fusedlen)
     # Where does the fused backward start to win? run43-run48: it loses at
     # 64 query blocks a dK/dV CTA (4k MHA: 365 against 459 two kernels)

@@ -359,17 +359,20 @@ class TestMosaicGPUFusedBackward:
                                          kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
-  def test_default_without_determinism_flags(self, monkeypatch):
+  @pytest.mark.parametrize("t,n,kh,causal", [(2050, 4, 1, False),
+                                              (8200, 2, 2, True)])
+  def test_default_without_determinism_flags(self, monkeypatch, t, n, kh,
+                                             causal):
     # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
-    # H = 128 takes this backward where each dK/dV CTA visits >= 16k query
-    # rows, here full GQA 4:1 at T = 4100 (conftest sets the flag for the
-    # rest).
+    # H = 128 takes this backward where each dK/dV CTA visits >= 8k query
+    # rows (FUSED_MIN_ROWS), under a mask from T >= 8k: full GQA 4:1 at
+    # T = 2050, causal MHA at 8200 (conftest sets the flag for the rest).
     monkeypatch.setenv("XLA_FLAGS", "")
-    inp = inputs("fused_default", b=1, t=4100, n=4, kh=1, h=128)
-    p, _ = make_problem(inp.q, inp.k, inp.v)
+    inp = inputs(f"fused_default{t}", b=1, t=t, n=n, kh=kh, h=128)
+    p, _ = make_problem(inp.q, inp.k, inp.v, is_causal=causal)
     assert pallas_mosaic.make_plan(p).bwd.fused_dq
     check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
-                            dtype=BF16)
+                            dtype=BF16, is_causal=causal)
 
   def test_default_three_consumer_forward(self):
     # H = 64 without a mask at T = S >= 16k: the default plan's forward

@@ -241,19 +241,23 @@ def test_default_backward_follows_determinism_flags(monkeypatch, flags,
       assert bwd == bwd_lib.default_bwd_config(h), h
 
 
-# (T, N, K, causal, fused): the H100 measurements of run43 behind the rule
-# (docs/pallas_mosaic_gpu.md), and the edges of FUSED_MIN_ROWS.
+# (T, N, K, causal, fused): the H100 measurements behind the rule
+# (docs/pallas_mosaic_gpu.md; run43, run50, run51, run55: fused / two
+# kernels, forward+backward TFLOP/s), and the edges of FUSED_MIN_ROWS.
 _FUSED_SHAPES = [
     (16384, 2, 2, False, True),     # full MHA 16k: fused 548 / 504
-    (16384, 2, 2, True, True),      # causal 16k
+    (16384, 2, 2, True, True),      # causal 16k: 550 / 549
+    (8192, 2, 2, False, True),      # full MHA 8k: 520 / 498
+    (8192, 2, 2, True, True),       # causal MHA 8k: 506 / 471
     (4096, 4, 1, False, True),      # full GQA 4:1, 4k: 501 / 480
-    (4096, 4, 1, True, False),      # causal GQA 4k: 417 / 458
-    (4096, 2, 2, False, False),     # full MHA 4k: 318 / 470
-    (4096, 2, 2, True, False),      # causal MHA 4k: 355 / 414
+    (2048, 4, 1, False, True),      # full GQA 4:1, 2k: 479 / 467
+    (4096, 4, 1, True, False),      # causal GQA 4k: 410 / 447
+    (4096, 2, 2, False, False),     # full MHA 4k: 370 / 469
+    (4096, 2, 2, True, False),      # causal MHA 4k: 394 / 418
     (1024, 4, 1, False, False),     # full GQA 1k: 326 / 436
-    (16383, 2, 2, True, False),     # one row short, masked
-    (8192, 4, 2, False, True),      # 2 x 8192 rows per CTA, full
-    (8191, 4, 2, False, False),
+    (8191, 2, 2, True, False),      # one row short, masked
+    (4096, 4, 2, False, True),      # 2 x 4096 rows per CTA, full
+    (4095, 4, 2, False, False),
 ]
 
 
@@ -284,7 +288,7 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, t, n, kh, causal,
   # A local window skips blocks as a causal mask does.
   if not causal:
     window = _plan(*shapes, local_window_size=(t // 2, t // 2))
-    assert window.bwd.fused_dq is (t >= 16384)
+    assert window.bwd.fused_dq is (t >= bwd_lib.FUSED_MIN_ROWS)
 
 
 @pytest.mark.parametrize("h,t,s,kw,wgs", [

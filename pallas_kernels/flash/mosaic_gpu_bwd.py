@@ -267,7 +267,7 @@ def _dkv_params():
 
 # The fused backward's shapes (H = 128, without determinism): at least this
 # many query rows per dK/dV CTA (GQA group x T), and masked only from this T.
-FUSED_MIN_ROWS = 16384
+FUSED_MIN_ROWS = 8192
 
 
 def default_bwd_config(head_dim: int, deterministic: bool = True, *,
@@ -302,8 +302,10 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
       full MHA 318 / 470, causal MHA 355 / 414, causal GQA 417 / 458, and
       T = 1k full MHA 268 / 371, GQA 326 / 436 (H200, run25, T = 4k full
       MHA: 468 / 453). T = 16k causal took the fused form (558 MHA, 515
-      GQA against cuDNN's 543 / 537); the two kernels are untimed there on
-      the H100. Unknown ``q_len``: two kernels.
+      GQA against cuDNN's 543 / 537). At 128 query blocks a CTA (run50,
+      run51, run55, H100): T = 8k full MHA 510-520 / 484-498, causal MHA
+      506 / 471, T = 2k full GQA 4:1 479 / 467; T = 16k causal 550 /
+      549. Unknown ``q_len``: two kernels.
   """
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.

@@ -333,6 +333,16 @@ case "${1:-}" in
          '128:4096:full:mha,128:4096:causal:mha,128:1024:full:mha' \
          --variants ours,fused,fusedpf0,fusedpf0e8,fusedpf1e8,fusedpf2e8,fusedpf1e1k,fusedpf2e1k,fusedpf4e1k"
     ;;
+  fuseddefault)
+    # The fused backward's rule from 8k query rows a CTA (masked from T =
+    # 8k; run50/run51/run55): its GPU tests, then the softmax bench rows
+    # at H = 128, T = 8k beside cuDNN (the default path, no flags).
+    bash $S \
+      "timeout 100 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_default_without_determinism_flags" \
+      "timeout 150 python3 -m attnjax.bench --suite softmax \
+         --impls mosaic,cudnn --heads 128,128gqa --seqs 2048,8192 --no-write"
+    ;;
   linfla64)
     # run49's bench stopped at its limit before fla at 32k (scalar gate)
     # and 64k: the fixed-decay and scalar-gate rows there beside fla.

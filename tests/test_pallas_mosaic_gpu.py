@@ -344,6 +344,22 @@ class TestMosaicGPUFusedBackward:
                                          n=4, kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
+  @pytest.mark.parametrize("h,kh,group", [(128, 2, 1), (128, 1, 1),
+                                          (64, 2, 2)])
+  def test_dq_head_group(self, h, kh, group):
+    # BwdConfig(dq_head_group): a launch per group of (batch, K/V head)
+    # pairs into its own accumulator (B = 2: four launches of one K/V head,
+    # two of a whole batch entry (GQA 4:1), one of both).
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+
+    def impl(problem):
+      return pallas_mosaic.mosaic_attention(
+          problem, bwd_config=mosaic_gpu_bwd.BwdConfig(
+              fused_dq=True, dq_head_group=group))
+    check_against_reference(impl, inputs(f"fused_hg{h}{kh}", t=1100, n=4,
+                                         kh=kh, h=h),
+                            dtype=BF16, is_causal=True)
+
   @pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
   def test_one_ds_buffer(self, h, stages):
     # BwdConfig(ds_buffers=1): one dS^T buffer behind a second consumer

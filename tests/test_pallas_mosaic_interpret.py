@@ -245,6 +245,21 @@ def test_gradients_fused_dq_prefetch():
          is_causal=True)
 
 
+@pytest.mark.parametrize("kh,group", [(2, 1), (1, 1)])
+def test_gradients_fused_dq_head_group(kh, group):
+  # BwdConfig(dq_head_group): one launch per group of (batch, K/V head)
+  # pairs, each reduce-adding into its own zeroed accumulator, converted
+  # into its heads' dQ after the launch; dK, dV written in place. B = 2:
+  # K = 2 gives four launches of one K/V head within a batch entry, K = 1
+  # (GQA 4:1) two launches of a whole batch entry. Causal, ragged T, with
+  # segment ids.
+  seg = testing.random_segment_ids(_key(f"hg{kh}"), 2, 170, 2)
+  cfg = dataclasses.replace(_fused(128), dq_head_group=group)
+  _check(f"fusedhg{kh}", shape=dict(t=170, n=4, kh=kh, h=128),
+         fwd_config=_fwd_cfg(128, num_ctas=3), bwd_config=cfg,
+         is_causal=True, arrays={"segment_ids": seg})
+
+
 @pytest.mark.long  # a timing diagnostic's indexing (mosaic_check "fusedsl")
 def test_fused_dq_slots_diagnostic_indexing(monkeypatch):
   # _FUSED_DROP "slots" sends head hh of batch bb to accumulator head

@@ -70,9 +70,15 @@ def _lower(*, b=2, t=300, s=None, n=4, kh=2, h=64, dtype=jnp.bfloat16,
   # Forward, dK/dV and dQ each become one Mosaic GPU custom call (dQ joins
   # dK/dV when fused).
   # Without a config the plan picks the tiling (fused at H = 128 for some
-  # shapes unless XLA_FLAGS asks for deterministic ops).
-  fused = plans[0].bwd.fused_dq
-  want = 1 + (not fused) + 1 if grad else 1
+  # shapes unless XLA_FLAGS asks for deterministic ops). With
+  # dq_head_group the dK/dV/dQ kernel is launched once per group of
+  # (batch, K/V head) pairs.
+  bwd = plans[0].bwd
+  fused = bwd.fused_dq
+  launches = 1
+  if bwd.dq_head_group is not None:
+    launches = b * kh // bwd_lib._head_group(bwd.dq_head_group, b, kh)
+  want = 1 + (not fused) + launches if grad else 1
   assert _mosaic_calls(text) == want, (_mosaic_calls(text), want)
   return exported
 
@@ -185,6 +191,33 @@ def test_lowers_fused_dq_prefetch(h, layout, ahead):
   _lower(h=h, t=400, bwd_config=bwd_lib.BwdConfig(
       fused_dq=True, dq_prefetch=ahead, dq_prefetch_every=3,
       dq_layout=layout))
+
+
+@pytest.mark.parametrize("h,causal,group", [(64, True, 1), (128, False, 2),
+                                             (128, True, 4)])
+def test_lowers_fused_dq_head_group(h, causal, group):
+  # BwdConfig(dq_head_group): one launch per group of (batch, K/V head)
+  # pairs, each into its own accumulator (B = 2, K = 2: groups of 1, 2
+  # and 4 pairs, the last spanning both batch entries).
+  _lower(h=h, t=400, is_causal=causal, segs=causal,
+         bwd_config=bwd_lib.BwdConfig(fused_dq=True, dq_head_group=group))
+  with pytest.raises(ValueError, match="dq_head_group"):
+    bwd_lib.BwdConfig(dq_head_group=2)
+  with pytest.raises(ValueError, match="dq_head_group"):
+    bwd_lib.BwdConfig(fused_dq=True, dq_head_group=0)
+  with pytest.raises(ValueError, match="dq_head_group"):
+    bwd_lib.BwdConfig(fused_dq=True, dq_head_group=2, dq_layout="nct")
+
+
+@pytest.mark.parametrize("want,b,kh,got", [
+    (None, 4, 16, None), (8, 4, 16, 8), (6, 4, 16, 4), (16, 4, 16, 16),
+    (40, 4, 16, 32), (64, 4, 16, 64), (100, 4, 16, 64), (3, 1, 2, 2),
+    (1, 3, 5, 1), (7, 3, 5, 5), (12, 3, 5, 5), (15, 3, 5, 15)])
+def test_head_group_sizes(want, b, kh, got):
+  # The largest pair count <= want that divides K or is K times a divisor
+  # of B (a launch's pairs are then contiguous heads of one batch entry or
+  # whole batch entries).
+  assert bwd_lib._head_group(want, b, kh) == got
 
 
 def test_hinted_reduce_instruction():

@@ -175,9 +175,8 @@ def _attention_bwd(plan, res, cotangents):
   dkv_ranges = _ranges(plan.mask, plan.t, plan.s, plan.tp, plan.sp,
                        cfg.block_q_dkv, cfg.tile_kv, plan.segments, True)
   if cfg.fused_dq:
-    dk, dv, dq_acc = bwd_lib.flash_backward_dkv(
+    dk, dv, dq = bwd_lib.flash_backward_dkv(
         qp, kp, vp, do, lse2, delta_k, ranges=dkv_ranges, **common)
-    dq = (dq_acc * plan.scale).astype(qp.dtype)
   else:
     dk, dv = bwd_lib.flash_backward_dkv(qp, kp, vp, do, lse2, delta_k,
                                         ranges=dkv_ranges, **common)

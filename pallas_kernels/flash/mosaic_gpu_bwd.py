@@ -139,6 +139,20 @@ class BwdConfig:
       slower everywhere but 16k (4k full: 307.1, 294.9): the prefetches
       of a head's many CTAs, which walk the same rows, crowd the TMA unit
       (see ``dq_prefetch_every``).
+    dq_head_group: with ``fused_dq``, run the dK/dV kernel once per group
+      of this many K/V heads (over the flattened batch x K/V heads; the
+      largest count that divides them evenly, at most this one), each
+      launch reduce-adding into its own float32 accumulator of the group's
+      heads only, zeroed just before the launch and converted into dQ
+      just after (None: one launch, one accumulator of every head).
+      run50 (H100, T = 4k full MHA) found the fused kernel's lost time in
+      reduce-adds on an accumulator far larger than L2 (128 MB; 8 heads'
+      accumulator, 16 MB, that stays in L2: 501 against 369 TFLOP/s
+      forward + backward): a group's accumulator is written by the
+      zeroing right before the launch and should be in L2 when the adds
+      come. dK and dV are written in place into whole-size buffers; the
+      launches share one compiled kernel (the group's first head is an
+      operand). Needs ``dq_layout="tnh"``. Opt-in, untimed.
     dq_prefetch_every: with ``dq_prefetch``, only key tiles ``kt`` with
       ``kt % dq_prefetch_every == 0`` prefetch (a head's CTAs walk the
       same query blocks at about the same time: one prefetch of a row block
@@ -177,6 +191,7 @@ class BwdConfig:
   dq_evict_last: bool = False
   dq_prefetch: int | None = None
   dq_prefetch_every: int = 1
+  dq_head_group: int | None = None
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -202,6 +217,15 @@ class BwdConfig:
     if self.dq_prefetch_every < 1:
       raise ValueError("dq_prefetch_every must be >= 1, got "
                        f"{self.dq_prefetch_every}")
+    if self.dq_head_group is not None:
+      if not self.fused_dq:
+        raise ValueError("dq_head_group needs fused_dq=True")
+      if self.dq_head_group < 1:
+        raise ValueError("dq_head_group must be >= 1, got "
+                         f"{self.dq_head_group}")
+      if self.dq_layout != "tnh":
+        raise ValueError("dq_head_group needs dq_layout='tnh', got "
+                         f"{self.dq_layout!r}")
     if self.ds_buffers not in (1, 2):
       raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
@@ -461,7 +485,7 @@ def _dkv_tables(ranges, nkt):
 
 
 def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
-                  stagger: bool = False):
+                  stagger: bool = False, head=None):
   """A dK/dV CTA's work: ``(kt, kvh, b, wg, lo, a, c, hi, kv_limit, nq,
   steps, step_coords)``.
 
@@ -474,11 +498,14 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
   ``a + kt mod (c - a)`` on and wrap around: neighbouring key tiles,
   which run at the same time, visit different blocks at each step, and
   the masked and unmasked steps keep their places, so the consumers'
-  three loops stay as they are.
+  three loops stay as they are. ``head``: ``(kvh, b)`` of the CTA (None:
+  grid axes "h" and "b").
   """
   kt = tab_ref[4, lax.axis_index("kv")]
-  kvh = lax.axis_index("h")
-  bb = lax.axis_index("b")
+  if head is None:
+    kvh, bb = lax.axis_index("h"), lax.axis_index("b")
+  else:
+    kvh, bb = head()
   wg = lax.axis_index("wg")
   lo, a, c, hi, kv_limit = _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit,
                                        tile)
@@ -596,8 +623,7 @@ def flash_backward_dkv(
 
   Returns:
     ``(dk, dv)`` in k's dtype ([B, Sp, K, H], [B, Sp, K, Hv]); with
-    ``config.fused_dq`` also the unscaled float32 dQ accumulator
-    ([B, Tp, N, H]).
+    ``config.fused_dq`` also dQ ([B, Tp, N, H], q's dtype, scaled).
   """
   b, tp, n, h = q.shape
   _, sp, kh, hv = v.shape
@@ -645,19 +671,33 @@ def flash_backward_dkv(
   s_limit = sp if kv_len_static is None else int(kv_len_static)
   mult = (soft_cap if soft_cap is not None else scale) * LOG2E
 
+  # dq_head_group: launches over groups of `hg` of the B * K (batch, K/V
+  # head) pairs, grid axis "g" the pair within the group.
+  hg = _head_group(cfg.dq_head_group, b, kh) if fused else None
+
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tab_ref,
-             qseg_ref, kvseg_ref, kvlen_ref, dqacc_ref, dk_ref, dv_ref,
-             k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+             qseg_ref, kvseg_ref, kvlen_ref, g0_ref, dqacc_ref, dk_ref,
+             dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
              qseg_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_free,
              do_free):
+    head = None
+    if hg is not None:
+      def head():
+        pair = g0_ref[0] + lax.axis_index("g")
+        return lax.rem(pair, kh), lax.div(pair, kh)
     (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
      step_coords) = _dkv_schedule(
-        tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q)
+        tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q,
+        head=head)
 
     def dq_index(hh, qb, col0, cols):
       """The dQ accumulator's index of head hh, query block qb, columns
       [col0, col0 + cols) (a multiple of dq_cols in the "nct" layout)."""
       rows = pl.ds(qb * bq, bq)
+      if hg is not None:
+        # The group's accumulator [hg, Tp, groups, H].
+        return (lax.axis_index("g"), rows, hh - kvh * groups,
+                pl.ds(col0, cols))
       if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
         # Timing only (wrong dQ): every (batch, head) reduce-adds into
         # one of _DQ_SLOTS heads of batch 0, so the accumulator the
@@ -880,6 +920,11 @@ def flash_backward_dkv(
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
   ]
+  if hg is not None:
+    return _grouped_launches(
+        kernel, scratch, (q, k, v, do, lse2, delta, tables, q_segment_ids,
+                          kv_segment_ids, kv_lengths),
+        hg=hg, nkt=nkt, threads=wgs + 1, scale=scale)
   acc_shape = {"tnh": (b, tp, n, h), "nth": (b, n, tp, h),
                "nct": (b, n, h // dq_cols, tp, dq_cols)}[cfg.dq_layout]
   dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32)) if fused else None
@@ -895,15 +940,66 @@ def flash_backward_dkv(
       compiler_params=_dkv_params(),
   )
   dk, dv = call(q, k, v, do, lse2, delta, tables, q_segment_ids,
-                kv_segment_ids, kv_lengths, dq_acc)
+                kv_segment_ids, kv_lengths, None, dq_acc)
   if fused:
     acc = dq_acc[...]
     if cfg.dq_layout == "nth":
       acc = acc.transpose(0, 2, 1, 3)
     elif cfg.dq_layout == "nct":
       acc = acc.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)
-    return dk, dv, acc
+    return dk, dv, (acc * scale).astype(dtype)
   return dk, dv
+
+
+def _head_group(want: int | None, b: int, kh: int) -> int | None:
+  """(batch, K/V head) pairs per launch for ``BwdConfig.dq_head_group``:
+  the largest count <= ``want`` that is a divisor of K (a group within one
+  batch entry) or K times a divisor of B (whole batch entries)."""
+  if want is None:
+    return None
+  if want < kh:
+    return max(d for d in range(1, want + 1) if kh % d == 0)
+  return kh * max(d for d in range(1, want // kh + 1) if b % d == 0)
+
+
+def _grouped_launches(kernel, scratch, args, *, hg, nkt, threads, scale):
+  """The fused dK/dV/dQ kernel launched once per group of ``hg`` (batch,
+  K/V head) pairs (``BwdConfig.dq_head_group``): each launch reduce-adds
+  dQ into a float32 accumulator [hg, Tp, N / K, H] zeroed just before it,
+  converted into dQ just after; dK and dV are written in place."""
+  q, k, v = args[:3]
+  b, tp, n, h = q.shape
+  kh = k.shape[2]
+  groups = n // kh
+  dtype = q.dtype
+  dq = jax.new_ref(jnp.zeros(q.shape, dtype))
+  dk = jax.new_ref(jnp.zeros(k.shape, dtype))
+  dv = jax.new_ref(jnp.zeros(v.shape, dtype))
+  acc = jax.new_ref(jnp.zeros((hg, tp, groups, h), jnp.float32))
+  call = plgpu.kernel(
+      kernel,
+      out_type=(),
+      scratch_types=scratch,
+      grid=(nkt, hg),
+      grid_names=("kv", "g"),
+      num_threads=threads,
+      thread_name="wg",
+      compiler_params=_dkv_params(),
+  )
+  for g0 in range(0, b * kh, hg):
+    if g0:
+      acc[...] = jnp.zeros(acc.shape, jnp.float32)
+    call(*args, jnp.full((1,), g0, jnp.int32), acc, dk, dv)
+    part = (acc[...] * scale).astype(dtype)
+    if hg <= kh:  # K/V heads [g0 % K, + hg) of batch entry g0 // K
+      bb, h0 = divmod(g0, kh)
+      dq[bb, :, h0 * groups:(h0 + hg) * groups] = part.transpose(
+          1, 0, 2, 3).reshape(tp, hg * groups, h)
+    else:  # whole batch entries [g0 // K, + hg / K)
+      m = hg // kh
+      dq[g0 // kh:g0 // kh + m] = part.reshape(m, kh, tp, groups, h).transpose(
+          0, 2, 1, 3, 4).reshape(m, tp, n, h)
+  return dk[...], dv[...], dq[...]
 
 
 def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
@@ -951,37 +1047,15 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
      step_coords) = _dkv_schedule(
         tab_ref, kvlen_ref, s_limit, bk, groups)
 
-    def dq_index(hh, qb, col0, cols):
-      """The dQ accumulator's index of head hh, query block qb, columns
-      [col0, col0 + cols) (a multiple of dq_cols in the "nct" layout)."""
-      rows = pl.ds(qb * bq, bq)
-      if "slots" in _FUSED_DROP and cfg.dq_layout == "tnh":
-        # Timing only (wrong dQ): every (batch, head) reduce-adds into
-        # one of _DQ_SLOTS heads of batch 0, so the accumulator the
-        # kernel touches stays small enough to live in L2.
-        slot = lax.rem(bb * n + hh, jnp.int32(min(_DQ_SLOTS, n)))
-        return (0, rows, slot, pl.ds(col0, cols))
-      if cfg.dq_layout == "tnh":
-        return (bb, rows, hh, pl.ds(col0, cols))
-      if cfg.dq_layout == "nth":
-        return (bb, hh, rows, pl.ds(col0, cols))
-      return (bb, hh, pl.ds(col0 // dq_cols, cols // dq_cols), rows,
-              pl.ds(0, dq_cols))
-
     @pl.when(wg == wgs)
     def _producer():
-      prefetch = None
-      if fused and cfg.dq_prefetch is not None:
-        prefetch = (cfg.dq_prefetch,
-                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)],
-                    lax.rem(kt, cfg.dq_prefetch_every) == 0)
       _dkv_producer(
           step_coords, steps, bb=bb, bq=bq, stages=stages,
           regs=cfg.producer_regs,
           refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                 delta_ref),
           smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch)
+          bars=(q_ready, do_ready, q_free, do_free))
 
     @pl.when(wg < wgs)
     def _consumer():

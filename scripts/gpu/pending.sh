@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run49), as calls of under 10 minutes on one GPU, most decisive first:
-# fusedlen (the fused backward at 128 query blocks a CTA: where its
-# per-shape rule should start; at 4k MHA with an L2-resident dQ
-# accumulator: is the lost time dQ lines evicted between CTAs?; and
-# BwdConfig(dq_evict_last), FA3's L2 hint on the dQ reduce-adds, with its
-# GPU tests), linstages (the ungated linear forward's 4-stage default: its
-# GPU test, the one-split occupancy probe, the no-decay rows beside fla at
-# 4k-64k; both short, so on the same warm machine),
-# mosaictests and mosaictests2 (the whole Mosaic GPU suite), linfla64 (fla
-# beside the fixed-decay / scalar-gate rows at 32k and 64k), then
-# short, splits, profile, grid and grid2 (the H100 softmax
-# report's Mosaic column), call4 (the H100 linear report's GLA and delta
-# rows; fusedwhy: a longer form of short's Mosaic part), gap64k, pftimes,
-# pftests, call1, call2, call3
+# run56), as calls of under 10 minutes on one GPU, most decisive first:
+# headgroup (BwdConfig(dq_head_group): the fused backward launched per
+# group of heads, each into an accumulator small enough for L2, with its
+# GPU tests; run50's "fusedsl" bound says up to 501 against 369 / 464
+# TFLOP/s at 4k full MHA), mosaictests and mosaictests2 (the whole Mosaic
+# GPU suite: H = 256's backward must pass after the 2026-12-06 mix-up,
+# fixed on CPU, that briefly broke its kernel), grid and grid2 (the H100
+# softmax report's Mosaic column at 1k/4k/16k), linstages' occupancy step
+# (scripts/gpu/linear_profile.py --occupancy), then short, splits,
+# profile, call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
+# longer form of short's Mosaic part), gap64k, pftimes, pftests, call1,
+# call2, call3
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43; reduce in run45, layouts in run46, waits in run47, stages in
-# run48, gram and call5 in run49: kept for reruns)
+# run48, gram and call5 in run49; fusedlen in run50, dqprefetch in run51,
+# dqprefetch2 in run52, linstages2 in run53, linfla64 in run54,
+# fuseddefault in run56: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -304,6 +304,21 @@ case "${1:-}" in
          --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:8192:full:mha,128:2048:full:gqa,128:4096:causal:mha,128:1024:full:mha' \
          --variants ours,fused,fusednr,fusedsl,fusedev,fusedevhc"
+    ;;
+  headgroup)
+    # run50: the fused backward's reduce-adds cost nothing into an
+    # accumulator that stays in L2 (fusedsl 501 against 369 at 4k full
+    # MHA). BwdConfig(dq_head_group): one launch per group of (batch, K/V
+    # head) pairs, each into its own accumulator zeroed right before it
+    # (8 MHA heads at 4k: 16 MB). GPU tests, then the timing beside the
+    # default, fused and fusedsl (the bound), where fused lost and won.
+    bash $S \
+      "timeout 100 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_dq_head_group" \
+      "$(mc_time 440) \
+         --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:2048:causal:mha' \
+         --variants ours,fused,fusedsl,fusedhg4,fusedhg8,fusedhg16,fusedhg8pf"
     ;;
   dqprefetch)
     # run50 (fusedlen): the fused backward with every head's dQ reduce-added

@@ -317,7 +317,7 @@ case "${1:-}" in
          test_dq_head_group" \
       "$(mc_time 440) \
          --no-cudnn --no-tokamax --configs \
-         '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:2048:causal:mha' \
+         '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:2048:causal:mha,64:4096:full:mha' \
          --variants ours,fused,fusedsl,fusedhg4,fusedhg8,fusedhg16,fusedhg8pf"
     ;;
   dqprefetch)

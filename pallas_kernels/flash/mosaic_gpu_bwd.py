@@ -156,8 +156,11 @@ class BwdConfig:
       Opt-in, untimed.
     dq_prefetch_every: with ``dq_prefetch``, only key tiles ``kt`` with
       ``kt % dq_prefetch_every == 0`` prefetch (a head's CTAs walk the
-      same query blocks at about the same time: one prefetch of a row block
-      serves all of them).
+      same query blocks at about the same time, so one prefetch of a row
+      block could serve all of them). Slower (run52, H100, T = 4k causal
+      MHA: 310-315 TFLOP/s with every 8th tile's or tile 0's CTA
+      prefetching 0-4 steps ahead, against 394 without a prefetch and 431
+      with every CTA's; unexplained).
     ds_buffers: with ``fused_dq``, shared-memory buffers for the
       consumers' dS^T (2: a step writes one while the other consumer's dQ
       product may still read the other; 1: 16 KB less, for a third Q/dO
@@ -693,7 +696,8 @@ def flash_backward_dkv(
 
     def dq_index(hh, qb, col0, cols):
       """The dQ accumulator's index of head hh, query block qb, columns
-      [col0, col0 + cols) (a multiple of dq_cols in the "nct" layout)."""
+      [col0, col0 + cols) (in the "nct" layout a multiple of dq_cols: one
+      column block, dq_cols, is a scalar index)."""
       rows = pl.ds(qb * bq, bq)
       if hg is not None:
         # The group's accumulator [hg, Tp, groups, H].
@@ -709,8 +713,10 @@ def flash_backward_dkv(
         return (bb, rows, hh, pl.ds(col0, cols))
       if cfg.dq_layout == "nth":
         return (bb, hh, rows, pl.ds(col0, cols))
-      return (bb, hh, pl.ds(col0 // dq_cols, cols // dq_cols), rows,
-              pl.ds(0, dq_cols))
+      blk = col0 // dq_cols
+      if cols != dq_cols:
+        blk = pl.ds(blk, cols // dq_cols)
+      return (bb, hh, blk, rows, pl.ds(0, dq_cols))
 
     @pl.when(wg == wgs)
     def _producer():
@@ -845,8 +851,6 @@ def flash_backward_dkv(
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
           index = dq_index(hh, qb, col0, dq_cols)
-          if cfg.dq_layout == "nct":
-            index = (*index[:2], col0 // dq_cols, *index[3:])
           if "reduce" in _FUSED_DROP:
             plgpu.copy_smem_to_gmem(dq_smem.at[w], dqacc_ref.at[index])
           else:

@@ -457,11 +457,12 @@ def _variant_configs(name, h):
           fused_dq=True, dq_prefetch=d,
           dq_prefetch_every=1000 if e == "1k" else int(e)), bonly)
          for d in (0, 1, 2, 4) for e in ("8", "1k")},
-      # One launch per group of 4 / 8 / 16 (batch, K/V head) pairs, each
-      # into its own accumulator zeroed just before it (in L2 when the
-      # adds come?); "fusedhg8pf" with the producer's dQ prefetch.
+      # One launch per group of g (batch, K/V head) pairs, each into its
+      # own accumulator zeroed just before it (run57, H100, T = 4k full
+      # MHA: g = 8 511 against fused 362, two kernels 461); "fusedhg8pf"
+      # with the producer's dQ prefetch.
       **{f"fusedhg{g}": (None, bl.BwdConfig(fused_dq=True, dq_head_group=g),
-                         bonly) for g in (4, 8, 16)},
+                         bonly) for g in (1, 2, 4, 8, 16, 32, 64, 128)},
       "fusedhg8pf": (None, bl.BwdConfig(fused_dq=True, dq_head_group=8,
                                         dq_prefetch=0), bonly),
       # Each key tile starts its query blocks at its own offset (dQ rows

@@ -320,6 +320,31 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:2048:causal:mha,64:4096:full:mha' \
          --variants ours,fused,fusedsl,fusedhg4,fusedhg8,fusedhg16,fusedhg8pf"
     ;;
+  headgroup2)
+    # run57: BwdConfig(dq_head_group) beat both backward forms where timed
+    # (4k full MHA: g = 8 511 against 461 for two kernels, 362 fused;
+    # H = 64 4k full 391 / 331) but not at 1k (g = 16, 128 CTAs a launch:
+    # 368 / 373). The group sizes around a 16 MB accumulator and two waves
+    # of CTAs a launch, where the rule is unmeasured: 1k-2k, 16k, GQA,
+    # H = 64 ("ours" is the default before the rule changes).
+    bash $S \
+      "$(mc_time 150) \
+         --no-cudnn --no-tokamax --configs \
+         '128:1024:full:mha,128:1024:causal:mha,128:2048:full:mha,64:1024:full:mha' \
+         --variants ours,fusedhg16,fusedhg32,fusedhg64" \
+      "$(mc_time 130) \
+         --no-cudnn --no-tokamax --configs \
+         '128:16384:full:mha,128:16384:causal:mha,64:16384:full:mha' \
+         --variants ours,fusedhg1,fusedhg2,fusedhg4,fusedhg8" \
+      "$(mc_time 150) \
+         --no-cudnn --no-tokamax --configs \
+         '128:4096:full:gqa,128:4096:causal:gqa,128:1024:full:gqa,64:4096:full:gqa' \
+         --variants ours,fused,fusedhg2,fusedhg4,fusedhg8,fusedhg16" \
+      "$(mc_time 100) \
+         --no-cudnn --no-tokamax --configs \
+         '64:4096:causal:mha,64:2048:full:mha,128:2048:full:gqa' \
+         --variants ours,fusedhg8,fusedhg16,fusedhg32"
+    ;;
   dqprefetch)
     # run50 (fusedlen): the fused backward with every head's dQ reduce-added
     # into 8 heads' L2-resident accumulator (fusedsl) reached 501 TFLOP/s

@@ -375,18 +375,21 @@ class TestMosaicGPUFusedBackward:
                                          kh=2, h=h),
                             dtype=BF16, is_causal=True)
 
-  @pytest.mark.parametrize("t,n,kh,causal", [(2050, 4, 1, False),
-                                              (8200, 2, 2, True)])
-  def test_default_without_determinism_flags(self, monkeypatch, t, n, kh,
-                                             causal):
-    # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan at
-    # H = 128 takes this backward where each dK/dV CTA visits >= 8k query
-    # rows (FUSED_MIN_ROWS), under a mask from T >= 8k: full GQA 4:1 at
-    # T = 2050, causal MHA at 8200 (conftest sets the flag for the rest).
+  @pytest.mark.parametrize("h,t,n,kh,causal,group", [
+      (128, 2050, 4, 1, False, None), (128, 8200, 2, 2, True, None),
+      (128, 8200, 8, 8, False, 4), (64, 4100, 4, 4, True, 16)])
+  def test_default_without_determinism_flags(self, monkeypatch, h, t, n, kh,
+                                             causal, group):
+    # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan takes
+    # the fused backward (default_bwd_config): in one launch for full GQA
+    # 4:1 at T = 2050 and causal MHA at 8200; launched per group of heads
+    # for MHA from T = 2k (two launches of 4 heads at 8200 full, H = 128;
+    # one of 4 at 4100 causal, H = 64). conftest sets the flag for the rest.
     monkeypatch.setenv("XLA_FLAGS", "")
-    inp = inputs(f"fused_default{t}", b=1, t=t, n=n, kh=kh, h=128)
+    inp = inputs(f"fused_default{h}_{t}", b=1, t=t, n=n, kh=kh, h=h)
     p, _ = make_problem(inp.q, inp.k, inp.v, is_causal=causal)
-    assert pallas_mosaic.make_plan(p).bwd.fused_dq
+    bwd = pallas_mosaic.make_plan(p).bwd
+    assert bwd.fused_dq and bwd.dq_head_group == group
     check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
                             dtype=BF16, is_causal=causal)
 

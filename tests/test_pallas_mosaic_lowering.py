@@ -277,23 +277,37 @@ def test_default_backward_follows_determinism_flags(monkeypatch, flags,
       assert bwd == bwd_lib.default_bwd_config(h), h
 
 
-# (T, N, K, causal, fused): the H100 measurements behind the rule
-# (docs/pallas_mosaic_gpu.md; run43, run50, run51, run55: fused / two
-# kernels, forward+backward TFLOP/s), and the edges of FUSED_MIN_ROWS.
+# (H, T, N, K, causal, form): the H100 measurements behind the rule
+# (docs/pallas_mosaic_gpu.md; run43-run58: fused / two kernels,
+# forward+backward TFLOP/s) and the rule's edges. form: "two" kernels,
+# "one" fused launch, or the fused kernel launched per group of that many
+# (batch, K/V head) pairs (BwdConfig.dq_head_group).
 _FUSED_SHAPES = [
-    (16384, 2, 2, False, True),     # full MHA 16k: fused 548 / 504
-    (16384, 2, 2, True, True),      # causal 16k: 550 / 549
-    (8192, 2, 2, False, True),      # full MHA 8k: 520 / 498
-    (8192, 2, 2, True, True),       # causal MHA 8k: 506 / 471
-    (4096, 4, 1, False, True),      # full GQA 4:1, 4k: 501 / 480
-    (2048, 4, 1, False, True),      # full GQA 4:1, 2k: 479 / 467
-    (4096, 4, 1, True, False),      # causal GQA 4k: 410 / 447
-    (4096, 2, 2, False, False),     # full MHA 4k: 370 / 469
-    (4096, 2, 2, True, False),      # causal MHA 4k: 394 / 418
-    (1024, 4, 1, False, False),     # full GQA 1k: 326 / 436
-    (8191, 2, 2, True, False),      # one row short, masked
-    (4096, 4, 2, False, True),      # 2 x 4096 rows per CTA, full
-    (4095, 4, 2, False, False),
+    (128, 16384, 2, 2, False, 1),      # full MHA 16k: 575 / 535 (2: 543)
+    (128, 16384, 2, 2, True, "one"),   # causal 16k: 546; grouped 531-542
+    (128, 8192, 2, 2, False, 4),       # full MHA 8k: 544 / 514 (one: 522)
+    (128, 8192, 2, 2, True, "one"),    # causal MHA 8k: 506 / 471
+    (128, 4096, 2, 2, False, 8),       # full MHA 4k: 511 / 461 (4: 507)
+    (128, 4096, 2, 2, True, 8),        # causal MHA 4k: 444 / 416 (4: 306)
+    (128, 2048, 2, 2, False, 16),      # full MHA 2k: 462 / 411 (32: 450)
+    (128, 2048, 2, 2, True, 16),       # causal MHA 2k: 364 / 355
+    (128, 2047, 2, 2, False, "two"),   # one row short of GROUPED_MIN_LEN
+    (128, 1024, 2, 2, False, "two"),   # full MHA 1k: 381 / 381 (32)
+    (128, 1024, 2, 2, True, "two"),    # causal MHA 1k: 254 / 283 (32)
+    (128, 8191, 2, 2, True, 4),        # one row short of FUSED_MIN_ROWS
+    (128, 4096, 4, 1, False, "one"),   # full GQA 4:1, 4k: 519 / 516
+    (128, 2048, 4, 1, False, "one"),   # full GQA 4:1, 2k: 479 / 467
+    (128, 4096, 4, 1, True, "two"),    # causal GQA 4k: 409 / 444
+    (128, 1024, 4, 1, False, "two"),   # full GQA 1k: 357 / 446
+    (128, 4096, 4, 2, False, "one"),   # 2 x 4096 rows per CTA, full
+    (128, 4095, 4, 2, False, "two"),
+    (64, 16384, 2, 2, False, 1),       # H = 64 full 16k: 439 / 381
+    (64, 16384, 2, 2, True, "two"),    # masked from 8k: unmeasured
+    (64, 4096, 2, 2, False, 16),       # full 4k: 387 / 331 (8: 391)
+    (64, 4096, 2, 2, True, 16),        # causal 4k: 350 / 311
+    (64, 2048, 2, 2, False, 32),       # full 2k: 354 / 317
+    (64, 1024, 2, 2, False, "two"),    # full 1k: 296 / 299 (64)
+    (64, 4096, 4, 1, False, "two"),    # GQA: unmeasured
 ]
 
 
@@ -311,20 +325,44 @@ def _plan(q_shape, kv_shape, **kw):
   return plans[0]
 
 
-@pytest.mark.parametrize("t,n,kh,causal,fused", _FUSED_SHAPES)
-def test_default_backward_picks_fused_by_shape(monkeypatch, t, n, kh, causal,
-                                               fused):
+@pytest.mark.parametrize("h,t,n,kh,causal,form", _FUSED_SHAPES)
+def test_default_backward_picks_fused_by_shape(monkeypatch, h, t, n, kh,
+                                               causal, form):
   monkeypatch.setenv("XLA_FLAGS", "")
-  shapes = (2, t, n, 128), (2, t, kh, 128)
+  shapes = (2, t, n, h), (2, t, kh, h)
   bwd = _plan(*shapes, is_causal=causal).bwd
-  assert bwd.fused_dq is fused
-  if not fused:
+  if form == "two":
     # The two-kernel tiling of the deterministic default.
-    assert bwd == bwd_lib.default_bwd_config(128)
+    assert bwd == bwd_lib.default_bwd_config(h)
+  else:
+    assert bwd == bwd_lib.BwdConfig(
+        fused_dq=True, dq_head_group=None if form == "one" else form)
   # A local window skips blocks as a causal mask does.
   if not causal:
     window = _plan(*shapes, local_window_size=(t // 2, t // 2))
-    assert window.bwd.fused_dq is (t >= bwd_lib.FUSED_MIN_ROWS)
+    assert window.bwd == _plan(*shapes, is_causal=True).bwd
+  # With the determinism flags, two kernels.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+  assert _plan(*shapes, is_causal=causal).bwd == bwd_lib.default_bwd_config(h)
+
+
+def test_group_want_fills_a_wave():
+  # Every launch of the default grouped form has at least a wave of CTAs
+  # (two masked) unless the problem has fewer, and its accumulator is
+  # GROUP_ACC_BYTES at most unless one wave needs more.
+  for h in (64, 128):
+    for t in range(1024, 40000, 1000):
+      for masked in (False, True):
+        want = bwd_lib._group_want(t, 1, h, masked, 128)
+        tiles = -(-t // 128)
+        waves = 2 if masked else 1
+        assert want >= 1
+        if not masked and tiles >= bwd_lib.WAVE_CTAS:
+          assert want == 1
+          continue
+        assert want * tiles >= waves * bwd_lib.WAVE_CTAS
+        if (want - 1) * tiles >= waves * bwd_lib.WAVE_CTAS:
+          assert want * t * h * 4 <= bwd_lib.GROUP_ACC_BYTES
 
 
 @pytest.mark.parametrize("h,t,s,kw,wgs", [

@@ -293,9 +293,38 @@ def _dkv_params():
   return plgpu.CompilerParams(approx_math=True, profile_space=space,
                               profile_dir=path, profile_bounds_check=True)
 
-# The fused backward's shapes (H = 128, without determinism): at least this
-# many query rows per dK/dV CTA (GQA group x T), and masked only from this T.
+# The fused backward's shapes (without determinism): at least this many
+# query rows per dK/dV CTA (GQA group x T), and masked only from this T,
+# launched once (H = 128); MHA from GROUPED_MIN_LEN launched per group of
+# heads (BwdConfig.dq_head_group, H <= 128).
 FUSED_MIN_ROWS = 8192
+GROUPED_MIN_LEN = 2048
+# A group's float32 dQ accumulator, in bytes (run57, run58: the best group
+# sizes at T = 2k-8k, H = 64 and 128, had 16 MB accumulators, whose lines
+# stay in the H100's 50 MB L2 between the zeroing and the reduce-adds).
+GROUP_ACC_BYTES = 16 << 20
+# CTAs a launch counted as a wave (an H100 / H200 has 132 SMs; a launch of
+# fewer CTAs leaves SMs idle: run58, T = 1k full MHA, 8 key tiles a head: 4
+# heads a launch 143 TFLOP/s, 16 heads 368).
+WAVE_CTAS = 128
+
+
+def _group_want(q_len: int, groups: int, head_dim: int, masked: bool,
+                tile_kv: int) -> int:
+  """(batch, K/V head) pairs a launch of the grouped fused backward.
+
+  A ``GROUP_ACC_BYTES`` dQ accumulator, but at least a wave of CTAs a
+  launch (two under a mask, whose tiles' work differs: run57, T = 4k
+  causal MHA, 4 heads a launch 306 TFLOP/s, 8 heads 444); full attention
+  one head a launch where its key tiles fill a wave (run58, T = 16k: 575
+  against 543 / 551 / 551 for 2 / 4 / 8).
+  """
+  tiles = -(-q_len // tile_kv)
+  if not masked and tiles >= WAVE_CTAS:
+    return 1
+  waves = 2 if masked else 1
+  return max(1, GROUP_ACC_BYTES // (q_len * groups * head_dim * 4),
+             -(-waves * WAVE_CTAS // tiles))
 
 
 def default_bwd_config(head_dim: int, deterministic: bool = True, *,
@@ -312,37 +341,52 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
   Args:
     head_dim: H.
     deterministic: keep the two-kernel backward, whose results are bitwise
-      repeatable. With False, H = 128 may take the fused backward
+      repeatable. With False, H <= 128 may take the fused backward
       (``fused_dq``), whose dQ sums land in a varying order (under a
       causal mask it spills 152 / 184 bytes of stores / loads at H = 128;
-      full attention on whole tiles, none).
-      At H = 64 and 256 the choice is the same either way (H = 64 fused:
-      +1.5% full but -1% causal, H200; H = 256 splits the head, which the
-      fused kernel does not).
+      full attention on whole tiles, none). H = 256 splits the head,
+      which the fused kernel does not.
     q_len, groups, masked: the problem's T, query heads per K/V head and
-      whether a mask (causal, window, ...) skips blocks; they decide
-      between the two forms at H = 128 without determinism: fused when
-      each dK/dV CTA visits at least ``FUSED_MIN_ROWS`` query rows
-      (``groups * q_len``), and under a mask only from
-      ``q_len >= FUSED_MIN_ROWS``. Measured on an H100
-      (run43, B*T = 16k, forward+backward TFLOP/s, fused / two kernels):
-      T = 16k full MHA 548 / 504; T = 4k full GQA 4:1 501 / 480; but T = 4k
-      full MHA 318 / 470, causal MHA 355 / 414, causal GQA 417 / 458, and
-      T = 1k full MHA 268 / 371, GQA 326 / 436 (H200, run25, T = 4k full
-      MHA: 468 / 453). T = 16k causal took the fused form (558 MHA, 515
-      GQA against cuDNN's 543 / 537). At 128 query blocks a CTA (run50,
-      run51, run55, H100): T = 8k full MHA 510-520 / 484-498, causal MHA
-      506 / 471, T = 2k full GQA 4:1 479 / 467; T = 16k causal 550 /
-      549. Unknown ``q_len``: two kernels.
+      whether a mask (causal, window, ...) skips blocks. Unknown
+      ``q_len``: two kernels. Without determinism:
+
+      * MHA (``groups == 1``) from ``T >= GROUPED_MIN_LEN`` (masked: below
+        ``FUSED_MIN_ROWS``, where H = 64 keeps two kernels): fused, launched
+        per group of heads (``dq_head_group``, :func:`_group_want`).
+        Measured on an H100 (run57, run58, B*T = 16k, forward+backward
+        TFLOP/s, grouped / two kernels): H = 128 T = 2k full 462 / 411,
+        causal 364 / 355; 4k full 511 / 461, causal 444 / 416; 8k full
+        544 / 514 (one launch 522); 16k full 575 / 535 (one launch).
+        H = 64: 2k full 354 / 317; 4k full 391 / 331, causal 350 / 311;
+        16k full 439 / 381. At T = 1k two kernels (H = 128 full 381 /
+        381, causal 254 / 283; H = 64 296 / 299).
+      * Otherwise at H = 128: fused in one launch when each dK/dV CTA
+        visits at least ``FUSED_MIN_ROWS`` query rows (``groups *
+        q_len``), and under a mask only from ``q_len >=
+        FUSED_MIN_ROWS`` (GQA in groups: run58, 4:1, 4k 521 against 519
+        in one launch, 2k 488 / 479; not taken). Measured on an H100
+        (run43, B*T = 16k, fused / two kernels): T = 4k full GQA 4:1
+        501 / 480; but causal GQA 417 / 458 (run58: 409 / 444; grouped
+        409), and T = 1k full GQA 326 / 436 (run58: grouped 438 / 446).
+        T = 16k causal took the fused form (558 MHA, 515 GQA against
+        cuDNN's 543 / 537; run58 grouped 531-542 against 546). At 128
+        query blocks a CTA (run50, run51, run55): T = 8k causal MHA 506 /
+        471, T = 2k full GQA 4:1 479 / 467.
   """
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
     return BwdConfig(block_kv_dq=32, split_head=True)
-  if head_dim > 64:
-    if not deterministic and q_len is not None and (
+  if not deterministic and q_len is not None:
+    fused = BwdConfig(fused_dq=True)
+    if (groups == 1 and q_len >= GROUPED_MIN_LEN
+        and not (masked and q_len >= FUSED_MIN_ROWS)):
+      return dataclasses.replace(fused, dq_head_group=_group_want(
+          q_len, groups, head_dim, masked, fused.tile_kv))
+    if head_dim > 64 and (
         q_len >= FUSED_MIN_ROWS
         or (not masked and groups * q_len >= FUSED_MIN_ROWS)):
-      return BwdConfig(fused_dq=True)
+      return fused
+  if head_dim > 64:
     # 128-key blocks streamed by the dQ kernel: 441 -> 453 TFLOP/s full,
     # 408 -> 417 causal.
     return BwdConfig(block_kv_dq=128)

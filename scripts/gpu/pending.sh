@@ -320,6 +320,26 @@ case "${1:-}" in
          '128:4096:full:mha,128:1024:full:mha,128:4096:causal:mha,128:8192:full:mha,128:2048:causal:mha,64:4096:full:mha' \
          --variants ours,fused,fusedsl,fusedhg4,fusedhg8,fusedhg16,fusedhg8pf"
     ;;
+  newdefault|newdefault2)
+    # The grouped fused backward as the default (MHA from T = 2k, H <= 128,
+    # without determinism flags; run57/run58): its GPU tests, then the H100
+    # softmax report's Mosaic rows beside cuDNN (newdefault: H = 128 MHA
+    # and GQA; newdefault2: H = 64, and H = 256's GPU tests).
+    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
+       --append --out $OUT/bench --heads"
+    mkdir -p "$OUT/bench"
+    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    if [ "$1" = newdefault ]; then
+      bash $S \
+        "timeout 120 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+           test_default_without_determinism_flags" \
+        "timeout 250 $R 128" "timeout 180 $R 128gqa"
+    else
+      bash $S "timeout 250 $R 64" \
+        "timeout 110 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+           'head_dim_256'"
+    fi
+    ;;
   headgroup2)
     # run57: BwdConfig(dq_head_group) beat both backward forms where timed
     # (4k full MHA: g = 8 511 against 461 for two kernels, 362 fused;

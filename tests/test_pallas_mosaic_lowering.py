@@ -295,6 +295,8 @@ _FUSED_SHAPES = [
     (128, 1024, 2, 2, False, "two"),   # full MHA 1k: 381 / 381 (32)
     (128, 1024, 2, 2, True, "two"),    # causal MHA 1k: 254 / 283 (32)
     (128, 8191, 2, 2, True, 4),        # one row short of FUSED_MIN_ROWS
+    (128, 4100, 2, 2, False, 8),       # a little over 4k: still 8
+    (128, 3000, 2, 2, True, 11),       # 24 key tiles: two waves
     (128, 4096, 4, 1, False, "one"),   # full GQA 4:1, 4k: 519 / 516
     (128, 2048, 4, 1, False, "one"),   # full GQA 4:1, 2k: 479 / 467
     (128, 4096, 4, 1, True, "two"),    # causal GQA 4k: 409 / 444
@@ -362,7 +364,10 @@ def test_group_want_fills_a_wave():
           continue
         assert want * tiles >= waves * bwd_lib.WAVE_CTAS
         if (want - 1) * tiles >= waves * bwd_lib.WAVE_CTAS:
+          # Not raised for the wave: the largest power of two that fits.
+          assert want & (want - 1) == 0
           assert want * t * h * 4 <= bwd_lib.GROUP_ACC_BYTES
+          assert 2 * want * t * h * 4 > bwd_lib.GROUP_ACC_BYTES
 
 
 @pytest.mark.parametrize("h,t,s,kw,wgs", [

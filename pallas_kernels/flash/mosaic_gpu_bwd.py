@@ -299,10 +299,11 @@ def _dkv_params():
 # heads (BwdConfig.dq_head_group, H <= 128).
 FUSED_MIN_ROWS = 8192
 GROUPED_MIN_LEN = 2048
-# A group's float32 dQ accumulator, in bytes (run57, run58: the best group
-# sizes at T = 2k-8k, H = 64 and 128, had 16 MB accumulators, whose lines
-# stay in the H100's 50 MB L2 between the zeroing and the reduce-adds).
-GROUP_ACC_BYTES = 16 << 20
+# A group's float32 dQ accumulator, at most, in bytes (run57, run58: the
+# best group sizes at T = 2k-8k, H = 64 and 128, had 16 MB accumulators,
+# whose lines stay in the H100's 50 MB L2 between the zeroing and the
+# reduce-adds; 20 keeps T a little over a power of two at 16).
+GROUP_ACC_BYTES = 20 << 20
 # CTAs a launch counted as a wave (an H100 / H200 has 132 SMs; a launch of
 # fewer CTAs leaves SMs idle: run58, T = 1k full MHA, 8 key tiles a head: 4
 # heads a launch 143 TFLOP/s, 16 heads 368).
@@ -313,7 +314,8 @@ def _group_want(q_len: int, groups: int, head_dim: int, masked: bool,
                 tile_kv: int) -> int:
   """(batch, K/V head) pairs a launch of the grouped fused backward.
 
-  A ``GROUP_ACC_BYTES`` dQ accumulator, but at least a wave of CTAs a
+  The largest power of two whose dQ accumulator fits
+  ``GROUP_ACC_BYTES``, but at least a wave of CTAs a
   launch (two under a mask, whose tiles' work differs: run57, T = 4k
   causal MHA, 4 heads a launch 306 TFLOP/s, 8 heads 444); full attention
   one head a launch where its key tiles fill a wave (run58, T = 16k: 575
@@ -323,8 +325,8 @@ def _group_want(q_len: int, groups: int, head_dim: int, masked: bool,
   if not masked and tiles >= WAVE_CTAS:
     return 1
   waves = 2 if masked else 1
-  return max(1, GROUP_ACC_BYTES // (q_len * groups * head_dim * 4),
-             -(-waves * WAVE_CTAS // tiles))
+  fit = max(1, GROUP_ACC_BYTES // (q_len * groups * head_dim * 4))
+  return max(1 << (fit.bit_length() - 1), -(-waves * WAVE_CTAS // tiles))
 
 
 def default_bwd_config(head_dim: int, deterministic: bool = True, *,

@@ -352,15 +352,15 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
       whether a mask (causal, window, ...) skips blocks. Unknown
       ``q_len``: two kernels. Without determinism:
 
-      * MHA (``groups == 1``) from ``T >= GROUPED_MIN_LEN`` (masked: below
-        ``FUSED_MIN_ROWS``, where H = 64 keeps two kernels): fused, launched
+      * MHA (``groups == 1``) from ``T >= GROUPED_MIN_LEN`` (masked at
+        H = 128: below ``FUSED_MIN_ROWS``): fused, launched
         per group of heads (``dq_head_group``, :func:`_group_want`).
         Measured on an H100 (run57, run58, B*T = 16k, forward+backward
         TFLOP/s, grouped / two kernels): H = 128 T = 2k full 462 / 411,
         causal 364 / 355; 4k full 511 / 461, causal 444 / 416; 8k full
         544 / 514 (one launch 522); 16k full 575 / 535 (one launch).
         H = 64: 2k full 354 / 317; 4k full 391 / 331, causal 350 / 311;
-        16k full 439 / 381. At T = 1k two kernels (H = 128 full 381 /
+        8k causal 389 / 348; 16k full 439 / 381, causal 410 / 371 (run61). At T = 1k two kernels (H = 128 full 381 /
         381, causal 254 / 283; H = 64 296 / 299).
       * Otherwise at H = 128: fused in one launch when each dK/dV CTA
         visits at least ``FUSED_MIN_ROWS`` query rows (``groups *
@@ -381,7 +381,7 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
   if not deterministic and q_len is not None:
     fused = BwdConfig(fused_dq=True)
     if (groups == 1 and q_len >= GROUPED_MIN_LEN
-        and not (masked and q_len >= FUSED_MIN_ROWS)):
+        and not (masked and q_len >= FUSED_MIN_ROWS and head_dim > 64)):
       return dataclasses.replace(fused, dq_head_group=_group_want(
           q_len, groups, head_dim, masked, fused.tile_kv))
     if head_dim > 64 and (

@@ -208,9 +208,9 @@ def deterministic_ops() -> bool:
   ``--xla_gpu_deterministic_ops`` or ``--xla_gpu_exclude_nondeterministic_ops``
   (bare, ``=true`` or ``=1``; the last mention of each wins), read when a
   plan is made. Then the backward keeps its bitwise-repeatable two-kernel
-  form at every head dim; otherwise H = 128 takes the fused backward,
-  whose dQ sums land in a varying order, at the shapes where it was
-  measured faster (``default_bwd_config``). Set the flag before the first
+  form at every head dim; otherwise H = 64 and 128 take the fused
+  backward, whose dQ sums land in a varying order, at the shapes where it
+  was measured faster (``default_bwd_config``). Set the flag before the first
   call: jit caches the plan with the traced function.
   """
   on = dict.fromkeys(_DETERMINISM_FLAGS, False)

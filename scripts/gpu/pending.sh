@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run56), as calls of under 10 minutes on one GPU, most decisive first:
-# headgroup (BwdConfig(dq_head_group): the fused backward launched per
-# group of heads, each into an accumulator small enough for L2, with its
-# GPU tests; run50's "fusedsl" bound says up to 501 against 369 / 464
-# TFLOP/s at 4k full MHA), mosaictests and mosaictests2 (the whole Mosaic
-# GPU suite: H = 256's backward must pass after the 2026-12-06 mix-up,
-# fixed on CPU, that briefly broke its kernel), grid and grid2 (the H100
-# softmax report's Mosaic column at 1k/4k/16k), linstages' occupancy step
+# run62), as calls of under 10 minutes on one GPU, most decisive first:
+# rows3 (the H100 softmax report's rows that predate the grouped fused
+# backward default: H = 256 from 2026-11-22, H = 128 T = 2k / 8k from
+# run56), sweep1k (the two-kernel tilings at T = 1k, where H = 128 MHA is
+# at 0.92 and H = 64 at 0.89-0.93 forward+backward, tuned only at 4k so
+# far; and the backward forms at 16k causal GQA, 0.91), mosaictests and
+# mosaictests2 (the whole Mosaic GPU suite; its H = 256 tests and the
+# fused backward's passed in run57-run62), linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), then short, splits,
 # profile, call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
 # longer form of short's Mosaic part), gap64k, pftimes, pftests, call1,
@@ -16,7 +16,8 @@
 # in run43; reduce in run45, layouts in run46, waits in run47, stages in
 # run48, gram and call5 in run49; fusedlen in run50, dqprefetch in run51,
 # dqprefetch2 in run52, linstages2 in run53, linfla64 in run54,
-# fuseddefault in run56: kept for reruns)
+# fuseddefault in run56, headgroup in run57, headgroup2 in run58,
+# newdefault in run59, newdefault3 in run60: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own
@@ -353,6 +354,35 @@ case "${1:-}" in
         "timeout 110 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
            'head_dim_256'"
     fi
+    ;;
+  rows3)
+    # The report's rows that predate the grouped fused backward default
+    # (run59-run62 re-measured H = 64 and H = 128 at 1k/4k/16k): H = 256
+    # (2026-11-22) and H = 128 at T = 2k and 8k (run56).
+    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
+       --append --out $OUT/bench --heads"
+    mkdir -p "$OUT/bench"
+    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    bash $S "timeout 200 $R 256" \
+      "timeout 170 $R 128 --seqs 2048,8192" \
+      "timeout 170 $R 128gqa --seqs 2048,8192"
+    ;;
+  sweep1k)
+    # The backward tilings at T = 1k (two kernels; tuned at 4k on the
+    # H200 so far): H = 128 MHA forward+backward 367 against tokamax's
+    # 397 (run59), H = 64 289 against cuDNN's 323. Spill-free at H = 128:
+    # bst3, bwd64; at H = 64 all. Then the 16k causal GQA row (476-505
+    # against cuDNN's 524): one launch, two kernels and 3 stages, FA3's
+    # column-block dQ layout, one dS buffer with 3 stages.
+    bash $S \
+      "$(mc_time 110) --no-cudnn --no-tokamax --configs \
+         '128:1024:full:mha,128:1024:causal:mha' \
+         --variants ours,bst3,bwd64" \
+      "$(mc_time 150) --no-cudnn --no-tokamax --configs \
+         '64:1024:full:mha,64:1024:causal:mha' \
+         --variants ours,bkvdq128,bqdq128,bst3,bwd64" \
+      "$(mc_time 150) --configs '128:16384:causal:gqa' \
+         --variants ours,bst3,fusedhc,fused3"
     ;;
   headgroup2)
     # run57: BwdConfig(dq_head_group) beat both backward forms where timed

@@ -153,7 +153,11 @@ class BwdConfig:
       come. dK and dV are written in place into whole-size buffers; the
       launches are one kernel call in a ``lax.fori_loop`` over the groups
       (the group's first pair is an operand). Needs ``dq_layout="tnh"``.
-      Opt-in, untimed.
+      Measured (run57-run61, H100, forward+backward TFLOP/s, grouped /
+      one launch / two kernels): T = 4k full MHA 511 / 362 / 461, 2k
+      full 462 / - / 411, H = 64 4k full 391 / 285 / 331; the default
+      without determinism flags for MHA from T = 2k
+      (:func:`default_bwd_config`).
     dq_prefetch_every: with ``dq_prefetch``, only key tiles ``kt`` with
       ``kt % dq_prefetch_every == 0`` prefetch (a head's CTAs walk the
       same query blocks at about the same time, so one prefetch of a row
@@ -345,8 +349,9 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
     deterministic: keep the two-kernel backward, whose results are bitwise
       repeatable. With False, H <= 128 may take the fused backward
       (``fused_dq``), whose dQ sums land in a varying order (under a
-      causal mask it spills 152 / 184 bytes of stores / loads at H = 128;
-      full attention on whole tiles, none). H = 256 splits the head,
+      causal mask it spills 152 / 184 bytes of stores / loads at H = 128,
+      48 / 84 at H = 64; full attention on whole tiles none at H = 128,
+      16 / 16 at H = 64, for an H100, 2026-12-06). H = 256 splits the head,
       which the fused kernel does not.
     q_len, groups, masked: the problem's T, query heads per K/V head and
       whether a mask (causal, window, ...) skips blocks. Unknown
@@ -360,8 +365,9 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
         causal 364 / 355; 4k full 511 / 461, causal 444 / 416; 8k full
         544 / 514 (one launch 522); 16k full 575 / 535 (one launch).
         H = 64: 2k full 354 / 317; 4k full 391 / 331, causal 350 / 311;
-        8k causal 389 / 348; 16k full 439 / 381, causal 410 / 371 (run61). At T = 1k two kernels (H = 128 full 381 /
-        381, causal 254 / 283; H = 64 296 / 299).
+        8k causal 389 / 348; 16k full 439 / 381, causal 410 / 371
+        (run61). At T = 1k two kernels (H = 128 full 381 / 381, causal
+        254 / 283; H = 64 296 / 299).
       * Otherwise at H = 128: fused in one launch when each dK/dV CTA
         visits at least ``FUSED_MIN_ROWS`` query rows (``groups *
         q_len``), and under a mask only from ``q_len >=

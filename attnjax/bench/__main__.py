@@ -58,7 +58,8 @@ def main(argv=None):
                       "(default: softmax,memory with --quick; on a GPU "
                       "softmax,linear,memory)")
   p.add_argument("--heads", default=None,
-                 help="softmax head configs, e.g. 64,128,128gqa,256")
+                 help="softmax head configs (default all): 64, 64gqa, 128, "
+                      "128gqa, 256, 256gqa")
   p.add_argument("--seqs", default=None, help="e.g. 1024,4096,16384")
   p.add_argument("--modes", default="fwd,fwd+bwd")
   p.add_argument("--impls", default=None,

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run62), as calls of under 10 minutes on one GPU, most decisive first:
-# rows3 (the H100 softmax report's rows that predate the grouped fused
-# backward default: H = 256 from 2026-11-22, H = 128 T = 2k / 8k from
-# run56), sweep1k (the two-kernel tilings at T = 1k, where H = 128 MHA is
+# rows3 and rows4 (the H100 softmax report's rows that predate the grouped
+# fused backward default: H = 256 from 2026-11-22, H = 128 T = 2k / 8k
+# from run56; GQA at H = 64 and 256, never measured), sweep1k (the two-kernel tilings at T = 1k, where H = 128 MHA is
 # at 0.92 and H = 64 at 0.89-0.93 forward+backward, tuned only at 4k so
 # far; and the backward forms at 16k causal GQA, 0.91), mosaictests and
 # mosaictests2 (the whole Mosaic GPU suite; its H = 256 tests and the
@@ -355,17 +355,23 @@ case "${1:-}" in
            'head_dim_256'"
     fi
     ;;
-  rows3)
+  rows3|rows4)
     # The report's rows that predate the grouped fused backward default
-    # (run59-run62 re-measured H = 64 and H = 128 at 1k/4k/16k): H = 256
-    # (2026-11-22) and H = 128 at T = 2k and 8k (run56).
+    # (run59-run62 re-measured H = 64 and H = 128 at 1k/4k/16k) or that it
+    # never had: rows3 H = 256 (2026-11-22) and GQA 4:1 at H = 256 and 64
+    # (new head configs, the issue's grid); rows4 H = 128 at T = 2k and 8k
+    # (run56).
     R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
        --append --out $OUT/bench --heads"
     mkdir -p "$OUT/bench"
     cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
-    bash $S "timeout 200 $R 256" \
-      "timeout 170 $R 128 --seqs 2048,8192" \
-      "timeout 170 $R 128gqa --seqs 2048,8192"
+    if [ "$1" = rows3 ]; then
+      bash $S "timeout 180 $R 256" "timeout 180 $R 256gqa" \
+        "timeout 180 $R 64gqa"
+    else
+      bash $S "timeout 170 $R 128 --seqs 2048,8192" \
+        "timeout 170 $R 128gqa --seqs 2048,8192"
+    fi
     ;;
   sweep1k)
     # The backward tilings at T = 1k (two kernels; tuned at 4k on the

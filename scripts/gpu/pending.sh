@@ -379,7 +379,9 @@ case "${1:-}" in
     # 397 (run59), H = 64 289 against cuDNN's 323. Spill-free at H = 128:
     # bst3, bwd64; at H = 64 all. Then the 16k causal GQA row (476-505
     # against cuDNN's 524): one launch, two kernels and 3 stages, FA3's
-    # column-block dQ layout, one dS buffer with 3 stages.
+    # column-block dQ layout, one dS buffer with 3 stages. Last, H = 64
+    # GQA 4:1 at 4k (two kernels by default; the fused forms unmeasured
+    # there: run58 ran out of time before it).
     bash $S \
       "$(mc_time 110) --no-cudnn --no-tokamax --configs \
          '128:1024:full:mha,128:1024:causal:mha' \
@@ -388,7 +390,10 @@ case "${1:-}" in
          '64:1024:full:mha,64:1024:causal:mha' \
          --variants ours,bkvdq128,bqdq128,bst3,bwd64" \
       "$(mc_time 150) --configs '128:16384:causal:gqa' \
-         --variants ours,bst3,fusedhc,fused3"
+         --variants ours,bst3,fusedhc,fused3" \
+      "$(mc_time 100) --no-cudnn --no-tokamax --configs \
+         '64:4096:full:gqa,64:4096:causal:gqa' \
+         --variants ours,fused,fusedhg4,fusedhg8"
     ;;
   headgroup2)
     # run57: BwdConfig(dq_head_group) beat both backward forms where timed

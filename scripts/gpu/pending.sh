@@ -131,6 +131,14 @@ mc_time() {
   echo "timeout $1 python3 scripts/gpu/mosaic_check.py --sections time \
 --budget $(($1 - 10))"
 }
+# The H100 softmax report's rows, merged into a copy of the report under
+# $OUT/bench: "$R <heads> [--seqs ...]" is one step.
+report_rows() {
+  R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
+     --append --out $OUT/bench --heads"
+  mkdir -p "$OUT/bench"
+  cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+}
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 case "${1:-}" in
   recheck)
@@ -255,11 +263,8 @@ case "${1:-}" in
     # Mosaic rows are from 2026-11-22): grid H = 128 MHA and GQA, grid2
     # H = 64 and 256. Merged into a copy of the report under $OUT/bench
     # (--append); rows also in $ATTNJAX_BENCH_ROWS as they come.
-    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
-       --append --out $OUT/bench --heads"
     if [ "$1" = grid ]; then H="128 128gqa"; else H="64 256"; fi
-    mkdir -p "$OUT/bench"
-    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    report_rows
     bash $S "timeout 280 $R ${H% *}" "timeout 280 $R ${H#* }"
     ;;
   linstages)
@@ -326,10 +331,7 @@ case "${1:-}" in
     # without determinism flags; run57/run58): its GPU tests, then the H100
     # softmax report's Mosaic rows beside cuDNN (newdefault: H = 128 MHA
     # and GQA; newdefault2: H = 64, and H = 256's GPU tests).
-    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
-       --append --out $OUT/bench --heads"
-    mkdir -p "$OUT/bench"
-    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    report_rows
     if [ "$1" = newdefault3 ]; then
       # run59's default tests stopped at the plan assertions of the two
       # grouped cases (the test's group sizes were wrong, not the kernel);
@@ -361,10 +363,7 @@ case "${1:-}" in
     # never had: rows3 H = 256 (2026-11-22) and GQA 4:1 at H = 256 and 64
     # (new head configs, the issue's grid); rows4 H = 128 at T = 2k and 8k
     # (run56).
-    R="python3 -m attnjax.bench --suite softmax --impls mosaic,cudnn \
-       --append --out $OUT/bench --heads"
-    mkdir -p "$OUT/bench"
-    cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
+    report_rows
     if [ "$1" = rows3 ]; then
       bash $S "timeout 180 $R 256" "timeout 180 $R 256gqa" \
         "timeout 180 $R 64gqa"

@@ -378,14 +378,15 @@ class TestMosaicGPUFusedBackward:
   @pytest.mark.parametrize("h,t,n,kh,causal,group", [
       (128, 2050, 4, 1, False, None), (128, 8200, 2, 2, True, None),
       (128, 8200, 8, 8, False, 4), (64, 4100, 4, 4, True, 16),
-      (64, 8200, 2, 2, True, 8)])
+      (64, 8200, 2, 2, True, 8), (64, 4100, 4, 1, True, None)])
   def test_default_without_determinism_flags(self, monkeypatch, h, t, n, kh,
                                              causal, group):
     # XLA_FLAGS without --xla_gpu_deterministic_ops: the default plan takes
     # the fused backward (default_bwd_config): in one launch for full GQA
     # 4:1 at T = 2050 and causal MHA at 8200; launched per group of heads
     # for MHA from T = 2k (two launches of 4 heads at 8200 full, H = 128;
-    # one of 4 at 4100 causal, H = 64, and masked from 8k at H = 64).
+    # one of 4 at 4100 causal, H = 64, and masked from 8k at H = 64); at
+    # H = 64 GQA in one launch from 16k query rows a CTA (4:1, 4100).
     # conftest sets the flag for the rest.
     monkeypatch.setenv("XLA_FLAGS", "")
     inp = inputs(f"fused_default{h}_{t}", b=1, t=t, n=n, kh=kh, h=h)

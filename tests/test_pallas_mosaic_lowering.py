@@ -310,7 +310,12 @@ _FUSED_SHAPES = [
     (64, 4096, 2, 2, True, 16),        # causal 4k: 350 / 311
     (64, 2048, 2, 2, False, 32),       # full 2k: 354 / 317
     (64, 1024, 2, 2, False, "two"),    # full 1k: 296 / 299 (64)
-    (64, 4096, 4, 1, False, "two"),    # GQA: unmeasured
+    (64, 4096, 4, 1, False, "one"),    # full GQA 4:1, 4k: 389 / 349
+    (64, 4096, 4, 1, True, "one"),     # causal GQA 4k: 357 / 339
+    (64, 16384, 4, 1, True, "one"),    # causal GQA 16k: 407 / 381
+    (64, 4095, 4, 1, False, "two"),    # a row short of FUSED_MIN_ROWS_H64
+    (64, 8192, 2, 1, False, "one"),    # 2 x 8192 rows per CTA
+    (64, 1024, 4, 1, False, "two"),    # GQA 1k: unmeasured
 ]
 
 
@@ -336,7 +341,7 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, h, t, n, kh,
   bwd = _plan(*shapes, is_causal=causal).bwd
   if form == "two":
     # The two-kernel tiling of the deterministic default.
-    assert bwd == bwd_lib.default_bwd_config(h)
+    assert bwd == bwd_lib.default_bwd_config(h, q_len=t)
   else:
     assert bwd == bwd_lib.BwdConfig(
         fused_dq=True, dq_head_group=None if form == "one" else form)
@@ -346,7 +351,27 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, h, t, n, kh,
     assert window.bwd == _plan(*shapes, is_causal=True).bwd
   # With the determinism flags, two kernels.
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
-  assert _plan(*shapes, is_causal=causal).bwd == bwd_lib.default_bwd_config(h)
+  assert _plan(*shapes, is_causal=causal).bwd == bwd_lib.default_bwd_config(
+      h, q_len=t)
+
+
+def test_short_h64_backward_tiles_dq_by_128_queries():
+  # H = 64 below GROUPED_MIN_LEN (two kernels, with or without the
+  # determinism flags): 128-query dQ tiles besides the dK/dV kernel's
+  # 128-query blocks (run64); from GROUPED_MIN_LEN and at an unknown
+  # length the dQ kernel keeps 64.
+  short = bwd_lib.BwdConfig(block_q_dkv=128, block_q_dq=128)
+  for deterministic in (True, False):
+    for t in (1, 1000, bwd_lib.GROUPED_MIN_LEN - 1):
+      assert bwd_lib.default_bwd_config(
+          64, deterministic, q_len=t, masked=True) == short
+  long = bwd_lib.BwdConfig(block_q_dkv=128)
+  assert bwd_lib.default_bwd_config(64) == long
+  assert bwd_lib.default_bwd_config(
+      64, q_len=bwd_lib.GROUPED_MIN_LEN) == long
+  # H = 128 is unchanged at short lengths.
+  assert bwd_lib.default_bwd_config(128, q_len=1000) == bwd_lib.BwdConfig(
+      block_kv_dq=128)
 
 
 def test_group_want_fills_a_wave():

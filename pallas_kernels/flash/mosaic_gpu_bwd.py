@@ -303,6 +303,11 @@ def _dkv_params():
 # heads (BwdConfig.dq_head_group, H <= 128).
 FUSED_MIN_ROWS = 8192
 GROUPED_MIN_LEN = 2048
+# H = 64 GQA: the fused backward in one launch from this many query rows a
+# dK/dV CTA (run64, GQA 4:1, 4k: full 389 against 349 TFLOP/s for two
+# kernels, causal 357 / 339; 16k: full 424 / 391, causal 407 / 381;
+# grouped launches no better). Fewer rows unmeasured.
+FUSED_MIN_ROWS_H64 = 16384
 # A group's float32 dQ accumulator, at most, in bytes (run57, run58: the
 # best group sizes at T = 2k-8k, H = 64 and 128, had 16 MB accumulators,
 # whose lines stay in the H100's 50 MB L2 between the zeroing and the
@@ -368,6 +373,9 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
         8k causal 389 / 348; 16k full 439 / 381, causal 410 / 371
         (run61). At T = 1k two kernels (H = 128 full 381 / 381, causal
         254 / 283; H = 64 296 / 299).
+      * H = 64 GQA: fused in one launch from ``FUSED_MIN_ROWS_H64`` query
+        rows a dK/dV CTA (run64, 4:1, fused / two kernels: 4k full 389 /
+        349, causal 357 / 339; 16k full 424 / 391, causal 407 / 381).
       * Otherwise at H = 128: fused in one launch when each dK/dV CTA
         visits at least ``FUSED_MIN_ROWS`` query rows (``groups *
         q_len``), and under a mask only from ``q_len >=
@@ -394,10 +402,16 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
         q_len >= FUSED_MIN_ROWS
         or (not masked and groups * q_len >= FUSED_MIN_ROWS)):
       return fused
+    if head_dim <= 64 and groups > 1 and groups * q_len >= FUSED_MIN_ROWS_H64:
+      return fused
   if head_dim > 64:
     # 128-key blocks streamed by the dQ kernel: 441 -> 453 TFLOP/s full,
     # 408 -> 417 causal.
     return BwdConfig(block_kv_dq=128)
+  if q_len is not None and q_len < GROUPED_MIN_LEN:
+    # Short sequences also take 128-query dQ tiles (an H100, run64, T = 1k
+    # MHA, forward+backward: full 291 -> 314 TFLOP/s, causal 218 -> 225).
+    return BwdConfig(block_q_dkv=128, block_q_dq=128)
   # 128-query blocks streamed by the dK/dV kernel: 318 -> 340 TFLOP/s
   # full, 300 -> 327 causal.
   return BwdConfig(block_q_dkv=128)

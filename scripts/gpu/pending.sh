@@ -372,6 +372,19 @@ case "${1:-}" in
         "timeout 170 $R 128gqa --seqs 2048,8192"
     fi
     ;;
+  h64default)
+    # run64's H = 64 defaults: GQA fused in one launch from 16k query rows
+    # a CTA, 128-query dQ tiles below T = 2k. Their GPU tests (the default
+    # test's new GQA case; the H = 64 shapes, all below 2k), then the
+    # report's H = 64 GQA rows and the MHA 1k rows.
+    report_rows
+    bash $S \
+      "timeout 120 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         test_default_without_determinism_flags" \
+      "timeout 170 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
+         'test_shapes_gqa and not 128'" \
+      "timeout 130 $R 64gqa" "timeout 70 $R 64 --seqs 1024"
+    ;;
   sweep1k)
     # The backward tilings at T = 1k (two kernels; tuned at 4k on the
     # H200 so far): H = 128 MHA forward+backward 367 against tokamax's
@@ -382,17 +395,17 @@ case "${1:-}" in
     # GQA 4:1 at 4k (two kernels by default; the fused forms unmeasured
     # there: run58 ran out of time before it).
     bash $S \
-      "$(mc_time 110) --no-cudnn --no-tokamax --configs \
+      "$(mc_time 100) --no-cudnn --no-tokamax --configs \
          '128:1024:full:mha,128:1024:causal:mha' \
          --variants ours,bst3,bwd64" \
-      "$(mc_time 150) --no-cudnn --no-tokamax --configs \
+      "$(mc_time 130) --no-cudnn --no-tokamax --configs \
          '64:1024:full:mha,64:1024:causal:mha' \
          --variants ours,bkvdq128,bqdq128,bst3,bwd64" \
-      "$(mc_time 150) --configs '128:16384:causal:gqa' \
-         --variants ours,bst3,fusedhc,fused3" \
-      "$(mc_time 100) --no-cudnn --no-tokamax --configs \
-         '64:4096:full:gqa,64:4096:causal:gqa' \
-         --variants ours,fused,fusedhg4,fusedhg8"
+      "$(mc_time 200) --no-cudnn --no-tokamax --configs \
+         '64:4096:full:gqa,64:4096:causal:gqa,64:16384:full:gqa,64:16384:causal:gqa' \
+         --variants ours,fused,fusedhg1,fusedhg2,fusedhg4" \
+      "$(mc_time 120) --configs '128:16384:causal:gqa' \
+         --variants ours,bst3,fusedhc,fused3"
     ;;
   headgroup2)
     # run57: BwdConfig(dq_head_group) beat both backward forms where timed

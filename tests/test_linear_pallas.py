@@ -16,6 +16,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnjax
 from attnjax import testing
@@ -70,6 +72,60 @@ def test_pallas_prefetch_weights_matches_scan(name, splits, monkeypatch):
   case = linear_case(key_for("pallas-prefetch", name),
                      **{**kw, "length": 100})
   check_against_scan(case, "pallas", chunk_size=16)
+
+
+def _chained_kernels(case, **extra):
+  """pallas_call names in the jaxpr of the (undifferentiated) call."""
+  arrays, _ = case
+  text = str(jax.make_jaxpr(lambda: call(case, "pallas", **extra))())
+  return set(re.findall(r"linear_scan_\w+", text))
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "sums"])
+@pytest.mark.parametrize("name,splits,tile", [
+    ("plain_gqa", 3, 16), ("gated_segments", 3, 32),
+    ("normalize", 2, 16), ("segments_only", 3, 48), ("bf16", 2, 16)])
+def test_pallas_chained_forward_matches_scan(name, splits, tile, prefix,
+                                             monkeypatch):
+  """KernelConfig(chained_tile): the forward in one kernel over tiles of
+  1-3 chunks chained by look-back, against the scan, alone and under
+  differentiation (its states entering the splits feed the backward).
+  "sums":
+  no tile publishes its leaving state, so each walks back over every
+  earlier tile's own sum to the initial state (on a GPU, the walk over
+  tiles still running)."""
+  kw, _ = _CASES[name]
+  monkeypatch.setattr(kernels, "_PUBLISH_PREFIX", prefix)
+  _with_config(monkeypatch, num_splits=splits, chained_tile=tile)
+  case = linear_case(key_for("pallas-chained", name), **{**kw, "length": 90})
+  assert _chained_kernels(case, chunk_size=16) == {"linear_scan_chained_fwd"}
+  check_against_scan(case, "pallas", grads=False, chunk_size=16)
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(17, 130), splits=st.integers(2, 5),
+       tile=st.sampled_from([16, 32, 48, 64, 1000]),
+       gate=st.sampled_from([None, "scalar"]), segments=st.booleans(),
+       prefix=st.booleans())
+def test_pallas_chained_forward_property(length, splits, tile, gate,
+                                         segments, prefix):
+  """Chained forward == scan for any split count, tile size and length
+  (a tile size rounded down to a divisor of the split's chunks), walking
+  back to a published leaving state or over the tiles' own sums."""
+  base = kernels.default_config
+  cfg = lambda dtype=jnp.bfloat16, *dims, **kw: dataclasses.replace(  # noqa: E731
+      base(dtype, *dims, **kw), num_splits=splits, chained_tile=tile)
+  case = linear_case(key_for("pallas-chained-prop", length, splits, tile,
+                             gate, segments), length=length, gate=gate,
+                     segments=segments, initial_state=True, heads=2,
+                     kv_heads=1)
+  orig = kernels.default_config, kernels._PUBLISH_PREFIX
+  kernels.default_config, kernels._PUBLISH_PREFIX = cfg, prefix
+  try:
+    check_against_scan(case, "pallas", grads=False, chunk_size=16)
+  finally:
+    kernels.default_config, kernels._PUBLISH_PREFIX = orig
 
 
 def test_pallas_split_sequence_and_carry_state(monkeypatch):
@@ -384,6 +440,37 @@ def test_pallas_lowers_for_h100(name):
   assert text.count("__gpu$xla.gpu.triton") == calls
 
 
+@pytest.mark.parametrize("gate", [False, True])
+def test_pallas_chained_forward_lowers_for_h100(gate):
+  """The chained forward (atomics, look-back loops) lowers through Triton
+  for an H100 as the only kernel of an undifferentiated call: B = 1,
+  T = 64k, where the default splits the sequence."""
+  b, t, n, h = 1, 65536, 16, 128
+  sd = jax.ShapeDtypeStruct
+  args = [sd((b, t, n, h), BF16)] * 3 + [sd((b, t, n), F32)] * gate
+  cfg = kernels.default_config(BF16, h, h, gated=gate, chained_tile=512,
+                               num_sms=132)
+
+  def fwd(q, k, v, g=None):
+    return kernels.chunked_linear_attention(q, k, v, g, scale=0.1,
+                                            config=cfg, interpret=False)
+
+  text = _export_for_h100(fwd, *args).mlir_module()
+  assert set(re.findall(r"linear_scan_\w+", text)) == {
+      "linear_scan_chained_fwd"}
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  # Differentiated: the chained forward, then the backward's kernels (its
+  # reversed split-state pass and chain included).
+  grad = jax.grad(lambda *a: jnp.sum(fwd(*a)[0].astype(F32) ** 2),
+                  argnums=tuple(range(len(args))))
+  text = _export_for_h100(grad, *args).mlir_module()
+  assert set(re.findall(r"linear_scan_\w+", text)) == {
+      "linear_scan_chained_fwd", "linear_scan_dq", "linear_scan_dv",
+      "linear_scan_dk", "linear_scan_split_state",
+      "linear_scan_chain_splits"}
+  assert text.count("__gpu$xla.gpu.triton") == 6
+
+
 # ----------------------------------------------------------------------------
 # On a GPU: the compiled Triton kernels.
 
@@ -393,6 +480,25 @@ def test_pallas_lowers_for_h100(name):
 def test_gpu_pallas_matches_scan_small(name):
   kw, _ = _CASES[name]
   case = linear_case(key_for("gpu-pallas", name), **kw)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate,prefix", [(None, True), ("scalar", True),
+                                         ("scalar", False)])
+def test_gpu_pallas_chained_forward_h128(gate, prefix, monkeypatch):
+  """The chained forward where its tiles run side by side and wait on each
+  other: 64 tiles of 128 tokens a head (B = 1, N = 4, T = 8192, 4 splits
+  for the backward), forward and gradients against the scan; "prefix"
+  False walks every tile back over all earlier tiles' own sums."""
+  monkeypatch.setattr(kernels, "_PUBLISH_PREFIX", prefix)
+  _with_config(monkeypatch, num_splits=4, chained_tile=128)
+  case = linear_case(key_for("gpu-chained", gate, prefix), batch=1,
+                     length=8192, heads=4, kv_heads=4, head_dim=128,
+                     value_dim=128, gate=gate, segments=True,
+                     initial_state=True, dtype=BF16)
+  assert _chained_kernels(case) == {"linear_scan_chained_fwd"}
+  check_against_scan(case, "pallas", grads=False)
   check_against_scan(case, "pallas")
 
 

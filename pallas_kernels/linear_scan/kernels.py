@@ -104,6 +104,22 @@ class KernelConfig:
       inside the sequential loop (the forward's compiled TTGIR for an
       H100, read without a GPU), so every step waits on memory for them.
       Opt-in, not yet timed (as ``DeltaConfig.prefetch_weights``).
+    chained_tile: tokens per tile of the single-pass ("chained") forward,
+      0 for none. Where the sequence is split (``num_splits`` or
+      ``_auto_splits`` > 1) and the call is not differentiated, one kernel
+      replaces the Gram pass, the chain over splits and the forward: each
+      program sums its tile's k^T v (from HBM), publishes that sum in
+      global memory, adds its predecessors' published sums or prefix states
+      (decoupled look-back, spinning on per-tile flags), publishes its own
+      prefix state and sweeps the tile again for the outputs (k and v from
+      L2 when the tile is short). Programs wait only on earlier tiles of
+      their head, which start earlier in launch order. Under
+      differentiation it also stores the states entering the splits for
+      the backward. Rounded down to a divisor of the split length (in
+      chunks). Not bitwise repeatable: whether a tile adds its
+      predecessor's prefix state or the sums of several tiles before it
+      depends on timing. Opt-in, not yet run on a GPU
+      (``scripts/gpu/chained_time.py`` times it).
   """
   chunk: int = 64
   block_v: int = 64
@@ -121,6 +137,7 @@ class KernelConfig:
   split_programs_per_sm: float = 0.5
   num_sms: int | None = None
   prefetch_weights: bool = False
+  chained_tile: int = 0
 
 
 def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
@@ -206,6 +223,8 @@ class _Static:
   # log_gate is perturbed, e.g. False for a fixed decay that is not learned).
   gate_grad: bool = True
   prefetch: bool = False  # KernelConfig.prefetch_weights
+  chain_cps: int = 0  # chunks per tile of the chained forward (0: none)
+  tiles_per_split: int = 1  # the chained kernel's tiles a caller's split
 
   @property
   def has_w(self):
@@ -324,21 +343,22 @@ def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
 # q/k tiles run side by side and share L2.
 
 
-def _fwd_kernel(*refs, s: _Static):
-  _dot, _dot_tn, _dot_nt = _dots(s)
-  it = iter(refs)
-  q_ref, k_ref, v_ref = next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
-  s0_ref = next(it) if s.has_s0 else None
-  o_ref, st_ref = next(it), next(it)
-  c = s.chunk
-  base = pl.program_id(2) * s.split_len
-  state = (s0_ref[...].astype(_F32) if s.has_s0 else
-           jnp.zeros(st_ref.shape, _F32))
+def _state_update(s: _Static, state, k, v, wts):
+  """The state after one chunk: decayed by the chunk's total decay, plus
+  k^T v with k_j's decay to the chunk end applied to the narrower v."""
+  _, _dot_tn, _ = _dots(s)
+  if s.has_w:
+    wq, wk = wts
+    vw = (v.astype(_F32) * wk[:, None]).astype(v.dtype)
+    return state * _last(wq) + _dot_tn(k, vw)
+  return state + _dot_tn(k, v)
 
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
+
+def _fwd_step(s: _Static, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base):
+  """``step(i, state, wts)`` of the forward sweep over the chunks from row
+  ``base``: writes chunk i's outputs, returns the state after it."""
+  _dot, _, _dot_nt = _dots(s)
+  c = s.chunk
 
   def step(i, state, wts):
     rows = _chunk_rows(base + i * c, c)
@@ -347,15 +367,110 @@ def _fwd_kernel(*refs, s: _Static):
     o = _dot((a * s.scale).astype(v.dtype), v)
     qs = _dot(q, state.astype(q.dtype))
     if s.has_w:
-      wq, wk = wts
-      qs = qs * wq[:, None]
+      qs = qs * wts[0][:, None]
     o_ref[rows, :] = (o + s.scale * qs).astype(o_ref.dtype)
-    if s.has_w:  # k_j's decay to the chunk end, applied to the narrower v
-      vw = (v.astype(_F32) * wk[:, None]).astype(v.dtype)
-      return state * _last(wq) + _dot_tn(k, vw)
-    return state + _dot_tn(k, v)
+    return _state_update(s, state, k, v, wts)
+  return step
 
+
+def _fwd_kernel(*refs, s: _Static):
+  it = iter(refs)
+  q_ref, k_ref, v_ref = next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  s0_ref = next(it) if s.has_s0 else None
+  o_ref, st_ref = next(it), next(it)
+  base = pl.program_id(2) * s.split_len
+  state = (s0_ref[...].astype(_F32) if s.has_s0 else
+           jnp.zeros(st_ref.shape, _F32))
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
+  step = _fwd_step(s, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base)
   st_ref[...] = sweep_loop(s.cps, step, weights, state, s.prefetch)
+
+
+# The chained forward publishes each tile's leaving state for the tiles
+# after it. In interpret mode every earlier tile has published it before a
+# tile looks back, so the walk over published sums alone never runs there;
+# tests turn this off to run it (each tile then walks back to tile 0).
+_PUBLISH_PREFIX = True
+
+
+def _chained_fwd_kernel(*refs, s: _Static):
+  """The single-pass forward over tiles of ``s.split_len`` rows (program
+  axis 2), chained by decoupled look-back (``KernelConfig.chained_tile``).
+
+  ``buf`` [tiles, 2, F, bv] holds each tile's published sums: slot 0 its
+  own k^T v (decayed to the tile end), slot 1 the state leaving it; the
+  tile's flag is raised to 1 and 2 after each (atomic max, acquire /
+  release at GPU scope; a CTA barrier first, so that every thread's
+  stores precede it). The state entering tile t adds, walking back from
+  t - 1, each tile's own sum (decayed by the tiles after it) until one
+  has published its leaving state, or ``s0`` before tile 0.
+  """
+  it = iter(refs)
+  q_ref, k_ref, v_ref = next(it), next(it), next(it)
+  gc_ref = next(it) if s.has_gate else None
+  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
+  rc_ref = next(it) if s.has_seg else None
+  s0_ref, dec_ref = next(it), next(it)
+  next(it)  # the zeroed flags, aliased to flag_ref
+  o_ref, st_ref, starts_ref, buf_ref, flag_ref = (
+      next(it), next(it), next(it), next(it), next(it))
+  tile = pl.program_id(2)
+  base = tile * s.split_len
+  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
+  k_rows = lambda i: _chunk_rows(base + i * s.chunk, s.chunk)  # noqa: E731
+
+  def local_step(i, state, wts):
+    rows = k_rows(i)
+    return _state_update(s, state, k_ref[rows, :], v_ref[rows, :], wts)
+
+  zero = jnp.zeros(st_ref.shape, _F32)
+  local = sweep_loop(s.cps, local_step, weights, zero, s.prefetch)
+
+  def publish(slot, x):
+    buf_ref[tile, slot] = x
+    if not s.interpret:
+      plgpu.debug_barrier()
+    plgpu.atomic_max(flag_ref, (tile,), tile * 0 + slot + 1)
+
+  def decay(u):  # tile u's total decay, as a scalar
+    return jnp.sum(dec_ref[pl.ds(u, 1)])
+
+  publish(0, local)
+
+  def poll(u):
+    return lax.while_loop(
+        lambda f: f < 1,
+        lambda f: plgpu.atomic_add(flag_ref, (u,), f * 0), u * 0)
+
+  def back(carry):
+    u, acc, d, _ = carry
+    full = poll(u) >= 2
+    x = buf_ref[u, full.astype(jnp.int32)]
+    return u - 1, acc + d * x, d * decay(u), full
+
+  _, acc, d, found = lax.while_loop(
+      lambda c: jnp.logical_and(c[0] >= 0, jnp.logical_not(c[3])), back,
+      (tile - 1, zero, jnp.sum(dec_ref[pl.ds(0, 1)]) * 0 + 1.0,
+       tile < 0))
+  start = acc + jnp.where(found, 0.0, d) * s0_ref[...].astype(_F32)
+  if _PUBLISH_PREFIX:
+    # The tile's own sum read back (not kept live through the walk: at
+    # F = 128 a third [F, bv] float32 tile in registers spilled).
+    publish(1, decay(tile) * start + buf_ref[tile, 0])
+
+  @pl.when(tile % s.tiles_per_split == 0)
+  def _():
+    starts_ref[tile // s.tiles_per_split] = start
+
+  step = _fwd_step(s, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base)
+  final = sweep_loop(s.cps, step, weights, start, s.prefetch)
+
+  @pl.when(tile == s.splits - 1)
+  def _():
+    st_ref[...] = final
 
 
 def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
@@ -587,6 +702,67 @@ def _fwd_call(q, k, v, prep, starts, s: _Static):
       interpret=s.interpret,
       name="linear_scan_fwd",
   )(*args)
+
+
+def _chained_call(q, k, v, prep, s0, s: _Static):
+  """``_chained_fwd_kernel`` over ``s.splits`` tiles of ``s.split_len``
+  rows, ``s.tiles_per_split`` a split of the caller; returns (o, the state
+  leaving the last tile, the states entering the splits). The grid is (value
+  block, batch x head, tile): tiles last, so that every program starts
+  after the earlier tiles of its head (in launch order on a GPU, in grid
+  order in interpret mode), which it may wait on."""
+  b, tp, n, f = q.shape
+  vp = v.shape[-1]
+  bv = min(s.bv, vp)
+  nvb, tiles = vp // bv, s.splits
+  hb = lambda x: (x // n, x % n)  # noqa: E731  (batch, head)
+
+  def seq(width, head_fn, col):
+    return pl.BlockSpec((None, tp, None, width), lambda j, x, t: (
+        hb(x)[0], 0, head_fn(hb(x)[1]), j if col else 0))
+
+  per_head = lambda *shape: pl.BlockSpec(  # noqa: E731
+      (None, None) + shape, lambda j, x, t: hb(x) + (0,) * len(shape))
+  kv = lambda m: m // s.rep  # noqa: E731
+  in_specs = [seq(f, lambda m: m, False), seq(f, kv, False),
+              seq(bv, kv, True)]
+  args = [q, k, v]
+  if s.has_gate:
+    in_specs.append(per_head(tp))
+  if s.has_w:
+    in_specs += [per_head(tp), per_head(tp)]
+  if s.has_seg:
+    in_specs.append(pl.BlockSpec((None, tp), lambda j, x, t: (hb(x)[0], 0)))
+  args += _token_args(prep, s)
+  state = pl.BlockSpec((None, None, f, bv), lambda j, x, t: hb(x) + (0, j))
+  flags = pl.BlockSpec((None, None, None, tiles),
+                       lambda j, x, t: hb(x) + (j, 0))
+  in_specs += [state, per_head(tiles), flags]
+  args += [s0, prep["sdec"], jnp.zeros((b, n, nvb, tiles), jnp.int32)]
+  splits = tiles // s.tiles_per_split
+  out_specs = [seq(bv, lambda m: m, True), state,
+               pl.BlockSpec((None, None, splits, f, bv),
+                            lambda j, x, t: hb(x) + (0, 0, j)),
+               pl.BlockSpec((None, None, tiles, 2, f, bv),
+                            lambda j, x, t: hb(x) + (0, 0, 0, j)),
+               flags]
+  out_shape = [jax.ShapeDtypeStruct((b, tp, n, vp), q.dtype),
+               jax.ShapeDtypeStruct((b, n, f, vp), _F32),
+               jax.ShapeDtypeStruct((b, n, splits, f, vp), _F32),
+               jax.ShapeDtypeStruct((b, n, tiles, 2, f, vp), _F32),
+               jax.ShapeDtypeStruct((b, n, nvb, tiles), jnp.int32)]
+  o, final, starts, _, _ = pl.pallas_call(
+      functools.partial(_chained_fwd_kernel, s=s),
+      grid=(nvb, b * n, tiles),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      input_output_aliases={len(args) - 1: 4},
+      # At most 3 stages: with 4 (the ungated default) the kernel spilled
+      # 96 bytes for an H100 at F = V = 128, with 3 or 2 none.
+      compiler_params=_params(dataclasses.replace(
+          s, stages=min(s.stages, 3))), interpret=s.interpret,
+      name="linear_scan_chained_fwd",
+  )(*args)
+  return o, final, starts
 
 
 def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False):
@@ -840,8 +1016,17 @@ def _chain_splits(local, sdec, s0, s: _Static, reverse: bool):
 
 
 def _forward(q, k, v, g, resets, s0, s: _Static):
+  """(o, final state, states entering the splits): through the chained
+  single-pass kernel where the sequence is split and ``s.chain_cps`` asks
+  for it, else the split-state (Gram) pass, the chain over splits and the
+  forward sweeps."""
   b, _, n, f = q.shape
   vp = v.shape[-1]
+  if s.splits > 1 and s.chain_cps:
+    ratio = s.cps // s.chain_cps  # tiles a split
+    sc = dataclasses.replace(s, cps=s.chain_cps, splits=s.splits * ratio,
+                             tiles_per_split=ratio)
+    return _chained_call(q, k, v, _prep(g, resets, sc, n, b), s0, sc)
   prep = _prep(g, resets, s, n, b)
   if s.splits > 1:
     local = _gram_call(k, v, prep["sk"], s, a_rep=s.rep)
@@ -1074,6 +1259,11 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
                           blocks=-(-_padded_dim(vd) // cfg.block_v))
   cps = -(-nc // splits)
   splits = -(-nc // cps)
+  chain_cps = 0
+  if cfg.chained_tile > 0 and splits > 1:
+    # The largest divisor of the split's chunks within the tile asked for.
+    want = max(1, min(cps, cfg.chained_tile // c))
+    chain_cps = max(d for d in range(1, want + 1) if cps % d == 0)
   # Rows per Gram step: a power of two (Triton) dividing the split length.
   rows = c
   while rows * 2 <= cfg.block_rows and (cps * c) % (rows * 2) == 0:
@@ -1091,7 +1281,8 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               has_s0=initial_state is not None or splits > 1,
               interpret=bool(interpret),
               upcast=bool(interpret) and jax.default_backend() == "cpu",
-              rep=n // kh, prefetch=cfg.prefetch_weights)
+              rep=n // kh, prefetch=cfg.prefetch_weights,
+              chain_cps=chain_cps)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

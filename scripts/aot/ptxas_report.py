@@ -79,7 +79,8 @@ def _ptxas_dir(site):
   raise SystemExit(f"no ptxas under {site}")
 
 
-def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
+def child(case, config, b, t, h=128, causal=False, dtype="bf16",
+          primal=False):
   """Compile the case's forward+backward for an H100 (runs with the
   plugin on sys.path and JAX_PLATFORMS=cpu)."""
   sys.path.insert(0, ROOT)
@@ -165,6 +166,8 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16"):
   def loss(*a):
     return jnp.sum(fwd(*a).astype(jnp.float32) ** 2)
   grad = jax.grad(loss, argnums=tuple(range(len(args))))
+  if primal:  # the undifferentiated call (e.g. the chained linear forward)
+    grad = fwd
   mesh = jax.sharding.AbstractMesh(
       (1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,),
       abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
@@ -281,6 +284,9 @@ def main():
   ap.add_argument("--dtype", default="bf16", choices=("bf16", "f32"),
                   help="operand dtype (delta, gla, scalar)")
   ap.add_argument("--causal", action="store_true", help="mosaic: causal")
+  ap.add_argument("--primal", action="store_true",
+                  help="compile the undifferentiated call only (e.g. "
+                  "the scalar case's chained forward, chained_tile)")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--timeout", type=int, default=600)
   ap.add_argument("--loads", action="store_true",
@@ -291,7 +297,8 @@ def main():
     fetch(a.fetch)
     return
   if a.child:
-    child(a.case, json.loads(a.config), a.b, a.t, a.h, a.causal, a.dtype)
+    child(a.case, json.loads(a.config), a.b, a.t, a.h, a.causal, a.dtype,
+          a.primal)
     return
   if not a.plugin:
     raise SystemExit("--plugin SITE_DIR (see --fetch) is required")
@@ -314,7 +321,8 @@ def main():
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
          a.case, "--config", a.config, "--b", str(a.b), "--t", str(a.t),
          "--h", str(a.h), "--dtype", a.dtype] + (
-             ["--causal"] if a.causal else [])
+             ["--causal"] if a.causal else []) + (
+                 ["--primal"] if a.primal else [])
   try:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True,
                        timeout=a.timeout, check=False)

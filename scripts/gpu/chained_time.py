@@ -1,0 +1,112 @@
+"""Times the chained single-pass linear forward (``KernelConfig.chained_tile``)
+beside the default split path, in one process; prints M tokens/s.
+
+Run from the repository root on a CUDA machine (no network needed):
+
+  PYTHONPATH=$PWD python3 scripts/gpu/chained_time.py [--tiles 256,512,1024]
+      [--seqs 4096,16384,32768,65536] [--variants no_decay,scalar_gate]
+      [--fwdbwd]
+
+Shapes: bf16, N = 16, H = Hv = 128, B*T = 65536 (the benchmark's; the issue's
+"constant speed" compares T = 4k with 64k at this token budget). The chained
+kernel runs only where the sequence is split (T >= 32k here on an H100), so
+T = 4k and 16k time the default twice (a check that nothing else moved).
+Every chained output is checked against the default's (relative max error,
+printed) and timed twice, since its look-back depends on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from attnjax.bench import common  # noqa: E402
+from pallas_kernels.linear_scan import kernels  # noqa: E402
+
+N, H = 16, 128
+
+
+def _inputs(b, t, variant):
+  """q, k, v and the log gate: none (no_decay), a fixed per-head decay
+  (fixed_decay) or a data-dependent one (scalar_gate)."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, t, N, H), jnp.bfloat16)
+  k = (jax.random.normal(ks[1], (b, t, N, H)) / H ** 0.5).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, N, H), jnp.bfloat16)
+  g = None
+  if variant == "fixed_decay":
+    ld = -jnp.exp(jnp.linspace(-5.0, -1.0, N))
+    g = jnp.broadcast_to(ld, (b, t, N)).astype(jnp.float32)
+  elif variant == "scalar_gate":
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, N))) / 16
+  elif variant != "no_decay":
+    raise ValueError(f"variant {variant!r}")
+  return q, k, v, g
+
+
+def _fns(cfg):
+  def fwd(q, k, v, g):
+    return kernels.chunked_linear_attention(q, k, v, g, scale=H ** -0.5,
+                                            config=cfg)[0]
+
+  def loss(q, k, v, g):
+    return jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * v.astype(
+        jnp.float32))
+  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--tiles", default="256,512,1024")
+  p.add_argument("--seqs", default="4096,16384,32768,65536")
+  p.add_argument("--variants", default="no_decay,scalar_gate")
+  p.add_argument("--tokens", type=int, default=65536, help="B * T")
+  p.add_argument("--fwdbwd", action="store_true",
+                 help="also forward+backward (default and the first tile)")
+  a = p.parse_args(argv)
+  print(common.device_info(), flush=True)
+  tiles = [int(x) for x in a.tiles.split(",")]
+  for variant in a.variants.split(","):
+    gate = variant != "no_decay"
+    for t in (int(x) for x in a.seqs.split(",")):
+      b = max(1, a.tokens // t)
+      args = _inputs(b, t, variant)
+      base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
+      fwd, grad = _fns(base)
+      ref = fwd(*args).astype(jnp.float32)
+      scale = float(jnp.max(jnp.abs(ref)))
+      sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
+      print(f"{variant:12s} T={t:6d} B={b:3d} fwd default        "
+            f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
+      for tile in tiles:
+        cfg = dataclasses.replace(base, chained_tile=tile)
+        f2, g2 = _fns(cfg)
+        try:
+          out = f2(*args).astype(jnp.float32)
+          err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
+          secs = [common.time_fn(f2, *args, min_seconds=0.1, repeats=3)
+                  for _ in range(2)]
+        except Exception as e:  # noqa: BLE001
+          print(f"{variant:12s} T={t:6d} fwd chained {tile:5d}: FAILED "
+                f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        print(f"{variant:12s} T={t:6d} B={b:3d} fwd chained {tile:5d}  "
+              + "  ".join(f"{b * t / s / 1e6:8.2f}" for s in secs)
+              + f" M tok/s  rel err {err:.2e}", flush=True)
+      if a.fwdbwd:
+        for name, g in (("default", grad),
+                        (f"chained {tiles[0]}", _fns(dataclasses.replace(
+                            base, chained_tile=tiles[0]))[1])):
+          sec = common.time_fn(g, *args, min_seconds=0.1, repeats=3)
+          print(f"{variant:12s} T={t:6d} B={b:3d} fwd+bwd {name:13s} "
+                f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
+
+
+if __name__ == "__main__":
+  main()

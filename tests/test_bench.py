@@ -27,7 +27,14 @@ def test_merge_replaces_remeasured_rows_and_says_so(tmp_path):
   assert info["date"] == "NEW"
   note = info["rows_updated"]
   assert note.startswith("NEW: 1 rows re-measured (impls b); 2 rows kept")
-  assert "OLD" in note and "which says: X" in note
+  assert note.endswith("kept from the report of OLD. Earlier: X")
+  # Merged again: one flat line, newest first.
+  path.write_text(json.dumps({"info": info, "rows": rows}))
+  _, info2 = bench_main._merge(str(path), [_row("a", 1024, "fwd", 7.0)],
+                               KEYS, {"date": "NEWER"}, "impls a")
+  assert info2["rows_updated"] == (
+      "NEWER: 1 rows re-measured (impls a); 2 rows kept from the report "
+      "of NEW. Earlier: " + note)
 
 
 def test_merge_without_kept_rows_adds_no_note(tmp_path):

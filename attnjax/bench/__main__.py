@@ -27,7 +27,8 @@ def _merge(path, rows, keys, info, what):
 
   Returns (rows, info): when old rows are kept, ``info`` gains a
   ``rows_updated`` line saying which rows this run re-measured (``what``)
-  and where the others come from (the earlier report's date and notes).
+  and where the others come from: the earlier report's date, then its own
+  line after "Earlier:" (flat, newest first, however many runs merged).
   """
   if not os.path.exists(path):
     return rows, info
@@ -44,7 +45,7 @@ def _merge(path, rows, keys, info, what):
           f"{len(kept)} rows kept from the report of "
           f"{old_info.get('date')}")
   if old_info.get("rows_updated"):
-    note += f" (which says: {old_info['rows_updated']})"
+    note += f". Earlier: {old_info['rows_updated']}"
   return kept + rows, dict(info, rows_updated=note)
 
 

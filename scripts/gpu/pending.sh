@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run62), as calls of under 10 minutes on one GPU, most decisive first:
-# rows3 and rows4 (the H100 softmax report's rows that predate the grouped
-# fused backward default: H = 256 from 2026-11-22, H = 128 T = 2k / 8k
-# from run56; GQA at H = 64 and 256, never measured), sweep1k (the two-kernel tilings at T = 1k, where H = 128 MHA is
-# at 0.92 and H = 64 at 0.89-0.93 forward+backward, tuned only at 4k so
-# far; and the backward forms at 16k causal GQA, 0.91), mosaictests and
-# mosaictests2 (the whole Mosaic GPU suite; its H = 256 tests and the
-# fused backward's passed in run57-run62), linstages' occupancy step
+# run67), as calls of under 10 minutes on one GPU, most decisive first:
+# chained (KernelConfig(chained_tile): the linear forward in one pass,
+# tiles chained by decoupled look-back; its GPU tests, then its timing
+# beside the split path at B*T = 64k: the issue's forward "constant
+# speed", 0.67 now), mosaictests and mosaictests2 (the whole Mosaic GPU
+# suite; run65-run67 ran the default test, the H = 64 shapes, 27 of the
+# fused class and 22 of TestMosaicGPU's mask / segment cases, all passed:
+# still to run are TestMosaicGPU from test_seq_lengths on, the H = 128
+# shapes and dtypes), linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), then short, splits,
 # profile, call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
 # longer form of short's Mosaic part), gap64k, pftimes, pftests, call1,
@@ -17,7 +18,8 @@
 # run48, gram and call5 in run49; fusedlen in run50, dqprefetch in run51,
 # dqprefetch2 in run52, linstages2 in run53, linfla64 in run54,
 # fuseddefault in run56, headgroup in run57, headgroup2 in run58,
-# newdefault in run59, newdefault3 in run60: kept for reruns)
+# newdefault in run59, newdefault3 in run60, rows3 in run63, sweep1k in
+# run64, h64default in run65, rows4 in run66: kept for reruns)
 # (prefetch, prefetch2, prefetch3 are pftimes/pftests split per family,
 # with tests). Each call goes through session.sh (wheels,
 # Triton cache, one log per step in $OUT/stepN.log); every step has its own

@@ -81,22 +81,27 @@ def _chained_kernels(case, **extra):
   return set(re.findall(r"linear_scan_\w+", text))
 
 
-@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "sums"])
+@pytest.mark.parametrize("prefix,lookback", [
+    (True, True), (False, True), (True, False)],
+    ids=["prefix", "sums", "serial"])
 @pytest.mark.parametrize("name,splits,tile", [
     ("plain_gqa", 3, 16), ("gated_segments", 3, 32),
     ("normalize", 2, 16), ("segments_only", 3, 48), ("bf16", 2, 16)])
 def test_pallas_chained_forward_matches_scan(name, splits, tile, prefix,
-                                             monkeypatch):
+                                             lookback, monkeypatch):
   """KernelConfig(chained_tile): the forward in one kernel over tiles of
   1-3 chunks chained by look-back, against the scan, alone and under
   differentiation (its states entering the splits feed the backward).
   "sums":
   no tile publishes its leaving state, so each walks back over every
   earlier tile's own sum to the initial state (on a GPU, the walk over
-  tiles still running)."""
+  tiles still running); "serial": no tile publishes its own sum
+  (KernelConfig(chained_lookback=False)), each waits for the state leaving
+  its predecessor."""
   kw, _ = _CASES[name]
   monkeypatch.setattr(kernels, "_PUBLISH_PREFIX", prefix)
-  _with_config(monkeypatch, num_splits=splits, chained_tile=tile)
+  _with_config(monkeypatch, num_splits=splits, chained_tile=tile,
+               chained_lookback=lookback)
   case = linear_case(key_for("pallas-chained", name), **{**kw, "length": 90})
   assert _chained_kernels(case, chunk_size=16) == {"linear_scan_chained_fwd"}
   check_against_scan(case, "pallas", grads=False, chunk_size=16)
@@ -484,16 +489,20 @@ def test_gpu_pallas_matches_scan_small(name):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate,prefix", [(None, True), ("scalar", True),
-                                         ("scalar", False)])
-def test_gpu_pallas_chained_forward_h128(gate, prefix, monkeypatch):
+@pytest.mark.parametrize("gate,prefix,lookback", [
+    (None, True, True), ("scalar", True, True), ("scalar", False, True),
+    ("scalar", True, False)])
+def test_gpu_pallas_chained_forward_h128(gate, prefix, lookback,
+                                         monkeypatch):
   """The chained forward where its tiles run side by side and wait on each
   other: 64 tiles of 128 tokens a head (B = 1, N = 4, T = 8192, 4 splits
   for the backward), forward and gradients against the scan; "prefix"
-  False walks every tile back over all earlier tiles' own sums."""
+  False walks every tile back over all earlier tiles' own sums, lookback
+  False waits for the predecessor's leaving state alone."""
   monkeypatch.setattr(kernels, "_PUBLISH_PREFIX", prefix)
-  _with_config(monkeypatch, num_splits=4, chained_tile=128)
-  case = linear_case(key_for("gpu-chained", gate, prefix), batch=1,
+  _with_config(monkeypatch, num_splits=4, chained_tile=128,
+               chained_lookback=lookback)
+  case = linear_case(key_for("gpu-chained", gate, prefix, lookback), batch=1,
                      length=8192, heads=4, kv_heads=4, head_dim=128,
                      value_dim=128, gate=gate, segments=True,
                      initial_state=True, dtype=BF16)

@@ -120,6 +120,9 @@ class KernelConfig:
       predecessor's prefix state or the sums of several tiles before it
       depends on timing. Opt-in, not yet run on a GPU
       (``scripts/gpu/chained_time.py`` times it).
+    chained_lookback: False: the chained forward publishes only the states
+      leaving the tiles, so each tile waits for its predecessor's (a
+      serial chain of hand-offs through L2, half the published bytes).
   """
   chunk: int = 64
   block_v: int = 64
@@ -138,6 +141,7 @@ class KernelConfig:
   num_sms: int | None = None
   prefetch_weights: bool = False
   chained_tile: int = 0
+  chained_lookback: bool = True
 
 
 def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
@@ -224,6 +228,7 @@ class _Static:
   gate_grad: bool = True
   prefetch: bool = False  # KernelConfig.prefetch_weights
   chain_cps: int = 0  # chunks per tile of the chained forward (0: none)
+  chain_lookback: bool = True  # KernelConfig.chained_lookback
   tiles_per_split: int = 1  # the chained kernel's tiles a caller's split
 
   @property
@@ -438,7 +443,8 @@ def _chained_fwd_kernel(*refs, s: _Static):
   def decay(u):  # tile u's total decay, as a scalar
     return jnp.sum(dec_ref[pl.ds(u, 1)])
 
-  publish(0, local)
+  if s.chain_lookback:
+    publish(0, local)
 
   def poll(u):
     return lax.while_loop(
@@ -459,7 +465,8 @@ def _chained_fwd_kernel(*refs, s: _Static):
   if _PUBLISH_PREFIX:
     # The tile's own sum read back (not kept live through the walk: at
     # F = 128 a third [F, bv] float32 tile in registers spilled).
-    publish(1, decay(tile) * start + buf_ref[tile, 0])
+    own = buf_ref[tile, 0] if s.chain_lookback else local
+    publish(1, decay(tile) * start + own)
 
   @pl.when(tile % s.tiles_per_split == 0)
   def _():
@@ -1282,7 +1289,7 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               interpret=bool(interpret),
               upcast=bool(interpret) and jax.default_backend() == "cpu",
               rep=n // kh, prefetch=cfg.prefetch_weights,
-              chain_cps=chain_cps)
+              chain_cps=chain_cps, chain_lookback=cfg.chained_lookback)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

@@ -67,6 +67,8 @@ def main(argv=None):
   p.add_argument("--seqs", default="4096,16384,32768,65536")
   p.add_argument("--variants", default="no_decay,scalar_gate")
   p.add_argument("--tokens", type=int, default=65536, help="B * T")
+  p.add_argument("--serial", action="store_true",
+                 help="also each tile with chained_lookback=False")
   p.add_argument("--fwdbwd", action="store_true",
                  help="also forward+backward (default and the first tile)")
   a = p.parse_args(argv)
@@ -84,19 +86,24 @@ def main(argv=None):
       sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
       print(f"{variant:12s} T={t:6d} B={b:3d} fwd default        "
             f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
-      for tile in tiles:
-        cfg = dataclasses.replace(base, chained_tile=tile)
-        f2, g2 = _fns(cfg)
+      runs = [(tile, True) for tile in tiles]
+      if a.serial:
+        runs += [(tile, False) for tile in tiles]
+      for tile, lookback in runs:
+        cfg = dataclasses.replace(base, chained_tile=tile,
+                                  chained_lookback=lookback)
+        f2, _ = _fns(cfg)
+        label = f"{tile:5d}{'' if lookback else ' serial'}"
         try:
           out = f2(*args).astype(jnp.float32)
           err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
           secs = [common.time_fn(f2, *args, min_seconds=0.1, repeats=3)
                   for _ in range(2)]
         except Exception as e:  # noqa: BLE001
-          print(f"{variant:12s} T={t:6d} fwd chained {tile:5d}: FAILED "
+          print(f"{variant:12s} T={t:6d} fwd chained {label}: FAILED "
                 f"{type(e).__name__}: {str(e)[:200]}", flush=True)
           continue
-        print(f"{variant:12s} T={t:6d} B={b:3d} fwd chained {tile:5d}  "
+        print(f"{variant:12s} T={t:6d} B={b:3d} fwd chained {label}  "
               + "  ".join(f"{b * t / s / 1e6:8.2f}" for s in secs)
               + f" M tok/s  rel err {err:.2e}", flush=True)
       if a.fwdbwd:

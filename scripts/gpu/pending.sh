@@ -381,14 +381,14 @@ case "${1:-}" in
     # GPU tests first (concurrent tiles, the walk over sums alone too),
     # then the forward beside the split path at B*T = 64k (the issue's
     # constant speed: 177 M tokens/s at 4k, 119 at 64k without a decay),
-    # and forward+backward with 256-token tiles.
+    # and forward+backward with 512-token tiles.
     bash $S \
       "timeout 200 $PYTEST tests/test_linear_pallas.py -k \
          'gpu_pallas_chained or gpu_pallas_matches_scan_h128'" \
       "timeout 250 python3 scripts/gpu/chained_time.py --fwdbwd \
-         --seqs 4096,32768,65536 --tiles 256,512,1024" \
-      "timeout 120 python3 scripts/gpu/chained_time.py \
-         --variants fixed_decay --seqs 65536 --tiles 128,256,2048"
+         --seqs 4096,32768,65536 --tiles 512,1024,2048" \
+      "timeout 150 python3 scripts/gpu/chained_time.py --serial \
+         --variants no_decay,fixed_decay --seqs 65536 --tiles 256,1024"
     ;;
   h64default)
     # run64's H = 64 defaults: GQA fused in one launch from 16k query rows

@@ -413,6 +413,9 @@ def _chained_fwd_kernel(*refs, s: _Static):
   t - 1, each tile's own sum (decayed by the tiles after it) until one
   has published its leaving state, or ``s0`` before tile 0.
   """
+  if not (_PUBLISH_PREFIX or s.chain_lookback):
+    raise ValueError("a chained forward that publishes nothing would wait "
+                     "forever")
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   gc_ref = next(it) if s.has_gate else None

@@ -4,8 +4,9 @@
 # chained (KernelConfig(chained_tile): the linear forward in one pass,
 # tiles chained by decoupled look-back; its GPU tests, then its timing
 # beside the split path at B*T = 64k: the issue's forward "constant
-# speed", 0.67 now), mosaictests and mosaictests2 (the whole Mosaic GPU
-# suite; run65-run67 ran the default test, the H = 64 shapes, 27 of the
+# speed", 0.67 now), mosaicsuite (the whole Mosaic GPU suite in 4
+# processes; or mosaictests and mosaictests2, one process over two calls;
+# run65-run67 ran the default test, the H = 64 shapes, 27 of the
 # fused class and 22 of TestMosaicGPU's mask / segment cases, all passed:
 # still to run are TestMosaicGPU from test_seq_lengths on, the H = 128
 # shapes and dtypes), linstages' occupancy step
@@ -142,6 +143,10 @@ report_rows() {
   cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
 }
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
+# The same over 4 processes (pytest-xdist, installed on the GPU machines):
+# the GPU suites are compile-bound (5-10 s a test, the GPU idle), so four
+# compile side by side; no process preallocates GPU memory.
+PYTEST4="env XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 4"
 case "${1:-}" in
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
@@ -383,11 +388,11 @@ case "${1:-}" in
     # constant speed: 177 M tokens/s at 4k, 119 at 64k without a decay),
     # and forward+backward with 512-token tiles.
     bash $S \
-      "timeout 230 $PYTEST tests/test_linear_pallas.py -k \
+      "timeout 160 $PYTEST4 tests/test_linear_pallas.py -k \
          'gpu_pallas_chained or gpu_pallas_matches_scan_h128'" \
-      "timeout 210 python3 scripts/gpu/chained_time.py --fwdbwd \
+      "timeout 240 python3 scripts/gpu/chained_time.py --fwdbwd \
          --seqs 4096,32768,65536 --tiles 512,1024,2048" \
-      "timeout 130 python3 scripts/gpu/chained_time.py --serial \
+      "timeout 140 python3 scripts/gpu/chained_time.py --serial \
          --variants no_decay,fixed_decay --seqs 65536 --tiles 256,1024"
     ;;
   h64default)
@@ -495,6 +500,15 @@ case "${1:-}" in
       "timeout 450 python3 -m attnjax.bench.linear --variants \
          fixed_decay,scalar_gate --impls pallas --seqs 32768,65536 \
          --no-softmax"
+    ;;
+  mosaicsuite)
+    # The whole Mosaic GPU suite (93 tests; about 12 minutes in one
+    # process, over two calls: mosaictests, mosaictests2) in 4 processes,
+    # then the linear GPU tests of the Triton kernels the chained forward
+    # touched (the forward sweep was refactored around it).
+    bash $S \
+      "timeout 420 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
+      "timeout 140 $PYTEST4 tests/test_linear_pallas.py"
     ;;
   mosaictests)
     # The Mosaic GPU suite in two calls (run47: the suite but

@@ -106,8 +106,8 @@ class KernelConfig:
       Opt-in, not yet timed (as ``DeltaConfig.prefetch_weights``).
     chained_tile: tokens per tile of the single-pass ("chained") forward,
       0 for none. Where the sequence is split (``num_splits`` or
-      ``_auto_splits`` > 1) and the call is not differentiated, one kernel
-      replaces the Gram pass, the chain over splits and the forward: each
+      ``_auto_splits`` > 1), one kernel replaces the forward's Gram pass,
+      chain over splits and sweeps: each
       program sums its tile's k^T v (from HBM), publishes that sum in
       global memory, adds its predecessors' published sums or prefix states
       (decoupled look-back, spinning on per-tile flags), publishes its own
@@ -460,10 +460,11 @@ def _chained_fwd_kernel(*refs, s: _Static):
     x = buf_ref[u, full.astype(jnp.int32)]
     return u - 1, acc + d * x, d * decay(u), full
 
+  # The carry starts from traced values (a decay of 1, "not found"): a
+  # constant in the loop would stop interpret mode's state discharge.
   _, acc, d, found = lax.while_loop(
       lambda c: jnp.logical_and(c[0] >= 0, jnp.logical_not(c[3])), back,
-      (tile - 1, zero, jnp.sum(dec_ref[pl.ds(0, 1)]) * 0 + 1.0,
-       tile < 0))
+      (tile - 1, zero, decay(0) * 0 + 1.0, tile < 0))
   start = acc + jnp.where(found, 0.0, d) * s0_ref[...].astype(_F32)
   if _PUBLISH_PREFIX:
     # The tile's own sum read back (not kept live through the walk: at

@@ -81,8 +81,8 @@ def _ptxas_dir(site):
 
 def child(case, config, b, t, h=128, causal=False, dtype="bf16",
           primal=False):
-  """Compile the case's forward+backward for an H100 (runs with the
-  plugin on sys.path and JAX_PLATFORMS=cpu)."""
+  """Compile the case's forward+backward (``primal``: the forward alone)
+  for an H100 (runs with the plugin on sys.path and JAX_PLATFORMS=cpu)."""
   sys.path.insert(0, ROOT)
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415

@@ -118,8 +118,9 @@ class KernelConfig:
       the backward. Rounded down to a divisor of the split length (in
       chunks). Not bitwise repeatable: whether a tile adds its
       predecessor's prefix state or the sums of several tiles before it
-      depends on timing. Opt-in, not yet run on a GPU
-      (``scripts/gpu/chained_time.py`` times it).
+      depends on timing. Opt-in and slower than the split path on an
+      H100 (run68: 78-99 against 119 M tokens/s forward at T = 64k, the
+      longer the tile the faster; ``scripts/gpu/chained_time.py``).
     chained_lookback: False: the chained forward publishes only the states
       leaving the tiles, so each tile waits for its predecessor's (a
       serial chain of hand-offs through L2, half the published bytes).

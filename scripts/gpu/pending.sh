@@ -146,7 +146,7 @@ PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 # The same over 4 processes (pytest-xdist, installed on the GPU machines):
 # the GPU suites are compile-bound (5-10 s a test, the GPU idle), so four
 # compile side by side; no process preallocates GPU memory.
-PYTEST4="env XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -n 4"
+PYTEST4="env XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -p no:benchmark -n 4"
 case "${1:-}" in
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
@@ -378,6 +378,32 @@ case "${1:-}" in
       bash $S "timeout 170 $R 128 --seqs 2048,8192" \
         "timeout 170 $R 128gqa --seqs 2048,8192"
     fi
+    ;;
+  lincfg)
+    # run68 found the chained forward slower than the split path (99
+    # against 119 M tokens/s at 64k); its GPU tests did not run (pytest-
+    # benchmark refuses xdist: -p no:benchmark since). Here the tests, then
+    # the split path's tiling now that the Gram pass skips the last split:
+    # fewer splits, narrower or wider value blocks, no split at all with
+    # narrow value blocks (q k^T recomputed per block).
+    C64='[{"num_splits": 2}, {"num_splits": 4}, {"num_splits": 16},
+      {"block_v": 32, "num_splits": 2}, {"block_v": 32, "num_splits": 4},
+      {"block_v": 32, "num_splits": 8},
+      {"block_v": 128, "num_warps": 8, "num_splits": 4},
+      {"block_v": 128, "num_warps": 8, "num_splits": 8},
+      {"block_v": 128, "num_warps": 8, "num_splits": 16},
+      {"block_v": 16, "num_splits": 1}, {"block_v": 32, "num_splits": 1}]'
+    C4='[{"block_v": 32}, {"block_v": 16}, {"block_v": 128, "num_warps": 8}]'
+    CB='[{"num_splits": 2}, {"num_splits": 4}, {"num_splits": 16}]'
+    bash $S \
+      "timeout 160 $PYTEST4 tests/test_linear_pallas.py -k \
+         'gpu_pallas_chained or gpu_pallas_matches_scan_h128'" \
+      "timeout 200 python3 scripts/gpu/config_time.py --seqs 65536 \
+         --configs '$C64'" \
+      "timeout 80 python3 scripts/gpu/config_time.py --seqs 4096 \
+         --configs '$C4'" \
+      "timeout 120 python3 scripts/gpu/config_time.py --fwdbwd \
+         --seqs 65536 --configs '$CB'"
     ;;
   chained)
     # KernelConfig(chained_tile): the linear forward in one pass, tiles

@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run67), as calls of under 10 minutes on one GPU, most decisive first:
-# chained (KernelConfig(chained_tile): the linear forward in one pass,
-# tiles chained by decoupled look-back; its GPU tests, then its timing
-# beside the split path at B*T = 64k: the issue's forward "constant
-# speed", 0.67 now), mosaicsuite (the whole Mosaic GPU suite in 4
-# processes; or mosaictests and mosaictests2, one process over two calls;
-# run65-run67 ran the default test, the H = 64 shapes, 27 of the
-# fused class and 22 of TestMosaicGPU's mask / segment cases, all passed:
-# still to run are TestMosaicGPU from test_seq_lengths on, the H = 128
-# shapes and dtypes), linstages' occupancy step
-# (scripts/gpu/linear_profile.py --occupancy), then short, splits,
-# profile, call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
+# run71), as calls of under 10 minutes on one GPU, most decisive first:
+# deltatests (the delta rule's 19 GPU tests that run71 did not reach:
+# gpu_delta_kernel_configs from output_scores-float32 on, sweep_splits
+# and tf32_inverse among them), linstages' occupancy step
+# (scripts/gpu/linear_profile.py --occupancy), then short, profile,
+# call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
 # longer form of short's Mosaic part), gap64k, pftimes, pftests, call1,
 # call2, call3
+# (run68: chained; run69: combo (lincfg and splits trimmed: the split
+# tilings and sweep_splits, both slower than the defaults); run70: the
+# whole Mosaic GPU suite, 93/93; run71: the linear GPU tests, 48/67
+# before the limit, none failed)
 # (recheck, deltacand, oscores ran in run42; fwdrows, utsweep and mosaic
 # in run43; reduce in run45, layouts in run46, waits in run47, stages in
 # run48, gram and call5 in run49; fusedlen in run50, dqprefetch in run51,
@@ -393,6 +391,15 @@ case "${1:-}" in
          --configs '$C64'" \
       "cd scripts/gpu && timeout 120 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768 --splits=1,8,16"
+    ;;
+  deltatests)
+    # run71 reached 48 of the 67 linear GPU tests (all passed); the rest
+    # are the delta rule's kernel-config cases.
+    bash $S \
+      "timeout 300 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (output_scores or prefetch or \
+          separate_output or split32 or substitution or sweep_splits or \
+          tf32_inverse or ut_cols64 or warps_ut4)'"
     ;;
   lincfg)
     # run68 found the chained forward slower than the split path (99

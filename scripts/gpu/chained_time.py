@@ -23,42 +23,13 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from attnjax.bench import common  # noqa: E402
 from pallas_kernels.linear_scan import kernels  # noqa: E402
 
-N, H = 16, 128
+from config_time import H, fns as _fns, inputs as _inputs  # noqa: E402
 
-
-def _inputs(b, t, variant):
-  """q, k, v and the log gate: none (no_decay), a fixed per-head decay
-  (fixed_decay) or a data-dependent one (scalar_gate)."""
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (b, t, N, H), jnp.bfloat16)
-  k = (jax.random.normal(ks[1], (b, t, N, H)) / H ** 0.5).astype(jnp.bfloat16)
-  v = jax.random.normal(ks[2], (b, t, N, H), jnp.bfloat16)
-  g = None
-  if variant == "fixed_decay":
-    ld = -jnp.exp(jnp.linspace(-5.0, -1.0, N))
-    g = jnp.broadcast_to(ld, (b, t, N)).astype(jnp.float32)
-  elif variant == "scalar_gate":
-    g = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, N))) / 16
-  elif variant != "no_decay":
-    raise ValueError(f"variant {variant!r}")
-  return q, k, v, g
-
-
-def _fns(cfg):
-  def fwd(q, k, v, g):
-    return kernels.chunked_linear_attention(q, k, v, g, scale=H ** -0.5,
-                                            config=cfg)[0]
-
-  def loss(q, k, v, g):
-    return jnp.sum(fwd(q, k, v, g).astype(jnp.float32) * v.astype(
-        jnp.float32))
-  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def main(argv=None):

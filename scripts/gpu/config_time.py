@@ -33,7 +33,9 @@ from pallas_kernels.linear_scan import kernels  # noqa: E402
 N, H = 16, 128
 
 
-def _inputs(b, t, variant):
+def inputs(b, t, variant):
+  """q, k, v and the log gate: none (no_decay), a fixed per-head decay
+  (fixed_decay) or a data-dependent one (scalar_gate)."""
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (b, t, N, H), jnp.bfloat16)
   k = (jax.random.normal(ks[1], (b, t, N, H)) / H ** 0.5).astype(jnp.bfloat16)
@@ -49,7 +51,8 @@ def _inputs(b, t, variant):
   return q, k, v, g
 
 
-def _fns(cfg):
+def fns(cfg):
+  """The jitted forward and q, k, v gradients under ``cfg``."""
   def fwd(q, k, v, g):
     return kernels.chunked_linear_attention(q, k, v, g, scale=H ** -0.5,
                                             config=cfg)[0]
@@ -75,13 +78,13 @@ def main(argv=None):
     gate = variant != "no_decay"
     for t in (int(x) for x in a.seqs.split(",")):
       b = max(1, a.tokens // t)
-      args = _inputs(b, t, variant)
+      args = inputs(b, t, variant)
       base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
       ref = None
       for over in [{}] + cands:
         label = json.dumps(over) if over else "default"
         try:
-          fwd, grad = _fns(dataclasses.replace(base, **over))
+          fwd, grad = fns(dataclasses.replace(base, **over))
           out = fwd(*args).astype(jnp.float32)
           if ref is None:
             ref, scale = out, float(jnp.max(jnp.abs(out)))

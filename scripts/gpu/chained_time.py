@@ -31,7 +31,6 @@ from pallas_kernels.linear_scan import kernels  # noqa: E402
 from config_time import H, fns as _fns, inputs as _inputs  # noqa: E402
 
 
-
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--tiles", default="256,512,1024")

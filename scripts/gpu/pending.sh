@@ -28,6 +28,13 @@
 #   run(command="export ATTNJAX_BENCH_ROWS=$OUT/rows.jsonl; \
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
+# When no machine can be started, each refused start costs 1-2 minutes of
+# the session's device time (2026-12-06: seven refusals took 12 of the 30
+# minutes): wait out the window the refusal names before calling again,
+# and once a machine is warm, run the next call at once (it is released
+# 30 s after a call) with ad-hoc steps through session.sh, e.g.
+#   bash scripts/gpu/session.sh "timeout 370 $PYTEST4 tests/..."
+#
 # The three prefetch calls test kernels' loads of small per-chunk vectors
 # that Triton leaves unpipelined in the sequential sweeps (read without a
 # GPU from the compiled TTGIR). If one call is all a session gets, take

@@ -33,7 +33,8 @@
 # minutes): wait out the window the refusal names before calling again,
 # and once a machine is warm, run the next call at once (it is released
 # 30 s after a call) with ad-hoc steps through session.sh, e.g.
-#   bash scripts/gpu/session.sh "timeout 370 $PYTEST4 tests/..."
+#   bash scripts/gpu/session.sh "timeout 370 python3 -m pytest -m gpu \
+#     -p no:benchmark -n 4 tests/..."
 #
 # The three prefetch calls test kernels' loads of small per-chunk vectors
 # that Triton leaves unpipelined in the sequential sweeps (read without a

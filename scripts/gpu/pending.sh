@@ -29,7 +29,7 @@
 #                bash scripts/gpu/pending.sh call1", carry=[".whl", ".gpu"])
 #
 # When no machine can be started, each refused start costs 1-2 minutes of
-# the session's device time (2026-12-06: seven refusals took 12 of the 30
+# the session's device time (2026-12-06: nine refusals took 17 of the 30
 # minutes): wait out the window the refusal names before calling again,
 # and once a machine is warm, run the next call at once (it is released
 # 30 s after a call) with ad-hoc steps through session.sh, e.g.

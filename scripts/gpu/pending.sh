@@ -402,12 +402,15 @@ case "${1:-}" in
     ;;
   deltatests)
     # run71 reached 48 of the 67 linear GPU tests (all passed); the rest
-    # are the delta rule's kernel-config cases.
+    # are the delta rule's kernel-config cases. Then short's tf32 UT
+    # timing (DeltaConfig(inverse_dots="tf32"), whose test is among them).
     bash $S \
       "timeout 300 $PYTEST4 tests/test_linear_delta_pallas.py -k \
          'gpu_delta_kernel_configs and (output_scores or prefetch or \
           separate_output or split32 or substitution or sweep_splits or \
-          tf32_inverse or ut_cols64 or warps_ut4)'"
+          tf32_inverse or ut_cols64 or warps_ut4)'" \
+      "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
   lincfg)
     # run68 found the chained forward slower than the split path (99

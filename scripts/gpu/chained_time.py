@@ -26,9 +26,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax.numpy as jnp  # noqa: E402
 
 from attnjax.bench import common  # noqa: E402
-from pallas_kernels.linear_scan import kernels  # noqa: E402
 
-from config_time import H, fns as _fns, inputs as _inputs  # noqa: E402
+from config_time import cases, fns as _fns  # noqa: E402
 
 
 def main(argv=None):
@@ -44,45 +43,40 @@ def main(argv=None):
   a = p.parse_args(argv)
   print(common.device_info(), flush=True)
   tiles = [int(x) for x in a.tiles.split(",")]
-  for variant in a.variants.split(","):
-    gate = variant != "no_decay"
-    for t in (int(x) for x in a.seqs.split(",")):
-      b = max(1, a.tokens // t)
-      args = _inputs(b, t, variant)
-      base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
-      fwd, grad = _fns(base)
-      ref = fwd(*args).astype(jnp.float32)
-      scale = float(jnp.max(jnp.abs(ref)))
-      sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
-      print(f"{variant:12s} T={t:6d} B={b:3d} fwd default        "
-            f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
-      runs = [(tile, True) for tile in tiles]
-      if a.serial:
-        runs += [(tile, False) for tile in tiles]
-      for tile, lookback in runs:
-        cfg = dataclasses.replace(base, chained_tile=tile,
-                                  chained_lookback=lookback)
-        f2, _ = _fns(cfg)
-        label = f"{tile:5d}{'' if lookback else ' serial'}"
-        try:
-          out = f2(*args).astype(jnp.float32)
-          err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
-          secs = [common.time_fn(f2, *args, min_seconds=0.1, repeats=3)
-                  for _ in range(2)]
-        except Exception as e:  # noqa: BLE001
-          print(f"{variant:12s} T={t:6d} fwd chained {label}: FAILED "
-                f"{type(e).__name__}: {str(e)[:200]}", flush=True)
-          continue
-        print(f"{variant:12s} T={t:6d} B={b:3d} fwd chained {label}  "
-              + "  ".join(f"{b * t / s / 1e6:8.2f}" for s in secs)
-              + f" M tok/s  rel err {err:.2e}", flush=True)
-      if a.fwdbwd:
-        for name, g in (("default", grad),
-                        (f"chained {tiles[0]}", _fns(dataclasses.replace(
-                            base, chained_tile=tiles[0]))[1])):
-          sec = common.time_fn(g, *args, min_seconds=0.1, repeats=3)
-          print(f"{variant:12s} T={t:6d} B={b:3d} fwd+bwd {name:13s} "
-                f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
+  for variant, t, b, args, base in cases(a.variants, a.seqs, a.tokens):
+    fwd, grad = _fns(base)
+    ref = fwd(*args).astype(jnp.float32)
+    scale = float(jnp.max(jnp.abs(ref)))
+    sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
+    print(f"{variant:12s} T={t:6d} B={b:3d} fwd default        "
+          f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
+    runs = [(tile, True) for tile in tiles]
+    if a.serial:
+      runs += [(tile, False) for tile in tiles]
+    for tile, lookback in runs:
+      cfg = dataclasses.replace(base, chained_tile=tile,
+                                chained_lookback=lookback)
+      f2, _ = _fns(cfg)
+      label = f"{tile:5d}{'' if lookback else ' serial'}"
+      try:
+        out = f2(*args).astype(jnp.float32)
+        err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
+        secs = [common.time_fn(f2, *args, min_seconds=0.1, repeats=3)
+                for _ in range(2)]
+      except Exception as e:  # noqa: BLE001
+        print(f"{variant:12s} T={t:6d} fwd chained {label}: FAILED "
+              f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      print(f"{variant:12s} T={t:6d} B={b:3d} fwd chained {label}  "
+            + "  ".join(f"{b * t / s / 1e6:8.2f}" for s in secs)
+            + f" M tok/s  rel err {err:.2e}", flush=True)
+    if a.fwdbwd:
+      for name, g in (("default", grad),
+                      (f"chained {tiles[0]}", _fns(dataclasses.replace(
+                          base, chained_tile=tiles[0]))[1])):
+        sec = common.time_fn(g, *args, min_seconds=0.1, repeats=3)
+        print(f"{variant:12s} T={t:6d} B={b:3d} fwd+bwd {name:13s} "
+              f"{b * t / sec / 1e6:8.2f} M tok/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,17 @@ def fns(cfg):
   return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def cases(variants: str, seqs: str, tokens: int):
+  """(variant, T, B, inputs, default config) for each comma-separated
+  variant and sequence length at B * T = ``tokens``."""
+  for variant in variants.split(","):
+    for t in (int(x) for x in seqs.split(",")):
+      b = max(1, tokens // t)
+      yield (variant, t, b, inputs(b, t, variant),
+             kernels.default_config(jnp.bfloat16, H, H,
+                                    gated=variant != "no_decay"))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--configs", required=True,
@@ -74,32 +85,27 @@ def main(argv=None):
   a = p.parse_args(argv)
   print(common.device_info(), flush=True)
   cands = json.loads(a.configs)
-  for variant in a.variants.split(","):
-    gate = variant != "no_decay"
-    for t in (int(x) for x in a.seqs.split(",")):
-      b = max(1, a.tokens // t)
-      args = inputs(b, t, variant)
-      base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
-      ref = None
-      for over in [{}] + cands:
-        label = json.dumps(over) if over else "default"
-        try:
-          fwd, grad = fns(dataclasses.replace(base, **over))
-          out = fwd(*args).astype(jnp.float32)
-          if ref is None:
-            ref, scale = out, float(jnp.max(jnp.abs(out)))
-          err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
-          sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
-          line = (f"{variant:11s} T={t:6d} B={b:3d} fwd {b * t / sec / 1e6:7.2f}")
-          if a.fwdbwd:
-            sec2 = common.time_fn(grad, *args, min_seconds=0.1, repeats=3)
-            line += f"  fwd+bwd {b * t / sec2 / 1e6:6.2f}"
-          line += (f" M tok/s  err {err:.1e}{' WRONG' if err > 2e-2 else ''}"
-                   f"  {label}")
-        except Exception as e:  # noqa: BLE001
-          line = (f"{variant:11s} T={t:6d} {label}: FAILED "
-                  f"{type(e).__name__}: {str(e)[:200]}")
-        print(line, flush=True)
+  for variant, t, b, args, base in cases(a.variants, a.seqs, a.tokens):
+    ref = None
+    for over in [{}] + cands:
+      label = json.dumps(over) if over else "default"
+      try:
+        fwd, grad = fns(dataclasses.replace(base, **over))
+        out = fwd(*args).astype(jnp.float32)
+        if ref is None:
+          ref, scale = out, float(jnp.max(jnp.abs(out)))
+        err = float(jnp.max(jnp.abs(out - ref))) / max(scale, 1e-6)
+        sec = common.time_fn(fwd, *args, min_seconds=0.1, repeats=3)
+        line = f"{variant:11s} T={t:6d} B={b:3d} fwd {b * t / sec / 1e6:7.2f}"
+        if a.fwdbwd:
+          sec2 = common.time_fn(grad, *args, min_seconds=0.1, repeats=3)
+          line += f"  fwd+bwd {b * t / sec2 / 1e6:6.2f}"
+        line += (f" M tok/s  err {err:.1e}{' WRONG' if err > 2e-2 else ''}"
+                 f"  {label}")
+      except Exception as e:  # noqa: BLE001
+        line = (f"{variant:11s} T={t:6d} {label}: FAILED "
+                f"{type(e).__name__}: {str(e)[:200]}")
+      print(line, flush=True)
 
 
 if __name__ == "__main__":

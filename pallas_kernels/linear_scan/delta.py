@@ -113,7 +113,10 @@ class DeltaConfig:
       "tf32x3" and "ieee" are about float32-accurate; on an H100 the UT
       kernel took 0.88 ms with "tf32x3" and 1.78 with "ieee" (T = 4k,
       B = 16, no scores, run43), so the inverse's matmuls are much of
-      its time. "tf32" is opt-in and not yet timed or GPU-tested.
+      its time. "tf32" is opt-in: with float32 inputs the results are
+      float16-accurate, not float32-accurate (TF32 keeps float16's
+      10-bit mantissa; on an H100 at T = 300, dK was 1.2e-3 off the
+      scan's where float32's tolerance is 6.8e-4, run72).
     grad_ut_block_k: None, or a power of two >= 16: with the split
       backward (``grad_block_k`` below F), its second kernel (the UT
       pull-back per chunk) works by blocks of this many key columns, so

@@ -4,6 +4,7 @@
       [--seqs=4096,65536] [--no-fla] [--xla] [--grad-sweep] [--ut-sweep]
       [--no-checks] [--forward-states] [--prefetch] [--output-scores]
       [--ut-dots=tf32x3,tf32]  (--ut-sweep: only these inverse_dots)
+      [--dots=tf32x3,tf32]  (the whole path with each inverse_dots only)
       [--splits=1,4,8,16]  (DeltaConfig.sweep_splits only)
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
@@ -362,26 +363,40 @@ def _grad_sweep(t, b, q, k, v, beta, g):
       print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
-def _splits(t, b, q, k, v, beta, g, splits):
-  """DeltaConfig(sweep_splits=P) for each P (1: the one long sweep): the
-  forward, gated and ungated; forward+backward gated at the first and
-  the largest P."""
-  for p in splits:
-    cfg = kdelta.DeltaConfig(sweep_splits=p)
+def _configs(t, b, q, k, v, beta, g, configs):
+  """Each (tag, DeltaConfig, with_grad) of ``configs``: the forward, gated
+  and ungated; forward+backward gated where ``with_grad``."""
+  for name, cfg, with_grad in configs:
     for gated in (True, False):
       f = lambda q, k, v, beta, g, cfg=cfg, gated=gated: kdelta.delta_rule(  # noqa: E731
           q, k, v, beta, g if gated else None, scale=1 / math.sqrt(H),
           config=cfg)
-      tag = f"splits {p} {'gated' if gated else 'ungated'}"
+      tag = f"{name} {'gated' if gated else 'ungated'}"
       try:
         pc.line(f"fwd {tag} {pc.clocks()}", b, t,
                 pc.time(jax.jit(f), q, k, v, beta, g))
-        if gated and p in (splits[0], splits[-1]):
+        if gated and with_grad:
           pc.line(f"fwd+bwd {tag} {pc.clocks()}", b, t,
                   pc.time(_grad_of(f, (0, 1, 2, 3, 4)), q, k, v, beta, g))
       except Exception as e:  # noqa: BLE001
         print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:400]}",
               flush=True)
+
+
+def _splits(t, b, q, k, v, beta, g, splits):
+  """DeltaConfig(sweep_splits=P) for each P (1: the one long sweep);
+  forward+backward at the first and the largest P."""
+  _configs(t, b, q, k, v, beta, g,
+           [(f"splits {p}", kdelta.DeltaConfig(sweep_splits=p),
+             p in (splits[0], splits[-1])) for p in splits])
+
+
+def _dots(t, b, q, k, v, beta, g, dots):
+  """The whole kernel path with each DeltaConfig.inverse_dots, the first
+  again last (drift); forward+backward for each."""
+  _configs(t, b, q, k, v, beta, g,
+           [(f"inverse_dots {d}", kdelta.DeltaConfig(inverse_dots=d), True)
+            for d in dots + dots[:1]])
 
 
 def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
@@ -390,14 +405,15 @@ def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
   r = dataclasses.replace
   d = kdelta.DeltaConfig()
   bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
-  for cfg in (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
-              r(d, num_warps_ut=4, diag_inverse="substitution"),
-              r(d, inverse_dots="ieee"),
-              r(d, inverse_dots="ieee", diag_inverse="substitution"),
-              r(d, inverse_dots="tf32"),
-              r(d, inverse_dots="tf32", diag_inverse="substitution")):
-    if dots and cfg.inverse_dots not in dots:
-      continue
+  cfgs = (d, r(d, num_warps_ut=4), r(d, num_warps_ut=8),
+          r(d, num_warps_ut=4, diag_inverse="substitution"),
+          r(d, inverse_dots="ieee"),
+          r(d, inverse_dots="ieee", diag_inverse="substitution"),
+          r(d, inverse_dots="tf32"),
+          r(d, inverse_dots="tf32", diag_inverse="substitution"))
+  if dots:  # the default tiling with each of these inverse_dots only
+    cfgs = [r(d, inverse_dots=x) for x in dots]
+  for cfg in cfgs:
     st = _static(t, b, cfg)
     tag = (f"ut-w{st.warps_ut}{' dbl' if st.doubling else ' sub'}"
            f"{'' if st.inverse_dots == 'tf32x3' else ' ' + st.inverse_dots}")
@@ -418,13 +434,16 @@ def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
             ut_sweep=False, forward_states=False, prefetch=False,
-            output_scores=False, ut_dots=None, splits=None):
+            output_scores=False, ut_dots=None, splits=None, dots=None):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
     q, k, v, beta, g = _inputs(b, t)
     if splits:  # sweep_splits only
       _splits(t, b, q, k, v, beta, g, splits)
+      continue
+    if dots:  # inverse_dots only, the whole kernel path
+      _dots(t, b, q, k, v, beta, g, dots)
       continue
     if grad_sweep:  # the gradient kernel's tilings only
       _grad_sweep(t, b, q, k, v, beta, g)
@@ -524,7 +543,7 @@ def main(argv):
   ok = True if "--no-checks" in argv else checks()
   t0 = time.time()
   seqs = (4096,) if quick else (4096, 16384, 65536)
-  ut_dots = splits = None
+  ut_dots = splits = dots = None
   for a in argv:
     if a.startswith("--splits="):
       splits = tuple(int(x) for x in a[len("--splits="):].split(","))
@@ -532,13 +551,15 @@ def main(argv):
       seqs = tuple(int(x) for x in a[7:].split(","))
     if a.startswith("--ut-dots="):
       ut_dots = tuple(a[len("--ut-dots="):].split(","))
+    if a.startswith("--dots="):
+      dots = tuple(a[len("--dots="):].split(","))
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
           prefetch="--prefetch" in argv,
           output_scores="--output-scores" in argv, ut_dots=ut_dots,
-          splits=splits)
+          splits=splits, dots=dots)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

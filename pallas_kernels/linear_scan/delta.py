@@ -112,11 +112,12 @@ class DeltaConfig:
       products; the stored float32 T of the backward carries it too).
       "tf32x3" and "ieee" are about float32-accurate; on an H100 the UT
       kernel took 0.88 ms with "tf32x3" and 1.78 with "ieee" (T = 4k,
-      B = 16, no scores, run43), so the inverse's matmuls are much of
-      its time. "tf32" is opt-in: with float32 inputs the results are
-      float16-accurate, not float32-accurate (TF32 keeps float16's
-      10-bit mantissa; on an H100 at T = 300, dK was 1.2e-3 off the
-      scan's where float32's tolerance is 6.8e-4, run72).
+      B = 16, no scores, run43). "tf32" gained nothing measurable (run73:
+      UT kernel 0.878 against 0.882 ms; gated forward+backward at 32k
+      9.64 against 9.71 ms), so it stays opt-in; with float32 inputs its
+      results are float16-accurate, not float32-accurate (TF32 keeps
+      float16's 10-bit mantissa; on an H100 at T = 300, dK was 1.2e-3
+      off the scan's where float32's tolerance is 6.8e-4, run72).
     grad_ut_block_k: None, or a power of two >= 16: with the split
       backward (``grad_block_k`` below F), its second kernel (the UT
       pull-back per chunk) works by blocks of this many key columns, so

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run71), as calls of under 10 minutes on one GPU, most decisive first:
-# deltatests (the delta rule's 19 GPU tests that run71 did not reach:
-# gpu_delta_kernel_configs from output_scores-float32 on, sweep_splits
-# and tf32_inverse among them), linstages' occupancy step
-# (scripts/gpu/linear_profile.py --occupancy), then short, profile,
-# call4 (the H100 linear report's GLA and delta rows; fusedwhy: a
-# longer form of short's Mosaic part), gap64k, pftimes, pftests, call1,
-# call2, call3
+# run73), as calls of under 10 minutes on one GPU, most decisive first:
+# glarows (the GLA rows of the linear report beside fla and softmax: they
+# predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
+# linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
+# then short, profile, gap64k, pftimes, pftests, call1, call2, call3
+# (run72: deltatests, 21/22 (tf32_inverse float32 off float32's
+# tolerance; now checked at float16's); run73: tf32 (its tests 4/4, and
+# "tf32" no faster than "tf32x3": kept opt-in))
 # (run68: chained; run69: combo (lincfg and splits trimmed: the split
 # tilings and sweep_splits, both slower than the defaults); run70: the
 # whole Mosaic GPU suite, 93/93; run71: the linear GPU tests, 48/67
@@ -30,7 +30,8 @@
 #
 # When no machine can be started, each refused start costs 1-2 minutes of
 # the session's device time (2026-12-06: nine refusals took 17 of the 30
-# minutes): wait out the window the refusal names before calling again,
+# minutes; that afternoon four refusals took 90 to 210 s each, 11 minutes
+# in all): wait out the window the refusal names before calling again,
 # and once a machine is warm, run the next call at once (it is released
 # 30 s after a call) with ad-hoc steps through session.sh, e.g.
 #   bash scripts/gpu/session.sh "timeout 370 python3 -m pytest -m gpu \

@@ -682,6 +682,18 @@ def test_delta_pallas_substitution_inverse():
   _assert_config_rejected(inverse_dots="bf16")
 
 
+def test_delta_pallas_ut_block_v():
+  """DeltaConfig(ut_block_v=16): the UT kernel forms U and W by 16-column
+  blocks (F = 32: two blocks; V = 48 padded to 64: four, the last one
+  partly padding), against autodiff of the scan; a width that is not a
+  power of two >= 16 is rejected."""
+  cfg = delta.DeltaConfig(chunk=32, ut_block_v=16)
+  _config_grads_match_scan("delta-ut-block-v", cfg, b=1, t=45, n=2, kh=1,
+                           f=32, vd=48, segments=True)
+  _assert_config_rejected(ut_block_v=24)
+  _assert_config_rejected(ut_block_v=8)
+
+
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
                 "substitution": dict(diag_inverse="substitution"),
@@ -694,6 +706,8 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 # float32's bound is 6.8e-4).
                 "tf32_inverse": dict(inverse_dots="tf32"),
                 "ut_cols64": dict(grad_ut_block_k=64),
+                # U and W by 32-column blocks (no spills; opt-in).
+                "ut_block_v32": dict(ut_block_v=32),
                 # The layouts; the default (forward_states, and
                 # separate_output by the grid: on here, 4 programs).
                 "neither": dict(forward_states=False,

@@ -125,6 +125,16 @@ class DeltaConfig:
       formed twice). Compiled for an H100 (C = 64, F = V = 128, bf16, 4
       warps) the kernel spills 944 / 1080 bytes as a whole (see
       scripts/aot/ptxas_report.py). Opt-in, not yet timed on a GPU.
+    ut_block_v: None, or a power of two >= 16: the UT kernel forms U and
+      W by blocks of this many columns, re-reading the keys and values
+      block by block, instead of holding [C, F] and [C, V] tiles of
+      beta-weighted keys and values whole. Compiled for an H100 (T = 4k,
+      C = 64, F = V = 128, bf16, gated; scripts/aot/ptxas_report.py)
+      the kernel spills 264 bytes as a whole in the forward alone and
+      none at 64 or 32 (at 16: 564); under differentiation (T stored,
+      scores formed) 696 / 760 bytes as a whole, 20 at 64, none at 32.
+      All use 255 registers, so occupancy does not change. Opt-in, not
+      yet timed on a GPU (``pending.sh utblock``).
     forward_states: under differentiation, the forward sweep also writes
       the state entering each chunk and the chunk's new values (bf16
       [B, N, T / C, F, V] and [B, T, N, V]) as residuals, so the backward
@@ -206,6 +216,7 @@ class DeltaConfig:
   diag_inverse: str = "doubling"
   inverse_dots: str = "tf32x3"
   grad_ut_block_k: int | None = None
+  ut_block_v: int | None = None
   forward_states: bool = True
   separate_output: bool | None = None
   prefetch_weights: bool = False
@@ -222,7 +233,7 @@ class DeltaConfig:
     if int(self.sweep_splits) < 1:
       raise ValueError(f"config.sweep_splits={self.sweep_splits} is not a "
                        "positive integer")
-    for name in ("grad_block_k", "grad_ut_block_k"):
+    for name in ("grad_block_k", "grad_ut_block_k", "ut_block_v"):
       bk = getattr(self, name)
       if bk is not None and (bk < _SUB or bk & (bk - 1)):
         raise ValueError(f"config.{name}={bk} is not a power of two >= 16")
@@ -259,6 +270,7 @@ class _S:
   rep: int
   inverse_dots: str = "tf32x3"
   bku: int = 0  # grad_ut_block_k (0: whole F)
+  buv: int = 0  # ut_block_v (0: whole F and V)
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
   prefetch: bool = False  # prefetch_weights
@@ -345,15 +357,31 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
       for j in range(nb):
         t_ref[blk(i), blk(j)] = (t[i, j] if j <= i
                                  else jnp.zeros((_SUB, _SUB), _F32))
-  rv = [(v_ref[blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
-        for j in range(nb)]
-  rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[blk(j)])[:, None]).astype(dt)
-        for j in range(nb)]
-  for i in range(nb):
-    u = sum(_dot(t[i, j].astype(dt), rv[j]) for j in range(i + 1))
-    w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
-    u_ref[blk(i), :] = u.astype(u_ref.dtype)
-    w_ref[blk(i), :] = w.astype(w_ref.dtype)
+  if s.buv:
+    # By column blocks of U and W, the keys and values re-read from their
+    # refs block by block: no [C, F] or [C, V] tile stays live.
+    tb = {ij: x.astype(dt) for ij, x in t.items()}
+    wk = [beta[j] * wq_ref[blk(j)] for j in range(nb)]
+    for src, dst, wts in ((v_ref, u_ref, beta), (k_ref, w_ref, wk)):
+      width = src.shape[-1]
+      step = min(s.buv, width)
+      for c0 in range(0, width, step):
+        cs = pl.ds(c0, step)
+        r = [(src[blk(j), cs].astype(_F32) * wts[j][:, None]).astype(dt)
+             for j in range(nb)]
+        for i in range(nb):
+          acc = sum(_dot(tb[i, j], r[j]) for j in range(i + 1))
+          dst[blk(i), cs] = acc.astype(dst.dtype)
+  else:
+    rv = [(v_ref[blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
+          for j in range(nb)]
+    rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[blk(j)])[:, None]
+           ).astype(dt) for j in range(nb)]
+    for i in range(nb):
+      u = sum(_dot(t[i, j].astype(dt), rv[j]) for j in range(i + 1))
+      w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
+      u_ref[blk(i), :] = u.astype(u_ref.dtype)
+      w_ref[blk(i), :] = w.astype(w_ref.dtype)
   if not scores:  # the kernels that use them form them (output_scores)
     return
   # The chunk's scores for the sweep, by blocks of 16 rows (a whole [C, C]
@@ -1337,7 +1365,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          bvg=cfg.block_v_grad, bkg=cfg.grad_block_k or 0,
          doubling=cfg.diag_inverse == "doubling",
          inverse_dots=cfg.inverse_dots,
-         bku=cfg.grad_ut_block_k or 0, fwd_states=cfg.forward_states,
+         bku=cfg.grad_ut_block_k or 0, buv=cfg.ut_block_v or 0,
+         fwd_states=cfg.forward_states,
          sep_out=splits > 1 or (
              _auto_separate_output(b * n, vp, sms)
              if cfg.separate_output is None else cfg.separate_output),

@@ -5,6 +5,7 @@
       [--no-checks] [--forward-states] [--prefetch] [--output-scores]
       [--ut-dots=tf32x3,tf32]  (--ut-sweep: only these inverse_dots)
       [--dots=tf32x3,tf32]  (the whole path with each inverse_dots only)
+      [--ut-blocks=32,64]  (DeltaConfig.ut_block_v only: UT kernel, path)
       [--splits=1,4,8,16]  (DeltaConfig.sweep_splits only)
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
@@ -103,6 +104,7 @@ def _static(t, b, cfg):
                    doubling=cfg.diag_inverse == "doubling",
                    inverse_dots=cfg.inverse_dots,
                    bku=cfg.grad_ut_block_k or 0,
+                   buv=cfg.ut_block_v or 0,
                    fwd_states=cfg.forward_states,
                    sep_out=(kdelta._auto_separate_output(
                        b * N, H, kdelta._num_sms())
@@ -399,6 +401,28 @@ def _dots(t, b, q, k, v, beta, g, dots):
             for d in dots + dots[:1]])
 
 
+def _ut_blocks(t, b, q, k, v, beta, g, blocks):
+  """DeltaConfig(ut_block_v=x) for each x beside the default: the UT
+  kernel alone (the forward's, without scores; the first again last),
+  then the whole path (forward gated and not, forward+backward gated)."""
+  r = dataclasses.replace
+  d = kdelta.DeltaConfig()
+  bp, gc, wq, _, _ = _kernel_inputs(beta, g, d.chunk)
+  cfgs = [d] + [r(d, ut_block_v=x) for x in blocks] + [d]
+  for cfg in cfgs:
+    st = _static(t, b, cfg)
+    ut = jax.jit(lambda *a, st=st: kdelta._ut_call(*a, None, st,
+                                                   scores=False))
+    tag = f"UT kernel ut_block_v {cfg.ut_block_v}"
+    try:
+      pc.line(tag, b, t, pc.time(ut, q, k, v, bp, gc, wq))
+    except Exception as e:  # noqa: BLE001
+      print(f"  {tag} FAILED {type(e).__name__}: {str(e)[:300]}",
+            flush=True)
+  _configs(t, b, q, k, v, beta, g,
+           [(f"ut_block_v {c.ut_block_v}", c, True) for c in cfgs])
+
+
 def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
   """The UT kernel alone (gated) at several warp counts and inverses,
   with and without the scores (run24/26 timed it with them only)."""
@@ -434,7 +458,8 @@ def _ut_sweep(t, b, q, k, v, beta, g, dots=None):
 
 def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
             ut_sweep=False, forward_states=False, prefetch=False,
-            output_scores=False, ut_dots=None, splits=None, dots=None):
+            output_scores=False, ut_dots=None, splits=None, dots=None,
+            ut_blocks=None):
   for t in seqs:
     b = TOKENS // t
     print(f"T={t} B={b}", flush=True)
@@ -444,6 +469,9 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       continue
     if dots:  # inverse_dots only, the whole kernel path
       _dots(t, b, q, k, v, beta, g, dots)
+      continue
+    if ut_blocks:  # ut_block_v only
+      _ut_blocks(t, b, q, k, v, beta, g, ut_blocks)
       continue
     if grad_sweep:  # the gradient kernel's tilings only
       _grad_sweep(t, b, q, k, v, beta, g)
@@ -543,7 +571,7 @@ def main(argv):
   ok = True if "--no-checks" in argv else checks()
   t0 = time.time()
   seqs = (4096,) if quick else (4096, 16384, 65536)
-  ut_dots = splits = dots = None
+  ut_dots = splits = dots = ut_blocks = None
   for a in argv:
     if a.startswith("--splits="):
       splits = tuple(int(x) for x in a[len("--splits="):].split(","))
@@ -553,13 +581,15 @@ def main(argv):
       ut_dots = tuple(a[len("--ut-dots="):].split(","))
     if a.startswith("--dots="):
       dots = tuple(a[len("--dots="):].split(","))
+    if a.startswith("--ut-blocks="):
+      ut_blocks = tuple(int(x) for x in a[len("--ut-blocks="):].split(","))
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
           prefetch="--prefetch" in argv,
           output_scores="--output-scores" in argv, ut_dots=ut_dots,
-          splits=splits, dots=dots)
+          splits=splits, dots=dots, ut_blocks=ut_blocks)
   print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
   return 0 if ok else 1
 

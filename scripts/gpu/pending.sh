@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run73), as calls of under 10 minutes on one GPU, most decisive first:
-# glarows (the GLA rows of the linear report beside fla and softmax: they
+# utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
+# min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
 # then short, profile, gap64k, pftimes, pftests, call1, call2, call3
@@ -413,6 +414,18 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
+  utblock)
+    # DeltaConfig(ut_block_v): the UT kernel forms U and W by column
+    # blocks, no spills at 32 (the default spills 264 B in the forward,
+    # 696 / 760 B under differentiation; scripts/aot/ptxas_report.py).
+    # Its GPU tests, then the UT kernel alone and the whole path at
+    # 32 and 64 beside the default (T = 4k and 32k, gated).
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (ut_block_v32 or default)'" \
+      "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096,32768 --ut-blocks=32,64"
+    ;;
   glarows)
     # The H100 report's GLA rows (channel_gate) beside fla's chunk_gla and
     # causal softmax at 32k: the report's rows predate the in-kernel gate
@@ -778,7 +791,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh glarows|tf32|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh utblock|glarows|tf32|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

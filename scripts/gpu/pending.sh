@@ -63,8 +63,8 @@
 #        fused backward's diagnostics at T = 4k and 1k full MHA ("fusednj"
 #        no final join, "fusedst" staggered, "fusednr" dQ copied not
 #        reduce-added, "fusednodq" no dQ; the last two wrong, timing
-#        only), the GPU tests of the tf32 inverse and of
-#        DeltaConfig(sweep_splits), and the tf32 UT timing.
+#        only). (Its delta steps, the tf32 inverse and sweep_splits,
+#        ran in run69, run72 and run73.)
 # splits  the delta forward (gated and not) and gated forward+backward
 #        with the sweeps split over 1, 2, 4, 8 and 16 sequence splits at
 #        T = 64k and 16k; then H = 64 at 16k full (the default now takes
@@ -75,12 +75,6 @@
 #        won (4k full GQA 4:1, 256 per CTA), beside the two-kernel form's
 #        dK/dV kernel: per-step times, the time outside the steps, the
 #        gaps between CTAs on an SM.
-#        (short also holds the tf32 inverse's tests and UT timing:
-#        DeltaConfig(inverse_dots="tf32"), one TF32 pass for the inverse's
-#        float32 matmuls, whose passes are much of the UT kernel's time,
-#        "ieee" 1.78 ms against 0.88 in run43; the UT kernel is a third of
-#        the gated forward. If it wins, time the gated rows beside fla:
-#        fwdrows with ATTNJAX_DELTA_CONFIG='{"inverse_dots": "tf32"}'.)
 # gap64k  where the gated delta forward loses its time at T = 64k, B = 1:
 #        run43 measured it 0.42 ms slower than the ungated one there (3.35
 #        against 2.93 ms) but only 0.02-0.04 ms at 16k-32k. The sweeps
@@ -131,8 +125,7 @@
 # call4  the linear benchmark rows for the docs (GLA and both delta rules;
 #        the H100 GLA rows are run12's, from before the GLA kernels'
 #        retuning; the delta fwd+bwd rows are run41's, the fwd rows run43's).
-#        If short's tf32 timing made inverse_dots="tf32" the default, this
-#        reruns the delta rows with it.
+#        (run73: inverse_dots="tf32" no faster; the default is unchanged.)
 set -u
 cd "$(dirname "$0")/../.."
 S=${SESSION:-scripts/gpu/session.sh}
@@ -629,11 +622,7 @@ case "${1:-}" in
       "$(mc_time 130) \
          --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:1024:full:mha' \
-         --variants ours,fused,fusednj,fusedst,fusednr,fusednodq" \
-      "timeout 120 $PYTEST tests/test_linear_delta_pallas.py -k \
-         'gpu_delta_kernel_configs and (tf32_inverse or sweep_splits)'" \
-      "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
-         --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
+         --variants ours,fused,fusednj,fusedst,fusednr,fusednodq"
     ;;
   splits)
     # DeltaConfig(sweep_splits): its GPU tests, then the delta forward

@@ -11,6 +11,7 @@ thousands, plus determinism and NaN checks. CPU CI skips every test here
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -137,6 +138,27 @@ class TestMosaicGPU:
         lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
         inputs("wg3", t=1500, n=4, kh=2, h=64), dtype=BF16,
         arrays={"segment_ids": seg}, is_causal=causal)
+
+  @pytest.mark.parametrize("h,causal", [(64, False), (64, True),
+                                         (128, True)])
+  def test_overlap_epilogue(self, h, causal):
+    # FwdConfig(overlap_epilogue=True): the next tile's first Q K^T in
+    # flight under this tile's epilogue (asynchronous wgmma here; the CPU
+    # interpreter runs it synchronously). Few persistent CTAs, many tiles
+    # each; query and key lengths make tiles with no block.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    base = fwd_lib.default_fwd_config(h)
+    cfg = dataclasses.replace(base, q_buffers=2, overlap_epilogue=True,
+                              num_ctas=7)
+    seg = testing.random_segment_ids(_key("ovl", h), 2, 1500, 5)
+    out, _ = check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("ovl", t=1500, n=4, kh=2, h=h), dtype=BF16,
+        arrays={"segment_ids": seg,
+                "q_lengths": jnp.array([1500, 1100], jnp.int32),
+                "kv_lengths": jnp.array([0, 1500], jnp.int32)},
+        is_causal=causal)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
   @pytest.mark.parametrize("causal", [False, True])
   def test_head_dim_256_forward(self, causal):

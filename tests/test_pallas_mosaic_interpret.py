@@ -388,3 +388,22 @@ def test_deadlock_fails_instead_of_hanging():
       jax.block_until_ready(make(True)(x))
   with mosaic_interpret.interpret_mode():
     np.testing.assert_array_equal(make(False)(x), x + 1.0)
+
+
+@pytest.mark.parametrize("h,wgs", [(64, 2), (128, 2), (64, 3)])
+def test_overlap_epilogue(h, wgs):
+  """FwdConfig(overlap_epilogue=True): each consumer issues the next item's
+  first Q K^T beside its last P V. Several items per CTA (3 CTAs), causal
+  with segment ids, a key length of 0 for one sequence (items with no
+  block: the next item's first block then runs as usual) and a query
+  length that cuts a tile."""
+  seg = testing.random_segment_ids(_key("ov"), 2, 330, 3)
+  kw = dict(num_compute_wgs=wgs, consumer_regs=160,
+            producer_regs=32) if wgs == 3 else {}
+  cfg = _fwd_cfg(h, num_ctas=3, q_buffers=2, overlap_epilogue=True, **kw)
+  out, _ = _check(f"ov{h}{wgs}", shape=dict(t=330, n=4, kh=2, h=h),
+                  grads=False, fwd_config=cfg, is_causal=True,
+                  arrays={"segment_ids": seg,
+                          "kv_lengths": jnp.array([330, 0], jnp.int32),
+                          "q_lengths": jnp.array([250, 330], jnp.int32)})
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)

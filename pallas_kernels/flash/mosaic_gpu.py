@@ -94,6 +94,11 @@ class FwdConfig:
     q_buffers: Q tiles in shared memory (2 lets the next tile's Q load while
       the current one runs; 0 picks 2 when it fits, else 1).
     num_ctas: persistent grid size; 0 means the device's SM count.
+    overlap_epilogue: with two Q buffers, each consumer issues the next
+      tile's first ``Q K^T`` beside its last ``P V`` and runs this tile's
+      epilogue (normalise, store O and the log-sum-exp) while it computes,
+      as FlashAttention-3 overlaps a tile's epilogue with the next one's
+      first matmul (with one Q buffer it has no effect).
   """
   block_q: int = 64
   block_kv: int = 128
@@ -106,6 +111,7 @@ class FwdConfig:
   persistent: bool = True
   q_buffers: int = 0
   num_ctas: int = 0
+  overlap_epilogue: bool = False
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -398,6 +404,7 @@ def flash_forward(
   segments = q_segment_ids is not None
   itemsize = jnp.dtype(dtype).itemsize
   qbufs = _q_buffers(cfg, h, hv, itemsize, segments)
+  overlap = cfg.overlap_epilogue and qbufs == 2
   need = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qbufs)
   if need > SMEM_BYTES:
     raise NotImplementedError(f"config {cfg} needs {need} bytes of SMEM")
@@ -524,15 +531,27 @@ def flash_forward(
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=_WGMMA)
 
       def tile(i, carry):
-        step, raw = carry
+        if overlap:
+          # s_pre: this item's first raw logits, issued by the previous
+          # item's last block (when have_pre).
+          step, raw, s_pre, have_pre = carry
+        else:
+          step, raw = carry
         # The next item's table row loads while this one runs.
         raw_next = raw_item(jnp.minimum(i + 1, n_items - 1))
         bb, hh, qt, lo, a, c, hi, kv_limit = item(i, raw)
         num_kv = hi - lo
         buf = lax.rem(i, jnp.int32(qbufs))
+        if overlap:
+          lo_n, hi_n = item(i + 1, raw_next)[3], item(i + 1, raw_next)[6]
+          # Whether the last block issues the next item's first Q K^T.
+          has_next = (i + 1 < n_items) & (hi_n > lo_n)
+          buf_n = 1 - buf
+          nslot = lax.rem(step + num_kv, jnp.int32(stages))
         q_base = qt * tq + wg * bq
         qs = pl.ds(q_base, bq)
         q_w = q_smem.at[buf, wg]
+        epilogue = functools.partial(epilogue_fn, bb, hh, q_base, qs, q_w)
         if sinks is not None:
           m0 = plgpu.load(sink_ref.at[hh], layout=_ROW, optimized=False)
           l0 = jnp.ones((bq,), jnp.float32)
@@ -542,7 +561,11 @@ def flash_forward(
         m0 = plgpu.layout_cast(m0, _ROW)
         l0 = plgpu.layout_cast(l0, _ROW)
         p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
-        plgpu.barrier_wait(q_ready.at[buf])
+        if overlap:  # the previous item's last block waited for it
+          pl.when(jnp.logical_not(have_pre))(
+              lambda: plgpu.barrier_wait(q_ready.at[buf]))
+        else:
+          plgpu.barrier_wait(q_ready.at[buf])
         qseg = None
         if segments:
           qseg = plgpu.load(qseg_smem.at[buf, wg], layout=_ROW)
@@ -591,20 +614,27 @@ def flash_forward(
             return plgpu.load(kseg_smem.at[slot], layout=_COL)
           return None
 
-        def blocks(o_ref):
+        def blocks(o_ref, sn_ref=None):
           def first_block(masked):
             def run(carry):
               m, l, _ = carry
               slot = lax.rem(step, jnp.int32(stages))
-              plgpu.barrier_wait(k_ready.at[slot])
-              sched_wait()
 
-              def scope(s_ref):
-                plgpu.wgmma(s_ref, q_w, k_smem.at[slot].T)
-                sched_signal()
-                return s_ref[...]
+              def fresh():
+                plgpu.barrier_wait(k_ready.at[slot])
+                sched_wait()
 
-              s = pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32))
+                def scope(s_ref):
+                  plgpu.wgmma(s_ref, q_w, k_smem.at[slot].T)
+                  sched_signal()
+                  return s_ref[...]
+
+                return pl.run_scoped(scope, plgpu.ACC((bq, bk), jnp.float32))
+
+              if overlap:  # K's slot and its turn were taken already
+                s = lax.cond(have_pre, lambda: s_pre, fresh)
+              else:
+                s = fresh()
               kvseg = kv_segments(slot, masked)
               plgpu.barrier_arrive(k_free.at[slot])
               release_previous_q()
@@ -662,8 +692,26 @@ def flash_forward(
           def last_block(carry):
             slot = lax.rem(step + (hi - 1 - lo), jnp.int32(stages))
             plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
-            plgpu.wgmma_wait(0)
+
+            def alone():
+              plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
+              plgpu.wgmma_wait(0)
+
+            def with_next():
+              # The next item's first Q K^T beside this P V, in this
+              # block's turn; it runs on under the epilogue.
+              plgpu.barrier_wait(k_ready.at[nslot])
+              plgpu.barrier_wait(q_ready.at[buf_n])
+              sched_wait()
+              plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
+              plgpu.wgmma(sn_ref, q_smem.at[buf_n, wg], k_smem.at[nslot].T)
+              sched_signal()
+              plgpu.wgmma_wait(1)
+
+            if overlap:
+              lax.cond(has_next, with_next, alone)
+            else:
+              alone()
             plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
@@ -688,10 +736,22 @@ def flash_forward(
           carry = lax.fori_loop(c1, hi - 1, masked_body, carry)
           carry = lax.cond(num_kv > 0, last_block, lambda x: x, carry)
           m, l, _ = carry
-          return o_ref[...], m, l
+          if not overlap:
+            return o_ref[...], m, l
+          # P V is done; the next item's Q K^T may still run.
+          epilogue(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), m, l)
+          s_next = plgpu.wgmma_accumulator_load(sn_ref, wait_n=0)
+          return s_next, has_next & (num_kv > 0)
 
+        if overlap:
+          return (step + num_kv, raw_next) + pl.run_scoped(
+              blocks, plgpu.ACC((bq, hv), jnp.float32),
+              plgpu.ACC((bq, bk), jnp.float32))
         acc, m, l = pl.run_scoped(blocks, plgpu.ACC((bq, hv), jnp.float32))
+        epilogue(acc, m, l)
+        return step + num_kv, raw_next
 
+      def epilogue_fn(bb, hh, q_base, qs, q_w, acc, m, l):
         # Epilogue: normalise, write O through this item's Q buffer (idle
         # now: this consumer's matmuls are done and the other consumer only
         # reads its own rows).
@@ -716,7 +776,6 @@ def flash_forward(
         if qbufs == 1:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           plgpu.barrier_arrive(q_free.at[0])
-        return step + num_kv, raw_next
 
       if pingpong:
         # Turns pass around the ring 0 -> 1 -> ... -> wgs-1 -> 0 over all
@@ -725,7 +784,11 @@ def flash_forward(
         # could let one consumer arrive twice on a barrier before the other
         # waits on it.
         pl.when(wg == wgs - 1)(sched_signal)
-      lax.fori_loop(0, n_items, tile, (jnp.int32(0), raw_item(0)))
+      init = (jnp.int32(0), raw_item(0))
+      if overlap:
+        init += (plgpu.layout_cast(jnp.zeros((bq, bk), jnp.float32), _WGMMA),
+                 jnp.bool_(False))
+      lax.fori_loop(0, n_items, tile, init)
       if pingpong:
         # Consume the turn the last consumer handed to consumer 0.
         pl.when(wg == 0)(sched_wait)

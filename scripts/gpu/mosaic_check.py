@@ -490,6 +490,10 @@ def _variant_configs(name, h):
       # H = 64: FA3's 192-row forward tile, 3 consumers at 160 registers
       # (no spills for an H100 causal; "wg3kv64" also full;
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.
+      # The next tile's first Q K^T under this tile's epilogue (two Q
+      # buffers). Compiled for an H100: no spills at H = 64 causal, 8 B
+      # full; at H = 128 spills and serialised wgmma (2026-12-06).
+      "ovl": (fwd(q_buffers=2, overlap_epilogue=True), None, fonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -751,7 +755,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

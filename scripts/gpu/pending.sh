@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run73), as calls of under 10 minutes on one GPU, most decisive first:
-# utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
+# overlap (FwdConfig(overlap_epilogue): the H = 64 forward's epilogue
+# under the next tile's first matmul; ~8 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
@@ -407,6 +408,23 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 90 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --ut-sweep --ut-dots=tf32x3,tf32"
     ;;
+  overlap)
+    # FwdConfig(overlap_epilogue): each consumer issues the next tile's
+    # first Q K^T beside its last P V and runs the epilogue under it (FA3).
+    # Aimed at H = 64 below 16k, where our forward trails cuDNN most
+    # (4k full MHA 0.89: 413 against 458 TFLOP/s in run43, while at 16k
+    # the tile count matters less). Compiled for an H100: no spills at
+    # H = 64 (8 B full), spills at H = 128. Its GPU tests, then the H = 64
+    # forward rows at 1k and 4k beside cuDNN / tokamax, and H = 128 4k.
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         test_overlap_epilogue" \
+      "$(mc_time 200) --configs '64:4096:*:*,64:1024:*:*' \
+         --variants ours,ovl" \
+      "$(mc_time 90) --no-cudnn --no-tokamax \
+         --configs '128:4096:full:mha,128:4096:causal:mha' \
+         --variants ours,ovl"
+    ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column
     # blocks, no spills at 32 (the default spills 264 B in the forward,
@@ -780,7 +798,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh utblock|glarows|tf32|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

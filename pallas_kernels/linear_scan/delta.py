@@ -114,10 +114,11 @@ class DeltaConfig:
       kernel took 0.88 ms with "tf32x3" and 1.78 with "ieee" (T = 4k,
       B = 16, no scores, run43). "tf32" gained nothing measurable (run73:
       UT kernel 0.878 against 0.882 ms; gated forward+backward at 32k
-      9.64 against 9.71 ms), so it stays opt-in; with float32 inputs its
-      results are float16-accurate, not float32-accurate (TF32 keeps
-      float16's 10-bit mantissa; on an H100 at T = 300, dK was 1.2e-3
-      off the scan's where float32's tolerance is 6.8e-4, run72).
+      9.64 against 9.71 ms), so it stays opt-in. It applies to 16-bit
+      inputs only: float32 inputs keep "tf32x3", since one pass left
+      them float16-accurate (TF32 keeps float16's 10-bit mantissa; on an
+      H100 at T = 300, dK was 1.2e-3 off the scan's where float32's
+      tolerance is 6.8e-4, run72).
     grad_ut_block_k: None, or a power of two >= 16: with the split
       backward (``grad_block_k`` below F), its second kernel (the UT
       pull-back per chunk) works by blocks of this many key columns, so
@@ -1267,8 +1268,11 @@ def _f32_tiles(cfg: DeltaConfig, default: bool) -> DeltaConfig:
   if default:
     cfg = dataclasses.replace(cfg, block_v=32, block_v_bwd=32,
                               block_v_grad=32)
+  # One TF32 pass would leave float32 inputs float16-accurate (TF32 keeps
+  # float16's 10-bit mantissa): they keep the three passes.
+  dots = "tf32x3" if cfg.inverse_dots == "tf32" else cfg.inverse_dots
   return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1,
-                             num_stages_grad=1)
+                             num_stages_grad=1, inverse_dots=dots)
 
 
 def _auto_block_v(programs: int, vp: int, sms: int) -> int:

@@ -543,7 +543,8 @@ def flash_forward(
         num_kv = hi - lo
         buf = lax.rem(i, jnp.int32(qbufs))
         if overlap:
-          lo_n, hi_n = item(i + 1, raw_next)[3], item(i + 1, raw_next)[6]
+          nxt = item(i + 1, raw_next)
+          lo_n, hi_n = nxt[3], nxt[6]
           # Whether the last block issues the next item's first Q K^T.
           has_next = (i + 1 < n_items) & (hi_n > lo_n)
           buf_n = 1 - buf

@@ -160,6 +160,21 @@ class TestMosaicGPU:
         is_causal=causal)
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
+  @pytest.mark.parametrize("stages,causal", [(3, False), (2, True)])
+  def test_key_blocks_192(self, stages, causal):
+    # FwdConfig(block_kv=192) at H = 64 (variants kv192 / kv192s2 of
+    # scripts/gpu/mosaic_check.py): T and S not multiples of 192, with
+    # segment ids and key lengths.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = fwd_lib.FwdConfig(block_kv=192, num_stages=stages)
+    seg = testing.random_segment_ids(_key("kv192"), 2, 1300, 4)
+    check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("kv192", t=1300, n=4, kh=2, h=64), dtype=BF16,
+        arrays={"segment_ids": seg,
+                "kv_lengths": jnp.array([1300, 777], jnp.int32)},
+        is_causal=causal)
+
   @pytest.mark.parametrize("causal", [False, True])
   def test_head_dim_256_forward(self, causal):
     inp = inputs("h256", t=700, s=900 if not causal else 700, h=256)

@@ -354,6 +354,16 @@ def test_gradients_fused_dq_everything():
                  "kv_lengths": jnp.array([330, 250], jnp.int32)})
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_blocks_192(causal):
+  # FwdConfig(block_kv=192) at H = 64 (mosaic_check.py variant kv192):
+  # the last key block part-filled, a ring of three 192-key stages.
+  seg = testing.random_segment_ids(_key("kv192"), 2, 430, 3)
+  _check("kv192", shape=dict(t=430, n=4, kh=2), grads=False,
+         fwd_config=_fwd_cfg(64, block_kv=192, num_stages=3, num_ctas=3),
+         is_causal=causal, arrays={"segment_ids": seg})
+
+
 @pytest.mark.parametrize("block_kv,stages,causal", [(128, 3, True),
                                                     (64, 4, False)])
 def test_three_consumer_warpgroups(block_kv, stages, causal):

@@ -416,14 +416,13 @@ case "${1:-}" in
     # the tile count matters less). Compiled for an H100: no spills at
     # H = 64 (8 B full), spills at H = 128. Its GPU tests, then the H = 64
     # forward rows at 1k and 4k beside cuDNN / tokamax, and H = 128 4k.
+    # Also 192-key blocks at H = 64 (kv192, kv192s2: 11% fewer
+    # instructions per key in the unmasked step's SASS).
     bash $S \
-      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
-         test_overlap_epilogue" \
-      "$(mc_time 200) --configs '64:4096:*:*,64:1024:*:*' \
-         --variants ours,ovl" \
-      "$(mc_time 90) --no-cudnn --no-tokamax \
-         --configs '128:4096:full:mha,128:4096:causal:mha' \
-         --variants ours,ovl"
+      "timeout 170 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         'test_overlap_epilogue or test_key_blocks_192'" \
+      "$(mc_time 300) --configs '64:4096:*:*,64:1024:*:*,64:16384:full:mha' \
+         --variants ours,ovl,kv192,kv192s2"
     ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column

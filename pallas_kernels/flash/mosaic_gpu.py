@@ -66,6 +66,11 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SMEM_BYTES = 227 * 1024
 # Mosaic GPU uses named barrier 0 and 1 + warpgroup index; ours start here.
 _SCHED_BARRIER_BASE = 8
+# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): how
+# the forward's middle step forms its opaque zero for Q's buffer index,
+# read when tracing: "shift" (j >> 31) or "div" (j // (hi + 1), the form
+# before 2026-12-06).
+_Q_STEP_INDEX = "shift"
 # Columns of the per-CTA schedule table.
 _ITEM_COLS = 8  # b, h, qt, lo, a, c, hi, (pad)
 # Host-side list scheduling handles up to this many work items; beyond it
@@ -661,11 +666,19 @@ def flash_forward(
 
             def scope(s_ref):
               # Q's descriptors formed here, not hoisted out of the loop
-              # (j // (hi + 1) is 0; LLVM cannot fold it): 8 fewer 64-bit
+              # (j >> 31 is 0, j >= 0; LLVM cannot fold it): 8 fewer 64-bit
               # values live across the loop (fewer spills at H <= 128; at
-              # H = 256 ptxas spills more with it).
-              q_j = q_smem.at[buf + lax.div(j, hi + 1), wg] if h <= 128 else (
-                  q_w)
+              # H = 256 ptxas spills more with it). The shift costs one
+              # instruction where the former j // (hi + 1) cost an integer
+              # division (a MUFU.RCP and ~25 integer instructions a step),
+              # and with the division ptxas zeroed the logits' accumulator
+              # (32 CS2R) instead of issuing the first wgmma with
+              # scale-d = 0: 453 against 513 instructions per warp in the
+              # unmasked step at H = 64, 496 against 556 at H = 128
+              # (SASS for an H100, nvdisasm; no spills either way).
+              zero = (lax.div(j, hi + 1) if _Q_STEP_INDEX == "div"
+                      else lax.shift_right_logical(j, 31))
+              q_j = q_smem.at[buf + zero, wg] if h <= 128 else q_w
               plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
               plgpu.wgmma(o_ref, p, v_smem.at[slot])
               sched_signal()

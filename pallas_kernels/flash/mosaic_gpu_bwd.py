@@ -510,15 +510,25 @@ def _dq_reduce(src, acc_ref, index, *, evict_last):
   emit(src, acc_ref, *starts)
 
 
+# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
+# form of _opaque_zero, read when tracing: "shift" or "div" (before
+# 2026-12-06).
+_ZERO_FORM = "shift"
+
+
 def _opaque_zero(i, bound):
-  """0 for loop index ``0 <= i < bound``, in a form LLVM cannot fold.
+  """0 for loop index ``0 <= i < bound``, in a form LLVM cannot fold
+  (``i >> 31``).
 
   Indexing a loop-invariant SMEM operand with it keeps the wgmma descriptors
   (one 64-bit value per 16-element k-step) inside the loop: hoisted, those
   of K and V (or Q and dO) alone take 32-64 registers for the whole loop and
-  ptxas spills.
+  ptxas spills. One shift a step; the former ``i // (bound + 1)`` cost an
+  integer division (a MUFU.RCP and about 25 integer instructions).
   """
-  return lax.div(i, jnp.maximum(bound, 0) + 1)
+  if _ZERO_FORM == "div":
+    return lax.div(i, jnp.maximum(bound, 0) + 1)
+  return lax.shift_right_logical(i, 31)
 
 
 def _drain(steps, stages, *free_barriers):
@@ -582,8 +592,11 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
   nq = hi - lo
 
   def step_coords(i):
-    g = lax.div(i, jnp.maximum(nq, 1))
-    qb = lo + lax.rem(i, jnp.maximum(nq, 1))
+    if groups == 1:  # no division for MHA: i < nq
+      g, qb = 0, lo + i
+    else:
+      g = lax.div(i, jnp.maximum(nq, 1))
+      qb = lo + lax.rem(i, jnp.maximum(nq, 1))
     if stagger:
       # The producer's order (the consumers' loop wraps with a select).
       mid = jnp.maximum(c - a, 1)
@@ -893,7 +906,8 @@ def flash_backward_dkv(
         plgpu.commit_smem()
         with jax.named_scope("dq_pair"):
           _pair_barrier()
-        hh = kvh * groups + lax.div(i, jnp.maximum(nq, 1))
+        hh = kvh if groups == 1 else (
+            kvh * groups + lax.div(i, jnp.maximum(nq, 1)))
 
         def emit(w):
           col0 = 0 if alternate else w * dq_cols

@@ -363,6 +363,12 @@ def _time(f, *args, target=0.15, samples=3):
 FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
                "fusednodq": {"dq"}, "fusedsl": {"slots"}}
 
+# Variants whose kernels form their opaque zeros (the in-loop operand
+# offsets that keep wgmma descriptors from being hoisted) the former way,
+# j // (bound + 1) (timing only; see mosaic_gpu._Q_STEP_INDEX and
+# mosaic_gpu_bwd._ZERO_FORM).
+FWD_Q_INDEX = {"qdiv": "div"}
+
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
 
@@ -500,6 +506,10 @@ def _variant_configs(name, h):
       # per-block max shuffles, O rescale, barrier and descriptor
       # arithmetic spread over more keys). 72 B of spills, none in the
       # unmasked loop; causal 0.5 / 1.4 KB in the masked loop. Untimed.
+      # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
+      # opaque operand offset: 60 more instructions a forward step, 30 a
+      # dK/dV step; FWD_Q_INDEX).
+      "qdiv": (None, None, both),
       "kv192": (fwd(block_kv=192), None, fonly),
       "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
@@ -530,6 +540,7 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
   jax, jnp = _imports()
   from attnjax.softmax import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from attnjax.softmax.problem import make_problem  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   q, k, v, do, _ = _inputs(jax.random.key(0), b, t, t, n, kh, h,
                            jnp.bfloat16)
@@ -570,20 +581,29 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
           f = fn
           if name in variants:
             f = functools.partial(fn, need_bwd=False)
-          sec, first = _time(jax.jit(f), q, k, v)
+          # Traced on _time's first call, so the switch spans it.
+          fl._Q_STEP_INDEX = FWD_Q_INDEX.get(name, "shift")  # pylint: disable=protected-access
+          try:
+            sec, first = _time(jax.jit(f), q, k, v)
+          finally:
+            fl._Q_STEP_INDEX = "shift"  # pylint: disable=protected-access
           outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
           drop = FUSED_DROPS.get(name, set())
 
-          def fb(q, k, v, do, fn=fn, drop=frozenset(drop)):
+          form = FWD_Q_INDEX.get(name, "shift")
+
+          def fb(q, k, v, do, fn=fn, drop=frozenset(drop), form=form):
             # The backward is traced here (vjp), so the switch spans it.
             bl._FUSED_DROP = drop  # pylint: disable=protected-access
+            fl._Q_STEP_INDEX = bl._ZERO_FORM = form  # pylint: disable=protected-access
             try:
               _, vjp = jax.vjp(fn, q, k, v)
               return vjp(do)
             finally:
               bl._FUSED_DROP = frozenset()  # pylint: disable=protected-access
+              fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
           sec, _ = _time(jax.jit(fb), q, k, v, do)
           row[key] = round(3.5 * flops / sec / 1e12, 1)
         row[key + "_ms"] = round(sec * 1e3, 3)

@@ -414,15 +414,20 @@ case "${1:-}" in
     # Aimed at H = 64 below 16k, where our forward trails cuDNN most
     # (4k full MHA 0.89: 413 against 458 TFLOP/s in run43, while at 16k
     # the tile count matters less). Compiled for an H100: no spills at
-    # H = 64 (8 B full), spills at H = 128. Its GPU tests, then the H = 64
-    # forward rows at 1k and 4k beside cuDNN / tokamax, and H = 128 4k.
-    # Also 192-key blocks at H = 64 (kv192, kv192s2: 11% fewer
-    # instructions per key in the unmasked step's SASS).
+    # H = 64 (8 B full), spills at H = 128. Also 192-key blocks at H = 64
+    # (kv192, kv192s2: 11% fewer instructions per key in the unmasked
+    # step's SASS), and the kernels' new opaque zeros (i >> 31 instead of
+    # i // (bound + 1): forward 453 against 513 instructions a step at
+    # H = 64, 496 / 556 at H = 128; dK/dV 486 / 519, dQ 343 / 372 at
+    # H = 128) beside the former ones ("qdiv", forward and fwd+bwd). The
+    # whole Mosaic GPU suite first (the default kernels changed).
     bash $S \
-      "timeout 170 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
-         'test_overlap_epilogue or test_key_blocks_192'" \
-      "$(mc_time 300) --configs '64:4096:*:*,64:1024:*:*,64:16384:full:mha' \
-         --variants ours,ovl,kv192,kv192s2"
+      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
+      "$(mc_time 230) --configs '64:4096:*:*,64:1024:full:mha' \
+         --variants ours,qdiv,ovl,kv192,kv192s2" \
+      "$(mc_time 110) --no-cudnn --no-tokamax --configs \
+         '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
+         --variants ours,qdiv"
     ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column

@@ -39,7 +39,11 @@ full attention), ``mosaic`` (the Hopper flash attention kernels, B = 1,
 e.g. ``{"fused_dq": true}``, and ``FwdConfig`` fields under ``"fwd"``;
 Mosaic GPU runs ptxas itself and its ``MOSAIC_GPU_DUMP_PTXAS`` files are
 read, warnings included: a wgmma serialisation would show there). Prints
-one line per Pallas kernel and the compile time.
+one line per Pallas kernel and the compile time. ``--sass N`` (mosaic)
+also assembles each dumped PTX for sm_90a and lists, from ``nvdisasm``,
+the opcode mix of each kernel's N innermost loops that hold wgmma or MUFU
+instructions (a forward's per-block steps: e.g. 453 instructions a step at
+H = 64, of which 66 MUFU and 12 HGMMA).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def fetch(dest):
   os.makedirs(site, exist_ok=True)
   subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                   "jax-cuda13-plugin==0.11.2", "jax-cuda13-pjrt==0.11.2",
-                  "nvidia-cuda-nvcc", "-d", dest], check=True)
+                  "nvidia-cuda-nvcc", "nvidia-cuda-nvdisasm", "-d", dest],
+                 check=True)
   import zipfile  # noqa: PLC0415
   for name in os.listdir(dest):
     if name.endswith(".whl"):
@@ -237,6 +242,65 @@ def parse_mosaic(folder):
   return out
 
 
+def sass_loops(sass_text, top=3):
+  """The instruction mix of a kernel's innermost loops, from nvdisasm's
+  listing: each backward branch closes a loop (label .. branch); those
+  holding wgmma (HGMMA) or MUFU instructions are kept, the ``top``
+  smallest printed (the per-block steps; larger ones nest them).
+
+  Returns ``[(n_instructions, {opcode: count})]``, opcodes without their
+  modifiers (``MUFU.EX2`` counts as ``MUFU``)."""
+  labels, ops = {}, []
+  for line in sass_text.splitlines():
+    m = re.match(r"^\s*(\.L_x_\d+):", line)
+    if m:
+      labels[m.group(1)] = len(ops)
+      continue
+    m = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+    if m:
+      body = re.sub(r"^@!?U?P\w+\s+", "", m.group(1).strip())
+      ops.append(body)
+  loops = []
+  for i, body in enumerate(ops):
+    if body.startswith("BRA"):
+      m = re.search(r"(\.L_x_\d+)", body)
+      if m and labels.get(m.group(1), i + 1) <= i:
+        seg = [o.split()[0].split(".")[0] for o in ops[labels[m.group(1)]:i + 1]]
+        counts = {}
+        for o in seg:
+          counts[o] = counts.get(o, 0) + 1
+        if counts.get("HGMMA") or counts.get("MUFU"):
+          loops.append((len(seg), dict(sorted(counts.items(),
+                                              key=lambda kv: -kv[1]))))
+  return sorted(loops, key=lambda x: x[0])[:top]
+
+
+def report_sass(folder, site, top):
+  """ptxas (sm_90a) and nvdisasm on each dumped Mosaic GPU PTX; prints the
+  instruction mix of each kernel's innermost wgmma/MUFU loops."""
+  tools = {}
+  for tool in ("ptxas", "nvdisasm"):
+    for root, _, files in os.walk(site):
+      if tool in files:
+        tools[tool] = os.path.join(root, tool)
+        os.chmod(tools[tool], 0o755)
+  if "nvdisasm" not in tools:
+    print(f"  (no nvdisasm under {site}: --fetch again)")
+    return
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".ptx"):
+      continue
+    ptx = os.path.join(folder, name)
+    cubin = ptx[:-4] + ".cubin"
+    subprocess.run([tools["ptxas"], "-arch=sm_90a", "-O3", ptx, "-o", cubin],
+                   check=True, capture_output=True)
+    sass = subprocess.run([tools["nvdisasm"], "-c", cubin], check=True,
+                          capture_output=True, text=True).stdout
+    for n, counts in sass_loops(sass, top):
+      mix = " ".join(f"{k}:{v}" for k, v in list(counts.items())[:14])
+      print(f"  mosaic:{name[:-4]} loop of {n} instructions: {mix}")
+
+
 def mosaic_warnings(folder):
   """{kernel: ptxas warnings} of the dumped Mosaic GPU logs, e.g. wgmma
   serialisation ("Potential Performance Loss: wgmma.mma_async
@@ -287,6 +351,9 @@ def main():
   ap.add_argument("--primal", action="store_true",
                   help="compile the undifferentiated call only (e.g. "
                   "the scalar case's chained forward, chained_tile)")
+  ap.add_argument("--sass", type=int, default=0, metavar="N",
+                  help="mosaic: the instruction mix (ptxas + nvdisasm) of "
+                  "each kernel's N innermost wgmma/MUFU loops")
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   ap.add_argument("--timeout", type=int, default=600)
   ap.add_argument("--loads", action="store_true",
@@ -316,6 +383,8 @@ def main():
     env["XLA_FLAGS"] += f" --xla_dump_to={ir_dump} --xla_dump_emitter_re=.*"
   dump = tempfile.mkdtemp(prefix="mosaic-ptxas-")
   env.update(MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
+  if a.sass:
+    env["MOSAIC_GPU_DUMP_PTX"] = "1"
   if a.b is None:
     a.b = 1 if a.case == "mosaic" else 16
   cmd = [sys.executable, os.path.abspath(__file__), "--child", "--case",
@@ -346,6 +415,8 @@ def main():
   for name, lines in sorted(mosaic_warnings(dump).items()):
     for line in lines:
       print(f"  {name}: {line}")
+  if a.sass:
+    report_sass(dump, a.plugin, a.sass)
   if a.loads:
     report_loads(ir_dump)
 

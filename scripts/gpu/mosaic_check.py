@@ -498,14 +498,17 @@ def _variant_configs(name, h):
       # scripts/aot/ptxas_report.py, 2026-12-05). Untimed.
       # The next tile's first Q K^T under this tile's epilogue (two Q
       # buffers). Compiled for an H100: no spills at H = 64 causal, 8 B
-      # full; at H = 128 spills and serialised wgmma (2026-12-06).
+      # full; at H = 128 spills and serialised wgmma (2026-12-06). No
+      # faster on an H100 (run74: 4k full MHA 411.7 against 425.8).
       "ovl": (fwd(q_buffers=2, overlap_epilogue=True), None, fonly),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the
       # per-block max shuffles, O rescale, barrier and descriptor
       # arithmetic spread over more keys). 72 B of spills, none in the
-      # unmasked loop; causal 0.5 / 1.4 KB in the masked loop. Untimed.
+      # unmasked loop; causal 0.5 / 1.4 KB in the masked loop. Slower on
+      # an H100 (run74: 4k full MHA 395.8 / 391.7 against 425.8, causal
+      # 267.7 / 282.6 against 387.5).
       # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
       # opaque operand offset: 60 more instructions a forward step, 30 a
       # dK/dV step; FWD_Q_INDEX).

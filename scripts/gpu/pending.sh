@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run73), as calls of under 10 minutes on one GPU, most decisive first:
-# overlap (FwdConfig(overlap_epilogue): the H = 64 forward's epilogue
-# under the next tile's first matmul; ~8 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
+# run76), as calls of under 10 minutes on one GPU, most decisive first:
+# rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
+# opaque loop zeros; ~8 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
 # then short, profile, gap64k, pftimes, pftests, call1, call2, call3
+# (run74: overlap (the Mosaic suite 98/98 with the new opaque zeros,
+# i >> 31 against i // (bound + 1) timed; overlap_epilogue and 192-key
+# blocks no faster); run75/run76: the report's H = 128 and H = 64 rows
+# re-measured (ad hoc: report_rows for 128,128gqa,64, then 64gqa))
 # (run72: deltatests, 21/22 (tf32_inverse float32 off float32's
 # tolerance; now checked at float16's); run73: tf32 (its tests 4/4, and
 # "tf32" no faster than "tf32x3": kept opt-in))
@@ -365,6 +369,16 @@ case "${1:-}" in
         "timeout 110 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
            'head_dim_256'"
     fi
+    ;;
+  rows5)
+    # The report's rows not re-measured since the opaque loop zeros
+    # (run75/run76 did H = 128 and H = 64 at 1k/4k/16k): H = 256 (its
+    # backward has the change too; run63's rows) and H = 128 at 2k / 8k
+    # (run66's rows).
+    report_rows
+    bash $S "timeout 170 $R 256" "timeout 170 $R 256gqa" \
+      "timeout 110 $R 128 --seqs 2048,8192" \
+      "timeout 110 $R 128gqa --seqs 2048,8192"
     ;;
   rows3|rows4)
     # The report's rows that predate the grouped fused backward default

@@ -71,6 +71,24 @@ _SCHED_BARRIER_BASE = 8
 # read when tracing: "shift" (j >> 31) or "div" (j // (hi + 1), the form
 # before 2026-12-06).
 _Q_STEP_INDEX = "shift"
+# Profiling diagnostics only (scripts/gpu/mosaic_profile.py --kernel fwd):
+# (events, dir) turns on Mosaic GPU's in-kernel profiler, read when
+# tracing: each consumer warpgroup records its named regions ("first" and
+# "last" block of a tile, "epilogue"; "step" per middle block, inside it
+# "wait_kv" (the producer's K/V), "wait_turn" (the ping-pong turn),
+# "wait_s" (this block's Q K^T), "softmax", "wait_pv" (the previous P V)
+# and "rescale" (O by alpha)), and a trace JSON lands in dir.
+_PROFILE: tuple[int, str] | None = None
+
+
+def _fwd_params(cfg):
+  if _PROFILE is None:
+    return plgpu.CompilerParams(
+        approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers)
+  space, path = _PROFILE
+  return plgpu.CompilerParams(
+      approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers,
+      profile_space=space, profile_dir=path, profile_bounds_check=True)
 # Columns of the per-CTA schedule table.
 _ITEM_COLS = 8  # b, h, qt, lo, a, c, hi, (pad)
 # Host-side list scheduling handles up to this many work items; beyond it
@@ -667,9 +685,11 @@ def flash_forward(
             m, l, p = carry
             slot = lax.rem(step + (j - lo), jnp.int32(stages))
             nslot = lax.rem(step + (j + 1 - lo), jnp.int32(stages))
-            plgpu.barrier_wait(k_ready.at[nslot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            sched_wait()
+            with jax.named_scope("wait_kv"):
+              plgpu.barrier_wait(k_ready.at[nslot])
+              plgpu.barrier_wait(v_ready.at[slot])
+            with jax.named_scope("wait_turn"):
+              sched_wait()
 
             def scope(s_ref):
               # Q's descriptors formed here, not hoisted out of the loop
@@ -689,25 +709,29 @@ def flash_forward(
               plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
               plgpu.wgmma(o_ref, p, v_smem.at[slot])
               sched_signal()
-              s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+              with jax.named_scope("wait_s"):
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
               kvseg = kv_segments(nslot, masked)
               plgpu.barrier_arrive(k_free.at[nslot])
-              m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
-                                                   masked)
+              with jax.named_scope("softmax"):
+                m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
+                                                     masked)
               # Keep the softmax above the wait in LLVM's schedule. (ptxas,
               # 13.0, still moves the exponentials below the wait; the row
               # max overlaps P_j V_j, and the other consumer's matmuls cover
               # the rest: see docs/pallas_mosaic_gpu.md.)
               m_new, l_new, p_new, alpha = lax.optimization_barrier(
                   (m_new, l_new, p_new, alpha))
-              plgpu.wgmma_wait(0)
+              with jax.named_scope("wait_pv"):
+                plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(v_free.at[slot])
               return m_new, l_new, p_new.astype(dtype), alpha
 
             m, l, p, alpha = pl.run_scoped(
                 scope, plgpu.ACC((bq, bk), jnp.float32))
-            o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
-            o_ref[...] = o * row(alpha, o.shape)
+            with jax.named_scope("rescale"):
+              o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
+              o_ref[...] = o * row(alpha, o.shape)
             return m, l, p
 
           def last_block(carry):
@@ -740,27 +764,38 @@ def flash_forward(
             release_previous_q()
             return carry
 
+          def scoped(name, fn):
+            # A named region (recorded only under _PROFILE).
+            def run(*args):
+              with jax.named_scope(name):
+                return fn(*args)
+            return run
+
           carry = (m0, l0, p0)
           first_full = (a == lo) & (c > lo)
           carry = lax.cond(
               num_kv > 0,
-              lambda x: lax.cond(first_full, first_block(False),
-                                 first_block(True), x),
+              lambda x: lax.cond(first_full, scoped("first", first_block(False)),
+                                 scoped("first", first_block(True)), x),
               nothing, carry)
           # Block j+1 is masked unless it lies in [a, c).
-          masked_body = functools.partial(middle_block, masked=True)
-          full_body = functools.partial(middle_block, masked=False)
+          masked_body = scoped("step", functools.partial(middle_block,
+                                                         masked=True))
+          full_body = scoped("step", functools.partial(middle_block,
+                                                       masked=False))
           a1 = jnp.maximum(a - 1, lo)
           c1 = jnp.maximum(c - 1, lo)
           carry = lax.fori_loop(lo, a1, masked_body, carry)
           carry = lax.fori_loop(a1, c1, full_body, carry)
           carry = lax.fori_loop(c1, hi - 1, masked_body, carry)
-          carry = lax.cond(num_kv > 0, last_block, lambda x: x, carry)
+          carry = lax.cond(num_kv > 0, scoped("last", last_block),
+                           lambda x: x, carry)
           m, l, _ = carry
           if not overlap:
             return o_ref[...], m, l
           # P V is done; the next item's Q K^T may still run.
-          epilogue(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), m, l)
+          with jax.named_scope("epilogue"):
+            epilogue(plgpu.wgmma_accumulator_load(o_ref, wait_n=None), m, l)
           s_next = plgpu.wgmma_accumulator_load(sn_ref, wait_n=0)
           return s_next, has_next & (num_kv > 0)
 
@@ -769,7 +804,8 @@ def flash_forward(
               blocks, plgpu.ACC((bq, hv), jnp.float32),
               plgpu.ACC((bq, bk), jnp.float32))
         acc, m, l = pl.run_scoped(blocks, plgpu.ACC((bq, hv), jnp.float32))
-        epilogue(acc, m, l)
+        with jax.named_scope("epilogue"):
+          epilogue(acc, m, l)
         return step + num_kv, raw_next
 
       def epilogue_fn(bb, hh, q_base, qs, q_w, acc, m, l):
@@ -845,8 +881,7 @@ def flash_forward(
       grid_names=("c",),
       num_threads=wgs + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers),
+      compiler_params=_fwd_params(cfg),
   )
   return call(q, k, v, table, counts, sinks, q_segment_ids, kv_segment_ids,
               q_lengths, kv_lengths)

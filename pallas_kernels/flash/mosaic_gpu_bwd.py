@@ -510,6 +510,21 @@ def _dq_reduce(src, acc_ref, index, *, evict_last):
   emit(src, acc_ref, *starts)
 
 
+# How the backward kernels form dP - Delta (dS = P * (dP - Delta)), read
+# when tracing: "delta" starts dP's wgmma accumulator at -Delta, so the
+# matmul yields it (its initial registers cost what zeroing them did: ptxas
+# zeroes only the first accumulator of a step for free, by scale-d = 0, and
+# that is S's); "zero" (before 2026-12-06, and the timing variant "dpz" of
+# scripts/gpu/mosaic_check.py) subtracts Delta after the matmul, one FADD
+# per element.
+_DP_INIT = "delta"
+
+
+def _kernel_delta(delta):
+  """What the kernels read as delta: -delta when dP's accumulator starts
+  there (one negation in XLA instead of one in every step)."""
+  return -delta if _DP_INIT == "delta" else delta
+
 # Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
 # form of _opaque_zero, read when tracing: "shift" or "div" (before
 # 2026-12-06).
@@ -860,15 +875,19 @@ def flash_backward_dkv(
           pt = jnp.where(vis, pt, 0.0)
         with jax.named_scope("wait_do"):
           plgpu.barrier_wait(do_ready.at[slot])
+        dlt = plgpu.load(delta_smem.at[slot], layout=_COL)
 
         def dp_scope(acc):
+          # The accumulator starts at -Delta (what delta_ref holds then),
+          # so the matmul yields dP^T - Delta (see _DP_INIT).
+          if _DP_INIT == "delta":
+            acc[...] = col(dlt)
           plgpu.wgmma(acc, v_w, do_smem.at[slot].T)
           plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem.at[slot])
           return plgpu.wgmma_accumulator_load(acc, wait_n=1)
 
         dpt = pl.run_scoped(dp_scope, plgpu.ACC((bk, bq), jnp.float32))
-        dlt = plgpu.load(delta_smem.at[slot], layout=_COL)
-        dst = pt * (dpt - col(dlt))
+        dst = pt * (dpt if _DP_INIT == "delta" else dpt - col(dlt))
         if soft_cap is not None:
           dst = dst * (1.0 - st * st)
         dst16 = dst.astype(dtype)
@@ -1007,8 +1026,8 @@ def flash_backward_dkv(
   ]
   if hg is not None:
     return _grouped_launches(
-        kernel, scratch, (q, k, v, do, lse2, delta, tables, q_segment_ids,
-                          kv_segment_ids, kv_lengths),
+        kernel, scratch, (q, k, v, do, lse2, _kernel_delta(delta), tables,
+                          q_segment_ids, kv_segment_ids, kv_lengths),
         hg=hg, nkt=nkt, threads=wgs + 1, scale=scale)
   acc_shape = {"tnh": (b, tp, n, h), "nth": (b, n, tp, h),
                "nct": (b, n, h // dq_cols, tp, dq_cols)}[cfg.dq_layout]
@@ -1024,8 +1043,8 @@ def flash_backward_dkv(
       thread_name="wg",
       compiler_params=_dkv_params(),
   )
-  dk, dv = call(q, k, v, do, lse2, delta, tables, q_segment_ids,
-                kv_segment_ids, kv_lengths, None, dq_acc)
+  dk, dv = call(q, k, v, do, lse2, _kernel_delta(delta), tables,
+                q_segment_ids, kv_segment_ids, kv_lengths, None, dq_acc)
   if fused:
     acc = dq_acc[...]
     if cfg.dq_layout == "nth":
@@ -1215,16 +1234,18 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
                          == col(qseg))
           pt = jnp.where(vis, pt, 0.0)
         plgpu.barrier_wait(do_ready.at[slot])
+        dlt = plgpu.load(delta_smem.at[slot].at[q_cols], layout=_COL)
 
         def dp_scope(acc):
+          if _DP_INIT == "delta":  # dP^T - Delta out of the matmul
+            acc[...] = col(dlt)
           for u in range(wgs):
             plgpu.wgmma(acc, v_smem.at[u + z],
                         do_smem.at[slot].at[q_cols, pl.ds(u * hvc, hvc)].T)
           return acc[...]
 
         dpt = pl.run_scoped(dp_scope, plgpu.ACC((bk, qh), jnp.float32))
-        dlt = plgpu.load(delta_smem.at[slot].at[q_cols], layout=_COL)
-        dst = pt * (dpt - col(dlt))
+        dst = pt * (dpt if _DP_INIT == "delta" else dpt - col(dlt))
         if soft_cap is not None:
           dst = dst * (1.0 - st * st)
         pt_smem.at[wg][...] = pt.astype(dtype)
@@ -1303,8 +1324,8 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )
-  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
-              kv_segment_ids, kv_lengths)
+  return call(q, k, v, do, lse2, _kernel_delta(delta), tables,
+              q_segment_ids, kv_segment_ids, kv_lengths)
 
 def flash_backward_dq(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
@@ -1424,6 +1445,8 @@ def flash_backward_dq(
         plgpu.barrier_wait(v_ready.at[slot])
 
         def scope(s_acc, dp_acc):
+          if _DP_INIT == "delta":  # dP - Delta out of the matmul
+            dp_acc[...] = row(dlt)
           plgpu.wgmma(s_acc, q_w, k_smem.at[slot].T)
           plgpu.wgmma(dp_acc, do_w, v_smem.at[slot].T)
           s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
@@ -1443,7 +1466,7 @@ def flash_backward_dq(
             p = jnp.where(vis, p, 0.0)
           dp = dp_acc[...]
           plgpu.barrier_arrive(v_free.at[slot])
-          ds = p * (dp - row(dlt))
+          ds = p * (dp if _DP_INIT == "delta" else dp - row(dlt))
           if soft_cap is not None:
             ds = ds * (1.0 - s * s)
           return ds.astype(dtype)
@@ -1494,5 +1517,5 @@ def flash_backward_dq(
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )
-  return call(q, k, v, do, lse2, delta, tables, q_segment_ids,
-              kv_segment_ids, kv_lengths)
+  return call(q, k, v, do, lse2, _kernel_delta(delta), tables,
+              q_segment_ids, kv_segment_ids, kv_lengths)

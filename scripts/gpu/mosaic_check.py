@@ -40,6 +40,7 @@ remaining sections are skipped, ``--no-tokamax``, ``--no-cudnn``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -367,7 +368,25 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # offsets that keep wgmma descriptors from being hoisted) the former way,
 # j // (bound + 1) (timing only; see mosaic_gpu._Q_STEP_INDEX and
 # mosaic_gpu_bwd._ZERO_FORM).
-FWD_Q_INDEX = {"qdiv": "div"}
+# "dpz": the backward kernels' dP accumulator starting at zero and Delta
+# subtracted after the matmul (before 2026-12-06; mosaic_gpu_bwd._DP_INIT).
+KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero"),
+                "dpz": dict(dp_init="zero")}
+
+
+@contextlib.contextmanager
+def kernel_forms(name):
+  """The kernels' former forms of a timing variant, while tracing."""
+  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
+  forms = KERNEL_FORMS.get(name, {})
+  fl._Q_STEP_INDEX = bl._ZERO_FORM = forms.get("q_index", "shift")  # pylint: disable=protected-access
+  bl._DP_INIT = forms.get("dp_init", "delta")  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
+    bl._DP_INIT = "delta"  # pylint: disable=protected-access
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -511,8 +530,12 @@ def _variant_configs(name, h):
       # 267.7 / 282.6 against 387.5).
       # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
       # opaque operand offset: 60 more instructions a forward step, 30 a
-      # dK/dV step; FWD_Q_INDEX).
+      # dK/dV step; KERNEL_FORMS, which also gives it the former dP).
       "qdiv": (None, None, both),
+      # The backward's dP - Delta before 2026-12-06 (zeroed accumulator,
+      # then one FADD per element; H = 64 dK/dV step 645 -> 452
+      # instructions and no spills with the -Delta start; KERNEL_FORMS).
+      "dpz": (None, None, ("fwdbwd",)),
       "kv192": (fwd(block_kv=192), None, fonly),
       "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
@@ -543,7 +566,6 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
   jax, jnp = _imports()
   from attnjax.softmax import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from attnjax.softmax.problem import make_problem  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   q, k, v, do, _ = _inputs(jax.random.key(0), b, t, t, n, kh, h,
                            jnp.bfloat16)
@@ -585,28 +607,22 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
           if name in variants:
             f = functools.partial(fn, need_bwd=False)
           # Traced on _time's first call, so the switch spans it.
-          fl._Q_STEP_INDEX = FWD_Q_INDEX.get(name, "shift")  # pylint: disable=protected-access
-          try:
+          with kernel_forms(name):
             sec, first = _time(jax.jit(f), q, k, v)
-          finally:
-            fl._Q_STEP_INDEX = "shift"  # pylint: disable=protected-access
           outs[name] = first
           row[key] = round(flops / sec / 1e12, 1)
         else:
           drop = FUSED_DROPS.get(name, set())
 
-          form = FWD_Q_INDEX.get(name, "shift")
-
-          def fb(q, k, v, do, fn=fn, drop=frozenset(drop), form=form):
+          def fb(q, k, v, do, fn=fn, drop=frozenset(drop), name=name):
             # The backward is traced here (vjp), so the switch spans it.
             bl._FUSED_DROP = drop  # pylint: disable=protected-access
-            fl._Q_STEP_INDEX = bl._ZERO_FORM = form  # pylint: disable=protected-access
             try:
-              _, vjp = jax.vjp(fn, q, k, v)
-              return vjp(do)
+              with kernel_forms(name):
+                _, vjp = jax.vjp(fn, q, k, v)
+                return vjp(do)
             finally:
               bl._FUSED_DROP = frozenset()  # pylint: disable=protected-access
-              fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
           sec, _ = _time(jax.jit(fb), q, k, v, do)
           row[key] = round(3.5 * flops / sec / 1e12, 1)
         row[key + "_ms"] = round(sec * 1e3, 3)

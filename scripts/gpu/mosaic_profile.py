@@ -28,6 +28,15 @@ is summarised here and deleted unless ``--keep``:
   (launch and drain between CTAs);
 * the same span for the CTAs of the first wave and of the rest.
 
+With ``--kernel fwd`` the forward kernel is profiled instead (a forward
+run; ``mosaic_gpu._PROFILE``): per tile ``first`` and ``last`` (its first
+and last key block) and ``epilogue``; per middle block ``step``, inside it
+``wait_kv`` (the producer's K/V), ``wait_turn`` (the ping-pong turn),
+``wait_s`` (this block's Q K^T), ``softmax``, ``wait_pv`` (the previous
+P V) and ``rescale`` (O by alpha). The profiler's buffer is shared memory,
+so ``--space`` is bounded by what the tiling leaves (H = 64: about 1800
+with 3 stages; H = 128 with two Q buffers: none).
+
 Profiling perturbs the kernel (a clock read and a shared-memory store per
 region edge; at T = 4k full, B = 4, the fused kernel spills 4 / 4 bytes
 with it, none without): compare variants within one run, not with
@@ -131,14 +140,16 @@ def summarize(events, traces_per_block: int):
 
 
 def profile_point(label, variant, *, b, t, n, kh, h, causal, space, base,
-                  keep=False):
-  """Runs forward+backward once with the dK/dV kernel profiled; returns
-  the summary of each trace written."""
+                  keep=False, kernel="bwd"):
+  """Runs forward+backward once with the dK/dV kernel profiled (``kernel``
+  "fwd": the forward alone, the forward kernel profiled); returns the
+  summary of each trace written."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import mosaic_check as mc  # pylint: disable=g-import-not-at-top
   from attnjax.softmax import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from attnjax.softmax.problem import make_problem  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
 
   q, k, v, do, _ = mc._inputs(jax.random.key(0), b, t, t, n, kh, h,  # pylint: disable=protected-access
@@ -157,18 +168,33 @@ def profile_point(label, variant, *, b, t, n, kh, h, causal, space, base,
     _, vjp = jax.vjp(attn, q, k, v)
     return vjp(do)
 
-  bl._PROFILE = (space, folder)  # pylint: disable=protected-access
-  bl._FUSED_DROP = frozenset(mc.FUSED_DROPS.get(variant, ()))  # pylint: disable=protected-access
-  try:
-    jax.block_until_ready(jax.jit(fb)(q, k, v, do))
-    jax.effects_barrier()
-  finally:
-    bl._PROFILE = None  # pylint: disable=protected-access
-    bl._FUSED_DROP = frozenset()  # pylint: disable=protected-access
+  def fwd_only(q, k, v):
+    p, _ = make_problem(q, k, v, is_causal=causal)
+    return pallas_mosaic.mosaic_attention(p, fwd_config=fcfg,
+                                          need_backward=False)[0]
+
+  if kernel == "fwd":
+    fl._PROFILE = (space, folder)  # pylint: disable=protected-access
+    try:
+      with mc.kernel_forms(variant):
+        jax.block_until_ready(jax.jit(fwd_only)(q, k, v))
+      jax.effects_barrier()
+    finally:
+      fl._PROFILE = None  # pylint: disable=protected-access
+  else:
+    bl._PROFILE = (space, folder)  # pylint: disable=protected-access
+    bl._FUSED_DROP = frozenset(mc.FUSED_DROPS.get(variant, ()))  # pylint: disable=protected-access
+    try:
+      with mc.kernel_forms(variant):
+        jax.block_until_ready(jax.jit(fb)(q, k, v, do))
+      jax.effects_barrier()
+    finally:
+      bl._PROFILE = None  # pylint: disable=protected-access
+      bl._FUSED_DROP = frozenset()  # pylint: disable=protected-access
   plan = pallas_mosaic.make_plan(
       make_problem(q, k, v, is_causal=causal)[0], fwd_config=fcfg,
       bwd_config=bcfg)
-  wgs = plan.bwd.num_compute_wgs + 1
+  wgs = (plan.fwd if kernel == "fwd" else plan.bwd).num_compute_wgs + 1
   out = []
   for path in sorted(glob.glob(os.path.join(folder, "*-trace.json"))):
     with open(path) as f:
@@ -188,6 +214,10 @@ def main():
                   help="profiler ranges per warpgroup (CTAs of up to "
                   "(space - 4) / 2 steps are whole)")
   ap.add_argument("--keep", action="store_true", help="keep the traces")
+  ap.add_argument("--kernel", default="bwd", choices=("bwd", "fwd"),
+                  help="profile the dK/dV kernel (forward+backward run) or "
+                  "the forward kernel (forward run; SMEM limits --space: "
+                  "about 1800 at H = 64 with 3 stages, 2500 with 2)")
   args = ap.parse_args()
   import mosaic_check as mc  # pylint: disable=g-import-not-at-top
   out = os.environ.get("OUT") or os.path.join(os.getcwd(), "mosaic_check_out")
@@ -199,7 +229,7 @@ def main():
       t0 = time.time()
       try:
         rows = profile_point(label, variant, space=args.space, base=base,
-                             keep=args.keep,
+                             keep=args.keep, kernel=args.kernel,
                              **mc._grid_point(t, h, causal, gqa))  # pylint: disable=protected-access
       except Exception as e:  # pylint: disable=broad-except
         rows = [dict(label=label, variant=variant,

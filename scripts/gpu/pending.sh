@@ -2,7 +2,8 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run76), as calls of under 10 minutes on one GPU, most decisive first:
 # rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
-# opaque loop zeros; ~8 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
+# opaque loop zeros; ~8 min), fwdprof (where the H = 64 forward's step
+# spends its time, from the in-kernel profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
@@ -369,6 +370,20 @@ case "${1:-}" in
         "timeout 110 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
            'head_dim_256'"
     fi
+    ;;
+  fwdprof)
+    # Where the H = 64 forward's block step spends its time (Mosaic GPU's
+    # in-kernel profiler: wait_kv, wait_turn, wait_s, softmax, wait_pv,
+    # rescale per step; first, last, epilogue per tile): the two-consumer
+    # default at 4k full and causal (space 1800: what SMEM leaves with 3
+    # stages), then the three-consumer default at 16k full (space 1000).
+    # The 4k full forward is the report's lowest H = 64 row (0.92).
+    bash $S \
+      "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+         --space 1800 --configs 64:4096:full:mha,64:4096:causal:mha \
+         --variants ours,qdiv" \
+      "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+         --space 1000 --configs 64:16384:full:mha --variants ours"
     ;;
   rows5)
     # The report's rows not re-measured since the opaque loop zeros

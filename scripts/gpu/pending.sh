@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run76), as calls of under 10 minutes on one GPU, most decisive first:
-# rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
-# opaque loop zeros; ~8 min), fwdprof (where the H = 64 forward's step
+# dpinit (the backward's dP accumulator starting at -Delta: the Mosaic GPU
+# suite, then forward+backward beside the former form "dpz" on the grid's
+# rows below 1.0; ~9 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
+# opaque loop zeros; ~8 min; after dpinit, so that it has both), fwdprof (where the H = 64 forward's step
 # spends its time, from the in-kernel profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
@@ -370,6 +372,20 @@ case "${1:-}" in
         "timeout 110 $PYTEST tests/test_pallas_mosaic_gpu.py -k \
            'head_dim_256'"
     fi
+    ;;
+  dpinit)
+    # The backward kernels' dP accumulator starts at -Delta (the kernels
+    # read -delta), so the matmul yields dP - Delta: the dK/dV step 645 ->
+    # 452 instructions at H = 64 (its spills in the step gone), 486 -> 422
+    # at H = 128, the dQ step 343 -> 312 (SASS, ptxas_report.py --sass).
+    # The whole suite (the default backward changed), then forward+backward
+    # beside the former form ("dpz") on the report's rows below 1.0, with
+    # cuDNN and tokamax.
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
+      "$(mc_time 330) --configs \
+         '64:4096:full:*,64:1024:causal:mha,64:16384:causal:*,128:1024:*:mha,128:16384:causal:gqa,256:4096:full:mha' \
+         --variants ours,dpz"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's

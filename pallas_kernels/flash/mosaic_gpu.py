@@ -89,6 +89,8 @@ def _fwd_params(cfg):
   return plgpu.CompilerParams(
       approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers,
       profile_space=space, profile_dir=path, profile_bounds_check=True)
+
+
 # Columns of the per-CTA schedule table.
 _ITEM_COLS = 8  # b, h, qt, lo, a, c, hi, (pad)
 # Host-side list scheduling handles up to this many work items; beyond it

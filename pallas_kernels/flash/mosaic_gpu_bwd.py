@@ -525,6 +525,7 @@ def _kernel_delta(delta):
   there (one negation in XLA instead of one in every step)."""
   return -delta if _DP_INIT == "delta" else delta
 
+
 # Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
 # form of _opaque_zero, read when tracing: "shift" or "div" (before
 # 2026-12-06).

@@ -364,12 +364,14 @@ def _time(f, *args, target=0.15, samples=3):
 FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
                "fusednodq": {"dq"}, "fusedsl": {"slots"}}
 
-# Variants whose kernels form their opaque zeros (the in-loop operand
-# offsets that keep wgmma descriptors from being hoisted) the former way,
-# j // (bound + 1) (timing only; see mosaic_gpu._Q_STEP_INDEX and
-# mosaic_gpu_bwd._ZERO_FORM).
-# "dpz": the backward kernels' dP accumulator starting at zero and Delta
-# subtracted after the matmul (before 2026-12-06; mosaic_gpu_bwd._DP_INIT).
+# Timing variants that trace the kernels in their former forms (read when
+# tracing; see kernel_forms): "qdiv" the kernels as they were before
+# 2026-12-06, their opaque zeros (the in-loop operand offsets that keep
+# wgmma descriptors from being hoisted) as j // (bound + 1)
+# (mosaic_gpu._Q_STEP_INDEX, mosaic_gpu_bwd._ZERO_FORM) and dP's
+# accumulator zeroed, Delta subtracted after the matmul
+# (mosaic_gpu_bwd._DP_INIT; in run74 "qdiv" had the division only); "dpz"
+# the latter alone.
 KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero"),
                 "dpz": dict(dp_init="zero")}
 
@@ -528,16 +530,16 @@ def _variant_configs(name, h):
       # unmasked loop; causal 0.5 / 1.4 KB in the masked loop. Slower on
       # an H100 (run74: 4k full MHA 395.8 / 391.7 against 425.8, causal
       # 267.7 / 282.6 against 387.5).
+      "kv192": (fwd(block_kv=192), None, fonly),
+      "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
       # opaque operand offset: 60 more instructions a forward step, 30 a
-      # dK/dV step; KERNEL_FORMS, which also gives it the former dP).
+      # dK/dV step; and the former dP; KERNEL_FORMS).
       "qdiv": (None, None, both),
       # The backward's dP - Delta before 2026-12-06 (zeroed accumulator,
       # then one FADD per element; H = 64 dK/dV step 645 -> 452
       # instructions and no spills with the -Delta start; KERNEL_FORMS).
       "dpz": (None, None, ("fwdbwd",)),
-      "kv192": (fwd(block_kv=192), None, fonly),
-      "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -802,7 +804,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

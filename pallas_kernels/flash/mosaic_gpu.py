@@ -91,6 +91,25 @@ def _fwd_params(cfg):
       profile_space=space, profile_dir=path, profile_bounds_check=True)
 
 
+# How the forward keeps each row's running sum l: True keeps every thread's
+# share in its own 8-column group of the WGMMA layout ([block_q, 8]; the
+# lanes' shares are added once per tile), False (before 2026-12-06, and
+# the timing variant "lrow" of scripts/gpu/mosaic_check.py) reduces P's
+# rows across lanes every block (two shuffles and adds per row).
+_L_PARTIAL = True
+_L_GROUP = 8
+
+
+def _column_group_sum(p):
+  """[rows, 8]: the sum of p's 8-column groups, a pairwise tree (each
+  thread adds its own registers; no lane exchange)."""
+  parts = [p[:, c:c + _L_GROUP] for c in range(0, p.shape[1], _L_GROUP)]
+  while len(parts) > 1:
+    parts = [a + b for a, b in zip(parts[::2], parts[1::2])] + (
+        parts[-1:] if len(parts) % 2 else [])
+  return parts[0]
+
+
 # Columns of the per-CTA schedule table.
 _ITEM_COLS = 8  # b, h, qt, lo, a, c, hi, (pad)
 # Host-side list scheduling handles up to this many work items; beyond it
@@ -592,7 +611,14 @@ def flash_forward(
           m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
           l0 = jnp.zeros((bq,), jnp.float32)
         m0 = plgpu.layout_cast(m0, _ROW)
-        l0 = plgpu.layout_cast(l0, _ROW)
+        if _L_PARTIAL:
+          # Each thread's share of a row's sum, in its 8-column group: the
+          # lanes' shares are added once, in the epilogue, not every block.
+          l0 = plgpu.layout_cast(
+              jnp.full((bq, _L_GROUP), 1.0 / _L_GROUP if sinks is not None
+                       else 0.0, jnp.float32), _WGMMA)
+        else:
+          l0 = plgpu.layout_cast(l0, _ROW)
         p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
         if overlap:  # the previous item's last block waited for it
           pl.when(jnp.logical_not(have_pre))(
@@ -637,7 +663,10 @@ def flash_forward(
             m_use = m_new
           p = jnp.exp2(s * mult - row(m_use, s.shape))
           alpha = jnp.exp2(m - m_use)
-          l_new = l * alpha + p.sum(axis=1)
+          if _L_PARTIAL:
+            l_new = l * row(alpha, l.shape) + _column_group_sum(p)
+          else:
+            l_new = l * alpha + p.sum(axis=1)
           return m_new, l_new, p, alpha
 
         def kv_segments(slot, masked):
@@ -811,6 +840,8 @@ def flash_forward(
         return step + num_kv, raw_next
 
       def epilogue_fn(bb, hh, q_base, qs, q_w, acc, m, l):
+        if _L_PARTIAL:
+          l = l.sum(axis=1)
         # Epilogue: normalise, write O through this item's Q buffer (idle
         # now: this consumer's matmuls are done and the other consumer only
         # reads its own rows).

@@ -370,10 +370,11 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # wgmma descriptors from being hoisted) as j // (bound + 1)
 # (mosaic_gpu._Q_STEP_INDEX, mosaic_gpu_bwd._ZERO_FORM) and dP's
 # accumulator zeroed, Delta subtracted after the matmul
-# (mosaic_gpu_bwd._DP_INIT; in run74 "qdiv" had the division only); "dpz"
-# the latter alone.
-KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero"),
-                "dpz": dict(dp_init="zero")}
+# (mosaic_gpu_bwd._DP_INIT) and the forward's row sums reduced across
+# lanes every block (mosaic_gpu._L_PARTIAL; in run74 "qdiv" had the
+# division only); "dpz" and "lrow" the latter two alone.
+KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero", l_partial=False),
+                "dpz": dict(dp_init="zero"), "lrow": dict(l_partial=False)}
 
 
 @contextlib.contextmanager
@@ -384,11 +385,13 @@ def kernel_forms(name):
   forms = KERNEL_FORMS.get(name, {})
   fl._Q_STEP_INDEX = bl._ZERO_FORM = forms.get("q_index", "shift")  # pylint: disable=protected-access
   bl._DP_INIT = forms.get("dp_init", "delta")  # pylint: disable=protected-access
+  fl._L_PARTIAL = forms.get("l_partial", True)  # pylint: disable=protected-access
   try:
     yield
   finally:
     fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
     bl._DP_INIT = "delta"  # pylint: disable=protected-access
+    fl._L_PARTIAL = True  # pylint: disable=protected-access
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -540,6 +543,10 @@ def _variant_configs(name, h):
       # then one FADD per element; H = 64 dK/dV step 645 -> 452
       # instructions and no spills with the -Delta start; KERNEL_FORMS).
       "dpz": (None, None, ("fwdbwd",)),
+      # The forward's row sums reduced across lanes every block (before
+      # 2026-12-06; now each thread's share is kept, 453 -> 443
+      # instructions a step at H = 64; KERNEL_FORMS).
+      "lrow": (None, None, fonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -804,7 +811,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,lrow,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

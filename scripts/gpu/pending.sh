@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run76), as calls of under 10 minutes on one GPU, most decisive first:
-# dpinit (the backward's dP accumulator starting at -Delta: the Mosaic GPU
-# suite, then forward+backward beside the former form "dpz" on the grid's
-# rows below 1.0; ~9 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
-# opaque loop zeros; ~8 min; after dpinit, so that it has both), fwdprof (where the H = 64 forward's step
+# dpinit (the backward's dP accumulator starting at -Delta and the
+# forward's per-thread row sums: the Mosaic GPU suite, then both beside
+# their former forms on the grid's rows below 1.0; ~9.5 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
+# opaque loop zeros; ~8 min; after dpinit, so that it has both), rows6
+# (H = 128 and 64 rows again after dpinit; ~9.5 min), fwdprof (where the H = 64 forward's step
 # spends its time, from the in-kernel profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
@@ -374,18 +375,22 @@ case "${1:-}" in
     fi
     ;;
   dpinit)
-    # The backward kernels' dP accumulator starts at -Delta (the kernels
-    # read -delta), so the matmul yields dP - Delta: the dK/dV step 645 ->
-    # 452 instructions at H = 64 (its spills in the step gone), 486 -> 422
-    # at H = 128, the dQ step 343 -> 312 (SASS, ptxas_report.py --sass).
-    # The whole suite (the default backward changed), then forward+backward
-    # beside the former form ("dpz") on the report's rows below 1.0, with
-    # cuDNN and tokamax.
+    # The kernels' new forms, prepared without a GPU (SASS per step,
+    # ptxas_report.py --sass): the backward's dP accumulator starts at
+    # -Delta (the kernels read -delta), so the matmul yields dP - Delta
+    # (dK/dV step 645 -> 452 instructions at H = 64, its spills in the step
+    # gone; 486 -> 422 at H = 128; dQ 343 -> 312), and the forward keeps
+    # each thread's share of the row sums (no lane exchange per block: 453
+    # -> 443 at H = 64). The whole suite (the defaults changed), then
+    # beside the former forms: "qdiv" (everything as before this session,
+    # forward and forward+backward), "dpz" (the former dP only), "lrow"
+    # (the former row sums only), with cuDNN and tokamax, on the report's
+    # rows below 1.0.
     bash $S \
       "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
-      "$(mc_time 330) --configs \
-         '64:4096:full:*,64:1024:causal:mha,64:16384:causal:*,128:1024:*:mha,128:16384:causal:gqa,256:4096:full:mha' \
-         --variants ours,dpz"
+      "$(mc_time 340) --configs \
+         '64:4096:full:*,64:16384:causal:mha,128:1024:*:mha,128:16384:causal:gqa,128:4096:full:mha' \
+         --variants ours,qdiv,dpz,lrow"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's
@@ -400,6 +405,12 @@ case "${1:-}" in
          --variants ours,qdiv" \
       "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
          --space 1000 --configs 64:16384:full:mha --variants ours"
+    ;;
+  rows6)
+    # After dpinit: the report's H = 128 and H = 64 rows at 1k/4k/16k again
+    # (run75/run76 measured them before the dP and row-sum changes).
+    report_rows
+    bash $S "timeout 300 $R 128,128gqa" "timeout 260 $R 64,64gqa"
     ;;
   rows5)
     # The report's rows not re-measured since the opaque loop zeros

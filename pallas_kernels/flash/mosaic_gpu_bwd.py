@@ -526,6 +526,12 @@ def _kernel_delta(delta):
   return -delta if _DP_INIT == "delta" else delta
 
 
+# How the fused backward at H < 128 (one consumer computes a step's whole
+# dQ, the consumers taking turns) picks the consumer, read when tracing:
+# "dynamic" (one branch, its buffer a run-time index) or "static" (one
+# branch per consumer; before 2026-12-06, timing variant "dqstatic").
+_DQ_TURN = "dynamic"
+
 # Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
 # form of _opaque_zero, read when tracing: "shift" or "div" (before
 # 2026-12-06).
@@ -957,9 +963,17 @@ def flash_backward_dkv(
             _dq_reduce(dq_smem.at[w], dqacc_ref, index,
                        evict_last=cfg.dq_evict_last)
 
-        for w in range(wgs):
-          turn = (wg == w) & (lax.rem(i, 2) == w) if alternate else wg == w
-          pl.when(turn)(functools.partial(emit, w))
+        if alternate and _DQ_TURN == "dynamic":
+          # One branch with the emitting consumer's buffer as a run-time
+          # index: the two static branches left ptxas a permutation of the
+          # dQ accumulator's registers to undo at their join (64 FSEL a
+          # step at H = 64).
+          w_turn = lax.rem(i, 2)
+          pl.when(wg == w_turn)(functools.partial(emit, w_turn))
+        else:
+          for w in range(wgs):
+            turn = (wg == w) & (lax.rem(i, 2) == w) if alternate else wg == w
+            pl.when(turn)(functools.partial(emit, w))
 
       def all_steps(dk_acc, dv_acc):
         # Step i = g * nq + (qb - lo) visits query block qb of head g; it is

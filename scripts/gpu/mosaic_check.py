@@ -372,9 +372,13 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # accumulator zeroed, Delta subtracted after the matmul
 # (mosaic_gpu_bwd._DP_INIT) and the forward's row sums reduced across
 # lanes every block (mosaic_gpu._L_PARTIAL; in run74 "qdiv" had the
-# division only); "dpz" and "lrow" the latter two alone.
-KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero", l_partial=False),
-                "dpz": dict(dp_init="zero"), "lrow": dict(l_partial=False)}
+# division only), the fused backward at H = 64 picking its dQ consumer by
+# two static branches (mosaic_gpu_bwd._DQ_TURN); "dpz", "lrow" and
+# "dqstatic" (fused) each of the latter alone.
+KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero", l_partial=False,
+                            dq_turn="static"),
+                "dpz": dict(dp_init="zero"), "lrow": dict(l_partial=False),
+                "dqstatic": dict(dq_turn="static")}
 
 
 @contextlib.contextmanager
@@ -386,9 +390,11 @@ def kernel_forms(name):
   fl._Q_STEP_INDEX = bl._ZERO_FORM = forms.get("q_index", "shift")  # pylint: disable=protected-access
   bl._DP_INIT = forms.get("dp_init", "delta")  # pylint: disable=protected-access
   fl._L_PARTIAL = forms.get("l_partial", True)  # pylint: disable=protected-access
+  bl._DQ_TURN = forms.get("dq_turn", "dynamic")  # pylint: disable=protected-access
   try:
     yield
   finally:
+    bl._DQ_TURN = "dynamic"  # pylint: disable=protected-access
     fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
     bl._DP_INIT = "delta"  # pylint: disable=protected-access
     fl._L_PARTIAL = True  # pylint: disable=protected-access
@@ -547,6 +553,12 @@ def _variant_configs(name, h):
       # 2026-12-06; now each thread's share is kept, 453 -> 443
       # instructions a step at H = 64; KERNEL_FORMS).
       "lrow": (None, None, fonly),
+      # The fused backward (H = 64: consumers alternate computing dQ) with
+      # one static branch per consumer, as before 2026-12-06: 64 register
+      # selects a step at their join and 1440 instructions in the kernel,
+      # against 32 and 1200 with one branch (KERNEL_FORMS); "fused" is
+      # the fused backward as it is now.
+      "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -811,7 +823,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,lrow,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,lrow,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

@@ -385,12 +385,15 @@ case "${1:-}" in
     # beside the former forms: "qdiv" (everything as before this session,
     # forward and forward+backward), "dpz" (the former dP only), "lrow"
     # (the former row sums only), with cuDNN and tokamax, on the report's
-    # rows below 1.0.
+    # rows below 1.0; then the fused backward at H = 64 with its dQ
+    # consumer picked by one branch ("fused", now) or two ("dqstatic").
     bash $S \
-      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
-      "$(mc_time 340) --configs \
+      "timeout 170 ${PYTEST4/-n 4/-n 6} tests/test_pallas_mosaic_gpu.py" \
+      "$(mc_time 320) --configs \
          '64:4096:full:*,64:16384:causal:mha,128:1024:*:mha,128:16384:causal:gqa,128:4096:full:mha' \
-         --variants ours,qdiv,dpz,lrow"
+         --variants ours,qdiv,dpz,lrow" \
+      "$(mc_time 80) --no-cudnn --no-tokamax --configs \
+         '64:4096:full:gqa,64:16384:causal:gqa' --variants fused,dqstatic"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's

@@ -160,6 +160,32 @@ class TestMosaicGPU:
         is_causal=causal)
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
+  @pytest.mark.parametrize("case", ["h128", "h64_fused", "h256",
+                                    "sinks_cap"])
+  def test_prepared_step_forms(self, monkeypatch, case):
+    # The step forms prepared on 2026-12-06 and not yet the defaults
+    # (mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT and _DQ_TURN), forward
+    # and gradients, with asynchronous wgmma (the CPU interpreter runs it
+    # synchronously).
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    from pallas_kernels.flash import mosaic_gpu_bwd as bwd_lib  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(fwd_lib, "_L_PARTIAL", True)
+    monkeypatch.setattr(bwd_lib, "_DP_INIT", "delta")
+    monkeypatch.setattr(bwd_lib, "_DQ_TURN", "dynamic")
+    seg = testing.random_segment_ids(_key("pf", case), 2, 1300, 4)
+    bwd = bwd_lib.BwdConfig(fused_dq=True) if case == "h64_fused" else None
+    impl = lambda p: pallas_mosaic.mosaic_attention(p, bwd_config=bwd)
+    kw = {"h128": dict(arrays={"segment_ids": seg}, is_causal=True),
+          "h64_fused": dict(is_causal=True),
+          "h256": dict(),
+          "sinks_cap": dict(sinks=jax.random.normal(_key("pfk"), (4,)),
+                            logits_soft_cap=5.0,
+                            arrays={"kv_lengths": jnp.array([1300, 777],
+                                                            jnp.int32)})}
+    h = {"h128": 128, "h256": 256}.get(case, 64)
+    check_against_reference(impl, inputs(f"pf{case}", t=1300, n=4, kh=2, h=h),
+                            dtype=BF16, **kw[case])
+
   @pytest.mark.parametrize("stages,causal", [(3, False), (2, True)])
   def test_key_blocks_192(self, stages, causal):
     # FwdConfig(block_kv=192) at H = 64 (variants kv192 / kv192s2 of

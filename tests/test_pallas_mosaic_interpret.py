@@ -354,6 +354,35 @@ def test_gradients_fused_dq_everything():
                  "kv_lengths": jnp.array([330, 250], jnp.int32)})
 
 
+def _prepared_forms(monkeypatch):
+  """The step forms prepared on 2026-12-06 and not yet the defaults (see
+  mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT and _DQ_TURN)."""
+  monkeypatch.setattr(fwd_lib, "_L_PARTIAL", True)
+  monkeypatch.setattr(mosaic_bwd, "_DP_INIT", "delta")
+  monkeypatch.setattr(mosaic_bwd, "_DQ_TURN", "dynamic")
+
+
+@pytest.mark.parametrize("case", ["h128_segments", "h64_fused", "h256",
+                                  "sinks_cap"])
+def test_prepared_step_forms(monkeypatch, case):
+  # Forward and gradients with the prepared forms: per-thread row sums,
+  # dP's accumulator at -Delta (two-kernel, fused and split-head dK/dV, dQ),
+  # the fused H = 64 dQ from one branch; sinks start the row sums' shares.
+  _prepared_forms(monkeypatch)
+  seg = testing.random_segment_ids(_key("pf", case), 2, 260, 3)
+  kw = {"h128_segments": dict(shape=dict(t=260, n=4, kh=2, h=128),
+                              arrays={"segment_ids": seg}, is_causal=True),
+        "h64_fused": dict(shape=dict(t=260, n=4, kh=2, h=64),
+                          bwd_config=_fused(64), is_causal=True),
+        "h256": dict(shape=dict(t=130, n=2, kh=1, h=256)),
+        "sinks_cap": dict(shape=dict(t=200, n=4, kh=2, h=64),
+                          sinks=jax.random.normal(_key("pfk"), (4,)),
+                          logits_soft_cap=5.0,
+                          arrays={"kv_lengths": jnp.array([200, 150],
+                                                          jnp.int32)})}[case]
+  _check(f"pf{case}", **kw)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_blocks_192(causal):
   # FwdConfig(block_kv=192) at H = 64 (mosaic_check.py variant kv192):

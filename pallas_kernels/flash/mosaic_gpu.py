@@ -66,11 +66,29 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SMEM_BYTES = 227 * 1024
 # Mosaic GPU uses named barrier 0 and 1 + warpgroup index; ours start here.
 _SCHED_BARRIER_BASE = 8
-# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): how
-# the forward's middle step forms its opaque zero for Q's buffer index,
-# read when tracing: "shift" (j >> 31) or "div" (j // (hi + 1), the form
-# before 2026-12-06).
-_Q_STEP_INDEX = "shift"
+# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
+# form of _opaque_zero, read when tracing: "shift" or "div" (before
+# 2026-12-06).
+_ZERO_FORM = "shift"
+
+
+def _opaque_zero(i, bound):
+  """0 for loop index ``0 <= i < bound``, in a form LLVM cannot fold
+  (``i >> 31``).
+
+  Indexing a loop-invariant SMEM operand with it keeps the wgmma descriptors
+  (one 64-bit value per 16-element k-step) inside the loop: hoisted, those
+  of Q (forward), K and V or Q and dO (backward) take 32-64 registers for
+  the whole loop and ptxas spills. One shift a step; the former ``i //
+  (bound + 1)`` cost an integer division (a MUFU.RCP and about 25 integer
+  instructions), and with it in the forward's step ptxas zeroed the
+  logits' accumulator (32 CS2R) instead of issuing the first wgmma with
+  scale-d = 0: 453 against 513 instructions a step at H = 64, 496 against
+  556 at H = 128 (SASS for an H100; no spills either way).
+  """
+  if _ZERO_FORM == "div":
+    return lax.div(i, jnp.maximum(bound, 0) + 1)
+  return lax.shift_right_logical(i, 31)
 # Profiling diagnostics only (scripts/gpu/mosaic_profile.py --kernel fwd):
 # (events, dir) turns on Mosaic GPU's in-kernel profiler, read when
 # tracing: each consumer warpgroup records its named regions ("first" and
@@ -91,12 +109,15 @@ def _fwd_params(cfg):
       profile_space=space, profile_dir=path, profile_bounds_check=True)
 
 
-# How the forward keeps each row's running sum l: True keeps every thread's
-# share in its own 8-column group of the WGMMA layout ([block_q, 8]; the
-# lanes' shares are added once per tile), False (before 2026-12-06, and
-# the timing variant "lrow" of scripts/gpu/mosaic_check.py) reduces P's
-# rows across lanes every block (two shuffles and adds per row).
-_L_PARTIAL = True
+# How the forward keeps each row's running sum l, read when tracing: True
+# keeps every thread's share in its own 8-column group of the WGMMA layout
+# ([block_q, 8]; the lanes' shares are added once per tile; 453 -> 443
+# instructions a step at H = 64), False reduces P's rows across lanes every
+# block (two shuffles and adds per row). False until the GPU suite and a
+# timing confirm True (scripts/gpu/pending.sh dpinit; timing variant
+# "lpart" of scripts/gpu/mosaic_check.py); tested both ways in the CPU
+# interpreter and by test_prepared_step_forms on the GPU.
+_L_PARTIAL = False
 _L_GROUP = 8
 
 
@@ -724,19 +745,11 @@ def flash_forward(
 
             def scope(s_ref):
               # Q's descriptors formed here, not hoisted out of the loop
-              # (j >> 31 is 0, j >= 0; LLVM cannot fold it): 8 fewer 64-bit
-              # values live across the loop (fewer spills at H <= 128; at
-              # H = 256 ptxas spills more with it). The shift costs one
-              # instruction where the former j // (hi + 1) cost an integer
-              # division (a MUFU.RCP and ~25 integer instructions a step),
-              # and with the division ptxas zeroed the logits' accumulator
-              # (32 CS2R) instead of issuing the first wgmma with
-              # scale-d = 0: 453 against 513 instructions per warp in the
-              # unmasked step at H = 64, 496 against 556 at H = 128
-              # (SASS for an H100, nvdisasm; no spills either way).
-              zero = (lax.div(j, hi + 1) if _Q_STEP_INDEX == "div"
-                      else lax.shift_right_logical(j, 31))
-              q_j = q_smem.at[buf + zero, wg] if h <= 128 else q_w
+              # (_opaque_zero): 8 fewer 64-bit values live across the loop
+              # (fewer spills at H <= 128; at H = 256 ptxas spills more
+              # with it).
+              q_j = (q_smem.at[buf + _opaque_zero(j, hi + 1), wg]
+                     if h <= 128 else q_w)
               plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
               plgpu.wgmma(o_ref, p, v_smem.at[slot])
               sched_signal()

@@ -51,6 +51,7 @@ _WGMMA = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)
 _COL = plgpu.Layout.WGMMA.reduce(0)
 _tiled_smem = fwd_lib._tiled_smem  # pylint: disable=protected-access
+_opaque_zero = fwd_lib._opaque_zero  # pylint: disable=protected-access
 
 
 # Layouts of the fused backward's float32 dQ accumulator (BwdConfig.dq_layout).
@@ -514,10 +515,12 @@ def _dq_reduce(src, acc_ref, index, *, evict_last):
 # when tracing: "delta" starts dP's wgmma accumulator at -Delta, so the
 # matmul yields it (its initial registers cost what zeroing them did: ptxas
 # zeroes only the first accumulator of a step for free, by scale-d = 0, and
-# that is S's); "zero" (before 2026-12-06, and the timing variant "dpz" of
-# scripts/gpu/mosaic_check.py) subtracts Delta after the matmul, one FADD
-# per element.
-_DP_INIT = "delta"
+# that is S's; the dK/dV step at H = 64 645 -> 452 instructions); "zero"
+# subtracts Delta after the matmul, one FADD per element. "zero" until the
+# GPU suite and a timing confirm "delta" (scripts/gpu/pending.sh dpinit;
+# timing variant "dpinit" of scripts/gpu/mosaic_check.py); tested both ways
+# in the CPU interpreter and by test_prepared_step_forms on the GPU.
+_DP_INIT = "zero"
 
 
 def _kernel_delta(delta):
@@ -528,30 +531,11 @@ def _kernel_delta(delta):
 
 # How the fused backward at H < 128 (one consumer computes a step's whole
 # dQ, the consumers taking turns) picks the consumer, read when tracing:
-# "dynamic" (one branch, its buffer a run-time index) or "static" (one
-# branch per consumer; before 2026-12-06, timing variant "dqstatic").
-_DQ_TURN = "dynamic"
-
-# Timing diagnostics only (scripts/gpu/mosaic_check.py variant "qdiv"): the
-# form of _opaque_zero, read when tracing: "shift" or "div" (before
-# 2026-12-06).
-_ZERO_FORM = "shift"
-
-
-def _opaque_zero(i, bound):
-  """0 for loop index ``0 <= i < bound``, in a form LLVM cannot fold
-  (``i >> 31``).
-
-  Indexing a loop-invariant SMEM operand with it keeps the wgmma descriptors
-  (one 64-bit value per 16-element k-step) inside the loop: hoisted, those
-  of K and V (or Q and dO) alone take 32-64 registers for the whole loop and
-  ptxas spills. One shift a step; the former ``i // (bound + 1)`` cost an
-  integer division (a MUFU.RCP and about 25 integer instructions).
-  """
-  if _ZERO_FORM == "div":
-    return lax.div(i, jnp.maximum(bound, 0) + 1)
-  return lax.shift_right_logical(i, 31)
-
+# "dynamic" (one branch, its buffer a run-time index; 64 -> 32 register
+# selects a step) or "static" (one branch per consumer). "static" until the
+# GPU suite and a timing confirm "dynamic" (pending.sh dpinit; timing
+# variant "dqdyn"); tested both ways like _DP_INIT.
+_DQ_TURN = "static"
 
 def _drain(steps, stages, *free_barriers):
   """Producer epilogue: wait for the final release of each used slot."""

@@ -364,40 +364,37 @@ def _time(f, *args, target=0.15, samples=3):
 FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
                "fusednodq": {"dq"}, "fusedsl": {"slots"}}
 
-# Timing variants that trace the kernels in their former forms (read when
-# tracing; see kernel_forms): "qdiv" the kernels as they were before
-# 2026-12-06, their opaque zeros (the in-loop operand offsets that keep
-# wgmma descriptors from being hoisted) as j // (bound + 1)
-# (mosaic_gpu._Q_STEP_INDEX, mosaic_gpu_bwd._ZERO_FORM) and dP's
-# accumulator zeroed, Delta subtracted after the matmul
-# (mosaic_gpu_bwd._DP_INIT) and the forward's row sums reduced across
-# lanes every block (mosaic_gpu._L_PARTIAL; in run74 "qdiv" had the
-# division only), the fused backward at H = 64 picking its dQ consumer by
-# two static branches (mosaic_gpu_bwd._DQ_TURN); "dpz", "lrow" and
-# "dqstatic" (fused) each of the latter alone.
-KERNEL_FORMS = {"qdiv": dict(q_index="div", dp_init="zero", l_partial=False,
-                            dq_turn="static"),
-                "dpz": dict(dp_init="zero"), "lrow": dict(l_partial=False),
-                "dqstatic": dict(dq_turn="static")}
+# Timing variants that trace the kernels in other forms than the defaults
+# (read when tracing; see kernel_forms): "qdiv" the opaque zeros (the
+# in-loop operand offsets that keep wgmma descriptors from being hoisted)
+# as j // (bound + 1), the form before 2026-12-06 (mosaic_gpu._ZERO_FORM); the forms prepared on 2026-12-06 and not yet
+# the defaults: "newforms" all three, "dpinit" dP's accumulator starting at
+# -Delta (mosaic_gpu_bwd._DP_INIT), "lpart" per-thread row sums in the
+# forward (mosaic_gpu._L_PARTIAL), "dqdyn" the fused backward at H = 64
+# emitting dQ from one branch (mosaic_gpu_bwd._DQ_TURN; with the fused
+# backward).
+KERNEL_FORMS = {
+    "qdiv": dict(q_index="div"),
+    "newforms": dict(dp_init="delta", l_partial=True, dq_turn="dynamic"),
+    "dpinit": dict(dp_init="delta"), "lpart": dict(l_partial=True),
+    "dqdyn": dict(dq_turn="dynamic")}
 
 
 @contextlib.contextmanager
 def kernel_forms(name):
-  """The kernels' former forms of a timing variant, while tracing."""
+  """The kernels in a timing variant's forms, while tracing."""
   from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   forms = KERNEL_FORMS.get(name, {})
-  fl._Q_STEP_INDEX = bl._ZERO_FORM = forms.get("q_index", "shift")  # pylint: disable=protected-access
-  bl._DP_INIT = forms.get("dp_init", "delta")  # pylint: disable=protected-access
-  fl._L_PARTIAL = forms.get("l_partial", True)  # pylint: disable=protected-access
-  bl._DQ_TURN = forms.get("dq_turn", "dynamic")  # pylint: disable=protected-access
+  saved = (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN)  # pylint: disable=protected-access
+  fl._ZERO_FORM = forms.get("q_index", saved[0])  # pylint: disable=protected-access
+  bl._DP_INIT = forms.get("dp_init", saved[1])  # pylint: disable=protected-access
+  fl._L_PARTIAL = forms.get("l_partial", saved[2])  # pylint: disable=protected-access
+  bl._DQ_TURN = forms.get("dq_turn", saved[3])  # pylint: disable=protected-access
   try:
     yield
   finally:
-    bl._DQ_TURN = "dynamic"  # pylint: disable=protected-access
-    fl._Q_STEP_INDEX = bl._ZERO_FORM = "shift"  # pylint: disable=protected-access
-    bl._DP_INIT = "delta"  # pylint: disable=protected-access
-    fl._L_PARTIAL = True  # pylint: disable=protected-access
+    (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN) = saved  # pylint: disable=protected-access
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -543,22 +540,19 @@ def _variant_configs(name, h):
       "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
       # opaque operand offset: 60 more instructions a forward step, 30 a
-      # dK/dV step; and the former dP; KERNEL_FORMS).
+      # dK/dV step; KERNEL_FORMS).
       "qdiv": (None, None, both),
-      # The backward's dP - Delta before 2026-12-06 (zeroed accumulator,
-      # then one FADD per element; H = 64 dK/dV step 645 -> 452
-      # instructions and no spills with the -Delta start; KERNEL_FORMS).
-      "dpz": (None, None, ("fwdbwd",)),
-      # The forward's row sums reduced across lanes every block (before
-      # 2026-12-06; now each thread's share is kept, 453 -> 443
-      # instructions a step at H = 64; KERNEL_FORMS).
-      "lrow": (None, None, fonly),
-      # The fused backward (H = 64: consumers alternate computing dQ) with
-      # one static branch per consumer, as before 2026-12-06: 64 register
-      # selects a step at their join and 1440 instructions in the kernel,
-      # against 32 and 1200 with one branch (KERNEL_FORMS); "fused" is
-      # the fused backward as it is now.
-      "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # The forms prepared on 2026-12-06, not yet the defaults
+      # (KERNEL_FORMS): all three; dP's accumulator starting at -Delta
+      # (H = 64 dK/dV step 645 -> 452 instructions, no spills in it);
+      # per-thread row sums in the forward (453 -> 443 at H = 64); the
+      # fused backward at H = 64 emitting dQ from one branch (64 -> 32
+      # register selects a step, 1440 -> 1200 instructions in the kernel;
+      # beside "fused").
+      "newforms": (None, None, both),
+      "dpinit": (None, None, ("fwdbwd",)),
+      "lpart": (None, None, fonly),
+      "dqdyn": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -823,7 +817,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,dpz,lrow,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,newforms,dpinit,lpart,dqdyn,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run76), as calls of under 10 minutes on one GPU, most decisive first:
-# dpinit (the backward's dP accumulator starting at -Delta and the
-# forward's per-thread row sums: the Mosaic GPU suite, then both beside
-# their former forms on the grid's rows below 1.0; ~9.5 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
-# opaque loop zeros; ~8 min; after dpinit, so that it has both), rows6
-# (H = 128 and 64 rows again after dpinit; ~9.5 min), fwdprof (where the H = 64 forward's step
+# dpinit (the step forms prepared without a GPU and kept off by default:
+# the Mosaic GPU suite with them, then each beside the defaults on the
+# grid's rows below 1.0; ~9.5 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
+# opaque loop zeros; ~8 min; after dpinit, so that it has any new
+# default), rows6 (H = 128 and 64 rows again if dpinit changed a default;
+# ~9.5 min), fwdprof (where the H = 64 forward's step
 # spends its time, from the in-kernel profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
 # min), glarows (the GLA rows of the linear report beside fla and softmax: they
 # predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
@@ -375,25 +376,25 @@ case "${1:-}" in
     fi
     ;;
   dpinit)
-    # The kernels' new forms, prepared without a GPU (SASS per step,
-    # ptxas_report.py --sass): the backward's dP accumulator starts at
-    # -Delta (the kernels read -delta), so the matmul yields dP - Delta
+    # The step forms prepared on 2026-12-06 without a GPU, not yet the
+    # defaults (SASS per step, ptxas_report.py --sass): the backward's dP
+    # accumulator starting at -Delta, so the matmul yields dP - Delta
     # (dK/dV step 645 -> 452 instructions at H = 64, its spills in the step
-    # gone; 486 -> 422 at H = 128; dQ 343 -> 312), and the forward keeps
-    # each thread's share of the row sums (no lane exchange per block: 453
-    # -> 443 at H = 64). The whole suite (the defaults changed), then
-    # beside the former forms: "qdiv" (everything as before this session,
-    # forward and forward+backward), "dpz" (the former dP only), "lrow"
-    # (the former row sums only), with cuDNN and tokamax, on the report's
-    # rows below 1.0; then the fused backward at H = 64 with its dQ
-    # consumer picked by one branch ("fused", now) or two ("dqstatic").
+    # gone; 486 -> 422 at H = 128; dQ 343 -> 312), the forward's per-thread
+    # row sums (453 -> 443 at H = 64), the fused backward at H = 64
+    # emitting dQ from one branch (64 -> 32 register selects a step). The
+    # whole suite (test_prepared_step_forms runs them), then beside the
+    # defaults: "newforms" (all three), "dpinit", "lpart", with cuDNN and
+    # tokamax, on the report's rows below 1.0; then "dqdyn" beside "fused"
+    # at H = 64. If they win, make them the defaults (mosaic_gpu._L_PARTIAL,
+    # mosaic_gpu_bwd._DP_INIT, _DQ_TURN).
     bash $S \
       "timeout 170 ${PYTEST4/-n 4/-n 6} tests/test_pallas_mosaic_gpu.py" \
       "$(mc_time 320) --configs \
          '64:4096:full:*,64:16384:causal:mha,128:1024:*:mha,128:16384:causal:gqa,128:4096:full:mha' \
-         --variants ours,qdiv,dpz,lrow" \
+         --variants ours,newforms,dpinit,lpart" \
       "$(mc_time 80) --no-cudnn --no-tokamax --configs \
-         '64:4096:full:gqa,64:16384:causal:gqa' --variants fused,dqstatic"
+         '64:4096:full:gqa,64:16384:causal:gqa' --variants fused,dqdyn"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's
@@ -410,8 +411,8 @@ case "${1:-}" in
          --space 1000 --configs 64:16384:full:mha --variants ours"
     ;;
   rows6)
-    # After dpinit: the report's H = 128 and H = 64 rows at 1k/4k/16k again
-    # (run75/run76 measured them before the dP and row-sum changes).
+    # After dpinit, if it made any prepared form the default: the
+    # report's H = 128 and H = 64 rows at 1k/4k/16k again.
     report_rows
     bash $S "timeout 300 $R 128,128gqa" "timeout 260 $R 64,64gqa"
     ;;

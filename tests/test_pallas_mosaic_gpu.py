@@ -162,16 +162,17 @@ class TestMosaicGPU:
 
   @pytest.mark.parametrize("case", ["h128", "h64_fused", "h256",
                                     "sinks_cap"])
-  def test_prepared_step_forms(self, monkeypatch, case):
-    # The step forms prepared on 2026-12-06 and not yet the defaults
-    # (mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT and _DQ_TURN), forward
-    # and gradients, with asynchronous wgmma (the CPU interpreter runs it
+  def test_former_step_forms(self, monkeypatch, case):
+    # The step forms that were the defaults before run77 and stay as
+    # switches for timing (mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT
+    # and _DQ_TURN; mosaic_check.py variant "oldforms"), forward and
+    # gradients, with asynchronous wgmma (the CPU interpreter runs it
     # synchronously).
     from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
     from pallas_kernels.flash import mosaic_gpu_bwd as bwd_lib  # pylint: disable=g-import-not-at-top
-    monkeypatch.setattr(fwd_lib, "_L_PARTIAL", True)
-    monkeypatch.setattr(bwd_lib, "_DP_INIT", "delta")
-    monkeypatch.setattr(bwd_lib, "_DQ_TURN", "dynamic")
+    monkeypatch.setattr(fwd_lib, "_L_PARTIAL", False)
+    monkeypatch.setattr(bwd_lib, "_DP_INIT", "zero")
+    monkeypatch.setattr(bwd_lib, "_DQ_TURN", "static")
     seg = testing.random_segment_ids(_key("pf", case), 2, 1300, 4)
     bwd = bwd_lib.BwdConfig(fused_dq=True) if case == "h64_fused" else None
     impl = lambda p: pallas_mosaic.mosaic_attention(p, bwd_config=bwd)

@@ -354,21 +354,23 @@ def test_gradients_fused_dq_everything():
                  "kv_lengths": jnp.array([330, 250], jnp.int32)})
 
 
-def _prepared_forms(monkeypatch):
-  """The step forms prepared on 2026-12-06 and not yet the defaults (see
-  mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT and _DQ_TURN)."""
-  monkeypatch.setattr(fwd_lib, "_L_PARTIAL", True)
-  monkeypatch.setattr(mosaic_bwd, "_DP_INIT", "delta")
-  monkeypatch.setattr(mosaic_bwd, "_DQ_TURN", "dynamic")
+def _former_forms(monkeypatch):
+  """The step forms that were the defaults before run77 and stay as
+  switches for timing (see mosaic_gpu._L_PARTIAL, mosaic_gpu_bwd._DP_INIT
+  and _DQ_TURN)."""
+  monkeypatch.setattr(fwd_lib, "_L_PARTIAL", False)
+  monkeypatch.setattr(mosaic_bwd, "_DP_INIT", "zero")
+  monkeypatch.setattr(mosaic_bwd, "_DQ_TURN", "static")
 
 
 @pytest.mark.parametrize("case", ["h128_segments", "h64_fused", "h256",
                                   "sinks_cap"])
-def test_prepared_step_forms(monkeypatch, case):
-  # Forward and gradients with the prepared forms: per-thread row sums,
-  # dP's accumulator at -Delta (two-kernel, fused and split-head dK/dV, dQ),
-  # the fused H = 64 dQ from one branch; sinks start the row sums' shares.
-  _prepared_forms(monkeypatch)
+def test_former_step_forms(monkeypatch, case):
+  # Forward and gradients with the former forms (the defaults run every
+  # other test): P's row sums reduced across lanes every block, Delta
+  # subtracted after dP's matmul (two-kernel, fused and split-head dK/dV,
+  # dQ), the fused H = 64 dQ from one static branch per consumer.
+  _former_forms(monkeypatch)
   seg = testing.random_segment_ids(_key("pf", case), 2, 260, 3)
   kw = {"h128_segments": dict(shape=dict(t=260, n=4, kh=2, h=128),
                               arrays={"segment_ids": seg}, is_causal=True),

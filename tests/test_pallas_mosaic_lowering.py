@@ -239,6 +239,60 @@ def test_hinted_reduce_instruction():
       bwd_lib._hinted_reduce(other)
 
 
+def test_hinting_llvm_is_per_thread():
+  # The L2 hint goes only on the reduce-adds the flagged thread emits; a
+  # thread lowering at the same time passes its asm through unchanged, and
+  # installing the wrapper twice wraps once.
+  import threading  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = types.SimpleNamespace(
+      inline_asm=lambda res, ops, asm, cons, *a, **k: seen.append(asm),
+      other="passed through")
+  module = types.SimpleNamespace(llvm=real)
+  bwd_lib._install_hinting(module)
+  bwd_lib._install_hinting(module)
+  assert isinstance(module.llvm, bwd_lib._HintingLLVM)
+  assert module.llvm._real is real and module.llvm.other == "passed through"
+  asm = ("@$0 cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile"
+         ".bulk_group [$2,{$3,$4}], [$1];")
+  flagged, done = threading.Event(), threading.Event()
+
+  def hinting():
+    bwd_lib._HINT.on = True
+    try:
+      flagged.set()
+      assert done.wait(10)
+      module.llvm.inline_asm(None, [], asm, "")
+    finally:
+      bwd_lib._HINT.on = False
+
+  def plain():
+    assert flagged.wait(10)
+    module.llvm.inline_asm(None, [], asm, "")
+    done.set()
+
+  threads = [threading.Thread(target=hinting), threading.Thread(target=plain)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert seen == [asm, bwd_lib._hinted_reduce(asm)]
+  module.llvm.inline_asm(None, [], asm, "")  # this thread: never flagged
+  assert seen[-1] == asm
+
+
+def test_lowers_evict_last_in_threads():
+  # The bench lowers its kernels 8 threads at once: dQ copies with the L2
+  # policy (fused, causal) beside ones without, all lowering.
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  cfgs = [bwd_lib.BwdConfig(fused_dq=True, dq_evict_last=e)
+          for e in (True, False, True, True)]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda c: _lower(h=64, t=300, is_causal=True,
+                                   bwd_config=c), cfgs))
+
+
 @pytest.mark.parametrize("drop", [{"join"}, {"reduce"}, {"dq"}, {"slots"}])
 def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   # scripts/gpu/mosaic_check.py's fusednj / fusednr / fusednodq / fusedsl.

@@ -113,11 +113,14 @@ def _fwd_params(cfg):
 # keeps every thread's share in its own 8-column group of the WGMMA layout
 # ([block_q, 8]; the lanes' shares are added once per tile; 453 -> 443
 # instructions a step at H = 64), False reduces P's rows across lanes every
-# block (two shuffles and adds per row). False until the GPU suite and a
-# timing confirm True (scripts/gpu/pending.sh dpinit; timing variant
-# "lpart" of scripts/gpu/mosaic_check.py); tested both ways in the CPU
-# interpreter and by test_prepared_step_forms on the GPU.
-_L_PARTIAL = False
+# block (two shuffles and adds per row). True since run77 (2026-12-06, one
+# H100, beside False in one process, mosaic_check variant "lpart"):
+# forward TFLOP/s 649 / 637 at H = 128 4k full MHA, 676 / 662 16k causal
+# GQA, 454 / 444 at H = 64 16k causal MHA; within noise or 1-2% slower at
+# H = 64 4k full (421 / 425) and H = 128 1k full (624 / 635). The Mosaic
+# GPU suite passed with it (102/102, run77 and run79); tested both ways in
+# the CPU interpreter and by test_prepared_step_forms.
+_L_PARTIAL = True
 _L_GROUP = 8
 
 

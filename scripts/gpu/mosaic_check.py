@@ -367,17 +367,18 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # Timing variants that trace the kernels in other forms than the defaults
 # (read when tracing; see kernel_forms): "qdiv" the opaque zeros (the
 # in-loop operand offsets that keep wgmma descriptors from being hoisted)
-# as j // (bound + 1), the form before 2026-12-06 (mosaic_gpu._ZERO_FORM); the forms prepared on 2026-12-06 and not yet
-# the defaults: "newforms" all three, "dpinit" dP's accumulator starting at
-# -Delta (mosaic_gpu_bwd._DP_INIT), "lpart" per-thread row sums in the
-# forward (mosaic_gpu._L_PARTIAL), "dqdyn" the fused backward at H = 64
-# emitting dQ from one branch (mosaic_gpu_bwd._DQ_TURN; with the fused
-# backward).
+# as j // (bound + 1), the form before 2026-12-06 (mosaic_gpu._ZERO_FORM);
+# the forms that were the defaults before run77 (2026-12-06): "oldforms"
+# all three, "dpzero" Delta subtracted after dP's matmul
+# (mosaic_gpu_bwd._DP_INIT), "lshuffle" P's row sums reduced across lanes
+# every block (mosaic_gpu._L_PARTIAL), "dqstatic" the fused backward at
+# H = 64 emitting dQ from one static branch per consumer
+# (mosaic_gpu_bwd._DQ_TURN; with the fused backward).
 KERNEL_FORMS = {
     "qdiv": dict(q_index="div"),
-    "newforms": dict(dp_init="delta", l_partial=True, dq_turn="dynamic"),
-    "dpinit": dict(dp_init="delta"), "lpart": dict(l_partial=True),
-    "dqdyn": dict(dq_turn="dynamic")}
+    "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
+    "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
+    "dqstatic": dict(dq_turn="static")}
 
 
 @contextlib.contextmanager
@@ -451,6 +452,11 @@ def _variant_configs(name, h):
   both, fonly, bonly = ("fwd", "fwdbwd"), ("fwd",), ("fwdbwd",)
   table = {
       "ours": (None, None, both),
+      # The defaults through attnjax.dot_product_attention (the path the
+      # report's bench times) rather than mosaic_attention: run78's bench
+      # row at H = 128 16k causal GQA fwd+bwd was 515 against run77's 550
+      # here for the same forms.
+      "dispatch": (None, None, both),
       # The first version's grid: one CTA per tile (forward only differs).
       "np": (fwd(persistent=False), None, fonly),
       "qb1": (fwd(q_buffers=1), None, fonly),
@@ -542,17 +548,15 @@ def _variant_configs(name, h):
       # opaque operand offset: 60 more instructions a forward step, 30 a
       # dK/dV step; KERNEL_FORMS).
       "qdiv": (None, None, both),
-      # The forms prepared on 2026-12-06, not yet the defaults
-      # (KERNEL_FORMS): all three; dP's accumulator starting at -Delta
-      # (H = 64 dK/dV step 645 -> 452 instructions, no spills in it);
-      # per-thread row sums in the forward (453 -> 443 at H = 64); the
-      # fused backward at H = 64 emitting dQ from one branch (64 -> 32
-      # register selects a step, 1440 -> 1200 instructions in the kernel;
-      # beside "fused").
-      "newforms": (None, None, both),
-      "dpinit": (None, None, ("fwdbwd",)),
-      "lpart": (None, None, fonly),
-      "dqdyn": (None, bl.BwdConfig(fused_dq=True), bonly),
+      # The forms before run77 (KERNEL_FORMS), which timed them beside the
+      # present defaults on one H100: the defaults' forward+backward
+      # 549 / 515 TFLOP/s at H = 128 16k causal GQA, 450 / 426 at H = 64
+      # 16k causal MHA; the fused backward at H = 64 424 / 414 at 4k full
+      # GQA (docs/dev/gpu-runs/run77-*).
+      "oldforms": (None, None, both),
+      "dpzero": (None, None, ("fwdbwd",)),
+      "lshuffle": (None, None, fonly),
+      "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
@@ -593,7 +597,13 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
       p, _ = make_problem(q, k, v, is_causal=causal)
       return pallas_mosaic.mosaic_attention(
           p, fwd_config=fcfg, bwd_config=bcfg, need_backward=need_bwd)[0]
-    fns[name] = (ours, vpasses)
+
+    def dispatch(q, k, v, need_bwd=True):
+      del need_bwd  # the dispatcher's forward keeps its residuals
+      import attnjax  # pylint: disable=g-import-not-at-top
+      return attnjax.dot_product_attention(
+          q, k, v, is_causal=causal, implementation="pallas_mosaic_gpu")
+    fns[name] = (dispatch if name == "dispatch" else ours, vpasses)
 
   def cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
@@ -817,7 +827,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,newforms,dpinit,lpart,dqdyn,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

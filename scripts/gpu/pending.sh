@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run76), as calls of under 10 minutes on one GPU, most decisive first:
-# dpinit (the step forms prepared without a GPU and kept off by default:
-# the Mosaic GPU suite with them, then each beside the defaults on the
-# grid's rows below 1.0; ~9.5 min), rows5 (the report's H = 256 rows and H = 128 at 2k/8k with the new
-# opaque loop zeros; ~8 min; after dpinit, so that it has any new
-# default), rows6 (H = 128 and 64 rows again if dpinit changed a default;
-# ~9.5 min), fwdprof (where the H = 64 forward's step
-# spends its time, from the in-kernel profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel without spills; ~7
-# min), glarows (the GLA rows of the linear report beside fla and softmax: they
-# predate the in-kernel gate sums; ~5 min), call4 (the delta rows too),
-# linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
-# then short, profile, gap64k, pftimes, pftests, call1, call2, call3
+# run81), as calls of under 10 minutes on one GPU, most decisive first:
+# next1 (~7.5 min: the bench's dispatch path beside mosaic_check's at
+# H = 128 16k causal GQA, where run78's bench row was 515 against 550 in
+# run77, then fwdprof's in-kernel profile of the H = 64 forward step: the
+# grid's lowest rows), utblock (DeltaConfig(ut_block_v): the UT kernel
+# without spills; ~7 min), call4 (the delta rows of the linear report,
+# run41's, re-measured), linstages' occupancy step
+# (scripts/gpu/linear_profile.py --occupancy), then short, profile,
+# gap64k, pftimes, pftests, call1, call2, call3
+# (run77: dpinit (the Mosaic suite 102/102 with the step forms then
+# prepared, timed beside the defaults; all three became the defaults);
+# run78-run80: rows6, rows5 and the Mosaic suite again with the new
+# defaults (102/102; ad hoc through session.sh); run81: glarows)
 # (run74: overlap (the Mosaic suite 98/98 with the new opaque zeros,
 # i >> 31 against i // (bound + 1) timed; overlap_epilogue and 192-key
 # blocks no faster); run75/run76: the report's H = 128 and H = 64 rows
@@ -376,25 +377,33 @@ case "${1:-}" in
     fi
     ;;
   dpinit)
-    # The step forms prepared on 2026-12-06 without a GPU, not yet the
-    # defaults (SASS per step, ptxas_report.py --sass): the backward's dP
-    # accumulator starting at -Delta, so the matmul yields dP - Delta
-    # (dK/dV step 645 -> 452 instructions at H = 64, its spills in the step
-    # gone; 486 -> 422 at H = 128; dQ 343 -> 312), the forward's per-thread
-    # row sums (453 -> 443 at H = 64), the fused backward at H = 64
-    # emitting dQ from one branch (64 -> 32 register selects a step). The
-    # whole suite (test_prepared_step_forms runs them), then beside the
-    # defaults: "newforms" (all three), "dpinit", "lpart", with cuDNN and
-    # tokamax, on the report's rows below 1.0; then "dqdyn" beside "fused"
-    # at H = 64. If they win, make them the defaults (mosaic_gpu._L_PARTIAL,
-    # mosaic_gpu_bwd._DP_INIT, _DQ_TURN).
+    # Ran as run77 (then named for the forms it timed, since the
+    # defaults): the whole suite (test_former_step_forms runs the former
+    # forms), then the defaults beside the former forms ("oldforms" all
+    # three, "dpzero", "lshuffle") with cuDNN and tokamax, then the fused
+    # backward at H = 64 beside "dqstatic".
     bash $S \
       "timeout 170 ${PYTEST4/-n 4/-n 6} tests/test_pallas_mosaic_gpu.py" \
       "$(mc_time 320) --configs \
          '64:4096:full:*,64:16384:causal:mha,128:1024:*:mha,128:16384:causal:gqa,128:4096:full:mha' \
-         --variants ours,newforms,dpinit,lpart" \
+         --variants ours,oldforms,dpzero,lshuffle" \
       "$(mc_time 80) --no-cudnn --no-tokamax --configs \
-         '64:4096:full:gqa,64:16384:causal:gqa' --variants fused,dqdyn"
+         '64:4096:full:gqa,64:16384:causal:gqa' --variants fused,dqstatic"
+    ;;
+  next1)
+    # run78's bench row at H = 128 16k causal GQA fwd+bwd was 515 TFLOP/s,
+    # run77's mosaic_check 550 for the same forms: both paths ("dispatch"
+    # is attnjax.dot_product_attention, the bench's) in one process beside
+    # cuDNN and tokamax; the same at H = 64 4k full MHA. Then fwdprof
+    # (below), with the former row sums ("lshuffle") beside the default.
+    bash $S \
+      "$(mc_time 150) --configs '128:16384:causal:gqa,64:4096:full:mha' \
+         --variants dispatch,ours" \
+      "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+         --space 1800 --configs 64:4096:full:mha,64:4096:causal:mha \
+         --variants ours,lshuffle" \
+      "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+         --space 1000 --configs 64:16384:full:mha --variants ours"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's

@@ -154,6 +154,14 @@ report_rows() {
   mkdir -p "$OUT/bench"
   cp docs/benchmarks/softmax-nvidia-h100-80gb-hbm3.json "$OUT/bench/"
 }
+# fwdprof's steps (also the end of next1): the H = 64 forward under the
+# in-kernel profiler, the former row sums ("lshuffle") beside the default.
+FWDPROF=(
+  "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+     --space 1800 --configs 64:4096:full:mha,64:4096:causal:mha \
+     --variants ours,lshuffle"
+  "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
+     --space 1000 --configs 64:16384:full:mha --variants ours")
 PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 # The same over 4 processes (pytest-xdist, installed on the GPU machines):
 # the GPU suites are compile-bound (5-10 s a test, the GPU idle), so four
@@ -398,12 +406,7 @@ case "${1:-}" in
     # (below), with the former row sums ("lshuffle") beside the default.
     bash $S \
       "$(mc_time 150) --configs '128:16384:causal:gqa,64:4096:full:mha' \
-         --variants dispatch,ours" \
-      "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
-         --space 1800 --configs 64:4096:full:mha,64:4096:causal:mha \
-         --variants ours,lshuffle" \
-      "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
-         --space 1000 --configs 64:16384:full:mha --variants ours"
+         --variants dispatch,ours" "${FWDPROF[@]}"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's
@@ -412,12 +415,7 @@ case "${1:-}" in
     # default at 4k full and causal (space 1800: what SMEM leaves with 3
     # stages), then the three-consumer default at 16k full (space 1000).
     # The 4k full forward is the report's lowest H = 64 row (0.92).
-    bash $S \
-      "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
-         --space 1800 --configs 64:4096:full:mha,64:4096:causal:mha \
-         --variants ours,qdiv" \
-      "timeout 120 python3 scripts/gpu/mosaic_profile.py --kernel fwd \
-         --space 1000 --configs 64:16384:full:mha --variants ours"
+    bash $S "${FWDPROF[@]}"
     ;;
   rows6)
     # After dpinit, if it made any prepared form the default: the
@@ -846,9 +844,12 @@ case "${1:-}" in
          --no-fla --seqs=4096 --grad-sweep"
     ;;
   call4)
+    # The delta and gated delta rows of the H100 report (run41/run43's)
+    # beside fla and causal softmax at 32k; the GLA rows ran as run81
+    # (glarows).
     bash $S \
       "timeout 560 python3 -m attnjax.bench.linear --variants \
-         channel_gate,delta,gated_delta --impls pallas --softmax-seqs 32768"
+         delta,gated_delta --impls pallas --softmax-seqs 32768"
     ;;
   gram)
     # Since 2026-12-06 the scalar-gate kernels' Gram pass skips the split

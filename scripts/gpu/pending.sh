@@ -4,7 +4,8 @@
 # next1 (~7.5 min: the bench's dispatch path beside mosaic_check's at
 # H = 128 16k causal GQA, where run78's bench row was 515 against 550 in
 # run77, then fwdprof's in-kernel profile of the H = 64 forward step: the
-# grid's lowest rows), utblock (DeltaConfig(ut_block_v): the UT kernel
+# grid's lowest rows), bwd1k (the H = 128 1k backward under the
+# profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel
 # without spills; ~7 min), call4 (the delta rows of the linear report,
 # run41's, re-measured), linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), then short, profile,
@@ -407,6 +408,17 @@ case "${1:-}" in
     bash $S \
       "$(mc_time 150) --configs '128:16384:causal:gqa,64:4096:full:mha' \
          --variants dispatch,ours" "${FWDPROF[@]}"
+    ;;
+  bwd1k)
+    # The report's H = 128 1k forward+backward rows (0.93 of tokamax's):
+    # the two-kernel backward's dK/dV kernel under the in-kernel profiler
+    # at 1k and, for scale, 4k full MHA (prologue, steps, epilogue, the gap
+    # between CTAs on an SM), then the timing beside cuDNN and tokamax.
+    bash $S \
+      "timeout 200 python3 scripts/gpu/mosaic_profile.py --kernel bwd \
+         --configs 128:1024:full:mha,128:1024:causal:mha,128:4096:full:mha \
+         --variants ours" \
+      "$(mc_time 100) --configs '128:1024:*:mha'"
     ;;
   fwdprof)
     # Where the H = 64 forward's block step spends its time (Mosaic GPU's

@@ -405,7 +405,8 @@ case "${1:-}" in
     # is attnjax.dot_product_attention, the bench's) in one process beside
     # cuDNN and tokamax; the same at H = 64 4k full MHA. Then fwdprof
     # (below), with the former row sums ("lshuffle") beside the default.
-    bash $S \
+    # The SM clock and power every 250 ms go to $OUT/smi.csv.
+    SMI_LOG=250 bash $S \
       "$(mc_time 150) --configs '128:16384:causal:gqa,64:4096:full:mha' \
          --variants dispatch,ours" "${FWDPROF[@]}"
     ;;

@@ -20,7 +20,19 @@ save_autotune() {
   (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 |
      tar czf "$OUT/triton-autotune.tgz" --null -T -) 2>/dev/null
 }
-trap save_autotune EXIT
+# SMI_LOG=<ms>: the SM clock, power and temperature every <ms> ms while the
+# steps run, into $OUT/smi.csv (to tell a slower run from a throttled GPU).
+SMI_PID=
+if [ -n "${SMI_LOG:-}" ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu \
+    --format=csv -lms "$SMI_LOG" > "$OUT/smi.csv" 2>&1 &
+  SMI_PID=$!
+fi
+on_exit() {
+  save_autotune
+  if [ -n "$SMI_PID" ]; then kill "$SMI_PID" 2>/dev/null; fi
+}
+trap on_exit EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv,noheader
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"
 i=0

@@ -114,12 +114,13 @@ def _fwd_params(cfg):
 # ([block_q, 8]; the lanes' shares are added once per tile; 453 -> 443
 # instructions a step at H = 64), False reduces P's rows across lanes every
 # block (two shuffles and adds per row). True since run77 (2026-12-06, one
-# H100, beside False in one process, mosaic_check variant "lpart"):
+# H100, beside False in one process; mosaic_check variant "lshuffle" times
+# False now):
 # forward TFLOP/s 649 / 637 at H = 128 4k full MHA, 676 / 662 16k causal
 # GQA, 454 / 444 at H = 64 16k causal MHA; within noise or 1-2% slower at
 # H = 64 4k full (421 / 425) and H = 128 1k full (624 / 635). The Mosaic
-# GPU suite passed with it (102/102, run77 and run79); tested both ways in
-# the CPU interpreter and by test_prepared_step_forms.
+# GPU suite passed with it (102/102, run77 and run79); False stays tested
+# by test_former_step_forms (CPU interpreter and GPU).
 _L_PARTIAL = True
 _L_GROUP = 8
 

@@ -534,12 +534,12 @@ def _dq_reduce(src, acc_ref, index, *, evict_last):
 # zeroes only the first accumulator of a step for free, by scale-d = 0, and
 # that is S's; the dK/dV step at H = 64 645 -> 452 instructions); "zero"
 # subtracts Delta after the matmul, one FADD per element. "delta" since
-# run77 (2026-12-06, one H100, beside "zero" in one process, mosaic_check
-# variant "dpinit"): forward+backward TFLOP/s 549 / 515 at H = 128 16k
+# run77 (2026-12-06, one H100, beside "zero" in one process; mosaic_check
+# variant "dpzero" times "zero" now): forward+backward TFLOP/s 549 / 515 at H = 128 16k
 # causal GQA 4:1, 444 / 426 at H = 64 16k causal MHA, equal elsewhere
 # (H = 128 4k full 531 / 530; 1k full 382 / 386, causal 287 / 288). The
-# Mosaic GPU suite passed with it (102/102, run77 and run79); tested both
-# ways in the CPU interpreter and by test_prepared_step_forms.
+# Mosaic GPU suite passed with it (102/102, run77 and run79); "zero" stays
+# tested by test_former_step_forms (CPU interpreter and GPU).
 _DP_INIT = "delta"
 
 
@@ -554,9 +554,9 @@ def _kernel_delta(delta):
 # "dynamic" (one branch, its buffer a run-time index; 64 -> 32 register
 # selects a step) or "static" (one branch per consumer). "dynamic" since
 # run77 (2026-12-06, one H100, the fused backward beside "static" in one
-# process, mosaic_check variants "dqdyn" / "fused"): forward+backward
+# process; mosaic_check variant "dqstatic" times "static" now): forward+backward
 # TFLOP/s 424 / 414 at H = 64 4k full GQA 4:1, 448 / 438 16k causal GQA;
-# the Mosaic GPU suite passed with it; tested both ways like _DP_INIT.
+# the Mosaic GPU suite passed with it; "static" stays tested like "zero".
 _DQ_TURN = "dynamic"
 
 def _drain(steps, stages, *free_barriers):

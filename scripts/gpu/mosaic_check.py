@@ -589,6 +589,12 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
   q, k, v, do, _ = _inputs(jax.random.key(0), b, t, t, n, kh, h,
                            jnp.bfloat16)
   flops = 4.0 * b * n * t * t * h / (2 if causal else 1)
+  def dispatch(q, k, v, need_bwd=True):
+    del need_bwd  # the dispatcher's forward keeps its residuals
+    import attnjax  # pylint: disable=g-import-not-at-top
+    return attnjax.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="pallas_mosaic_gpu")
+
   fns = {}
   for name in variants:
     fcfg, bcfg, vpasses = _variant_configs(name, h)
@@ -597,12 +603,6 @@ def time_point(label, *, b, t, n, kh, h, causal, variants=("ours",),
       p, _ = make_problem(q, k, v, is_causal=causal)
       return pallas_mosaic.mosaic_attention(
           p, fwd_config=fcfg, bwd_config=bcfg, need_backward=need_bwd)[0]
-
-    def dispatch(q, k, v, need_bwd=True):
-      del need_bwd  # the dispatcher's forward keeps its residuals
-      import attnjax  # pylint: disable=g-import-not-at-top
-      return attnjax.dot_product_attention(
-          q, k, v, is_causal=causal, implementation="pallas_mosaic_gpu")
     fns[name] = (dispatch if name == "dispatch" else ours, vpasses)
 
   def cudnn(q, k, v):

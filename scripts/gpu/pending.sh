@@ -509,6 +509,18 @@ case "${1:-}" in
          '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
          --variants ours,qdiv"
     ;;
+  first13)
+    # The session of 2026-12-06 evening: the two Mosaic GPU tests not run
+    # since the thread-safe hint wrapper and the step-form rename
+    # (test_dq_evict_last, test_former_step_forms), then utblock's steps.
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         'dq_evict_last or former_step_forms'" \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_kernel_configs and (ut_block_v32 or default)'" \
+      "cd scripts/gpu && timeout 280 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=4096,32768 --ut-blocks=32,64"
+    ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column
     # blocks, no spills at 32 (the default spills 264 B in the forward,

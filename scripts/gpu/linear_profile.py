@@ -3,6 +3,7 @@
   PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py     # ~4 min
   PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --sweep best.json
   PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --occupancy
+  PYTHONPATH=$PWD python3 scripts/gpu/linear_profile.py --parts  # ~2 min
 
 Shapes as the benchmark (bf16, N = 16, H = Hv = 128, B*T = 65536): T = 4096
 (one split) against T = 16384 / 65536 (split path). Times, per shape: the
@@ -158,6 +159,38 @@ def sweep(out_json):
       json.dump(chosen, f)
 
 
+GRAM_TILINGS = (dict(num_warps_gram=4), dict(num_stages_gram=4),
+                dict(block_rows=128), dict(block_rows=128, num_stages_gram=2))
+
+
+def parts():
+  """The forward's split path piece by piece at each length beyond the
+  one-split 16k (B = 4): the Gram pass, the chain over splits, the sweeps
+  from the split starts, the weights (jnp), beside the whole forward, with
+  the defaults of each (ungated: 4 stages; fixed decay: 2), then the Gram
+  pass at other tilings. The question: where do the ~0.19 ms go that
+  T = 32k / 64k (121 / 119 M tokens/s, B = 2 / 1) spend beyond 16k's
+  one-split forward (185)."""
+  print("== parts (forward, defaults per gate)")
+  for gate in (False, True):
+    base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
+    print(f"-- gate={gate} stages={base.num_stages}")
+    for b, t in ((4, 16384), (2, 32768), (1, 65536)):
+      _whole(b, t, gate, base, f"B={b} T={t} whole", bwd=False)
+      _parts(b, t, gate, base)
+  base = kernels.default_config(jnp.bfloat16, H, H, gated=False)
+  print("-- Gram tilings (no gate)")
+  for b, t in ((2, 32768), (1, 65536)):
+    q, k, v, g = _inputs(b, t, False)
+    for over in GRAM_TILINGS:
+      s = _captured_static(q, k, v, g, dataclasses.replace(base, **over))
+      prep = jax.jit(lambda s=s: kernels._prep(None, None, s, N, b))()
+      gram = jax.jit(lambda k_, v_, w, s=s: kernels._gram_call(
+          k_, v_, w, s, a_rep=1))
+      _line(f"T={t} gram {json.dumps(over)}", b, t,
+            _time(gram, k, v, prep["sk"]))
+
+
 def occupancy():
   """Is the one-split forward's rate set by the number of programs or by
   their length? run49 (H100): T = 4k, B = 16 (512 programs of 64 chunks)
@@ -188,6 +221,9 @@ def main():
   print(common.device_info(), flush=True)
   if "--occupancy" in sys.argv:
     occupancy()
+    return 0
+  if "--parts" in sys.argv:
+    parts()
     return 0
   if "--sweep" in sys.argv:
     sweep(sys.argv[sys.argv.index("--sweep") + 1]

@@ -521,6 +521,14 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 280 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096,32768 --ut-blocks=32,64"
     ;;
+  parts)
+    # The linear forward's split path piece by piece (Gram pass, chain,
+    # sweeps from the split starts, weights) at 16k / 32k / 64k, ungated
+    # and fixed decay, then the Gram pass at other tilings: where 32k and
+    # 64k (121 / 119 M tokens/s) lose ~0.19 ms against 16k's one-split
+    # forward (185); Lightning Attention's "constant speed" goal.
+    bash $S "timeout 200 python3 scripts/gpu/linear_profile.py --parts"
+    ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column
     # blocks, no spills at 32 (the default spills 264 B in the forward,

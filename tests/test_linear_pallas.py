@@ -74,6 +74,55 @@ def test_pallas_prefetch_weights_matches_scan(name, splits, monkeypatch):
   check_against_scan(case, "pallas", chunk_size=16)
 
 
+@pytest.mark.parametrize("name,splits,parts", [
+    ("gated_segments", 4, 4), ("bf16", 2, 4), ("plain_gqa", 3, 2),
+    ("segments_only", 2, 8)])
+def test_pallas_gram_parts_matches_scan(name, splits, parts, monkeypatch):
+  """KernelConfig(gram_parts): each split's Gram sum (the forward's
+  k^T v, the backward's q^T dO) taken by several programs over parts of
+  its rows and added. 250 tokens in chunks of 16 (16 chunks), Gram steps
+  of 16 rows, so every part is one or more whole steps; the parts asked
+  for are the ones used (the split's rows divide). Forward and gradients
+  against the scan."""
+  kw, _ = _CASES[name]
+  _with_config(monkeypatch, num_splits=splits, gram_parts=parts,
+               block_rows=16)
+  case = linear_case(key_for("pallas-gram-parts", name),
+                     **{**kw, "length": 250})
+  seen = []
+  core = kernels._core
+
+  def spy(*a):
+    seen.append(a[-1])
+    return core(*a)
+
+  monkeypatch.setattr(kernels, "_core", spy)
+  check_against_scan(case, "pallas", chunk_size=16)
+  assert seen and all(st.gram_parts == parts and st.splits == splits
+                      for st in seen), seen
+
+
+def test_pallas_gram_parts_reduced_to_whole_steps(monkeypatch):
+  """gram_parts halves until each part is whole Gram steps: 100 tokens in
+  chunks of 16 over 2 splits (4 chunks, 64 rows a split) with 64-row
+  steps leave one part; rounded up to a power of two first (3 -> 4)."""
+  seen = []
+  core = kernels._core
+
+  def spy(*a):
+    seen.append(a[-1])
+    return core(*a)
+
+  monkeypatch.setattr(kernels, "_core", spy)
+  x = jnp.ones((1, 100, 1, 16), F32)
+  for rows, parts, want in ((64, 4, 1), (32, 4, 2), (16, 3, 4)):
+    cfg = kernels.KernelConfig(chunk=16, num_splits=2, block_rows=rows,
+                               gram_parts=parts)
+    jax.eval_shape(lambda a: kernels.chunked_linear_attention(
+        a, a, a, scale=1.0, config=cfg, interpret=True), x)
+    assert seen[-1].gram_parts == want, (rows, parts, seen[-1])
+
+
 def _chained_kernels(case, **extra):
   """pallas_call names in the jaxpr of the (undifferentiated) call."""
   arrays, _ = case
@@ -542,6 +591,20 @@ def test_gpu_pallas_ungated_h128(splits, monkeypatch):
                      length=1000, heads=8, kv_heads=2, head_dim=128,
                      value_dim=128, segments=True, initial_state=True,
                      dtype=BF16)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_gpu_pallas_gram_parts_h128(dtype, monkeypatch):
+  """KernelConfig(gram_parts=4) compiled at H = 128 with gates, resets,
+  a fixed decay, an initial state and 4 splits of 256 rows (4 parts of
+  one Gram step each), against the scan."""
+  _with_config(monkeypatch, num_splits=4, gram_parts=4)
+  case = linear_case(key_for("gpu-gram-parts", str(dtype)), batch=2,
+                     length=1000, heads=8, kv_heads=2, head_dim=128,
+                     value_dim=128, gate="scalar", log_decay=True,
+                     segments=True, initial_state=True, dtype=dtype)
   check_against_scan(case, "pallas")
 
 

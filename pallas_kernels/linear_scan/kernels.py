@@ -124,6 +124,13 @@ class KernelConfig:
     chained_lookback: False: the chained forward publishes only the states
       leaving the tiles, so each tile waits for its predecessor's (a
       serial chain of hand-offs through L2, half the published bytes).
+    gram_parts: programs per split of the Gram pass (rounded up to a
+      power of two), each summing a contiguous 1 / gram_parts of the
+      split's rows, their sums then added (jnp, float32): at T = 64k,
+      B = 1 the pass has 7 x 16 programs for 132 SMs, each a sequential
+      loop over 8k rows. Halved while the split's rows do not divide into
+      whole Gram steps. Opt-in, not yet timed
+      (``scripts/gpu/linear_profile.py --parts``).
   """
   chunk: int = 64
   block_v: int = 64
@@ -143,6 +150,7 @@ class KernelConfig:
   prefetch_weights: bool = False
   chained_tile: int = 0
   chained_lookback: bool = True
+  gram_parts: int = 1
 
 
 def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
@@ -231,6 +239,7 @@ class _Static:
   chain_cps: int = 0  # chunks per tile of the chained forward (0: none)
   chain_lookback: bool = True  # KernelConfig.chained_lookback
   tiles_per_split: int = 1  # the chained kernel's tiles a caller's split
+  gram_parts: int = 1  # KernelConfig.gram_parts (after reduction)
 
   @property
   def has_w(self):
@@ -487,10 +496,13 @@ def _chained_fwd_kernel(*refs, s: _Static):
 
 def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
   """o = sum over the split's rows of (w * a)^T b (program ``sp`` takes
-  split ``first + sp``)."""
+  split ``first + sp // gram_parts``, its part ``sp % gram_parts``)."""
   _, _dot_tn, _ = _dots(s)
   r = s.rows
-  base = (pl.program_id(2) + first) * s.split_len
+  part_len = s.split_len // s.gram_parts
+  sp = pl.program_id(2)
+  base = ((sp // s.gram_parts + first) * s.split_len
+          + (sp % s.gram_parts) * part_len)
 
   def body(i, acc):
     rows = pl.ds(pl.multiple_of(base + i * r, r), r)
@@ -498,7 +510,7 @@ def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
     aw = (a.astype(_F32) * w_ref[rows][:, None]).astype(a.dtype)
     return acc + _dot_tn(aw, b_ref[rows, :])
 
-  o_ref[...] = lax.fori_loop(0, s.split_len // r, body,
+  o_ref[...] = lax.fori_loop(0, part_len // r, body,
                              jnp.zeros(o_ref.shape, _F32))
 
 
@@ -790,21 +802,26 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False):
   n = w.shape[1]
   bv = min(s.bvg, vp)
   b_rep = n // bmat.shape[2]
+  parts = s.gram_parts
   in_specs = [
       _blk(tp, f, lambda x: x // a_rep, lambda j: 0),
       _blk(tp, bv, lambda x: x // b_rep, lambda j: j),
       pl.BlockSpec((None, None, tp), lambda j, n_, sp, b: (b, n_, 0)),
   ]
-  return _flat_call(
+  out = _flat_call(
       functools.partial(_gram_kernel, s=s, first=int(reverse)),
-      grid=(vp // bv, n, s.splits - 1, bsz),
+      grid=(vp // bv, n, (s.splits - 1) * parts, bsz),
       in_specs=in_specs,
       out_specs=_state_spec(f, bv),
-      out_shape=jax.ShapeDtypeStruct((bsz, n, s.splits - 1, f, vp), _F32),
+      out_shape=jax.ShapeDtypeStruct(
+          (bsz, n, (s.splits - 1) * parts, f, vp), _F32),
       compiler_params=_params(s, gram=True),
       interpret=s.interpret,
       name="linear_scan_split_state",
   )(a, bmat, w)
+  if parts > 1:
+    out = out.reshape(bsz, n, s.splits - 1, parts, f, vp).sum(axis=3)
+  return out
 
 
 def _key_column_inputs(q, k, v, do, prep, bf, s: _Static):
@@ -1280,6 +1297,9 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
   rows = c
   while rows * 2 <= cfg.block_rows and (cps * c) % (rows * 2) == 0:
     rows *= 2
+  gram_parts = _pow2(cfg.gram_parts, lo=1)
+  while gram_parts > 1 and (cps * c) % (gram_parts * rows):
+    gram_parts //= 2
   tp = splits * cps * c
   bvb = cfg.block_v_bwd
   s = _Static(scale=float(scale), chunk=c, cps=cps, splits=splits,
@@ -1294,7 +1314,8 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               interpret=bool(interpret),
               upcast=bool(interpret) and jax.default_backend() == "cpu",
               rep=n // kh, prefetch=cfg.prefetch_weights,
-              chain_cps=chain_cps, chain_lookback=cfg.chained_lookback)
+              chain_cps=chain_cps, chain_lookback=cfg.chained_lookback,
+              gram_parts=gram_parts)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

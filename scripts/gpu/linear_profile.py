@@ -160,7 +160,9 @@ def sweep(out_json):
 
 
 GRAM_TILINGS = (dict(num_warps_gram=4), dict(num_stages_gram=4),
-                dict(block_rows=128), dict(block_rows=128, num_stages_gram=2))
+                dict(block_rows=128), dict(block_rows=128, num_stages_gram=2),
+                dict(gram_parts=2), dict(gram_parts=4),
+                dict(gram_parts=4, num_warps_gram=4))
 
 
 def parts():
@@ -189,6 +191,13 @@ def parts():
           k_, v_, w, s, a_rep=1))
       _line(f"T={t} gram {json.dumps(over)}", b, t,
             _time(gram, k, v, prep["sk"]))
+  print("-- whole forward with KernelConfig(gram_parts)")
+  for gate in (False, True):
+    base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
+    for b, t in ((2, 32768), (1, 65536)):
+      for parts_ in (1, 2, 4):
+        _whole(b, t, gate, dataclasses.replace(base, gram_parts=parts_),
+               f"gate={gate} T={t} gram_parts={parts_}", bwd=False)
 
 
 def occupancy():

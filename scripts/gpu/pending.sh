@@ -526,8 +526,11 @@ case "${1:-}" in
     # sweeps from the split starts, weights) at 16k / 32k / 64k, ungated
     # and fixed decay, then the Gram pass at other tilings: where 32k and
     # 64k (121 / 119 M tokens/s) lose ~0.19 ms against 16k's one-split
-    # forward (185); Lightning Attention's "constant speed" goal.
-    bash $S "timeout 200 python3 scripts/gpu/linear_profile.py --parts"
+    # forward (185); Lightning Attention's "constant speed" goal. With
+    # the Gram pass over 2 and 4 programs a split (KernelConfig.gram_parts,
+    # opt-in) and its GPU test.
+    bash $S "timeout 240 python3 scripts/gpu/linear_profile.py --parts" \
+      "timeout 100 $PYTEST tests/test_linear_pallas.py -k gram_parts_h128"
     ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column

@@ -494,9 +494,17 @@ def _chained_fwd_kernel(*refs, s: _Static):
     st_ref[...] = final
 
 
-def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
-  """o = sum over the split's rows of (w * a)^T b (program ``sp`` takes
-  split ``first + sp // gram_parts``, its part ``sp % gram_parts``)."""
+def _gram_kernel(*refs, s: _Static, first: int, weighted: bool,
+                 scale: float):
+  """o = scale * sum over the split's rows of (w * a)^T b (program ``sp``
+  takes split ``first + sp // gram_parts``, its part ``sp %
+  gram_parts``). Without per-row weights (``weighted`` False: no gate,
+  no resets) both operands go to the matmul as loaded: weighting them
+  takes a pass through registers and back to shared memory a step."""
+  if weighted:
+    a_ref, b_ref, w_ref, o_ref = refs
+  else:
+    (a_ref, b_ref, o_ref), w_ref = refs, None
   _, _dot_tn, _ = _dots(s)
   r = s.rows
   part_len = s.split_len // s.gram_parts
@@ -507,11 +515,12 @@ def _gram_kernel(a_ref, b_ref, w_ref, o_ref, *, s: _Static, first: int):
   def body(i, acc):
     rows = pl.ds(pl.multiple_of(base + i * r, r), r)
     a = a_ref[rows, :]
-    aw = (a.astype(_F32) * w_ref[rows][:, None]).astype(a.dtype)
-    return acc + _dot_tn(aw, b_ref[rows, :])
+    if weighted:
+      a = (a.astype(_F32) * w_ref[rows][:, None]).astype(a.dtype)
+    return acc + _dot_tn(a, b_ref[rows, :])
 
-  o_ref[...] = lax.fori_loop(0, part_len // r, body,
-                             jnp.zeros(o_ref.shape, _F32))
+  acc = lax.fori_loop(0, part_len // r, body, jnp.zeros(o_ref.shape, _F32))
+  o_ref[...] = acc if scale == 1.0 else acc * scale
 
 
 def _dq_kernel(*refs, s: _Static):
@@ -789,27 +798,35 @@ def _chained_call(q, k, v, prep, s0, s: _Static):
   return o, final, starts
 
 
-def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False):
-  """Per-split sum of (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w [B,N,Tp].
+def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False,
+               scale: float = 1.0):
+  """Per-split sum of scale (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w
+  [B,N,Tp] or None (no weights; the head count n then from ``s.rep``:
+  a_rep = 1 means a has the query heads).
 
   Only the splits whose sums the chain over splits reads (``_chain_splits``):
   all but the last one (forward) or all but the first (``reverse``), so
   [B, N, splits - 1, F, V]; the one left out would cost a pass over a
   split's a and b (half the Gram pass at two splits).
   """
-  bsz, tp, _, f = a.shape
+  bsz, tp, na, f = a.shape
   vp = bmat.shape[-1]
-  n = w.shape[1]
+  n = na * a_rep
   bv = min(s.bvg, vp)
   b_rep = n // bmat.shape[2]
   parts = s.gram_parts
   in_specs = [
       _blk(tp, f, lambda x: x // a_rep, lambda j: 0),
       _blk(tp, bv, lambda x: x // b_rep, lambda j: j),
-      pl.BlockSpec((None, None, tp), lambda j, n_, sp, b: (b, n_, 0)),
   ]
+  args = [a, bmat]
+  if w is not None:
+    in_specs.append(pl.BlockSpec((None, None, tp),
+                                 lambda j, n_, sp, b: (b, n_, 0)))
+    args.append(w)
   out = _flat_call(
-      functools.partial(_gram_kernel, s=s, first=int(reverse)),
+      functools.partial(_gram_kernel, s=s, first=int(reverse),
+                        weighted=w is not None, scale=float(scale)),
       grid=(vp // bv, n, (s.splits - 1) * parts, bsz),
       in_specs=in_specs,
       out_specs=_state_spec(f, bv),
@@ -818,7 +835,7 @@ def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False):
       compiler_params=_params(s, gram=True),
       interpret=s.interpret,
       name="linear_scan_split_state",
-  )(a, bmat, w)
+  )(*args)
   if parts > 1:
     out = out.reshape(bsz, n, s.splits - 1, parts, f, vp).sum(axis=3)
   return out
@@ -986,9 +1003,8 @@ def _prep(g, resets, s: _Static, num_heads: int, batch: int):
       sq = jnp.broadcast_to(sq, shape + sq.shape[2:])
       sk = jnp.broadcast_to(sk, shape + sk.shape[2:])
       sdec = jnp.broadcast_to(sdec, shape + sdec.shape[2:])
-    else:
-      tp = s.splits * s.split_len
-      sq = sk = jnp.ones((batch, num_heads, tp), _F32)
+    else:  # no per-row weights: the Gram pass takes none
+      sq = sk = None
       sdec = jnp.ones((batch, num_heads, s.splits), _F32)
     prep.update(sq=sq, sk=sk, sdec=sdec)
   return prep
@@ -1104,8 +1120,12 @@ def _core_bwd(s: _Static, res, cts):
   outs = _dq_call(q, k, v, do, prep, starts, s)
   dq = outs[0]
   if s.splits > 1:
-    dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1,
-                        reverse=True)
+    if s.has_w:
+      dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1,
+                          reverse=True)
+    else:
+      dlocal = _gram_call(q, do, None, s, a_rep=1, reverse=True,
+                          scale=s.scale)
     ds_end = _chain_splits(dlocal, prep["sdec"], dfinal, s, reverse=True)
   else:
     ds_end = dfinal[:, :, None]

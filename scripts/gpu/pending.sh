@@ -530,7 +530,8 @@ case "${1:-}" in
     # the Gram pass over 2 and 4 programs a split (KernelConfig.gram_parts,
     # opt-in) and its GPU test.
     bash $S "timeout 240 python3 scripts/gpu/linear_profile.py --parts" \
-      "timeout 100 $PYTEST tests/test_linear_pallas.py -k gram_parts_h128"
+      "timeout 150 $PYTEST tests/test_linear_pallas.py -k \
+         'gram_parts_h128 or ungated_h128'"
     ;;
   utblock)
     # DeltaConfig(ut_block_v): the UT kernel forms U and W by column

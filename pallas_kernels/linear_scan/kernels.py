@@ -71,6 +71,10 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = ["KernelConfig", "chunked_linear_attention", "default_config"]
 
 _F32 = jnp.float32
+# Without per-row weights (no gate, no resets) the Gram pass multiplies by
+# none (since 2026-12-06 evening); False: by ones, as before (timing only,
+# scripts/gpu/linear_profile.py --parts).
+_UNWEIGHTED_GRAM = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1005,6 +1009,9 @@ def _prep(g, resets, s: _Static, num_heads: int, batch: int):
       sdec = jnp.broadcast_to(sdec, shape + sdec.shape[2:])
     else:  # no per-row weights: the Gram pass takes none
       sq = sk = None
+      if not _UNWEIGHTED_GRAM:
+        tp = s.splits * s.split_len
+        sq = sk = jnp.ones((batch, num_heads, tp), _F32)
       sdec = jnp.ones((batch, num_heads, s.splits), _F32)
     prep.update(sq=sq, sk=sk, sdec=sdec)
   return prep
@@ -1120,7 +1127,7 @@ def _core_bwd(s: _Static, res, cts):
   outs = _dq_call(q, k, v, do, prep, starts, s)
   dq = outs[0]
   if s.splits > 1:
-    if s.has_w:
+    if prep["sq"] is not None:
       dlocal = _gram_call(q, do, prep["sq"] * s.scale, s, a_rep=1,
                           reverse=True)
     else:

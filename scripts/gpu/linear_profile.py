@@ -166,21 +166,29 @@ GRAM_TILINGS = (dict(num_warps_gram=4), dict(num_stages_gram=4),
 
 
 def parts():
-  """The forward's split path piece by piece at each length beyond the
-  one-split 16k (B = 4): the Gram pass, the chain over splits, the sweeps
-  from the split starts, the weights (jnp), beside the whole forward, with
-  the defaults of each (ungated: 4 stages; fixed decay: 2), then the Gram
-  pass at other tilings. The question: where do the ~0.19 ms go that
-  T = 32k / 64k (121 / 119 M tokens/s, B = 2 / 1) spend beyond 16k's
-  one-split forward (185)."""
+  """The forward's split path piece by piece (the Gram pass, the chain
+  over splits, the sweeps from the split starts, the weights) at T = 32k
+  and 64k (B = 2, 1), beside the whole forward: where the ~0.19 ms go
+  that 32k / 64k (121 / 119 M tokens/s without a gate) spend beyond 16k's
+  one-split forward (185). First ungated with the Gram pass weighted by
+  ones (as before 2026-12-06 evening) and not (the default now); then the
+  fixed decay (2 stages) with 16k for scale; then the Gram pass at other
+  tilings and the whole forward with KernelConfig(gram_parts)."""
   print("== parts (forward, defaults per gate)")
-  for gate in (False, True):
-    base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
-    print(f"-- gate={gate} stages={base.num_stages}")
-    for b, t in ((4, 16384), (2, 32768), (1, 65536)):
-      _whole(b, t, gate, base, f"B={b} T={t} whole", bwd=False)
-      _parts(b, t, gate, base)
   base = kernels.default_config(jnp.bfloat16, H, H, gated=False)
+  for weighted in (True, False):
+    kernels._UNWEIGHTED_GRAM = not weighted
+    print(f"-- gate=False stages={base.num_stages} Gram weighted by ones: "
+          f"{weighted}")
+    for b, t in ((2, 32768), (1, 65536)):
+      _whole(b, t, False, base, f"B={b} T={t} whole")
+      _parts(b, t, False, base)
+  kernels._UNWEIGHTED_GRAM = True
+  gbase = kernels.default_config(jnp.bfloat16, H, H, gated=True)
+  print(f"-- gate=True (fixed decay) stages={gbase.num_stages}")
+  for b, t in ((4, 16384), (2, 32768), (1, 65536)):
+    _whole(b, t, True, gbase, f"B={b} T={t} whole", bwd=False)
+    _parts(b, t, True, gbase)
   print("-- Gram tilings (no gate)")
   for b, t in ((2, 32768), (1, 65536)):
     q, k, v, g = _inputs(b, t, False)
@@ -192,11 +200,10 @@ def parts():
       _line(f"T={t} gram {json.dumps(over)}", b, t,
             _time(gram, k, v, prep["sk"]))
   print("-- whole forward with KernelConfig(gram_parts)")
-  for gate in (False, True):
-    base = kernels.default_config(jnp.bfloat16, H, H, gated=gate)
+  for gate, cfg in ((False, base), (True, gbase)):
     for b, t in ((2, 32768), (1, 65536)):
-      for parts_ in (1, 2, 4):
-        _whole(b, t, gate, dataclasses.replace(base, gram_parts=parts_),
+      for parts_ in (2, 4):
+        _whole(b, t, gate, dataclasses.replace(cfg, gram_parts=parts_),
                f"gate={gate} T={t} gram_parts={parts_}", bwd=False)
 
 

@@ -529,7 +529,7 @@ case "${1:-}" in
     # forward (185); Lightning Attention's "constant speed" goal. With
     # the Gram pass over 2 and 4 programs a split (KernelConfig.gram_parts,
     # opt-in) and its GPU test.
-    bash $S "timeout 240 python3 scripts/gpu/linear_profile.py --parts" \
+    bash $S "timeout 330 python3 scripts/gpu/linear_profile.py --parts" \
       "timeout 150 $PYTEST tests/test_linear_pallas.py -k \
          'gram_parts_h128 or ungated_h128'"
     ;;

@@ -509,6 +509,24 @@ case "${1:-}" in
          '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
          --variants ours,qdiv"
     ;;
+  one13)
+    # first13 and parts squeezed into one call (2026-12-06 evening, when
+    # the session's device time had gone to refused starts): the GPU
+    # tests of both (the two Mosaic tests, ut_block_v32 and the delta
+    # default, gram_parts and the ungated H = 128 path with the unweighted
+    # Gram pass), then the parts profile (cut at its limit; the two Gram
+    # forms come first), then ut_block_v 32 beside the default at 32k.
+    bash $S \
+      "timeout 110 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         'dq_evict_last or former_step_forms'" \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py \
+         tests/test_linear_pallas.py -k \
+         '(gpu_delta_kernel_configs and (ut_block_v32 or default)) or \
+          gram_parts_h128 or ungated_h128'" \
+      "timeout 180 python3 scripts/gpu/linear_profile.py --parts" \
+      "cd scripts/gpu && timeout 140 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768 --ut-blocks=32"
+    ;;
   first13)
     # The session of 2026-12-06 evening: the two Mosaic GPU tests not run
     # since the thread-safe hint wrapper and the step-form rename

@@ -134,8 +134,10 @@ class DeltaConfig:
       the kernel spills 264 bytes as a whole in the forward alone and
       none at 64 or 32 (at 16: 564); under differentiation (T stored,
       scores formed) 696 / 760 bytes as a whole, 20 at 64, none at 32.
-      All use 255 registers, so occupancy does not change. Opt-in, not
-      yet timed on a GPU (``pending.sh utblock``).
+      All use 255 registers, so occupancy does not change. Slower on an
+      H100 (run82, T = 32k, B = 2, gated: the UT kernel alone 0.877 ->
+      1.226 ms at 32, forward 2.50 -> 2.83 ms, forward+backward 9.72 ->
+      9.76; GPU test passed in bf16), so it stays opt-in.
     forward_states: under differentiation, the forward sweep also writes
       the state entering each chunk and the chunk's new values (bf16
       [B, N, T / C, F, V] and [B, T, N, V]) as residuals, so the backward

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run81), as calls of under 10 minutes on one GPU, most decisive first:
-# next1 (~7.5 min: the bench's dispatch path beside mosaic_check's at
-# H = 128 16k causal GQA, where run78's bench row was 515 against 550 in
-# run77, then fwdprof's in-kernel profile of the H = 64 forward step: the
-# grid's lowest rows), bwd1k (the H = 128 1k backward under the
-# profiler; ~5 min), utblock (DeltaConfig(ut_block_v): the UT kernel
-# without spills; ~7 min), call4 (the delta rows of the linear report,
+# run87), as calls of under 10 minutes on one GPU, most decisive first:
+# split16k (~4 min: the gated linear forwards at T = 16k, B = 4 with 2
+# and 4 sequence splits beside the default's one, forward and
+# forward+backward: run82 found the gated sweeps latency-bound, faster
+# in more, shorter programs), call4 (the delta rows of the linear report,
 # run41's, re-measured), linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), then short, profile,
 # gap64k, pftimes, pftests, call1, call2, call3
+# (run82: one13 (the Mosaic tests of dq_evict_last and the former step
+# forms 7/7; ut_block_v and gram_parts GPU-tested and timed, both slower;
+# the unweighted Gram pass tested and timed, kept); run83: the no-decay
+# report rows; run84: bwd1k; run85: next1's first step (dispatch = the
+# kernels); run86/run87: fwdprof)
 # (run77: dpinit (the Mosaic suite 102/102 with the step forms then
 # prepared, timed beside the defaults; all three became the defaults);
 # run78-run80: rows6, rows5 and the Mosaic suite again with the new
@@ -508,6 +511,26 @@ case "${1:-}" in
       "$(mc_time 110) --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
          --variants ours,qdiv"
+    ;;
+  split16k)
+    # The gated linear forwards at T = 16k, B = 4 (128 programs of 256
+    # chunks at one split, the default there since run49) with 2 and 4
+    # splits: run82's parts profile had the fixed-decay sweeps at 0.485 ms
+    # for 256 programs of 128 chunks (32k) against 0.742 ms whole for the
+    # one-split 16k forward. Forward and forward+backward, fixed decay and
+    # scalar gate (and no decay, whose one split won in run49).
+    bash $S \
+      "timeout 150 python3 -m attnjax.bench.linear --variants \
+         no_decay,fixed_decay,scalar_gate --impls pallas --no-softmax \
+         --no-fla --seqs 16384" \
+      "env ATTNJAX_LINEAR_SCAN_CONFIG='{\"num_splits\": 2}' timeout 150 \
+         python3 -m attnjax.bench.linear --variants \
+         no_decay,fixed_decay,scalar_gate --impls pallas --no-softmax \
+         --no-fla --seqs 16384" \
+      "env ATTNJAX_LINEAR_SCAN_CONFIG='{\"num_splits\": 4}' timeout 150 \
+         python3 -m attnjax.bench.linear --variants \
+         no_decay,fixed_decay,scalar_gate --impls pallas --no-softmax \
+         --no-fla --seqs 16384"
     ;;
   one13)
     # first13 and parts squeezed into one call (2026-12-06 evening, when

@@ -187,6 +187,26 @@ class TestMosaicGPU:
     check_against_reference(impl, inputs(f"pf{case}", t=1300, n=4, kh=2, h=h),
                             dtype=BF16, **kw[case])
 
+  @pytest.mark.parametrize("case", ["h64", "h128_causal", "h256_sinks"])
+  def test_serial_turn_forward(self, monkeypatch, case):
+    # mosaic_gpu._SERIAL_TURN (opt-in; mosaic_check.py variant
+    # "serialturn"): P V waited for inside the consumer's turn, as
+    # tokamax's sm90 forward does; forward and gradients (the backward
+    # reads the forward's LSE).
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(fwd_lib, "_SERIAL_TURN", True)
+    seg = testing.random_segment_ids(_key("st", case), 2, 1300, 4)
+    kw = {"h64": dict(arrays={"segment_ids": seg}),
+          "h128_causal": dict(is_causal=True),
+          "h256_sinks": dict(sinks=jax.random.normal(_key("stk"), (4,)),
+                             logits_soft_cap=5.0,
+                             arrays={"kv_lengths": jnp.array([1300, 777],
+                                                             jnp.int32)})}
+    h = {"h128_causal": 128, "h256_sinks": 256}.get(case, 64)
+    check_against_reference(pallas_mosaic.mosaic_attention,
+                            inputs(f"st{case}", t=1300, n=4, kh=2, h=h),
+                            dtype=BF16, **kw[case])
+
   @pytest.mark.parametrize("stages,causal", [(3, False), (2, True)])
   def test_key_blocks_192(self, stages, causal):
     # FwdConfig(block_kv=192) at H = 64 (variants kv192 / kv192s2 of

@@ -385,6 +385,29 @@ def test_former_step_forms(monkeypatch, case):
   _check(f"pf{case}", **kw)
 
 
+@pytest.mark.parametrize("case", ["h64_segments", "h128_causal",
+                                  "h256_sinks_cap"])
+def test_serial_turn_forward(monkeypatch, case):
+  # mosaic_gpu._SERIAL_TURN (opt-in; mosaic_check variant "serialturn"):
+  # each step waits for its P V inside the consumer's turn before issuing
+  # the next Q K^T. Forward against the reference, masked and unmasked
+  # steps, several blocks a tile, persistent CTAs over several items.
+  monkeypatch.setattr(fwd_lib, "_SERIAL_TURN", True)
+  seg = testing.random_segment_ids(_key("st", case), 2, 430, 3)
+  kw = {"h64_segments": dict(shape=dict(t=430, n=4, kh=2, h=64),
+                             arrays={"segment_ids": seg},
+                             fwd_config=_fwd_cfg(64, num_ctas=3)),
+        "h128_causal": dict(shape=dict(t=430, n=4, kh=2, h=128),
+                            is_causal=True,
+                            fwd_config=_fwd_cfg(128, num_ctas=3)),
+        "h256_sinks_cap": dict(shape=dict(t=300, n=2, kh=1, h=256),
+                               sinks=jax.random.normal(_key("stk"), (2,)),
+                               logits_soft_cap=5.0,
+                               arrays={"kv_lengths": jnp.array(
+                                   [300, 170], jnp.int32)})}[case]
+  _check(f"st{case}", grads=False, **kw)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_blocks_192(causal):
   # FwdConfig(block_kv=192) at H = 64 (mosaic_check.py variant kv192):

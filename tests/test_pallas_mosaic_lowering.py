@@ -300,6 +300,13 @@ def test_lowers_fused_timing_diagnostics(monkeypatch, drop):
   _lower(h=128, t=400, bwd_config=bwd_lib.BwdConfig(fused_dq=True))
 
 
+@pytest.mark.parametrize("h,causal", [(64, False), (128, True), (256, True)])
+def test_lowers_serial_turn_forward(monkeypatch, h, causal):
+  # mosaic_gpu._SERIAL_TURN (opt-in; mosaic_check.py's "serialturn").
+  monkeypatch.setattr(fwd_lib, "_SERIAL_TURN", True)
+  _lower(h=h, t=400, is_causal=causal)
+
+
 @pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
 def test_lowers_fused_backward(h, causal):
   # dQ inside the dK/dV kernel: two Mosaic GPU kernels (forward, dK/dV/dQ).

@@ -124,6 +124,16 @@ def _fwd_params(cfg):
 _L_PARTIAL = True
 _L_GROUP = 8
 
+# The order of a forward step, read when tracing. False (the default): in
+# its turn a consumer issues Q K_{j+1}^T and P_j V_j together and hands
+# the turn on; it then waits for S, runs the softmax and waits for P_j V_j
+# (in the H = 64 SASS that wait lands before the first exponential).
+# True (opt-in; mosaic_check variant "serialturn"): tokamax's sm90 order,
+# in its turn a consumer issues P_j V_j, waits for it, issues Q K_{j+1}^T
+# and only then hands the turn on; then waits for S and runs the softmax
+# with no matmul of its own in flight.
+_SERIAL_TURN = False
+
 
 def _column_group_sum(p):
   """[rows, 8]: the sum of p's 8-column groups, a pairwise tree (each
@@ -741,6 +751,8 @@ def flash_forward(
             m, l, p = carry
             slot = lax.rem(step + (j - lo), jnp.int32(stages))
             nslot = lax.rem(step + (j + 1 - lo), jnp.int32(stages))
+            if _SERIAL_TURN:
+              return serial_step(j, carry, slot, nslot, masked)
             with jax.named_scope("wait_kv"):
               plgpu.barrier_wait(k_ready.at[nslot])
               plgpu.barrier_wait(v_ready.at[slot])
@@ -773,6 +785,40 @@ def flash_forward(
               with jax.named_scope("wait_pv"):
                 plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(v_free.at[slot])
+              return m_new, l_new, p_new.astype(dtype), alpha
+
+            m, l, p, alpha = pl.run_scoped(
+                scope, plgpu.ACC((bq, bk), jnp.float32))
+            with jax.named_scope("rescale"):
+              o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
+              o_ref[...] = o * row(alpha, o.shape)
+            return m, l, p
+
+          def serial_step(j, carry, slot, nslot, masked):
+            """middle_block in tokamax's order (``_SERIAL_TURN``)."""
+            m, l, p = carry
+            with jax.named_scope("wait_kv"):
+              plgpu.barrier_wait(v_ready.at[slot])
+              plgpu.barrier_wait(k_ready.at[nslot])
+            with jax.named_scope("wait_turn"):
+              sched_wait()
+
+            def scope(s_ref):
+              q_j = (q_smem.at[buf + _opaque_zero(j, hi + 1), wg]
+                     if h <= 128 else q_w)
+              plgpu.wgmma(o_ref, p, v_smem.at[slot])
+              with jax.named_scope("wait_pv"):
+                plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(v_free.at[slot])
+              plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
+              sched_signal()
+              with jax.named_scope("wait_s"):
+                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
+              kvseg = kv_segments(nslot, masked)
+              plgpu.barrier_arrive(k_free.at[nslot])
+              with jax.named_scope("softmax"):
+                m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
+                                                     masked)
               return m_new, l_new, p_new.astype(dtype), alpha
 
             m, l, p, alpha = pl.run_scoped(

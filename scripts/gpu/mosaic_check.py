@@ -373,12 +373,14 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # (mosaic_gpu_bwd._DP_INIT), "lshuffle" P's row sums reduced across lanes
 # every block (mosaic_gpu._L_PARTIAL), "dqstatic" the fused backward at
 # H = 64 emitting dQ from one static branch per consumer
-# (mosaic_gpu_bwd._DQ_TURN; with the fused backward).
+# (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
+# forward step in tokamax's order, P V waited for inside the turn
+# (mosaic_gpu._SERIAL_TURN; opt-in).
 KERNEL_FORMS = {
     "qdiv": dict(q_index="div"),
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
     "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
-    "dqstatic": dict(dq_turn="static")}
+    "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True)}
 
 
 @contextlib.contextmanager
@@ -387,15 +389,18 @@ def kernel_forms(name):
   from pallas_kernels.flash import mosaic_gpu as fl  # pylint: disable=g-import-not-at-top
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   forms = KERNEL_FORMS.get(name, {})
-  saved = (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN)  # pylint: disable=protected-access
+  saved = (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
+           fl._SERIAL_TURN)  # pylint: disable=protected-access
   fl._ZERO_FORM = forms.get("q_index", saved[0])  # pylint: disable=protected-access
   bl._DP_INIT = forms.get("dp_init", saved[1])  # pylint: disable=protected-access
   fl._L_PARTIAL = forms.get("l_partial", saved[2])  # pylint: disable=protected-access
   bl._DQ_TURN = forms.get("dq_turn", saved[3])  # pylint: disable=protected-access
+  fl._SERIAL_TURN = forms.get("serial", saved[4])  # pylint: disable=protected-access
   try:
     yield
   finally:
-    (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN) = saved  # pylint: disable=protected-access
+    (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
+     fl._SERIAL_TURN) = saved
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -556,6 +561,10 @@ def _variant_configs(name, h):
       "oldforms": (None, None, both),
       "dpzero": (None, None, ("fwdbwd",)),
       "lshuffle": (None, None, fonly),
+      # The forward step in tokamax's order (KERNEL_FORMS): 441
+      # instructions at H = 64, no spills at H = 64, 128, 256 (H100
+      # compile, 2026-12-06).
+      "serialturn": (None, None, fonly),
       "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
@@ -827,7 +836,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

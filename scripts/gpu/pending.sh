@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-06, after
 # run87), as calls of under 10 minutes on one GPU, most decisive first:
-# split16k (~4 min: the gated linear forwards at T = 16k, B = 4 with 2
+# serialturn (~7 min: the forward step in tokamax's order, its GPU tests
+# and timings at the H = 64 rows below 1.0), split16k (~4 min: the gated linear forwards at T = 16k, B = 4 with 2
 # and 4 sequence splits beside the default's one, forward and
 # forward+backward: run82 found the gated sweeps latency-bound, faster
 # in more, shorter programs), call4 (the delta rows of the linear report,
@@ -511,6 +512,21 @@ case "${1:-}" in
       "$(mc_time 110) --no-cudnn --no-tokamax --configs \
          '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
          --variants ours,qdiv"
+    ;;
+  serialturn)
+    # The forward step in tokamax's order (mosaic_gpu._SERIAL_TURN,
+    # opt-in): P V waited for inside the consumer's turn, Q K^T issued
+    # after it. In the SASS of both forms every exponential follows the
+    # wait for P V; tokamax's (2100 cycles a step at H = 64 4k full
+    # against our 2300) also covers P V's completion in its turn. Its GPU
+    # tests, then ours / serialturn beside cuDNN and tokamax at the H = 64
+    # rows below 1.0 and at H = 128.
+    bash $S \
+      "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         serial_turn_forward" \
+      "$(mc_time 300) --configs \
+         '64:4096:*:mha,64:1024:full:*,64:16384:causal:mha,128:4096:full:mha,128:16384:causal:gqa' \
+         --variants ours,serialturn"
     ;;
   split16k)
     # The gated linear forwards at T = 16k, B = 4 (128 programs of 256

@@ -74,6 +74,19 @@ def test_pallas_prefetch_weights_matches_scan(name, splits, monkeypatch):
   check_against_scan(case, "pallas", chunk_size=16)
 
 
+def _spy_statics(monkeypatch):
+  """A list that collects the _Static of every call of kernels._core."""
+  seen = []
+  core = kernels._core
+
+  def spy(*a):
+    seen.append(a[-1])
+    return core(*a)
+
+  monkeypatch.setattr(kernels, "_core", spy)
+  return seen
+
+
 @pytest.mark.parametrize("name,splits,parts", [
     ("gated_segments", 4, 4), ("bf16", 2, 4), ("plain_gqa", 3, 2),
     ("segments_only", 2, 8)])
@@ -89,14 +102,7 @@ def test_pallas_gram_parts_matches_scan(name, splits, parts, monkeypatch):
                block_rows=16)
   case = linear_case(key_for("pallas-gram-parts", name),
                      **{**kw, "length": 250})
-  seen = []
-  core = kernels._core
-
-  def spy(*a):
-    seen.append(a[-1])
-    return core(*a)
-
-  monkeypatch.setattr(kernels, "_core", spy)
+  seen = _spy_statics(monkeypatch)
   check_against_scan(case, "pallas", chunk_size=16)
   assert seen and all(st.gram_parts == parts and st.splits == splits
                       for st in seen), seen
@@ -106,14 +112,7 @@ def test_pallas_gram_parts_reduced_to_whole_steps(monkeypatch):
   """gram_parts halves until each part is whole Gram steps: 100 tokens in
   chunks of 16 over 2 splits (4 chunks, 64 rows a split) with 64-row
   steps leave one part; rounded up to a power of two first (3 -> 4)."""
-  seen = []
-  core = kernels._core
-
-  def spy(*a):
-    seen.append(a[-1])
-    return core(*a)
-
-  monkeypatch.setattr(kernels, "_core", spy)
+  seen = _spy_statics(monkeypatch)
   x = jnp.ones((1, 100, 1, 16), F32)
   for rows, parts, want in ((64, 4, 1), (32, 4, 2), (16, 3, 4)):
     cfg = kernels.KernelConfig(chunk=16, num_splits=2, block_rows=rows,

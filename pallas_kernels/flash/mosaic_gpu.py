@@ -751,8 +751,6 @@ def flash_forward(
             m, l, p = carry
             slot = lax.rem(step + (j - lo), jnp.int32(stages))
             nslot = lax.rem(step + (j + 1 - lo), jnp.int32(stages))
-            if _SERIAL_TURN:
-              return serial_step(j, carry, slot, nslot, masked)
             with jax.named_scope("wait_kv"):
               plgpu.barrier_wait(k_ready.at[nslot])
               plgpu.barrier_wait(v_ready.at[slot])
@@ -766,16 +764,25 @@ def flash_forward(
               # with it).
               q_j = (q_smem.at[buf + _opaque_zero(j, hi + 1), wg]
                      if h <= 128 else q_w)
+              if _SERIAL_TURN:  # P_j V_j done within the turn
+                plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                with jax.named_scope("wait_pv"):
+                  plgpu.wgmma_wait(0)
+                plgpu.barrier_arrive(v_free.at[slot])
               plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
-              plgpu.wgmma(o_ref, p, v_smem.at[slot])
+              if not _SERIAL_TURN:
+                plgpu.wgmma(o_ref, p, v_smem.at[slot])
               sched_signal()
               with jax.named_scope("wait_s"):
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+                s = plgpu.wgmma_accumulator_load(
+                    s_ref, wait_n=0 if _SERIAL_TURN else 1)
               kvseg = kv_segments(nslot, masked)
               plgpu.barrier_arrive(k_free.at[nslot])
               with jax.named_scope("softmax"):
                 m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
                                                      masked)
+              if _SERIAL_TURN:
+                return m_new, l_new, p_new.astype(dtype), alpha
               # Keep the softmax above the wait in LLVM's schedule. (ptxas,
               # 13.0, still moves the exponentials below the wait; the row
               # max overlaps P_j V_j, and the other consumer's matmuls cover
@@ -785,40 +792,6 @@ def flash_forward(
               with jax.named_scope("wait_pv"):
                 plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(v_free.at[slot])
-              return m_new, l_new, p_new.astype(dtype), alpha
-
-            m, l, p, alpha = pl.run_scoped(
-                scope, plgpu.ACC((bq, bk), jnp.float32))
-            with jax.named_scope("rescale"):
-              o = plgpu.wgmma_accumulator_load(o_ref, wait_n=None)
-              o_ref[...] = o * row(alpha, o.shape)
-            return m, l, p
-
-          def serial_step(j, carry, slot, nslot, masked):
-            """middle_block in tokamax's order (``_SERIAL_TURN``)."""
-            m, l, p = carry
-            with jax.named_scope("wait_kv"):
-              plgpu.barrier_wait(v_ready.at[slot])
-              plgpu.barrier_wait(k_ready.at[nslot])
-            with jax.named_scope("wait_turn"):
-              sched_wait()
-
-            def scope(s_ref):
-              q_j = (q_smem.at[buf + _opaque_zero(j, hi + 1), wg]
-                     if h <= 128 else q_w)
-              plgpu.wgmma(o_ref, p, v_smem.at[slot])
-              with jax.named_scope("wait_pv"):
-                plgpu.wgmma_wait(0)
-              plgpu.barrier_arrive(v_free.at[slot])
-              plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
-              sched_signal()
-              with jax.named_scope("wait_s"):
-                s = plgpu.wgmma_accumulator_load(s_ref, wait_n=0)
-              kvseg = kv_segments(nslot, masked)
-              plgpu.barrier_arrive(k_free.at[nslot])
-              with jax.named_scope("softmax"):
-                m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
-                                                     masked)
               return m_new, l_new, p_new.astype(dtype), alpha
 
             m, l, p, alpha = pl.run_scoped(

@@ -809,8 +809,7 @@ def _chained_call(q, k, v, prep, s0, s: _Static):
 def _gram_call(a, bmat, w, s: _Static, a_rep: int, reverse: bool = False,
                scale: float = 1.0):
   """Per-split sum of scale (w * a)^T b; a [B,Tp,Na,F], b [B,Tp,Nb,V], w
-  [B,N,Tp] or None (no weights; the head count n then from ``s.rep``:
-  a_rep = 1 means a has the query heads).
+  [B,N,Tp] or None (no weights), with N = Na * a_rep query heads.
 
   Only the splits whose sums the chain over splits reads (``_chain_splits``):
   all but the last one (forward) or all but the first (``reverse``), so

@@ -108,6 +108,20 @@ def test_pallas_gram_parts_matches_scan(name, splits, parts, monkeypatch):
                       for st in seen), seen
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_pallas_ones_weighted_gram_matches_scan(splits, monkeypatch):
+  """kernels._UNWEIGHTED_GRAM = False (the timing switch for the former
+  form: the ungated Gram pass weighted by ones, the backward's scale
+  folded into the weights) still matches the scan, forward and
+  gradients."""
+  monkeypatch.setattr(kernels, "_UNWEIGHTED_GRAM", False)
+  kw, _ = _CASES["plain_gqa"]  # no gate, no resets: the only such case
+  _with_config(monkeypatch, num_splits=splits)
+  case = linear_case(key_for("pallas-ones-gram", splits),
+                     **{**kw, "length": 100})
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
 def test_pallas_gram_parts_reduced_to_whole_steps(monkeypatch):
   """gram_parts halves until each part is whole Gram steps: 100 tokens in
   chunks of 16 over 2 splits (4 chunks, 64 rows a split) with 64-row

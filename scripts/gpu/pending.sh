@@ -517,24 +517,20 @@ case "${1:-}" in
     # The delta rule's backward tilings at T = 16k / 32k (B = 4 / 2),
     # where its forward+backward trails fla's chunk_delta_rule (run90:
     # 0.967 / 0.942): the reverse sweep's value block (auto: 32 at 16k,
-    # 16 at 32k), warps and stages, and the forward sweep's warps (2:
-    # lighter steps in the latency-bound states sweep), the default
+    # 16 at 32k: 64 and 32 tried) and stages, the default
     # first and last (drift); then the GPU tests of the fastest override
     # if it beats the default at both T by more than 2%.
     B="timeout 80 python3 -m attnjax.bench.linear --variants delta \
        --impls pallas --no-softmax --no-fla --seqs 16384,32768 \
-       --modes fwd,fwd+bwd"
+       --modes fwd+bwd"
     bash $S \
       "ATTNJAX_BENCH_ROWS=\$OUT/c0.jsonl $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c1.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 64}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c2.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 32}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_bwd\": 8}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 32}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c4.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages_bwd\": 2}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c5.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps\": 2}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c6.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_bwd\": 2}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c7.jsonl $B" \
       "cfg=\$(python3 scripts/gpu/pick_config.py --variant delta \
-         --baseline \$OUT/c0.jsonl,\$OUT/c7.jsonl \$OUT/c[1-6].jsonl); \
+         --baseline \$OUT/c0.jsonl,\$OUT/c7.jsonl \$OUT/c[1-4].jsonl); \
        echo \"picked: \$cfg\"; if [ -n \"\$cfg\" ]; then \
        ATTNJAX_DELTA_CONFIG=\"\$cfg\" timeout 120 python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA -p no:benchmark -n 4 \

@@ -207,6 +207,29 @@ class TestMosaicGPU:
                             inputs(f"st{case}", t=1300, n=4, kh=2, h=h),
                             dtype=BF16, **kw[case])
 
+  @pytest.mark.parametrize("case", ["h64", "h64_causal", "h64_wg3"])
+  def test_p_in_smem_forward(self, monkeypatch, case):
+    # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py variant "psmem"): P_j in
+    # a two-slot SMEM ring so that the softmax runs under P_{j-1} V_{j-1};
+    # forward and gradients (the backward reads the forward's LSE), with
+    # segment ids, causal, and FA3's three-consumer tile at 16k.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
+    if case == "h64_wg3":
+      t = fwd_lib.WG3_MIN_LEN + 50
+      inp = inputs("ps_wg3", b=1, t=t, n=2, kh=1, h=64)
+      p, _ = make_problem(inp.q, inp.k, inp.v)
+      assert pallas_mosaic.make_plan(p).fwd.num_compute_wgs == 3
+      seg = testing.random_segment_ids(_key("ps_wg3s"), 1, t, 3)
+      kw = dict(arrays={"segment_ids": seg})
+    else:
+      inp = inputs(f"ps{case}", t=1300, n=4, kh=2, h=64)
+      seg = testing.random_segment_ids(_key("ps", case), 2, 1300, 4)
+      kw = (dict(is_causal=True) if case == "h64_causal"
+            else dict(arrays={"segment_ids": seg}))
+    check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
+                            dtype=BF16, **kw)
+
   @pytest.mark.parametrize("stages,causal", [(3, False), (2, True)])
   def test_key_blocks_192(self, stages, causal):
     # FwdConfig(block_kv=192) at H = 64 (variants kv192 / kv192s2 of

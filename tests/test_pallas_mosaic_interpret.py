@@ -409,6 +409,43 @@ def test_serial_turn_forward(monkeypatch, case):
   _check(f"st{case}", grads=case == "h128_causal", **kw)
 
 
+@pytest.mark.parametrize("case", ["h64_segments", "h64_causal",
+                                  "h64_three_consumers"])
+def test_p_in_smem_forward(monkeypatch, case):
+  # mosaic_gpu._P_SMEM (opt-in; mosaic_check variant "psmem"): P_j in a
+  # two-slot SMEM ring, stored while P_{j-1} V_{j-1} may still run. Masked
+  # and unmasked steps, several blocks a tile (both slots reused), tiles
+  # of one block (the last block reads the first block's slot),
+  # persistent CTAs over several items.
+  monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
+  seg = testing.random_segment_ids(_key("ps", case), 2, 430, 3)
+  cfg = {"h64_segments": _fwd_cfg(64, num_ctas=3),
+         "h64_causal": _fwd_cfg(64, num_ctas=3),
+         "h64_three_consumers": _fwd_cfg(
+             64, num_compute_wgs=3, num_stages=3, consumer_regs=160,
+             producer_regs=32, num_ctas=3)}[case]
+  assert fwd_lib._use_p_smem(cfg, 64, 64, 2, case == "h64_segments")  # pylint: disable=protected-access
+  kw = {"h64_segments": dict(arrays={"segment_ids": seg}),
+        "h64_causal": dict(is_causal=True),
+        "h64_three_consumers": dict(is_causal=True)}[case]
+  # Gradients once: the backward reads the forward's log-sum-exp.
+  _check(f"ps{case}", shape=dict(t=430, n=4, kh=2, h=64),
+         grads=case == "h64_causal", fwd_config=cfg, **kw)
+
+
+def test_p_in_smem_only_where_it_fits(monkeypatch):
+  # The P ring (64 KB with two consumers) fits beside H = 64's buffers;
+  # at H = 128 and 256 the forward keeps P in registers (Mosaic GPU
+  # asked 232528 bytes of the H100's 232448 at H = 128).
+  monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
+  fits = {h: fwd_lib._use_p_smem(fwd_lib.default_fwd_config(h), h, h, 2,  # pylint: disable=protected-access
+                                 False) for h in (64, 128, 256)}
+  assert fits == {64: True, 128: False, 256: False}
+  monkeypatch.setattr(fwd_lib, "_P_SMEM", False)
+  assert not fwd_lib._use_p_smem(fwd_lib.default_fwd_config(64), 64, 64, 2,  # pylint: disable=protected-access
+                                 False)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_key_blocks_192(causal):
   # FwdConfig(block_kv=192) at H = 64 (mosaic_check.py variant kv192):

@@ -307,6 +307,13 @@ def test_lowers_serial_turn_forward(monkeypatch, h, causal):
   _lower(h=h, t=400, is_causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowers_p_in_smem_forward(monkeypatch, causal):
+  # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py's "psmem"), H = 64.
+  monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
+  _lower(h=64, t=400, is_causal=causal)
+
+
 @pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
 def test_lowers_fused_backward(h, causal):
   # dQ inside the dK/dV kernel: two Mosaic GPU kernels (forward, dK/dV/dQ).

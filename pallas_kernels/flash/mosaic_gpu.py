@@ -136,6 +136,20 @@ _L_GROUP = 8
 # 16k causal GQA (638 -> 605); so not the default.
 _SERIAL_TURN = False
 
+# Where P_j, the A operand of P_j V_j, lives, read when tracing. False (the
+# default): in registers (the softmax's 16-bit output). True (opt-in;
+# mosaic_check variant "psmem"): in a two-slot SMEM ring per consumer
+# ([2, wgs, block_q, block_kv], 64 KB at H = 64 with two consumers), block
+# j in slot j % 2. In the H = 64 SASS the default's wait for P_j V_j lands
+# before the first exponential of block j + 1: ptxas gives the new P the
+# registers the in-flight wgmma reads. With P_j in SMEM no register of the
+# softmax is a wgmma operand, so only the O rescale has to wait for P_j
+# V_j, and the exponentials may run under it (FlashAttention-3's intra-
+# warpgroup overlap); the price is a 16 KB SMEM store and a fence a block.
+# Slot (j + 1) % 2 was last read by P_{j-1} V_{j-1}, waited for in step
+# j - 1.
+_P_SMEM = False
+
 
 def _column_group_sum(p):
   """[rows, 8]: the sum of p's 8-column groups, a pairwise tree (each
@@ -268,8 +282,9 @@ def _rnd(n):
 
 def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
                itemsize: int = 2, segments: bool = False,
-               q_buffers: int | None = None) -> int:
-  """Shared memory the forward kernel allocates (rounded as Mosaic does)."""
+               q_buffers: int | None = None, p_smem: bool = False) -> int:
+  """Shared memory the forward kernel allocates (rounded as Mosaic does;
+  ``p_smem``: with the two-slot P ring of ``_P_SMEM``)."""
   qb = q_buffers or cfg.q_buffers or 1
   wgs, bq = cfg.num_compute_wgs, cfg.block_q
   total = _rnd(qb * wgs * bq * max(head_dim, head_dim_v) * itemsize)
@@ -279,14 +294,31 @@ def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
   if segments:
     total += _rnd(cfg.num_stages * cfg.block_kv * 4)
     total += _rnd(qb * wgs * bq * 4)
+  if p_smem:
+    total += _rnd(2 * wgs * bq * cfg.block_kv * itemsize)
   return total + 1024  # barriers
 
 
-def _q_buffers(cfg, h, hv, itemsize, segments):
+def _q_buffers(cfg, h, hv, itemsize, segments, p_smem=False):
   if cfg.q_buffers:
     return cfg.q_buffers
-  two = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=2)
+  two = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=2,
+                   p_smem=p_smem)
   return 2 if two <= SMEM_BYTES else 1
+
+
+# What Mosaic GPU allocates beyond smem_bytes' sum (barriers, alignment):
+# 2640 bytes for the H = 128 forward with the P ring and one Q buffer
+# (232528 against the H100's 232448: it does not fit).
+_P_SMEM_SLACK = 4096
+
+
+def _use_p_smem(cfg, h, hv, itemsize, segments):
+  """Whether ``_P_SMEM`` applies: where its ring fits beside one Q buffer
+  (H = 64 at the default tiling; not H = 128 or 256)."""
+  return _P_SMEM and (smem_bytes(cfg, h, hv, itemsize, segments,
+                                 q_buffers=1, p_smem=True)
+                      + _P_SMEM_SLACK <= SMEM_BYTES)
 
 
 def num_sms() -> int:
@@ -491,9 +523,11 @@ def flash_forward(
     raise ValueError("ranges point past the last key block")
   segments = q_segment_ids is not None
   itemsize = jnp.dtype(dtype).itemsize
-  qbufs = _q_buffers(cfg, h, hv, itemsize, segments)
+  p_in_smem = _use_p_smem(cfg, h, hv, itemsize, segments)
+  qbufs = _q_buffers(cfg, h, hv, itemsize, segments, p_in_smem)
   overlap = cfg.overlap_epilogue and qbufs == 2
-  need = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qbufs)
+  need = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qbufs,
+                    p_smem=p_in_smem)
   if need > SMEM_BYTES:
     raise NotImplementedError(f"config {cfg} needs {need} bytes of SMEM")
   groups = n // kh
@@ -511,7 +545,7 @@ def flash_forward(
   def kernel(q_ref, k_ref, v_ref, tab_ref, cnt_ref, sink_ref, qseg_ref,
              kvseg_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, q_smem, k_smem,
              v_smem, lse_smem, qseg_smem, kseg_smem, q_ready, q_free, k_ready,
-             v_ready, k_free, v_free):
+             v_ready, k_free, v_free, p_smem):
     cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
     n_items = cnt_ref[cta]
@@ -656,7 +690,10 @@ def flash_forward(
                        else 0.0, jnp.float32), _WGMMA)
         else:
           l0 = plgpu.layout_cast(l0, _ROW)
-        p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
+        if p_in_smem:  # P lives in p_smem; the carry holds a placeholder
+          p0 = jnp.int32(0)
+        else:
+          p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
         if overlap:  # the previous item's last block waited for it
           pl.when(jnp.logical_not(have_pre))(
               lambda: plgpu.barrier_wait(q_ready.at[buf]))
@@ -674,6 +711,23 @@ def flash_forward(
             def _():
               plgpu.wait_smem_to_gmem(0, wait_read_only=True)
               plgpu.barrier_arrive(q_free.at[1 - buf])
+
+        def p_slot(j):
+          return p_smem.at[lax.rem(j, jnp.int32(2)), wg]
+
+        def keep_p(p, j):
+          """Block j's probabilities as the A operand of its P V: in
+          registers, or stored in its SMEM slot (then a placeholder)."""
+          if not p_in_smem:
+            return p.astype(dtype)
+          p_slot(j)[...] = p.astype(dtype)
+          # Generic-proxy stores, then the wgmma's async-proxy reads (the
+          # fence includes the warpgroup barrier).
+          plgpu.commit_smem()
+          return jnp.int32(0)
+
+        def p_operand(p, j):
+          return p_slot(j) if p_in_smem else p
 
         def softmax(s, j, kvseg, m, l, masked):
           """Online softmax of block j's raw logits s (FA2 lines 8-10)."""
@@ -739,7 +793,7 @@ def flash_forward(
               release_previous_q()
               # O is still zero: its rescale by alpha is skipped.
               m, l, p, _ = softmax(s, lo, kvseg, m, l, masked)
-              return m, l, p.astype(dtype)
+              return m, l, keep_p(p, lo)
             return run
 
           def middle_block(j, carry, masked):
@@ -766,14 +820,15 @@ def flash_forward(
               # with it).
               q_j = (q_smem.at[buf + _opaque_zero(j, hi + 1), wg]
                      if h <= 128 else q_w)
+              pv_a = p_operand(p, j)
               if _SERIAL_TURN:  # P_j V_j done within the turn
-                plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                plgpu.wgmma(o_ref, pv_a, v_smem.at[slot])
                 with jax.named_scope("wait_pv"):
                   plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(v_free.at[slot])
               plgpu.wgmma(s_ref, q_j, k_smem.at[nslot].T)
               if not _SERIAL_TURN:
-                plgpu.wgmma(o_ref, p, v_smem.at[slot])
+                plgpu.wgmma(o_ref, pv_a, v_smem.at[slot])
               sched_signal()
               with jax.named_scope("wait_s"):
                 s = plgpu.wgmma_accumulator_load(
@@ -784,7 +839,11 @@ def flash_forward(
                 m_new, l_new, p_new, alpha = softmax(s, j + 1, kvseg, m, l,
                                                      masked)
               if _SERIAL_TURN:
-                return m_new, l_new, p_new.astype(dtype), alpha
+                return m_new, l_new, keep_p(p_new, j + 1), alpha
+              if p_in_smem:
+                # Slot (j + 1) % 2 is free (P_{j-1} V_{j-1} was waited for
+                # in the previous step): store P_{j+1} while P_j V_j runs.
+                p_new = keep_p(p_new, j + 1)
               # Keep the softmax above the wait in LLVM's schedule. (ptxas,
               # 13.0, still moves the exponentials below the wait; the row
               # max overlaps P_j V_j, and the other consumer's matmuls cover
@@ -794,6 +853,8 @@ def flash_forward(
               with jax.named_scope("wait_pv"):
                 plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(v_free.at[slot])
+              if p_in_smem:
+                return m_new, l_new, p_new, alpha
               return m_new, l_new, p_new.astype(dtype), alpha
 
             m, l, p, alpha = pl.run_scoped(
@@ -807,8 +868,10 @@ def flash_forward(
             slot = lax.rem(step + (hi - 1 - lo), jnp.int32(stages))
             plgpu.barrier_wait(v_ready.at[slot])
 
+            pv_a = p_operand(carry[2], hi - 1)
+
             def alone():
-              plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
+              plgpu.wgmma(o_ref, pv_a, v_smem.at[slot])
               plgpu.wgmma_wait(0)
 
             def with_next():
@@ -817,7 +880,7 @@ def flash_forward(
               plgpu.barrier_wait(k_ready.at[nslot])
               plgpu.barrier_wait(q_ready.at[buf_n])
               sched_wait()
-              plgpu.wgmma(o_ref, carry[2], v_smem.at[slot])
+              plgpu.wgmma(o_ref, pv_a, v_smem.at[slot])
               plgpu.wgmma(sn_ref, q_smem.at[buf_n, wg], k_smem.at[nslot].T)
               sched_signal()
               plgpu.wgmma_wait(1)
@@ -941,6 +1004,7 @@ def flash_forward(
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      _tiled_smem((2, wgs, bq, bk), dtype) if p_in_smem else None,
   ]
   out_shape = (jax.ShapeDtypeStruct((b, tp, n, hv), dtype),
                jax.ShapeDtypeStruct((b, n, tp), jnp.float32))

@@ -36,7 +36,8 @@ backward): ``delta`` (gated delta rule, ``DeltaConfig``), ``gla``
 ``KernelConfig``), ``triton`` (the portable flash attention kernels,
 full attention), ``mosaic`` (the Hopper flash attention kernels, B = 1,
 ``--h`` 64 or 128, ``--causal``; ``--config`` holds ``BwdConfig`` fields,
-e.g. ``{"fused_dq": true}``, and ``FwdConfig`` fields under ``"fwd"``;
+e.g. ``{"fused_dq": true}``, ``FwdConfig`` fields under ``"fwd"`` and the
+forward module's step forms under ``"forms"`` (``{"_P_SMEM": true}``);
 Mosaic GPU runs ptxas itself and its ``MOSAIC_GPU_DUMP_PTXAS`` files are
 read, warnings included: a wgmma serialisation would show there). Prints
 one line per Pallas kernel and the compile time. ``--sass N`` (mosaic)
@@ -155,6 +156,11 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16",
       # Its trace dump is a host callback, which cannot be lowered without
       # a GPU backend: dropped here, the kernel compiles as on the GPU.
       jax.debug.callback = lambda *a, **k: None
+    # {"forms": {"_P_SMEM": true}}: the forward module's opt-in step forms.
+    for name, value in config.pop("forms", {}).items():
+      if not hasattr(mosaic_gpu, name):
+        raise SystemExit(f"mosaic_gpu has no {name}")
+      setattr(mosaic_gpu, name, value)
     fcfg = dataclasses.replace(mosaic_gpu.default_fwd_config(h),
                                **config.pop("fwd", {}))
     bcfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h), **config)

@@ -375,12 +375,14 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # H = 64 emitting dQ from one static branch per consumer
 # (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
 # forward step in tokamax's order, P V waited for inside the turn
-# (mosaic_gpu._SERIAL_TURN; opt-in).
+# (mosaic_gpu._SERIAL_TURN; opt-in); "psmem" P_j in a two-slot SMEM ring,
+# the softmax under P_{j-1} V_{j-1} (mosaic_gpu._P_SMEM; opt-in, H = 64).
 KERNEL_FORMS = {
     "qdiv": dict(q_index="div"),
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
     "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
-    "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True)}
+    "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True),
+    "psmem": dict(p_smem=True)}
 
 
 @contextlib.contextmanager
@@ -390,17 +392,18 @@ def kernel_forms(name):
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   forms = KERNEL_FORMS.get(name, {})
   saved = (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
-           fl._SERIAL_TURN)  # pylint: disable=protected-access
+           fl._SERIAL_TURN, fl._P_SMEM)  # pylint: disable=protected-access
   fl._ZERO_FORM = forms.get("q_index", saved[0])  # pylint: disable=protected-access
   bl._DP_INIT = forms.get("dp_init", saved[1])  # pylint: disable=protected-access
   fl._L_PARTIAL = forms.get("l_partial", saved[2])  # pylint: disable=protected-access
   bl._DQ_TURN = forms.get("dq_turn", saved[3])  # pylint: disable=protected-access
   fl._SERIAL_TURN = forms.get("serial", saved[4])  # pylint: disable=protected-access
+  fl._P_SMEM = forms.get("p_smem", saved[5])  # pylint: disable=protected-access
   try:
     yield
   finally:
     (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
-     fl._SERIAL_TURN) = saved
+     fl._SERIAL_TURN, fl._P_SMEM) = saved
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -565,6 +568,11 @@ def _variant_configs(name, h):
       # instructions at H = 64, no spills at H = 64, 128, 256 (H100
       # compile, 2026-12-06).
       "serialturn": (None, None, fonly),
+      # P_j in an SMEM ring (KERNEL_FORMS; H = 64 only, where it fits): the
+      # step's wait for P_j V_j after all 66 exponentials, not before them
+      # (480 instructions a step, 168 registers, no spills; H100 compile,
+      # 2026-12-07). Forward+backward too: the backward is the default's.
+      "psmem": (None, None, both),
       "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,
                   num_stages=3), None, fonly),
@@ -836,7 +844,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

@@ -513,6 +513,21 @@ case "${1:-}" in
          '128:4096:full:mha,128:4096:causal:mha,64:16384:full:mha,128:16384:full:mha' \
          --variants ours,qdiv"
     ;;
+  psmem)
+    # The forward with P_j in a two-slot SMEM ring (mosaic_gpu._P_SMEM,
+    # opt-in, H = 64 only): in the H100 SASS the wait for P_j V_j moves
+    # from before the first exponential (instruction 127 of 443) to after
+    # the last (444 of 480), FlashAttention-3's intra-warpgroup overlap.
+    # Its GPU tests (H = 64 segments, causal, the three-consumer tile at
+    # 16k), then the H = 64 grid rows beside the default, cuDNN and tokamax.
+    bash $S \
+      "timeout 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
+         -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
+         -n 4 tests/test_pallas_mosaic_gpu.py -k p_in_smem" \
+      "timeout 400 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 390 --configs '64:4096:*:*,64:1024:*:*,64:16384:*:mha' \
+         --variants ours,psmem"
+    ;;
   deltabwd)
     # The delta rule's backward tilings at T = 16k / 32k (B = 4 / 2),
     # where its forward+backward trails fla's chunk_delta_rule (run90:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# What was prepared without a GPU and not yet run (as of 2026-12-06, after
-# run87), as calls of under 10 minutes on one GPU, most decisive first:
-# serialturn (~7 min: the forward step in tokamax's order, its GPU tests
-# and timings at the H = 64 rows below 1.0), split16k (~4 min: the gated linear forwards at T = 16k, B = 4 with 2
-# and 4 sequence splits beside the default's one, forward and
-# forward+backward: run82 found the gated sweeps latency-bound, faster
-# in more, shorter programs), call4 (the delta rows of the linear report,
-# run41's, re-measured), linstages' occupancy step
-# (scripts/gpu/linear_profile.py --occupancy), then short, profile,
-# gap64k, pftimes, pftests, call1, call2, call3
+# What was prepared without a GPU and not yet run (as of 2026-12-07, after
+# run90), as calls of under 10 minutes on one GPU, most decisive first:
+# psmem (~8 min: the H = 64 forward with P in an SMEM ring, its GPU tests
+# and timings at the H = 64 grid rows, most of those below 1.0), deltabwd
+# (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k, where its
+# forward+backward trails fla, then the GPU tests of a faster one), then
+# linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
+# short, profile, gap64k, pftimes, pftests, call1, call2, call3
+# (run88: serialturn (GPU tests 3/3; +0-2% at H = 64, -5% at H = 128 16k
+# causal GQA: opt-in); run89: split16k (2/4 splits +2-4% fwd, -3-4%
+# fwd+bwd: one split stays); run90: call4 (the delta report rows))
 # (run82: one13 (the Mosaic tests of dq_evict_last and the former step
 # forms 7/7; ut_block_v and gram_parts GPU-tested and timed, both slower;
 # the unweighted Gram pass tested and timed, kept); run83: the no-decay

@@ -2,7 +2,8 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run90), as calls of under 10 minutes on one GPU, most decisive first:
 # psmem (~8 min: the H = 64 forward with P in an SMEM ring, its GPU tests
-# and timings at the H = 64 grid rows, most of those below 1.0), deltabwd
+# and timings at the H = 64 grid rows, most of those below 1.0; if it
+# wins, psmemsuite: the whole Mosaic GPU suite with it on), deltabwd
 # (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k, where its
 # forward+backward trails fla, then the GPU tests of a faster one), then
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
@@ -528,6 +529,15 @@ case "${1:-}" in
       "timeout 400 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 390 --configs '64:4096:*:*,64:1024:*:*,64:16384:*:mha' \
          --variants ours,psmem"
+    ;;
+  psmemsuite)
+    # If psmem wins: the whole Mosaic GPU suite with P in the SMEM ring
+    # (scripts/gpu/force_forms.py; H = 64 takes it, H = 128 and 256 keep
+    # P in registers), about 2 minutes in 4 processes (run79), before it
+    # may become the H = 64 default.
+    bash $S \
+      "ATTNJAX_KERNEL_FORMS=_P_SMEM=1 PYTHONPATH=\$PWD:\$PWD/scripts/gpu \
+         timeout 420 $PYTEST4 -p force_forms tests/test_pallas_mosaic_gpu.py"
     ;;
   deltabwd)
     # The delta rule's backward tilings at T = 16k / 32k (B = 4 / 2),

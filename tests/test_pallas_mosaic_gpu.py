@@ -207,12 +207,14 @@ class TestMosaicGPU:
                             inputs(f"st{case}", t=1300, n=4, kh=2, h=h),
                             dtype=BF16, **kw[case])
 
-  @pytest.mark.parametrize("case", ["h64", "h64_causal", "h64_wg3"])
+  @pytest.mark.parametrize("case", ["h64", "h64_causal", "h64_wg3",
+                                    "h128_lengths"])
   def test_p_in_smem_forward(self, monkeypatch, case):
     # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py variant "psmem"): P_j in
     # a two-slot SMEM ring so that the softmax runs under P_{j-1} V_{j-1};
-    # forward and gradients (the backward reads the forward's LSE), with
-    # segment ids, causal, and FA3's three-consumer tile at 16k.
+    # forward and gradients (the backward reads the forward's LSE, which
+    # then leaves from registers), with segment ids, causal, FA3's
+    # three-consumer tile at 16k, and H = 128 with sequence lengths.
     from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
     monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
     if case == "h64_wg3":
@@ -222,6 +224,11 @@ class TestMosaicGPU:
       assert pallas_mosaic.make_plan(p).fwd.num_compute_wgs == 3
       seg = testing.random_segment_ids(_key("ps_wg3s"), 1, t, 3)
       kw = dict(arrays={"segment_ids": seg})
+    elif case == "h128_lengths":
+      inp = inputs("ps_h128", t=1300, n=4, kh=2, h=128)
+      kw = dict(is_causal=True,
+                arrays={"q_lengths": jnp.array([1300, 777], jnp.int32),
+                        "kv_lengths": jnp.array([1000, 1300], jnp.int32)})
     else:
       inp = inputs(f"ps{case}", t=1300, n=4, kh=2, h=64)
       seg = testing.random_segment_ids(_key("ps", case), 2, 1300, 4)

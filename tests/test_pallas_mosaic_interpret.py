@@ -410,7 +410,7 @@ def test_serial_turn_forward(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", ["h64_segments", "h64_causal",
-                                  "h64_three_consumers"])
+                                  "h64_three_consumers", "h128_lengths"])
 def test_p_in_smem_forward(monkeypatch, case):
   # mosaic_gpu._P_SMEM (opt-in; mosaic_check variant "psmem"): P_j in a
   # two-slot SMEM ring, stored while P_{j-1} V_{j-1} may still run. Masked
@@ -423,24 +423,33 @@ def test_p_in_smem_forward(monkeypatch, case):
          "h64_causal": _fwd_cfg(64, num_ctas=3),
          "h64_three_consumers": _fwd_cfg(
              64, num_compute_wgs=3, num_stages=3, consumer_regs=160,
-             producer_regs=32, num_ctas=3)}[case]
-  assert fwd_lib._use_p_smem(cfg, 64, 64, 2, case == "h64_segments")  # pylint: disable=protected-access
+             producer_regs=32, num_ctas=3),
+         "h128_lengths": _fwd_cfg(128, num_ctas=3)}[case]
+  h = 128 if case == "h128_lengths" else 64
+  assert fwd_lib._use_p_smem(cfg, h, h, 2, case == "h64_segments")  # pylint: disable=protected-access
   kw = {"h64_segments": dict(arrays={"segment_ids": seg}),
         "h64_causal": dict(is_causal=True),
-        "h64_three_consumers": dict(is_causal=True)}[case]
-  # Gradients once: the backward reads the forward's log-sum-exp.
-  _check(f"ps{case}", shape=dict(t=430, n=4, kh=2, h=64),
-         grads=case == "h64_causal", fwd_config=cfg, **kw)
+        "h64_three_consumers": dict(is_causal=True),
+        # The LSE from registers, rows past a query length masked.
+        "h128_lengths": dict(arrays={
+            "q_lengths": jnp.array([430, 250], jnp.int32),
+            "kv_lengths": jnp.array([300, 430], jnp.int32)})}[case]
+  # Gradients where the backward reads the forward's log-sum-exp.
+  _check(f"ps{case}", shape=dict(t=430, n=4, kh=2, h=h),
+         grads=case in ("h64_causal", "h128_lengths"), fwd_config=cfg, **kw)
 
 
 def test_p_in_smem_only_where_it_fits(monkeypatch):
-  # The P ring (64 KB with two consumers) fits beside H = 64's buffers;
-  # at H = 128 and 256 the forward keeps P in registers (Mosaic GPU
-  # asked 232528 bytes of the H100's 232448 at H = 128).
+  # The P ring (64 KB with two consumers) fits beside H = 64's buffers,
+  # and H = 128's without segment ids (its LSE then leaves from
+  # registers); H = 256 keeps P in registers (it would spill).
   monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
-  fits = {h: fwd_lib._use_p_smem(fwd_lib.default_fwd_config(h), h, h, 2,  # pylint: disable=protected-access
-                                 False) for h in (64, 128, 256)}
-  assert fits == {64: True, 128: False, 256: False}
+  fits = {(h, seg): fwd_lib._use_p_smem(fwd_lib.default_fwd_config(h), h,  # pylint: disable=protected-access
+                                        h, 2, seg)
+          for h in (64, 128, 256) for seg in (False, True)}
+  assert fits == {(64, False): True, (64, True): True, (128, False): True,
+                  (128, True): False, (256, False): False,
+                  (256, True): False}
   monkeypatch.setattr(fwd_lib, "_P_SMEM", False)
   assert not fwd_lib._use_p_smem(fwd_lib.default_fwd_config(64), 64, 64, 2,  # pylint: disable=protected-access
                                  False)

@@ -307,11 +307,11 @@ def test_lowers_serial_turn_forward(monkeypatch, h, causal):
   _lower(h=h, t=400, is_causal=causal)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_lowers_p_in_smem_forward(monkeypatch, causal):
-  # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py's "psmem"), H = 64.
+@pytest.mark.parametrize("h,causal", [(64, False), (64, True), (128, True)])
+def test_lowers_p_in_smem_forward(monkeypatch, h, causal):
+  # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py's "psmem"), H = 64 and 128.
   monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
-  _lower(h=64, t=400, is_causal=causal)
+  _lower(h=h, t=400, is_causal=causal)
 
 
 @pytest.mark.parametrize("h,causal", [(64, False), (128, True)])

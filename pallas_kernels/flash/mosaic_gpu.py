@@ -139,8 +139,9 @@ _SERIAL_TURN = False
 # Where P_j, the A operand of P_j V_j, lives, read when tracing. False (the
 # default): in registers (the softmax's 16-bit output). True (opt-in;
 # mosaic_check variant "psmem"): in a two-slot SMEM ring per consumer
-# ([2, wgs, block_q, block_kv], 64 KB at H = 64 with two consumers), block
-# j in slot j % 2. In the H = 64 SASS the default's wait for P_j V_j lands
+# ([2, wgs, block_q, block_kv], 64 KB with two consumers), block j in slot
+# j % 2, and the LSE leaves from registers (H <= 128, where it fits:
+# _use_p_smem). In the H = 64 SASS the default's wait for P_j V_j lands
 # before the first exponential of block j + 1: ptxas gives the new P the
 # registers the in-flight wgmma reads. With P_j in SMEM no register of the
 # softmax is a wgmma operand, so only the O rescale has to wait for P_j
@@ -290,7 +291,8 @@ def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
   total = _rnd(qb * wgs * bq * max(head_dim, head_dim_v) * itemsize)
   total += cfg.num_stages * _rnd(cfg.block_kv * head_dim * itemsize)
   total += cfg.num_stages * _rnd(cfg.block_kv * head_dim_v * itemsize)
-  total += _rnd(wgs * bq * 4)
+  if not p_smem:  # with the P ring the LSE goes out from registers
+    total += _rnd(wgs * bq * 4)
   if segments:
     total += _rnd(cfg.num_stages * cfg.block_kv * 4)
     total += _rnd(qb * wgs * bq * 4)
@@ -307,18 +309,21 @@ def _q_buffers(cfg, h, hv, itemsize, segments, p_smem=False):
   return 2 if two <= SMEM_BYTES else 1
 
 
-# What Mosaic GPU allocates beyond smem_bytes' sum (barriers, alignment):
-# 2640 bytes for the H = 128 forward with the P ring and one Q buffer
-# (232528 against the H100's 232448: it does not fit).
-_P_SMEM_SLACK = 4096
+# What Mosaic GPU allocates beyond smem_bytes' sum (barriers, alignment),
+# at most: 2640 bytes for the H = 128 forward with the P ring, one Q buffer
+# and the 512-byte LSE buffer (232528 against the H100's 232448: it did not
+# fit), about 1100 without that buffer (it compiles; H100, 2026-12-07). So
+# with the ring the LSE goes out from registers.
+_P_SMEM_SLACK = 2048
 
 
 def _use_p_smem(cfg, h, hv, itemsize, segments):
-  """Whether ``_P_SMEM`` applies: where its ring fits beside one Q buffer
-  (H = 64 at the default tiling; not H = 128 or 256)."""
-  return _P_SMEM and (smem_bytes(cfg, h, hv, itemsize, segments,
-                                 q_buffers=1, p_smem=True)
-                      + _P_SMEM_SLACK <= SMEM_BYTES)
+  """Whether ``_P_SMEM`` applies: H <= 128 (at H = 256 the forward then
+  spills 36 / 44 bytes), where the ring fits beside one Q buffer (H = 64
+  and 128 at the default tiling; H = 128 with segment ids does not)."""
+  return _P_SMEM and max(h, hv) <= 128 and (
+      smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=1, p_smem=True)
+      + _P_SMEM_SLACK <= SMEM_BYTES)
 
 
 def num_sms() -> int:
@@ -957,12 +962,18 @@ def flash_forward(
         # The previous item's lse store must have read lse_smem.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         q_w[...] = out.astype(dtype)
-        lse_smem.at[wg][...] = lse
+        if lse_smem is None:
+          # With the P ring (no SMEM left for the LSE buffer at H = 128):
+          # each row's LSE straight from registers.
+          lse_ref.at[bb, hh, qs][...] = lse
+        else:
+          lse_smem.at[wg][...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_w, out_ref.at[bb, qs, hh],
                                 commit_group=False)
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bb, hh, qs],
-                                commit_group=False)
+        if lse_smem is not None:
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bb, hh, qs],
+                                  commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         if qbufs == 1:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -994,7 +1005,7 @@ def flash_forward(
       _tiled_smem((qbufs, wgs, bq, max(h, hv)), dtype),
       _tiled_smem((stages, bk, h), dtype),
       _tiled_smem((stages, bk, hv), dtype),
-      plgpu.SMEM((wgs, bq), jnp.float32),
+      None if p_in_smem else plgpu.SMEM((wgs, bq), jnp.float32),
       plgpu.SMEM((qbufs, wgs, bq), jnp.int32) if segments else None,
       plgpu.SMEM((stages, bk), jnp.int32) if segments else None,
       plgpu.Barrier(num_arrivals=wgs * (2 if segments else 1),

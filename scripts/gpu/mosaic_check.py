@@ -376,7 +376,7 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
 # forward step in tokamax's order, P V waited for inside the turn
 # (mosaic_gpu._SERIAL_TURN; opt-in); "psmem" P_j in a two-slot SMEM ring,
-# the softmax under P_{j-1} V_{j-1} (mosaic_gpu._P_SMEM; opt-in, H = 64).
+# the softmax under P_{j-1} V_{j-1} (mosaic_gpu._P_SMEM; opt-in, H <= 128).
 KERNEL_FORMS = {
     "qdiv": dict(q_index="div"),
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
@@ -568,10 +568,11 @@ def _variant_configs(name, h):
       # instructions at H = 64, no spills at H = 64, 128, 256 (H100
       # compile, 2026-12-06).
       "serialturn": (None, None, fonly),
-      # P_j in an SMEM ring (KERNEL_FORMS; H = 64 only, where it fits): the
+      # P_j in an SMEM ring (KERNEL_FORMS; H <= 128 where it fits): the
       # step's wait for P_j V_j after all 66 exponentials, not before them
-      # (480 instructions a step, 168 registers, no spills; H100 compile,
-      # 2026-12-07). Forward+backward too: the backward is the default's.
+      # (480 / 518 instructions a step at H = 64 / 128, 168 registers, no
+      # spills; H100 compile, 2026-12-07). Forward+backward too: the
+      # backward is the default's.
       "psmem": (None, None, both),
       "dqstatic": (None, bl.BwdConfig(fused_dq=True), bonly),
       "wg3": (fwd(num_compute_wgs=3, consumer_regs=160, producer_regs=32,

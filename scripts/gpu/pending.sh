@@ -3,7 +3,8 @@
 # run90), as calls of under 10 minutes on one GPU, most decisive first:
 # psmem (~8 min: the H = 64 forward with P in an SMEM ring, its GPU tests
 # and timings at the H = 64 grid rows, most of those below 1.0; if it
-# wins, psmemsuite: the whole Mosaic GPU suite with it on), deltabwd
+# wins, psmem128 (the same at H = 128) and psmemsuite: the whole Mosaic
+# GPU suite with it on), deltabwd
 # (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k, where its
 # forward+backward trails fla, then the GPU tests of a faster one), then
 # linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
@@ -517,11 +518,13 @@ case "${1:-}" in
     ;;
   psmem)
     # The forward with P_j in a two-slot SMEM ring (mosaic_gpu._P_SMEM,
-    # opt-in, H = 64 only): in the H100 SASS the wait for P_j V_j moves
-    # from before the first exponential (instruction 127 of 443) to after
-    # the last (444 of 480), FlashAttention-3's intra-warpgroup overlap.
-    # Its GPU tests (H = 64 segments, causal, the three-consumer tile at
-    # 16k), then the H = 64 grid rows beside the default, cuDNN and tokamax.
+    # opt-in, H <= 128): in the H100 SASS the wait for P_j V_j moves from
+    # before the first exponential (instruction 127 of 443 at H = 64, 158
+    # of 486 at H = 128) to after the last (444 of 480, 450 of 518),
+    # FlashAttention-3's intra-warpgroup overlap. Its GPU tests (H = 64
+    # segments, causal, the three-consumer tile at 16k; H = 128 with
+    # lengths), then the H = 64 grid rows beside the default, cuDNN and
+    # tokamax (most of the rows below 1.0); psmem128 times H = 128.
     bash $S \
       "timeout 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
@@ -530,11 +533,18 @@ case "${1:-}" in
          --budget 390 --configs '64:4096:*:*,64:1024:*:*,64:16384:*:mha' \
          --variants ours,psmem"
     ;;
+  psmem128)
+    # The same at H = 128 (T = 1k, 4k, 16k; MHA and GQA 4:1).
+    bash $S \
+      "timeout 560 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 550 --configs '128:*:*:mha,128:16384:causal:gqa' \
+         --variants ours,psmem"
+    ;;
   psmemsuite)
     # If psmem wins: the whole Mosaic GPU suite with P in the SMEM ring
-    # (scripts/gpu/force_forms.py; H = 64 takes it, H = 128 and 256 keep
-    # P in registers), about 2 minutes in 4 processes (run79), before it
-    # may become the H = 64 default.
+    # (scripts/gpu/force_forms.py; H = 64 and 128 take it where it fits,
+    # H = 256 keeps P in registers), about 2 minutes in 4 processes
+    # (run79), before it may become a default.
     bash $S \
       "ATTNJAX_KERNEL_FORMS=_P_SMEM=1 PYTHONPATH=\$PWD:\$PWD/scripts/gpu \
          timeout 420 $PYTEST4 -p force_forms tests/test_pallas_mosaic_gpu.py"

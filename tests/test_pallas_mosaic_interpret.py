@@ -450,6 +450,15 @@ def test_p_in_smem_only_where_it_fits(monkeypatch):
   assert fits == {(64, False): True, (64, True): True, (128, False): True,
                   (128, True): False, (256, False): False,
                   (256, True): False}
+  # Not where the config needs two Q buffers beside three consumers'
+  # rings (FwdConfig(overlap_epilogue=True) asks for the second buffer).
+  wg3 = _fwd_cfg(64, num_compute_wgs=3, num_stages=3, consumer_regs=160,
+                 producer_regs=32)
+  assert fwd_lib._use_p_smem(wg3, 64, 64, 2, True)  # pylint: disable=protected-access
+  assert not fwd_lib._use_p_smem(  # pylint: disable=protected-access
+      dataclasses.replace(wg3, overlap_epilogue=True), 64, 64, 2, False)
+  assert not fwd_lib._use_p_smem(  # pylint: disable=protected-access
+      dataclasses.replace(wg3, q_buffers=2), 64, 64, 2, False)
   monkeypatch.setattr(fwd_lib, "_P_SMEM", False)
   assert not fwd_lib._use_p_smem(fwd_lib.default_fwd_config(64), 64, 64, 2,  # pylint: disable=protected-access
                                  False)

@@ -307,10 +307,15 @@ def test_lowers_serial_turn_forward(monkeypatch, h, causal):
   _lower(h=h, t=400, is_causal=causal)
 
 
-@pytest.mark.parametrize("h,causal", [(64, False), (64, True), (128, True)])
-def test_lowers_p_in_smem_forward(monkeypatch, h, causal):
-  # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py's "psmem"), H = 64 and 128.
+@pytest.mark.parametrize("h,causal,serial", [(64, False, False),
+                                             (64, True, False),
+                                             (128, True, False),
+                                             (64, True, True)])
+def test_lowers_p_in_smem_forward(monkeypatch, h, causal, serial):
+  # mosaic_gpu._P_SMEM (opt-in; mosaic_check.py's "psmem"), H = 64 and 128,
+  # and with the serial turn (_SERIAL_TURN) beside it.
   monkeypatch.setattr(fwd_lib, "_P_SMEM", True)
+  monkeypatch.setattr(fwd_lib, "_SERIAL_TURN", serial)
   _lower(h=h, t=400, is_causal=causal)
 
 

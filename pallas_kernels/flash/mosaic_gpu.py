@@ -319,10 +319,13 @@ _P_SMEM_SLACK = 2048
 
 def _use_p_smem(cfg, h, hv, itemsize, segments):
   """Whether ``_P_SMEM`` applies: H <= 128 (at H = 256 the forward then
-  spills 36 / 44 bytes), where the ring fits beside one Q buffer (H = 64
-  and 128 at the default tiling; H = 128 with segment ids does not)."""
+  spills 36 / 44 bytes), where the ring fits beside the Q buffers the
+  config needs (one unless it asks for two or for ``overlap_epilogue``):
+  H = 64 and 128 at the default tiling; not H = 128 with segment ids, nor
+  H = 64's three consumers with two Q buffers."""
+  qb = cfg.q_buffers or (2 if cfg.overlap_epilogue else 1)
   return _P_SMEM and max(h, hv) <= 128 and (
-      smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=1, p_smem=True)
+      smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qb, p_smem=True)
       + _P_SMEM_SLACK <= SMEM_BYTES)
 
 
@@ -695,8 +698,8 @@ def flash_forward(
                        else 0.0, jnp.float32), _WGMMA)
         else:
           l0 = plgpu.layout_cast(l0, _ROW)
-        if p_in_smem:  # P lives in p_smem; the carry holds a placeholder
-          p0 = jnp.int32(0)
+        if p_in_smem:  # P lives in p_smem; the carry holds none
+          p0 = None
         else:
           p0 = plgpu.layout_cast(jnp.zeros((bq, bk), dtype), _WGMMA)
         if overlap:  # the previous item's last block waited for it
@@ -722,14 +725,14 @@ def flash_forward(
 
         def keep_p(p, j):
           """Block j's probabilities as the A operand of its P V: in
-          registers, or stored in its SMEM slot (then a placeholder)."""
+          registers, or stored in its SMEM slot (then None)."""
           if not p_in_smem:
             return p.astype(dtype)
           p_slot(j)[...] = p.astype(dtype)
           # Generic-proxy stores, then the wgmma's async-proxy reads (the
           # fence includes the warpgroup barrier).
           plgpu.commit_smem()
-          return jnp.int32(0)
+          return None
 
         def p_operand(p, j):
           return p_slot(j) if p_in_smem else p

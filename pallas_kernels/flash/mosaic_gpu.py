@@ -861,9 +861,9 @@ def flash_forward(
               with jax.named_scope("wait_pv"):
                 plgpu.wgmma_wait(0)
               plgpu.barrier_arrive(v_free.at[slot])
-              if p_in_smem:
-                return m_new, l_new, p_new, alpha
-              return m_new, l_new, p_new.astype(dtype), alpha
+              if not p_in_smem:  # (stored already otherwise)
+                p_new = p_new.astype(dtype)
+              return m_new, l_new, p_new, alpha
 
             m, l, p, alpha = pl.run_scoped(
                 scope, plgpu.ACC((bq, bk), jnp.float32))

@@ -237,6 +237,38 @@ class TestMosaicGPU:
     check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
                             dtype=BF16, **kw)
 
+  @pytest.mark.parametrize("case", ["h128_causal_lengths", "h64_segments",
+                                    "h128_full_sms"])
+  def test_persistent_dkv(self, case):
+    # BwdConfig(persistent_dkv, persistent_dq) (the two-kernel default but
+    # for masked GQA, which keeps one CTA per tile; mosaic_check.py
+    # variants "pdkv", "pdq", "pbwd"): both backward kernels on persistent
+    # grids, one streamed ring across a CTA's items, the resident tiles
+    # reloaded (and prefetched into L2) per item.
+    # 5 CTAs for the small cases (several items each); "h128_full_sms"
+    # one per SM at T = 1k, the shape it is for.
+    from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+    ctas = 0 if case == "h128_full_sms" else 5
+    h = 64 if case == "h64_segments" else 128
+    cfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h),
+                              persistent_dkv=True, persistent_dq=True,
+                              num_ctas=ctas)
+    kw = dict(dtype=BF16)
+    if case == "h128_causal_lengths":
+      inp = inputs("pdkv1", t=1300, n=4, kh=2, h=128)
+      kw.update(is_causal=True, arrays={
+          "q_lengths": jnp.array([1300, 777], jnp.int32),
+          "kv_lengths": jnp.array([1000, 1300], jnp.int32)})
+    elif case == "h64_segments":
+      inp = inputs("pdkv2", t=1300, n=4, kh=4, h=64)
+      kw.update(arrays={"segment_ids": testing.random_segment_ids(
+          _key("pdkv2s"), 2, 1300, 4)}, local_window_size=(300, 100))
+    else:
+      inp = inputs("pdkv3", b=8, t=1024, n=16, kh=16, h=128)
+    check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, bwd_config=cfg), inp,
+        **kw)
+
   @pytest.mark.parametrize("stages,causal", [(3, False), (2, True)])
   def test_key_blocks_192(self, stages, causal):
     # FwdConfig(block_kv=192) at H = 64 (variants kv192 / kv192s2 of

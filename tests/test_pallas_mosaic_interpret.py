@@ -333,6 +333,71 @@ def test_gradients_full_whole_tiles(fused, lengths):
          bwd_config=mosaic_bwd.BwdConfig(fused_dq=fused), arrays=arrays)
 
 
+_PERSISTENT_DKV = {
+    # Causal GQA at H = 128 with key lengths: items of unequal work, some
+    # empty (key tiles past a length), every CTA walking several.
+    "causal_gqa_lengths": dict(
+        shape=dict(t=330, n=4, kh=2, h=128), is_causal=True,
+        arrays={"kv_lengths": jnp.array([330, 140], jnp.int32)}),
+    # H = 64 MHA with segment ids and a window: masked steps before and
+    # after the unmasked ones, items of one head back to back.
+    "segments_window": dict(shape=dict(t=300, n=2, kh=2, h=64),
+                            local_window_size=(90, 40), segments=True),
+    # Full attention on whole tiles: no masked loop at all.
+    "full_whole": dict(shape=dict(t=256, n=2, kh=1, h=128)),
+}
+
+
+@pytest.mark.parametrize("case", list(_PERSISTENT_DKV))
+def test_gradients_persistent_dkv(case):
+  # BwdConfig(persistent_dkv, persistent_dq): 3 CTAs of each backward
+  # kernel walk every item (dK/dV: (batch, K/V head, key tile); dQ:
+  # (batch, head, query tile)), one ring across them; the consumers reload
+  # their resident tiles into the buffers that the previous item's results
+  # left through.
+  kw = dict(_PERSISTENT_DKV[case])
+  if kw.pop("segments", False):
+    kw["arrays"] = {"segment_ids": testing.random_segment_ids(
+        _key("pdkvseg"), 2, kw["shape"]["t"], 3)}
+  h = kw["shape"]["h"]
+  cfg = mosaic_bwd.default_bwd_config(h)
+  cfg = dataclasses.replace(cfg, fused_dq=False, dq_head_group=None,
+                            persistent_dkv=True, persistent_dq=True,
+                            num_ctas=3)
+  _check(f"pdkv{case}", bwd_config=cfg, **kw)
+
+
+def test_persistent_dkv_work_table():
+  # Every (batch, K/V head, key tile) item exactly once, counts in row 0,
+  # the heaviest causal tiles first, the CTAs' loads within one item's cost.
+  nkt, b, kh = 5, 2, 3
+  lo = np.arange(nkt, dtype=np.int32)
+  hi = np.full((nkt,), 10, np.int32)
+  rng = np.stack([lo, lo, hi, hi])
+  table = np.asarray(mosaic_bwd._work_table(rng, b, kh, kh, 4))
+  counts = table[:, 0, 0]
+  items = [tuple(table[c, 1 + i, :3]) for c in range(4)
+           for i in range(counts[c])]
+  assert sorted(items) == sorted(
+      (bb, hh, kt) for bb in range(b) for hh in range(kh)
+      for kt in range(nkt))
+  for c in range(4):
+    kts = table[c, 1:1 + counts[c], 2]
+    np.testing.assert_array_equal(table[c, 1:1 + counts[c], 3], lo[kts])
+    np.testing.assert_array_equal(table[c, 1:1 + counts[c], 6], hi[kts])
+  loads = [sum(10 - kt + 2 for kt in table[c, 1:1 + counts[c], 2])
+           for c in range(4)]
+  assert max(loads) - min(loads) <= 12
+
+
+def test_persistent_dkv_needs_two_kernels():
+  cfg = mosaic_bwd.BwdConfig(fused_dq=True, persistent_dkv=True)
+  with pytest.raises(NotImplementedError, match="persistent_dkv"):
+    _check("pdkvfused", shape=dict(t=128, n=2, kh=1, h=128), bwd_config=cfg)
+  with pytest.raises(ValueError, match="num_ctas"):
+    mosaic_bwd.BwdConfig(num_ctas=-1)
+
+
 @pytest.mark.parametrize("lengths", [False, True], ids=["", "lengths"])
 def test_gradients_head_dim_256_whole_tiles(lengths):
   # The split-head dK/dV kernel on whole key tiles: its masked loops too

@@ -121,6 +121,15 @@ def test_lowers_other_tilings():
          bwd_config=bwd_lib.BwdConfig(block_kv_dq=128, num_stages=2))
 
 
+@pytest.mark.parametrize("h,causal", [(64, False), (128, True)])
+def test_lowers_persistent_dkv(h, causal):
+  # Both backward kernels on persistent grids (one CTA per SM of the abstract
+  # H100), with every feature whose masked loops it compiles.
+  _lower(h=h, t=700, s=650, is_causal=causal, segs=True, lens=True,
+         bwd_config=bwd_lib.BwdConfig(persistent_dkv=True,
+                                      persistent_dq=True))
+
+
 def test_lowers_staggered_fused_backward():
   _lower(h=128, t=700, is_causal=True,
          bwd_config=bwd_lib.BwdConfig(fused_dq=True, stagger_q=True))
@@ -412,9 +421,11 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, h, t, n, kh,
   monkeypatch.setenv("XLA_FLAGS", "")
   shapes = (2, t, n, h), (2, t, kh, h)
   bwd = _plan(*shapes, is_causal=causal).bwd
+  two = bwd_lib.default_bwd_config(h, q_len=t, groups=n // kh,
+                                   masked=causal)
   if form == "two":
     # The two-kernel tiling of the deterministic default.
-    assert bwd == bwd_lib.default_bwd_config(h, q_len=t)
+    assert bwd == two
   else:
     assert bwd == bwd_lib.BwdConfig(
         fused_dq=True, dq_head_group=None if form == "one" else form)
@@ -424,8 +435,7 @@ def test_default_backward_picks_fused_by_shape(monkeypatch, h, t, n, kh,
     assert window.bwd == _plan(*shapes, is_causal=True).bwd
   # With the determinism flags, two kernels.
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
-  assert _plan(*shapes, is_causal=causal).bwd == bwd_lib.default_bwd_config(
-      h, q_len=t)
+  assert _plan(*shapes, is_causal=causal).bwd == two
 
 
 def test_short_h64_backward_tiles_dq_by_128_queries():
@@ -433,18 +443,40 @@ def test_short_h64_backward_tiles_dq_by_128_queries():
   # determinism flags): 128-query dQ tiles besides the dK/dV kernel's
   # 128-query blocks (run64); from GROUPED_MIN_LEN and at an unknown
   # length the dQ kernel keeps 64.
-  short = bwd_lib.BwdConfig(block_q_dkv=128, block_q_dq=128)
+  persist = dict(persistent_dkv=True, persistent_dq=True)
+  short = bwd_lib.BwdConfig(block_q_dkv=128, block_q_dq=128, **persist)
   for deterministic in (True, False):
     for t in (1, 1000, bwd_lib.GROUPED_MIN_LEN - 1):
       assert bwd_lib.default_bwd_config(
           64, deterministic, q_len=t, masked=True) == short
-  long = bwd_lib.BwdConfig(block_q_dkv=128)
+  long = bwd_lib.BwdConfig(block_q_dkv=128, **persist)
   assert bwd_lib.default_bwd_config(64) == long
   assert bwd_lib.default_bwd_config(
       64, q_len=bwd_lib.GROUPED_MIN_LEN) == long
   # H = 128 is unchanged at short lengths.
   assert bwd_lib.default_bwd_config(128, q_len=1000) == bwd_lib.BwdConfig(
-      block_kv_dq=128)
+      block_kv_dq=128, **persist)
+
+
+@pytest.mark.parametrize("h", [64, 128, 256])
+def test_default_two_kernel_backward_is_persistent_but_masked_gqa(h):
+  # run92-run94 (H100): persistent grids for both backward kernels win for
+  # MHA (1k full 465 / 378 TFLOP/s at H = 128) and unmasked GQA, lose for
+  # causal GQA (4k 452 / 487); the split-head dK/dV kernel (H = 256) has
+  # no persistent form, its dQ kernel does.
+  for groups, masked in [(1, False), (1, True), (4, False), (4, True)]:
+    for t in (None, 1024, 4096):
+      cfg = bwd_lib.default_bwd_config(h, q_len=t, groups=groups,
+                                       masked=masked)
+      want = not (groups > 1 and masked)
+      assert cfg.persistent_dq == want, (groups, masked, t)
+      assert cfg.persistent_dkv == (want and h <= 128), (groups, masked, t)
+  # The fused form has none.
+  assert not bwd_lib.default_bwd_config(
+      128, False, q_len=16384).persistent_dkv
+  with pytest.raises(NotImplementedError, match="split_head"):
+    _lower(h=256, t=128, bwd_config=bwd_lib.BwdConfig(
+        block_kv_dq=32, split_head=True, persistent_dkv=True))
 
 
 def test_group_want_fills_a_wave():

@@ -183,6 +183,27 @@ class BwdConfig:
       copied instead of reduce-added). Not faster (run48: 358.5 against
       364.8 at 4k full MHA, 384.6 / 389.3 causal): the wait is not for a
       free slot.
+    persistent_dkv: the dK/dV kernel (two-kernel form, H <= 128) as a
+      persistent grid: ``num_ctas`` CTAs (0: one per SM) each walk a static
+      list of (batch, K/V head, key tile) items, heaviest first and
+      balanced as the forward's (:func:`mosaic_gpu.work_schedule`). The
+      producer's Q / dO ring runs on across items, so the next item's
+      first blocks load while the consumers store this item's dK and dV;
+      the consumers then load the next K and V tiles (prefetched into L2
+      when the item starts). For short sequences, where a CTA's 7.1 of
+      54 us went outside its steps (run84, H = 128, T = 1k full MHA: the
+      prologue's first Q, K, V loads 4.0 us, the epilogue 2.1). On an
+      H100 (run92, forward+backward TFLOP/s at T = 1k full MHA, H = 128):
+      378 -> 407, with ``persistent_dq`` too 465. :func:`default_bwd_config`
+      sets both for the two-kernel form but for GQA under a mask (causal
+      GQA 4k: 487 -> 452). The split-head kernel (H = 256) has no
+      persistent form (NotImplementedError).
+    persistent_dq: the dQ kernel the same way (items: (batch, query head,
+      query tile); the K / V ring runs on across them, the next item's Q
+      and dO rows prefetched into L2). At T = 1k a dQ CTA (H = 128) walks
+      only 8 key blocks.
+    num_ctas: with ``persistent_dkv`` / ``persistent_dq``, the grid size
+      (0: the SM count).
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -202,6 +223,9 @@ class BwdConfig:
   dq_prefetch: int | None = None
   dq_prefetch_every: int = 1
   dq_head_group: int | None = None
+  persistent_dkv: bool = False
+  persistent_dq: bool = False
+  num_ctas: int = 0
 
   def __post_init__(self):
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
@@ -236,6 +260,8 @@ class BwdConfig:
       if self.dq_layout != "tnh":
         raise ValueError("dq_head_group needs dq_layout='tnh', got "
                          f"{self.dq_layout!r}")
+    if self.num_ctas < 0:
+      raise ValueError(f"num_ctas must be >= 0, got {self.num_ctas}")
     if self.ds_buffers not in (1, 2):
       raise ValueError(f"ds_buffers must be 1 or 2, got {self.ds_buffers}")
     if self.dq_layout not in DQ_LAYOUTS:
@@ -391,9 +417,20 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
         query blocks a CTA (run50, run51, run55): T = 8k causal MHA 506 /
         471, T = 2k full GQA 4:1 479 / 467.
   """
+  # The two kernels on persistent grids, except under a mask with GQA
+  # (H100, forward+backward TFLOP/s, persistent / not, run91-run93:
+  # H = 128 T = 1k full MHA 465 / 378, causal 356 / 291, full GQA 479 /
+  # 458, but causal GQA 354 / 357 and at 4k 452 / 487; H = 64 1k causal
+  # MHA 270 / 222 (the 4k tiling), 4k full 396 / 342; H = 128 4k full MHA
+  # 516 / 486, 16k 552 / 543; H = 256 (the dQ kernel only) 1k full 308 /
+  # 298, causal 260 / 244).
+  persist = not (groups > 1 and masked)
+  two = functools.partial(BwdConfig, persistent_dkv=persist,
+                          persistent_dq=persist)
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
-    return BwdConfig(block_kv_dq=32, split_head=True)
+    # (The split-head dK/dV kernel has no persistent form.)
+    return BwdConfig(block_kv_dq=32, split_head=True, persistent_dq=persist)
   if not deterministic and q_len is not None:
     fused = BwdConfig(fused_dq=True)
     if (groups == 1 and q_len >= GROUPED_MIN_LEN
@@ -409,14 +446,14 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
   if head_dim > 64:
     # 128-key blocks streamed by the dQ kernel: 441 -> 453 TFLOP/s full,
     # 408 -> 417 causal.
-    return BwdConfig(block_kv_dq=128)
+    return two(block_kv_dq=128)
   if q_len is not None and q_len < GROUPED_MIN_LEN:
     # Short sequences also take 128-query dQ tiles (an H100, run64, T = 1k
     # MHA, forward+backward: full 291 -> 314 TFLOP/s, causal 218 -> 225).
-    return BwdConfig(block_q_dkv=128, block_q_dq=128)
+    return two(block_q_dkv=128, block_q_dq=128)
   # 128-query blocks streamed by the dK/dV kernel: 318 -> 340 TFLOP/s
   # full, 300 -> 327 causal.
-  return BwdConfig(block_q_dkv=128)
+  return two(block_q_dkv=128)
 
 
 def _pair_barrier():
@@ -592,8 +629,22 @@ def _dkv_tables(ranges, nkt):
   return jnp.asarray(np.concatenate([ranges, order[None]], 0))
 
 
+def _work_table(ranges, b, n, kh, num_ctas):
+  """A persistent backward grid's work: int32 [G, 1 + items, 8], CTA
+  ``c``'s row 0 ``(count, 0, ...)``, rows ``1 .. count`` its items ``(b,
+  head, tile, lo, a, c, hi, 0)``, heaviest tiles first, each to the CTA
+  that frees up first (the forward's :func:`mosaic_gpu.work_schedule`;
+  cost: blocks + 2). dK/dV: key tiles of the ``n = kh`` K/V heads; dQ:
+  query tiles of the ``n`` query heads."""
+  table, counts = fwd_lib.work_schedule(ranges, b, n, kh,
+                                        num_ctas or fwd_lib.num_sms())
+  head = np.zeros((table.shape[0], 1, table.shape[2]), np.int32)
+  head[:, 0, 0] = counts
+  return jnp.asarray(np.concatenate([head, table], axis=1))
+
+
 def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
-                  stagger: bool = False, head=None):
+                  stagger: bool = False, head=None, item=None):
   """A dK/dV CTA's work: ``(kt, kvh, b, wg, lo, a, c, hi, kv_limit, nq,
   steps, step_coords)``.
 
@@ -607,16 +658,21 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
   which run at the same time, visit different blocks at each step, and
   the masked and unmasked steps keep their places, so the consumers'
   three loops stay as they are. ``head``: ``(kvh, b)`` of the CTA (None:
-  grid axes "h" and "b").
+  grid axes "h" and "b"). ``item``: ``(kt, kvh, b, lo, a, c, hi)`` of a
+  persistent CTA's work item (then ``tab_ref`` and ``head`` are unused).
   """
-  kt = tab_ref[4, lax.axis_index("kv")]
-  if head is None:
-    kvh, bb = lax.axis_index("h"), lax.axis_index("b")
+  if item is not None:
+    kt, kvh, bb, lo, a, c, hi = item
   else:
-    kvh, bb = head()
+    kt = tab_ref[4, lax.axis_index("kv")]
+    if head is None:
+      kvh, bb = lax.axis_index("h"), lax.axis_index("b")
+    else:
+      kvh, bb = head()
+    lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
   wg = lax.axis_index("wg")
-  lo, a, c, hi, kv_limit = _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit,
-                                       tile)
+  lo, a, c, hi, kv_limit = _dkv_bounds((lo, a, c, hi), kt, kvlen_ref, bb,
+                                       s_limit, tile)
   nq = hi - lo
 
   def step_coords(i):
@@ -636,10 +692,10 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
           step_coords)
 
 
-def _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit, tile):
-  """``(lo, a, c, hi)`` of key tile ``kt``, clipped to the key length (the
-  last item: that length)."""
-  lo, a, c, hi = (tab_ref[r, kt] for r in range(4))
+def _dkv_bounds(bounds, kt, kvlen_ref, bb, s_limit, tile):
+  """``bounds = (lo, a, c, hi)`` of key tile ``kt`` clipped to the key
+  length (the last item: that length)."""
+  lo, a, c, hi = bounds
   kv_limit = jnp.int32(s_limit)
   if kvlen_ref is not None:
     kv_limit = jnp.minimum(kv_limit, kvlen_ref[bb])
@@ -655,16 +711,20 @@ def _dkv_bounds(tab_ref, kt, kvlen_ref, bb, s_limit, tile):
 
 
 def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
-                  bars, prefetch=None):
+                  bars, prefetch=None, base=0, drain=True):
   """The producer warpgroup of a dK/dV kernel: streams Q (+ lse, segment
   ids) and dO (+ delta) blocks of each step into the ``stages``-slot rings.
 
   ``prefetch``: ``(distance, where, enabled)``: with step ``i``'s loads,
   prefetch into L2 the GMEM ref ``where(head, query block)`` of step ``i +
   distance`` (the first ``distance`` steps' before the loop) where the
-  scalar ``enabled`` holds.
+  scalar ``enabled`` holds. ``base``: the rings' count of earlier steps (a
+  persistent CTA's earlier items; their slots and phases run on);
+  ``regs`` None: the registers are already set; ``drain`` False: the
+  caller observes the last releases.
   """
-  plgpu.set_max_registers(regs, action="decrease")
+  if regs is not None:
+    plgpu.set_max_registers(regs, action="decrease")
   q_ref, lse_ref, qseg_ref, do_ref, delta_ref = refs
   q_smem, lse_smem, qseg_smem, do_smem, delta_smem = smem
   q_ready, do_ready, q_free, do_free = bars
@@ -682,11 +742,12 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
   def _(i):
     if prefetch is not None:
       fetch_ahead(i + prefetch[0])
-    slot = lax.rem(i, jnp.int32(stages))
+    g = base + i
+    slot = lax.rem(g, jnp.int32(stages))
     hh, qb = step_coords(i)
     qs = pl.ds(qb * bq, bq)
 
-    @pl.when(i >= stages)
+    @pl.when(g >= stages)
     def _():
       plgpu.barrier_wait(q_free.at[slot])
 
@@ -698,7 +759,7 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
       plgpu.copy_gmem_to_smem(qseg_ref.at[bb, qs], qseg_smem.at[slot],
                               q_ready.at[slot])
 
-    @pl.when(i >= stages)
+    @pl.when(g >= stages)
     def _():
       plgpu.barrier_wait(do_free.at[slot])
 
@@ -709,7 +770,8 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
 
   # Observe the last release of every slot (no barrier phase completes
   # unobserved; harmless on the GPU, checked by the interpreter).
-  _drain(steps, stages, q_free, do_free)
+  if drain:
+    _drain(steps, stages, q_free, do_free)
 
 
 def flash_backward_dkv(
@@ -745,6 +807,8 @@ def flash_backward_dkv(
   if cfg.split_head:
     if cfg.fused_dq:
       raise NotImplementedError("fused dQ with split_head")
+    if cfg.persistent_dkv:
+      raise NotImplementedError("persistent_dkv with split_head")
     return _backward_dkv_split(
         q, k, v, do, lse2, delta, scale=scale, ranges=ranges,
         predicate=predicate, kv_len_static=kv_len_static, soft_cap=soft_cap,
@@ -771,7 +835,11 @@ def flash_backward_dkv(
   _smem_check([wgs * bk * h, wgs * bk * hv], [bq * h, bq * hv], stages,
               jnp.dtype(dtype).itemsize,
               extra=stages * 3 * 1024 + 1024 + fused_extra)
-  tables = _dkv_tables(ranges, nkt)
+  persistent = cfg.persistent_dkv
+  if persistent and fused:
+    raise NotImplementedError("persistent_dkv with fused_dq")
+  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas) if persistent
+            else _dkv_tables(ranges, nkt))
   # The masked loops before and after a key tile's unmasked query blocks
   # are compiled only where some tile has such blocks (fewer spills: none
   # for full attention on whole tiles, no trailing loop under a causal
@@ -791,17 +859,31 @@ def flash_backward_dkv(
              dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
              qseg_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_free,
              do_free):
-    head = None
-    if hg is not None:
-      def head():
-        pair = g0_ref[0] + lax.axis_index("g")
-        return lax.rem(pair, kh), lax.div(pair, kh)
-    (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
-     step_coords) = _dkv_schedule(
-        tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q,
-        head=head)
+    wg = lax.axis_index("wg")
+    if persistent:
+      cta = lax.axis_index("c")
+      n_items = tab_ref[cta, 0, 0]
 
-    def dq_index(hh, qb, col0, cols):
+      def item_of(j):
+        """Item j of this CTA: its table row is (b, K/V head, key tile,
+        lo, a, c, hi) (row 0 holds the count)."""
+        bb_, kvh_, kt_, *bounds = (tab_ref[cta, j + 1, r] for r in range(7))
+        return (kt_, kvh_, bb_, *bounds)
+
+      def sched_of(j):
+        return _dkv_schedule(None, kvlen_ref, s_limit, tk, groups,
+                             item=item_of(j))
+    else:
+      head = None
+      if hg is not None:
+        def head():
+          pair = g0_ref[0] + lax.axis_index("g")
+          return lax.rem(pair, kh), lax.div(pair, kh)
+      sched0 = _dkv_schedule(
+          tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q,
+          head=head)
+
+    def dq_index(bb, kvh, hh, qb, col0, cols):
       """The dQ accumulator's index of head hh, query block qb, columns
       [col0, col0 + cols) (in the "nct" layout a multiple of dq_cols: one
       column block, dq_cols, is a scalar index)."""
@@ -827,22 +909,40 @@ def flash_backward_dkv(
 
     @pl.when(wg == wgs)
     def _producer():
-      prefetch = None
-      if fused and cfg.dq_prefetch is not None:
-        prefetch = (cfg.dq_prefetch,
-                    lambda hh, qb: dqacc_ref.at[dq_index(hh, qb, 0, h)],
-                    lax.rem(kt, cfg.dq_prefetch_every) == 0)
-      _dkv_producer(
-          step_coords, steps, bb=bb, bq=bq, stages=stages,
-          regs=cfg.producer_regs,
-          refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
-                delta_ref),
-          smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch)
+      def produce(sched, base, regs, drain):
+        kt, kvh, bb, _, _, _, _, _, _, _, steps, step_coords = sched
+        prefetch = None
+        if fused and cfg.dq_prefetch is not None:
+          prefetch = (cfg.dq_prefetch,
+                      lambda hh, qb: dqacc_ref.at[dq_index(bb, kvh, hh, qb,
+                                                           0, h)],
+                      lax.rem(kt, cfg.dq_prefetch_every) == 0)
+        _dkv_producer(
+            step_coords, steps, bb=bb, bq=bq, stages=stages, regs=regs,
+            refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
+                  delta_ref),
+            smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
+            bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch,
+            base=base, drain=drain)
+        return base + steps
 
-    @pl.when(wg < wgs)
-    def _consumer():
-      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      if persistent:
+        # One ring over all the items: the next item's first blocks load
+        # while the consumers finish this one.
+        plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+        total = lax.fori_loop(
+            0, n_items, lambda j, base: produce(sched_of(j), base, None,
+                                                False), jnp.int32(0))
+        _drain(total, stages, q_free, do_free)
+      else:
+        produce(sched0, 0, cfg.producer_regs, True)
+
+    def consume(sched, base, nxt=None):
+      """This consumer's share of one work item (steps ``base`` on in the
+      rings); ``nxt``: ``(valid, kt, kvh, b)`` of the next item, whose K
+      and V tiles are prefetched into L2. Returns the next item's base."""
+      (kt, kvh, bb, _, lo, a, c, hi, kv_limit, nq, steps,
+       step_coords) = sched
       k_base = kt * tk + wg * bk
       ks = pl.ds(k_base, bk)
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
@@ -853,13 +953,20 @@ def flash_backward_dkv(
           kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
                              optimized=False)
         plgpu.barrier_wait(kv_bar.at[wg])
+      if nxt is not None:
+        ks_n = pl.ds(nxt[1] * tk + wg * bk, bk)
+
+        @pl.when(nxt[0])
+        def _():
+          plgpu.async_prefetch(k_ref.at[nxt[3], ks_n, nxt[2]])
+          plgpu.async_prefetch(v_ref.at[nxt[3], ks_n, nxt[2]])
       col = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
 
       def iota(dim):
         return plgpu.broadcasted_iota(jnp.int32, (bk, bq), dim, layout=_WGMMA)
 
       def body(i, qb, masked, dk_acc, dv_acc):
-        slot = lax.rem(i, jnp.int32(stages))
+        slot = lax.rem(base + i, jnp.int32(stages))
         # K/V descriptors formed in the loop, not hoisted (see _opaque_zero).
         z = _opaque_zero(i, steps)
         k_w, v_w = k_smem.at[wg + z], v_smem.at[wg + z]
@@ -962,7 +1069,7 @@ def flash_backward_dkv(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           dq_smem.at[w][...] = dq
           plgpu.commit_smem()
-          index = dq_index(hh, qb, col0, dq_cols)
+          index = dq_index(bb, kvh, hh, qb, col0, dq_cols)
           if "reduce" in _FUSED_DROP:
             plgpu.copy_smem_to_gmem(dq_smem.at[w], dqacc_ref.at[index])
           else:
@@ -1025,6 +1132,20 @@ def flash_backward_dkv(
                                 commit_group=False)
         plgpu.commit_smem_to_gmem_group()
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return base + steps
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      if persistent:
+        def item(j, base):
+          kt_n, kvh_n, bb_n = item_of(jnp.minimum(j + 1, n_items - 1))[:3]
+          return consume(sched_of(j), base,
+                         (j + 1 < n_items, kt_n, kvh_n, bb_n))
+
+        lax.fori_loop(0, n_items, item, jnp.int32(0))
+      else:
+        consume(sched0, 0)
 
   q_arrivals = 2 + (1 if segments else 0)
   scratch = [
@@ -1053,13 +1174,16 @@ def flash_backward_dkv(
   acc_shape = {"tnh": (b, tp, n, h), "nth": (b, n, tp, h),
                "nct": (b, n, h // dq_cols, tp, dq_cols)}[cfg.dq_layout]
   dq_acc = jax.new_ref(jnp.zeros(acc_shape, jnp.float32)) if fused else None
+  grid, grid_names = (nkt, kh, b), ("kv", "h", "b")
+  if persistent:
+    grid, grid_names = (tables.shape[0],), ("c",)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
                 jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=scratch,
-      grid=(nkt, kh, b),
-      grid_names=("kv", "h", "b"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=_dkv_params(),
@@ -1381,9 +1505,13 @@ def flash_backward_dq(
   groups = n // kh
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
-  work = ranges[3] - ranges[0]
-  order = np.argsort(-work, kind="stable").astype(np.int32)
-  tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
+  persistent = cfg.persistent_dq
+  if persistent:
+    tables = _work_table(ranges, b, n, kh, cfg.num_ctas)
+  else:
+    work = ranges[3] - ranges[0]
+    order = np.argsort(-work, kind="stable").astype(np.int32)
+    tables = jnp.asarray(np.concatenate([ranges, order[None]], 0))
   # Masked loops only where needed (as in dK/dV); a key length cuts the
   # unmasked run short, so its blocks after it are masked.
   lead, trail = _masked_loops(ranges, trail=kv_lengths is not None)
@@ -1393,33 +1521,43 @@ def flash_backward_dq(
              qseg_ref, kvseg_ref, kvlen_ref, dq_ref, q_smem, do_smem,
              k_smem, v_smem, seg_smem, q_bar, k_ready, v_ready, k_free,
              v_free):
-    qt = tab_ref[4, lax.axis_index("q")]
-    hh = lax.axis_index("h")
-    bb = lax.axis_index("b")
     wg = lax.axis_index("wg")
-    kvh = lax.div(hh, jnp.int32(groups))
-    lo, a, c, hi = (tab_ref[r, qt] for r in range(4))
-    kv_limit = jnp.int32(s_limit)
-    if kvlen_ref is not None:
-      kvl = kvlen_ref[bb]
-      kv_limit = jnp.minimum(kv_limit, kvl)
-      hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
-      c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
-    hi = jnp.maximum(hi, lo)
-    a = jnp.clip(a, lo, hi)
-    c = jnp.clip(c, a, hi)
-    num_kv = hi - lo
 
-    @pl.when(wg == wgs)
-    def _producer():
-      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+    def item_of(raw):
+      """(b, head, query tile, lo, a, c, hi) with the key length applied."""
+      bb, hh, qt, lo, a, c, hi = raw
+      kv_limit = jnp.int32(s_limit)
+      if kvlen_ref is not None:
+        kvl = kvlen_ref[bb]
+        kv_limit = jnp.minimum(kv_limit, kvl)
+        hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
+        c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
+      hi = jnp.maximum(hi, lo)
+      a = jnp.clip(a, lo, hi)
+      c = jnp.clip(c, a, hi)
+      return bb, hh, qt, lo, a, c, hi, kv_limit
+
+    if persistent:
+      cta = lax.axis_index("c")
+      n_items = tab_ref[cta, 0, 0]
+      raw_of = lambda j: tuple(tab_ref[cta, j + 1, r] for r in range(7))
+    else:
+      qt0 = tab_ref[4, lax.axis_index("q")]
+      item0 = item_of((lax.axis_index("b"), lax.axis_index("h"), qt0,
+                       *(tab_ref[r, qt0] for r in range(4))))
+
+    def produce(item, base):
+      bb, hh, _, lo, _, _, hi, _ = item
+      kvh = lax.div(hh, jnp.int32(groups))
+      num_kv = hi - lo
 
       @pl.loop(0, num_kv)
       def _(i):
-        slot = lax.rem(i, jnp.int32(stages))
+        g = base + i
+        slot = lax.rem(g, jnp.int32(stages))
         kslice = pl.ds((lo + i) * bk, bk)
 
-        @pl.when(i >= stages)
+        @pl.when(g >= stages)
         def _():
           plgpu.barrier_wait(k_free.at[slot])
 
@@ -1429,18 +1567,33 @@ def flash_backward_dq(
           plgpu.copy_gmem_to_smem(kvseg_ref.at[bb, kslice], seg_smem.at[slot],
                                   k_ready.at[slot])
 
-        @pl.when(i >= stages)
+        @pl.when(g >= stages)
         def _():
           plgpu.barrier_wait(v_free.at[slot])
 
         plgpu.copy_gmem_to_smem(v_ref.at[bb, kslice, kvh], v_smem.at[slot],
                                 v_ready.at[slot])
 
-      _drain(num_kv, stages, k_free, v_free)
+      return base + num_kv
 
-    @pl.when(wg < wgs)
-    def _consumer():
-      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+      if persistent:
+        # One K / V ring across the items: the next item's first blocks
+        # load while the consumers store this item's dQ.
+        total = lax.fori_loop(0, n_items,
+                              lambda j, base: produce(item_of(raw_of(j)),
+                                                      base), jnp.int32(0))
+      else:
+        total = produce(item0, 0)
+      _drain(total, stages, k_free, v_free)
+
+    def consume(item, base, nxt=None):
+      """This consumer's rows of one item (steps ``base`` on in the ring);
+      ``nxt``: ``(valid, b, head, query tile)`` of the next item, whose Q
+      and dO rows are prefetched into L2. Returns the next item's base."""
+      bb, hh, qt, lo, a, c, hi, kv_limit = item
       q_base = qt * tq + wg * bq
       qs = pl.ds(q_base, bq)
       q_w, do_w = q_smem.at[wg], do_smem.at[wg]
@@ -1452,13 +1605,20 @@ def flash_backward_dq(
       if segments:
         qseg = plgpu.load(qseg_ref.at[bb, qs], layout=_ROW, optimized=False)
       plgpu.barrier_wait(q_bar.at[wg])
+      if nxt is not None:
+        qs_n = pl.ds(nxt[3] * tq + wg * bq, bq)
+
+        @pl.when(nxt[0])
+        def _():
+          plgpu.async_prefetch(q_ref.at[nxt[1], qs_n, nxt[2]])
+          plgpu.async_prefetch(do_ref.at[nxt[1], qs_n, nxt[2]])
       row = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
 
       def iota(dim):
         return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=_WGMMA)
 
       def body(j, masked, dq_acc):
-        slot = lax.rem(j - lo, jnp.int32(stages))
+        slot = lax.rem(base + j - lo, jnp.int32(stages))
         # Q/dO descriptors formed in the loop, not hoisted (_opaque_zero).
         z = _opaque_zero(j, hi + 1)
         q_w, do_w = q_smem.at[wg + z], do_smem.at[wg + z]
@@ -1512,7 +1672,22 @@ def flash_backward_dq(
       q_w[...] = (dq * scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_w, dq_ref.at[bb, qs, hh])
+      # Also before the next item's Q lands in this buffer.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return base + (hi - lo)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      if persistent:
+        def item(j, base):
+          bb_n, hh_n, qt_n = raw_of(jnp.minimum(j + 1, n_items - 1))[:3]
+          return consume(item_of(raw_of(j)), base,
+                         (j + 1 < n_items, bb_n, hh_n, qt_n))
+
+        lax.fori_loop(0, n_items, item, jnp.int32(0))
+      else:
+        consume(item0, 0)
 
   # Contraction over bk keys in dQ += dS K: 32-key blocks need 64B swizzle.
   swz = min(128, bk * jnp.dtype(dtype).itemsize)
@@ -1532,8 +1707,8 @@ def flash_backward_dq(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, dtype),
       scratch_types=scratch,
-      grid=(nqt, n, b),
-      grid_names=("q", "h", "b"),
+      grid=(tables.shape[0],) if persistent else (nqt, n, b),
+      grid_names=("c",) if persistent else ("q", "h", "b"),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

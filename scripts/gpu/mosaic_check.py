@@ -590,6 +590,18 @@ def _variant_configs(name, h):
       "bst3": (None, bwd(num_stages=3), bonly),
       # The tiling that was the default at H <= 128 until run26.
       "bwd64": (None, bl.BwdConfig(), bonly),
+      # The two-kernel backward with its dK/dV kernel on a persistent grid
+      # (one Q / dO ring across a CTA's items; for T = 1k, where run84
+      # found 13% of a dK/dV CTA outside its steps). H = 128's default
+      # tiling; at H = 64 the tiling of T >= 2k.
+      "pdkv": (None, bwd(persistent_dkv=True), bonly),
+      # The dQ kernel too / alone (8 key blocks a dQ CTA at T = 1k).
+      "pbwd": (None, bwd(persistent_dkv=h <= 128, persistent_dq=True),
+               bonly),
+      "pdq": (None, bwd(persistent_dq=True), bonly),
+      # The two-kernel backward at the default tiling for unknown T (what
+      # deterministic runs take), beside "pbwd".
+      "two": (None, bwd(persistent_dkv=False, persistent_dq=False), bonly),
       "bq128": (None, bwd(block_q_dkv=128, block_q_dq=128), bonly),
   }
   if name not in table:
@@ -845,7 +857,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,two,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run90), as calls of under 10 minutes on one GPU, most decisive first:
-# psmem (~8 min: the H = 64 forward with P in an SMEM ring, its GPU tests
-# and timings at the H = 64 grid rows, most of those below 1.0; if it
-# wins, psmem128 (the same at H = 128) and psmemsuite: the whole Mosaic
-# GPU suite with it on), deltabwd
-# (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k, where its
-# forward+backward trails fla, then the GPU tests of a faster one), then
-# linstages' occupancy step (scripts/gpu/linear_profile.py --occupancy),
-# short, profile, gap64k, pftimes, pftests, call1, call2, call3
+# run95), as calls of under 10 minutes on one GPU, most decisive first:
+# psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
+# deltabwd (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k,
+# where its forward+backward trails fla, then the GPU tests of a faster
+# one), then linstages' occupancy step (scripts/gpu/linear_profile.py
+# --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
+# call3
+# (run91: psmem (GPU tests 4/4; 5-10% slower forward at H = 64: opt-in);
+# run92: pdkv (the persistent backward, +23% forward+backward at H = 128
+# 1k full MHA); run93: its GPU tests 3/3 (ad hoc); run94: pbwd beside the
+# two kernels over the grid (ad hoc); run95: the whole Mosaic GPU suite
+# with it as the default, 112/112, and the report's T = 1k MHA rows)
 # (run88: serialturn (GPU tests 3/3; +0-2% at H = 64, -5% at H = 128 16k
 # causal GQA: opt-in); run89: split16k (2/4 splits +2-4% fwd, -3-4%
 # fwd+bwd: one split stays); run90: call4 (the delta report rows))
@@ -532,6 +535,19 @@ case "${1:-}" in
       "timeout 400 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 390 --configs '64:4096:*:*,64:1024:*:*,64:16384:*:mha' \
          --variants ours,psmem"
+    ;;
+  pdkv)
+    # The two-kernel backward's dK/dV kernel on a persistent grid
+    # (BwdConfig.persistent_dkv, opt-in): one Q / dO ring across each
+    # CTA's items, the next item's K and V prefetched into L2. Its GPU
+    # tests, then H = 128 at T = 1k (the forward+backward rows at 0.93,
+    # where run84 found 13% of a dK/dV CTA outside its steps).
+    bash $S \
+      "timeout 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
+         -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
+         -n 4 tests/test_pallas_mosaic_gpu.py -k persistent_dkv" \
+      "timeout 300 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 290 --configs '128:1024:*:*' --variants ours,pdkv,pbwd"
     ;;
   psmem128)
     # The same at H = 128 (T = 1k, 4k, 16k; MHA and GQA 4:1).

@@ -238,7 +238,7 @@ class TestMosaicGPU:
                             dtype=BF16, **kw)
 
   @pytest.mark.parametrize("case", ["h128_causal_lengths", "h64_segments",
-                                    "h128_full_sms"])
+                                    "h128_full_sms", "h256_causal_lengths"])
   def test_persistent_dkv(self, case):
     # BwdConfig(persistent_dkv, persistent_dq) (the two-kernel default but
     # for masked GQA, which keeps one CTA per tile; mosaic_check.py
@@ -249,13 +249,14 @@ class TestMosaicGPU:
     # one per SM at T = 1k, the shape it is for.
     from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
     ctas = 0 if case == "h128_full_sms" else 5
-    h = 64 if case == "h64_segments" else 128
+    h = {"h64_segments": 64, "h256_causal_lengths": 256}.get(case, 128)
     cfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h),
                               persistent_dkv=True, persistent_dq=True,
                               num_ctas=ctas)
     kw = dict(dtype=BF16)
-    if case == "h128_causal_lengths":
-      inp = inputs("pdkv1", t=1300, n=4, kh=2, h=128)
+    if case in ("h128_causal_lengths", "h256_causal_lengths"):
+      # (H = 256: the split-head dK/dV kernel's persistent form, opt-in.)
+      inp = inputs(f"pdkv1{h}", t=1300, n=4, kh=2, h=h)
       kw.update(is_causal=True, arrays={
           "q_lengths": jnp.array([1300, 777], jnp.int32),
           "kv_lengths": jnp.array([1000, 1300], jnp.int32)})

@@ -345,6 +345,12 @@ _PERSISTENT_DKV = {
                             local_window_size=(90, 40), segments=True),
     # Full attention on whole tiles: no masked loop at all.
     "full_whole": dict(shape=dict(t=256, n=2, kh=1, h=128)),
+    # H = 256: the split-head dK/dV kernel, each consumer reloading its
+    # halves of K and V (MHA: causal items of odd step counts, so a ring
+    # slot off by the earlier items' steps shows).
+    "h256_causal_lengths": dict(
+        shape=dict(t=200, n=2, kh=2, h=256), is_causal=True,
+        arrays={"kv_lengths": jnp.array([200, 70], jnp.int32)}),
 }
 
 

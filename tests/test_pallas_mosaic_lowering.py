@@ -462,8 +462,8 @@ def test_short_h64_backward_tiles_dq_by_128_queries():
 def test_default_two_kernel_backward_is_persistent_but_masked_gqa(h):
   # run92-run94 (H100): persistent grids for both backward kernels win for
   # MHA (1k full 465 / 378 TFLOP/s at H = 128) and unmasked GQA, lose for
-  # causal GQA (4k 452 / 487); the split-head dK/dV kernel (H = 256) has
-  # no persistent form, its dQ kernel does.
+  # causal GQA (4k 452 / 487); at H = 256 only the dQ kernel by default
+  # (the split-head dK/dV kernel's persistent form is opt-in).
   for groups, masked in [(1, False), (1, True), (4, False), (4, True)]:
     for t in (None, 1024, 4096):
       cfg = bwd_lib.default_bwd_config(h, q_len=t, groups=groups,
@@ -474,9 +474,11 @@ def test_default_two_kernel_backward_is_persistent_but_masked_gqa(h):
   # The fused form has none.
   assert not bwd_lib.default_bwd_config(
       128, False, q_len=16384).persistent_dkv
-  with pytest.raises(NotImplementedError, match="split_head"):
-    _lower(h=256, t=128, bwd_config=bwd_lib.BwdConfig(
-        block_kv_dq=32, split_head=True, persistent_dkv=True))
+  # Opt-in there: the split-head dK/dV kernel on a persistent grid.
+  _lower(h=256, t=300, is_causal=True, segs=True, lens=True,
+         bwd_config=bwd_lib.BwdConfig(block_kv_dq=32, split_head=True,
+                                      persistent_dkv=True,
+                                      persistent_dq=True))
 
 
 def test_group_want_fills_a_wave():

@@ -196,8 +196,10 @@ class BwdConfig:
       H100 (run92, forward+backward TFLOP/s at T = 1k full MHA, H = 128):
       378 -> 407, with ``persistent_dq`` too 465. :func:`default_bwd_config`
       sets both for the two-kernel form but for GQA under a mask (causal
-      GQA 4k: 487 -> 452). The split-head kernel (H = 256) has no
-      persistent form (NotImplementedError).
+      GQA 4k: 487 -> 452). The split-head kernel (H = 256) takes it too,
+      each consumer then loading its own halves of K and V; opt-in there
+      (tested in the CPU interpreter, not yet on a GPU: pending.sh
+      psplit).
     persistent_dq: the dQ kernel the same way (items: (batch, query head,
       query tile); the K / V ring runs on across them, the next item's Q
       and dO rows prefetched into L2). At T = 1k a dQ CTA (H = 128) walks
@@ -429,7 +431,7 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
                           persistent_dq=persist)
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
-    # (The split-head dK/dV kernel has no persistent form.)
+    # (The split-head dK/dV kernel's persistent form: opt-in, untimed.)
     return BwdConfig(block_kv_dq=32, split_head=True, persistent_dq=persist)
   if not deterministic and q_len is not None:
     fused = BwdConfig(fused_dq=True)
@@ -807,8 +809,6 @@ def flash_backward_dkv(
   if cfg.split_head:
     if cfg.fused_dq:
       raise NotImplementedError("fused dQ with split_head")
-    if cfg.persistent_dkv:
-      raise NotImplementedError("persistent_dkv with split_head")
     return _backward_dkv_split(
         q, k, v, do, lse2, delta, scale=scale, ranges=ranges,
         predicate=predicate, kv_len_static=kv_len_static, soft_cap=soft_cap,
@@ -1291,7 +1291,9 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
               [bq * h, bq * hv], stages, itemsize,
               extra=stages * 3 * 1024 + 1024)
   nkt = sp // bk
-  tables = _dkv_tables(ranges, nkt)
+  persistent = cfg.persistent_dkv
+  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas) if persistent
+            else _dkv_tables(ranges, nkt))
   groups = n // kh
   segments = q_segment_ids is not None
   s_limit = sp if kv_len_static is None else int(kv_len_static)
@@ -1302,40 +1304,85 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
              qseg_ref, kvseg_ref, kvlen_ref, dk_ref, dv_ref, k_smem, v_smem,
              q_smem, do_smem, lse_smem, delta_smem, qseg_smem, pt_smem,
              ds_smem, kv_bar, q_ready, do_ready, q_free, do_free, pair):
-    (kt, kvh, bb, wg, lo, a, c, hi, kv_limit, nq, steps,
-     step_coords) = _dkv_schedule(
-        tab_ref, kvlen_ref, s_limit, bk, groups)
+    wg = lax.axis_index("wg")
+    if persistent:
+      cta = lax.axis_index("c")
+      n_items = tab_ref[cta, 0, 0]
 
-    @pl.when(wg == wgs)
-    def _producer():
+      def item_of(j):
+        bb_, kvh_, kt_, *bounds = (tab_ref[cta, j + 1, r] for r in range(7))
+        return (kt_, kvh_, bb_, *bounds)
+
+      def sched_of(j):
+        return _dkv_schedule(None, kvlen_ref, s_limit, bk, groups,
+                             item=item_of(j))
+    else:
+      sched0 = _dkv_schedule(tab_ref, kvlen_ref, s_limit, bk, groups)
+
+    def produce(sched, base, regs, drain):
+      bb, steps, step_coords = sched[2], sched[10], sched[11]
       _dkv_producer(
-          step_coords, steps, bb=bb, bq=bq, stages=stages,
-          regs=cfg.producer_regs,
+          step_coords, steps, bb=bb, bq=bq, stages=stages, regs=regs,
           refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                 delta_ref),
           smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free))
+          bars=(q_ready, do_ready, q_free, do_free), base=base, drain=drain)
+      return base + steps
 
-    @pl.when(wg < wgs)
-    def _consumer():
-      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+    @pl.when(wg == wgs)
+    def _producer():
+      if persistent:
+        plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+        total = lax.fori_loop(
+            0, n_items, lambda j, base: produce(sched_of(j), base, None,
+                                                False), jnp.int32(0))
+        _drain(total, stages, q_free, do_free)
+      else:
+        produce(sched0, 0, cfg.producer_regs, True)
+
+    def consume(sched, base, nxt=None):
+      """One item (steps ``base`` on in the rings); ``nxt``: ``(valid, kt,
+      kvh, b)`` of the next one, whose K / V halves are prefetched into
+      L2. Returns the next item's base."""
+      (kt, kvh, bb, _, lo, a, c, hi, kv_limit, nq, steps,
+       step_coords) = sched
       k_base = kt * bk
       ks = pl.ds(k_base, bk)
 
       # K and V are kept as two column halves each, so that each consumer
-      # can later stage its half of dK/dV in them for a contiguous TMA store.
-      @pl.when(wg == 0)
-      def _():
-        for u in range(wgs):
-          plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh, pl.ds(u * hc, hc)],
-                                  k_smem.at[u], kv_bar.at[0])
-          plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh, pl.ds(u * hvc, hvc)],
-                                  v_smem.at[u], kv_bar.at[0])
+      # can later stage its half of dK/dV in them for a contiguous TMA
+      # store. On a persistent grid each consumer loads its own halves
+      # (its store of the previous item's results from them is complete),
+      # both waiting for all four; one CTA a tile: consumer 0 loads all.
+      if persistent:
+        plgpu.copy_gmem_to_smem(k_ref.at[bb, ks, kvh, pl.ds(wg * hc, hc)],
+                                k_smem.at[wg], kv_bar.at[0])
+        plgpu.copy_gmem_to_smem(v_ref.at[bb, ks, kvh, pl.ds(wg * hvc, hvc)],
+                                v_smem.at[wg], kv_bar.at[0])
+      else:
+        @pl.when(wg == 0)
+        def _():
+          for u in range(wgs):
+            plgpu.copy_gmem_to_smem(
+                k_ref.at[bb, ks, kvh, pl.ds(u * hc, hc)], k_smem.at[u],
+                kv_bar.at[0])
+            plgpu.copy_gmem_to_smem(
+                v_ref.at[bb, ks, kvh, pl.ds(u * hvc, hvc)], v_smem.at[u],
+                kv_bar.at[0])
 
       if segments:
         kvseg = plgpu.load(kvseg_ref.at[bb, ks], layout=_ROW,
                            optimized=False)
       plgpu.barrier_wait(kv_bar.at[0])
+      if nxt is not None:
+        ks_n = pl.ds(nxt[1] * bk, bk)
+
+        @pl.when(nxt[0])
+        def _():
+          plgpu.async_prefetch(k_ref.at[nxt[3], ks_n, nxt[2],
+                                        pl.ds(wg * hc, hc)])
+          plgpu.async_prefetch(v_ref.at[nxt[3], ks_n, nxt[2],
+                                        pl.ds(wg * hvc, hvc)])
       q_cols = pl.ds(wg * qh, qh)
       h_cols = pl.ds(wg * hc, hc)
       hv_cols = pl.ds(wg * hvc, hvc)
@@ -1350,7 +1397,7 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
         return plgpu.broadcasted_iota(jnp.int32, (bk, qh), dim, layout=_WGMMA)
 
       def body(i, masked, dk_acc, dv_acc):
-        slot = lax.rem(i, jnp.int32(stages))
+        slot = lax.rem(base + i, jnp.int32(stages))
         _, qb = step_coords(i)
         # K/V descriptors formed in the loop, not hoisted (_opaque_zero).
         z = _opaque_zero(i, steps) * wgs
@@ -1439,6 +1486,20 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
                               commit_group=False)
       plgpu.commit_smem_to_gmem_group()
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return base + steps
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(cfg.consumer_regs, action="increase")
+      if persistent:
+        def item(j, base):
+          kt_n, kvh_n, bb_n = item_of(jnp.minimum(j + 1, n_items - 1))[:3]
+          return consume(sched_of(j), base,
+                         (j + 1 < n_items, kt_n, kvh_n, bb_n))
+
+        lax.fori_loop(0, n_items, item, jnp.int32(0))
+      else:
+        consume(sched0, 0)
 
   q_arrivals = 2 + (1 if segments else 0)
   scratch = [
@@ -1463,8 +1524,8 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
       out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
                 jax.ShapeDtypeStruct(v.shape, dtype)),
       scratch_types=scratch,
-      grid=(nkt, kh, b),
-      grid_names=("kv", "h", "b"),
+      grid=(tables.shape[0],) if persistent else (nkt, kh, b),
+      grid_names=("c",) if persistent else ("kv", "h", "b"),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -594,6 +594,8 @@ def _variant_configs(name, h):
       # (one Q / dO ring across a CTA's items; for T = 1k, where run84
       # found 13% of a dK/dV CTA outside its steps). H = 128's default
       # tiling; at H = 64 the tiling of T >= 2k.
+      # At H = 256 (the dQ kernel's is the default there) the split-head
+      # dK/dV kernel's, opt-in.
       "pdkv": (None, bwd(persistent_dkv=True), bonly),
       # The dQ kernel too / alone (8 key blocks a dQ CTA at T = 1k).
       "pbwd": (None, bwd(persistent_dkv=h <= 128, persistent_dq=True),

@@ -549,6 +549,19 @@ case "${1:-}" in
       "timeout 300 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 290 --configs '128:1024:*:*' --variants ours,pdkv,pbwd"
     ;;
+  psplit)
+    # The split-head dK/dV kernel (H = 256) on a persistent grid (opt-in;
+    # the dQ kernel's is the default there): its GPU tests and the H = 256
+    # tests (each consumer now loads its own K / V halves), then H = 256
+    # rows with it ("pdkv") beside the default.
+    bash $S \
+      "timeout 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
+         -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
+         -n 4 tests/test_pallas_mosaic_gpu.py -k 'persistent_dkv or 256'" \
+      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 190 --configs '256:1024:*:*,256:16384:causal:mha' \
+         --variants ours,pdkv"
+    ;;
   psmem128)
     # The same at H = 128 (T = 1k, 4k, 16k; MHA and GQA 4:1).
     bash $S \

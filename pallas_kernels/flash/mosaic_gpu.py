@@ -430,6 +430,26 @@ def work_schedule(ranges: np.ndarray, b: int, n: int, kh: int,
                           num_ctas, overhead)
 
 
+def cut_item(raw, s_limit, bk, kvlen_ref, qlen_ref=None, tq=None):
+  """A work item ``(b, head, query tile, lo, a, c, hi)`` of ``bk``-key
+  blocks cut by the key length (and, with ``qlen_ref``, emptied past the
+  query length, ``tq`` rows a tile): ``(b, head, qt, lo, a, c, hi,
+  kv_limit)``, ``kv_limit`` the keys that exist."""
+  bb, hh, qt, lo, a, c, hi = raw
+  kv_limit = jnp.int32(s_limit)
+  if kvlen_ref is not None:
+    kvl = kvlen_ref[bb]
+    kv_limit = jnp.minimum(kv_limit, kvl)
+    hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
+    c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
+  if qlen_ref is not None:
+    hi = jnp.where(qt * tq >= qlen_ref[bb], lo, hi)
+  hi = jnp.maximum(hi, lo)
+  a = jnp.clip(a, lo, hi)
+  c = jnp.clip(c, a, hi)
+  return bb, hh, qt, lo, a, c, hi, kv_limit
+
+
 def _sched_barrier(op: str, other: bool, num_wgs: int):
   """``bar.sync``/``bar.arrive`` on a consumer's scheduling barrier.
 
@@ -564,19 +584,8 @@ def flash_forward(
 
     def item(i, raw=None):
       """Work item i of this CTA, its block range cut by the lengths."""
-      bb, hh, qt, lo, a, c, hi = raw_item(i) if raw is None else raw
-      kv_limit = jnp.int32(s_limit)
-      if kvlen_ref is not None:
-        kvl = kvlen_ref[bb]
-        kv_limit = jnp.minimum(kv_limit, kvl)
-        hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
-        c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
-      if qlen_ref is not None:
-        hi = jnp.where(qt * tq >= qlen_ref[bb], lo, hi)
-      hi = jnp.maximum(hi, lo)
-      a = jnp.clip(a, lo, hi)
-      c = jnp.clip(c, a, hi)
-      return bb, hh, qt, lo, a, c, hi, kv_limit
+      return cut_item(raw_item(i) if raw is None else raw, s_limit, bk,
+                      kvlen_ref, qlen_ref, tq)
 
     @pl.when(wg == wgs)
     def _producer():

@@ -694,6 +694,39 @@ def _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
           step_coords)
 
 
+def _dkv_walk(persistent, tab_ref, kvlen_ref, s_limit, tile, groups,
+              **schedule_kw):
+  """A dK/dV CTA's work items as ``walk(fn)``: calls ``fn(sched, base,
+  nxt)`` for each in turn (``sched`` from :func:`_dkv_schedule`, ``base``
+  the rings' count of earlier steps, threaded through as ``fn``'s
+  result, which ``walk`` returns) with ``nxt = (valid, kt, kvh, b)`` of
+  the next item on a persistent grid (its table from :func:`_work_table`;
+  None with one tile a CTA)."""
+  if not persistent:
+    sched0 = _dkv_schedule(tab_ref, kvlen_ref, s_limit, tile, groups,
+                           **schedule_kw)
+    return lambda fn: fn(sched0, 0, None)
+  cta = lax.axis_index("c")
+  n_items = tab_ref[cta, 0, 0]
+
+  def item_of(j):
+    """Item j: its row is (b, K/V head, key tile, lo, a, c, hi); row 0
+    holds the count."""
+    bb, kvh, kt, *bounds = (tab_ref[cta, j + 1, r] for r in range(7))
+    return (kt, kvh, bb, *bounds)
+
+  def walk(fn):
+    def item(j, base):
+      kt_n, kvh_n, bb_n = item_of(jnp.minimum(j + 1, n_items - 1))[:3]
+      sched = _dkv_schedule(None, kvlen_ref, s_limit, tile, groups,
+                            item=item_of(j))
+      return fn(sched, base, (j + 1 < n_items, kt_n, kvh_n, bb_n))
+
+    return lax.fori_loop(0, n_items, item, jnp.int32(0))
+
+  return walk
+
+
 def _dkv_bounds(bounds, kt, kvlen_ref, bb, s_limit, tile):
   """``bounds = (lo, a, c, hi)`` of key tile ``kt`` clipped to the key
   length (the last item: that length)."""
@@ -712,21 +745,19 @@ def _dkv_bounds(bounds, kt, kvlen_ref, bb, s_limit, tile):
   return lo, a, c, hi, kv_limit
 
 
-def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
-                  bars, prefetch=None, base=0, drain=True):
-  """The producer warpgroup of a dK/dV kernel: streams Q (+ lse, segment
-  ids) and dO (+ delta) blocks of each step into the ``stages``-slot rings.
+def _dkv_producer(step_coords, steps, *, bb, bq, stages, refs, smem, bars,
+                  prefetch=None, base=0):
+  """The producer warpgroup's loads for one dK/dV work item: streams Q (+
+  lse, segment ids) and dO (+ delta) blocks of each step into the
+  ``stages``-slot rings (the caller sets the registers and observes the
+  last releases, :func:`_drain`).
 
   ``prefetch``: ``(distance, where, enabled)``: with step ``i``'s loads,
   prefetch into L2 the GMEM ref ``where(head, query block)`` of step ``i +
   distance`` (the first ``distance`` steps' before the loop) where the
   scalar ``enabled`` holds. ``base``: the rings' count of earlier steps (a
-  persistent CTA's earlier items; their slots and phases run on);
-  ``regs`` None: the registers are already set; ``drain`` False: the
-  caller observes the last releases.
+  persistent CTA's earlier items; their slots and phases run on).
   """
-  if regs is not None:
-    plgpu.set_max_registers(regs, action="decrease")
   q_ref, lse_ref, qseg_ref, do_ref, delta_ref = refs
   q_smem, lse_smem, qseg_smem, do_smem, delta_smem = smem
   q_ready, do_ready, q_free, do_free = bars
@@ -770,10 +801,6 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, regs, refs, smem,
     plgpu.copy_gmem_to_smem(delta_ref.at[bb, hh, qs],
                             delta_smem.at[slot], do_ready.at[slot])
 
-  # Observe the last release of every slot (no barrier phase completes
-  # unobserved; harmless on the GPU, checked by the interpreter).
-  if drain:
-    _drain(steps, stages, q_free, do_free)
 
 
 def flash_backward_dkv(
@@ -860,28 +887,14 @@ def flash_backward_dkv(
              qseg_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready, q_free,
              do_free):
     wg = lax.axis_index("wg")
-    if persistent:
-      cta = lax.axis_index("c")
-      n_items = tab_ref[cta, 0, 0]
-
-      def item_of(j):
-        """Item j of this CTA: its table row is (b, K/V head, key tile,
-        lo, a, c, hi) (row 0 holds the count)."""
-        bb_, kvh_, kt_, *bounds = (tab_ref[cta, j + 1, r] for r in range(7))
-        return (kt_, kvh_, bb_, *bounds)
-
-      def sched_of(j):
-        return _dkv_schedule(None, kvlen_ref, s_limit, tk, groups,
-                             item=item_of(j))
-    else:
-      head = None
-      if hg is not None:
-        def head():
-          pair = g0_ref[0] + lax.axis_index("g")
-          return lax.rem(pair, kh), lax.div(pair, kh)
-      sched0 = _dkv_schedule(
-          tab_ref, kvlen_ref, s_limit, tk, groups, stagger=cfg.stagger_q,
-          head=head)
+    head = None
+    if hg is not None:
+      def head():
+        pair = g0_ref[0] + lax.axis_index("g")
+        return lax.rem(pair, kh), lax.div(pair, kh)
+    walk = _dkv_walk(persistent, tab_ref, kvlen_ref, s_limit, tk, groups,
+                     **({} if persistent else dict(stagger=cfg.stagger_q,
+                                                   head=head)))
 
     def dq_index(bb, kvh, hh, qb, col0, cols):
       """The dQ accumulator's index of head hh, query block qb, columns
@@ -909,7 +922,7 @@ def flash_backward_dkv(
 
     @pl.when(wg == wgs)
     def _producer():
-      def produce(sched, base, regs, drain):
+      def produce(sched, base, _):
         kt, kvh, bb, _, _, _, _, _, _, _, steps, step_coords = sched
         prefetch = None
         if fused and cfg.dq_prefetch is not None:
@@ -918,24 +931,20 @@ def flash_backward_dkv(
                                                            0, h)],
                       lax.rem(kt, cfg.dq_prefetch_every) == 0)
         _dkv_producer(
-            step_coords, steps, bb=bb, bq=bq, stages=stages, regs=regs,
+            step_coords, steps, bb=bb, bq=bq, stages=stages,
             refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                   delta_ref),
             smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
             bars=(q_ready, do_ready, q_free, do_free), prefetch=prefetch,
-            base=base, drain=drain)
+            base=base)
         return base + steps
 
-      if persistent:
-        # One ring over all the items: the next item's first blocks load
-        # while the consumers finish this one.
-        plgpu.set_max_registers(cfg.producer_regs, action="decrease")
-        total = lax.fori_loop(
-            0, n_items, lambda j, base: produce(sched_of(j), base, None,
-                                                False), jnp.int32(0))
-        _drain(total, stages, q_free, do_free)
-      else:
-        produce(sched0, 0, cfg.producer_regs, True)
+      # On a persistent grid one ring over all the items: the next item's
+      # first blocks load while the consumers finish this one. Then observe
+      # the last release of every slot (no barrier phase completes
+      # unobserved; harmless on the GPU, checked by the interpreter).
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+      _drain(walk(produce), stages, q_free, do_free)
 
     def consume(sched, base, nxt=None):
       """This consumer's share of one work item (steps ``base`` on in the
@@ -1137,15 +1146,7 @@ def flash_backward_dkv(
     @pl.when(wg < wgs)
     def _consumer():
       plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-      if persistent:
-        def item(j, base):
-          kt_n, kvh_n, bb_n = item_of(jnp.minimum(j + 1, n_items - 1))[:3]
-          return consume(sched_of(j), base,
-                         (j + 1 < n_items, kt_n, kvh_n, bb_n))
-
-        lax.fori_loop(0, n_items, item, jnp.int32(0))
-      else:
-        consume(sched0, 0)
+      walk(consume)
 
   q_arrivals = 2 + (1 if segments else 0)
   scratch = [
@@ -1305,40 +1306,22 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
              q_smem, do_smem, lse_smem, delta_smem, qseg_smem, pt_smem,
              ds_smem, kv_bar, q_ready, do_ready, q_free, do_free, pair):
     wg = lax.axis_index("wg")
-    if persistent:
-      cta = lax.axis_index("c")
-      n_items = tab_ref[cta, 0, 0]
+    walk = _dkv_walk(persistent, tab_ref, kvlen_ref, s_limit, bk, groups)
 
-      def item_of(j):
-        bb_, kvh_, kt_, *bounds = (tab_ref[cta, j + 1, r] for r in range(7))
-        return (kt_, kvh_, bb_, *bounds)
-
-      def sched_of(j):
-        return _dkv_schedule(None, kvlen_ref, s_limit, bk, groups,
-                             item=item_of(j))
-    else:
-      sched0 = _dkv_schedule(tab_ref, kvlen_ref, s_limit, bk, groups)
-
-    def produce(sched, base, regs, drain):
+    def produce(sched, base, _):
       bb, steps, step_coords = sched[2], sched[10], sched[11]
       _dkv_producer(
-          step_coords, steps, bb=bb, bq=bq, stages=stages, regs=regs,
+          step_coords, steps, bb=bb, bq=bq, stages=stages,
           refs=(q_ref, lse_ref, qseg_ref if segments else None, do_ref,
                 delta_ref),
           smem=(q_smem, lse_smem, qseg_smem, do_smem, delta_smem),
-          bars=(q_ready, do_ready, q_free, do_free), base=base, drain=drain)
+          bars=(q_ready, do_ready, q_free, do_free), base=base)
       return base + steps
 
     @pl.when(wg == wgs)
     def _producer():
-      if persistent:
-        plgpu.set_max_registers(cfg.producer_regs, action="decrease")
-        total = lax.fori_loop(
-            0, n_items, lambda j, base: produce(sched_of(j), base, None,
-                                                False), jnp.int32(0))
-        _drain(total, stages, q_free, do_free)
-      else:
-        produce(sched0, 0, cfg.producer_regs, True)
+      plgpu.set_max_registers(cfg.producer_regs, action="decrease")
+      _drain(walk(produce), stages, q_free, do_free)
 
     def consume(sched, base, nxt=None):
       """One item (steps ``base`` on in the rings); ``nxt``: ``(valid, kt,
@@ -1491,15 +1474,7 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
     @pl.when(wg < wgs)
     def _consumer():
       plgpu.set_max_registers(cfg.consumer_regs, action="increase")
-      if persistent:
-        def item(j, base):
-          kt_n, kvh_n, bb_n = item_of(jnp.minimum(j + 1, n_items - 1))[:3]
-          return consume(sched_of(j), base,
-                         (j + 1 < n_items, kt_n, kvh_n, bb_n))
-
-        lax.fori_loop(0, n_items, item, jnp.int32(0))
-      else:
-        consume(sched0, 0)
+      walk(consume)
 
   q_arrivals = 2 + (1 if segments else 0)
   scratch = [
@@ -1584,19 +1559,7 @@ def flash_backward_dq(
              v_free):
     wg = lax.axis_index("wg")
 
-    def item_of(raw):
-      """(b, head, query tile, lo, a, c, hi) with the key length applied."""
-      bb, hh, qt, lo, a, c, hi = raw
-      kv_limit = jnp.int32(s_limit)
-      if kvlen_ref is not None:
-        kvl = kvlen_ref[bb]
-        kv_limit = jnp.minimum(kv_limit, kvl)
-        hi = jnp.minimum(hi, lax.div(kvl + (bk - 1), jnp.int32(bk)))
-        c = jnp.minimum(c, lax.div(kvl, jnp.int32(bk)))
-      hi = jnp.maximum(hi, lo)
-      a = jnp.clip(a, lo, hi)
-      c = jnp.clip(c, a, hi)
-      return bb, hh, qt, lo, a, c, hi, kv_limit
+    item_of = lambda raw: fwd_lib.cut_item(raw, s_limit, bk, kvlen_ref)
 
     if persistent:
       cta = lax.axis_index("c")

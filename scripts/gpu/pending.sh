@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run95), as calls of under 10 minutes on one GPU, most decisive first:
+# psplit (~8 min: the whole Mosaic GPU suite after the dK/dV walk
+# refactor, and H = 256 with the split-head dK/dV kernel persistent),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # deltabwd (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k,
 # where its forward+backward trails fla, then the GPU tests of a faster
@@ -551,13 +553,14 @@ case "${1:-}" in
     ;;
   psplit)
     # The split-head dK/dV kernel (H = 256) on a persistent grid (opt-in;
-    # the dQ kernel's is the default there): its GPU tests and the H = 256
-    # tests (each consumer now loads its own K / V halves), then H = 256
-    # rows with it ("pdkv") beside the default.
+    # the dQ kernel's is the default there; each consumer loads its own K /
+    # V halves): the whole Mosaic GPU suite (the dK/dV kernels' item walk
+    # was refactored after run95's 112/112: _dkv_walk, one body for both
+    # grids), then H = 256 rows with it ("pdkv") beside the default.
     bash $S \
-      "timeout 150 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
-         -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
-         -n 4 tests/test_pallas_mosaic_gpu.py -k 'persistent_dkv or 256'" \
+      "timeout 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
+         -p no:cacheprovider -m gpu -q -rA --durations=10 -p no:benchmark \
+         -n 4 tests/test_pallas_mosaic_gpu.py" \
       "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 190 --configs '256:1024:*:*,256:16384:causal:mha' \
          --variants ours,pdkv"

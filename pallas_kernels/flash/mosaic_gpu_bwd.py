@@ -802,7 +802,6 @@ def _dkv_producer(step_coords, steps, *, bb, bq, stages, refs, smem, bars,
                             delta_smem.at[slot], do_ready.at[slot])
 
 
-
 def flash_backward_dkv(
     q, k, v, do, lse2, delta, *, scale: float, ranges: np.ndarray,
     predicate: Callable | None = None, kv_len_static: int | None = None,

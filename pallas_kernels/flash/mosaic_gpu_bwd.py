@@ -727,6 +727,15 @@ def _dkv_walk(persistent, tab_ref, kvlen_ref, s_limit, tile, groups,
   return walk
 
 
+def _prefetch_if(valid, *refs):
+  """TMA prefetches of the GMEM ``refs`` into L2 where ``valid`` holds (a
+  persistent CTA's next work item's resident tiles)."""
+  @pl.when(valid)
+  def _():
+    for ref in refs:
+      plgpu.async_prefetch(ref)
+
+
 def _dkv_bounds(bounds, kt, kvlen_ref, bb, s_limit, tile):
   """``bounds = (lo, a, c, hi)`` of key tile ``kt`` clipped to the key
   length (the last item: that length)."""
@@ -963,11 +972,8 @@ def flash_backward_dkv(
         plgpu.barrier_wait(kv_bar.at[wg])
       if nxt is not None:
         ks_n = pl.ds(nxt[1] * tk + wg * bk, bk)
-
-        @pl.when(nxt[0])
-        def _():
-          plgpu.async_prefetch(k_ref.at[nxt[3], ks_n, nxt[2]])
-          plgpu.async_prefetch(v_ref.at[nxt[3], ks_n, nxt[2]])
+        _prefetch_if(nxt[0], k_ref.at[nxt[3], ks_n, nxt[2]],
+                     v_ref.at[nxt[3], ks_n, nxt[2]])
       col = lambda x: lax.broadcast_in_dim(x, (bk, bq), [1])
 
       def iota(dim):
@@ -1358,13 +1364,9 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
       plgpu.barrier_wait(kv_bar.at[0])
       if nxt is not None:
         ks_n = pl.ds(nxt[1] * bk, bk)
-
-        @pl.when(nxt[0])
-        def _():
-          plgpu.async_prefetch(k_ref.at[nxt[3], ks_n, nxt[2],
-                                        pl.ds(wg * hc, hc)])
-          plgpu.async_prefetch(v_ref.at[nxt[3], ks_n, nxt[2],
-                                        pl.ds(wg * hvc, hvc)])
+        _prefetch_if(nxt[0],
+                     k_ref.at[nxt[3], ks_n, nxt[2], pl.ds(wg * hc, hc)],
+                     v_ref.at[nxt[3], ks_n, nxt[2], pl.ds(wg * hvc, hvc)])
       q_cols = pl.ds(wg * qh, qh)
       h_cols = pl.ds(wg * hc, hc)
       hv_cols = pl.ds(wg * hvc, hvc)
@@ -1630,11 +1632,8 @@ def flash_backward_dq(
       plgpu.barrier_wait(q_bar.at[wg])
       if nxt is not None:
         qs_n = pl.ds(nxt[3] * tq + wg * bq, bq)
-
-        @pl.when(nxt[0])
-        def _():
-          plgpu.async_prefetch(q_ref.at[nxt[1], qs_n, nxt[2]])
-          plgpu.async_prefetch(do_ref.at[nxt[1], qs_n, nxt[2]])
+        _prefetch_if(nxt[0], q_ref.at[nxt[1], qs_n, nxt[2]],
+                     do_ref.at[nxt[1], qs_n, nxt[2]])
       row = lambda x: lax.broadcast_in_dim(x, (bq, bk), [0])
 
       def iota(dim):

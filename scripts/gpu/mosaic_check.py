@@ -594,13 +594,15 @@ def _variant_configs(name, h):
       # (one Q / dO ring across a CTA's items; for T = 1k, where run84
       # found 13% of a dK/dV CTA outside its steps). H = 128's default
       # tiling; at H = 64 the tiling of T >= 2k.
-      # At H = 256 (the dQ kernel's is the default there) the split-head
-      # dK/dV kernel's, opt-in.
-      "pdkv": (None, bwd(persistent_dkv=True), bonly),
+      # At H = 256 the split-head dK/dV kernel's (opt-in) beside the dQ
+      # kernel's (the default there). Explicit flags: the default config
+      # itself is persistent since run95.
+      "pdkv": (None, bwd(persistent_dkv=True, persistent_dq=h > 128),
+               bonly),
       # The dQ kernel too / alone (8 key blocks a dQ CTA at T = 1k).
       "pbwd": (None, bwd(persistent_dkv=h <= 128, persistent_dq=True),
                bonly),
-      "pdq": (None, bwd(persistent_dq=True), bonly),
+      "pdq": (None, bwd(persistent_dkv=False, persistent_dq=True), bonly),
       # The two-kernel backward at the default tiling for unknown T (what
       # deterministic runs take), beside "pbwd".
       "two": (None, bwd(persistent_dkv=False, persistent_dq=False), bonly),

@@ -642,6 +642,32 @@ def test_delta_auto_separate_output():
   assert delta.DeltaConfig().forward_states
 
 
+def test_delta_reverse_sweep_auto_block(monkeypatch):
+  """block_v_bwd=None: the ungated rule's reverse sweep halves its value
+  block only while the programs fill less than half the SMs (run98:
+  faster at T = 16k and 32k), the gated rule's (and the forward sweep's)
+  while they fill less than all of them."""
+  auto = delta._auto_block_v
+  assert [auto(p, 128, 132) for p in (256, 64, 32, 16)] == [64, 32, 16, 16]
+  assert [auto(p, 128, 132, fill=0.5) for p in (256, 64, 32, 16)] == [
+      64, 64, 32, 16]
+  assert auto(80, 32, 132, fill=0.5) == 32  # never wider than V
+  monkeypatch.setattr(delta, "_num_sms", lambda: 132)
+  z = jnp.zeros((1, 64, 40, 128), BF16)  # 40 programs: 80 blocks of 64
+  beta = jnp.ones((1, 64, 40))
+
+  def grids(log_gate):
+    loss = lambda q: jnp.sum(delta.delta_rule(
+        q, z, z, beta, log_gate, scale=1.0, interpret=True)[0].astype(F32))
+    return {str(e.params["name"]): tuple(e.params["grid_mapping"].grid)
+            for e in _pallas_calls(jax.grad(loss), z)}
+
+  ungated, gated = grids(None), grids(jnp.zeros((1, 64, 40)))
+  assert ungated["delta_rule_bwd"] == (2, 40), ungated
+  assert gated["delta_rule_bwd"] == (4, 40), gated
+  assert ungated["delta_rule_fwd_states_final"] == (4, 40), ungated
+
+
 def test_diag_inverse_doubling_matches_substitution():
   """The UT kernel's two inverses of a [16, 16] diagonal block of I + L:
   equal to a triangular solve on random blocks (beta k k^T o decays, and

@@ -241,8 +241,8 @@ class TestMosaicGPU:
                                     "h128_full_sms", "h256_causal_lengths"])
   def test_persistent_dkv(self, case):
     # BwdConfig(persistent_dkv, persistent_dq) (the two-kernel default but
-    # for masked GQA, which keeps one CTA per tile; mosaic_check.py
-    # variants "pdkv", "pdq", "pbwd"): both backward kernels on persistent
+    # for masked GQA, whose dK/dV kernel keeps one CTA per tile;
+    # mosaic_check.py variants "pdkv", "pdq", "pbwd"): both backward kernels on persistent
     # grids, one streamed ring across a CTA's items, the resident tiles
     # reloaded (and prefetched into L2) per item.
     # 5 CTAs for the small cases (several items each); "h128_full_sms"
@@ -255,7 +255,7 @@ class TestMosaicGPU:
                               num_ctas=ctas)
     kw = dict(dtype=BF16)
     if case in ("h128_causal_lengths", "h256_causal_lengths"):
-      # (H = 256: the split-head dK/dV kernel's persistent form, opt-in.)
+      # (H = 256: the split-head dK/dV kernel's persistent form.)
       inp = inputs(f"pdkv1{h}", t=1300, n=4, kh=2, h=h)
       kw.update(is_causal=True, arrays={
           "q_lengths": jnp.array([1300, 777], jnp.int32),

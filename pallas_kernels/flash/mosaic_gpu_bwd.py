@@ -195,15 +195,18 @@ class BwdConfig:
       prologue's first Q, K, V loads 4.0 us, the epilogue 2.1). On an
       H100 (run92, forward+backward TFLOP/s at T = 1k full MHA, H = 128):
       378 -> 407, with ``persistent_dq`` too 465. :func:`default_bwd_config`
-      sets both for the two-kernel form but for GQA under a mask (causal
-      GQA 4k: 487 -> 452). The split-head kernel (H = 256) takes it too,
-      each consumer then loading its own halves of K and V; opt-in there
-      (tested in the CPU interpreter, not yet on a GPU: pending.sh
-      psplit).
+      sets it for the two-kernel form but for GQA under a mask (causal
+      GQA 4k: 487 -> 452 with both persistent, run94; 480 -> 442 with
+      this one alone, run96). The
+      split-head kernel (H = 256) takes it too, each consumer then loading
+      its own halves of K and V (the default there since run97: 1k full
+      MHA 309 -> 360, 16k causal 420 -> 443).
     persistent_dq: the dQ kernel the same way (items: (batch, query head,
       query tile); the K / V ring runs on across them, the next item's Q
       and dO rows prefetched into L2). At T = 1k a dQ CTA (H = 128) walks
-      only 8 key blocks.
+      only 8 key blocks. The default for every two-kernel backward, GQA
+      under a mask included (run96, H = 128 causal GQA 4:1: 4k 480 -> 491,
+      16k 534 -> 541).
     num_ctas: with ``persistent_dkv`` / ``persistent_dq``, the grid size
       (0: the SM count).
   """
@@ -419,20 +422,24 @@ def default_bwd_config(head_dim: int, deterministic: bool = True, *,
         query blocks a CTA (run50, run51, run55): T = 8k causal MHA 506 /
         471, T = 2k full GQA 4:1 479 / 467.
   """
-  # The two kernels on persistent grids, except under a mask with GQA
-  # (H100, forward+backward TFLOP/s, persistent / not, run91-run93:
-  # H = 128 T = 1k full MHA 465 / 378, causal 356 / 291, full GQA 479 /
-  # 458, but causal GQA 354 / 357 and at 4k 452 / 487; H = 64 1k causal
-  # MHA 270 / 222 (the 4k tiling), 4k full 396 / 342; H = 128 4k full MHA
-  # 516 / 486, 16k 552 / 543; H = 256 (the dQ kernel only) 1k full 308 /
-  # 298, causal 260 / 244).
-  persist = not (groups > 1 and masked)
-  two = functools.partial(BwdConfig, persistent_dkv=persist,
-                          persistent_dq=persist)
+  # The two kernels on persistent grids; under a mask with GQA the dQ
+  # kernel only (H100, forward+backward TFLOP/s, persistent / not,
+  # run91-run93: H = 128 T = 1k full MHA 465 / 378, causal 356 / 291,
+  # full GQA 479 / 458; H = 64 1k causal MHA 270 / 222 (the 4k tiling),
+  # 4k full 396 / 342; H = 128 4k full MHA 516 / 486, 16k 552 / 543;
+  # H = 256 (the dQ kernel only) 1k full 308 / 298, causal 260 / 244).
+  # Causal GQA 4:1 at H = 128 (run96, dQ kernel / dK/dV kernel / neither
+  # persistent): 4k 491 / 442 / 480, 16k 541 / 543 / 534; at H = 256 1k
+  # (both / dQ only) 292 / 327. The split-head dK/dV kernel at H = 256
+  # (run96, run97, both / dQ only): 1k full MHA 360 / 309, GQA 391 / 384,
+  # causal MHA 291 / 255; 4k full 421 / 400, causal 375 / 364; 16k full
+  # 436 / 419, causal 443 / 420.
+  persist_dkv = not (groups > 1 and masked)
+  two = functools.partial(BwdConfig, persistent_dkv=persist_dkv,
+                          persistent_dq=True)
   if head_dim > 128:
     # dQ: 32-key blocks keep Q, dO and a 2-stage K/V ring in 227 KB.
-    # (The split-head dK/dV kernel's persistent form: opt-in, untimed.)
-    return BwdConfig(block_kv_dq=32, split_head=True, persistent_dq=persist)
+    return two(block_kv_dq=32, split_head=True)
   if not deterministic and q_len is not None:
     fused = BwdConfig(fused_dq=True)
     if (groups == 1 and q_len >= GROUPED_MIN_LEN

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run95), as calls of under 10 minutes on one GPU, most decisive first:
-# psplit (~8 min: the whole Mosaic GPU suite after the dK/dV walk
-# refactor, and H = 256 with the split-head dK/dV kernel persistent),
+# run100), as calls of under 10 minutes on one GPU, most decisive first:
+# gatedbwd (~3 min: the gated delta rule's reverse-sweep value blocks at
+# 16k / 32k, where the ungated rule's wider blocks won in run98),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
-# deltabwd (~4 min: the delta rule's reverse-sweep tilings at 16k / 32k,
-# where its forward+backward trails fla, then the GPU tests of a faster
-# one), then linstages' occupancy step (scripts/gpu/linear_profile.py
+# then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
+# (run96: the whole Mosaic GPU suite 113/113 after the dK/dV walk
+# refactor, masked GQA's persistent dQ / dK/dV kernels timed apart, H =
+# 256's persistent split-head dK/dV kernel timed (psplit, ad hoc), the
+# delta forward without separate_output; run97: H = 256 4k / 16k with
+# it; run98: deltabwd's block steps; run99: its GPU tests, out of memory
+# (4 processes preallocating); run100: the same with preallocation off,
+# 7/7 at each block)
 # (run91: psmem (GPU tests 4/4; 5-10% slower forward at H = 64: opt-in);
 # run92: pdkv (the persistent backward, +23% forward+backward at H = 128
 # 1k full MHA); run93: its GPU tests 3/3 (ad hoc); run94: pbwd beside the
@@ -603,6 +608,21 @@ case "${1:-}" in
        ATTNJAX_DELTA_CONFIG=\"\$cfg\" timeout 120 python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA -p no:benchmark -n 4 \
          tests/test_linear_delta_pallas.py -k 'matches_scan'; fi"
+    ;;
+  gatedbwd)
+    # The gated delta rule's reverse-sweep value block at T = 16k / 32k
+    # (B = 4 / 2): the default (one program per SM: 32 / 16) against 64
+    # and 32, the default first and last (drift). The ungated rule takes
+    # the wider blocks since run98 (_BWD_FILL_UNGATED); its GPU tests
+    # passed at both blocks, gated cases included (run100).
+    B="timeout 80 python3 -m attnjax.bench.linear --variants gated_delta \
+       --impls pallas --no-softmax --no-fla --seqs 16384,32768 \
+       --modes fwd+bwd"
+    bash $S \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g0.jsonl $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g1.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 64}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g2.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 32}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g3.jsonl $B"
     ;;
   serialturn)
     # The forward step in tokamax's order (mosaic_gpu._SERIAL_TURN,

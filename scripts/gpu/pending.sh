@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run100), as calls of under 10 minutes on one GPU, most decisive first:
-# gatedbwd (~3 min: the gated delta rule's reverse-sweep value blocks at
+# gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
 # 16k / 32k, where the ungated rule's wider blocks won in run98),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # then linstages' occupancy step (scripts/gpu/linear_profile.py
@@ -557,11 +557,10 @@ case "${1:-}" in
          --budget 290 --configs '128:1024:*:*' --variants ours,pdkv,pbwd"
     ;;
   psplit)
-    # The split-head dK/dV kernel (H = 256) on a persistent grid (opt-in;
-    # the dQ kernel's is the default there; each consumer loads its own K /
-    # V halves): the whole Mosaic GPU suite (the dK/dV kernels' item walk
-    # was refactored after run95's 112/112: _dkv_walk, one body for both
-    # grids), then H = 256 rows with it ("pdkv") beside the default.
+    # (Ran ad hoc as run96 / run97: the split-head dK/dV kernel at H = 256
+    # on a persistent grid, the default since, but for masked GQA.) The
+    # whole Mosaic GPU suite, then H = 256 rows with "pdkv" beside the
+    # default.
     bash $S \
       "timeout 280 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
          -p no:cacheprovider -m gpu -q -rA --durations=10 -p no:benchmark \
@@ -586,14 +585,18 @@ case "${1:-}" in
       "ATTNJAX_KERNEL_FORMS=_P_SMEM=1 PYTHONPATH=\$PWD:\$PWD/scripts/gpu \
          timeout 420 $PYTEST4 -p force_forms tests/test_pallas_mosaic_gpu.py"
     ;;
-  deltabwd)
-    # The delta rule's backward tilings at T = 16k / 32k (B = 4 / 2),
-    # where its forward+backward trails fla's chunk_delta_rule (run90:
-    # 0.967 / 0.942): the reverse sweep's value block (auto: 32 at 16k,
-    # 16 at 32k: 64 and 32 tried) and stages, the default
-    # first and last (drift); then the GPU tests of the fastest override
-    # if it beats the default at both T by more than 2%.
-    B="timeout 80 python3 -m attnjax.bench.linear --variants delta \
+  deltabwd|gatedbwd)
+    # The delta rule's (deltabwd) or the gated delta rule's (gatedbwd)
+    # reverse-sweep tilings at T = 16k / 32k (B = 4 / 2), where the
+    # ungated forward+backward trailed fla's chunk_delta_rule (run90:
+    # 0.967 / 0.942): the value block (run98, ungated: 64 / 32 beat the
+    # then default 32 / 16, which the ungated rule has taken since,
+    # _BWD_FILL_UNGATED; the gated rule keeps one program per SM: 32 /
+    # 16) and stages, the default first and last (drift); then the GPU
+    # tests of the fastest override if it beats the default at both T by
+    # more than 2% (the tests passed at both blocks in run100).
+    V=$([ "$1" = gatedbwd ] && echo gated_delta || echo delta)
+    B="timeout 80 python3 -m attnjax.bench.linear --variants $V \
        --impls pallas --no-softmax --no-fla --seqs 16384,32768 \
        --modes fwd+bwd"
     bash $S \
@@ -602,27 +605,13 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 32}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c4.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages_bwd\": 2}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c7.jsonl $B" \
-      "cfg=\$(python3 scripts/gpu/pick_config.py --variant delta \
+      "cfg=\$(python3 scripts/gpu/pick_config.py --variant $V \
          --baseline \$OUT/c0.jsonl,\$OUT/c7.jsonl \$OUT/c[1-4].jsonl); \
        echo \"picked: \$cfg\"; if [ -n \"\$cfg\" ]; then \
-       ATTNJAX_DELTA_CONFIG=\"\$cfg\" timeout 120 python3 -m pytest \
+       ATTNJAX_DELTA_CONFIG=\"\$cfg\" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+         timeout 120 python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA -p no:benchmark -n 4 \
          tests/test_linear_delta_pallas.py -k 'matches_scan'; fi"
-    ;;
-  gatedbwd)
-    # The gated delta rule's reverse-sweep value block at T = 16k / 32k
-    # (B = 4 / 2): the default (one program per SM: 32 / 16) against 64
-    # and 32, the default first and last (drift). The ungated rule takes
-    # the wider blocks since run98 (_BWD_FILL_UNGATED); its GPU tests
-    # passed at both blocks, gated cases included (run100).
-    B="timeout 80 python3 -m attnjax.bench.linear --variants gated_delta \
-       --impls pallas --no-softmax --no-fla --seqs 16384,32768 \
-       --modes fwd+bwd"
-    bash $S \
-      "ATTNJAX_BENCH_ROWS=\$OUT/g0.jsonl $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/g1.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 64}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/g2.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v_bwd\": 32}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/g3.jsonl $B"
     ;;
   serialturn)
     # The forward step in tokamax's order (mosaic_gpu._SERIAL_TURN,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run100), as calls of under 10 minutes on one GPU, most decisive first:
-# gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
+# deltarows (~5 min: the delta rule's 16k / 32k rows beside fla with
+# run98's wider reverse-sweep blocks, into the report), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
 # 16k / 32k, where the ungated rule's wider blocks won in run98),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # then linstages' occupancy step (scripts/gpu/linear_profile.py
@@ -1036,6 +1037,16 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --grad-sweep"
+    ;;
+  deltarows)
+    # The delta rule's rows of the H100 report at T = 16k and 32k beside
+    # fla's chunk_delta_rule in one process, with the reverse sweep's
+    # wider value blocks (the ungated default since run98: 8.00 -> 8.27
+    # and 7.22 -> 7.77 M tokens/s forward+backward, fla 8.27 / 7.65 in
+    # run90's process); merge with --from-rows.
+    bash $S \
+      "timeout 500 python3 -m attnjax.bench.linear --variants delta \
+         --impls pallas --seqs 16384,32768 --no-softmax"
     ;;
   call4)
     # The delta and gated delta rows of the H100 report (run41/run43's)

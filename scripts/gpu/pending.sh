@@ -2,7 +2,9 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run100), as calls of under 10 minutes on one GPU, most decisive first:
 # deltarows (~5 min: the delta rule's 16k / 32k rows beside fla with
-# run98's wider reverse-sweep blocks, into the report), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
+# run98's wider reverse-sweep blocks, into the report), wg3at4k (~2
+# min: H = 64's three-consumer forward at 4k full, the row furthest
+# below 1.0), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
 # 16k / 32k, where the ungated rule's wider blocks won in run98),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # then linstages' occupancy step (scripts/gpu/linear_profile.py
@@ -1037,6 +1039,14 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --grad-sweep"
+    ;;
+  wg3at4k)
+    # H = 64's three-consumer forward (FA3's 192-row tile; the default
+    # from T = 16k, WG3_MIN_LEN) at T = 4k full, MHA and GQA 4:1, beside
+    # the two-consumer default: run43 had 419 / 413 there, before the
+    # step forms of run77 made both faster; the row is at 0.91 / 0.95.
+    bash $S \
+      "$(mc_time 150) --configs '64:4096:full:*' --variants ours,wg3"
     ;;
   deltarows)
     # The delta rule's rows of the H100 report at T = 16k and 32k beside

@@ -238,7 +238,8 @@ class TestMosaicGPU:
                             dtype=BF16, **kw)
 
   @pytest.mark.parametrize("case", ["h128_causal_lengths", "h64_segments",
-                                    "h128_full_sms", "h256_causal_lengths"])
+                                    "h128_full_sms", "h256_causal_lengths",
+                                    "h128_causal_lpt"])
   def test_persistent_dkv(self, case):
     # BwdConfig(persistent_dkv, persistent_dq) (the two-kernel default but
     # for masked GQA, whose dK/dV kernel keeps one CTA per tile;
@@ -248,13 +249,17 @@ class TestMosaicGPU:
     # 5 CTAs for the small cases (several items each); "h128_full_sms"
     # one per SM at T = 1k, the shape it is for.
     from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
+    # "h128_causal_lpt": the items heaviest first over all heads
+    # (lpt_schedule).
     ctas = 0 if case == "h128_full_sms" else 5
     h = {"h64_segments": 64, "h256_causal_lengths": 256}.get(case, 128)
     cfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h),
                               persistent_dkv=True, persistent_dq=True,
-                              num_ctas=ctas)
+                              num_ctas=ctas,
+                              lpt_schedule=case == "h128_causal_lpt")
     kw = dict(dtype=BF16)
-    if case in ("h128_causal_lengths", "h256_causal_lengths"):
+    if case in ("h128_causal_lengths", "h256_causal_lengths",
+                "h128_causal_lpt"):
       # (H = 256: the split-head dK/dV kernel's persistent form.)
       inp = inputs(f"pdkv1{h}", t=1300, n=4, kh=2, h=h)
       kw.update(is_causal=True, arrays={

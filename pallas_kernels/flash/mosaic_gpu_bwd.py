@@ -209,6 +209,15 @@ class BwdConfig:
       16k 534 -> 541).
     num_ctas: with ``persistent_dkv`` / ``persistent_dq``, the grid size
       (0: the SM count).
+    lpt_schedule: with ``persistent_dkv`` / ``persistent_dq``, the items
+      are list-scheduled heaviest first over all heads, not head by head
+      (:func:`mosaic_gpu.work_schedule`'s ``lpt``): under a causal mask
+      with GQA, where a dK/dV CTA has about four heavy items, the
+      head-by-head list leaves the longest CTA with 28% more work than
+      the bound (T = 4k, 4:1, B = 4), this order 2%, at the cost of fewer
+      CTAs sharing a head's tiles in L2 at a time. Opt-in, untimed (the
+      persistent dK/dV kernel lost for masked GQA, run94 / run96:
+      ``pending.sh lpt``).
   """
   block_q_dkv: int = 64
   block_kv_dkv: int = 64
@@ -231,8 +240,11 @@ class BwdConfig:
   persistent_dkv: bool = False
   persistent_dq: bool = False
   num_ctas: int = 0
+  lpt_schedule: bool = False
 
   def __post_init__(self):
+    if self.lpt_schedule and not (self.persistent_dkv or self.persistent_dq):
+      raise ValueError("lpt_schedule needs persistent_dkv or persistent_dq")
     for name in ("block_q_dkv", "block_kv_dkv", "block_q_dq"):
       if getattr(self, name) % 64:
         raise ValueError(f"{name}={getattr(self, name)} must be a multiple "
@@ -638,15 +650,17 @@ def _dkv_tables(ranges, nkt):
   return jnp.asarray(np.concatenate([ranges, order[None]], 0))
 
 
-def _work_table(ranges, b, n, kh, num_ctas):
+def _work_table(ranges, b, n, kh, num_ctas, lpt=False):
   """A persistent backward grid's work: int32 [G, 1 + items, 8], CTA
   ``c``'s row 0 ``(count, 0, ...)``, rows ``1 .. count`` its items ``(b,
   head, tile, lo, a, c, hi, 0)``, heaviest tiles first, each to the CTA
   that frees up first (the forward's :func:`mosaic_gpu.work_schedule`;
   cost: blocks + 2). dK/dV: key tiles of the ``n = kh`` K/V heads; dQ:
-  query tiles of the ``n`` query heads."""
+  query tiles of the ``n`` query heads; ``lpt``: heaviest first over all
+  heads (``BwdConfig.lpt_schedule``)."""
   table, counts = fwd_lib.work_schedule(ranges, b, n, kh,
-                                        num_ctas or fwd_lib.num_sms())
+                                        num_ctas or fwd_lib.num_sms(),
+                                        lpt=lpt)
   head = np.zeros((table.shape[0], 1, table.shape[2]), np.int32)
   head[:, 0, 0] = counts
   return jnp.asarray(np.concatenate([head, table], axis=1))
@@ -880,7 +894,8 @@ def flash_backward_dkv(
   persistent = cfg.persistent_dkv
   if persistent and fused:
     raise NotImplementedError("persistent_dkv with fused_dq")
-  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas) if persistent
+  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas,
+                          cfg.lpt_schedule) if persistent
             else _dkv_tables(ranges, nkt))
   # The masked loops before and after a key tile's unmasked query blocks
   # are compiled only where some tile has such blocks (fewer spills: none
@@ -1305,7 +1320,8 @@ def _backward_dkv_split(q, k, v, do, lse2, delta, *, scale, ranges, predicate,
               extra=stages * 3 * 1024 + 1024)
   nkt = sp // bk
   persistent = cfg.persistent_dkv
-  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas) if persistent
+  tables = (_work_table(ranges, b, kh, kh, cfg.num_ctas,
+                          cfg.lpt_schedule) if persistent
             else _dkv_tables(ranges, nkt))
   groups = n // kh
   segments = q_segment_ids is not None
@@ -1551,7 +1567,8 @@ def flash_backward_dq(
   s_limit = sp if kv_len_static is None else int(kv_len_static)
   persistent = cfg.persistent_dq
   if persistent:
-    tables = _work_table(ranges, b, n, kh, cfg.num_ctas)
+    tables = _work_table(ranges, b, n, kh, cfg.num_ctas,
+                         cfg.lpt_schedule)
   else:
     work = ranges[3] - ranges[0]
     order = np.argsort(-work, kind="stable").astype(np.int32)

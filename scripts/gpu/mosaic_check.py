@@ -603,6 +603,13 @@ def _variant_configs(name, h):
       "pbwd": (None, bwd(persistent_dkv=h <= 128, persistent_dq=True),
                bonly),
       "pdq": (None, bwd(persistent_dkv=False, persistent_dq=True), bonly),
+      # The same with the items heaviest first over all heads
+      # (BwdConfig.lpt_schedule): for masked GQA, where the head-by-head
+      # list balances worst.
+      "pbwdlpt": (None, bwd(persistent_dkv=True, persistent_dq=True,
+                            lpt_schedule=True), bonly),
+      "pdqlpt": (None, bwd(persistent_dkv=False, persistent_dq=True,
+                           lpt_schedule=True), bonly),
       # The two-kernel backward at the default tiling for unknown T (what
       # deterministic runs take), beside "pbwd".
       "two": (None, bwd(persistent_dkv=False, persistent_dq=False), bonly),
@@ -861,7 +868,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,two,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")

@@ -4,7 +4,8 @@
 # deltarows (~5 min: the delta rule's 16k / 32k rows beside fla with
 # run98's wider reverse-sweep blocks, into the report), wg3at4k (~2
 # min: H = 64's three-consumer forward at 4k full, the row furthest
-# below 1.0), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
+# below 1.0), lpt (~6 min: the persistent backward's items heaviest first
+# over all heads, for masked GQA), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
 # 16k / 32k, where the ungated rule's wider blocks won in run98),
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # then linstages' occupancy step (scripts/gpu/linear_profile.py
@@ -1039,6 +1040,21 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 160 python3 delta_profile.py --no-checks \
          --no-fla --seqs=4096 --grad-sweep"
+    ;;
+  lpt)
+    # BwdConfig.lpt_schedule: the persistent backward grids' items list-
+    # scheduled heaviest first over all heads instead of head by head,
+    # which for causal GQA 4:1 at 4k leaves the longest CTA 28% over the
+    # bound (2% with it; test_lpt_work_table). Where the persistent dK/dV
+    # kernel lost (masked GQA, run94 / run96): its GPU tests, then both
+    # kernels persistent with and without it, and the dQ kernel alone with
+    # it, beside the default (the dQ kernel alone, head by head).
+    bash $S \
+      "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         persistent_dkv" \
+      "$(mc_time 400) --configs \
+         '128:4096:causal:gqa,128:16384:causal:gqa,128:1024:causal:gqa,256:1024:causal:gqa,128:4096:causal:mha' \
+         --variants ours,pbwd,pbwdlpt,pdqlpt"
     ;;
   wg3at4k)
     # H = 64's three-consumer forward (FA3's 192-row tile; the default

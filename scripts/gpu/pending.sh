@@ -189,6 +189,13 @@ PYTEST="python3 -m pytest -p no:cacheprovider -m gpu -v -rA --durations=10"
 # the GPU suites are compile-bound (5-10 s a test, the GPU idle), so four
 # compile side by side; no process preallocates GPU memory.
 PYTEST4="env XLA_PYTHON_CLIENT_PREALLOCATE=false $PYTEST -p no:benchmark -n 4"
+# The Mosaic GPU tests selected by -k $1, then mosaic_check's timing of
+# variants $4 at configs $3 within $2 seconds.
+mosaic_tests_then_time() {
+  bash $S \
+    "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k $1" \
+    "$(mc_time "$2") --configs '$3' --variants $4"
+}
 case "${1:-}" in
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
@@ -625,12 +632,9 @@ case "${1:-}" in
     # against our 2300) also covers P V's completion in its turn. Its GPU
     # tests, then ours / serialturn beside cuDNN and tokamax at the H = 64
     # rows below 1.0 and at H = 128.
-    bash $S \
-      "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
-         serial_turn_forward" \
-      "$(mc_time 300) --configs \
-         '64:4096:*:mha,64:1024:full:*,64:16384:causal:mha,128:4096:full:mha,128:16384:causal:gqa' \
-         --variants ours,serialturn"
+    mosaic_tests_then_time serial_turn_forward 300 \
+      '64:4096:*:mha,64:1024:full:*,64:16384:causal:mha,128:4096:full:mha,128:16384:causal:gqa' \
+      ours,serialturn
     ;;
   split16k)
     # The gated linear forwards at T = 16k, B = 4 (128 programs of 256
@@ -1049,12 +1053,9 @@ case "${1:-}" in
     # kernel lost (masked GQA, run94 / run96): its GPU tests, then both
     # kernels persistent with and without it, and the dQ kernel alone with
     # it, beside the default (the dQ kernel alone, head by head).
-    bash $S \
-      "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
-         persistent_dkv" \
-      "$(mc_time 400) --configs \
-         '128:4096:causal:gqa,128:16384:causal:gqa,128:1024:causal:gqa,256:1024:causal:gqa,128:4096:causal:mha' \
-         --variants ours,pbwd,pbwdlpt,pdqlpt"
+    mosaic_tests_then_time persistent_dkv 400 \
+      128:4096:causal:gqa,128:16384:causal:gqa,128:1024:causal:gqa,256:1024:causal:gqa,128:4096:causal:mha \
+      ours,pbwd,pbwdlpt,pdqlpt
     ;;
   wg3at4k)
     # H = 64's three-consumer forward (FA3's 192-row tile; the default

@@ -411,7 +411,7 @@ def test_lpt_work_table():
   # lpt_schedule: every item exactly once, handed out heaviest first over
   # all heads; for causal GQA 4:1 at T = 4k (32 key tiles of 128 keys,
   # 64-row query blocks, B = 4, 4 K/V heads, 132 CTAs) the longest CTA's
-  # work is within 2% of the bound where head by head it is 28% over.
+  # work is within 2% of the bound where head by head it is 27% over.
   nkt, b, kh, ctas = 32, 4, 4, 132
   lo = 2 * np.arange(nkt, dtype=np.int32)
   hi = np.full((nkt,), 64, np.int32)

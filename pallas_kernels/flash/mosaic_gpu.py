@@ -430,8 +430,9 @@ def work_schedule(ranges: np.ndarray, b: int, n: int, kh: int,
       within a head, so that CTAs running together share K/V in L2).
       Under a causal mask with few items a CTA the head-by-head list
       balances worse: for causal GQA 4:1 at T = 4k (B = 4, 4 K/V heads,
-      128-key tiles, 132 CTAs) its longest CTA has 664 cost units against
-      528 for this order and a bound of 520 (total / CTAs).
+      128-key tiles, 64-row query blocks, 132 CTAs) its longest CTA has
+      172 cost units (blocks + overhead) against 138 for this order and
+      a bound of 136 (total / CTAs).
 
   Returns:
     ``(table int32 [G, max_items, 8], counts int32 [G])``: CTA ``c`` runs

@@ -213,7 +213,7 @@ class BwdConfig:
       are list-scheduled heaviest first over all heads, not head by head
       (:func:`mosaic_gpu.work_schedule`'s ``lpt``): under a causal mask
       with GQA, where a dK/dV CTA has about four heavy items, the
-      head-by-head list leaves the longest CTA with 28% more work than
+      head-by-head list leaves the longest CTA with 27% more work than
       the bound (T = 4k, 4:1, B = 4), this order 2%, at the cost of fewer
       CTAs sharing a head's tiles in L2 at a time. Opt-in, untimed (the
       persistent dK/dV kernel lost for masked GQA, run94 / run96:

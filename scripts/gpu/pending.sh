@@ -1048,7 +1048,7 @@ case "${1:-}" in
   lpt)
     # BwdConfig.lpt_schedule: the persistent backward grids' items list-
     # scheduled heaviest first over all heads instead of head by head,
-    # which for causal GQA 4:1 at 4k leaves the longest CTA 28% over the
+    # which for causal GQA 4:1 at 4k leaves the longest CTA 27% over the
     # bound (2% with it; test_lpt_work_table). Where the persistent dK/dV
     # kernel lost (masked GQA, run94 / run96): its GPU tests, then both
     # kernels persistent with and without it, and the dQ kernel alone with

@@ -243,14 +243,13 @@ class TestMosaicGPU:
   def test_persistent_dkv(self, case):
     # BwdConfig(persistent_dkv, persistent_dq) (the two-kernel default but
     # for masked GQA, whose dK/dV kernel keeps one CTA per tile;
-    # mosaic_check.py variants "pdkv", "pdq", "pbwd"): both backward kernels on persistent
-    # grids, one streamed ring across a CTA's items, the resident tiles
-    # reloaded (and prefetched into L2) per item.
+    # mosaic_check.py variants "pdkv", "pdq", "pbwd"): both backward
+    # kernels on persistent grids, one streamed ring across a CTA's items,
+    # the resident tiles reloaded (and prefetched into L2) per item.
     # 5 CTAs for the small cases (several items each); "h128_full_sms"
-    # one per SM at T = 1k, the shape it is for.
+    # one per SM at T = 1k, the shape it is for; "h128_causal_lpt" the
+    # items heaviest first over all heads (lpt_schedule).
     from pallas_kernels.flash import mosaic_gpu_bwd  # pylint: disable=g-import-not-at-top
-    # "h128_causal_lpt": the items heaviest first over all heads
-    # (lpt_schedule).
     ctas = 0 if case == "h128_full_sms" else 5
     h = {"h64_segments": 64, "h256_causal_lengths": 256}.get(case, 128)
     cfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h),

@@ -78,7 +78,7 @@ def main():
   ap.add_argument("--report", default="docs/benchmarks/"
                   "softmax-nvidia-h100-80gb-hbm3.json")
   ap.add_argument("--records", action="append", required=True,
-                  help="mosaic_check.jsonl[:source] (repeatable)")
+                  help="a mosaic_check.jsonl (repeatable)")
   ap.add_argument("--use", action="append", default=[],
                   help="LABEL_PREFIX=VARIANT")
   ap.add_argument("--note", required=True,
@@ -89,12 +89,10 @@ def main():
   info, rows = data["info"], data["rows"]
   use = [tuple(u.rsplit("=", 1)) for u in args.use]
   total = 0
-  for spec in args.records:
-    path = spec.split(":")[0]
-    source = os.path.basename(path)
+  for path in args.records:
     with open(path) as f:
       records = [json.loads(line) for line in f if line.strip()]
-    total += merge(rows, records, use, source)
+    total += merge(rows, records, use, os.path.basename(path))
   softmax.add_ratios(rows)
   info["rows_updated"] = args.note + " Before that: " + info.get(
       "rows_updated", "")

@@ -643,10 +643,10 @@ def test_delta_auto_separate_output():
 
 
 def test_delta_reverse_sweep_auto_block(monkeypatch):
-  """block_v_bwd=None: the ungated rule's reverse sweep halves its value
-  block only while the programs fill less than half the SMs (run98:
-  faster at T = 16k and 32k), the gated rule's (and the forward sweep's)
-  while they fill less than all of them."""
+  """block_v_bwd=None: the reverse sweep, gated or not, halves its value
+  block only while the programs fill less than half the SMs (run98,
+  run102: faster at T = 16k and 32k), the forward sweep while they fill
+  less than all of them."""
   auto = delta._auto_block_v
   assert [auto(p, 128, 132) for p in (256, 64, 32, 16)] == [64, 32, 16, 16]
   assert [auto(p, 128, 132, fill=0.5) for p in (256, 64, 32, 16)] == [
@@ -664,8 +664,9 @@ def test_delta_reverse_sweep_auto_block(monkeypatch):
 
   ungated, gated = grids(None), grids(jnp.zeros((1, 64, 40)))
   assert ungated["delta_rule_bwd"] == (2, 40), ungated
-  assert gated["delta_rule_bwd"] == (4, 40), gated
+  assert gated["delta_rule_bwd"] == (2, 40), gated
   assert ungated["delta_rule_fwd_states_final"] == (4, 40), ungated
+  assert gated["delta_rule_fwd_states_final"] == (4, 40), gated
 
 
 def test_diag_inverse_doubling_matches_substitution():

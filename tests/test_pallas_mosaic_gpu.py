@@ -547,18 +547,25 @@ class TestMosaicGPUFusedBackward:
     check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
                             dtype=BF16, is_causal=causal)
 
-  def test_default_three_consumer_forward(self):
-    # H = 64 without a mask at T = S >= 16k: the default plan's forward
-    # runs three consumer warpgroups (the backward the 384-row padding),
-    # with segment ids, forward and gradients.
+  @pytest.mark.parametrize("case", ["full_segments", "causal"])
+  def test_default_three_consumer_forward(self, case):
+    # H = 64 at T = S >= 4k without a mask (>= 16k under a causal one):
+    # the default plan's forward runs three consumer warpgroups (the
+    # backward the 384-row padding), with segment ids or causal, forward
+    # and gradients.
     from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
-    t = fwd_lib.WG3_MIN_LEN + 50
-    inp = inputs("wg3_default", b=1, t=t, n=2, kh=1, h=64)
-    p, _ = make_problem(inp.q, inp.k, inp.v)
+    causal = case == "causal"
+    t = (fwd_lib.WG3_MIN_LEN_MASKED if causal else fwd_lib.WG3_MIN_LEN) + 50
+    inp = inputs(f"wg3_default_{case}", b=1, t=t, n=2, kh=1, h=64)
+    p, _ = make_problem(inp.q, inp.k, inp.v, is_causal=causal)
     assert pallas_mosaic.make_plan(p).fwd.num_compute_wgs == 3
-    seg = testing.random_segment_ids(_key("wg3d"), 1, t, 3)
+    if causal:
+      kw = dict(is_causal=True)
+    else:
+      kw = dict(arrays={"segment_ids": testing.random_segment_ids(
+          _key("wg3d"), 1, t, 3)})
     check_against_reference(pallas_mosaic.mosaic_gpu_attention, inp,
-                            dtype=BF16, arrays={"segment_ids": seg})
+                            dtype=BF16, **kw)
 
   def test_everything_at_once(self):
     inp = inputs("fused_all", t=510, n=6, kh=3, h=128)

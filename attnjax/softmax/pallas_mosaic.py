@@ -229,7 +229,8 @@ def make_plan(p: Problem, *, fwd_config: fwd_lib.FwdConfig | None = None,
   causal = p.mask is not None
   fwd = fwd_config or fwd_lib.default_fwd_config(
       h, causal, q_len=t, kv_len=s,
-      soft_cap=p.logits_soft_cap is not None)
+      soft_cap=p.logits_soft_cap is not None,
+      long_rows=isinstance(p.mask, masks_lib.Causal))
   bwd = bwd_config or bwd_lib.default_bwd_config(
       h, deterministic=deterministic_ops(), q_len=t, groups=n // kh,
       masked=causal)

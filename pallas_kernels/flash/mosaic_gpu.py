@@ -237,37 +237,54 @@ class FwdConfig:
     return self.block_q * self.num_compute_wgs
 
 
-# H <= 64 without a mask: three consumer warpgroups from this many query
-# and key rows (see default_fwd_config).
-WG3_MIN_LEN = 16384
+# H <= 64 without a logits soft cap: three consumer warpgroups from this
+# many query and key rows without a mask, and from WG3_MIN_LEN_MASKED under
+# one (see default_fwd_config).
+WG3_MIN_LEN = 4096
+WG3_MIN_LEN_MASKED = 16384
 
 
 def default_fwd_config(head_dim: int, causal: bool = False, *,
                        q_len: int | None = None,
                        kv_len: int | None = None,
-                       soft_cap: bool = False) -> FwdConfig:
+                       soft_cap: bool = False,
+                       long_rows: bool = True) -> FwdConfig:
   """The tiling used when the caller gives none.
 
   Args:
     head_dim: H.
     causal: whether a mask (causal, window, ...) skips blocks.
     soft_cap: whether a logits soft cap applies (more live registers).
-    q_len, kv_len: T and S, where known. At H <= 64 without a mask or a
-      soft cap and with both at least ``WG3_MIN_LEN``, three consumer
-      warpgroups of 64 rows (FA3's 192-row tile, 160 registers each, 3
-      stages). Measured
-      on an H100 (run43, B T = 16k, N = 32, forward TFLOP/s, three
-      against two consumers): T = 16k full 475 / 420 (cuDNN 464, tokamax
-      492); T = 4k full 419 / 413; but T = 4k causal 357 / 383 and T = 1k
-      full 306 / 391 (a 192-row tile pads 1k to 1152 rows). Its
-      correctness on the GPU: ``test_three_consumer_warpgroups`` (run39)
-      and the same maximum difference from cuDNN as two consumers at
-      every timed shape (run43). It spills 148 / 220 bytes full at H = 64
-      (scripts/aot/ptxas_report.py) and was the faster all the same.
+    long_rows: under a mask, whether it leaves a query row keys in
+      proportion to T (causal) rather than a bounded number (a local
+      window, a block-sparse pattern): only then may the three-consumer
+      tile below serve it (short rows favour the smaller tile, as at 4k
+      causal and 1k full).
+    q_len, kv_len: T and S, where known. At H <= 64 without a soft cap
+      and with both at least ``WG3_MIN_LEN`` (4k; ``WG3_MIN_LEN_MASKED``,
+      16k, under a mask), three consumer warpgroups of 64 rows (FA3's
+      192-row tile, 160 registers each, 3 stages). Measured on an H100
+      (B T = 16k, N = 32, forward TFLOP/s, three against two consumers;
+      run43): T = 16k full 475 / 420 (cuDNN 464, tokamax 492); 2026-12-07
+      (run102/run104, after the step forms of run77): T = 4k full MHA
+      444.5 / 413.6 and 449.9 / 410.4, GQA 4:1 442.8 / 413.6, T = 16k
+      causal MHA 468.1 / 445.3; but T = 4k causal 373.4 / 388.2 (GQA
+      376.2 / 401.9) and T = 1k full 302.9 / 383.0 (a 192-row tile pads 1k
+      to 1152 rows). Through the default path (run105): 4k full MHA
+      440.7 (cuDNN 449.5), GQA 450.9 (tokamax 462.0), 16k causal MHA
+      470.1 (tokamax 485.9), GQA 480.5 (tokamax 444.6); forward+backward
+      408.7 / 426.4 / 448.3 / 456.9 (the backward pays for the padding to
+      384 rows only in copies: its all-padding query blocks are skipped).
+      Its correctness on the GPU: ``test_default_three_consumer_forward``
+      (run106: the Mosaic GPU suite 115/115) and the same maximum
+      difference from cuDNN as two consumers at every timed shape. It
+      spills 148 / 220 bytes full at H = 64 (scripts/aot/ptxas_report.py)
+      and was the faster all the same.
   """
   if head_dim <= 64:
-    if (not causal and not soft_cap and q_len is not None
-        and kv_len is not None and min(q_len, kv_len) >= WG3_MIN_LEN):
+    least = WG3_MIN_LEN_MASKED if causal else WG3_MIN_LEN
+    if (not soft_cap and (long_rows or not causal) and q_len is not None
+        and kv_len is not None and min(q_len, kv_len) >= least):
       return FwdConfig(block_q=64, block_kv=128, num_stages=3,
                        num_compute_wgs=3, consumer_regs=160,
                        producer_regs=32)

@@ -81,9 +81,9 @@ class DeltaConfig:
     block_v: value columns per forward-sweep program (None: 64, halved
       down to 16 while the batch * heads * value blocks programs would not
       fill the GPU's multiprocessors once).
-    block_v_bwd: the same for the reverse sweep (None: without a gate,
-      halved only while the programs would not fill half the
-      multiprocessors; ``_BWD_FILL_UNGATED``).
+    block_v_bwd: the same for the reverse sweep (None: halved only while
+      the programs would not fill half the multiprocessors;
+      ``_BWD_FILL``).
     num_warps, num_stages: Triton launch parameters of the forward sweep.
     num_warps_bwd, num_stages_bwd: the same for the backward sweep.
     num_warps_ut: warps of the UT-transform kernel.
@@ -1290,14 +1290,15 @@ def _auto_block_v(programs: int, vp: int, sms: int, fill: float = 1.0) -> int:
   return bv
 
 
-# The ungated delta rule's reverse sweep (``block_v_bwd=None``) halves its
-# value block only while the programs fill less than half the SMs: on an
-# H100 (run98, B T = 64k, N = 16, F = V = 128, forward+backward) one
-# program per SM (value blocks of 32 at T = 16k, 16 at 32k) took 8.19 /
-# 9.08 ms, half that (64 at 16k, 32 at 32k) 7.93 / 8.44 ms, i.e. 8.00 ->
-# 8.27 and 7.22 -> 7.77 M tokens/s (the GPU tests pass at both blocks,
-# run100). The gated rule keeps one program per SM until timed.
-_BWD_FILL_UNGATED = 0.5
+# The delta rule's reverse sweep (``block_v_bwd=None``) halves its value
+# block only while the programs fill less than half the SMs. On an H100
+# (B T = 64k, N = 16, F = V = 128, forward+backward), one program per SM
+# (value blocks of 32 at T = 16k, 16 at 32k) against half that (64 at 16k,
+# 32 at 32k): ungated (run98) 8.19 / 9.08 against 7.93 / 8.44 ms, i.e.
+# 8.00 -> 8.27 and 7.22 -> 7.77 M tokens/s; gated (run102) 7.74 -> 8.18
+# and 6.86 -> 7.50 M tokens/s. The GPU tests pass at both blocks (run100,
+# run102).
+_BWD_FILL = 0.5
 
 
 def _auto_separate_output(programs: int, vp: int, sms: int) -> bool:
@@ -1373,9 +1374,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   wide = cfg.block_v or _auto_block_v(b * n * splits, fp + vp, sms)
   bva = max((x for x in (16, 32, 64)
              if fp % x == 0 and vp % x == 0 and x <= wide), default=16)
-  bvb = cfg.block_v_bwd or _auto_block_v(
-      b * n * splits, vp, sms,
-      fill=_BWD_FILL_UNGATED if log_gate is None else 1.0)
+  bvb = cfg.block_v_bwd or _auto_block_v(b * n * splits, vp, sms,
+                                          fill=_BWD_FILL)
   s = _S(scale=float(scale), chunk=c, nc=nc, bv=min(bv, vp),
          bvb=min(bvb, vp), warps=cfg.num_warps,
          stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run100), as calls of under 10 minutes on one GPU, most decisive first:
-# deltarows (~5 min: the delta rule's 16k / 32k rows beside fla with
-# run98's wider reverse-sweep blocks, into the report), wg3at4k (~2
-# min: H = 64's three-consumer forward at 4k full, the row furthest
-# below 1.0), lpt (~6 min: the persistent backward's items heaviest first
-# over all heads, for masked GQA), gatedbwd (~5 min: the gated delta rule's reverse-sweep value blocks at
-# 16k / 32k, where the ungated rule's wider blocks won in run98),
+# run106), as calls of under 10 minutes on one GPU, most decisive first:
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
 # then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
+# (run101: deltarows (the delta rule's 16k / 32k rows beside fla: fwd+bwd
+# 0.994 / 1.01x); run102: wg3at4k (H = 64's three consumers at 4k full
+# +7-10% forward) and gatedbwd (the gated reverse sweep's half fill, +6 /
+# +9% at 16k / 32k, its GPU tests 7/7: the default since); run103: lpt
+# (GPU tests 5/5; +2% at H = 128 4k causal GQA, slower elsewhere: opt-in);
+# run104: three consumers at the other H = 64 rows (16k causal +5%, 4k
+# causal and 1k full slower: the default from 4k full / 16k causal since);
+# run105: those rows through the default path, the gated delta rows;
+# run106: the whole Mosaic GPU suite, 115/115)
 # (run96: the whole Mosaic GPU suite 113/113 after the dK/dV walk
 # refactor, masked GQA's persistent dQ / dK/dV kernels timed apart, H =
 # 256's persistent split-head dK/dV kernel timed (psplit, ad hoc), the

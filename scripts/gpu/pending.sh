@@ -13,7 +13,9 @@
 # run104: three consumers at the other H = 64 rows (16k causal +5%, 4k
 # causal and 1k full slower: the default from 4k full / 16k causal since);
 # run105: those rows through the default path, the gated delta rows;
-# run106: the whole Mosaic GPU suite, 115/115)
+# run106: the whole Mosaic GPU suite, 115/115; run107: gatedfwd (the
+# gated delta forward's block_v 64, UT at 4 warps, sweep at 8 warps: all
+# 4-17% slower, defaults stay))
 # (run96: the whole Mosaic GPU suite 113/113 after the dK/dV walk
 # refactor, masked GQA's persistent dQ / dK/dV kernels timed apart, H =
 # 256's persistent split-head dK/dV kernel timed (psplit, ad hoc), the
@@ -626,6 +628,24 @@ case "${1:-}" in
          timeout 120 python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA -p no:benchmark -n 4 \
          tests/test_linear_delta_pallas.py -k 'matches_scan'; fi"
+    ;;
+  gatedfwd)
+    # The gated delta rule's forward at T = 16k / 32k / 64k (B = 4 / 2 /
+    # 1), 0.93 / 0.94 / 0.92x fla's chunk_gated_delta_rule (run90): the
+    # default, then the forward sweep's value block at 64 (one program per
+    # SM or fewer), the UT kernel at 4 warps and the sweep at 8 warps;
+    # pick_config names any override faster at every T by more than 2%,
+    # whose GPU tests must then pass before it may become a default.
+    B="timeout 70 python3 -m attnjax.bench.linear --variants gated_delta \
+       --impls pallas --no-softmax --no-fla --seqs 16384,32768,65536 \
+       --modes fwd"
+    bash $S \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c0.jsonl $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c1.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 64}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_ut\": 4}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps\": 8}' $B" \
+      "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
+         --baseline \$OUT/c0.jsonl \$OUT/c[1-3].jsonl"
     ;;
   serialturn)
     # The forward step in tokamax's order (mosaic_gpu._SERIAL_TURN,

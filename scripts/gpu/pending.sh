@@ -2,7 +2,8 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run106), as calls of under 10 minutes on one GPU, most decisive first:
 # psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
-# then linstages' occupancy step (scripts/gpu/linear_profile.py
+# wg3causal8k (~2 min: where the causal H = 64 forward should switch to
+# three consumers), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
 # (run101: deltarows (the delta rule's 16k / 32k rows beside fla: fwd+bwd
@@ -628,6 +629,13 @@ case "${1:-}" in
          timeout 120 python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA -p no:benchmark -n 4 \
          tests/test_linear_delta_pallas.py -k 'matches_scan'; fi"
+    ;;
+  wg3causal8k)
+    # H = 64 under a causal mask at T = 8k, between the 4k where three
+    # consumer warpgroups lose (373 / 388, run104) and the 16k where they
+    # win (468 / 445) and the default takes them (WG3_MIN_LEN_MASKED).
+    bash $S \
+      "$(mc_time 150) --configs '64:8192:causal:*' --variants ours,wg3"
     ;;
   gatedfwd)
     # The gated delta rule's forward at T = 16k / 32k / 64k (B = 4 / 2 /

@@ -255,11 +255,6 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
     head_dim: H.
     causal: whether a mask (causal, window, ...) skips blocks.
     soft_cap: whether a logits soft cap applies (more live registers).
-    long_rows: under a mask, whether it leaves a query row keys in
-      proportion to T (causal) rather than a bounded number (a local
-      window, a block-sparse pattern): only then may the three-consumer
-      tile below serve it (short rows favour the smaller tile, as at 4k
-      causal and 1k full).
     q_len, kv_len: T and S, where known. At H <= 64 without a soft cap
       and with both at least ``WG3_MIN_LEN`` (4k; ``WG3_MIN_LEN_MASKED``,
       16k, under a mask), three consumer warpgroups of 64 rows (FA3's
@@ -280,6 +275,11 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
       difference from cuDNN as two consumers at every timed shape. It
       spills 148 / 220 bytes full at H = 64 (scripts/aot/ptxas_report.py)
       and was the faster all the same.
+    long_rows: under a mask, whether it leaves a query row keys in
+      proportion to T (causal) rather than a bounded number (a local
+      window, a block-sparse pattern): only then may the three-consumer
+      tile above serve it (short rows favour the smaller tile, as at 4k
+      causal and 1k full).
   """
   if head_dim <= 64:
     least = WG3_MIN_LEN_MASKED if causal else WG3_MIN_LEN

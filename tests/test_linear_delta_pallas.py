@@ -175,6 +175,7 @@ def test_delta_pallas_falls_back_for_wide_features():
     (BF16, 128, True, dict(separate_output=False, forward_states=False,
                            output_scores=True)),
     (BF16, 128, True, dict(sweep_splits=2)),
+    (BF16, 128, True, dict(packed_weights=False)),
     (F32, 64, False, dict(sweep_splits=2, forward_states=False))])
 def test_delta_lowers_for_h100(dtype, h, resets, cfg):
   b, t, n, kh = 1, 100, 4, 2
@@ -585,6 +586,30 @@ def test_delta_pallas_prefetch_weights(separate, states):
                            t=45, n=4, kh=2, f=24, vd=40, segments=True)
 
 
+@pytest.mark.parametrize("packed,segments,separate,states,extra", [
+    (True, True, False, False, {}), (True, True, True, True, {}),
+    (True, True, False, True, dict(output_scores=True)),
+    (True, True, True, False, dict(output_scores=True)),
+    (True, False, True, True, dict(prefetch_weights=True)),
+    (True, True, True, True, dict(sweep_splits=3)),
+    (False, True, True, True, dict(output_scores=True))])
+def test_delta_pallas_packed_weights(packed, segments, separate, states,
+                                     extra):
+  """packed_weights: the sweeps read wq, wk, the chunk decay and the
+  log-gate sums from one [Tp, 4] array (one tile a chunk, the columns
+  picked out in registers), and without it from separate arrays. Both
+  sweep layouts, with and without the forward's stored states, the
+  scores formed in the sweeps (the fourth column), prefetching, split
+  sweeps; gates, resets, GQA, an initial state, ragged T. Forward and
+  every gradient against autodiff of the scan."""
+  cfg = delta.DeltaConfig(chunk=16, block_v=16, separate_output=separate,
+                          forward_states=states, packed_weights=packed,
+                          **extra)
+  _config_grads_match_scan(
+      f"delta-packed-{packed}-{segments}-{separate}-{states}-{len(extra)}",
+      cfg, b=2, t=45, n=4, kh=2, f=24, vd=40, segments=segments)
+
+
 @pytest.mark.parametrize("segments,separate,states", [
     (False, True, True), (True, True, True), (True, False, True),
     (True, False, False), (False, True, False)])
@@ -750,6 +775,9 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "separate_output": dict(separate_output=True,
                                         forward_states=False),
                 "prefetch": dict(prefetch_weights=True),
+                # The weights from separate arrays (packed_weights, the
+                # default, reads them as one [C, 4] tile).
+                "unpacked": dict(packed_weights=False),
                 # Opt-in, untimed: 5 chunks (T = 300, C = 64) in 5 splits.
                 "sweep_splits": dict(sweep_splits=5),
                 "output_scores": dict(separate_output=True,

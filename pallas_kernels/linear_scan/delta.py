@@ -204,6 +204,15 @@ class DeltaConfig:
       Opt-in and slower on an H100 (run69, T = 32k, B = 2: gated forward
       2.49 ms at 1, 3.34 at 8, 3.57 at 16; forward+backward 9.69 at 1,
       11.02 at 16), so the default stays 1.
+    packed_weights: the sequential sweeps read each chunk's per-token
+      weights (wq, wk, the chunk decay and the log-gate sums) as one
+      [C, 4] tile of one array (``_pack_weights``) instead of from three
+      or four arrays. Where a sweep has about one program per SM (T = 64k,
+      B = 1, N = 16 on an H100) these loads are on the chain from chunk to
+      chunk, and separate arrays made the gated states-only sweep take
+      1.78 ms against 1.43 with the same values in one buffer
+      (``delta_profile.py --prefetch``, run108); ``prefetch_weights`` did
+      not recover it.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -227,6 +236,7 @@ class DeltaConfig:
   prefetch_weights: bool = False
   output_scores: bool | None = None
   sweep_splits: int = 1
+  packed_weights: bool = True
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -279,6 +289,7 @@ class _S:
   fwd_states: bool = False  # forward_states
   sep_out: bool = False  # separate_output
   prefetch: bool = False  # prefetch_weights
+  packed: bool = False  # packed_weights
   out_scores: bool = False  # output_scores, under differentiation
   out_scores_fwd: bool = False  # output_scores, forward alone
   splits: int = 1  # sweep_splits (both sequential sweeps' splits)
@@ -468,9 +479,8 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
   stores only; the forward of ``forward_states`` does both."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
-  q_ref, k_ref, a_ref, w_ref, u_ref, wq_ref, wk_ref, dec_ref = (
-      next(it) for _ in range(8))
-  gc_ref, rc_ref = _score_refs(s, it)
+  q_ref, k_ref, a_ref, w_ref, u_ref = (next(it) for _ in range(5))
+  load_weights = _weight_refs(s, it)
   s0_ref = next(it) if s.has_s0 else None
   if out:
     o_ref = next(it)
@@ -488,10 +498,7 @@ def _fwd_kernel(*refs, s: _S, store: bool, out: bool, final: bool):
           else None)
 
   def weights(i):  # chunk i's (wq * scale, wk, decay, score weights)
-    rows = _chunk_rows(i * c, c)
-    wq = wq_ref[rows] * s.scale if out else None
-    sw = _score_weights(s, gc_ref, rc_ref, rows) if out else None
-    return wq, wk_ref[rows], _last(dec_ref[rows]), sw
+    return load_weights(_chunk_rows(i * c, c), out)
 
   def step(i, state, wts):
     wq, wk, dec, sw = wts
@@ -527,9 +534,8 @@ def _bwd_kernel(*refs, s: _S, store: bool = True):
   value blocks below ``s.aug`` columns carry the transition: dO zero)."""
   _dot, _dot_tn, _ = _dots(s)
   it = iter(refs)
-  q_ref, k_ref, a_ref, w_ref, wq_ref, wk_ref, dec_ref = (
-      next(it) for _ in range(7))
-  gc_ref, rc_ref = _score_refs(s, it)
+  q_ref, k_ref, a_ref, w_ref = (next(it) for _ in range(4))
+  load_weights = _weight_refs(s, it)
   do_ref, dfin_ref = next(it), next(it)
   gv_ref, lam_ref = (next(it), next(it)) if store else (None, None)
   ds0_ref = next(it)
@@ -539,9 +545,7 @@ def _bwd_kernel(*refs, s: _S, store: bool = True):
           if s.aug else None)
 
   def weights(i):  # chunk nc - 1 - i's (wq * scale, wk, decay, scores')
-    rows = _chunk_rows((s.nc - 1 - i) * c, c)
-    return (wq_ref[rows] * s.scale, wk_ref[rows], _last(dec_ref[rows]),
-            _score_weights(s, gc_ref, rc_ref, rows))
+    return load_weights(_chunk_rows((s.nc - 1 - i) * c, c), True)
 
   def step(i, lam, wts):
     wq, wk, dec, sw = wts
@@ -608,6 +612,63 @@ def _score_weights(s: _S, gc_ref, rc_ref, rows):
   return gc_ref[rows], (rc_ref[rows] if rc_ref is not None else None)
 
 
+def _weight_refs(s: _S, it):
+  """Takes a sweep's per-token weight refs from ``it`` and returns
+  ``load(rows, full) -> (wq * scale, wk, chunk decay, score weights)``
+  for one chunk's ``rows``; without ``full`` (a sweep that forms no
+  outputs) wq and the score weights are None.
+
+  With ``packed_weights`` the four per-token columns (wq, wk, the chunk
+  decay and the log-gate sums the scores are formed from) come as one
+  [Tp, 4] ref (``_pack_weights``) read as one [C, 4] tile a chunk, and
+  the columns are picked out of it in registers."""
+  if not s.packed:
+    wq_ref, wk_ref, dec_ref = next(it), next(it), next(it)
+    gc_ref, rc_ref = _score_refs(s, it)
+
+    def load(rows, full):
+      wq = wq_ref[rows] * s.scale if full else None
+      sw = _score_weights(s, gc_ref, rc_ref, rows) if full else None
+      return wq, wk_ref[rows], _last(dec_ref[rows]), sw
+    return load
+
+  pk_ref = next(it)
+  rc_ref = next(it) if s.out_scores and s.has_seg else None
+
+  def load(rows, full):
+    tile = pk_ref[rows, :]
+    col = lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+    row = lax.broadcasted_iota(jnp.int32, tile.shape, 0)
+
+    def pick(j):
+      return jnp.sum(jnp.where(col == j, tile, 0.0), axis=1)
+
+    dec = jnp.sum(jnp.where((col == 2) & (row == tile.shape[0] - 1), tile,
+                            0.0))
+    wq = pick(0) * s.scale if full else None
+    sw = None
+    if full and s.out_scores:
+      sw = pick(3), (rc_ref[rows] if rc_ref is not None else None)
+    return wq, pick(1), dec, sw
+  return load
+
+
+def _pack_weights(wq, wk, dec, gc=None):
+  """[B, N, Tp, 4] float32: wq, wk, the chunk decay (per token) and the
+  log-gate sums (zeros where None) side by side, so that a sweep's four
+  weight loads a chunk are one load of the same cache lines.
+
+  The sequential sweeps wait on these loads every chunk. Where a sweep
+  has one program per SM (T = 64k, B = 1, N = 16 on an H100), three
+  separate arrays cost the states-only sweep 1.78-1.79 ms against 1.43
+  with the same values in one buffer (``delta_profile.py --prefetch``,
+  run108): the same kernel, only the second load no longer hitting the
+  lines the first brought in."""
+  if gc is None:
+    gc = jnp.zeros_like(wq)
+  return jnp.stack([wq, wk, dec, gc], axis=-1)
+
+
 def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S, gc=None, rc=None):
   """The sweeps' common inputs: q, k, the scores, w, the per-token
   weights, and with ``output_scores`` the log-gate sums and reset counts
@@ -621,11 +682,19 @@ def _sweep_inputs(q, k, a, w, wq, wk, dec, s: _S, gc=None, rc=None):
   if a is None:  # the scores are formed (output_scores) or not used:
     a, a_spec = q, seq(tp, f, same, zero)  # any operand holds the place
   specs = [seq(tp, f, same, zero), seq(tp, f, kv, zero), a_spec,
-           seq(tp, f, same, zero), tok, tok, tok]
-  args = [q, k, a, w, wq, wk, dec]
+           seq(tp, f, same, zero)]
+  args = [q, k, a, w]
+  if s.packed:
+    specs.append(pl.BlockSpec((None, None, tp // ns, 4),
+                              lambda j, n, b: (b // ns, n, b % ns, 0)))
+    args.append(_pack_weights(wq, wk, dec, gc if s.out_scores else None))
+  else:
+    specs += [tok, tok, tok]
+    args += [wq, wk, dec]
+    if s.out_scores:
+      specs.append(tok)
+      args.append(gc)
   if s.out_scores:
-    specs.append(tok)
-    args.append(gc)
     if s.has_seg:
       specs.append(pl.BlockSpec((None, tp // ns),
                                 lambda j, n, b: (b // ns, b % ns)))
@@ -1392,6 +1461,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
              if cfg.separate_output is None else cfg.separate_output),
          splits=splits, bva=bva,
          prefetch=cfg.prefetch_weights,
+         packed=cfg.packed_weights,
          out_scores=cfg.output_scores is True,
          out_scores_fwd=cfg.output_scores is not False,
          has_s0=initial_state is not None, has_seg=resets is not None,

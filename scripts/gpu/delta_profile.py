@@ -111,6 +111,7 @@ def _static(t, b, cfg):
                             if cfg.separate_output is None
                             else cfg.separate_output),
                    prefetch=cfg.prefetch_weights,
+                   packed=cfg.packed_weights,
                    out_scores=cfg.output_scores is True,
                    out_scores_fwd=cfg.output_scores is not False,
                    has_s0=False,

@@ -6,8 +6,10 @@ opt-in step forms switched on (GPU; before such a form becomes a default).
 
 ``ATTNJAX_KERNEL_FORMS`` holds comma-separated ``NAME=0|1`` pairs, each a
 module-level flag of ``pallas_kernels.flash.mosaic_gpu`` or
-``mosaic_gpu_bwd`` (read when a kernel is traced); a name neither module
-has is an error, so a typo cannot pass the suite with the defaults.
+``mosaic_gpu_bwd`` (read when a kernel is traced), or ``NAME=<int>`` for a
+module-level integer (a dispatch threshold such as
+``WG3_MIN_LEN_MASKED=8192``); a name neither module has is an error, so a
+typo cannot pass the suite with the defaults.
 """
 
 from __future__ import annotations
@@ -20,14 +22,21 @@ def _apply(spec):
   applied = {}
   for item in filter(None, (x.strip() for x in spec.split(","))):
     name, _, value = item.partition("=")
-    if value not in ("0", "1"):
-      raise ValueError(f"ATTNJAX_KERNEL_FORMS: {item!r} is not NAME=0|1")
     mod = next((m for m in (mosaic_gpu, mosaic_gpu_bwd)
                 if hasattr(m, name)), None)
     if mod is None:
       raise ValueError(f"ATTNJAX_KERNEL_FORMS: no kernel flag {name!r}")
-    setattr(mod, name, value == "1")
-    applied[f"{mod.__name__.rsplit('.', 1)[-1]}.{name}"] = value == "1"
+    current = getattr(mod, name)
+    if isinstance(current, bool) or not isinstance(current, int):
+      if value not in ("0", "1"):
+        raise ValueError(f"ATTNJAX_KERNEL_FORMS: {item!r} is not NAME=0|1")
+      new = value == "1"
+    else:
+      if not value.isdigit():
+        raise ValueError(f"ATTNJAX_KERNEL_FORMS: {item!r} is not NAME=<int>")
+      new = int(value)
+    setattr(mod, name, new)
+    applied[f"{mod.__name__.rsplit('.', 1)[-1]}.{name}"] = new
   return applied
 
 

@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run106), as calls of under 10 minutes on one GPU, most decisive first:
-# psmem128 (the forward's P ring at H = 128; at H = 64 it lost, run91),
-# wg3causal8k (~2 min: where the causal H = 64 forward should switch to
-# three consumers), then linstages' occupancy step (scripts/gpu/linear_profile.py
+# run111), as calls of under 10 minutes on one GPU, most decisive first:
+# wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
+# 8k causal), psmem128 (the forward's P ring at H = 128; at H = 64 it
+# lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
+# (run108: the gated delta sweeps at 64k (three weight arrays 1.79 ms,
+# one buffer 1.43; prefetch no help) and wg3causal8k (three consumers
+# +3% / +6% at H = 64 8k causal MHA / GQA); run109: packed (the packed
+# sweep weights' GPU tests 23/24 before the limit, the 24th in run110;
+# delta rows unpacked / packed at 16k; the default since); run110 /
+# run111: the packed delta rows at 32k / 64k and 4k beside fla (gated
+# forward 64k 0.92 -> 1.05x))
 # (run101: deltarows (the delta rule's 16k / 32k rows beside fla: fwd+bwd
 # 0.994 / 1.01x); run102: wg3at4k (H = 64's three consumers at 4k full
 # +7-10% forward) and gatedbwd (the gated reverse sweep's half fill, +6 /
@@ -510,6 +517,25 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 120 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768 --splits=1,8,16"
     ;;
+  packed)
+    # DeltaConfig(packed_weights), the default since 2026-12-07: the
+    # sweeps read wq, wk, the chunk decay and the log-gate sums as one
+    # [C, 4] tile (run108: separate arrays cost the gated states-only
+    # sweep 1.78 ms against 1.43 in one buffer at T = 64k, B = 1). Its GPU
+    # tests (the default, the unpacked path, the sweep layouts), then the
+    # delta rows unpacked and packed (beside fla) at 16k / 32k / 64k.
+    L="python3 -m attnjax.bench.linear --variants delta,gated_delta \
+       --impls pallas --no-softmax --seqs 16384,32768,65536"
+    bash $S \
+      "timeout 240 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'gpu_delta_matches_scan or gpu_delta_long or (gpu_delta_kernel_configs \
+          and (default or unpacked or output_scores or prefetch_neither or \
+          sweep_splits or neither or separate_output))'" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/unpacked.jsonl \
+         ATTNJAX_DELTA_CONFIG='{\"packed_weights\": false}' \
+         timeout 150 $L --no-fla" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/packed.jsonl timeout 170 $L"
+    ;;
   deltatests)
     # run71 reached 48 of the 67 linear GPU tests (all passed); the rest
     # are the delta rule's kernel-config cases. Then short's tf32 UT
@@ -636,6 +662,18 @@ case "${1:-}" in
     # win (468 / 445) and the default takes them (WG3_MIN_LEN_MASKED).
     bash $S \
       "$(mc_time 150) --configs '64:8192:causal:*' --variants ours,wg3"
+    ;;
+  wg3causal8kdefault)
+    # run108 (wg3causal8k): three consumers at H = 64 causal 8k forward
+    # 432.2 / 419.4 (MHA) and 454.6 / 427.4 (GQA) TFLOP/s against two. The
+    # default's GPU test at that threshold (T = 8192 + 50, causal, forward
+    # and gradients) and the whole-path rows at 8k with it: if both hold,
+    # WG3_MIN_LEN_MASKED = 8192 (and the lowering test's causal-8k case).
+    bash $S \
+      "ATTNJAX_KERNEL_FORMS=WG3_MIN_LEN_MASKED=8192 \
+         PYTHONPATH=\$PWD:\$PWD/scripts/gpu timeout 200 $PYTEST \
+         -p force_forms tests/test_pallas_mosaic_gpu.py \
+         -k default_three_consumer_forward"
     ;;
   gatedfwd)
     # The gated delta rule's forward at T = 16k / 32k / 64k (B = 4 / 2 /
@@ -1135,7 +1173,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

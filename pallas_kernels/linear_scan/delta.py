@@ -212,7 +212,14 @@ class DeltaConfig:
       chunk, and separate arrays made the gated states-only sweep take
       1.78 ms against 1.43 with the same values in one buffer
       (``delta_profile.py --prefetch``, run108); ``prefetch_weights`` did
-      not recover it.
+      not recover it. Triton's pipeliner turns the [C, 4] tile load into
+      an asynchronous copy like the q, k, w and u tiles' (compiled for an
+      H100 at T = 64k: no synchronous load left in the sweeps' loops,
+      ``scripts/aot/ptxas_report.py --case delta --loads``), where it had
+      left the separate [C] loads synchronous. Through the whole path
+      (H100, runs 109-111) the gated forward went from 19.8 to 25.8 M
+      tokens/s at T = 64k and 26.6 to 28.6 at 32k, forward+backward up
+      3-18% for both rules.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -638,13 +645,13 @@ def _weight_refs(s: _S, it):
   def load(rows, full):
     tile = pk_ref[rows, :]
     col = lax.broadcasted_iota(jnp.int32, tile.shape, 1)
-    row = lax.broadcasted_iota(jnp.int32, tile.shape, 0)
 
     def pick(j):
       return jnp.sum(jnp.where(col == j, tile, 0.0), axis=1)
 
-    dec = jnp.sum(jnp.where((col == 2) & (row == tile.shape[0] - 1), tile,
-                            0.0))
+    # Column, then row: a [C, 4] -> scalar sum in one reduction does not
+    # trace under an abstract mesh (jax.export's, with sharding specs).
+    dec = _last(pick(2))
     wq = pick(0) * s.scale if full else None
     sw = None
     if full and s.out_scores:

@@ -74,6 +74,24 @@ def test_pallas_prefetch_weights_matches_scan(name, splits, monkeypatch):
   check_against_scan(case, "pallas", chunk_size=16)
 
 
+@pytest.mark.parametrize("name,splits,extra", [
+    ("gated_segments", 1, {}), ("gated_segments", 3, {}), ("bf16", 2, {}),
+    ("segments_only", 3, {}), ("normalize", 1, dict(prefetch_weights=True)),
+    ("plain_gqa", 1, {}), ("gated_segments", 3, dict(chained_tile=32))])
+def test_pallas_packed_weights_matches_scan(name, splits, extra,
+                                            monkeypatch):
+  """KernelConfig(packed_weights=True): the sweeps (forward, chained
+  forward, dq, dv, dk) read the log-gate sums, wq, wk and the reset counts
+  as one [C, 4] tile of one array (none without gates or resets). Gates,
+  fixed decays, resets alone, splits, prefetching, the chained forward;
+  100 tokens in chunks of 16. Forward and gradients against the scan."""
+  kw, _ = _CASES[name]
+  _with_config(monkeypatch, num_splits=splits, packed_weights=True, **extra)
+  case = linear_case(key_for("pallas-packed", name, str(splits)),
+                     **{**kw, "length": 100})
+  check_against_scan(case, "pallas", chunk_size=16)
+
+
 def _spy_statics(monkeypatch):
   """A list that collects the _Static of every call of kernels._core."""
   seen = []
@@ -444,6 +462,10 @@ _LOWERING = {
     "bf16_gate_segments_prefetch": dict(dtype=BF16, gate=True,
                                         segments=True, splits=2,
                                         prefetch=True),
+    "bf16_gate_segments_packed": dict(dtype=BF16, gate=True, segments=True,
+                                      splits=2, packed=True),
+    "bf16_segments_packed": dict(dtype=BF16, segments=True, splits=1,
+                                 packed=True),
 }
 
 
@@ -462,7 +484,8 @@ def test_pallas_lowers_for_h100(name):
   cfg = kernels.default_config(dt, h, h + 1 if opt.get("normalize") else h,
                                gated=bool(opt.get("gate")),
                                num_splits=opt.get("splits"),
-                               prefetch_weights=opt.get("prefetch", False))
+                               prefetch_weights=opt.get("prefetch", False),
+                               packed_weights=opt.get("packed", False))
   extra = {}
   if opt.get("state"):
     args.append(sd(lead + (b, n, h, h), F32))
@@ -632,6 +655,21 @@ def test_gpu_pallas_prefetch_weights_h128(dtype, monkeypatch):
                      length=1000, heads=8, kv_heads=2, head_dim=128,
                      value_dim=128, gate="scalar", log_decay=True,
                      segments=True, initial_state=True, dtype=dtype)
+  check_against_scan(case, "pallas")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,splits", [(F32, 5), (BF16, 1), (BF16, 5)])
+def test_gpu_pallas_packed_weights_h128(dtype, splits, monkeypatch):
+  """KernelConfig(packed_weights=True) compiled at H = 128 with gates,
+  resets, a fixed decay and an initial state, in one split and in 5,
+  against the scan."""
+  _with_config(monkeypatch, num_splits=splits, packed_weights=True)
+  case = linear_case(key_for("gpu-packed", str(dtype), str(splits)),
+                     batch=2, length=1000, heads=8, kv_heads=2,
+                     head_dim=128, value_dim=128, gate="scalar",
+                     log_decay=True, segments=True, initial_state=True,
+                     dtype=dtype)
   check_against_scan(case, "pallas")
 
 

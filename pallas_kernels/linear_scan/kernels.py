@@ -61,6 +61,7 @@ import functools
 import json
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,21 @@ class KernelConfig:
       Gram pass at T = 32k 0.138 -> 0.154 / 0.163 ms at 2 / 4 parts, 64k
       0.159 -> 0.178 / 0.188; it already streams k and v at about the
       full bandwidth, 3.3 TB/s), GPU tests pass.
+    packed_weights: the sweeps (forward, chained forward, dq, dv, dk) read
+      each chunk's per-token weights (the chunk-local log-gate sums, wq,
+      wk and the reset counts) as one [C, 4] float32 tile of one array
+      ([B, N, Tp, 4], built in ``_prep``) instead of three or four [C]
+      vectors, and pick the columns out in registers. Compiled for an
+      H100 (``scripts/aot/ptxas_report.py --case scalar --loads``, T = 4k,
+      B = 16, gated) Triton's pipeliner leaves synchronous loads in the
+      sweeps' loops: 2 / 3 / 2 / 4 a step in the forward / dq / dv / dk
+      kernels with separate arrays (the [C] weight vectors among them),
+      0 / 1 / 0 / 2 packed (the tile becomes an asynchronous copy; the
+      rest are q or dO tiles), no spills either way. The delta rule's
+      sweeps gained 3-30% from the same change
+      (``DeltaConfig.packed_weights``, H100, runs 108-111). Opt-in here:
+      CPU- and lowering-tested, not yet run on a GPU
+      (``scripts/gpu/pending.sh linpacked``).
   """
   chunk: int = 64
   block_v: int = 64
@@ -159,6 +175,7 @@ class KernelConfig:
   chained_tile: int = 0
   chained_lookback: bool = True
   gram_parts: int = 1
+  packed_weights: bool = False
 
 
 def default_config(dtype=jnp.bfloat16, feature_dim: int | None = None,
@@ -248,6 +265,13 @@ class _Static:
   chain_lookback: bool = True  # KernelConfig.chained_lookback
   tiles_per_split: int = 1  # the chained kernel's tiles a caller's split
   gram_parts: int = 1  # KernelConfig.gram_parts (after reduction)
+  packed: bool = False  # KernelConfig.packed_weights
+
+  @property
+  def packs(self):
+    """The sweeps read gc, wq, wk and the reset counts as one [Tp, 4]
+    array (``packed_weights``, where there are per-token weights)."""
+    return self.packed and self.has_w
 
   @property
   def has_w(self):
@@ -330,31 +354,62 @@ def sweep_loop(n: int, step, weights, carry, prefetch: bool):
   return lax.fori_loop(0, n, body, (carry, weights(0)))[0]
 
 
-def _step_weights(s: _Static, wq_ref, wk_ref, base, reverse: bool):
+@dataclasses.dataclass(frozen=True)
+class _TokenRefs:
+  """A sweep's per-token refs: gc, wq, wk, rc (those present), or with
+  ``packed_weights`` the one [Tp, 4] ref ``pk`` of all four."""
+  gc: Any = None
+  wq: Any = None
+  wk: Any = None
+  rc: Any = None
+  pk: Any = None
+
+
+def _token_refs(s: _Static, it) -> _TokenRefs:
+  """Takes the per-token refs from ``it`` in ``_specs_tokens``' order."""
+  if s.packs:
+    return _TokenRefs(pk=next(it))
+  gc = next(it) if s.has_gate else None
+  wq, wk = (next(it), next(it)) if s.has_w else (None, None)
+  rc = next(it) if s.has_seg else None
+  return _TokenRefs(gc=gc, wq=wq, wk=wk, rc=rc)
+
+
+def _step_weights(s: _Static, tok: _TokenRefs, base, reverse: bool):
   """``weights(i)`` for ``sweep_loop``: step i's chunk's (wq, wk) rows
   (chunk i of the split from ``base``, or cps - 1 - i when ``reverse``),
-  () without per-token weights."""
+  () without per-token weights. With ``packed_weights``: (wq, wk, gc,
+  rc) from one [C, 4] tile (gc, rc None where absent; rc as float32)."""
   def weights(i):
     if not s.has_w:
       return ()
     ci = s.cps - 1 - i if reverse else i
     rows = _chunk_rows(base + ci * s.chunk, s.chunk)
-    return wq_ref[rows], wk_ref[rows]
+    if not s.packs:
+      return tok.wq[rows], tok.wk[rows]
+    tile = tok.pk[rows, :]
+    col = lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+    pick = lambda j: jnp.sum(jnp.where(col == j, tile, 0.0), axis=1)  # noqa: E731
+    return (pick(1), pick(2), pick(0) if s.has_gate else None,
+            pick(3) if s.has_seg else None)
   return weights
 
 
-def _intra_weights(s: _Static, gc_ref, rc_ref, rows, transpose: bool):
-  """D [C, C]: causal mask * exp(G_i - G_j) * same-segment (or its T)."""
+def _intra_weights(s: _Static, tok: _TokenRefs, rows, transpose: bool,
+                   wts=()):
+  """D [C, C]: causal mask * exp(G_i - G_j) * same-segment (or its T);
+  G and the reset counts from ``wts`` (the step's weights) where
+  ``packed_weights`` put them there, else from their refs."""
   c = s.chunk
   i = lax.broadcasted_iota(jnp.int32, (c, c), 0)
   j = lax.broadcasted_iota(jnp.int32, (c, c), 1)
   mask = (j <= i) if not transpose else (i <= j)
   if s.has_seg:
-    r = rc_ref[rows]
+    r = wts[3] if s.packs else tok.rc[rows]
     mask = jnp.logical_and(mask, r[:, None] == r[None, :])
   if not s.has_gate:
     return mask.astype(_F32)
-  g = gc_ref[rows]
+  g = wts[2] if s.packs else tok.gc[rows]
   diff = (g[:, None] - g[None, :]) if not transpose else (
       g[None, :] - g[:, None])
   return jnp.exp(jnp.where(mask, diff, -jnp.inf))
@@ -371,13 +426,13 @@ def _state_update(s: _Static, state, k, v, wts):
   k^T v with k_j's decay to the chunk end applied to the narrower v."""
   _, _dot_tn, _ = _dots(s)
   if s.has_w:
-    wq, wk = wts
+    wq, wk = wts[:2]
     vw = (v.astype(_F32) * wk[:, None]).astype(v.dtype)
     return state * _last(wq) + _dot_tn(k, vw)
   return state + _dot_tn(k, v)
 
 
-def _fwd_step(s: _Static, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base):
+def _fwd_step(s: _Static, q_ref, k_ref, v_ref, tok, o_ref, base):
   """``step(i, state, wts)`` of the forward sweep over the chunks from row
   ``base``: writes chunk i's outputs, returns the state after it."""
   _dot, _, _dot_nt = _dots(s)
@@ -386,7 +441,7 @@ def _fwd_step(s: _Static, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base):
   def step(i, state, wts):
     rows = _chunk_rows(base + i * c, c)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    a = _dot_nt(q, k) * _intra_weights(s, gc_ref, rc_ref, rows, False)
+    a = _dot_nt(q, k) * _intra_weights(s, tok, rows, False, wts)
     o = _dot((a * s.scale).astype(v.dtype), v)
     qs = _dot(q, state.astype(q.dtype))
     if s.has_w:
@@ -399,16 +454,14 @@ def _fwd_step(s: _Static, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base):
 def _fwd_kernel(*refs, s: _Static):
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
+  tok = _token_refs(s, it)
   s0_ref = next(it) if s.has_s0 else None
   o_ref, st_ref = next(it), next(it)
   base = pl.program_id(2) * s.split_len
   state = (s0_ref[...].astype(_F32) if s.has_s0 else
            jnp.zeros(st_ref.shape, _F32))
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
-  step = _fwd_step(s, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base)
+  weights = _step_weights(s, tok, base, reverse=False)
+  step = _fwd_step(s, q_ref, k_ref, v_ref, tok, o_ref, base)
   st_ref[...] = sweep_loop(s.cps, step, weights, state, s.prefetch)
 
 
@@ -436,16 +489,14 @@ def _chained_fwd_kernel(*refs, s: _Static):
                      "forever")
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
+  tok = _token_refs(s, it)
   s0_ref, dec_ref = next(it), next(it)
   next(it)  # the zeroed flags, aliased to flag_ref
   o_ref, st_ref, starts_ref, buf_ref, flag_ref = (
       next(it), next(it), next(it), next(it), next(it))
   tile = pl.program_id(2)
   base = tile * s.split_len
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
+  weights = _step_weights(s, tok, base, reverse=False)
   k_rows = lambda i: _chunk_rows(base + i * s.chunk, s.chunk)  # noqa: E731
 
   def local_step(i, state, wts):
@@ -494,7 +545,7 @@ def _chained_fwd_kernel(*refs, s: _Static):
   def _():
     starts_ref[tile // s.tiles_per_split] = start
 
-  step = _fwd_step(s, q_ref, k_ref, v_ref, gc_ref, rc_ref, o_ref, base)
+  step = _fwd_step(s, q_ref, k_ref, v_ref, tok, o_ref, base)
   final = sweep_loop(s.cps, step, weights, start, s.prefetch)
 
   @pl.when(tile == s.splits - 1)
@@ -535,9 +586,7 @@ def _dq_kernel(*refs, s: _Static):
   _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
+  tok = _token_refs(s, it)
   s0_ref = next(it) if s.has_s0 else None
   dq_ref = next(it)
   dgq_ref, hs_ref = (next(it), next(it)) if s.needs_dg else (None, None)
@@ -546,19 +595,19 @@ def _dq_kernel(*refs, s: _Static):
   shape = (k_ref.shape[-1], v_ref.shape[-1])
   state = s0_ref[...].astype(_F32) if s.has_s0 else jnp.zeros(shape, _F32)
 
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=False)
+  weights = _step_weights(s, tok, base, reverse=False)
 
   def step(i, state, wts):
     rows = _chunk_rows(base + i * c, c)
     k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    da = _dot_nt(do, v) * _intra_weights(s, gc_ref, rc_ref, rows, False)
+    da = _dot_nt(do, v) * _intra_weights(s, tok, rows, False, wts)
     dq = _dot((da * s.scale).astype(k.dtype), k)
     state_in = state.astype(do.dtype)
     if s.needs_dg:  # for the gate gradient's chunk-spanning term (dk)
       hs_ref[i] = state_in.astype(hs_ref.dtype)
     dqs = _dot_nt(do, state_in)
     if s.has_w:
-      wq, wk = wts
+      wq, wk = wts[:2]
       dqs = dqs * wq[:, None]
     dq = dq + s.scale * dqs
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -577,27 +626,25 @@ def _dv_kernel(*refs, s: _Static):
   _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, do_ref = next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
+  tok = _token_refs(s, it)
   ds_ref = next(it)
   dv_ref, dsout_ref = next(it), next(it)
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=True)
+  weights = _step_weights(s, tok, base, reverse=True)
 
   def step(i, dstate, wts):
     rows = _chunk_rows(base + (s.cps - 1 - i) * c, c)
     q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
     # Transposed intra-chunk weights: row j (key), column i (query).
-    at = _dot_nt(k, q) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
+    at = _dot_nt(k, q) * (_intra_weights(s, tok, rows, True, wts)
                           * s.scale)
     # Decays scale the narrow [C, BV] operands and results, never a full
     # [C, F] tile (which would cost registers).
     ks = _dot(k, dstate.astype(k.dtype))
     if s.has_w:  # k_j's decay to the chunk end
-      wq, wk = wts
+      wq, wk = wts[:2]
       ks = ks * wk[:, None]
     dv = _dot(at.astype(do.dtype), do) + ks
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -615,9 +662,7 @@ def _dk_kernel(*refs, s: _Static):
   _dot, _dot_tn, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, do_ref = next(it), next(it), next(it), next(it)
-  gc_ref = next(it) if s.has_gate else None
-  wq_ref, wk_ref = (next(it), next(it)) if s.has_w else (None, None)
-  rc_ref = next(it) if s.has_seg else None
+  tok = _token_refs(s, it)
   hs_ref = next(it) if s.needs_dg else None
   ds_ref = next(it)
   dk_ref = next(it)
@@ -625,17 +670,17 @@ def _dk_kernel(*refs, s: _Static):
   c = s.chunk
   base = pl.program_id(2) * s.split_len
 
-  weights = _step_weights(s, wq_ref, wk_ref, base, reverse=True)
+  weights = _step_weights(s, tok, base, reverse=True)
 
   def step(i, dstate, wts):
     ci = s.cps - 1 - i
     rows = _chunk_rows(base + ci * c, c)
     q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-    dat = _dot_nt(v, do) * (_intra_weights(s, gc_ref, rc_ref, rows, True)
+    dat = _dot_nt(v, do) * (_intra_weights(s, tok, rows, True, wts)
                             * s.scale)
     vs = _dot_nt(v, dstate.astype(v.dtype))
     if s.has_w:  # k_j's decay to the chunk end, on the narrow [C, BF]
-      wq, wk = wts
+      wq, wk = wts[:2]
       vs = vs * wk[:, None]
     dk = _dot(dat.astype(q.dtype), q) + vs
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -674,7 +719,11 @@ def _seq_spec(width, head_map, col_map):
 
 
 def _specs_tokens(tp, s: _Static):
-  """Specs for gc, wq, wk, rc (in that order, those present)."""
+  """Specs for gc, wq, wk, rc (in that order, those present), or the one
+  packed [Tp, 4] array of them (``packed_weights``)."""
+  if s.packs:
+    return [pl.BlockSpec((None, None, tp, 4),
+                         lambda j, n, sp, b: (b, n, 0, 0))]
   w = pl.BlockSpec((None, None, tp), lambda j, n, sp, b: (b, n, 0))
   specs = []
   if s.has_gate:
@@ -687,6 +736,8 @@ def _specs_tokens(tp, s: _Static):
 
 
 def _token_args(prep, s: _Static):
+  if s.packs:
+    return [prep["pk"]]
   args = []
   if s.has_gate:
     args.append(prep["gc"])
@@ -768,12 +819,16 @@ def _chained_call(q, k, v, prep, s0, s: _Static):
   in_specs = [seq(f, lambda m: m, False), seq(f, kv, False),
               seq(bv, kv, True)]
   args = [q, k, v]
-  if s.has_gate:
-    in_specs.append(per_head(tp))
-  if s.has_w:
-    in_specs += [per_head(tp), per_head(tp)]
-  if s.has_seg:
-    in_specs.append(pl.BlockSpec((None, tp), lambda j, x, t: (hb(x)[0], 0)))
+  if s.packs:
+    in_specs.append(per_head(tp, 4))
+  else:
+    if s.has_gate:
+      in_specs.append(per_head(tp))
+    if s.has_w:
+      in_specs += [per_head(tp), per_head(tp)]
+    if s.has_seg:
+      in_specs.append(pl.BlockSpec((None, tp),
+                                   lambda j, x, t: (hb(x)[0], 0)))
   args += _token_args(prep, s)
   state = pl.BlockSpec((None, None, f, bv), lambda j, x, t: hb(x) + (0, j))
   flags = pl.BlockSpec((None, None, None, tiles),
@@ -1003,6 +1058,12 @@ def _prep(g, resets, s: _Static, num_heads: int, batch: int):
     prep.update(gc=gc, wq=wq, wk=wk)
     if s.has_seg:
       prep["rc"] = jnp.cumsum(resets.astype(jnp.int32), axis=-1)
+    if s.packs:  # [B, N, Tp, 4]: gc, wq, wk, reset counts (float32)
+      shape = wq.shape
+      rc = (jnp.broadcast_to(prep["rc"][:, None, :].astype(_F32), shape)
+            if s.has_seg else jnp.zeros(shape, _F32))
+      prep["pk"] = jnp.stack([jnp.broadcast_to(gc, shape), wq, wk, rc],
+                             axis=-1)
   if s.splits > 1:
     if s.has_w:
       _, sq, sk, sdec = _block_weights(g, resets, s.split_len)
@@ -1345,7 +1406,7 @@ def chunked_linear_attention(q, k, v, log_gate=None, resets=None, *,
               upcast=bool(interpret) and jax.default_backend() == "cpu",
               rep=n // kh, prefetch=cfg.prefetch_weights,
               chain_cps=chain_cps, chain_lookback=cfg.chained_lookback,
-              gram_parts=gram_parts)
+              gram_parts=gram_parts, packed=cfg.packed_weights)
   qp = _pad_axis(_pad_axis(q, 3, fp), 1, tp)
   kp = _pad_axis(_pad_axis(k, 3, fp), 1, tp)
   vpd = _pad_axis(_pad_axis(v, 3, vp), 1, tp)

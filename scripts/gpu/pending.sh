@@ -2,7 +2,8 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run111), as calls of under 10 minutes on one GPU, most decisive first:
 # wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
-# 8k causal), psmem128 (the forward's P ring at H = 128; at H = 64 it
+# 8k causal), linpacked (~7 min: the scalar-gate kernels' packed
+# weights, GPU tests and rows without / with), psmem128 (the forward's P ring at H = 128; at H = 64 it
 # lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
@@ -663,6 +664,23 @@ case "${1:-}" in
     bash $S \
       "$(mc_time 150) --configs '64:8192:causal:*' --variants ours,wg3"
     ;;
+  linpacked)
+    # KernelConfig(packed_weights) (opt-in, prepared 2026-12-07): the
+    # scalar-gate / fixed-decay sweeps read gc, wq, wk and the reset counts
+    # as one [C, 4] tile (compiled for an H100: the forward's and dv's
+    # loops lose their 2 synchronous loads, dq 3 -> 1, dk 4 -> 2), as the
+    # delta rule's do since run109 (+3-30%). Its GPU tests, then the
+    # fixed-decay and scalar-gate rows without and with it.
+    L="python3 -m attnjax.bench.linear --variants fixed_decay,scalar_gate \
+       --impls pallas --no-softmax --no-fla --seqs 4096,16384,65536"
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_linear_pallas.py -k \
+         gpu_pallas_packed_weights" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/l0.jsonl timeout 150 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/l1.jsonl \
+         ATTNJAX_LINEAR_SCAN_CONFIG='{\"packed_weights\": true}' \
+         timeout 150 $L"
+    ;;
   wg3causal8kdefault)
     # run108 (wg3causal8k): three consumers at H = 64 causal 8k forward
     # 432.2 / 419.4 (MHA) and 454.6 / 427.4 (GQA) TFLOP/s against two. The
@@ -1173,7 +1191,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|linpacked|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

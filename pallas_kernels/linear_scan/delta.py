@@ -662,15 +662,10 @@ def _weight_refs(s: _S, it):
 
 def _pack_weights(wq, wk, dec, gc=None):
   """[B, N, Tp, 4] float32: wq, wk, the chunk decay (per token) and the
-  log-gate sums (zeros where None) side by side, so that a sweep's four
-  weight loads a chunk are one load of the same cache lines.
-
-  The sequential sweeps wait on these loads every chunk. Where a sweep
-  has one program per SM (T = 64k, B = 1, N = 16 on an H100), three
-  separate arrays cost the states-only sweep 1.78-1.79 ms against 1.43
-  with the same values in one buffer (``delta_profile.py --prefetch``,
-  run108): the same kernel, only the second load no longer hitting the
-  lines the first brought in."""
+  log-gate sums (zeros where None) side by side, so that a sweep's weight
+  loads a chunk are one [C, 4] tile load, which Triton's pipeliner makes
+  an asynchronous copy (it left the separate [C] loads synchronous, on
+  the chain from chunk to chunk: see ``DeltaConfig.packed_weights``)."""
   if gc is None:
     gc = jnp.zeros_like(wq)
   return jnp.stack([wq, wk, dec, gc], axis=-1)

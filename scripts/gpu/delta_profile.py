@@ -7,6 +7,7 @@
       [--dots=tf32x3,tf32]  (the whole path with each inverse_dots only)
       [--ut-blocks=32,64]  (DeltaConfig.ut_block_v only: UT kernel, path)
       [--splits=1,4,8,16]  (DeltaConfig.sweep_splits only)
+      [--fla-parts]  (fla's forward kernel by kernel, torch.profiler)
 
 1. Checks: ``delta_rule_attention(implementation="pallas")`` against the
    scan (``"xla"``) on the GPU, forward and every gradient, float32 and
@@ -567,6 +568,70 @@ def _fla(b, t):
   torch.cuda.empty_cache()
 
 
+def _fla_parts(b, t, reps: int = 20):
+  """fla's forwards kernel by kernel (torch.profiler, CUDA time per call,
+  averaged over ``reps`` calls after a warm-up), gated and not, beside
+  which ``--output-scores`` gives ours (UT kernel without scores, the
+  states sweep, the output kernel forming the scores)."""
+  try:
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+    from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415
+    from fla.ops.gated_delta_rule import (  # noqa: PLC0415
+        chunk_gated_delta_rule)
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+  except Exception as e:  # noqa: BLE001
+    print(f"  fla unavailable: {e}")
+    return
+  dev = "cuda"
+  torch.manual_seed(0)
+  mk = lambda *s: torch.randn(*s, device=dev).to(torch.bfloat16)  # noqa: E731
+  q, v = mk(b, t, N, H), mk(b, t, N, H)
+  k = F.normalize(torch.randn(b, t, N, H, device=dev), dim=-1).to(
+      torch.bfloat16)
+  g = F.logsigmoid(torch.randn(b, t, N, device=dev) + 4)
+  beta = torch.sigmoid(torch.randn(b, t, N, device=dev)).to(torch.bfloat16)
+  for name, call in (
+      ("fla chunk_gated_delta_rule", lambda: chunk_gated_delta_rule(
+          q, k, v, g=g, beta=beta)),
+      ("fla chunk_delta_rule", lambda: chunk_delta_rule(q, k, v,
+                                                        beta=beta))):
+    with torch.no_grad():
+      try:
+        for _ in range(3):
+          call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+          for _ in range(reps):
+            call()
+          torch.cuda.synchronize()
+      except Exception as e:  # noqa: BLE001
+        print(f"  {name} FAILED {type(e).__name__}: {str(e)[:200]}")
+        continue
+    total = 0.0
+    print(f"  {name} fwd, per call:")
+    for ev in sorted(prof.key_averages(),
+                     key=lambda e: -_device_us(e)):
+      us = _device_us(ev) / reps
+      if us <= 0:
+        continue
+      total += us
+      print(f"    {ev.key[:60]:60s} {us / 1e3:8.3f} ms  x{ev.count // reps}")
+    print(f"    {'(sum of kernels)':60s} {total / 1e3:8.3f} ms")
+  torch.cuda.empty_cache()
+
+
+def _device_us(ev):
+  """An event's total device (CUDA) time in microseconds, across torch
+  versions (``device_time_total``, formerly ``cuda_time_total``)."""
+  for attr in ("self_device_time_total", "device_time_total",
+               "self_cuda_time_total", "cuda_time_total"):
+    val = getattr(ev, attr, None)
+    if val is not None:
+      return float(val)
+  return 0.0
+
+
 def main(argv):
   quick = "--quick" in argv
   ok = True if "--no-checks" in argv else checks()
@@ -584,6 +649,12 @@ def main(argv):
       dots = tuple(a[len("--dots="):].split(","))
     if a.startswith("--ut-blocks="):
       ut_blocks = tuple(int(x) for x in a[len("--ut-blocks="):].split(","))
+  if "--fla-parts" in argv:  # fla's forward kernels alone
+    for t in seqs:
+      print(f"T={t} B={TOKENS // t}", flush=True)
+      _fla_parts(TOKENS // t, t)
+    print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
           xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
           ut_sweep="--ut-sweep" in argv,

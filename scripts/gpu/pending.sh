@@ -3,7 +3,8 @@
 # run111), as calls of under 10 minutes on one GPU, most decisive first:
 # wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
 # 8k causal), linpacked (~7 min: the scalar-gate kernels' packed
-# weights, GPU tests and rows without / with), psmem128 (the forward's P ring at H = 128; at H = 64 it
+# weights, GPU tests and rows without / with), gatedparts (~6 min: fla's
+# gated delta forward kernel by kernel beside ours), psmem128 (the forward's P ring at H = 128; at H = 64 it
 # lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
@@ -664,6 +665,18 @@ case "${1:-}" in
     bash $S \
       "$(mc_time 150) --configs '64:8192:causal:*' --variants ours,wg3"
     ;;
+  gatedparts)
+    # Where the gated delta forward's last 7-9% against fla goes at 16k /
+    # 32k (0.93 / 0.91x, runs 109-110): fla's forward kernel by kernel
+    # (torch.profiler), then ours (the UT kernel with and without scores,
+    # the output kernel, the core forward; the states sweep alone is in
+    # run108's profile at 64k).
+    bash $S \
+      "cd scripts/gpu && timeout 150 python3 delta_profile.py --no-checks \
+         --fla-parts --seqs=16384,32768" \
+      "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
+         --no-fla --output-scores --seqs=16384,32768"
+    ;;
   linpacked)
     # KernelConfig(packed_weights) (opt-in, prepared 2026-12-07): the
     # scalar-gate / fixed-decay sweeps read gc, wq, wk and the reset counts
@@ -1191,7 +1204,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|linpacked|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|gatedparts|linpacked|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

@@ -4,7 +4,8 @@
 # wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
 # 8k causal), linpacked (~7 min: the scalar-gate kernels' packed
 # weights, GPU tests and rows without / with), gatedparts (~6 min: fla's
-# gated delta forward kernel by kernel beside ours), psmem128 (the forward's P ring at H = 128; at H = 64 it
+# gated delta forward kernel by kernel beside ours), gatedknobs2 (~5 min:
+# its sweep at 2 warps, 4 and 2 stages), psmem128 (the forward's P ring at H = 128; at H = 64 it
 # lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
@@ -677,6 +678,22 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
          --no-fla --output-scores --seqs=16384,32768"
     ;;
+  gatedknobs2)
+    # The gated delta forward's sweep launch knobs that run107 did not
+    # try, with the packed weights (16k / 32k, 0.93 / 0.91x fla): fla's
+    # states kernel autotunes its warps and stages (chunk_delta_h.py), ours
+    # runs 4 warps, 3 stages. Baseline first and again last (drift).
+    B="timeout 60 python3 -m attnjax.bench.linear --variants gated_delta \
+       --impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
+    bash $S \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c0.jsonl $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps\": 2}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 4}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 2}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c4.jsonl $B" \
+      "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
+         --baseline \$OUT/c0.jsonl,\$OUT/c4.jsonl \$OUT/c[1-3].jsonl"
+    ;;
   linpacked)
     # KernelConfig(packed_weights) (opt-in, prepared 2026-12-07): the
     # scalar-gate / fixed-decay sweeps read gc, wq, wk and the reset counts
@@ -1204,7 +1221,7 @@ case "${1:-}" in
          --seqs 4096,16384,32768,65536 --softmax-seqs 32768"
     ;;
   *)
-    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|gatedparts|linpacked|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
+    echo "usage: bash scripts/gpu/pending.sh overlap|utblock|glarows|tf32|packed|gatedparts|gatedknobs2|linpacked|wg3causal8kdefault|deltatests|recheck|fwdrows|fusedwhy|first|stages|waits|layouts|reduce|grid|grid2|mosaictests|mosaictests2|short|splits|profile|gap64k|utsweep|pftimes|deltacand|oscores|pftests|prefetch|prefetch2|prefetch3|call1|mosaic|call2|call3|call4|gram|call5" >&2
     exit 2
     ;;
 esac

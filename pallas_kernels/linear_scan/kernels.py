@@ -718,20 +718,22 @@ def _seq_spec(width, head_map, col_map):
   return width, index
 
 
-def _specs_tokens(tp, s: _Static):
+def _specs_tokens(tp, s: _Static, where=lambda j, n, sp, b: (b, n)):
   """Specs for gc, wq, wk, rc (in that order, those present), or the one
-  packed [Tp, 4] array of them (``packed_weights``)."""
+  packed [Tp, 4] array of them (``packed_weights``); ``where`` maps a
+  program's grid indices to its (batch, head)."""
+  def per_head(*shape):
+    return pl.BlockSpec((None, None) + shape,
+                        lambda *g: where(*g) + (0,) * len(shape))
   if s.packs:
-    return [pl.BlockSpec((None, None, tp, 4),
-                         lambda j, n, sp, b: (b, n, 0, 0))]
-  w = pl.BlockSpec((None, None, tp), lambda j, n, sp, b: (b, n, 0))
+    return [per_head(tp, 4)]
   specs = []
   if s.has_gate:
-    specs.append(w)
+    specs.append(per_head(tp))
   if s.has_w:
-    specs += [w, w]
+    specs += [per_head(tp), per_head(tp)]
   if s.has_seg:
-    specs.append(pl.BlockSpec((None, tp), lambda j, n, sp, b: (b, 0)))
+    specs.append(pl.BlockSpec((None, tp), lambda *g: (where(*g)[0], 0)))
   return specs
 
 
@@ -819,16 +821,7 @@ def _chained_call(q, k, v, prep, s0, s: _Static):
   in_specs = [seq(f, lambda m: m, False), seq(f, kv, False),
               seq(bv, kv, True)]
   args = [q, k, v]
-  if s.packs:
-    in_specs.append(per_head(tp, 4))
-  else:
-    if s.has_gate:
-      in_specs.append(per_head(tp))
-    if s.has_w:
-      in_specs += [per_head(tp), per_head(tp)]
-    if s.has_seg:
-      in_specs.append(pl.BlockSpec((None, tp),
-                                   lambda j, x, t: (hb(x)[0], 0)))
+  in_specs += _specs_tokens(tp, s, lambda j, x, t: hb(x))
   args += _token_args(prep, s)
   state = pl.BlockSpec((None, None, f, bv), lambda j, x, t: hb(x) + (0, j))
   flags = pl.BlockSpec((None, None, None, tiles),

@@ -526,7 +526,10 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       _fla(b, t)
 
 
-def _fla(b, t):
+def _fla_setup(b, t):
+  """(torch, [(name, call(q, k, v, g, beta))], (q, k, v, g, beta), dO):
+  fla's gated and ungated delta rules at [b, t] with the benchmark's
+  inputs (bf16; L2-normalised keys); None where fla is absent."""
   try:
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: N812, PLC0415
@@ -535,8 +538,7 @@ def _fla(b, t):
         chunk_gated_delta_rule)
   except Exception as e:  # noqa: BLE001
     print(f"  fla unavailable: {e}")
-    return
-  from attnjax.bench.linear import _time_torch  # noqa: PLC0415
+    return None
   dev = "cuda"
   torch.manual_seed(0)
   mk = lambda *s: torch.randn(*s, device=dev).to(torch.bfloat16)  # noqa: E731
@@ -545,12 +547,21 @@ def _fla(b, t):
       torch.bfloat16)
   g = F.logsigmoid(torch.randn(b, t, N, device=dev) + 4)
   beta = torch.sigmoid(torch.randn(b, t, N, device=dev)).to(torch.bfloat16)
-  do = mk(b, t, N, H)
-  for name, call in (
+  calls = [
       ("fla chunk_gated_delta_rule", lambda *a: chunk_gated_delta_rule(
           *a[:3], g=a[3], beta=a[4])),
       ("fla chunk_delta_rule", lambda *a: chunk_delta_rule(
-          *a[:3], beta=a[4]))):
+          *a[:3], beta=a[4]))]
+  return torch, calls, (q, k, v, g, beta), mk(b, t, N, H)
+
+
+def _fla(b, t):
+  setup = _fla_setup(b, t)
+  if setup is None:
+    return
+  from attnjax.bench.linear import _time_torch  # noqa: PLC0415
+  torch, calls, (q, k, v, g, beta), do = setup
+  for name, call in calls:
     with torch.no_grad():
       try:
         pc.line(f"{name} fwd", b, t,
@@ -573,37 +584,20 @@ def _fla_parts(b, t, reps: int = 20):
   averaged over ``reps`` calls after a warm-up), gated and not, beside
   which ``--output-scores`` gives ours (UT kernel without scores, the
   states sweep, the output kernel forming the scores)."""
-  try:
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: N812, PLC0415
-    from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415
-    from fla.ops.gated_delta_rule import (  # noqa: PLC0415
-        chunk_gated_delta_rule)
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-  except Exception as e:  # noqa: BLE001
-    print(f"  fla unavailable: {e}")
+  setup = _fla_setup(b, t)
+  if setup is None:
     return
-  dev = "cuda"
-  torch.manual_seed(0)
-  mk = lambda *s: torch.randn(*s, device=dev).to(torch.bfloat16)  # noqa: E731
-  q, v = mk(b, t, N, H), mk(b, t, N, H)
-  k = F.normalize(torch.randn(b, t, N, H, device=dev), dim=-1).to(
-      torch.bfloat16)
-  g = F.logsigmoid(torch.randn(b, t, N, device=dev) + 4)
-  beta = torch.sigmoid(torch.randn(b, t, N, device=dev)).to(torch.bfloat16)
-  for name, call in (
-      ("fla chunk_gated_delta_rule", lambda: chunk_gated_delta_rule(
-          q, k, v, g=g, beta=beta)),
-      ("fla chunk_delta_rule", lambda: chunk_delta_rule(q, k, v,
-                                                        beta=beta))):
+  torch, calls, args, _ = setup
+  from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+  for name, call in calls:
     with torch.no_grad():
       try:
         for _ in range(3):
-          call()
+          call(*args)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
           for _ in range(reps):
-            call()
+            call(*args)
           torch.cuda.synchronize()
       except Exception as e:  # noqa: BLE001
         print(f"  {name} FAILED {type(e).__name__}: {str(e)[:200]}")

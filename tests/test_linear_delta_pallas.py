@@ -755,6 +755,19 @@ def test_delta_pallas_ut_block_v():
   _assert_config_rejected(ut_block_v=8)
 
 
+@pytest.mark.parametrize("segments,scores", [(True, None), (False, True)])
+def test_delta_pallas_ut_split(segments, scores):
+  """DeltaConfig(ut_split=True): T by one kernel, U and W (and under
+  differentiation the stored scores, unless output_scores) by a second,
+  against the scan and its autodiff: with a gate, GQA, resets and an
+  initial state, T = 45 over two 32-row chunks (the last partly
+  padding), F = 32, V = 48 padded to 64."""
+  cfg = delta.DeltaConfig(chunk=32, ut_split=True, num_warps_wu=2,
+                          output_scores=scores)
+  _config_grads_match_scan(f"delta-ut-split-{scores}", cfg, b=1, t=45, n=4,
+                           kh=2, f=32, vd=48, segments=segments)
+
+
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "split32": dict(grad_block_k=32),
                 "substitution": dict(diag_inverse="substitution"),
@@ -767,6 +780,10 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "ut_cols64": dict(grad_ut_block_k=64),
                 # U and W by 32-column blocks (no spills; opt-in).
                 "ut_block_v32": dict(ut_block_v=32),
+                # T, then U and W, by two kernels (opt-in).
+                "ut_split": dict(ut_split=True),
+                "ut_split_1warp_tf32": dict(ut_split=True, num_warps_ut=1,
+                                            inverse_dots="tf32"),
                 # The layouts; the default (forward_states, and
                 # separate_output by the grid: on here, 4 programs).
                 "neither": dict(forward_states=False,

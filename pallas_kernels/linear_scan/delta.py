@@ -220,6 +220,20 @@ class DeltaConfig:
       (H100, runs 109-111) the gated forward went from 19.8 to 25.8 M
       tokens/s at T = 64k and 26.6 to 28.6 at 32k, forward+backward up
       3-18% for both rules.
+    ut_split: the UT transform in two kernels, as fla's forward does:
+      the first forms T = (I + L)^{-1} per chunk and stores it (in the
+      inputs' dtype, float32 where the backward keeps it), the second
+      reads it back whole and forms U and W as two [C, C] x [C, .]
+      matmuls, where the fused kernel (the default) sums 16-row blocks
+      of T times 16-row blocks of the weighted keys and values (ten
+      [16, 16] x [16, .] matmuls each) with T's blocks, the keys and the
+      weighted keys and values live at once (255 registers and spills
+      at two warps). Costs T's write and read (C / F of a k tensor's
+      traffic each way). Ignored with ``ut_block_v``. Opt-in.
+    num_warps_wu: warps of ``ut_split``'s second kernel.
+    ut_split_block_k: key columns per step of ``ut_split``'s first
+      kernel's k k^T (a power of two >= 16): the kernel never holds the
+      chunk's keys whole.
   """
   chunk: int = 64
   block_v: int | None = None
@@ -244,6 +258,9 @@ class DeltaConfig:
   output_scores: bool | None = None
   sweep_splits: int = 1
   packed_weights: bool = True
+  ut_split: bool = False
+  num_warps_wu: int = 4
+  ut_split_block_k: int = 64
 
   def __post_init__(self):
     if self.diag_inverse not in ("substitution", "doubling"):
@@ -255,7 +272,8 @@ class DeltaConfig:
     if int(self.sweep_splits) < 1:
       raise ValueError(f"config.sweep_splits={self.sweep_splits} is not a "
                        "positive integer")
-    for name in ("grad_block_k", "grad_ut_block_k", "ut_block_v"):
+    for name in ("grad_block_k", "grad_ut_block_k", "ut_block_v",
+                 "ut_split_block_k"):
       bk = getattr(self, name)
       if bk is not None and (bk < _SUB or bk & (bk - 1)):
         raise ValueError(f"config.{name}={bk} is not a power of two >= 16")
@@ -302,6 +320,9 @@ class _S:
   splits: int = 1  # sweep_splits (both sequential sweeps' splits)
   bva: int = 64  # value block of a split sweep's first pass
   aug: int = 0  # leading transition columns of a split sweep's first pass
+  ut_split: bool = False  # ut_split
+  warps_wu: int = 4  # num_warps_wu
+  bkt: int = 64  # ut_split_block_k
 
 
 def _params(s: _S, warps: int, stages: int):
@@ -334,34 +355,29 @@ def _scores(s: _S, q, k, g, rc, gk=None, rck=None, row0: int = 0):
   return (_dot_nt(q, k) * d) * s.scale
 
 
-def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
-  _dot, _, _dot_nt = _dots(s)
-  it = iter(refs)
-  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
-  rc_ref = next(it) if s.has_seg else None
-  w_ref, u_ref = next(it), next(it)
-  a_ref = next(it) if scores else None
-  t_ref = next(it) if store_t else None
-  dt = k_ref.dtype
+def _blk(i):  # rows [16 i, 16 i + 16) of a chunk
+  return pl.ds(i * _SUB, _SUB)
+
+
+def _ut_inverse(s: _S, gram, beta, g, rc):
+  """T = (I + L)^{-1} of a chunk as {(i, j): [16, 16] float32 block} for
+  j <= i, from ``gram(i, m)``, block (i, m) of k k^T, and the write
+  strengths, cumulative log gates and reset counts as lists of 16-row
+  blocks (rc None without resets)."""
   prec = None if s.interpret else _INVERSE_DOTS[s.inverse_dots]
   mm = lambda a, b: lax.dot_general(  # noqa: E731
       a, b, (((1,), (0,)), ((), ())), precision=prec,
       preferred_element_type=_F32)
-  nb = s.chunk // _SUB
-  blk = lambda i: pl.ds(i * _SUB, _SUB)  # noqa: E731
+  nb = len(beta)
   rows = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 0)
   cols = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1)
-  k = [k_ref[blk(i), :] for i in range(nb)]
-  beta = [beta_ref[blk(i)] for i in range(nb)]
-  g = [gc_ref[blk(i)] for i in range(nb)]
-  rc = [rc_ref[blk(i)] for i in range(nb)] if s.has_seg else None
 
   def lower(i, m):  # block (i, m), m <= i, of L
     mask = (cols < rows) if m == i else (rows >= 0)
     if s.has_seg:
       mask = jnp.logical_and(mask, rc[i][:, None] == rc[m][None, :])
     d = jnp.exp(jnp.where(mask, g[i][:, None] - g[m][None, :], -jnp.inf))
-    return beta[i][:, None] * _dot_nt(k[i], k[m]) * d
+    return beta[i][:, None] * gram(i, m) * d
 
   t = {}
   for i in range(nb):
@@ -375,11 +391,49 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
       for m in range(j, i):
         acc = acc + mm(low[m], t[m, j])
       t[i, j] = -mm(t[i, i], acc)
+  return t
+
+
+def _store_inverse(t_ref, t, nb):
+  """Writes T's blocks (zeros above the diagonal) into t_ref [C, C]."""
+  for i in range(nb):
+    for j in range(nb):
+      t_ref[_blk(i), _blk(j)] = (
+          t[i, j] if j <= i else jnp.zeros((_SUB, _SUB), _F32)
+      ).astype(t_ref.dtype)
+
+
+def _ut_scores(s: _S, q_ref, k_ref, gc_ref, rc_ref, a_ref):
+  """The chunk's scores for the sweep, by blocks of 16 rows (a whole
+  [C, C] tile spills registers)."""
+  k_all, g_all = k_ref[...], gc_ref[...]
+  rc_all = rc_ref[...] if s.has_seg else None
+  for i in range(s.chunk // _SUB):
+    a = _scores(s, q_ref[_blk(i), :], k_all, gc_ref[_blk(i)],
+                rc_ref[_blk(i)] if s.has_seg else None, g_all, rc_all,
+                i * _SUB)
+    a_ref[_blk(i), :] = a.astype(a_ref.dtype)
+
+
+def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
+  _dot = _dots(s)[0]
+  it = iter(refs)
+  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
+  rc_ref = next(it) if s.has_seg else None
+  w_ref, u_ref = next(it), next(it)
+  a_ref = next(it) if scores else None
+  t_ref = next(it) if store_t else None
+  dt = k_ref.dtype
+  nb = s.chunk // _SUB
+  blk = _blk
+  k = [k_ref[blk(i), :] for i in range(nb)]
+  beta = [beta_ref[blk(i)] for i in range(nb)]
+  _dot_nt = _dots(s)[2]
+  t = _ut_inverse(s, lambda i, m: _dot_nt(k[i], k[m]), beta,
+                  [gc_ref[blk(i)] for i in range(nb)],
+                  [rc_ref[blk(i)] for i in range(nb)] if s.has_seg else None)
   if store_t:  # for the backward pass (float32)
-    for i in range(nb):
-      for j in range(nb):
-        t_ref[blk(i), blk(j)] = (t[i, j] if j <= i
-                                 else jnp.zeros((_SUB, _SUB), _F32))
+    _store_inverse(t_ref, t, nb)
   if s.buv:
     # By column blocks of U and W, the keys and values re-read from their
     # refs block by block: no [C, F] or [C, V] tile stays live.
@@ -405,16 +459,57 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
       w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
       u_ref[blk(i), :] = u.astype(u_ref.dtype)
       w_ref[blk(i), :] = w.astype(w_ref.dtype)
-  if not scores:  # the kernels that use them form them (output_scores)
-    return
-  # The chunk's scores for the sweep, by blocks of 16 rows (a whole [C, C]
-  # tile spills registers).
-  k_all, g_all = k_ref[...], gc_ref[...]
-  rc_all = rc_ref[...] if s.has_seg else None
-  for i in range(nb):
-    a = _scores(s, q_ref[blk(i), :], k_all, g[i],
-                rc[i] if s.has_seg else None, g_all, rc_all, i * _SUB)
-    a_ref[blk(i), :] = a.astype(a_ref.dtype)
+  if scores:  # else the kernels that use them form them (output_scores)
+    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref)
+
+
+def _t_kernel(*refs, s: _S):
+  """``ut_split``'s first kernel: a chunk's T = (I + L)^{-1} alone (as
+  ``_ut_kernel`` forms it), stored [C, C] in the output's dtype."""
+  it = iter(refs)
+  k_ref, beta_ref, gc_ref = next(it), next(it), next(it)
+  rc_ref = next(it) if s.has_seg else None
+  t_ref = next(it)
+  nb = s.chunk // _SUB
+  rows = [_blk(i) for i in range(nb)]
+  # k k^T's blocks summed over slabs of key columns, so that the keys are
+  # never live whole beside the inverse's blocks.
+  _dot_nt = _dots(s)[2]
+  f = k_ref.shape[-1]
+  slab = min(s.bkt, f)
+  gram = {}
+  for c0 in range(0, f, slab):
+    k = [k_ref[r, pl.ds(c0, slab)] for r in rows]
+    for i in range(nb):
+      for m in range(i + 1):
+        x = _dot_nt(k[i], k[m])
+        gram[i, m] = x if c0 == 0 else gram[i, m] + x
+  t = _ut_inverse(s, lambda i, m: gram[i, m], [beta_ref[r] for r in rows],
+                  [gc_ref[r] for r in rows],
+                  [rc_ref[r] for r in rows] if s.has_seg else None)
+  _store_inverse(t_ref, t, nb)
+
+
+def _wu_kernel(*refs, s: _S, scores: bool):
+  """``ut_split``'s second kernel: U = T (beta o v) and W = T (beta wq o k)
+  of a chunk as two whole [C, C] x [C, .] matmuls (T rounded to the
+  inputs' dtype first, as ``_ut_kernel`` rounds its blocks), and the
+  scores where ``scores``."""
+  _dot = _dots(s)[0]
+  it = iter(refs)
+  q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
+  rc_ref = next(it) if s.has_seg else None
+  t_ref, w_ref, u_ref = next(it), next(it), next(it)
+  a_ref = next(it) if scores else None
+  dt = k_ref.dtype
+  t = t_ref[...].astype(dt)
+  beta = beta_ref[...]
+  rv = (v_ref[...].astype(_F32) * beta[:, None]).astype(dt)
+  u_ref[...] = _dot(t, rv).astype(u_ref.dtype)
+  rk = (k_ref[...].astype(_F32) * (beta * wq_ref[...])[:, None]).astype(dt)
+  w_ref[...] = _dot(t, rk).astype(w_ref.dtype)
+  if scores:
+    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref)
 
 
 def _chunk_specs(s: _S):
@@ -454,6 +549,9 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False,
   if scores:
     out_specs.append(own(c))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), k.dtype))
+  if s.ut_split:
+    return _ut_split_call(args, in_specs, out_specs, out_shape, s, store_t,
+                          scores)
   if store_t:
     out_specs.append(own(c))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), _F32))
@@ -470,6 +568,42 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False,
   res = list(res)
   if not scores:
     res.insert(2, None)
+  return tuple(res)
+
+
+def _ut_split_call(args, in_specs, out_specs, out_shape, s: _S,
+                   store_t: bool, scores: bool):
+  """``_ut_call`` in two kernels (``ut_split``): T per chunk (float32 where
+  the backward keeps it, else in the inputs' dtype, to which the products
+  round it anyway), then U, W (and the scores) from it."""
+  b, tp, n, _ = out_shape[0].shape
+  own = _chunk_specs(s)[0]
+  k, tok, seg = args[1], in_specs[3], in_specs[6:]
+  t = _flat_call(
+      functools.partial(_t_kernel, s=s),
+      grid=(s.nc, n, b),
+      in_specs=[in_specs[1], tok, tok] + seg,
+      out_specs=own(s.chunk),
+      out_shape=jax.ShapeDtypeStruct((b, tp, n, s.chunk),
+                                     _F32 if store_t else k.dtype),
+      compiler_params=_params(s, s.warps_ut, 1),
+      interpret=s.interpret,
+      name="delta_rule_ut_inverse",
+  )(k, args[3], args[4], *args[6:])
+  res = list(_flat_call(
+      functools.partial(_wu_kernel, s=s, scores=scores),
+      grid=(s.nc, n, b),
+      in_specs=in_specs + [own(s.chunk)],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_params(s, s.warps_wu, 1),
+      interpret=s.interpret,
+      name="delta_rule_wu",
+  )(*args, t))
+  if not scores:
+    res.append(None)
+  if store_t:
+    res.append(t)
   return tuple(res)
 
 
@@ -1464,6 +1598,8 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          splits=splits, bva=bva,
          prefetch=cfg.prefetch_weights,
          packed=cfg.packed_weights,
+         ut_split=cfg.ut_split and not cfg.ut_block_v,
+         warps_wu=cfg.num_warps_wu, bkt=cfg.ut_split_block_k,
          out_scores=cfg.output_scores is True,
          out_scores_fwd=cfg.output_scores is not False,
          has_s0=initial_state is not None, has_seg=resets is not None,

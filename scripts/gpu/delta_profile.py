@@ -604,7 +604,12 @@ def _fla_parts(b, t, reps: int = 20):
         continue
     total = 0.0
     print(f"  {name} fwd, per call:")
-    for ev in sorted(prof.key_averages(),
+    # The kernels alone: an operator's own device time would count its
+    # kernels twice.
+    cuda = torch.autograd.DeviceType.CUDA
+    evs = [e for e in prof.key_averages()
+           if getattr(e, "device_type", cuda) == cuda]
+    for ev in sorted(evs or prof.key_averages(),
                      key=lambda e: -_device_us(e)):
       us = _device_us(ev) / reps
       if us <= 0:

@@ -678,11 +678,35 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
          --no-fla --output-scores --seqs=16384,32768"
     ;;
+  utsplit)
+    # DeltaConfig(ut_split) (prepared 2026-12-07, opt-in): T by one kernel
+    # (no keys live whole: k k^T by 64-column slabs), U and W by a second
+    # as whole [C, C] x [C, .] matmuls, as fla's forward splits it. The
+    # fused UT kernel spills 264 bytes at 255 registers; the inverse kernel
+    # alone still spills 184 with three TF32 passes, none with one (210
+    # registers at 1, 2 or 4 warps). GPU tests, then the gated forward at
+    # 16k / 32k (0.93 / 0.91x fla) without and with it.
+    B="timeout 70 python3 -m attnjax.bench.linear --variants gated_delta \
+       --impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and ut_split'" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u0.jsonl $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u1.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u2.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 1, \"inverse_dots\": \"tf32\"}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 4, \"inverse_dots\": \"tf32\"}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u4.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 1}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u5.jsonl $B" \
+      "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
+         --baseline \$OUT/u0.jsonl,\$OUT/u5.jsonl \$OUT/u[1-4].jsonl"
+    ;;
   gatedknobs2)
     # The gated delta forward's sweep launch knobs that run107 did not
     # try, with the packed weights (16k / 32k, 0.93 / 0.91x fla): fla's
     # states kernel autotunes its warps and stages (chunk_delta_h.py), ours
-    # runs 4 warps, 3 stages. Baseline first and again last (drift).
+    # runs 4 warps, 3 stages; and 32 value columns a program at 32k (the
+    # automatic block there is 16; fla's sweep tries 32 and 64 only).
+    # Baseline first and again last (drift).
     B="timeout 60 python3 -m attnjax.bench.linear --variants gated_delta \
        --impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
     bash $S \
@@ -690,9 +714,10 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/c1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps\": 2}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 4}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 2}' $B" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/c5.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' $B" \
       "ATTNJAX_BENCH_ROWS=\$OUT/c4.jsonl $B" \
       "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
-         --baseline \$OUT/c0.jsonl,\$OUT/c4.jsonl \$OUT/c[1-3].jsonl"
+         --baseline \$OUT/c0.jsonl,\$OUT/c4.jsonl \$OUT/c[1-35].jsonl"
     ;;
   linpacked)
     # KernelConfig(packed_weights) (opt-in, prepared 2026-12-07): the

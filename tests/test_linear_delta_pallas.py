@@ -230,8 +230,9 @@ def test_delta_lowers_for_h100(dtype, h, resets, cfg):
 @pytest.mark.parametrize("resets", [False, True])
 def test_delta_forward_output_scores_lowers_for_h100(resets, scores):
   """The forward without gradient with output_scores (True, or None: the
-  default) lowers for an H100: the UT kernel, the states-only sweep and
-  the output kernel (which forms the scores), nothing else."""
+  default) lowers for an H100: the UT transform's two kernels (T, then U
+  and W: ut_split's default in the forward alone), the states-only sweep
+  and the output kernel (which forms the scores), nothing else."""
   b, t, n, kh, h = 1, 100, 4, 2, 128
   sd = jax.ShapeDtypeStruct
   args = (sd((b, t, n, h), BF16), sd((b, t, kh, h), BF16),
@@ -245,9 +246,9 @@ def test_delta_forward_output_scores_lowers_for_h100(resets, scores):
 
   text = _export_for_h100(fwd, *args).mlir_module()
   found = set(re.findall(r"delta_rule_\w+", text))
-  assert found == {"delta_rule_ut", "delta_rule_fwd_states_final",
-                   "delta_rule_out"}, found
-  assert text.count("__gpu$xla.gpu.triton") == 3
+  assert found == {"delta_rule_ut_inverse", "delta_rule_wu",
+                   "delta_rule_fwd_states_final", "delta_rule_out"}, found
+  assert text.count("__gpu$xla.gpu.triton") == 4
 
 
 def _pallas_calls(fn, *args):
@@ -282,7 +283,10 @@ def test_delta_output_scores_passes(output_scores):
   ks = jax.random.split(key_for("delta-output-scores-passes"), 3)
   q, k, v = (jax.random.normal(kk, (b, t, n, h)) for kk in ks)
   beta = jnp.full((b, t, n), 0.5)
-  cfg = delta.DeltaConfig(chunk=16, output_scores=output_scores)
+  # The fused UT kernel in both passes (ut_split=None splits it in the
+  # forward alone; its outputs are the same).
+  cfg = delta.DeltaConfig(chunk=16, output_scores=output_scores,
+                          ut_split=False)
 
   def fwd(q, k, v):
     return delta.delta_rule(q, k, v, beta, scale=0.25, config=cfg,
@@ -302,7 +306,8 @@ def test_delta_output_scores_passes(output_scores):
     assert alone[0] == stored
     assert alone[0] == _ut_output_counts(
         lambda *a: delta.delta_rule(*a, beta, scale=0.25, interpret=True,
-                                    config=delta.DeltaConfig(chunk=16))[0],
+                                    config=delta.DeltaConfig(
+                                        chunk=16, ut_split=False))[0],
         q, k, v)[0]
   else:
     assert alone[0] == stored
@@ -755,17 +760,42 @@ def test_delta_pallas_ut_block_v():
   _assert_config_rejected(ut_block_v=8)
 
 
-@pytest.mark.parametrize("segments,scores", [(True, None), (False, True)])
-def test_delta_pallas_ut_split(segments, scores):
+@pytest.mark.parametrize("segments,scores,dots", [
+    (True, None, "tf32"), (False, True, "tf32x3")])
+def test_delta_pallas_ut_split(segments, scores, dots):
   """DeltaConfig(ut_split=True): T by one kernel, U and W (and under
   differentiation the stored scores, unless output_scores) by a second,
-  against the scan and its autodiff: with a gate, GQA, resets and an
-  initial state, T = 45 over two 32-row chunks (the last partly
-  padding), F = 32, V = 48 padded to 64."""
+  in every pass, against the scan and its autodiff: with a gate, GQA,
+  resets and an initial state, T = 45 over two 32-row chunks (the last
+  partly padding), F = 32, V = 48 padded to 64."""
   cfg = delta.DeltaConfig(chunk=32, ut_split=True, num_warps_wu=2,
-                          output_scores=scores)
+                          output_scores=scores, split_inverse_dots=dots)
   _config_grads_match_scan(f"delta-ut-split-{scores}", cfg, b=1, t=45, n=4,
                            kh=2, f=32, vd=48, segments=segments)
+  _assert_config_rejected(split_inverse_dots="bf16")
+  _assert_config_rejected(ut_split_block_k=24)
+
+
+@pytest.mark.parametrize("split", [None, True, False])
+def test_delta_ut_split_dispatch(split):
+  """ut_split: None (the default) splits the UT transform in the forward
+  alone and keeps the fused kernel under differentiation; True splits it
+  in both, False in neither."""
+  z = jnp.zeros((1, 40, 2, 16))
+  beta = jnp.full((1, 40, 2), 0.5)
+  cfg = delta.DeltaConfig(chunk=16, ut_split=split)
+
+  def fwd(q):
+    return delta.delta_rule(q, z, z, beta, scale=0.3, config=cfg,
+                            interpret=True)[0].sum()
+
+  primal = {e.params["name"] for e in _pallas_calls(fwd, z)}
+  grad = {e.params["name"] for e in _pallas_calls(jax.grad(fwd), z)}
+  assert ("delta_rule_ut_inverse" in primal) == (split is not False)
+  assert ("delta_rule_wu" in primal) == (split is not False)
+  assert ("delta_rule_ut" in primal) == (split is False)
+  assert ("delta_rule_ut_inverse" in grad) == (split is True)
+  assert ("delta_rule_ut" in grad) == (split is not True)
 
 
 _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
@@ -780,10 +810,12 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "ut_cols64": dict(grad_ut_block_k=64),
                 # U and W by 32-column blocks (no spills; opt-in).
                 "ut_block_v32": dict(ut_block_v=32),
-                # T, then U and W, by two kernels (opt-in).
+                # T, then U and W, by two kernels in every pass (the
+                # default: in the forward alone), and never.
                 "ut_split": dict(ut_split=True),
-                "ut_split_1warp_tf32": dict(ut_split=True, num_warps_ut=1,
-                                            inverse_dots="tf32"),
+                "ut_split_tf32x3": dict(ut_split=True, num_warps_t=2,
+                                        split_inverse_dots="tf32x3"),
+                "fused_ut": dict(ut_split=False),
                 # The layouts; the default (forward_states, and
                 # separate_output by the grid: on here, 4 programs).
                 "neither": dict(forward_states=False,

@@ -224,12 +224,24 @@ class DeltaConfig:
       the first forms T = (I + L)^{-1} per chunk and stores it (in the
       inputs' dtype, float32 where the backward keeps it), the second
       reads it back whole and forms U and W as two [C, C] x [C, .]
-      matmuls, where the fused kernel (the default) sums 16-row blocks
-      of T times 16-row blocks of the weighted keys and values (ten
-      [16, 16] x [16, .] matmuls each) with T's blocks, the keys and the
-      weighted keys and values live at once (255 registers and spills
-      at two warps). Costs T's write and read (C / F of a k tensor's
-      traffic each way). Ignored with ``ut_block_v``. Opt-in.
+      matmuls, where the fused kernel sums 16-row blocks of T times
+      16-row blocks of the weighted keys and values (ten [16, 16] x
+      [16, .] matmuls each) with T's blocks, the keys and the weighted
+      keys and values live at once (255 registers and spills at two
+      warps). Costs T's write and read (C / F of a k tensor's traffic
+      each way). True: in every pass; False: never; None (the default):
+      in the forward without differentiation. Ignored with
+      ``ut_block_v``. On an H100 (run113, gated, B T = 64k, forward
+      alone) with its first kernel at one warp and one TF32 pass
+      (``num_warps_t``, ``split_inverse_dots``) the forward took 2.060
+      against 2.193 ms at T = 16k and 2.176 against 2.304 at 32k; with
+      two warps and three passes (184 bytes of spills) 2.686 / 2.791.
+    num_warps_t: warps of ``ut_split``'s first kernel (its [16, 16]
+      blocks take the same registers a thread at 1, 2 or 4 warps: one
+      warp gives the most programs an SM).
+    split_inverse_dots: ``inverse_dots`` of ``ut_split``'s first kernel:
+      "tf32" by default (three passes spill there; the products round T
+      to 16 bits anyway); float32 inputs keep "tf32x3".
     num_warps_wu: warps of ``ut_split``'s second kernel.
     ut_split_block_k: key columns per step of ``ut_split``'s first
       kernel's k k^T (a power of two >= 16): the kernel never holds the
@@ -258,7 +270,9 @@ class DeltaConfig:
   output_scores: bool | None = None
   sweep_splits: int = 1
   packed_weights: bool = True
-  ut_split: bool = False
+  ut_split: bool | None = None
+  num_warps_t: int = 1
+  split_inverse_dots: str = "tf32"
   num_warps_wu: int = 4
   ut_split_block_k: int = 64
 
@@ -266,9 +280,10 @@ class DeltaConfig:
     if self.diag_inverse not in ("substitution", "doubling"):
       raise ValueError(f"config.diag_inverse={self.diag_inverse!r} is not "
                        "'substitution' or 'doubling'")
-    if self.inverse_dots not in _INVERSE_DOTS:
-      raise ValueError(f"config.inverse_dots={self.inverse_dots!r} is not "
-                       "one of " + ", ".join(map(repr, _INVERSE_DOTS)))
+    for name in ("inverse_dots", "split_inverse_dots"):
+      if getattr(self, name) not in _INVERSE_DOTS:
+        raise ValueError(f"config.{name}={getattr(self, name)!r} is not "
+                         "one of " + ", ".join(map(repr, _INVERSE_DOTS)))
     if int(self.sweep_splits) < 1:
       raise ValueError(f"config.sweep_splits={self.sweep_splits} is not a "
                        "positive integer")
@@ -320,7 +335,10 @@ class _S:
   splits: int = 1  # sweep_splits (both sequential sweeps' splits)
   bva: int = 64  # value block of a split sweep's first pass
   aug: int = 0  # leading transition columns of a split sweep's first pass
-  ut_split: bool = False  # ut_split
+  ut_split: bool = False  # ut_split, under differentiation
+  ut_split_fwd: bool = False  # ut_split, forward alone
+  warps_t: int = 1  # num_warps_t
+  split_dots: str = "tf32"  # split_inverse_dots
   warps_wu: int = 4  # num_warps_wu
   bkt: int = 64  # ut_split_block_k
 
@@ -580,13 +598,14 @@ def _ut_split_call(args, in_specs, out_specs, out_shape, s: _S,
   own = _chunk_specs(s)[0]
   k, tok, seg = args[1], in_specs[3], in_specs[6:]
   t = _flat_call(
-      functools.partial(_t_kernel, s=s),
+      functools.partial(_t_kernel,
+                        s=dataclasses.replace(s, inverse_dots=s.split_dots)),
       grid=(s.nc, n, b),
       in_specs=[in_specs[1], tok, tok] + seg,
       out_specs=own(s.chunk),
       out_shape=jax.ShapeDtypeStruct((b, tp, n, s.chunk),
                                      _F32 if store_t else k.dtype),
-      compiler_params=_params(s, s.warps_ut, 1),
+      compiler_params=_params(s, s.warps_t, 1),
       interpret=s.interpret,
       name="delta_rule_ut_inverse",
   )(k, args[3], args[4], *args[6:])
@@ -1424,7 +1443,8 @@ def _grad_call(q, k, v, beta, gc, wq, wk, t, h, lam, do, gv, vn, rc, s: _S):
 def _core(q, k, v, beta, gc, wq, wk, dec, s0, rc, s: _S):
   # The forward alone. output_scores (None or True): the kernels that use
   # the scores form them (a is None).
-  s = dataclasses.replace(s, out_scores=s.out_scores_fwd)
+  s = dataclasses.replace(s, out_scores=s.out_scores_fwd,
+                          ut_split=s.ut_split_fwd)
   w, u, a = _ut_call(q, k, v, beta, gc, wq, rc, s, scores=not s.out_scores)
   return _forward(q, k, a, w, u, wq, wk, dec, s0, s, False, gc=gc,
                   rc=rc)[:2]
@@ -1479,9 +1499,11 @@ def _f32_tiles(cfg: DeltaConfig, default: bool) -> DeltaConfig:
                               block_v_grad=32)
   # One TF32 pass would leave float32 inputs float16-accurate (TF32 keeps
   # float16's 10-bit mantissa): they keep the three passes.
-  dots = "tf32x3" if cfg.inverse_dots == "tf32" else cfg.inverse_dots
+  dots, sdots = ("tf32x3" if x == "tf32" else x
+                 for x in (cfg.inverse_dots, cfg.split_inverse_dots))
   return dataclasses.replace(cfg, num_stages=1, num_stages_bwd=1,
-                             num_stages_grad=1, inverse_dots=dots)
+                             num_stages_grad=1, inverse_dots=dots,
+                             split_inverse_dots=sdots)
 
 
 def _auto_block_v(programs: int, vp: int, sms: int, fill: float = 1.0) -> int:
@@ -1598,7 +1620,9 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
          splits=splits, bva=bva,
          prefetch=cfg.prefetch_weights,
          packed=cfg.packed_weights,
-         ut_split=cfg.ut_split and not cfg.ut_block_v,
+         ut_split=cfg.ut_split is True and not cfg.ut_block_v,
+         ut_split_fwd=cfg.ut_split is not False and not cfg.ut_block_v,
+         warps_t=cfg.num_warps_t, split_dots=cfg.split_inverse_dots,
          warps_wu=cfg.num_warps_wu, bkt=cfg.ut_split_block_k,
          out_scores=cfg.output_scores is True,
          out_scores_fwd=cfg.output_scores is not False,

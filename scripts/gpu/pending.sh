@@ -700,6 +700,25 @@ case "${1:-}" in
       "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
          --baseline \$OUT/u0.jsonl,\$OUT/u5.jsonl \$OUT/u[1-4].jsonl"
     ;;
+  utsplitdefault)
+    # ut_split's default (None: the UT transform in two kernels in the
+    # forward alone, its first at one warp and one TF32 pass; run113:
+    # +6% / +6% at 16k / 32k): its GPU tests, the forward rows of both
+    # rules beside fla with it, then the gated forward without it and with
+    # the sweep at 4 stages (run113: +4% at 16k, -7% at 32k) or 32 value
+    # columns (+6% at 32k).
+    L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
+       --seqs 4096,16384,32768,65536"
+    G="$L --variants gated_delta --impls pallas --no-fla"
+    bash $S \
+      "timeout 120 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and (default or ut_split or fused_ut)'" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
+         --variants delta,gated_delta --impls pallas" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/d0.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": false}' timeout 80 $G" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/d2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 4}' timeout 80 $G" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"
+    ;;
   gatedknobs2)
     # The gated delta forward's sweep launch knobs that run107 did not
     # try, with the packed weights (16k / 32k, 0.93 / 0.91x fla): fla's

@@ -705,8 +705,8 @@ case "${1:-}" in
     # forward alone, its first at one warp and one TF32 pass; run113:
     # +6% / +6% at 16k / 32k): its GPU tests, the forward rows of both
     # rules beside fla with it, then the gated forward without it and with
-    # the sweep at 4 stages (run113: +4% at 16k, -7% at 32k) or 32 value
-    # columns (+6% at 32k).
+    # the sweep at 32 value columns (run113: +6% at 32k, where the
+    # automatic block is 16).
     L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
        --seqs 4096,16384,32768,65536"
     G="$L --variants gated_delta --impls pallas --no-fla"
@@ -716,7 +716,6 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
          --variants delta,gated_delta --impls pallas" \
       "ATTNJAX_BENCH_ROWS=\$OUT/d0.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": false}' timeout 80 $G" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/d2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 4}' timeout 80 $G" \
       "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"
     ;;
   gatedknobs2)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run111), as calls of under 10 minutes on one GPU, most decisive first:
+# run113), as calls of under 10 minutes on one GPU, most decisive first:
+# utsplitdefault (~5 min: the GPU tests of ut_split's default and the
+# delta rows beside fla with it; UTSPLIT_D3=1 adds the 32-column sweep),
+# utsplitgrad (~5 min: ut_split under differentiation, forward+backward),
 # wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
 # 8k causal), linpacked (~7 min: the scalar-gate kernels' packed
 # weights, GPU tests and rows without / with), gatedparts (~6 min: fla's
@@ -9,6 +12,10 @@
 # lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
 # --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
 # call3
+# (run112 / run113: utsplit and its neighbours (ut_split at one warp and
+# one TF32 pass +6% gated forward at 16k / 32k; the default since in the
+# forward alone); gatedknobs2's warps / stages / block_v 32 ran with it
+# in run113)
 # (run108: the gated delta sweeps at 64k (three weight arrays 1.79 ms,
 # one buffer 1.43; prefetch no help) and wg3causal8k (three consumers
 # +3% / +6% at H = 64 8k causal MHA / GQA); run109: packed (the packed
@@ -700,11 +707,23 @@ case "${1:-}" in
       "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
          --baseline \$OUT/u0.jsonl,\$OUT/u5.jsonl \$OUT/u[1-4].jsonl"
     ;;
+  utsplitgrad)
+    # ut_split=True (the split UT transform under differentiation too: T
+    # stored in float32 by the first kernel, U, W and the scores by the
+    # second) against the default (fused there), forward+backward of both
+    # rules; GPU tests of it passed in run112 (4 of 4).
+    L="python3 -m attnjax.bench.linear --no-softmax --modes fwd+bwd \
+       --seqs 4096,16384,32768,65536 --variants delta,gated_delta \
+       --impls pallas --no-fla"
+    bash $S \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g0.jsonl timeout 150 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/g1.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 150 $L"
+    ;;
   utsplitdefault)
     # ut_split's default (None: the UT transform in two kernels in the
     # forward alone, its first at one warp and one TF32 pass; run113:
     # +6% / +6% at 16k / 32k): its GPU tests, the forward rows of both
-    # rules beside fla with it, then the gated forward without it and with
+    # rules beside fla with it, then (UTSPLIT_D3=1) the gated forward with
     # the sweep at 32 value columns (run113: +6% at 32k, where the
     # automatic block is 16).
     L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
@@ -715,8 +734,7 @@ case "${1:-}" in
          'kernel_configs and (default or ut_split or fused_ut)'" \
       "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
          --variants delta,gated_delta --impls pallas" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/d0.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": false}' timeout 80 $G" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"
+      ${UTSPLIT_D3:+"ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"}
     ;;
   gatedknobs2)
     # The gated delta forward's sweep launch knobs that run107 did not

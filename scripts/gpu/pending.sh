@@ -219,6 +219,27 @@ mosaic_tests_then_time() {
     "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k $1" \
     "$(mc_time "$2") --configs '$3' --variants $4"
 }
+# A sweep of ATTNJAX_DELTA_CONFIG overrides of the gated delta forward at
+# 16k / 32k: the default first and again last (drift), then pick_config.
+# "gated_knobs <tag> <json fields> ..." (one JSON object's fields a step);
+# GK_PRE: a step to run first (in the same session: one numbering of logs).
+gated_knobs() {
+  local tag=$1 B="python3 -m attnjax.bench.linear --variants gated_delta \
+--impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
+  shift
+  local steps=(${GK_PRE:+"$GK_PRE"}
+               "ATTNJAX_BENCH_ROWS=\$OUT/${tag}0.jsonl timeout 70 $B") i=1
+  for cfg in "$@"; do
+    steps+=("ATTNJAX_BENCH_ROWS=\$OUT/${tag}$i.jsonl \
+ATTNJAX_DELTA_CONFIG='{$cfg}' timeout 70 $B")
+    i=$((i+1))
+  done
+  steps+=("ATTNJAX_BENCH_ROWS=\$OUT/${tag}z.jsonl timeout 70 $B"
+          "python3 scripts/gpu/pick_config.py --variant gated_delta \
+--mode fwd --baseline \$OUT/${tag}0.jsonl,\$OUT/${tag}z.jsonl \
+\$OUT/${tag}[1-9].jsonl")
+  bash $S "${steps[@]}"
+}
 case "${1:-}" in
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
@@ -693,19 +714,13 @@ case "${1:-}" in
     # alone still spills 184 with three TF32 passes, none with one (210
     # registers at 1, 2 or 4 warps). GPU tests, then the gated forward at
     # 16k / 32k (0.93 / 0.91x fla) without and with it.
-    B="timeout 70 python3 -m attnjax.bench.linear --variants gated_delta \
-       --impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
-    bash $S \
-      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
-         'kernel_configs and ut_split'" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u0.jsonl $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u1.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u2.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 1, \"inverse_dots\": \"tf32\"}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 4, \"inverse_dots\": \"tf32\"}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u4.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"num_warps_ut\": 1}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u5.jsonl $B" \
-      "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
-         --baseline \$OUT/u0.jsonl,\$OUT/u5.jsonl \$OUT/u[1-4].jsonl"
+    # (At the time num_warps_ut / inverse_dots set the split's first
+    # kernel: num_warps_t / split_inverse_dots since.)
+    GK_PRE="timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+      'kernel_configs and ut_split'" gated_knobs u '"ut_split": true' \
+      '"ut_split": true, "num_warps_t": 1, "split_inverse_dots": "tf32"' \
+      '"ut_split": true, "num_warps_t": 4, "split_inverse_dots": "tf32"' \
+      '"ut_split": true, "num_warps_t": 1, "split_inverse_dots": "tf32x3"'
     ;;
   utsplitgrad)
     # ut_split=True (the split UT transform under differentiation too: T
@@ -743,17 +758,8 @@ case "${1:-}" in
     # runs 4 warps, 3 stages; and 32 value columns a program at 32k (the
     # automatic block there is 16; fla's sweep tries 32 and 64 only).
     # Baseline first and again last (drift).
-    B="timeout 60 python3 -m attnjax.bench.linear --variants gated_delta \
-       --impls pallas --no-softmax --no-fla --seqs 16384,32768 --modes fwd"
-    bash $S \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c0.jsonl $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps\": 2}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c2.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 4}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c3.jsonl ATTNJAX_DELTA_CONFIG='{\"num_stages\": 2}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c5.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' $B" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/c4.jsonl $B" \
-      "python3 scripts/gpu/pick_config.py --variant gated_delta --mode fwd \
-         --baseline \$OUT/c0.jsonl,\$OUT/c4.jsonl \$OUT/c[1-35].jsonl"
+    gated_knobs c '"num_warps": 2' '"num_stages": 4' '"num_stages": 2' \
+      '"block_v": 32'
     ;;
   linpacked)
     # KernelConfig(packed_weights) (opt-in, prepared 2026-12-07): the

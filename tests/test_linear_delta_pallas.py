@@ -509,6 +509,9 @@ def test_delta_pallas_sweep_splits(segments, splits, states):
                            segments=segments)
 
 
+# sweep_splits is opt-in and slower (run69); test_delta_pallas_sweep_splits
+# covers it in CI, this property with `pytest -m long`.
+@pytest.mark.long
 @settings(max_examples=6)
 @given(length=st.integers(17, 130), splits=st.integers(2, 9),
        kv_heads=st.sampled_from([1, 2]), gated=st.booleans(),

@@ -303,8 +303,11 @@ def test_gradients_fused_dq_one_ds_buffer(h, stages):
          is_causal=True)
 
 
-@pytest.mark.parametrize("t,kw", [(384, dict()), (430, dict(is_causal=True))],
-                         ids=["full", "causal"])
+# stagger_q is an opt-in diagnostic (run44: no faster); its full case runs
+# with `pytest -m long` (CI's suite stays under 20 minutes).
+@pytest.mark.parametrize("t,kw", [
+    pytest.param(384, dict(), marks=pytest.mark.long),
+    (430, dict(is_causal=True))], ids=["full", "causal"])
 def test_gradients_fused_dq_staggered(t, kw):
   # BwdConfig(stagger_q=True): each key tile walks its unmasked query
   # blocks from an offset of its own (the producer's step_coords, the
@@ -359,7 +362,11 @@ _PERSISTENT_DKV = {
 }
 
 
-@pytest.mark.parametrize("case", list(_PERSISTENT_DKV))
+# lpt_schedule is opt-in (run103); its case runs with `pytest -m long`
+# (test_lpt_work_table checks its work table in CI).
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.long) if c.endswith("_lpt") else c
+    for c in _PERSISTENT_DKV])
 def test_gradients_persistent_dkv(case):
   # BwdConfig(persistent_dkv, persistent_dq): 3 CTAs of each backward
   # kernel walk every item (dK/dV: (batch, K/V head, key tile); dQ:
@@ -476,7 +483,7 @@ def _former_forms(monkeypatch):
 # with `pytest -m long` (CI's suite stays under 20 minutes).
 @pytest.mark.parametrize("case", [
     pytest.param("h128_segments", marks=pytest.mark.long), "h64_fused",
-    "h256", "sinks_cap"])
+    pytest.param("h256", marks=pytest.mark.long), "sinks_cap"])
 def test_former_step_forms(monkeypatch, case):
   # Forward and gradients with the former forms (the defaults run every
   # other test): P's row sums reduced across lanes every block, Delta
@@ -524,8 +531,8 @@ def test_serial_turn_forward(monkeypatch, case):
 
 @pytest.mark.parametrize("case", [
     "h64_segments", pytest.param("h64_causal", marks=pytest.mark.long),
-    "h64_three_consumers", pytest.param("h128_lengths",
-                                        marks=pytest.mark.long)])
+    pytest.param("h64_three_consumers", marks=pytest.mark.long),
+    pytest.param("h128_lengths", marks=pytest.mark.long)])
 def test_p_in_smem_forward(monkeypatch, case):
   # mosaic_gpu._P_SMEM (opt-in; mosaic_check variant "psmem"): P_j in a
   # two-slot SMEM ring, stored while P_{j-1} V_{j-1} may still run. Masked

@@ -25,7 +25,10 @@ Kernels (one ``pallas_call`` each; Triton on GPUs, interpret mode on CPU):
   by 16 x 16 matmuls: no powers of ``L``, so nearly aligned keys lose no
   accuracy), then ``U``, ``W`` and, under differentiation, the scores
   ``A = scale (q k^T o D)`` and ``T`` (float32). In the forward alone
-  the kernel that uses ``A`` forms it (``DeltaConfig.output_scores``).
+  the kernel that uses ``A`` forms it (``DeltaConfig.output_scores``),
+  and the transform runs as two kernels instead (``ut_split``):
+  ``_t_kernel`` forms and stores ``T`` alone, ``_wu_kernel`` reads it
+  back and forms ``U`` and ``W`` as whole ``[C, C] x [C, .]`` matmuls.
 * ``_fwd_kernel``: one program per (value block, head, batch) sweeping the
   chunks with the state in float32 registers, reading ``W``, ``U`` (and
   ``A``); or, where the grid is latency-bound (``separate_output``), only

@@ -490,7 +490,8 @@ def test_delta_pallas_forward_states(segments, separate, states):
 
 
 @pytest.mark.parametrize("segments,splits,states", [
-    (True, 3, True), (False, 2, False), (True, 4, False), (False, 5, True)])
+    pytest.param(True, 3, True, marks=pytest.mark.long),  # the heaviest
+    (False, 2, False), (True, 4, False), (False, 5, True)])
 def test_delta_pallas_sweep_splits(segments, splits, states):
   """sweep_splits: the states-only sweep over sequence splits (a first
   pass carrying each split's transition, a scan linking the splits, a

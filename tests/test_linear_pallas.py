@@ -105,9 +105,11 @@ def _spy_statics(monkeypatch):
   return seen
 
 
+# gram_parts is opt-in and slower (run82); its heaviest case runs with
+# `pytest -m long`.
 @pytest.mark.parametrize("name,splits,parts", [
-    ("gated_segments", 4, 4), ("bf16", 2, 4), ("plain_gqa", 3, 2),
-    ("segments_only", 2, 8)])
+    pytest.param("gated_segments", 4, 4, marks=pytest.mark.long),
+    ("bf16", 2, 4), ("plain_gqa", 3, 2), ("segments_only", 2, 8)])
 def test_pallas_gram_parts_matches_scan(name, splits, parts, monkeypatch):
   """KernelConfig(gram_parts): each split's Gram sum (the forward's
   k^T v, the backward's q^T dO) taken by several programs over parts of
@@ -161,12 +163,25 @@ def _chained_kernels(case, **extra):
   return set(re.findall(r"linear_scan_\w+", text))
 
 
-@pytest.mark.parametrize("prefix,lookback", [
-    (True, True), (False, True), (True, False)],
-    ids=["prefix", "sums", "serial"])
-@pytest.mark.parametrize("name,splits,tile", [
-    ("plain_gqa", 3, 16), ("gated_segments", 3, 32),
-    ("normalize", 2, 16), ("segments_only", 3, 48), ("bf16", 2, 16)])
+def _chained_cases():
+  """(name, splits, tile, prefix, lookback) of the chained forward's test:
+  every case with the prefix look-back, the two other links on
+  gated_segments; their other cases with `pytest -m long` (an opt-in
+  research path; CI's suite stays under 20 minutes)."""
+  links = {"prefix": (True, True), "sums": (False, True),
+           "serial": (True, False)}
+  for name, splits, tile in [
+      ("plain_gqa", 3, 16), ("gated_segments", 3, 32), ("normalize", 2, 16),
+      ("segments_only", 3, 48), ("bf16", 2, 16)]:
+    for link, (prefix, lookback) in links.items():
+      heavy = link != "prefix" and name != "gated_segments"
+      yield pytest.param(name, splits, tile, prefix, lookback,
+                         id=f"{link}-{name}-{splits}-{tile}",
+                         marks=pytest.mark.long if heavy else ())
+
+
+@pytest.mark.parametrize("name,splits,tile,prefix,lookback",
+                         list(_chained_cases()))
 def test_pallas_chained_forward_matches_scan(name, splits, tile, prefix,
                                              lookback, monkeypatch):
   """KernelConfig(chained_tile): the forward in one kernel over tiles of

@@ -303,11 +303,13 @@ def test_gradients_fused_dq_one_ds_buffer(h, stages):
          is_causal=True)
 
 
-# stagger_q is an opt-in diagnostic (run44: no faster); its full case runs
-# with `pytest -m long` (CI's suite stays under 20 minutes).
+# stagger_q is an opt-in diagnostic (run44: no faster); its cases run with
+# `pytest -m long` (CI's suite stays under 20 minutes; its lowering test,
+# test_lowers_staggered_fused_backward, runs in CI).
 @pytest.mark.parametrize("t,kw", [
     pytest.param(384, dict(), marks=pytest.mark.long),
-    (430, dict(is_causal=True))], ids=["full", "causal"])
+    pytest.param(430, dict(is_causal=True), marks=pytest.mark.long)],
+    ids=["full", "causal"])
 def test_gradients_fused_dq_staggered(t, kw):
   # BwdConfig(stagger_q=True): each key tile walks its unmasked query
   # blocks from an offset of its own (the producer's step_coords, the
@@ -482,7 +484,8 @@ def _former_forms(monkeypatch):
 # serial turn run88, P ring run91); their heaviest interpreter cases run
 # with `pytest -m long` (CI's suite stays under 20 minutes).
 @pytest.mark.parametrize("case", [
-    pytest.param("h128_segments", marks=pytest.mark.long), "h64_fused",
+    pytest.param("h128_segments", marks=pytest.mark.long),
+    pytest.param("h64_fused", marks=pytest.mark.long),
     pytest.param("h256", marks=pytest.mark.long), "sinks_cap"])
 def test_former_step_forms(monkeypatch, case):
   # Forward and gradients with the former forms (the defaults run every

@@ -380,7 +380,7 @@ def _blk(i):  # rows [16 i, 16 i + 16) of a chunk
   return pl.ds(i * _SUB, _SUB)
 
 
-def _ut_inverse(s: _S, gram, beta, g, rc):
+def _ut_inverse(s: _S, gram, beta, g, rc, iotas=None):
   """T = (I + L)^{-1} of a chunk as {(i, j): [16, 16] float32 block} for
   j <= i, from ``gram(i, m)``, block (i, m) of k k^T, and the write
   strengths, cumulative log gates and reset counts as lists of 16-row
@@ -390,8 +390,7 @@ def _ut_inverse(s: _S, gram, beta, g, rc):
       a, b, (((1,), (0,)), ((), ())), precision=prec,
       preferred_element_type=_F32)
   nb = len(beta)
-  rows = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1)
+  rows, cols = iotas or _sub_iotas()
 
   def lower(i, m):  # block (i, m), m <= i, of L
     mask = (cols < rows) if m == i else (rows >= 0)
@@ -415,6 +414,12 @@ def _ut_inverse(s: _S, gram, beta, g, rc):
   return t
 
 
+def _sub_iotas():
+  """The row and column indices of a [16, 16] block."""
+  return (lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 0),
+          lax.broadcasted_iota(jnp.int32, (_SUB, _SUB), 1))
+
+
 def _store_inverse(t_ref, t, nb):
   """Writes T's blocks (zeros above the diagonal) into t_ref [C, C]."""
   for i in range(nb):
@@ -424,20 +429,25 @@ def _store_inverse(t_ref, t, nb):
       ).astype(t_ref.dtype)
 
 
-def _ut_scores(s: _S, q_ref, k_ref, gc_ref, rc_ref, a_ref):
+def _block_rows(ref, nb):
+  """A per-token ref's chunk as a list of its nb 16-row blocks."""
+  return [ref[_blk(i)] for i in range(nb)]
+
+
+def _ut_scores(s: _S, q_ref, k_ref, gc_ref, rc_ref, a_ref, g, rc):
   """The chunk's scores for the sweep, by blocks of 16 rows (a whole
-  [C, C] tile spills registers)."""
+  [C, C] tile spills registers); g, rc: the log-gate sums and reset
+  counts already loaded as 16-row blocks (rc None without resets)."""
   k_all, g_all = k_ref[...], gc_ref[...]
   rc_all = rc_ref[...] if s.has_seg else None
-  for i in range(s.chunk // _SUB):
-    a = _scores(s, q_ref[_blk(i), :], k_all, gc_ref[_blk(i)],
-                rc_ref[_blk(i)] if s.has_seg else None, g_all, rc_all,
-                i * _SUB)
+  for i in range(len(g)):
+    a = _scores(s, q_ref[_blk(i), :], k_all, g[i],
+                rc[i] if s.has_seg else None, g_all, rc_all, i * _SUB)
     a_ref[_blk(i), :] = a.astype(a_ref.dtype)
 
 
 def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
-  _dot = _dots(s)[0]
+  _dot, _, _dot_nt = _dots(s)
   it = iter(refs)
   q_ref, k_ref, v_ref, beta_ref, gc_ref, wq_ref = (next(it) for _ in range(6))
   rc_ref = next(it) if s.has_seg else None
@@ -446,42 +456,43 @@ def _ut_kernel(*refs, s: _S, store_t: bool, scores: bool):
   t_ref = next(it) if store_t else None
   dt = k_ref.dtype
   nb = s.chunk // _SUB
-  blk = _blk
-  k = [k_ref[blk(i), :] for i in range(nb)]
-  beta = [beta_ref[blk(i)] for i in range(nb)]
-  _dot_nt = _dots(s)[2]
-  t = _ut_inverse(s, lambda i, m: _dot_nt(k[i], k[m]), beta,
-                  [gc_ref[blk(i)] for i in range(nb)],
-                  [rc_ref[blk(i)] for i in range(nb)] if s.has_seg else None)
+  # The block indices before the key loads: formed after them, the kernel
+  # compiled for an H100 spilled 16 bytes more under differentiation
+  # (712 / 768 against 696 / 760; scripts/aot/ptxas_report.py, T = 4k).
+  iotas = _sub_iotas()
+  k = [k_ref[_blk(i), :] for i in range(nb)]
+  beta, g = _block_rows(beta_ref, nb), _block_rows(gc_ref, nb)
+  rc = _block_rows(rc_ref, nb) if s.has_seg else None
+  t = _ut_inverse(s, lambda i, m: _dot_nt(k[i], k[m]), beta, g, rc, iotas)
   if store_t:  # for the backward pass (float32)
     _store_inverse(t_ref, t, nb)
   if s.buv:
     # By column blocks of U and W, the keys and values re-read from their
     # refs block by block: no [C, F] or [C, V] tile stays live.
     tb = {ij: x.astype(dt) for ij, x in t.items()}
-    wk = [beta[j] * wq_ref[blk(j)] for j in range(nb)]
+    wk = [beta[j] * wq_ref[_blk(j)] for j in range(nb)]
     for src, dst, wts in ((v_ref, u_ref, beta), (k_ref, w_ref, wk)):
       width = src.shape[-1]
       step = min(s.buv, width)
       for c0 in range(0, width, step):
         cs = pl.ds(c0, step)
-        r = [(src[blk(j), cs].astype(_F32) * wts[j][:, None]).astype(dt)
+        r = [(src[_blk(j), cs].astype(_F32) * wts[j][:, None]).astype(dt)
              for j in range(nb)]
         for i in range(nb):
           acc = sum(_dot(tb[i, j], r[j]) for j in range(i + 1))
-          dst[blk(i), cs] = acc.astype(dst.dtype)
+          dst[_blk(i), cs] = acc.astype(dst.dtype)
   else:
-    rv = [(v_ref[blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
+    rv = [(v_ref[_blk(j), :].astype(_F32) * beta[j][:, None]).astype(dt)
           for j in range(nb)]
-    rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[blk(j)])[:, None]
+    rk = [(k[j].astype(_F32) * (beta[j] * wq_ref[_blk(j)])[:, None]
            ).astype(dt) for j in range(nb)]
     for i in range(nb):
       u = sum(_dot(t[i, j].astype(dt), rv[j]) for j in range(i + 1))
       w = sum(_dot(t[i, j].astype(dt), rk[j]) for j in range(i + 1))
-      u_ref[blk(i), :] = u.astype(u_ref.dtype)
-      w_ref[blk(i), :] = w.astype(w_ref.dtype)
+      u_ref[_blk(i), :] = u.astype(u_ref.dtype)
+      w_ref[_blk(i), :] = w.astype(w_ref.dtype)
   if scores:  # else the kernels that use them form them (output_scores)
-    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref)
+    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref, g, rc)
 
 
 def _t_kernel(*refs, s: _S):
@@ -493,6 +504,7 @@ def _t_kernel(*refs, s: _S):
   t_ref = next(it)
   nb = s.chunk // _SUB
   rows = [_blk(i) for i in range(nb)]
+  rc = _block_rows(rc_ref, nb) if s.has_seg else None
   # k k^T's blocks summed over slabs of key columns, so that the keys are
   # never live whole beside the inverse's blocks.
   _dot_nt = _dots(s)[2]
@@ -505,9 +517,8 @@ def _t_kernel(*refs, s: _S):
       for m in range(i + 1):
         x = _dot_nt(k[i], k[m])
         gram[i, m] = x if c0 == 0 else gram[i, m] + x
-  t = _ut_inverse(s, lambda i, m: gram[i, m], [beta_ref[r] for r in rows],
-                  [gc_ref[r] for r in rows],
-                  [rc_ref[r] for r in rows] if s.has_seg else None)
+  t = _ut_inverse(s, lambda i, m: gram[i, m], _block_rows(beta_ref, nb),
+                  _block_rows(gc_ref, nb), rc)
   _store_inverse(t_ref, t, nb)
 
 
@@ -530,7 +541,10 @@ def _wu_kernel(*refs, s: _S, scores: bool):
   rk = (k_ref[...].astype(_F32) * (beta * wq_ref[...])[:, None]).astype(dt)
   w_ref[...] = _dot(t, rk).astype(w_ref.dtype)
   if scores:
-    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref)
+    nb = s.chunk // _SUB
+    _ut_scores(s, q_ref, k_ref, gc_ref, rc_ref, a_ref,
+               _block_rows(gc_ref, nb),
+               _block_rows(rc_ref, nb) if s.has_seg else None)
 
 
 def _chunk_specs(s: _S):
@@ -571,8 +585,10 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False,
     out_specs.append(own(c))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), k.dtype))
   if s.ut_split:
-    return _ut_split_call(args, in_specs, out_specs, out_shape, s, store_t,
-                          scores)
+    t_specs = [kv(f), tok, tok] + ([seg] if s.has_seg else [])
+    t_args = [k, beta, gc] + ([rc] if s.has_seg else [])
+    return _ut_split_call(t_args, t_specs, args, in_specs, out_specs,
+                          out_shape, s, store_t, scores)
   if store_t:
     out_specs.append(own(c))
     out_shape.append(jax.ShapeDtypeStruct((b, tp, n, c), _F32))
@@ -592,26 +608,27 @@ def _ut_call(q, k, v, beta, gc, wq, rc, s: _S, store_t: bool = False,
   return tuple(res)
 
 
-def _ut_split_call(args, in_specs, out_specs, out_shape, s: _S,
-                   store_t: bool, scores: bool):
-  """``_ut_call`` in two kernels (``ut_split``): T per chunk (float32 where
-  the backward keeps it, else in the inputs' dtype, to which the products
-  round it anyway), then U, W (and the scores) from it."""
+def _ut_split_call(t_args, t_specs, args, in_specs, out_specs, out_shape,
+                   s: _S, store_t: bool, scores: bool):
+  """``_ut_call`` in two kernels (``ut_split``): T per chunk from
+  ``t_args`` (k, beta, the log-gate sums and any reset counts; float32
+  where the backward keeps it, else in the inputs' dtype, to which the
+  products round it anyway), then U, W (and the scores) from ``args``
+  and T."""
   b, tp, n, _ = out_shape[0].shape
   own = _chunk_specs(s)[0]
-  k, tok, seg = args[1], in_specs[3], in_specs[6:]
   t = _flat_call(
       functools.partial(_t_kernel,
                         s=dataclasses.replace(s, inverse_dots=s.split_dots)),
       grid=(s.nc, n, b),
-      in_specs=[in_specs[1], tok, tok] + seg,
+      in_specs=t_specs,
       out_specs=own(s.chunk),
       out_shape=jax.ShapeDtypeStruct((b, tp, n, s.chunk),
-                                     _F32 if store_t else k.dtype),
+                                     _F32 if store_t else t_args[0].dtype),
       compiler_params=_params(s, s.warps_t, 1),
       interpret=s.interpret,
       name="delta_rule_ut_inverse",
-  )(k, args[3], args[4], *args[6:])
+  )(*t_args)
   res = list(_flat_call(
       functools.partial(_wu_kernel, s=s, scores=scores),
       grid=(s.nc, n, b),

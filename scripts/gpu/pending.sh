@@ -751,6 +751,27 @@ case "${1:-}" in
          --variants delta,gated_delta --impls pallas" \
       ${UTSPLIT_D3:+"ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"}
     ;;
+  utsplitwg3)
+    # utsplitdefault and wg3causal8kdefault in one call (a machine is
+    # scarce): the delta GPU tests of ut_split's default, the three-consumer
+    # H = 64 forward's GPU test at 8k causal, the delta / gated delta
+    # forward rows beside fla, then both rules with the sweep at 32 value
+    # columns (the automatic block is 16 at 32k and 64k, 32 at 16k, 64 at
+    # 4k).
+    L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
+       --seqs 4096,16384,32768,65536"
+    G="$L --variants delta,gated_delta --impls pallas --no-fla"
+    bash $S \
+      "timeout 120 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and (default or ut_split or fused_ut)'" \
+      "ATTNJAX_KERNEL_FORMS=WG3_MIN_LEN_MASKED=8192 \
+         PYTHONPATH=\$PWD:\$PWD/scripts/gpu timeout 150 $PYTEST \
+         -p force_forms tests/test_pallas_mosaic_gpu.py \
+         -k default_three_consumer_forward" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
+         --variants delta,gated_delta --impls pallas" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 90 $G"
+    ;;
   gatedknobs2)
     # The gated delta forward's sweep launch knobs that run107 did not
     # try, with the packed weights (16k / 32k, 0.93 / 0.91x fla): fla's

@@ -757,7 +757,8 @@ case "${1:-}" in
     # H = 64 forward's GPU test at 8k causal, the delta / gated delta
     # forward rows beside fla, then both rules with the sweep at 32 value
     # columns (the automatic block is 16 at 32k and 64k, 32 at 16k, 64 at
-    # 4k).
+    # 4k), and at 32 columns with 4 pipeline stages (run113: 4 stages +4%
+    # at 16k, where the block is 32; -7% at 32k at 16 columns).
     L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
        --seqs 4096,16384,32768,65536"
     G="$L --variants delta,gated_delta --impls pallas --no-fla"
@@ -770,7 +771,8 @@ case "${1:-}" in
          -k default_three_consumer_forward" \
       "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
          --variants delta,gated_delta --impls pallas" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 90 $G"
+      "ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 90 $G" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/d4.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32, \"num_stages\": 4}' timeout 90 $G"
     ;;
   gatedknobs2)
     # The gated delta forward's sweep launch knobs that run107 did not

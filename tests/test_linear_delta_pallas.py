@@ -680,12 +680,17 @@ def test_delta_reverse_sweep_auto_block(monkeypatch):
   """block_v_bwd=None: the reverse sweep, gated or not, halves its value
   block only while the programs fill less than half the SMs (run98,
   run102: faster at T = 16k and 32k), the forward sweep while they fill
-  less than all of them."""
+  less than all of them, to 16 columns only where 32 would fill less than
+  0.9 (run114: 128 programs on 132 SMs are full)."""
   auto = delta._auto_block_v
   assert [auto(p, 128, 132) for p in (256, 64, 32, 16)] == [64, 32, 16, 16]
   assert [auto(p, 128, 132, fill=0.5) for p in (256, 64, 32, 16)] == [
       64, 64, 32, 16]
   assert auto(80, 32, 132, fill=0.5) == 32  # never wider than V
+  # The forward sweep's (run114): 128 programs on 132 SMs count as full.
+  assert [delta._auto_block_v_fwd(p, 128, 132)
+          for p in (256, 64, 32, 16, 29)] == [64, 32, 32, 16, 16]
+  assert delta._auto_block_v_fwd(8, 16, 132) == 16  # never wider than V
   monkeypatch.setattr(delta, "_num_sms", lambda: 132)
   z = jnp.zeros((1, 64, 40, 128), BF16)  # 40 programs: 80 blocks of 64
   beta = jnp.ones((1, 64, 40))
@@ -701,6 +706,10 @@ def test_delta_reverse_sweep_auto_block(monkeypatch):
   assert gated["delta_rule_bwd"] == (2, 40), gated
   assert ungated["delta_rule_fwd_states_final"] == (4, 40), ungated
   assert gated["delta_rule_fwd_states_final"] == (4, 40), gated
+  # 32 programs: 32 columns (4 x 32 = 128 programs), not 16.
+  z = jnp.zeros((1, 64, 32, 128), BF16)
+  beta = jnp.ones((1, 64, 32))
+  assert grids(None)["delta_rule_fwd_states_final"] == (4, 32)
 
 
 def test_diag_inverse_doubling_matches_substitution():
@@ -828,6 +837,11 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "separate_output": dict(separate_output=True,
                                         forward_states=False),
                 "prefetch": dict(prefetch_weights=True),
+                # The forward sweep's value blocks at 4 stages (the
+                # default's, run115): 32 columns (T = 16k / 32k at B T =
+                # 64k) and 64 (4k); the default picks 16 here.
+                "sweep_v32": dict(block_v=32),
+                "sweep_v64": dict(block_v=64),
                 # The weights from separate arrays (packed_weights, the
                 # default, reads them as one [C, 4] tile).
                 "unpacked": dict(packed_weights=False),

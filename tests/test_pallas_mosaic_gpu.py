@@ -549,7 +549,7 @@ class TestMosaicGPUFusedBackward:
 
   @pytest.mark.parametrize("case", ["full_segments", "causal"])
   def test_default_three_consumer_forward(self, case):
-    # H = 64 at T = S >= 4k without a mask (>= 16k under a causal one):
+    # H = 64 at T = S >= 4k without a mask (>= 8k under a causal one):
     # the default plan's forward runs three consumer warpgroups (the
     # backward the 384-row padding), with segment ids or causal, forward
     # and gradients.

@@ -510,14 +510,14 @@ def test_group_want_fills_a_wave():
     (64, 16384, 4095, {}, 2),           # short keys
     (64, 16384, 16384, dict(is_causal=True), 3),  # 468.1 / 445.3
     (64, 16384, 16384, dict(local_window_size=(512, 512)), 2),
-    (64, 16383, 16384, dict(is_causal=True), 2),
-    (64, 8192, 8192, dict(is_causal=True), 2),
+    (64, 8192, 8192, dict(is_causal=True), 3),  # 432.2 / 419.4 (run108)
+    (64, 8191, 8192, dict(is_causal=True), 2),  # one query row short
     (64, 4096, 4096, dict(is_causal=True), 2),  # 373.4 / 388.2
     (64, 16384, 16384, dict(logits_soft_cap=20.0), 2),
     (64, 1024, 1024, {}, 2),            # 302.9 / 383.0
     (128, 16384, 16384, {}, 2),
 ], ids=["h64-16k", "h64-4k", "t-short", "s-short", "causal-16k",
-        "window-16k", "causal-t-short", "causal-8k", "causal-4k", "soft-cap",
+        "window-16k", "causal-8k", "causal-t-short", "causal-4k", "soft-cap",
         "h64-1k", "h128-16k"])
 def test_default_forward_picks_three_consumers_by_shape(h, t, s, kw, wgs):
   fwd = _plan((1, t, 2, h), (1, s, 2, h), **kw).fwd

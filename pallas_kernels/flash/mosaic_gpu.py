@@ -241,7 +241,7 @@ class FwdConfig:
 # many query and key rows without a mask, and from WG3_MIN_LEN_MASKED under
 # one (see default_fwd_config).
 WG3_MIN_LEN = 4096
-WG3_MIN_LEN_MASKED = 16384
+WG3_MIN_LEN_MASKED = 8192
 
 
 def default_fwd_config(head_dim: int, causal: bool = False, *,
@@ -257,13 +257,15 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
     soft_cap: whether a logits soft cap applies (more live registers).
     q_len, kv_len: T and S, where known. At H <= 64 without a soft cap
       and with both at least ``WG3_MIN_LEN`` (4k; ``WG3_MIN_LEN_MASKED``,
-      16k, under a mask), three consumer warpgroups of 64 rows (FA3's
+      8k, under a mask), three consumer warpgroups of 64 rows (FA3's
       192-row tile, 160 registers each, 3 stages). Measured on an H100
       (B T = 16k, N = 32, forward TFLOP/s, three against two consumers;
       run43): T = 16k full 475 / 420 (cuDNN 464, tokamax 492); 2026-12-07
       (run102/run104, after the step forms of run77): T = 4k full MHA
       444.5 / 413.6 and 449.9 / 410.4, GQA 4:1 442.8 / 413.6, T = 16k
-      causal MHA 468.1 / 445.3; but T = 4k causal 373.4 / 388.2 (GQA
+      causal MHA 468.1 / 445.3; T = 8k causal (run108) MHA 432.2 / 419.4,
+      GQA 4:1 454.6 / 427.4 (cuDNN 423.6 / 426.2), its GPU test at 8k
+      passing (run114); but T = 4k causal 373.4 / 388.2 (GQA
       376.2 / 401.9) and T = 1k full 302.9 / 383.0 (a 192-row tile pads 1k
       to 1152 rows). Through the default path (run105): 4k full MHA
       440.7 (cuDNN 449.5), GQA 450.9 (tokamax 462.0), 16k causal MHA

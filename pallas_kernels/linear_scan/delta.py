@@ -83,11 +83,15 @@ class DeltaConfig:
     chunk: C, tokens per chunk (a multiple of 16, power of two).
     block_v: value columns per forward-sweep program (None: 64, halved
       down to 16 while the batch * heads * value blocks programs would not
-      fill the GPU's multiprocessors once).
+      fill the GPU's multiprocessors once, but to 16 only where 32 would
+      fill less than 0.9 of them; ``_auto_block_v_fwd``).
     block_v_bwd: the same for the reverse sweep (None: halved only while
       the programs would not fill half the multiprocessors;
       ``_BWD_FILL``).
-    num_warps, num_stages: Triton launch parameters of the forward sweep.
+    num_warps, num_stages: Triton launch parameters of the forward sweep
+      (4 stages: on an H100, run115, against 3 the forward at T = 64k
+      +1.2%, at 4k even; at 16k with 32 value columns +4% (run113,
+      run114), forward+backward +1%).
     num_warps_bwd, num_stages_bwd: the same for the backward sweep.
     num_warps_ut: warps of the UT-transform kernel.
     num_warps_grad, num_stages_grad: the same for the backward's
@@ -254,7 +258,7 @@ class DeltaConfig:
   block_v: int | None = None
   block_v_bwd: int | None = None
   num_warps: int = 4
-  num_stages: int = 3
+  num_stages: int = 4
   num_warps_bwd: int = 4
   num_stages_bwd: int = 3
   num_warps_ut: int = 2
@@ -1548,6 +1552,27 @@ def _auto_block_v(programs: int, vp: int, sms: int, fill: float = 1.0) -> int:
 _BWD_FILL = 0.5
 
 
+# The forward sweep (``block_v=None``) narrows its value block to 16
+# columns only where 32 would fill less than 0.9 of the SMs: 128 programs
+# on an H100's 132 count as full, and 16-column tiles are slow. On an H100
+# (B T = 64k, N = 16, F = V = 128, bf16, 4 stages; run114), T = 32k (B N =
+# 32 programs) at 32 columns against 16: forward 33.6 / 33.0 against
+# 30.5 / 30.1 M tokens/s (delta / gated delta; fla chunk_(gated_)delta_rule
+# 25.0 / 28.3 in the same process); T = 64k (16 programs) stays at 16 (28.1
+# / 27.7 against 26.4 / 26.1 at 32), 16k at 32 (run107: 64 slower), 4k at
+# 64 (42.1 / 41.3 against 31.9 / 31.4 at 32).
+_FWD_FILL16 = 0.9
+
+
+def _auto_block_v_fwd(programs: int, vp: int, sms: int) -> int:
+  """The forward sweep's value block: ``_auto_block_v``'s, but 32 columns
+  rather than 16 where those programs fill ``_FWD_FILL16`` of the SMs."""
+  bv = _auto_block_v(programs, vp, sms)
+  if bv < 32 <= vp and programs * (vp // 32) >= _FWD_FILL16 * sms:
+    bv = 32
+  return bv
+
+
 def _auto_separate_output(programs: int, vp: int, sms: int) -> bool:
   """``separate_output=None``: on where the automatic value block of the
   sweeps is narrower than 64 columns (or V), i.e. where the (batch, head)
@@ -1615,7 +1640,7 @@ def delta_rule(q, k, v, beta, log_gate=None, resets=None, *, scale: float,
   sms = _num_sms()
   splits = max(x for x in range(1, min(int(cfg.sweep_splits), nc) + 1)
                if nc % x == 0)
-  bv = cfg.block_v or _auto_block_v(b * n * splits, vp, sms)
+  bv = cfg.block_v or _auto_block_v_fwd(b * n * splits, vp, sms)
   # The split sweep's first pass: F transition columns before the V, in
   # blocks no wider than a given block_v (float32's 32: shared memory).
   wide = cfg.block_v or _auto_block_v(b * n * splits, fp + vp, sms)

@@ -751,6 +751,18 @@ case "${1:-}" in
          --variants delta,gated_delta --impls pallas" \
       ${UTSPLIT_D3:+"ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"}
     ;;
+  stages4)
+    # The delta forward sweep's 4 stages and 32 columns at 32k (run114 /
+    # run115): its GPU tests (the default, 32 and 64 columns), then the
+    # delta / gated delta rows beside fla, forward and forward+backward.
+    L="python3 -m attnjax.bench.linear --no-softmax \
+       --seqs 4096,16384,32768,65536 --variants delta,gated_delta \
+       --impls pallas"
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and (default or sweep_v)'" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 330 $L --modes fwd,fwd+bwd"
+    ;;
   utsplitwg3)
     # utsplitdefault and wg3causal8kdefault in one call (a machine is
     # scarce): the delta GPU tests of ut_split's default, the three-consumer

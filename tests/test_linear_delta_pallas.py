@@ -348,6 +348,26 @@ def test_delta_states_sweep_ignores_output_scores():
   assert formed["delta_rule_out"][0] == stored["delta_rule_out"][0] + 1
 
 
+def test_delta_residual_sweep_stages():
+  """The forward sweep pipelines 4 stages (run115), but the one that
+  stores the residuals and writes the outputs (under differentiation, no
+  separate_output) at 64 value columns takes 3: at 4 it asked an H100 for
+  289,792 bytes of shared memory, over its 232,448 (T = 4k, run116)."""
+  x = jnp.ones((1, 40, 2, 128), BF16)
+  beta = jnp.full((1, 40, 2), 0.5)
+
+  def stages(bv):
+    cfg = delta.DeltaConfig(chunk=16, block_v=bv, separate_output=False)
+    loss = lambda q: jnp.sum(delta.delta_rule(  # noqa: E731
+        q, x, x, beta, scale=0.25, config=cfg, interpret=False)[0].astype(
+            F32))
+    return _pallas_eqns(jax.grad(loss), x)[
+        "delta_rule_fwd_states_out"][1].num_stages
+
+  assert delta.DeltaConfig().num_stages == 4
+  assert (stages(32), stages(64)) == (4, 3)
+
+
 # ----------------------------------------------------------------------------
 # On a GPU: the compiled Triton kernels.
 
@@ -839,9 +859,13 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 "prefetch": dict(prefetch_weights=True),
                 # The forward sweep's value blocks at 4 stages (the
                 # default's, run115): 32 columns (T = 16k / 32k at B T =
-                # 64k) and 64 (4k); the default picks 16 here.
+                # 64k) and 64 (4k); the default picks 16 here. And 64
+                # with the outputs in the residual sweep, as at T = 4k
+                # (there 4 stages overflowed shared memory, run116: 3;
+                # not yet run on a GPU as a test).
                 "sweep_v32": dict(block_v=32),
                 "sweep_v64": dict(block_v=64),
+                "sweep_v64_out": dict(block_v=64, separate_output=False),
                 # The weights from separate arrays (packed_weights, the
                 # default, reads them as one [C, 4] tile).
                 "unpacked": dict(packed_weights=False),

@@ -934,7 +934,10 @@ def _fwd_call(q, k, a, w, u, wq, wk, dec, s0, s: _S, store: bool,
       in_specs=specs,
       out_specs=out_specs,
       out_shape=out_shape,
-      compiler_params=_params(s, s.warps, _sweep_stages(s, s.stages)),
+      # The residual sweeps keep 3 stages at 64 value columns: with the
+      # outputs too, 4 overflowed an H100's shared memory (run116, T = 4k).
+      compiler_params=_params(s, s.warps, _sweep_stages(
+          s, s.stages if not store or bv < 64 else min(s.stages, 3))),
       interpret=s.interpret,
       name="delta_rule_fwd" + ("_states" if store else "")
       + ("_out" if store and out else "") + ("_final" if final else ""),

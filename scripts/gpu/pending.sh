@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run113), as calls of under 10 minutes on one GPU, most decisive first:
-# utsplitdefault (~5 min: the GPU tests of ut_split's default and the
-# delta rows beside fla with it; UTSPLIT_D3=1 adds the 32-column sweep),
-# utsplitgrad (~5 min: ut_split under differentiation, forward+backward),
-# wg3causal8kdefault (~2 min: the three-consumer default's GPU test at
-# 8k causal), linpacked (~7 min: the scalar-gate kernels' packed
-# weights, GPU tests and rows without / with), gatedparts (~6 min: fla's
-# gated delta forward kernel by kernel beside ours), gatedknobs2 (~5 min:
-# its sweep at 2 warps, 4 and 2 stages), psmem128 (the forward's P ring at H = 128; at H = 64 it
-# lost, run91), then linstages' occupancy step (scripts/gpu/linear_profile.py
-# --occupancy), short, profile, gap64k, pftimes, pftests, call1, call2,
-# call3
+# run118), as calls of under 10 minutes on one GPU, most decisive first:
+# sweepv64out (~2 min: the GPU test of the residual sweep at 64 value
+# columns with the outputs, 3 stages, as T = 4k runs it), utsplitgrad
+# (~5 min: ut_split under differentiation, forward+backward), linpacked
+# (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
+# without / with), gatedparts (~6 min: fla's gated delta forward kernel
+# by kernel beside ours), psmem128 (the forward's P ring at H = 128; at
+# H = 64 it lost, run91), then linstages' occupancy step
+# (scripts/gpu/linear_profile.py --occupancy), short, profile, gap64k,
+# pftimes, pftests, call1, call2, call3
+# (run114: utsplitwg3 (the split UT default's GPU tests 7/8, the eighth
+# opt-in and cut by the step's limit; the three-consumer forward's test
+# at 8k causal, 2/2: the default since; the delta rows with the split;
+# the sweep at 32 columns and 4 stages); run115: 4 stages at 4k / 64k and
+# forward+backward at 16k / 32k (both defaults since); run116: stages4
+# (GPU tests 6/6, the report's delta rows; 4k forward+backward overflowed
+# shared memory); run117: 4k forward+backward with the residual sweep's
+# cap; run118: sweep_v64 again (2/2, but before sweep_v64_out existed))
 # (run112 / run113: utsplit and its neighbours (ut_split at one warp and
 # one TF32 pass +6% gated forward at 16k / 32k; the default since in the
 # forward alone); gatedknobs2's warps / stages / block_v 32 ran with it
@@ -750,6 +756,13 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
          --variants delta,gated_delta --impls pallas" \
       ${UTSPLIT_D3:+"ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"}
+    ;;
+  sweepv64out)
+    # The residual sweep with the outputs at 64 value columns and 3 stages
+    # (T = 4k's forward+backward, run117), as a GPU test.
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and sweep_v64_out'"
     ;;
   stages4)
     # The delta forward sweep's 4 stages and 32 columns at 32k (run114 /

@@ -740,23 +740,6 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/g0.jsonl timeout 150 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/g1.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 150 $L"
     ;;
-  utsplitdefault)
-    # ut_split's default (None: the UT transform in two kernels in the
-    # forward alone, its first at one warp and one TF32 pass; run113:
-    # +6% / +6% at 16k / 32k): its GPU tests, the forward rows of both
-    # rules beside fla with it, then (UTSPLIT_D3=1) the gated forward with
-    # the sweep at 32 value columns (run113: +6% at 32k, where the
-    # automatic block is 16).
-    L="python3 -m attnjax.bench.linear --no-softmax --modes fwd \
-       --seqs 4096,16384,32768,65536"
-    G="$L --variants gated_delta --impls pallas --no-fla"
-    bash $S \
-      "timeout 120 $PYTEST4 tests/test_linear_delta_pallas.py -k \
-         'kernel_configs and (default or ut_split or fused_ut)'" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 200 $L \
-         --variants delta,gated_delta --impls pallas" \
-      ${UTSPLIT_D3:+"ATTNJAX_BENCH_ROWS=\$OUT/d3.jsonl ATTNJAX_DELTA_CONFIG='{\"block_v\": 32}' timeout 80 $G"}
-    ;;
   sweepv64out)
     # The residual sweep with the outputs at 64 value columns and 3 stages
     # (T = 4k's forward+backward, run117), as a GPU test.
@@ -777,7 +760,7 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/rows.jsonl timeout 330 $L --modes fwd,fwd+bwd"
     ;;
   utsplitwg3)
-    # utsplitdefault and wg3causal8kdefault in one call (a machine is
+    # ut_split's default and wg3causal8kdefault in one call (a machine is
     # scarce): the delta GPU tests of ut_split's default, the three-consumer
     # H = 64 forward's GPU test at 8k causal, the delta / gated delta
     # forward rows beside fla, then both rules with the sweep at 32 value

@@ -1558,12 +1558,13 @@ _BWD_FILL = 0.5
 # The forward sweep (``block_v=None``) narrows its value block to 16
 # columns only where 32 would fill less than 0.9 of the SMs: 128 programs
 # on an H100's 132 count as full, and 16-column tiles are slow. On an H100
-# (B T = 64k, N = 16, F = V = 128, bf16, 4 stages; run114), T = 32k (B N =
-# 32 programs) at 32 columns against 16: forward 33.6 / 33.0 against
-# 30.5 / 30.1 M tokens/s (delta / gated delta; fla chunk_(gated_)delta_rule
-# 25.0 / 28.3 in the same process); T = 64k (16 programs) stays at 16 (28.1
-# / 27.7 against 26.4 / 26.1 at 32), 16k at 32 (run107: 64 slower), 4k at
-# 64 (42.1 / 41.3 against 31.9 / 31.4 at 32).
+# (B T = 64k, N = 16, F = V = 128, bf16, 3 stages; run114), T = 32k (B N =
+# 32 programs) at 32 columns against 16: forward 32.3 / 31.8 against
+# 30.5 / 30.1 M tokens/s (delta / gated delta; 33.6 / 33.0 at 4 stages;
+# fla chunk_(gated_)delta_rule 25.0 / 28.3 in the same process); T = 64k
+# (16 programs) stays at 16 (28.1 / 27.7 against 26.3 / 26.0 at 32), 16k
+# at 32 (run107: 64 slower), 4k at 64 (42.1 / 41.3 against 31.9 / 31.4 at
+# 32).
 _FWD_FILL16 = 0.9
 
 

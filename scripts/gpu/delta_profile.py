@@ -91,7 +91,7 @@ def _grad_of(fn, argnums):
 
 
 def _static(t, b, cfg):
-  bv = cfg.block_v or kdelta._auto_block_v(b * N, H, kdelta._num_sms())
+  bv = cfg.block_v or kdelta._auto_block_v_fwd(b * N, H, kdelta._num_sms())
   bvb = cfg.block_v_bwd or kdelta._auto_block_v(b * N, H,
                                                   kdelta._num_sms())
   return kdelta._S(scale=1 / math.sqrt(H), chunk=cfg.chunk, nc=t // cfg.chunk,

@@ -92,8 +92,8 @@ def _grad_of(fn, argnums):
 
 def _static(t, b, cfg):
   bv = cfg.block_v or kdelta._auto_block_v_fwd(b * N, H, kdelta._num_sms())
-  bvb = cfg.block_v_bwd or kdelta._auto_block_v(b * N, H,
-                                                  kdelta._num_sms())
+  bvb = cfg.block_v_bwd or kdelta._auto_block_v(b * N, H, kdelta._num_sms(),
+                                                  fill=kdelta._BWD_FILL)
   return kdelta._S(scale=1 / math.sqrt(H), chunk=cfg.chunk, nc=t // cfg.chunk,
                    bv=bv, bvb=bvb, warps=cfg.num_warps,
                    stages=cfg.num_stages, warps_bwd=cfg.num_warps_bwd,

@@ -2,7 +2,8 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run118), as calls of under 10 minutes on one GPU, most decisive first:
 # sweepv64out (~2 min: the GPU test of the residual sweep at 64 value
-# columns with the outputs, 3 stages, as T = 4k runs it), utsplitgrad
+# columns with the outputs, 3 stages, as T = 4k runs it), parts32k (~3
+# min: the delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
 # without / with), gatedparts (~6 min: fla's gated delta forward kernel
@@ -739,6 +740,15 @@ case "${1:-}" in
     bash $S \
       "ATTNJAX_BENCH_ROWS=\$OUT/g0.jsonl timeout 150 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/g1.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 150 $L"
+    ;;
+  parts32k)
+    # Where the delta rule's forward+backward goes at T = 32k (goal: 10x
+    # the best causal softmax, 12.2 M tokens/s; now 8.50 / 8.37, run116):
+    # each kernel alone with today's defaults (run108's split at 64k, before
+    # the packed weights: gradient kernels 4.05 ms of 10.1).
+    bash $S \
+      "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768"
     ;;
   sweepv64out)
     # The residual sweep with the outputs at 64 value columns and 3 stages

@@ -160,6 +160,27 @@ class TestMosaicGPU:
         is_causal=causal)
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
+  @pytest.mark.parametrize("h,causal", [(256, False), (256, True),
+                                         (128, True)])
+  def test_early_q_release(self, h, causal):
+    # FwdConfig(early_q_release=True): the Q buffer handed back after a
+    # tile's last Q K^T while its last P V runs asynchronously (the CPU
+    # interpreter runs wgmma synchronously), the next Q loaded under it,
+    # O out through the consumers' SMEM slots. Few persistent CTAs, many
+    # tiles each; lengths make tiles with no block.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    base = fwd_lib.default_fwd_config(h)
+    cfg = dataclasses.replace(base, early_q_release=True, num_ctas=7)
+    seg = testing.random_segment_ids(_key("eqr", h), 2, 1500, 5)
+    out, _ = check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("eqr", t=1500, n=4, kh=2, h=h), dtype=BF16,
+        arrays={"segment_ids": seg,
+                "q_lengths": jnp.array([1500, 1100], jnp.int32),
+                "kv_lengths": jnp.array([0, 1500], jnp.int32)},
+        is_causal=causal)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+
   @pytest.mark.parametrize("case", ["h128", "h64_fused", "h256",
                                     "sinks_cap"])
   def test_former_step_forms(self, monkeypatch, case):

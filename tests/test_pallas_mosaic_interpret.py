@@ -652,3 +652,38 @@ def test_overlap_epilogue(h, wgs):
                           "kv_lengths": jnp.array([330, 0], jnp.int32),
                           "q_lengths": jnp.array([250, 330], jnp.int32)})
   np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("h,wgs", [(256, 2), (64, 3)])
+def test_early_q_release(h, wgs):
+  """FwdConfig(early_q_release=True): one Q buffer handed back after each
+  item's last Q K^T, O out through the consumers' SMEM slots (four slot
+  stores an item at H = 256, two at H = 64: each slot reused within an
+  item and across items) and the LSE from registers. Several items per
+  CTA (3 CTAs), causal with segment ids, a key length of 0 for one
+  sequence (items with no block release the buffer at once) and a query
+  length that cuts a tile."""
+  seg = testing.random_segment_ids(_key("eq"), 2, 330, 3)
+  kw = dict(num_compute_wgs=wgs, consumer_regs=160,
+            producer_regs=32) if wgs == 3 else {}
+  cfg = _fwd_cfg(h, num_ctas=3, early_q_release=True, **kw)
+  out, lse = _check(f"eq{h}{wgs}", shape=dict(t=330, n=4, kh=2, h=h),
+                    grads=False, fwd_config=cfg, is_causal=True,
+                    arrays={"segment_ids": seg,
+                            "kv_lengths": jnp.array([330, 0], jnp.int32),
+                            "q_lengths": jnp.array([250, 330], jnp.int32)})
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+  np.testing.assert_array_equal(np.asarray(out[0, 250:], np.float32), 0.0)
+
+
+def test_early_q_release_config():
+  with pytest.raises(ValueError, match="early_q_release"):
+    fwd_lib.FwdConfig(early_q_release=True, q_buffers=2)
+  with pytest.raises(ValueError, match="early_q_release"):
+    fwd_lib.FwdConfig(early_q_release=True, overlap_epilogue=True)
+  cfg = fwd_lib.FwdConfig(block_kv=64, early_q_release=True)
+  # One Q buffer, O's slots instead of the LSE buffer.
+  base = dataclasses.replace(cfg, early_q_release=False)
+  assert (fwd_lib.smem_bytes(cfg, 256, 256)
+          - fwd_lib.smem_bytes(base, 256, 256, q_buffers=1)
+          == 2 * 2 * 64 * 64 * 2 - 1024)

@@ -202,6 +202,15 @@ class FwdConfig:
       default in one process: T = 4k full MHA 411.7 / 425.8, GQA 4:1
       421.1 / 419.6, causal MHA 384.4 / 387.5, T = 1k full 385.4 / 388.7).
       Its GPU test passes.
+    early_q_release: with one Q buffer (H = 256, where two do not fit),
+      each consumer hands the buffer back as soon as its last ``Q K^T`` is
+      done, before its last ``P V`` and its epilogue, and the producer
+      loads the next tile's Q under them (after an L2 prefetch of it
+      issued before the wait); O then leaves through two small SMEM slots
+      per consumer (``[block_q, 64]``, as tokamax's epilogue) instead of
+      the Q buffer, and the log-sum-exp from registers. Without it the
+      next tile's Q is loaded only once this tile's output has been read
+      out of the Q buffer.
   """
   block_q: int = 64
   block_kv: int = 128
@@ -215,6 +224,7 @@ class FwdConfig:
   q_buffers: int = 0
   num_ctas: int = 0
   overlap_epilogue: bool = False
+  early_q_release: bool = False
 
   def __post_init__(self):
     if self.block_q % 64 or self.block_kv % 64:
@@ -227,6 +237,10 @@ class FwdConfig:
                        f"{self.num_compute_wgs}")
     if self.q_buffers not in (0, 1, 2):
       raise ValueError(f"q_buffers must be 0, 1 or 2, got {self.q_buffers}")
+    if self.early_q_release and (self.q_buffers == 2
+                                 or self.overlap_epilogue):
+      raise ValueError("early_q_release needs one Q buffer (q_buffers 0 or "
+                       "1, overlap_epilogue off)")
     regs = (self.num_compute_wgs * self.consumer_regs
             + self.producer_regs) * 128
     if regs > 65536:
@@ -296,6 +310,12 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
   return FwdConfig(block_q=64, block_kv=64, num_stages=2)
 
 
+# FwdConfig.early_q_release: O leaves through this many SMEM slots per
+# consumer, each [block_q, _EPI_COLS] (128 bytes a row in 16 bits).
+_EPI_SLOTS = 2
+_EPI_COLS = 64
+
+
 def _rnd(n):
   return -(-n // 1024) * 1024
 
@@ -305,12 +325,15 @@ def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
                q_buffers: int | None = None, p_smem: bool = False) -> int:
   """Shared memory the forward kernel allocates (rounded as Mosaic does;
   ``p_smem``: with the two-slot P ring of ``_P_SMEM``)."""
-  qb = q_buffers or cfg.q_buffers or 1
+  early = cfg.early_q_release
+  qb = 1 if early else (q_buffers or cfg.q_buffers or 1)
   wgs, bq = cfg.num_compute_wgs, cfg.block_q
   total = _rnd(qb * wgs * bq * max(head_dim, head_dim_v) * itemsize)
   total += cfg.num_stages * _rnd(cfg.block_kv * head_dim * itemsize)
   total += cfg.num_stages * _rnd(cfg.block_kv * head_dim_v * itemsize)
-  if not p_smem:  # with the P ring the LSE goes out from registers
+  if early:  # O's slots; the LSE from registers
+    total += _rnd(wgs * _EPI_SLOTS * bq * _EPI_COLS * itemsize)
+  elif not p_smem:  # with the P ring the LSE goes out from registers
     total += _rnd(wgs * bq * 4)
   if segments:
     total += _rnd(cfg.num_stages * cfg.block_kv * 4)
@@ -321,6 +344,8 @@ def smem_bytes(cfg: FwdConfig, head_dim: int, head_dim_v: int,
 
 
 def _q_buffers(cfg, h, hv, itemsize, segments, p_smem=False):
+  if cfg.early_q_release:
+    return 1
   if cfg.q_buffers:
     return cfg.q_buffers
   two = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=2,
@@ -586,6 +611,7 @@ def flash_forward(
   p_in_smem = _use_p_smem(cfg, h, hv, itemsize, segments)
   qbufs = _q_buffers(cfg, h, hv, itemsize, segments, p_in_smem)
   overlap = cfg.overlap_epilogue and qbufs == 2
+  early = cfg.early_q_release
   need = smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qbufs,
                     p_smem=p_in_smem)
   if need > SMEM_BYTES:
@@ -605,7 +631,7 @@ def flash_forward(
   def kernel(q_ref, k_ref, v_ref, tab_ref, cnt_ref, sink_ref, qseg_ref,
              kvseg_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, q_smem, k_smem,
              v_smem, lse_smem, qseg_smem, kseg_smem, q_ready, q_free, k_ready,
-             v_ready, k_free, v_free, p_smem):
+             v_ready, k_free, v_free, p_smem, o_smem):
     cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
     n_items = cnt_ref[cta]
@@ -630,6 +656,9 @@ def flash_forward(
         buf = lax.rem(i, jnp.int32(qbufs))
 
         def load_q():
+          if early:
+            # Into L2 while the consumers finish the previous item.
+            plgpu.async_prefetch(q_ref.at[bb, pl.ds(qt * tq, tq), hh])
           # Buffer buf was last used by item i - qbufs; its consumers free it.
           @pl.when(i >= qbufs)
           def _():
@@ -914,6 +943,8 @@ def flash_forward(
             return m, l, p
 
           def last_block(carry):
+            if early:  # every Q K^T of this item is done
+              plgpu.barrier_arrive(q_free.at[0])
             slot = lax.rem(step + (hi - 1 - lo), jnp.int32(stages))
             plgpu.barrier_wait(v_ready.at[slot])
 
@@ -943,6 +974,8 @@ def flash_forward(
 
           def nothing(carry):
             release_previous_q()
+            if early:
+              plgpu.barrier_arrive(q_free.at[0])
             return carry
 
           def scoped(name, fn):
@@ -1003,6 +1036,21 @@ def flash_forward(
               jnp.int32, (bq,), 0, layout=_ROW)) < qlen_ref[bb]
           lse = jnp.where(valid, lse, -jnp.inf)
           out = jnp.where(row(valid, out.shape), out, 0.0)
+        if early:
+          # The Q buffer went back to the producer after the last Q K^T:
+          # O leaves through this consumer's slots, 64 columns at a time.
+          lse_ref.at[bb, hh, qs][...] = lse
+          out = out.astype(dtype)
+          for c in range(hv // _EPI_COLS):
+            slot = o_smem.at[wg, c % _EPI_SLOTS]
+            # The store that last read this slot (this item's or the
+            # previous one's) is done.
+            plgpu.wait_smem_to_gmem(_EPI_SLOTS - 1, wait_read_only=True)
+            slot[...] = out[:, c * _EPI_COLS:(c + 1) * _EPI_COLS]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                slot, out_ref.at[bb, qs, hh, pl.ds(c * _EPI_COLS, _EPI_COLS)])
+          return
         # The previous item's lse store must have read lse_smem.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         q_w[...] = out.astype(dtype)
@@ -1049,7 +1097,8 @@ def flash_forward(
       _tiled_smem((qbufs, wgs, bq, max(h, hv)), dtype),
       _tiled_smem((stages, bk, h), dtype),
       _tiled_smem((stages, bk, hv), dtype),
-      None if p_in_smem else plgpu.SMEM((wgs, bq), jnp.float32),
+      (None if p_in_smem or early
+       else plgpu.SMEM((wgs, bq), jnp.float32)),
       plgpu.SMEM((qbufs, wgs, bq), jnp.int32) if segments else None,
       plgpu.SMEM((stages, bk), jnp.int32) if segments else None,
       plgpu.Barrier(num_arrivals=wgs * (2 if segments else 1),
@@ -1060,6 +1109,8 @@ def flash_forward(
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       _tiled_smem((2, wgs, bq, bk), dtype) if p_in_smem else None,
+      (_tiled_smem((wgs, _EPI_SLOTS, bq, _EPI_COLS), dtype) if early
+       else None),
   ]
   out_shape = (jax.ShapeDtypeStruct((b, tp, n, hv), dtype),
                jax.ShapeDtypeStruct((b, n, tp), jnp.float32))

@@ -542,6 +542,14 @@ def _variant_configs(name, h):
       # full; at H = 128 spills and serialised wgmma (2026-12-06). No
       # faster on an H100 (run74: 4k full MHA 411.7 against 425.8).
       "ovl": (fwd(q_buffers=2, overlap_epilogue=True), None, fonly),
+      # One Q buffer handed back after a tile's last Q K^T, the next Q
+      # loaded (after an L2 prefetch) under the last P V and the epilogue,
+      # O out through two [64, 64] SMEM slots per consumer (tokamax's
+      # epilogue). For H = 256, where two Q buffers do not fit: its 4k
+      # full forward ran 634 against 670 at 16k (the same 1,024 tiles),
+      # about 7% of a 4k tile outside the steps. Compiled for an H100:
+      # 16 / 24 bytes of spills full, none causal (2026-12-07).
+      "earlyq": (fwd(early_q_release=True), None, fonly),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the
@@ -740,7 +748,12 @@ def _passes_for_head_dim(h):
 
 def section_time(args):
   configs = parse_configs(args.configs or "*:*:*:*")
-  _run_configs(configs, args, _passes_for_head_dim)
+  want = tuple(x for x in args.passes.split(",") if x)
+  passes_of = _passes_for_head_dim
+  if want:
+    passes_of = lambda h: tuple(x for x in _passes_for_head_dim(h)
+                                if x in want)
+  _run_configs(configs, args, passes_of)
 
 
 def section_time128(args):
@@ -868,8 +881,11 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
+  ap.add_argument("--passes", default="",
+                  help="time: only these passes (fwd,fwdbwd; default both "
+                  "where the backward supports H)")
   ap.add_argument("--cases", default="",
                   help="correct: only cases whose name contains one of these")
   ap.add_argument("--no-tokamax", action="store_true")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run118), as calls of under 10 minutes on one GPU, most decisive first:
-# sweepv64out (~2 min: the GPU test of the residual sweep at 64 value
+# earlyq (~9 min: the H = 256 forward's early Q release, GPU tests with
+# sweepv64out's, rows beside the default), sweepv64out (~2 min: the GPU test of the residual sweep at 64 value
 # columns with the outputs, 3 stages, as T = 4k runs it), parts32k (~3
 # min: the delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
@@ -749,6 +750,21 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768"
+    ;;
+  earlyq)
+    # FwdConfig(early_q_release=True) (opt-in): one Q buffer handed back
+    # after a tile's last Q K^T, O out through small SMEM slots; for
+    # H = 256, whose 4k full forward (634) trails its 16k one (670) over
+    # the same 1,024 tiles. Its GPU tests with sweepv64out's, then the
+    # H = 256 forward rows (and H = 128 at 1k, where one Q buffer with the
+    # early release may beat two) beside the default, cuDNN and tokamax.
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py \
+         tests/test_linear_delta_pallas.py -k \
+         'early_q_release or (kernel_configs and sweep_v64_out)'" \
+      "timeout 330 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 320 --passes fwd --configs '256:*:full:*,256:4096:causal:*,128:1024:full:*' \
+         --variants ours,earlyq"
     ;;
   sweepv64out)
     # The residual sweep with the outputs at 64 value columns and 3 stages

@@ -171,11 +171,15 @@ class TestMosaicGPU:
     from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
     base = fwd_lib.default_fwd_config(h)
     cfg = dataclasses.replace(base, early_q_release=True, num_ctas=7)
-    seg = testing.random_segment_ids(_key("eqr", h), 2, 1500, 5)
+    # (At H = 256 segment ids leave no room for O's slots: the kernel
+    # then runs without the early release, so none here.)
+    arrays = {} if h == 256 else {
+        "segment_ids": testing.random_segment_ids(_key("eqr", h), 2, 1500,
+                                                  5)}
     out, _ = check_against_reference(
         lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
         inputs("eqr", t=1500, n=4, kh=2, h=h), dtype=BF16,
-        arrays={"segment_ids": seg,
+        arrays={**arrays,
                 "q_lengths": jnp.array([1500, 1100], jnp.int32),
                 "kv_lengths": jnp.array([0, 1500], jnp.int32)},
         is_causal=causal)

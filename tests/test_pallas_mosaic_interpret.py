@@ -663,13 +663,16 @@ def test_early_q_release(h, wgs):
   CTA (3 CTAs), causal with segment ids, a key length of 0 for one
   sequence (items with no block release the buffer at once) and a query
   length that cuts a tile."""
-  seg = testing.random_segment_ids(_key("eq"), 2, 330, 3)
+  # At H = 256 segment ids leave no room for O's slots (the kernel then
+  # runs without the early release): none there.
+  seg = {} if h == 256 else {
+      "segment_ids": testing.random_segment_ids(_key("eq"), 2, 330, 3)}
   kw = dict(num_compute_wgs=wgs, consumer_regs=160,
             producer_regs=32) if wgs == 3 else {}
   cfg = _fwd_cfg(h, num_ctas=3, early_q_release=True, **kw)
   out, lse = _check(f"eq{h}{wgs}", shape=dict(t=330, n=4, kh=2, h=h),
                     grads=False, fwd_config=cfg, is_causal=True,
-                    arrays={"segment_ids": seg,
+                    arrays={**seg,
                             "kv_lengths": jnp.array([330, 0], jnp.int32),
                             "q_lengths": jnp.array([250, 330], jnp.int32)})
   np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)

@@ -210,7 +210,9 @@ class FwdConfig:
       per consumer (``[block_q, 64]``, as tokamax's epilogue) instead of
       the Q buffer, and the log-sum-exp from registers. Without it the
       next tile's Q is loaded only once this tile's output has been read
-      out of the Q buffer.
+      out of the Q buffer. Where it does not fit (H = 256 with segment
+      ids) the kernel runs without it. The default at H = 256 up to
+      ``EARLY_Q_MAX_LEN`` keys.
   """
   block_q: int = 64
   block_kv: int = 128
@@ -256,6 +258,17 @@ class FwdConfig:
 # one (see default_fwd_config).
 WG3_MIN_LEN = 4096
 WG3_MIN_LEN_MASKED = 8192
+
+
+# H = 256: FwdConfig.early_q_release from this many keys down (short rows,
+# where a tile's fixed cost weighs most). Forward TFLOP/s on an H100, one
+# process, early / not (run119-run121, 2026-12-07): T = 1k full MHA 615.0 /
+# 591.0, GQA 4:1 630.9 / 592.7; 1k causal 476.6 / 449.6, GQA 499.9 /
+# 477.3; 2k full 666.8 / 659.5; 4k causal 648.1 / 626.7, GQA 717.7 /
+# 684.2; 4k full GQA 690.2 / 672.9, MHA 643.4 / 673.8, 647.7 / 666.2 and
+# 694.1 / 654.2 in three runs (noise); 16k full 668.1 / 681.9, GQA
+# 675.4 / 682.3 (so not there).
+EARLY_Q_MAX_LEN = 4096
 
 
 def default_fwd_config(head_dim: int, causal: bool = False, *,
@@ -307,7 +320,9 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
     return FwdConfig(block_q=64, block_kv=128, num_stages=3)
   if head_dim <= 128:
     return FwdConfig(block_q=64, block_kv=128, num_stages=2)
-  return FwdConfig(block_q=64, block_kv=64, num_stages=2)
+  return FwdConfig(block_q=64, block_kv=64, num_stages=2,
+                   early_q_release=(kv_len is not None
+                                    and kv_len <= EARLY_Q_MAX_LEN))
 
 
 # FwdConfig.early_q_release: O leaves through this many SMEM slots per
@@ -608,6 +623,11 @@ def flash_forward(
     raise ValueError("ranges point past the last key block")
   segments = q_segment_ids is not None
   itemsize = jnp.dtype(dtype).itemsize
+  if cfg.early_q_release and (
+      smem_bytes(cfg, h, hv, itemsize, segments) + _P_SMEM_SLACK
+      > SMEM_BYTES):
+    # Does not fit (H = 256 with segment ids): the output through Q.
+    cfg = dataclasses.replace(cfg, early_q_release=False)
   p_in_smem = _use_p_smem(cfg, h, hv, itemsize, segments)
   qbufs = _q_buffers(cfg, h, hv, itemsize, segments, p_in_smem)
   overlap = cfg.overlap_epilogue and qbufs == 2

@@ -654,7 +654,8 @@ def test_overlap_epilogue(h, wgs):
   np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
 
 
-@pytest.mark.parametrize("h,wgs", [(256, 2), (64, 3)])
+@pytest.mark.parametrize("h,wgs", [
+    (256, 2), pytest.param(64, 3, marks=pytest.mark.long)])
 def test_early_q_release(h, wgs):
   """FwdConfig(early_q_release=True): one Q buffer handed back after each
   item's last Q K^T, O out through the consumers' SMEM slots (four slot
@@ -690,3 +691,21 @@ def test_early_q_release_config():
   assert (fwd_lib.smem_bytes(cfg, 256, 256)
           - fwd_lib.smem_bytes(base, 256, 256, q_buffers=1)
           == 2 * 2 * 64 * 64 * 2 - 1024)
+
+
+def test_early_q_release_default_and_fit():
+  # The default at H = 256 up to EARLY_Q_MAX_LEN keys, never at H <= 128.
+  assert fwd_lib.default_fwd_config(256, kv_len=1024).early_q_release
+  assert fwd_lib.default_fwd_config(
+      256, True, kv_len=fwd_lib.EARLY_Q_MAX_LEN).early_q_release
+  assert not fwd_lib.default_fwd_config(
+      256, kv_len=fwd_lib.EARLY_Q_MAX_LEN + 1).early_q_release
+  assert not fwd_lib.default_fwd_config(256).early_q_release
+  assert not fwd_lib.default_fwd_config(128, kv_len=1024).early_q_release
+  # With segment ids at H = 256 O's slots leave no room (an H100 refused
+  # 233,552 bytes, run119): flash_forward then runs without the release.
+  cfg = fwd_lib.default_fwd_config(256, kv_len=1024)
+  slack = fwd_lib._P_SMEM_SLACK  # pylint: disable=protected-access
+  assert (fwd_lib.smem_bytes(cfg, 256, 256, segments=True) + slack
+          > fwd_lib.SMEM_BYTES)
+  assert fwd_lib.smem_bytes(cfg, 256, 256) + slack <= fwd_lib.SMEM_BYTES

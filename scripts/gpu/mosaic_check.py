@@ -922,7 +922,7 @@ def main():
     print(f"\n=== section {name} (timeout {timeout:.0f} s) ===", flush=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--_run", name,
            "--configs", args.configs, "--variants", args.variants,
-           "--cases", args.cases]
+           "--cases", args.cases, "--passes", args.passes]
     if args.no_tokamax:
       cmd.append("--no-tokamax")
     if args.no_cudnn:

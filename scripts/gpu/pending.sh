@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run118), as calls of under 10 minutes on one GPU, most decisive first:
-# earlyq (~9 min: the H = 256 forward's early Q release, GPU tests with
-# sweepv64out's, rows beside the default), sweepv64out (~2 min: the GPU test of the residual sweep at 64 value
-# columns with the outputs, 3 stages, as T = 4k runs it), parts32k (~3
+# run122), as calls of under 10 minutes on one GPU, most decisive first:
+# parts32k (~3
 # min: the delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
@@ -12,6 +10,11 @@
 # H = 64 it lost, run91), then linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), short, profile, gap64k,
 # pftimes, pftests, call1, call2, call3
+# (run119: earlyq (the H = 256 forward's early Q release: GPU tests 3/5,
+# the two H = 256 cases out of SMEM with segment ids, since without them;
+# sweepv64out's GPU tests 2/2; H = 256 rows beside the default); run120 /
+# run121: more of them (ad hoc); run122: the H = 256 GPU tests 10/10 with
+# it the default up to 4k keys, the report's H = 256 1k / 4k rows)
 # (run114: utsplitwg3 (the split UT default's GPU tests 7/8, the eighth
 # opt-in and cut by the step's limit; the three-consumer forward's test
 # at 8k causal, 2/2: the default since; the delta rows with the split;

@@ -208,7 +208,10 @@ def test_gradients_fused_dq_gqa_causal(h):
 
 
 @pytest.mark.parametrize("h,layout", [
-    (128, "nth"), (128, "nct"), (64, "nth"),
+    # (The suite's time: one opt-in layout in the default run, "nct" at
+    # H = 128, two column blocks; the others under -m long.)
+    pytest.param(128, "nth", marks=pytest.mark.long), (128, "nct"),
+    pytest.param(64, "nth", marks=pytest.mark.long),
     # At H = 64 "nct" has one column block: "nth" with a unit axis.
     pytest.param(64, "nct", marks=pytest.mark.long)])
 def test_gradients_fused_dq_layouts(h, layout):
@@ -271,7 +274,8 @@ def test_fused_dq_slots_diagnostic_indexing(monkeypatch):
          is_causal=True)
 
 
-@pytest.mark.parametrize("h,stages", [(64, 2), (128, 3)])
+@pytest.mark.parametrize("h,stages", [
+    (64, 2), pytest.param(128, 3, marks=pytest.mark.long)])
 def test_gradients_fused_dq_early_release(h, stages):
   # BwdConfig(early_release=True): a consumer frees the step's Q and dO
   # slots right after its dQ product (H = 64: the consumer whose turn it
@@ -599,8 +603,9 @@ def test_key_blocks_192(causal):
          is_causal=causal, arrays={"segment_ids": seg})
 
 
-@pytest.mark.parametrize("block_kv,stages,causal", [(128, 3, True),
-                                                    (64, 4, False)])
+@pytest.mark.parametrize("block_kv,stages,causal", [
+    (128, 3, True),  # the default tile's
+    pytest.param(64, 4, False, marks=pytest.mark.long)])  # opt-in
 def test_three_consumer_warpgroups(block_kv, stages, causal):
   # FA3's H = 64 forward tile: 3 x 64 query rows per CTA, each consumer
   # handing the scheduling barrier on to the next (the `wg3` variants of

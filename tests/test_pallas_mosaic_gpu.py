@@ -123,6 +123,24 @@ class TestMosaicGPU:
         inputs("grid", t=1500, n=4, kh=2, h=128), dtype=BF16,
         arrays={"segment_ids": seg}, is_causal=True)
 
+  @pytest.mark.parametrize("causal", [False, True])
+  def test_query_blocks_128(self, causal):
+    # FwdConfig(block_q=128, block_kv=64) at H = 64 (mosaic_check variant
+    # bq128kv64, opt-in): 128 query rows a consumer, two 64-row wgmma
+    # halves in flight at once (asynchronous here; the CPU interpreter runs
+    # them synchronously). Few persistent CTAs; lengths cut tiles.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = fwd_lib.FwdConfig(block_q=128, block_kv=64, num_stages=4,
+                            num_ctas=7)
+    seg = testing.random_segment_ids(_key("bq128"), 2, 1500, 5)
+    check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("bq128", t=1500, n=4, kh=2, h=64), dtype=BF16,
+        arrays={"segment_ids": seg,
+                "q_lengths": jnp.array([1500, 1100], jnp.int32),
+                "kv_lengths": jnp.array([900, 1500], jnp.int32)},
+        is_causal=causal)
+
   @pytest.mark.parametrize("block_kv,stages,causal",
                            [(128, 3, True), (64, 4, False)])
   def test_three_consumer_warpgroups(self, block_kv, stages, causal):

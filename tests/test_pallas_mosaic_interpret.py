@@ -714,3 +714,20 @@ def test_early_q_release_default_and_fit():
   assert (fwd_lib.smem_bytes(cfg, 256, 256, segments=True) + slack
           > fwd_lib.SMEM_BYTES)
   assert fwd_lib.smem_bytes(cfg, 256, 256) + slack <= fwd_lib.SMEM_BYTES
+
+
+@pytest.mark.parametrize("causal", [
+    pytest.param(False, marks=pytest.mark.long), True])
+def test_query_blocks_128(causal):
+  """FwdConfig(block_q=128) at H = 64 (mosaic_check variant bq128kv64):
+  128 query rows a consumer (two 64-row wgmma halves, 256-row tiles) over
+  64-key blocks, several items per CTA, GQA, segment ids, a key length
+  that cuts a block and a query length that cuts a tile."""
+  seg = testing.random_segment_ids(_key("bq128"), 2, 600, 3)
+  cfg = _fwd_cfg(64, block_q=128, block_kv=64, num_stages=4, num_ctas=3)
+  out, _ = _check(f"bq128{causal}", shape=dict(t=600, n=4, kh=2),
+                  grads=False, fwd_config=cfg, is_causal=causal,
+                  arrays={"segment_ids": seg,
+                          "kv_lengths": jnp.array([600, 333], jnp.int32),
+                          "q_lengths": jnp.array([450, 600], jnp.int32)})
+  np.testing.assert_array_equal(np.asarray(out[0, 450:], np.float32), 0.0)

@@ -559,6 +559,17 @@ def _variant_configs(name, h):
       # an H100 (run74: 4k full MHA 395.8 / 391.7 against 425.8, causal
       # 267.7 / 282.6 against 387.5).
       "kv192": (fwd(block_kv=192), None, fonly),
+      # H = 64: 128 query rows a consumer (256-row tiles, no padding at
+      # T = 1k) over 64-key blocks: each consumer's softmax works on two
+      # 64-row halves, twice the independent rows of the default's step
+      # (the profile put the H = 64 step's time in the softmax's dependent
+      # chain, run86). Compiled for an H100 (2026-12-07): 4 and 3 stages
+      # without spills, full and causal; 128-key blocks spill 2 KB and
+      # serialise the wgmmas (so not those). Untimed.
+      "bq128kv64": (fwd(block_q=128, block_kv=64, num_stages=4), None,
+                    fonly),
+      "bq128kv64s3": (fwd(block_q=128, block_kv=64, num_stages=3), None,
+                      fonly),
       "kv192s2": (fwd(block_kv=192, num_stages=2), None, fonly),
       # The kernels' steps before 2026-12-06 (j // (bound + 1) as the
       # opaque operand offset: 60 more instructions a forward step, 30 a
@@ -881,7 +892,7 @@ def main():
                   help="time/tune grid points H:T:causal|full:mha|gqa, "
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
-                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
+                  help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
                   "kv64,fused")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "

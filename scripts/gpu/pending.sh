@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run122), as calls of under 10 minutes on one GPU, most decisive first:
-# parts32k (~3
+# bq128 (~9 min: H = 64's forward with 128 query rows a consumer, for the
+# issue-4 rows below 1.0), parts32k (~3
 # min: the delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
@@ -753,6 +754,19 @@ case "${1:-}" in
     bash $S \
       "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768"
+    ;;
+  bq128)
+    # H = 64's forward with 128 query rows a consumer over 64-key blocks
+    # (FwdConfig(block_q=128, block_kv=64), opt-in, untimed): its GPU
+    # tests, then the H = 64 forward rows below 1.0 (1k full, 4k full and
+    # causal, 16k causal MHA) beside the default, cuDNN and tokamax.
+    bash $S \
+      "timeout 150 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         query_blocks_128" \
+      "timeout 400 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 390 --passes fwd \
+         --configs '64:1024:full:*,64:4096:*:mha,64:4096:full:gqa,64:16384:causal:mha' \
+         --variants ours,bq128kv64,bq128kv64s3"
     ;;
   earlyq)
     # FwdConfig(early_q_release=True) (the default at H = 256 up to 4k

@@ -710,7 +710,7 @@ def test_early_q_release_default_and_fit():
   # With segment ids at H = 256 O's slots leave no room (an H100 refused
   # 233,552 bytes, run119): flash_forward then runs without the release.
   cfg = fwd_lib.default_fwd_config(256, kv_len=1024)
-  slack = fwd_lib._P_SMEM_SLACK  # pylint: disable=protected-access
+  slack = fwd_lib._SMEM_SLACK  # pylint: disable=protected-access
   assert (fwd_lib.smem_bytes(cfg, 256, 256, segments=True) + slack
           > fwd_lib.SMEM_BYTES)
   assert fwd_lib.smem_bytes(cfg, 256, 256) + slack <= fwd_lib.SMEM_BYTES

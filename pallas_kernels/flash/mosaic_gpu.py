@@ -372,8 +372,10 @@ def _q_buffers(cfg, h, hv, itemsize, segments, p_smem=False):
 # at most: 2640 bytes for the H = 128 forward with the P ring, one Q buffer
 # and the 512-byte LSE buffer (232528 against the H100's 232448: it did not
 # fit), about 1100 without that buffer (it compiles; H100, 2026-12-07). So
-# with the ring the LSE goes out from registers.
-_P_SMEM_SLACK = 2048
+# with the ring the LSE goes out from registers. The same margin decides
+# where FwdConfig.early_q_release's O slots fit (1104 bytes over with
+# segment ids at H = 256, run119).
+_SMEM_SLACK = 2048
 
 
 def _use_p_smem(cfg, h, hv, itemsize, segments):
@@ -385,7 +387,7 @@ def _use_p_smem(cfg, h, hv, itemsize, segments):
   qb = cfg.q_buffers or (2 if cfg.overlap_epilogue else 1)
   return _P_SMEM and max(h, hv) <= 128 and (
       smem_bytes(cfg, h, hv, itemsize, segments, q_buffers=qb, p_smem=True)
-      + _P_SMEM_SLACK <= SMEM_BYTES)
+      + _SMEM_SLACK <= SMEM_BYTES)
 
 
 def num_sms() -> int:
@@ -624,7 +626,7 @@ def flash_forward(
   segments = q_segment_ids is not None
   itemsize = jnp.dtype(dtype).itemsize
   if cfg.early_q_release and (
-      smem_bytes(cfg, h, hv, itemsize, segments) + _P_SMEM_SLACK
+      smem_bytes(cfg, h, hv, itemsize, segments) + _SMEM_SLACK
       > SMEM_BYTES):
     # Does not fit (H = 256 with segment ids): the output through Q.
     cfg = dataclasses.replace(cfg, early_q_release=False)

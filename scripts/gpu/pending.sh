@@ -770,8 +770,8 @@ case "${1:-}" in
     ;;
   earlyq)
     # FwdConfig(early_q_release=True) (the default at H = 256 up to 4k
-    # keys since run122): one Q buffer handed back
-    # after a tile's last Q K^T, O out through small SMEM slots; for
+    # keys since run122): one Q buffer handed back after a tile's last
+    # Q K^T, O out through small SMEM slots; for
     # H = 256, whose 4k full forward (634) trails its 16k one (670) over
     # the same 1,024 tiles. Its GPU tests with sweepv64out's, then the
     # H = 256 forward rows (and H = 128 at 1k, where one Q buffer with the

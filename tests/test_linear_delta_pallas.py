@@ -841,6 +841,11 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 # the same tolerances.
                 "tf32_inverse": dict(inverse_dots="tf32"),
                 "ut_cols64": dict(grad_ut_block_k=64),
+                # The UT pull-back at 8 warps by 64 / 16 key columns (112 /
+                # 72 bytes of spills against the default's 884; H100
+                # compile, 2026-12-07).
+                "gut8_cols64": dict(grad_ut_block_k=64, num_warps_grad_ut=8),
+                "gut8_cols16": dict(grad_ut_block_k=16, num_warps_grad_ut=8),
                 # U and W by 32-column blocks (no spills; opt-in).
                 "ut_block_v32": dict(ut_block_v=32),
                 # T, then U and W, by two kernels in every pass (the

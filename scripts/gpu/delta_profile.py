@@ -327,7 +327,7 @@ def _output_scores(t, b, q, k, v, beta, g):
     _core_fwd_line(t, b, tag, cfg, q, k, v, bp, gc, wq, wk, dec, grad=True)
 
 
-def _grad_sweep(t, b, q, k, v, beta, g):
+def _grad_sweep(t, b, q, k, v, beta, g, only_ut=False):
   """The gradient kernel alone at several tilings: its inputs come once
   from the default configuration (they do not depend on the gradient
   kernel's fields), so each tiling costs one compile."""
@@ -343,12 +343,24 @@ def _grad_sweep(t, b, q, k, v, beta, g):
   gv, lam, _ = jax.jit(lambda *x: kdelta._bwd_call(*x, st))(
       q, k, a, w, wq, wk, dec, v, jnp.zeros((b, N, H, H), jnp.float32))
   fused = r(d, grad_block_k=None)
-  for cfg in (fused, r(fused, num_warps_grad=4),
-              r(fused, num_stages_grad=1), r(fused, block_v_grad=32),
-              r(d, num_warps_grad=8), d, r(d, num_warps_grad_ut=8),
-              r(d, grad_block_k=32), r(d, num_stages_grad=1),
-              r(d, grad_ut_block_k=64), r(d, grad_ut_block_k=32),
-              r(d, grad_ut_block_k=64, num_warps_grad_ut=8)):
+  # The UT pull-back's spills, compiled for an H100 (C = 64, F = V = 128,
+  # bf16; scripts/aot/ptxas_report.py, 2026-12-07), stores / loads in
+  # bytes: 4 warps whole 884 / 1068, by 64 / 32 columns 720 / 704 and
+  # 636 / 636; 8 warps whole 392 / 424, by 64 / 32 / 16 columns 112 / 112,
+  # 196 / 196 and 72 / 76. "--grad-sweep=ut" times those alone.
+  ut_forms = (d, r(d, num_warps_grad_ut=8),
+              r(d, grad_ut_block_k=64, num_warps_grad_ut=8),
+              r(d, grad_ut_block_k=32, num_warps_grad_ut=8),
+              r(d, grad_ut_block_k=16, num_warps_grad_ut=8),
+              r(d, grad_ut_block_k=64))
+  if only_ut:
+    cfgs = ut_forms
+  else:
+    cfgs = (fused, r(fused, num_warps_grad=4),
+            r(fused, num_stages_grad=1), r(fused, block_v_grad=32),
+            r(d, num_warps_grad=8), r(d, grad_block_k=32),
+            r(d, num_stages_grad=1), r(d, grad_ut_block_k=32)) + ut_forms
+  for cfg in cfgs:
     sg = _static(t, b, cfg)
     tag = (f"grad-w{sg.warps_grad}/ut-w{sg.warps_gut}/st{sg.stages_grad}"
            f"/bv{sg.bvg}/bk{sg.bkg or 'F'}"
@@ -476,7 +488,7 @@ def timings(seqs, sweep, fla=True, xla=False, grad_sweep=False,
       _ut_blocks(t, b, q, k, v, beta, g, ut_blocks)
       continue
     if grad_sweep:  # the gradient kernel's tilings only
-      _grad_sweep(t, b, q, k, v, beta, g)
+      _grad_sweep(t, b, q, k, v, beta, g, only_ut=grad_sweep == "ut")
       continue
     if ut_sweep:  # the UT kernel's warps and inverses only
       _ut_sweep(t, b, q, k, v, beta, g, ut_dots)
@@ -655,7 +667,8 @@ def main(argv):
     print(f"timings {time.time() - t0:.0f} s; checks {'ok' if ok else 'FAIL'}")
     return 0 if ok else 1
   timings(seqs, "--sweep" in argv, fla="--no-fla" not in argv,
-          xla="--xla" in argv, grad_sweep="--grad-sweep" in argv,
+          xla="--xla" in argv, grad_sweep=("ut" if "--grad-sweep=ut" in argv
+                      else "--grad-sweep" in argv),
           ut_sweep="--ut-sweep" in argv,
           forward_states="--forward-states" in argv,
           prefetch="--prefetch" in argv,

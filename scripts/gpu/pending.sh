@@ -755,6 +755,18 @@ case "${1:-}" in
       "cd scripts/gpu && timeout 240 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768"
     ;;
+  gradut)
+    # The delta rule's UT pull-back (split backward's second kernel) at 8
+    # warps by 64 / 32 / 16 key columns: 112 / 196 / 72 bytes of spills
+    # against the default's 884 (H100 compile, 2026-12-07). GPU tests of
+    # two of them (bf16, float32), then the gradient kernels alone at 32k
+    # and 4k in each form.
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_linear_delta_pallas.py -k \
+         'kernel_configs and gut8'" \
+      "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
+         --no-fla --seqs=32768,4096 --grad-sweep=ut"
+    ;;
   bq128)
     # H = 64's forward with 128 query rows a consumer over 64-key blocks
     # (FwdConfig(block_q=128, block_kv=64), opt-in, untimed): its GPU
@@ -766,7 +778,7 @@ case "${1:-}" in
       "timeout 400 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 390 --passes fwd \
          --configs '64:1024:full:*,64:4096:*:mha,64:4096:full:gqa,64:16384:causal:mha' \
-         --variants ours,bq128kv64,bq128kv64s3"
+         --variants ours,bq128kv64,bq128kv64s3,earlyq"
     ;;
   earlyq)
     # FwdConfig(early_q_release=True) (the default at H = 256 up to 4k

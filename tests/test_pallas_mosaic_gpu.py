@@ -179,7 +179,8 @@ class TestMosaicGPU:
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
   @pytest.mark.parametrize("h,causal", [(256, False), (256, True),
-                                         (128, True)])
+                                         (128, True), (64, False),
+                                         (64, True)])
   def test_early_q_release(self, h, causal):
     # FwdConfig(early_q_release=True): the Q buffer handed back after a
     # tile's last Q K^T while its last P V runs asynchronously (the CPU

@@ -699,7 +699,14 @@ def test_early_q_release_config():
 
 
 def test_early_q_release_default_and_fit():
-  # The default at H = 256 up to EARLY_Q_MAX_LEN keys, never at H <= 128.
+  # The default at H = 256 up to EARLY_Q_MAX_LEN keys, at H = 64 up to
+  # EARLY_Q_MAX_LEN_H64 (not with three consumers), never at H = 128.
+  short = fwd_lib.EARLY_Q_MAX_LEN_H64
+  assert fwd_lib.default_fwd_config(64, kv_len=short).early_q_release
+  assert fwd_lib.default_fwd_config(64, True, q_len=short,
+                                    kv_len=short).early_q_release
+  assert not fwd_lib.default_fwd_config(64, kv_len=short + 1).early_q_release
+  assert not fwd_lib.default_fwd_config(64).early_q_release
   assert fwd_lib.default_fwd_config(256, kv_len=1024).early_q_release
   assert fwd_lib.default_fwd_config(
       256, True, kv_len=fwd_lib.EARLY_Q_MAX_LEN).early_q_release

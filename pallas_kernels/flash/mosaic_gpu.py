@@ -212,7 +212,8 @@ class FwdConfig:
       next tile's Q is loaded only once this tile's output has been read
       out of the Q buffer. Where it does not fit (H = 256 with segment
       ids) the kernel runs without it. The default at H = 256 up to
-      ``EARLY_Q_MAX_LEN`` keys.
+      ``EARLY_Q_MAX_LEN`` keys and at H = 64 (two consumers) up to
+      ``EARLY_Q_MAX_LEN_H64``.
   """
   block_q: int = 64
   block_kv: int = 128
@@ -269,6 +270,12 @@ WG3_MIN_LEN_MASKED = 8192
 # 694.1 / 654.2 in three runs (noise); 16k full 668.1 / 681.9, GQA
 # 675.4 / 682.3 (so not there).
 EARLY_Q_MAX_LEN = 4096
+# H = 64 with two consumers: the same from this many keys down. Forward
+# TFLOP/s on an H100, one process, early / not (run123, 2026-12-07): T = 1k
+# full MHA 399.5 / 382.8 (cuDNN 400.1), GQA 4:1 390.7 / 380.7 (tokamax
+# 415.9); 4k causal MHA 386.5 / 388.4 and 4k full (three consumers the
+# default there: 451.5) 435.7, so not from 4k.
+EARLY_Q_MAX_LEN_H64 = 1024
 
 
 def default_fwd_config(head_dim: int, causal: bool = False, *,
@@ -317,7 +324,9 @@ def default_fwd_config(head_dim: int, causal: bool = False, *,
       return FwdConfig(block_q=64, block_kv=128, num_stages=3,
                        num_compute_wgs=3, consumer_regs=160,
                        producer_regs=32)
-    return FwdConfig(block_q=64, block_kv=128, num_stages=3)
+    return FwdConfig(block_q=64, block_kv=128, num_stages=3,
+                     early_q_release=(kv_len is not None
+                                      and kv_len <= EARLY_Q_MAX_LEN_H64))
   if head_dim <= 128:
     return FwdConfig(block_q=64, block_kv=128, num_stages=2)
   return FwdConfig(block_q=64, block_kv=64, num_stages=2,

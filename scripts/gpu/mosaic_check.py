@@ -550,6 +550,9 @@ def _variant_configs(name, h):
       # about 7% of a 4k tile outside the steps. Compiled for an H100:
       # 16 / 24 bytes of spills full, none causal (2026-12-07).
       "earlyq": (fwd(early_q_release=True), None, fonly),
+      # The default tiling without it (H = 64 and 256 up to their
+      # EARLY_Q_MAX_LEN*: what the default was before), both passes.
+      "noearlyq": (fwd(early_q_release=False), None, both),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the

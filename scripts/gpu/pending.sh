@@ -639,7 +639,7 @@ case "${1:-}" in
       "timeout 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest \
          -p no:cacheprovider -m gpu -v -rA --durations=10 -p no:benchmark \
          -n 4 tests/test_pallas_mosaic_gpu.py -k persistent_dkv" \
-      "timeout 300 python3 scripts/gpu/mosaic_check.py --sections time \
+      "timeout 180 python3 scripts/gpu/mosaic_check.py --sections time \
          --budget 290 --configs '128:1024:*:*' --variants ours,pdkv,pbwd"
     ;;
   psplit)
@@ -766,6 +766,33 @@ case "${1:-}" in
          'kernel_configs and gut8'" \
       "cd scripts/gpu && timeout 300 python3 delta_profile.py --no-checks \
          --no-fla --seqs=32768,4096 --grad-sweep=ut"
+    ;;
+  gradut2)
+    # Forward+backward at 32k (both rules) with the UT pieces that spill
+    # less under differentiation, each in its own process: the default,
+    # the fused UT kernel at 4 warps (8 bytes of spills against 696), the
+    # split UT (none), the pull-back at 8 warps by 16 columns (72 against
+    # 884), and the last two together.
+    L="python3 -m attnjax.bench.linear --no-softmax --modes fwd+bwd \
+       --seqs 32768 --variants delta,gated_delta --impls pallas --no-fla"
+    bash $S \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u0.jsonl timeout 110 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_ut\": 4}' timeout 110 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u2.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 110 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl ATTNJAX_DELTA_CONFIG='{\"grad_ut_block_k\": 16, \"num_warps_grad_ut\": 8}' timeout 110 $L" \
+      "ATTNJAX_BENCH_ROWS=\$OUT/u4.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"grad_ut_block_k\": 16, \"num_warps_grad_ut\": 8}' timeout 110 $L"
+    ;;
+  earlyq64)
+    # FwdConfig.early_q_release the default at H = 64 up to 1k keys (run123:
+    # forward 1k full MHA 399.5 / 382.8, GQA 390.7 / 380.7): its GPU tests
+    # (H = 64 full and causal with segment ids), then the H = 64 1k rows
+    # (forward and forward+backward) beside the former default.
+    bash $S \
+      "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py -k \
+         'early_q_release and 64'" \
+      "timeout 180 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 170 --passes fwd --configs '64:1024:*:*' \
+         --variants ours,noearlyq"
     ;;
   bq128)
     # H = 64's forward with 128 query rows a consumer over 64-key blocks

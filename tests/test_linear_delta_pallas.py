@@ -489,6 +489,11 @@ def test_delta_pallas_split_gradient_kernels(segments, ut_cols):
                            n=4, kh=2, f=40, vd=24, segments=segments)
   _assert_config_rejected(grad_block_k=24)
   _assert_config_rejected(grad_ut_block_k=8)
+  # At 8 warps the blocked pull-back is checked on a GPU at 16 columns
+  # only (64 missed bf16's tolerance, run124).
+  with pytest.raises(ValueError, match="grad_ut_block_k"):
+    delta.DeltaConfig(grad_ut_block_k=64, num_warps_grad_ut=8)
+  delta.DeltaConfig(grad_ut_block_k=16, num_warps_grad_ut=8)
 
 
 @pytest.mark.parametrize("segments,separate,states", [
@@ -841,10 +846,10 @@ _GPU_CONFIGS = {"default": {}, "fused": dict(grad_block_k=None),
                 # the same tolerances.
                 "tf32_inverse": dict(inverse_dots="tf32"),
                 "ut_cols64": dict(grad_ut_block_k=64),
-                # The UT pull-back at 8 warps by 64 / 16 key columns (112 /
-                # 72 bytes of spills against the default's 884; H100
-                # compile, 2026-12-07).
-                "gut8_cols64": dict(grad_ut_block_k=64, num_warps_grad_ut=8),
+                # The UT pull-back at 8 warps by 16 key columns (72 bytes
+                # of spills against the default's 884; H100 compile,
+                # 2026-12-07; slower, run124). By 64 columns it missed the
+                # bf16 gate gradients' tolerance (run124) and is refused.
                 "gut8_cols16": dict(grad_ut_block_k=16, num_warps_grad_ut=8),
                 # U and W by 32-column blocks (no spills; opt-in).
                 "ut_block_v32": dict(ut_block_v=32),

@@ -134,7 +134,11 @@ class DeltaConfig:
       no [C, F] float32 tile is whole (two loops over the blocks; T^T dW
       formed twice). Compiled for an H100 (C = 64, F = V = 128, bf16, 4
       warps) the kernel spills 944 / 1080 bytes as a whole (see
-      scripts/aot/ptxas_report.py). Opt-in, not yet timed on a GPU.
+      scripts/aot/ptxas_report.py). Opt-in: slower on an H100 (run124,
+      the gradient kernels at T = 32k, B = 2: 3.99 ms by default, 4.15 by
+      64 columns; at 8 warps whole 4.55, by 64 / 32 / 16 columns 4.68 /
+      5.65 / 7.20). At 8 warps only 16 columns are allowed (64 missed the
+      bf16 gate gradients' tolerance there).
     ut_block_v: None, or a power of two >= 16: the UT kernel forms U and
       W by blocks of this many columns, re-reading the keys and values
       block by block, instead of holding [C, F] and [C, V] tiles of
@@ -299,6 +303,16 @@ class DeltaConfig:
       bk = getattr(self, name)
       if bk is not None and (bk < _SUB or bk & (bk - 1)):
         raise ValueError(f"config.{name}={bk} is not a power of two >= 16")
+    # The UT pull-back by 64-column blocks at 8 warps missed the scan's
+    # bf16 gate gradients on an H100 (run124: 6 of 1200 entries off by 4.6
+    # where 3.4 was allowed; float32, 16 columns at 8 warps and 64 at 4
+    # passed, and no 8-warp form was faster): refused until understood.
+    if ((self.num_warps_grad_ut or 0) >= 8 and self.grad_ut_block_k
+        and self.grad_ut_block_k >= 32):
+      raise ValueError(
+          f"config.grad_ut_block_k={self.grad_ut_block_k} with "
+          f"num_warps_grad_ut={self.num_warps_grad_ut}: the blocked UT "
+          "pull-back at 8 or more warps is only checked at 16 columns")
 
   def grad_warps(self, f: int) -> int:
     """Warps of the gradient kernel(s) at padded feature dim ``f``."""

@@ -347,10 +347,12 @@ def _grad_sweep(t, b, q, k, v, beta, g, only_ut=False):
   # bf16; scripts/aot/ptxas_report.py, 2026-12-07), stores / loads in
   # bytes: 4 warps whole 884 / 1068, by 64 / 32 columns 720 / 704 and
   # 636 / 636; 8 warps whole 392 / 424, by 64 / 32 / 16 columns 112 / 112,
-  # 196 / 196 and 72 / 76. "--grad-sweep=ut" times those alone.
+  # 196 / 196 and 72 / 76. "--grad-sweep=ut" times those alone. Run124
+  # (H100, T = 32k, both gradient kernels): 3.99 ms by default, 4.55 at 8
+  # warps, by 64 / 32 / 16 columns at 8 warps 4.68 / 5.65 / 7.20 (64 and
+  # 32 at 8 warps are refused since: 64 missed bf16's tolerance), by 64
+  # at 4 warps 4.15.
   ut_forms = (d, r(d, num_warps_grad_ut=8),
-              r(d, grad_ut_block_k=64, num_warps_grad_ut=8),
-              r(d, grad_ut_block_k=32, num_warps_grad_ut=8),
               r(d, grad_ut_block_k=16, num_warps_grad_ut=8),
               r(d, grad_ut_block_k=64))
   if only_ut:

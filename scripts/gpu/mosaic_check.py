@@ -548,7 +548,10 @@ def _variant_configs(name, h):
       # epilogue). For H = 256, where two Q buffers do not fit: its 4k
       # full forward ran 634 against 670 at 16k (the same 1,024 tiles),
       # about 7% of a 4k tile outside the steps. Compiled for an H100:
-      # 16 / 24 bytes of spills full, none causal (2026-12-07).
+      # 16 / 24 bytes of spills full, none causal (2026-12-07). At H = 64
+      # (two consumers, no spills) run123: 1k full MHA 399.5 against
+      # 382.8, GQA 390.7 / 380.7; 4k causal 386.5 / 388.4; 4k full
+      # 435.7 against three consumers' 451.5: the default up to 1k since.
       "earlyq": (fwd(early_q_release=True), None, fonly),
       # The default tiling without it (H = 64 and 256 up to their
       # EARLY_Q_MAX_LEN*: what the default was before), both passes.
@@ -568,7 +571,10 @@ def _variant_configs(name, h):
       # (the profile put the H = 64 step's time in the softmax's dependent
       # chain, run86). Compiled for an H100 (2026-12-07): 4 and 3 stages
       # without spills, full and causal; 128-key blocks spill 2 KB and
-      # serialise the wgmmas (so not those). Untimed.
+      # serialise the wgmmas (so not those). Run123 (H100, forward,
+      # 4 / 3 stages against the default): 1k full MHA 386.8 / 390.3 /
+      # 382.8, 4k full 418.7 / 417.9 / 451.5, 4k causal 360.1 / 355.2 /
+      # 388.4, 16k causal 397.9 / 393.8 / 472.1: opt-in.
       "bq128kv64": (fwd(block_q=128, block_kv=64, num_stages=4), None,
                     fonly),
       "bq128kv64s3": (fwd(block_q=128, block_kv=64, num_stages=3), None,

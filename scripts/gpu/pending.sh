@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run122), as calls of under 10 minutes on one GPU, most decisive first:
-# bq128 (~9 min: H = 64's forward with 128 query rows a consumer, for the
-# issue-4 rows below 1.0), parts32k (~3
-# min: the delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
+# run126), as calls of under 10 minutes on one GPU, most decisive first:
+# gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
+# forms that spill less under differentiation), parts32k (~3 min: the
+# delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
 # without / with), gatedparts (~6 min: fla's gated delta forward kernel
@@ -11,6 +11,13 @@
 # H = 64 it lost, run91), then linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), short, profile, gap64k,
 # pftimes, pftests, call1, call2, call3
+# (run123: bq128 (its GPU tests 2/2; 4-16% slower than the default at
+# H = 64 from 4k, +1-2% at 1k) with earlyq at H = 64 (+4% / +3% at 1k
+# full MHA / GQA); run124: gradut (the UT pull-back at 8 warps: GPU tests
+# 5/6, 64 columns bf16 off the gate gradients' tolerance, refused since;
+# every 8-warp form slower); run125: earlyq64 (the default at H = 64 up
+# to 1k keys: GPU tests 2/2, the 1k forward rows beside the former
+# default); run126: the 1k forward+backward rows (ad hoc))
 # (run119: earlyq (the H = 256 forward's early Q release: GPU tests 3/5,
 # the two H = 256 cases out of SMEM with segment ids, since without them;
 # sweepv64out's GPU tests 2/2; H = 256 rows beside the default); run120 /
@@ -757,10 +764,9 @@ case "${1:-}" in
     ;;
   gradut)
     # The delta rule's UT pull-back (split backward's second kernel) at 8
-    # warps by 64 / 32 / 16 key columns: 112 / 196 / 72 bytes of spills
-    # against the default's 884 (H100 compile, 2026-12-07). GPU tests of
-    # two of them (bf16, float32), then the gradient kernels alone at 32k
-    # and 4k in each form.
+    # warps (run124: all slower than the default; by 64 columns off bf16's
+    # tolerance, refused since): the GPU test by 16 columns, then the
+    # gradient kernels alone at 32k and 4k in each form.
     bash $S \
       "timeout 200 $PYTEST4 tests/test_linear_delta_pallas.py -k \
          'kernel_configs and gut8'" \
@@ -768,19 +774,17 @@ case "${1:-}" in
          --no-fla --seqs=32768,4096 --grad-sweep=ut"
     ;;
   gradut2)
-    # Forward+backward at 32k (both rules) with the UT pieces that spill
+    # Forward+backward at 32k (both rules) with the UT kernels that spill
     # less under differentiation, each in its own process: the default,
     # the fused UT kernel at 4 warps (8 bytes of spills against 696), the
-    # split UT (none), the pull-back at 8 warps by 16 columns (72 against
-    # 884), and the last two together.
+    # split UT (none). (The pull-back's 8-warp forms lost in run124.)
     L="python3 -m attnjax.bench.linear --no-softmax --modes fwd+bwd \
        --seqs 32768 --variants delta,gated_delta --impls pallas --no-fla"
     bash $S \
       "ATTNJAX_BENCH_ROWS=\$OUT/u0.jsonl timeout 110 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/u1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_ut\": 4}' timeout 110 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/u2.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 110 $L" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl ATTNJAX_DELTA_CONFIG='{\"grad_ut_block_k\": 16, \"num_warps_grad_ut\": 8}' timeout 110 $L" \
-      "ATTNJAX_BENCH_ROWS=\$OUT/u4.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true, \"grad_ut_block_k\": 16, \"num_warps_grad_ut\": 8}' timeout 110 $L"
+      "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl timeout 110 $L"
     ;;
   earlyq64)
     # FwdConfig.early_q_release the default at H = 64 up to 1k keys (run123:

@@ -161,6 +161,9 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16",
       if not hasattr(mosaic_gpu, name):
         raise SystemExit(f"mosaic_gpu has no {name}")
       setattr(mosaic_gpu, name, value)
+    # {"soft_cap": 30.0} / {"sinks": true}: those features in the call.
+    soft_cap = config.pop("soft_cap", None)
+    with_sinks = config.pop("sinks", False)
     fcfg = dataclasses.replace(mosaic_gpu.default_fwd_config(h),
                                **config.pop("fwd", {}))
     bcfg = dataclasses.replace(mosaic_gpu_bwd.default_bwd_config(h), **config)
@@ -168,7 +171,9 @@ def child(case, config, b, t, h=128, causal=False, dtype="bf16",
     args = (sd(x), sd(x), sd(x))
 
     def fwd(q, k, v):
-      p, _ = make_problem(q, k, v, is_causal=causal)
+      sinks = jnp.zeros((n,), jnp.float32) if with_sinks else None
+      p, _ = make_problem(q, k, v, is_causal=causal, sinks=sinks,
+                          logits_soft_cap=soft_cap)
       return pallas_mosaic.mosaic_attention(p, fwd_config=fcfg,
                                           bwd_config=bcfg)[0]
   else:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What was prepared without a GPU and not yet run (as of 2026-12-07, after
 # run126), as calls of under 10 minutes on one GPU, most decisive first:
-# gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
+# mosaicsuite (~7 min: the whole Mosaic GPU suite with the early Q
+# release the default at H = 64 up to 1k keys; only its own GPU tests ran,
+# run125), gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
 # forms that spill less under differentiation), parts32k (~3 min: the
 # delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked

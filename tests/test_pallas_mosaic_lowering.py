@@ -9,6 +9,8 @@ backend refuses what it does not support.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -526,7 +528,12 @@ def test_default_forward_picks_three_consumers_by_shape(h, t, s, kw, wgs):
     assert (fwd.consumer_regs, fwd.producer_regs, fwd.num_stages) == (
         160, 32, 3)
   else:
-    assert fwd == fwd_lib.default_fwd_config(h)
+    # Two consumers: the shape-free tiling, with the Q buffer released
+    # early at H = 64 up to EARLY_Q_MAX_LEN_H64 keys.
+    assert fwd.early_q_release == (h <= 64
+                                   and s <= fwd_lib.EARLY_Q_MAX_LEN_H64)
+    assert (dataclasses.replace(fwd, early_q_release=False)
+            == fwd_lib.default_fwd_config(h))
 
 
 def test_lowers_default_three_consumer_forward():

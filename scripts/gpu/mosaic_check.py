@@ -556,6 +556,13 @@ def _variant_configs(name, h):
       # The default tiling without it (H = 64 and 256 up to their
       # EARLY_Q_MAX_LEN*: what the default was before), both passes.
       "noearlyq": (fwd(early_q_release=False), None, both),
+      # With the early release one Q buffer frees 8 KB a consumer at
+      # H = 64: a fourth stage, or 64-key blocks over 4 stages (no spills
+      # either, H100 compile, 2026-12-07). For H = 64 1k full GQA (0.944
+      # of tokamax, run125). Untimed.
+      "earlyqs4": (fwd(early_q_release=True, num_stages=4), None, fonly),
+      "earlyqkv64": (fwd(early_q_release=True, block_kv=64, num_stages=4),
+                     None, fonly),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the

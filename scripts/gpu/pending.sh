@@ -3,7 +3,8 @@
 # run126), as calls of under 10 minutes on one GPU, most decisive first:
 # mosaicsuite (~7 min: the whole Mosaic GPU suite with the early Q
 # release the default at H = 64 up to 1k keys; only its own GPU tests ran,
-# run125), gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
+# run125), earlyq64s (~3 min: H = 64 at 1k with the early release and 4
+# stages or 64-key blocks), gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
 # forms that spill less under differentiation), parts32k (~3 min: the
 # delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
 # (~5 min: ut_split under differentiation, forward+backward), linpacked
@@ -787,6 +788,14 @@ case "${1:-}" in
       "ATTNJAX_BENCH_ROWS=\$OUT/u1.jsonl ATTNJAX_DELTA_CONFIG='{\"num_warps_ut\": 4}' timeout 110 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/u2.jsonl ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 110 $L" \
       "ATTNJAX_BENCH_ROWS=\$OUT/u3.jsonl timeout 110 $L"
+    ;;
+  earlyq64s)
+    # H = 64 at 1k (full GQA 0.944 of tokamax, run125) with the early Q
+    # release and the SMEM it frees: 4 stages, or 64-key blocks over 4.
+    bash $S \
+      "timeout 200 python3 scripts/gpu/mosaic_check.py --sections time \
+         --budget 190 --passes fwd --configs '64:1024:*:*' \
+         --variants ours,earlyqs4,earlyqkv64"
     ;;
   earlyq64)
     # FwdConfig.early_q_release the default at H = 64 up to 1k keys (run123:

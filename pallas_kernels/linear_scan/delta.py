@@ -133,8 +133,8 @@ class DeltaConfig:
       pull-back per chunk) works by blocks of this many key columns, so
       no [C, F] float32 tile is whole (two loops over the blocks; T^T dW
       formed twice). Compiled for an H100 (C = 64, F = V = 128, bf16, 4
-      warps) the kernel spills 944 / 1080 bytes as a whole (see
-      scripts/aot/ptxas_report.py). Opt-in: slower on an H100 (run124,
+      warps) the kernel spills 884 / 1068 bytes as a whole, 720 / 704 by
+      64 columns (scripts/aot/ptxas_report.py, 2026-12-07). Opt-in: slower on an H100 (run124,
       the gradient kernels at T = 32k, B = 2: 3.99 ms by default, 4.15 by
       64 columns; at 8 warps whole 4.55, by 64 / 32 / 16 columns 4.68 /
       5.65 / 7.20). At 8 warps only 16 columns are allowed (64 missed the

@@ -660,7 +660,8 @@ def test_overlap_epilogue(h, wgs):
 
 
 @pytest.mark.parametrize("h,wgs", [
-    (256, 2), pytest.param(64, 3, marks=pytest.mark.long)])
+    (256, 2), (64, 2),  # the defaults' forms (H = 64 up to 1k keys)
+    pytest.param(64, 3, marks=pytest.mark.long)])
 def test_early_q_release(h, wgs):
   """FwdConfig(early_q_release=True): one Q buffer handed back after each
   item's last Q K^T, O out through the consumers' SMEM slots (four slot

@@ -307,8 +307,8 @@ class DeltaConfig:
     # bf16 gate gradients on an H100 (run124: 6 of 1200 entries off by 4.6
     # where 3.4 was allowed; float32, 16 columns at 8 warps and 64 at 4
     # passed, and no 8-warp form was faster): refused until understood.
-    if ((self.num_warps_grad_ut or 0) >= 8 and self.grad_ut_block_k
-        and self.grad_ut_block_k >= 32):
+    if (self.num_warps_grad_ut or 0) >= 8 and (self.grad_ut_block_k
+                                                or 0) >= 32:
       raise ValueError(
           f"config.grad_ut_block_k={self.grad_ut_block_k} with "
           f"num_warps_grad_ut={self.num_warps_grad_ut}: the blocked UT "

@@ -204,6 +204,36 @@ class TestMosaicGPU:
         is_causal=causal)
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
+  @pytest.mark.parametrize("h,causal,early", [(64, False, True),
+                                              (64, True, True),
+                                              (64, True, False),
+                                              (128, False, False),
+                                              (256, False, True)])
+  def test_no_auto_barriers(self, h, causal, early):
+    # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nab",
+    # "earlyqnab"): Pallas inserts no SMEM barriers of its own, so the
+    # kernel's waits must order every reuse of an SMEM buffer (O's slots
+    # after their TMA stores, the Q buffer after its output, the LSE
+    # buffer). Few persistent CTAs, many tiles each; lengths make tiles
+    # with no block; forward and gradients.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = dataclasses.replace(fwd_lib.default_fwd_config(h, causal),
+                              early_q_release=early, num_ctas=7,
+                              no_auto_barriers=True)
+    arrays = {} if h == 256 else {
+        "segment_ids": testing.random_segment_ids(_key("nab", h), 2, 1500,
+                                                  5)}
+    kw = dict(sinks=jax.random.normal(_key("nabk"), (4,)),
+              logits_soft_cap=5.0) if h == 256 else {}
+    out, _ = check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs(f"nab{h}", t=1500, n=4, kh=2, h=h), dtype=BF16,
+        arrays={**arrays,
+                "q_lengths": jnp.array([1500, 1100], jnp.int32),
+                "kv_lengths": jnp.array([0, 1500], jnp.int32)},
+        is_causal=causal, **kw)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+
   @pytest.mark.parametrize("case", ["h128", "h64_fused", "h256",
                                     "sinks_cap"])
   def test_former_step_forms(self, monkeypatch, case):
@@ -231,14 +261,29 @@ class TestMosaicGPU:
     check_against_reference(impl, inputs(f"pf{case}", t=1300, n=4, kh=2, h=h),
                             dtype=BF16, **kw[case])
 
-  @pytest.mark.parametrize("case", ["h64", "h128_causal", "h256_sinks"])
+  @pytest.mark.parametrize("case", ["h64", "h128_causal", "h256_sinks",
+                                    "h64_early", "h64_early_nab"])
   def test_serial_turn_forward(self, monkeypatch, case):
     # mosaic_gpu._SERIAL_TURN (opt-in; mosaic_check.py variant
     # "serialturn"): P V waited for inside the consumer's turn, as
     # tokamax's sm90 forward does; forward and gradients (the backward
-    # reads the forward's LSE).
+    # reads the forward's LSE). "h64_early": with the early Q release
+    # (the default at H = 64 up to 1k keys; mosaic_check's "serialturn"
+    # there), few CTAs; "h64_early_nab" also without automatic SMEM
+    # barriers ("serialnab").
     from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
     monkeypatch.setattr(fwd_lib, "_SERIAL_TURN", True)
+    if case.startswith("h64_early"):
+      cfg = dataclasses.replace(fwd_lib.default_fwd_config(64),
+                                early_q_release=True, num_ctas=7,
+                                no_auto_barriers=case.endswith("nab"))
+      out, _ = check_against_reference(
+          lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+          inputs(f"st{case}", t=1000, n=4, kh=2, h=64), dtype=BF16,
+          arrays={"q_lengths": jnp.array([1000, 700], jnp.int32),
+                  "kv_lengths": jnp.array([0, 1000], jnp.int32)})
+      np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+      return
     seg = testing.random_segment_ids(_key("st", case), 2, 1300, 4)
     kw = {"h64": dict(arrays={"segment_ids": seg}),
           "h128_causal": dict(is_causal=True),

@@ -513,7 +513,7 @@ def test_former_step_forms(monkeypatch, case):
 
 @pytest.mark.parametrize("case", [
     "h64_segments", pytest.param("h128_causal", marks=pytest.mark.long),
-    "h256_sinks_cap"])
+    "h256_sinks_cap", "h64_early"])
 def test_serial_turn_forward(monkeypatch, case):
   # mosaic_gpu._SERIAL_TURN (opt-in; mosaic_check variant "serialturn"):
   # each step waits for its P V inside the consumer's turn before issuing
@@ -531,7 +531,17 @@ def test_serial_turn_forward(monkeypatch, case):
                                sinks=jax.random.normal(_key("stk"), (2,)),
                                logits_soft_cap=5.0,
                                arrays={"kv_lengths": jnp.array(
-                                   [300, 170], jnp.int32)})}[case]
+                                   [300, 170], jnp.int32)}),
+        # With the early Q release (the default at H = 64 up to 1k keys):
+        # the last block's P V after the Q buffer went back, O out through
+        # the consumers' slots; lengths leave tiles with no block.
+        "h64_early": dict(shape=dict(t=430, n=4, kh=2, h=64),
+                          fwd_config=_fwd_cfg(64, num_ctas=3,
+                                              early_q_release=True),
+                          arrays={"q_lengths": jnp.array([430, 300],
+                                                         jnp.int32),
+                                  "kv_lengths": jnp.array([0, 430],
+                                                          jnp.int32)})}[case]
   # Gradients once: the backward reads the forward's log-sum-exp.
   _check(f"st{case}", grads=case == "h128_causal", **kw)
 

@@ -318,6 +318,20 @@ def test_lowers_serial_turn_forward(monkeypatch, h, causal):
   _lower(h=h, t=400, is_causal=causal)
 
 
+@pytest.mark.parametrize("h,causal,early", [(64, False, True),
+                                            (128, True, False),
+                                            (256, False, True)])
+def test_lowers_no_auto_barriers(h, causal, early):
+  # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nab",
+  # "earlyqnab"): no SMEM barriers beyond the kernel's own, with the early
+  # Q release's O slots and without (O through the Q buffer, the LSE
+  # through its SMEM buffer).
+  base = fwd_lib.default_fwd_config(h, causal, kv_len=400)
+  _lower(h=h, t=400, is_causal=causal, segs=h != 256, lens=True,
+         fwd_config=dataclasses.replace(base, early_q_release=early,
+                                        no_auto_barriers=True))
+
+
 @pytest.mark.parametrize("h,causal,serial", [(64, False, False),
                                              (64, True, False),
                                              (128, True, False),

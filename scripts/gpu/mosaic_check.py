@@ -375,14 +375,16 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # H = 64 emitting dQ from one static branch per consumer
 # (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
 # forward step in tokamax's order, P V waited for inside the turn
-# (mosaic_gpu._SERIAL_TURN; opt-in); "psmem" P_j in a two-slot SMEM ring,
-# the softmax under P_{j-1} V_{j-1} (mosaic_gpu._P_SMEM; opt-in, H <= 128).
+# (mosaic_gpu._SERIAL_TURN; opt-in), "serialnab" that with the early Q
+# release and no automatic SMEM barriers (H = 64 up to 1k keys); "psmem"
+# P_j in a two-slot SMEM ring, the softmax under P_{j-1} V_{j-1}
+# (mosaic_gpu._P_SMEM; opt-in, H <= 128).
 KERNEL_FORMS = {
     "qdiv": dict(q_index="div"),
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
     "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
     "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True),
-    "psmem": dict(p_smem=True)}
+    "serialnab": dict(serial=True), "psmem": dict(p_smem=True)}
 
 
 @contextlib.contextmanager
@@ -563,6 +565,19 @@ def _variant_configs(name, h):
       "earlyqs4": (fwd(early_q_release=True, num_stages=4), None, fonly),
       "earlyqkv64": (fwd(early_q_release=True, block_kv=64, num_stages=4),
                      None, fonly),
+      # Without Pallas' automatic SMEM barriers (FwdConfig.no_auto_barriers,
+      # as tokamax's sm90 forward compiles): compiled for an H100 at H = 64
+      # 1k (2026-12-08) the producer's loop loses its 8 BAR.SYNC (303 ->
+      # 299 instructions; one before each TMA copy), the epilogue two a
+      # 64-column O slot; the consumers' loops are unchanged. With the
+      # early release (the default at H = 64 up to 1k keys, at H = 256 up
+      # to 4k); untimed. "serialnab" adds tokamax's step order
+      # (KERNEL_FORMS).
+      "earlyqnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
+                    fonly),
+      "nab": (fwd(no_auto_barriers=True), None, fonly),
+      "serialnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
+                    fonly),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the
@@ -909,7 +924,7 @@ def main():
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
                   help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
-                  "kv64,fused")
+                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "
                   "where the backward supports H)")

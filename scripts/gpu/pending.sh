@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# What was prepared without a GPU and not yet run (as of 2026-12-07, after
-# run126), as calls of under 10 minutes on one GPU, most decisive first:
-# mosaicsuite (~7 min: the whole Mosaic GPU suite with the early Q
-# release the default at H = 64 up to 1k keys; only its own GPU tests ran,
-# run125), earlyq64s (~3 min: H = 64 at 1k with the early release and 4
-# stages or 64-key blocks), gradut2 (~6 min: the delta rule's forward+backward at 32k with the UT
-# forms that spill less under differentiation), parts32k (~3 min: the
-# delta rule's kernels alone at 32k, for the 10x goal), utsplitgrad
-# (~5 min: ut_split under differentiation, forward+backward), linpacked
+# What was prepared without a GPU and not yet run (as of 2026-12-08, after
+# run131), as calls of under 10 minutes on one GPU, most decisive first:
+# utsplitdiag (~4 min: which delta GPU tests failed with ut_split under
+# differentiation, run131, and whether they pass without it), tile1k
+# (~5 min: H = 64 1k with the serial turn / no automatic barriers beside
+# the early release: GPU tests, forward rows), parts32k (~3 min: the
+# delta rule's kernels alone at 32k, for the 10x goal), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
 # without / with), gatedparts (~6 min: fla's gated delta forward kernel
 # by kernel beside ours), psmem128 (the forward's P ring at H = 128; at
 # H = 64 it lost, run91), then linstages' occupancy step
 # (scripts/gpu/linear_profile.py --occupancy), short, profile, gap64k,
 # pftimes, pftests, call1, call2, call3
+# (run127: mosaicsuite (the Mosaic GPU suite 122/122 with the early
+# release the default at H = 64 up to 1k keys, the linear GPU tests
+# 32/32); run128: earlyq64s (4 stages / 64-key blocks with it: +0-1% /
+# -20%); run129: gradut2 (the delta rule's forward+backward at 32k: UT
+# at 4 warps -3%, ut_split +7%); run130: utsplitgrad (ut_split under
+# differentiation +4-7% at 4k-64k, both rules); run131: the delta GPU
+# tests with it forced on (ad hoc): 3 failures in the first 36, cut by
+# the step's limit)
 # (run123: bq128 (its GPU tests 2/2; 4-16% slower than the default at
 # H = 64 from 4k, +1-2% at 1k) with earlyq at H = 64 (+4% / +3% at 1k
 # full MHA / GQA); run124: gradut (the UT pull-back at 8 warps: GPU tests
@@ -263,6 +269,31 @@ ATTNJAX_DELTA_CONFIG='{$cfg}' timeout 70 $B")
   bash $S "${steps[@]}"
 }
 case "${1:-}" in
+  utsplitdiag)
+    # run131: the delta rule's GPU tests with ut_split=True under
+    # differentiation (ATTNJAX_DELTA_CONFIG; +4-7% forward+backward at
+    # 4k-64k, run130) had 3 failures among the first 36 (the step's limit
+    # cut it; -q printed no names). The override reaches only the tests
+    # without a config of their own (matches_scan, long_sequence); each
+    # with and without it, names printed as they finish.
+    bash $S \
+      "ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 200 $PYTEST4 \
+         tests/test_linear_delta_pallas.py -k 'matches_scan or long_seq'" \
+      "timeout 200 $PYTEST4 tests/test_linear_delta_pallas.py \
+         -k 'matches_scan or long_seq'"
+    ;;
+  tile1k)
+    # H = 64 at T = 1k (full GQA 0.95 of tokamax's 416.8, run128): the
+    # serial turn (tokamax's step order; +1.7% there in run88, before the
+    # early release) and no automatic SMEM barriers (8 BAR.SYNC fewer a
+    # tile, H100 compile), with the early release (the default there):
+    # their GPU tests, then the forward rows beside the default.
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py \
+         -k 'no_auto_barriers or serial_turn'" \
+      "$(mc_time 200) --passes fwd --configs '64:1024:*:*' \
+         --variants ours,serialturn,earlyqnab,serialnab"
+    ;;
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
     # restructuring (7a0a820 onward; not GPU-tested since run41).
@@ -1194,12 +1225,12 @@ case "${1:-}" in
          --no-softmax"
     ;;
   mosaicsuite)
-    # The whole Mosaic GPU suite (93 tests; about 12 minutes in one
-    # process, over two calls: mosaictests, mosaictests2) in 4 processes,
+    # The whole Mosaic GPU suite (129 tests; 122 took 405 s in run127) in
+    # 4 processes (in one, over two calls: mosaictests, mosaictests2),
     # then the linear GPU tests of the Triton kernels the chained forward
     # touched (the forward sweep was refactored around it).
     bash $S \
-      "timeout 420 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
+      "timeout 520 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
       "timeout 140 $PYTEST4 tests/test_linear_pallas.py"
     ;;
   mosaictests)

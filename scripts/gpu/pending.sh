@@ -275,12 +275,15 @@ case "${1:-}" in
     # 4k-64k, run130) had 3 failures among the first 36 (the step's limit
     # cut it; -q printed no names). The override reaches only the tests
     # without a config of their own (matches_scan, long_sequence); each
-    # with and without it, names printed as they finish.
+    # with and without it, names printed as they finish; then the split's
+    # own config tests (last passed in run114, before the 4-stage sweeps).
     bash $S \
       "ATTNJAX_DELTA_CONFIG='{\"ut_split\": true}' timeout 200 $PYTEST4 \
          tests/test_linear_delta_pallas.py -k 'matches_scan or long_seq'" \
       "timeout 200 $PYTEST4 tests/test_linear_delta_pallas.py \
-         -k 'matches_scan or long_seq'"
+         -k 'matches_scan or long_seq'" \
+      "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py \
+         -k 'kernel_configs and ut_split'"
     ;;
   tile1k)
     # H = 64 at T = 1k (full GQA 0.95 of tokamax's 416.8, run128): the

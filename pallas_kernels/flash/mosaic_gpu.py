@@ -99,13 +99,20 @@ def _opaque_zero(i, bound):
 _PROFILE: tuple[int, str] | None = None
 
 
+# Read when tracing: True compiles every forward as if its config had
+# no_auto_barriers=True (a timing switch over the default tilings of every
+# shape; mosaic_check variant "nabdef", scripts/gpu/force_forms.py).
+_NO_AUTO_BARRIERS = False
+
+
 def _fwd_params(cfg):
+  nab = cfg.no_auto_barriers or _NO_AUTO_BARRIERS
   if _PROFILE is None:
-    return plgpu.CompilerParams(
-        approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers)
+    return plgpu.CompilerParams(approx_math=True,
+                                unsafe_no_auto_barriers=nab)
   space, path = _PROFILE
   return plgpu.CompilerParams(
-      approx_math=True, unsafe_no_auto_barriers=cfg.no_auto_barriers,
+      approx_math=True, unsafe_no_auto_barriers=nab,
       profile_space=space, profile_dir=path, profile_bounds_check=True)
 
 

@@ -376,7 +376,8 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
 # forward step in tokamax's order, P V waited for inside the turn
 # (mosaic_gpu._SERIAL_TURN; opt-in), "serialnab" that with the early Q
-# release and no automatic SMEM barriers (H = 64 up to 1k keys); "psmem"
+# release and no automatic SMEM barriers (H = 64 up to 1k keys), "nabdef"
+# every default forward without them (mosaic_gpu._NO_AUTO_BARRIERS); "psmem"
 # P_j in a two-slot SMEM ring, the softmax under P_{j-1} V_{j-1}
 # (mosaic_gpu._P_SMEM; opt-in, H <= 128).
 KERNEL_FORMS = {
@@ -384,7 +385,8 @@ KERNEL_FORMS = {
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
     "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
     "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True),
-    "serialnab": dict(serial=True), "psmem": dict(p_smem=True)}
+    "serialnab": dict(serial=True), "psmem": dict(p_smem=True),
+    "nabdef": dict(nab=True)}
 
 
 @contextlib.contextmanager
@@ -394,18 +396,19 @@ def kernel_forms(name):
   from pallas_kernels.flash import mosaic_gpu_bwd as bl  # pylint: disable=g-import-not-at-top
   forms = KERNEL_FORMS.get(name, {})
   saved = (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
-           fl._SERIAL_TURN, fl._P_SMEM)  # pylint: disable=protected-access
+           fl._SERIAL_TURN, fl._P_SMEM, fl._NO_AUTO_BARRIERS)  # pylint: disable=protected-access
   fl._ZERO_FORM = forms.get("q_index", saved[0])  # pylint: disable=protected-access
   bl._DP_INIT = forms.get("dp_init", saved[1])  # pylint: disable=protected-access
   fl._L_PARTIAL = forms.get("l_partial", saved[2])  # pylint: disable=protected-access
   bl._DQ_TURN = forms.get("dq_turn", saved[3])  # pylint: disable=protected-access
   fl._SERIAL_TURN = forms.get("serial", saved[4])  # pylint: disable=protected-access
   fl._P_SMEM = forms.get("p_smem", saved[5])  # pylint: disable=protected-access
+  fl._NO_AUTO_BARRIERS = forms.get("nab", saved[6])  # pylint: disable=protected-access
   try:
     yield
   finally:
     (fl._ZERO_FORM, bl._DP_INIT, fl._L_PARTIAL, bl._DQ_TURN,  # pylint: disable=protected-access
-     fl._SERIAL_TURN, fl._P_SMEM) = saved
+     fl._SERIAL_TURN, fl._P_SMEM, fl._NO_AUTO_BARRIERS) = saved
 
 GRID_T = (1024, 4096, 16384)
 GRID_H = (64, 128, 256)
@@ -575,6 +578,10 @@ def _variant_configs(name, h):
       # (KERNEL_FORMS).
       "earlyqnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
                     fonly),
+      # The default tiling of every shape without them (KERNEL_FORMS:
+      # mosaic_gpu._NO_AUTO_BARRIERS); forward+backward too (the
+      # backward's kernels keep theirs).
+      "nabdef": (None, None, both),
       "nab": (fwd(no_auto_barriers=True), None, fonly),
       "serialnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
                     fonly),
@@ -924,7 +931,7 @@ def main():
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
                   help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
-                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab")
+                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "
                   "where the backward supports H)")

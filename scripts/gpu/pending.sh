@@ -4,7 +4,9 @@
 # utsplitdiag (~4 min: which delta GPU tests failed with ut_split under
 # differentiation, run131, and whether they pass without it), tile1k
 # (~5 min: H = 64 1k with the serial turn / no automatic barriers beside
-# the early release: GPU tests, forward rows), parts32k (~3 min: the
+# the early release: GPU tests, forward rows), nabrows (~8 min: every
+# default forward without automatic SMEM barriers at the rows below 1.0;
+# then nabsuite, ~8 min, if it wins), parts32k (~3 min: the
 # delta rule's kernels alone at 32k, for the 10x goal), linpacked
 # (~7 min: the scalar-gate kernels' packed weights, GPU tests and rows
 # without / with), gatedparts (~6 min: fla's gated delta forward kernel
@@ -284,6 +286,26 @@ case "${1:-}" in
          -k 'matches_scan or long_seq'" \
       "timeout 150 $PYTEST4 tests/test_linear_delta_pallas.py \
          -k 'kernel_configs and ut_split'"
+    ;;
+  nabrows)
+    # Every default forward without Pallas' automatic SMEM barriers
+    # (mosaic_gpu._NO_AUTO_BARRIERS; 8 BAR.SYNC fewer a tile at H = 64
+    # 1k, H100 compile) at the report's rows still below 1.0: H = 64
+    # forward (the whole H = 64 grid), H = 256 4k full GQA / 16k full MHA,
+    # then H = 64 forward+backward 4k full MHA / 16k full GQA.
+    bash $S \
+      "$(mc_time 330) --passes fwd --configs '64:*:*:*,256:4096:full:gqa,256:16384:full:mha' \
+         --variants ours,nabdef" \
+      "$(mc_time 150) --passes fwdbwd --configs '64:4096:full:mha,64:16384:full:gqa' \
+         --variants ours,nabdef"
+    ;;
+  nabsuite)
+    # If nabdef wins: the whole Mosaic GPU suite with every forward
+    # compiled without automatic SMEM barriers (scripts/gpu/force_forms.py),
+    # before it may become a default.
+    bash $S \
+      "ATTNJAX_KERNEL_FORMS=_NO_AUTO_BARRIERS=1 PYTHONPATH=\$PWD:\$PWD/scripts/gpu \
+         timeout 540 $PYTEST4 -p force_forms tests/test_pallas_mosaic_gpu.py"
     ;;
   tile1k)
     # H = 64 at T = 1k (full GQA 0.95 of tokamax's 416.8, run128): the

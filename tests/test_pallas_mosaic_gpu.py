@@ -157,6 +157,28 @@ class TestMosaicGPU:
         inputs("wg3", t=1500, n=4, kh=2, h=64), dtype=BF16,
         arrays={"segment_ids": seg}, is_causal=causal)
 
+  @pytest.mark.parametrize("causal,early", [(False, False), (True, False),
+                                            (False, True)])
+  def test_four_consumer_warpgroups(self, causal, early):
+    # The wg4 / wg4e variants of scripts/gpu/mosaic_check.py (H = 64, 64-key
+    # blocks, 112 registers a consumer): the ping-pong barrier handed round
+    # four consumers with asynchronous wgmma, 256-row tiles, 7 persistent
+    # CTAs over many tiles, lengths that cut tiles and leave some empty;
+    # forward and gradients.
+    from pallas_kernels.flash import mosaic_gpu as fwd_lib  # pylint: disable=g-import-not-at-top
+    cfg = fwd_lib.FwdConfig(block_kv=64, num_stages=4, num_compute_wgs=4,
+                            consumer_regs=112, producer_regs=24, num_ctas=7,
+                            early_q_release=early)
+    seg = testing.random_segment_ids(_key("wg4", causal), 2, 1500, 5)
+    out, _ = check_against_reference(
+        lambda p: pallas_mosaic.mosaic_attention(p, fwd_config=cfg),
+        inputs("wg4", t=1500, n=4, kh=2, h=64), dtype=BF16,
+        arrays={"segment_ids": seg,
+                "q_lengths": jnp.array([1500, 1100], jnp.int32),
+                "kv_lengths": jnp.array([0, 1500], jnp.int32)},
+        is_causal=causal)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+
   @pytest.mark.parametrize("h,causal", [(64, False), (64, True),
                                          (128, True)])
   def test_overlap_epilogue(self, h, causal):

@@ -628,6 +628,40 @@ def test_three_consumer_warpgroups(block_kv, stages, causal):
          is_causal=causal, arrays={"segment_ids": seg})
 
 
+@pytest.mark.parametrize("causal", [
+    True, pytest.param(False, marks=pytest.mark.long)])
+def test_four_consumer_warpgroups(causal):
+  # Four consumers of 64 rows over 64-key blocks at H = 64 (opt-in;
+  # mosaic_check.py's "wg4"; 112 registers each, no spills compiled for an
+  # H100): the ping-pong barrier handed round four, a 256-row tile (T =
+  # 430 ends inside the second tile), several items per CTA.
+  seg = testing.random_segment_ids(_key("wg4"), 2, 430, 3)
+  _check("wg4", shape=dict(t=430, n=4, kh=2), grads=False,
+         fwd_config=_fwd_cfg(64, block_kv=64, num_stages=4,
+                             num_compute_wgs=4, consumer_regs=112,
+                             producer_regs=24, num_ctas=3),
+         is_causal=causal, arrays={"segment_ids": seg})
+
+
+def test_fwd_config_register_pool():
+  # setmaxnreg's increases come out of the launch's equal share (65536
+  # registers over the CTA's threads, a multiple of 8 each): 96 a thread
+  # with five warpgroups, so four consumers get at most 112 beside a
+  # producer at 24; 120 would block for ever on the GPU.
+  fwd_lib.FwdConfig(num_compute_wgs=4, block_kv=64, consumer_regs=112,
+                    producer_regs=24)
+  with pytest.raises(ValueError, match="consumer_regs=120"):
+    fwd_lib.FwdConfig(num_compute_wgs=4, block_kv=64, consumer_regs=120,
+                      producer_regs=24)
+  # The defaults sit exactly at their pools (168 x 3, 128 x 4).
+  fwd_lib.FwdConfig(consumer_regs=240, producer_regs=24)
+  fwd_lib.FwdConfig(num_compute_wgs=3, consumer_regs=160, producer_regs=32)
+  with pytest.raises(ValueError, match="consumer_regs=248"):
+    fwd_lib.FwdConfig(consumer_regs=248, producer_regs=24)
+  with pytest.raises(ValueError, match="num_compute_wgs"):
+    fwd_lib.FwdConfig(num_compute_wgs=5, consumer_regs=80)
+
+
 def test_deadlock_fails_instead_of_hanging():
   # A warpgroup that waits for a turn nobody hands it (the ping-pong's
   # named barrier, modelled by the shim): the watchdog fails the kernel,

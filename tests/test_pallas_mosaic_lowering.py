@@ -318,6 +318,17 @@ def test_lowers_serial_turn_forward(monkeypatch, h, causal):
   _lower(h=h, t=400, is_causal=causal)
 
 
+@pytest.mark.parametrize("causal,early", [(False, False), (True, True)])
+def test_lowers_four_consumers(causal, early):
+  # FwdConfig(num_compute_wgs=4) at H = 64 (opt-in; mosaic_check.py's
+  # "wg4", "wg4e"), forward and the backward that reads its LSE.
+  _lower(h=64, t=700, is_causal=causal, segs=True, lens=True,
+         fwd_config=fwd_lib.FwdConfig(block_kv=64, num_stages=4,
+                                      num_compute_wgs=4, consumer_regs=112,
+                                      producer_regs=24,
+                                      early_q_release=early))
+
+
 @pytest.mark.parametrize("h,causal,early", [(64, False, True),
                                             (128, True, False),
                                             (256, False, True)])

@@ -191,9 +191,16 @@ class FwdConfig:
       an H100 (run74, forward TFLOP/s against 128: T = 4k full MHA 395.8 /
       425.8, causal 267.7 / 387.5, T = 1k full 278.3 / 388.7).
     num_stages: depth of the K/V shared-memory ring.
-    num_compute_wgs: consumer warpgroups per CTA (1, 2 or 3).
+    num_compute_wgs: consumer warpgroups per CTA (1 to 4). Four (opt-in,
+      H = 64, 64-key blocks, 112 registers each: mosaic_check variant
+      "wg4") keep four warps a sub-partition, three of them in the
+      softmax while one issues its matmuls.
     pingpong: order the consumers' matmuls with named barriers.
-    consumer_regs, producer_regs: ``setmaxnreg`` targets.
+    consumer_regs, producer_regs: ``setmaxnreg`` targets. The consumers'
+      increase is served from what the producer's decrease frees of the
+      launch's equal share (65536 registers over all warpgroups' threads,
+      a multiple of 8 each); a request beyond that pool would block for
+      ever, so it is refused.
     no_auto_barriers: let Pallas skip its conservative SMEM barriers.
     persistent: one CTA per SM walking a static list of tiles (else one CTA
       per tile, scheduled by the hardware).
@@ -242,8 +249,8 @@ class FwdConfig:
                        "must be multiples of 64")
     if self.num_stages < 2:
       raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
-    if self.num_compute_wgs not in (1, 2, 3):
-      raise ValueError(f"num_compute_wgs must be 1, 2 or 3, got "
+    if self.num_compute_wgs not in (1, 2, 3, 4):
+      raise ValueError(f"num_compute_wgs must be 1, 2, 3 or 4, got "
                        f"{self.num_compute_wgs}")
     if self.q_buffers not in (0, 1, 2):
       raise ValueError(f"q_buffers must be 0, 1 or 2, got {self.q_buffers}")
@@ -251,10 +258,15 @@ class FwdConfig:
                                  or self.overlap_epilogue):
       raise ValueError("early_q_release needs one Q buffer (q_buffers 0 or "
                        "1, overlap_epilogue off)")
-    regs = (self.num_compute_wgs * self.consumer_regs
-            + self.producer_regs) * 128
-    if regs > 65536:
-      raise ValueError(f"register budget {regs} > 65536")
+    wgs = self.num_compute_wgs
+    share = 65536 // (128 * (wgs + 1)) // 8 * 8  # per thread at launch
+    regs = wgs * self.consumer_regs + self.producer_regs
+    if regs > share * (wgs + 1):
+      raise ValueError(
+          f"consumer_regs={self.consumer_regs} x {wgs} warpgroups + "
+          f"producer_regs={self.producer_regs} = {regs} exceeds the "
+          f"{share} x {wgs + 1} = {share * (wgs + 1)} registers per "
+          "thread slot the launch gives (setmaxnreg would wait for ever)")
 
   @property
   def tile_q(self) -> int:

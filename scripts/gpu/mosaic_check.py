@@ -637,6 +637,23 @@ def _variant_configs(name, h):
       "wg3kv64": (fwd(num_compute_wgs=3, consumer_regs=160,
                       producer_regs=32, block_kv=64, num_stages=4), None,
                   fonly),
+      # H = 64: four consumers of 64 rows over 64-key blocks (256-row
+      # tiles), 112 registers each (the most the launch's 96 a thread
+      # leaves beside a 24-register producer); compiled for an H100
+      # (2026-12-08): no spills full or causal (8 bytes full with the
+      # early release), 293 instructions a 64-key step (443 a 128-key
+      # step with two consumers: 32% more a key), but four warps a
+      # sub-partition, three in the softmax, where two consumers leave
+      # one (the profile's bound, run86). "wg4e": with the early Q
+      # release; "wg4s3": 3 stages. Forward+backward too (the backward is
+      # the default's). Untimed.
+      "wg4": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
+                  block_kv=64, num_stages=4), None, both),
+      "wg4e": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
+                   block_kv=64, num_stages=4, early_q_release=True), None,
+               both),
+      "wg4s3": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
+                    block_kv=64, num_stages=3), None, fonly),
       # Backward tilings that compile without spills for an H100
       # (scripts/aot/ptxas_report.py --case mosaic, 2026-12-04): all four
       # at H = 64; "bkvdq128" and "bst3" at H = 128 (the others spill
@@ -931,7 +948,7 @@ def main():
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
                   help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
-                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef")
+                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef,wg4,wg4e,wg4s3")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "
                   "where the backward supports H)")

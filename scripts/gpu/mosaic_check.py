@@ -646,7 +646,7 @@ def _variant_configs(name, h):
       # sub-partition, three in the softmax, where two consumers leave
       # one (the profile's bound, run86). "wg4e": with the early Q
       # release; "wg4s3": 3 stages. Forward+backward too (the backward is
-      # the default's). Untimed.
+      # the default's); "wg4np" without the ping-pong ring. Untimed.
       "wg4": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
                   block_kv=64, num_stages=4), None, both),
       "wg4e": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
@@ -654,6 +654,9 @@ def _variant_configs(name, h):
                both),
       "wg4s3": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
                     block_kv=64, num_stages=3), None, fonly),
+      "wg4np": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
+                    block_kv=64, num_stages=4, pingpong=False), None,
+                fonly),
       # Backward tilings that compile without spills for an H100
       # (scripts/aot/ptxas_report.py --case mosaic, 2026-12-04): all four
       # at H = 64; "bkvdq128" and "bst3" at H = 128 (the others spill
@@ -948,7 +951,7 @@ def main():
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
                   help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
-                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef,wg4,wg4e,wg4s3")
+                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef,wg4,wg4e,wg4s3,wg4np")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "
                   "where the backward supports H)")

@@ -2,10 +2,10 @@
 # What was prepared without a GPU and not yet run (as of 2026-12-08, after
 # run131), as calls of under 10 minutes on one GPU, most decisive first:
 # wg4 (~9 min: four consumer warpgroups at H = 64, where eight of the
-# ten rows below 1.0 are: GPU tests, the H = 64 forward grid, 1k / 4k
-# forward+backward), utsplitdiag (~4 min: which delta GPU tests failed
-# with ut_split under differentiation, run131, and whether they pass
-# without it), tile1k
+# ten rows below 1.0 are: GPU tests, the H = 64 forward grid, two rows
+# without ping-pong / with 3 stages), utsplitdiag (~4 min: which delta
+# GPU tests failed with ut_split under differentiation, run131, and
+# whether they pass without it), tile1k
 # (~5 min: H = 64 1k with the serial turn / no automatic barriers beside
 # the early release: GPU tests, forward rows), nabrows (~8 min: every
 # default forward without automatic SMEM barriers at the rows below 1.0;
@@ -296,14 +296,15 @@ case "${1:-}" in
     # where two consumers leave one warp a sub-partition working through
     # the softmax's dependent chain (run86), four leave three. Its GPU
     # tests, then the H = 64 grid's forward rows beside the default (4k
-    # full / 16k causal: three consumers) and 1k / 4k forward+backward.
+    # full / 16k causal: three consumers), then two rows without the
+    # ping-pong ring and with 3 stages.
     bash $S \
       "timeout 120 $PYTEST4 tests/test_pallas_mosaic_gpu.py \
          -k 'four_consumer'" \
       "$(mc_time 280) --passes fwd --configs '64:*:*:*' \
          --variants ours,wg4,wg4e" \
-      "$(mc_time 100) --passes fwdbwd --configs '64:1024:full:*,64:4096:full:mha' \
-         --variants ours,wg4"
+      "$(mc_time 100) --passes fwd --configs '64:4096:full:mha,64:16384:causal:mha' \
+         --variants ours,wg4,wg4np,wg4s3"
     ;;
   nabrows)
     # Every default forward without Pallas' automatic SMEM barriers

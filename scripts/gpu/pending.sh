@@ -330,13 +330,14 @@ case "${1:-}" in
     # H = 64 at T = 1k (full GQA 0.95 of tokamax's 416.8, run128): the
     # serial turn (tokamax's step order; +1.7% there in run88, before the
     # early release) and no automatic SMEM barriers (8 BAR.SYNC fewer a
-    # tile, H100 compile), with the early release (the default there):
-    # their GPU tests, then the forward rows beside the default.
+    # tile, H100 compile), with the early release (the default there),
+    # and tokamax's 2 stages (earlyqs2): their GPU tests, then the
+    # forward rows beside the default.
     bash $S \
       "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py \
          -k 'no_auto_barriers or serial_turn'" \
-      "$(mc_time 200) --passes fwd --configs '64:1024:*:*' \
-         --variants ours,serialturn,earlyqnab,serialnab"
+      "$(mc_time 220) --passes fwd --configs '64:1024:*:*' \
+         --variants ours,serialturn,earlyqnab,serialnab,earlyqs2"
     ;;
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop

@@ -1271,12 +1271,16 @@ case "${1:-}" in
     ;;
   mosaicsuite)
     # The whole Mosaic GPU suite (129 tests; 122 took 405 s in run127) in
-    # 4 processes (in one, over two calls: mosaictests, mosaictests2),
-    # then the linear GPU tests of the Triton kernels the chained forward
-    # touched (the forward sweep was refactored around it).
+    # 4 processes (in one, over two calls: mosaictests, mosaictests2).
+    # (Until run127 it also ran the linear GPU tests, now lineartests: the
+    # two no longer fit one call's 10 minutes.)
     bash $S \
-      "timeout 520 $PYTEST4 tests/test_pallas_mosaic_gpu.py" \
-      "timeout 140 $PYTEST4 tests/test_linear_pallas.py"
+      "timeout 540 $PYTEST4 tests/test_pallas_mosaic_gpu.py"
+    ;;
+  lineartests)
+    # The scalar-gate / GLA kernels' GPU tests (32 took 110 s, run127).
+    bash $S \
+      "timeout 200 $PYTEST4 tests/test_linear_pallas.py"
     ;;
   mosaictests)
     # The Mosaic GPU suite in two calls (run47: the suite but

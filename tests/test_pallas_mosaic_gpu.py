@@ -232,8 +232,8 @@ class TestMosaicGPU:
                                               (128, False, False),
                                               (256, False, True)])
   def test_no_auto_barriers(self, h, causal, early):
-    # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nab",
-    # "earlyqnab"): Pallas inserts no SMEM barriers of its own, so the
+    # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nabdef",
+    # "serialnab"): Pallas inserts no SMEM barriers of its own, so the
     # kernel's waits must order every reuse of an SMEM buffer (O's slots
     # after their TMA stores, the Q buffer after its output, the LSE
     # buffer). Few persistent CTAs, many tiles each; lengths make tiles

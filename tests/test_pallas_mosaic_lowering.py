@@ -333,8 +333,8 @@ def test_lowers_four_consumers(causal, early):
                                             (128, True, False),
                                             (256, False, True)])
 def test_lowers_no_auto_barriers(h, causal, early):
-  # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nab",
-  # "earlyqnab"): no SMEM barriers beyond the kernel's own, with the early
+  # FwdConfig(no_auto_barriers=True) (opt-in; mosaic_check.py's "nabdef",
+  # "serialnab"): no SMEM barriers beyond the kernel's own, with the early
   # Q release's O slots and without (O through the Q buffer, the LSE
   # through its SMEM buffer).
   base = fwd_lib.default_fwd_config(h, causal, kv_len=400)

@@ -375,9 +375,9 @@ FUSED_DROPS = {"fusednj": {"join"}, "fusednr": {"reduce"},
 # H = 64 emitting dQ from one static branch per consumer
 # (mosaic_gpu_bwd._DQ_TURN; with the fused backward); "serialturn" the
 # forward step in tokamax's order, P V waited for inside the turn
-# (mosaic_gpu._SERIAL_TURN; opt-in), "serialnab" that with the early Q
-# release and no automatic SMEM barriers (H = 64 up to 1k keys), "nabdef"
-# every default forward without them (mosaic_gpu._NO_AUTO_BARRIERS); "psmem"
+# (mosaic_gpu._SERIAL_TURN; opt-in), "nabdef" every default forward
+# without Pallas' automatic SMEM barriers (mosaic_gpu._NO_AUTO_BARRIERS),
+# "serialnab" both; "psmem"
 # P_j in a two-slot SMEM ring, the softmax under P_{j-1} V_{j-1}
 # (mosaic_gpu._P_SMEM; opt-in, H <= 128).
 KERNEL_FORMS = {
@@ -385,7 +385,7 @@ KERNEL_FORMS = {
     "oldforms": dict(dp_init="zero", l_partial=False, dq_turn="static"),
     "dpzero": dict(dp_init="zero"), "lshuffle": dict(l_partial=False),
     "dqstatic": dict(dq_turn="static"), "serialturn": dict(serial=True),
-    "serialnab": dict(serial=True), "psmem": dict(p_smem=True),
+    "serialnab": dict(serial=True, nab=True), "psmem": dict(p_smem=True),
     "nabdef": dict(nab=True)}
 
 
@@ -462,6 +462,9 @@ def _variant_configs(name, h):
   fwd = lambda **kw: fl.FwdConfig(**{**{f: getattr(base, f) for f in (
       "block_q", "block_kv", "num_stages")}, **kw})
   bwd = lambda **kw: dataclasses.replace(bl.default_bwd_config(h), **kw)
+  wg4 = lambda **kw: fwd(**{**dict(  # noqa: E731
+      num_compute_wgs=4, consumer_regs=112, producer_regs=24, block_kv=64,
+      num_stages=4), **kw})
   both, fonly, bonly = ("fwd", "fwdbwd"), ("fwd",), ("fwdbwd",)
   table = {
       "ours": (None, None, both),
@@ -571,23 +574,16 @@ def _variant_configs(name, h):
       "earlyqs2": (fwd(early_q_release=True, num_stages=2), None, fonly),
       "earlyqkv64": (fwd(early_q_release=True, block_kv=64, num_stages=4),
                      None, fonly),
-      # Without Pallas' automatic SMEM barriers (FwdConfig.no_auto_barriers,
-      # as tokamax's sm90 forward compiles): compiled for an H100 at H = 64
-      # 1k (2026-12-08) the producer's loop loses its 8 BAR.SYNC (303 ->
-      # 299 instructions; one before each TMA copy), the epilogue two a
-      # 64-column O slot; the consumers' loops are unchanged. With the
-      # early release (the default at H = 64 up to 1k keys, at H = 256 up
-      # to 4k); untimed. "serialnab" adds tokamax's step order
-      # (KERNEL_FORMS).
-      "earlyqnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
-                    fonly),
-      # The default tiling of every shape without them (KERNEL_FORMS:
-      # mosaic_gpu._NO_AUTO_BARRIERS); forward+backward too (the
-      # backward's kernels keep theirs).
+      # The default tiling of every shape without Pallas' automatic SMEM
+      # barriers (KERNEL_FORMS: mosaic_gpu._NO_AUTO_BARRIERS, what
+      # FwdConfig.no_auto_barriers does for one config; tokamax's sm90
+      # forward compiles so): compiled for an H100 (2026-12-08) the
+      # consumers' tile loop (first and last blocks, epilogue) loses its 8
+      # BAR.SYNC (303 -> 299 instructions at H = 64 1k), the per-block
+      # steps are unchanged. Forward+backward too (the backward's kernels
+      # keep theirs). "serialnab" adds tokamax's step order. Untimed.
       "nabdef": (None, None, both),
-      "nab": (fwd(no_auto_barriers=True), None, fonly),
-      "serialnab": (fwd(early_q_release=True, no_auto_barriers=True), None,
-                    fonly),
+      "serialnab": (None, None, fonly),
       # H = 64: 192-key blocks (3 / 2 stages). The unmasked step's SASS
       # (compiled for an H100, nvdisasm) has 683 instructions per warp
       # against 513 for 128 keys: 455 per 128 keys, 11% fewer (the
@@ -650,16 +646,10 @@ def _variant_configs(name, h):
       # one (the profile's bound, run86). "wg4e": with the early Q
       # release; "wg4s3": 3 stages. Forward+backward too (the backward is
       # the default's); "wg4np" without the ping-pong ring. Untimed.
-      "wg4": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
-                  block_kv=64, num_stages=4), None, both),
-      "wg4e": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
-                   block_kv=64, num_stages=4, early_q_release=True), None,
-               both),
-      "wg4s3": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
-                    block_kv=64, num_stages=3), None, fonly),
-      "wg4np": (fwd(num_compute_wgs=4, consumer_regs=112, producer_regs=24,
-                    block_kv=64, num_stages=4, pingpong=False), None,
-                fonly),
+      "wg4": (wg4(), None, both),
+      "wg4e": (wg4(early_q_release=True), None, both),
+      "wg4s3": (wg4(num_stages=3), None, fonly),
+      "wg4np": (wg4(pingpong=False), None, fonly),
       # Backward tilings that compile without spills for an H100
       # (scripts/aot/ptxas_report.py --case mosaic, 2026-12-04): all four
       # at H = 64; "bkvdq128" and "bst3" at H = 128 (the others spill
@@ -954,7 +944,7 @@ def main():
                   "comma separated, '*' wildcards (default: whole grid)")
   ap.add_argument("--variants", default="ours",
                   help="our kernel variants to time: ours,dispatch,np,qb1,nopp,st3,ovl,earlyq,kv192,kv192s2,bq128kv64,bq128kv64s3,qdiv,oldforms,dpzero,lshuffle,serialturn,psmem,pdkv,pdq,pbwd,pbwdlpt,pdqlpt,two,dqstatic,wg3,wg3kv64,"
-                  "kv64,fused,earlyqs4,earlyqkv64,nab,earlyqnab,serialnab,nabdef,wg4,wg4e,wg4s3,wg4np,earlyqs2")
+                  "kv64,fused,earlyqs4,earlyqkv64,serialnab,nabdef,wg4,wg4e,wg4s3,wg4np,earlyqs2")
   ap.add_argument("--passes", default="",
                   help="time: only these passes (fwd,fwdbwd; default both "
                   "where the backward supports H)")

@@ -337,7 +337,7 @@ case "${1:-}" in
       "timeout 200 $PYTEST4 tests/test_pallas_mosaic_gpu.py \
          -k 'no_auto_barriers or serial_turn'" \
       "$(mc_time 220) --passes fwd --configs '64:1024:*:*' \
-         --variants ours,serialturn,earlyqnab,serialnab,earlyqs2"
+         --variants ours,serialturn,nabdef,serialnab,earlyqs2"
     ;;
   recheck)
     # The default delta / scalar-gate / GLA kernels after the sweep-loop
